@@ -533,6 +533,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, optimizer, sch
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
+    # Fault injection for the resume tests: die like a SIGKILLed process right after this step's checkpoint
+    # (no cleanup, no final outputs), so "killed then resumed == uninterrupted" is tested deterministically.
+    if os.environ.get("KILL_AFTER_CHECKPOINT") == str(step):
+        os._exit(137)
     return final
 
 

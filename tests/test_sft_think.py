@@ -1,0 +1,149 @@
+"""sft_think.py: masks with the real Qwen3 tokenizer, think-token tuning, resume, realism, learning."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import common
+import lora
+import sft_think
+import toy
+from conftest import qwen3_tokenizer_dir, run_script, save_tiny_qwen3
+
+SMALL = ["--toy-train-size", "64", "--eval-size", "8", "--batch-size", "4", "--max-new-tokens", "32",
+         "--eval-every", "0"]
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "reasoning_content": "2 plus 3 is 5.", "content": "5"},
+    {"role": "user", "content": "And 4+4?"},
+    {"role": "assistant", "content": "<think>\n4 plus 4 is 8.\n</think>\n\n8"},
+]
+
+
+def masked_spans(tokenizer, ids, mask):
+    """Decode each contiguous run of mask == 1 separately."""
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return [tokenizer.decode(s) for s in spans]
+
+
+@pytest.mark.parametrize("no_think", [False, True])
+def test_real_qwen3_mask_is_exactly_each_assistant_turn(no_think):
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), no_think)
+    spans = masked_spans(tok, ids, mask)
+    if no_think:
+        assert spans == ["<think>\n\n</think>\n\n5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
+    else:  # interleaved: the first turn keeps its reasoning too (the stock template would drop it)
+        assert spans == ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+                         "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>"]
+    # the unmasked rest is the system, the users and the role headers
+    text = tok.decode(ids)
+    assert text.count("<|im_start|>assistant\n") == 2 and "<|im_start|>user\nAnd 4+4?<|im_end|>" in text
+
+
+def test_toy_and_real_tokenizers_mask_the_same_text():
+    real = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    small = toy.load_tokenizer()
+    spans = []
+    for tok in (real, small):
+        ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False)
+        spans.append(masked_spans(tok, ids, mask))
+    assert spans[0] == spans[1]
+
+
+def test_template_that_cannot_be_masked_is_a_clear_error():
+    tok = toy.load_tokenizer(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ValueError, match="generation"):
+        sft_think.training_template(tok)
+
+
+def test_bad_rows_name_file_and_line():
+    tok = toy.load_tokenizer()
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}]
+    with pytest.raises(common.DataError, match=r"data.jsonl:2"):
+        sft_think.encode_all(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "data.jsonl")
+    with pytest.raises(common.DataError, match=r"data.jsonl:1: .*max-length"):
+        sft_think.encode_all([{"text": "x" * 100}], tok, toy.TRAINING_CHAT_TEMPLATE, False, 50, "data.jsonl")
+
+
+def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_path):
+    args = ["sft_think.py", *SMALL, "--max-steps", "6", "--save-every", "2"]
+    run_script(*args, "--out", tmp_path / "full")
+    killed = tmp_path / "killed"
+    with pytest.raises(AssertionError, match="exited 137"):
+        run_script(*args, "--out", killed, env={"KILL_AFTER_CHECKPOINT": "4"})
+    assert not (killed / "summary.json").exists() and (killed / "checkpoint" / "state.json").exists()
+    run_script(*args, "--out", killed, "--resume")
+
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", killed))
+    assert a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-6)
+    wa, wb = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "full", killed))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == list(range(1, 7)), f"each training step is logged once: {train_steps}"
+    for name in ("args.json", "metrics.jsonl", "samples.jsonl", "adapter_config.json"):
+        assert (killed / name).exists(), name
+    assert {"metric", "before", "after"} <= set(b["heldout"])
+
+    # the adapter loads in PEFT and gives the logits this repo gives
+    from peft import PeftModel
+
+    ours = lora.load_adapter(common.load_model("toy"), killed)
+    theirs = PeftModel.from_pretrained(common.load_model("toy"), str(killed))
+    x = toy.load_tokenizer()("Ann has 12 apples.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (ours(x).logits - theirs(x).logits).abs().max() < 1e-5
+
+
+def test_train_tokens_lowers_loss_and_freezes_everything_else(tmp_path):
+    out = tmp_path / "tt"
+    run_script("sft_think.py", *SMALL, "--max-steps", "15", "--lr", "0.05", "--train-tokens", "<think>,</think>",
+               "--out", out)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["after"]["val_loss"] < s["before"]["val_loss"] - 0.01, (s["before"], s["after"])
+    base = load_file(toy.base_model_dir() / "model.safetensors")
+    tuned = load_file(out / "model" / "model.safetensors")
+    tok = toy.load_tokenizer()
+    rows = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    changed = []
+    for name, w in base.items():
+        if name in tuned and not torch.equal(w, tuned[name]):
+            diff_rows = (w != tuned[name]).reshape(w.shape[0], -1).any(-1).nonzero().flatten().tolist()
+            changed.append((name, diff_rows))
+    assert changed, "nothing trained"
+    assert all(sorted(r) and set(r) <= set(rows) for _, r in changed), changed
+
+
+def test_one_step_on_a_real_vocabulary_qwen3(tmp_path):
+    model_dir = save_tiny_qwen3(tmp_path / "tiny")
+    data = tmp_path / "data.jsonl"
+    common.write_jsonl(data, [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                                            {"role": "assistant", "reasoning_content": f"{i} and {i} make {2 * i}.",
+                                             "content": str(2 * i)}]} for i in range(24)])
+    out = tmp_path / "run"
+    run_script("sft_think.py", "--model", model_dir, "--data", data, "--max-steps", "1", "--batch-size", "4",
+               "--eval-every", "0", "--out", out)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["heldout"]["metric"] == "val_loss" and s["heldout"]["after"] > 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == model_dir
+
+
+@pytest.mark.slow
+def test_default_run_learns_to_think(sft_toy_run):
+    s = json.loads((sft_toy_run / "summary.json").read_text())
+    assert s["heldout"]["metric"] == "accuracy"
+    assert s["heldout"]["after"] >= 0.8, s["heldout"]
+    assert s["heldout"]["after"] >= s["heldout"]["before"] + 0.3, s["heldout"]
