@@ -1,0 +1,101 @@
+"""Memory-lean token log-probs, GRPO policy loss and GKD divergence, never holding [N, V] at once.
+
+Full-vocabulary logits are where RL and distillation spend their memory: for Qwen3 (V = 151,936),
+16 rollouts x 1,024 tokens of logits are 5 GB in bf16 and 10 GB as the fp32 copy naive code makes.
+These ops walk the vocabulary in blocks (online log-sum-exp) and the rows in chunks, and recompute the
+softmax in backward from one saved log-sum-exp per row.
+
+Backends, same signatures and results:
+- Triton (`kernels/triton_kernels.py`) for CUDA tensors, or for any tensor when TRITON_INTERPRET=1 is set
+  (the Triton CPU interpreter; set it before triton is first imported);
+- plain PyTorch (`kernels/reference.py`) otherwise, chunked the same way so CPU memory stays bounded.
+Outputs and accumulation are fp32 whatever the input dtype (fp32, bf16, fp16).
+
+Importing this package is cheap and has no side effects: triton is imported on first use. (A PyPI
+package is also called `kernels`; libraries probing it with `from kernels import get_kernel` get an
+ImportError from us, which they handle.)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["token_logprobs", "linear_token_logprobs", "policy_loss", "generalized_jsd", "linear_generalized_jsd"]
+
+
+def _backend(*tensors: torch.Tensor | None):
+    """The Triton module for CUDA tensors or under TRITON_INTERPRET=1, else the PyTorch reference."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or any(t is not None and t.is_cuda for t in tensors):
+        from kernels import triton_kernels
+
+        return triton_kernels
+    from kernels import reference
+
+    return reference
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """log softmax(logits / T) at the target token, per row; optionally the entropy of that softmax.
+
+    logits [..., V] (any float dtype), targets [...] integer ids. Returns logp [...] fp32, or
+    (logp, entropy) when `return_entropy`. Both are differentiable w.r.t. logits. Targets outside
+    [0, V) (an ignore index such as -100) give logp 0 and no gradient.
+    """
+    return _backend(logits).token_logprobs(logits, targets, temperature, return_entropy)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None):
+    """token_logprobs(hidden @ weight.T, targets) without ever holding the [N, V] logits.
+
+    hidden [N, H] final hidden states, weight [V, H] the LM head, targets [N]. Rows go through in
+    chunks of `chunk_size` (default: a power of two with at most 2^27 logits, 512 rows at Qwen3's
+    vocab); only per-row log-sum-exp (and entropy) are kept. Differentiable w.r.t. hidden and weight.
+    With a frozen LM head (weight.requires_grad False) the hidden-state gradient is computed during the
+    forward pass (no recompute: 2 GEMMs in all, like naive autograd); otherwise backward recomputes each
+    chunk's logits (4 GEMMs against naive's 3). GEMMs run in fp32 on CPU, in the inputs' dtype on CUDA.
+    Targets outside [0, V) give logp 0 and no gradient.
+    """
+    return _backend(hidden, weight).linear_token_logprobs(hidden, weight, targets, temperature, return_entropy,
+                                                          chunk_size)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                advantages: torch.Tensor, mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2,
+                beta: float = 0.0):
+    """Per-token GRPO/PPO clipped surrogate plus beta times the k3 KL estimator (DeepSeekMath, DAPO).
+
+    rho = exp(logp - old_logp); loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3,
+    k3 = exp(ref - logp) - (ref - logp) - 1. logp/old_logp/ref_logp/mask [B, T] (any shape), advantages
+    [B] or [B, T]; ref_logp may be None when beta == 0. Returns fp32 tensors shaped like logp:
+    (loss, kl, is_low_clipped, is_high_clipped); the indicators are 0/1 floats (low: rho < 1 - eps_low and
+    A < 0; high: rho > 1 + eps_high and A > 0, TRL's clip_ratio/low_mean and high_mean). Masked tokens give
+    0 everywhere. kl is returned whenever ref_logp is given (for logging), even with beta == 0. Only logp
+    receives a gradient. Aggregation over tokens is the caller's.
+    """
+    return _backend(logp).policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Per-token generalized JSD of GKD (Agarwal et al. 2023), P = teacher, Q = student, both at T:
+
+    beta KL(P||M) + (1 - beta) KL(Q||M), M = beta P + (1 - beta) Q; beta 0 is KL(P||Q) (forward) and
+    beta 1 is KL(Q||P) (reverse), as TRL special-cases them. Logits [..., V]; returns [...] fp32,
+    differentiable w.r.t. the student logits (the teacher gets no gradient).
+    """
+    return _backend(student_logits).generalized_jsd(student_logits, teacher_logits, beta, temperature)
+
+
+def linear_generalized_jsd(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                           teacher_weight: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """generalized_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T) in row chunks.
+
+    Hidden states [N, H_s] / [N, H_t], LM heads [V, H_s] / [V, H_t]. Returns [N] fp32, differentiable
+    w.r.t. student_hidden and student_weight.
+    """
+    return _backend(student_hidden, student_weight).linear_generalized_jsd(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, beta, temperature, chunk_size)

@@ -1,0 +1,394 @@
+"""Time and peak extra memory of full-vocabulary ops: naive PyTorch vs a TRL-style loop vs this package.
+
+    python -m kernels.bench                       # Qwen3's vocab (151,936); about 6 minutes on 2 busy CPU cores
+    python -m kernels.bench --linear-rows 1024 --out bench_small --only linear_token_logprobs
+
+Every measurement runs in a fresh subprocess, so one never inherits another's allocations:
+- CPU: peak extra memory = RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the
+  inputs are built) minus the RSS before the op; the op runs once, after a small warm-up. On CPU this
+  package's numbers are its PyTorch references (kernels/reference.py), the path CPU tensors take.
+- CUDA: peak = torch.cuda.max_memory_allocated minus the allocation before the op; time = median of
+  --repeat runs after one warm-up; this package's numbers are the Triton kernels. Achieved FLOP/s
+  (GEMM-bound ops) or bytes/s (logits-bound ops) are compared with the device's peak (H100: 989 TFLOP/s
+  bf16 dense, 3.35 TB/s).
+
+Implementations compared:
+- naive: `log_softmax(logits.float()).gather` (+ `-(p * logp).sum` for entropy; TRL's generalized_jsd_loss
+  formula for GKD), on the whole [N, V];
+- trl: the per-row pattern of TRL's `selective_log_softmax` (bf16/fp16: a log_softmax per row; fp32: a
+  logsumexp per row) and its row-chunked `entropy_from_logits`; the fused-linear variants first build the
+  whole logits with `h @ W.T`, as TRL does (its fwd+bwd for the fused-linear op, autograd through one op per
+  row of 4096, takes many minutes on CPU: only with --trl-linear-backward);
+- ours: `kernels.token_logprobs`, `kernels.linear_token_logprobs`, `kernels.generalized_jsd`, ...
+
+Writes DIR/bench.md and DIR/bench.json (--out, default bench_results/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+QWEN3_VOCAB = 151_936
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, B/s
+
+
+# ----------------------------------------------------------------------------------------------------
+# the implementations (each builds its loss and runs backward when the op is timed with gradients)
+
+
+def _trl_selective_log_softmax(logits, index):
+    """TRL's pattern: fp32 gathers then one logsumexp per row; bf16/fp16 one log_softmax per row."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, index[:, None]).squeeze(-1)
+        return picked - torch.stack([torch.logsumexp(row, -1) for row in logits])
+    rows = [F.log_softmax(row, -1).gather(-1, i[None]).squeeze(-1) for row, i in zip(logits, index)]
+    return torch.stack(rows)
+
+
+def _trl_entropy(logits, chunk=128):
+    """TRL's entropy_from_logits pattern: log_softmax over chunks of 128 rows."""
+    out = []
+    for c in logits.split(chunk, 0):
+        lp = F.log_softmax(c.float(), -1)
+        out.append(-(lp.exp() * lp).sum(-1))
+    return torch.cat(out)
+
+
+def _naive_gjsd(zs, zt, beta, temperature):
+    """TRL's generalized_jsd_loss formula, full vocabulary, per token."""
+    ls = F.log_softmax(zs.float() / temperature, -1)
+    lt = F.log_softmax(zt.float() / temperature, -1)
+    if beta == 0:
+        return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)
+    b = torch.tensor(beta, dtype=ls.dtype)
+    lm = torch.logsumexp(torch.stack([ls + torch.log1p(-b), lt + torch.log(b)]), dim=0)
+    return (beta * F.kl_div(lm, lt, reduction="none", log_target=True)
+            + (1 - beta) * F.kl_div(lm, ls, reduction="none", log_target=True)).sum(-1)
+
+
+def _run(spec: dict, x: dict) -> None:
+    """One forward (and backward) of `spec` on inputs `x`."""
+    import kernels
+
+    op, impl, grad = spec["op"], spec["impl"], spec["grad"]
+    with torch.set_grad_enabled(grad):
+        if op == "token_logprobs":
+            z, t = x["logits"], x["targets"]
+            if impl == "naive":
+                lp = torch.log_softmax(z.float(), -1)
+                out = [lp.gather(-1, t[:, None]).squeeze(-1)]
+                if spec["entropy"]:
+                    out.append(-(lp.exp() * lp).sum(-1))
+            elif impl == "trl":
+                out = [_trl_selective_log_softmax(z, t)]
+                if spec["entropy"]:
+                    out.append(_trl_entropy(z))
+            else:
+                out = kernels.token_logprobs(z, t, return_entropy=spec["entropy"])
+                out = list(out) if spec["entropy"] else [out]
+        elif op == "linear_token_logprobs":
+            h, w, t = x["hidden"], x["weight"], x["targets"]
+            if impl == "naive":
+                out = [torch.log_softmax(h @ w.T, -1).gather(-1, t[:, None]).squeeze(-1)]
+            elif impl == "trl":
+                out = [_trl_selective_log_softmax(h @ w.T, t)]
+            else:
+                out = [kernels.linear_token_logprobs(h, w, t)]
+        elif op == "generalized_jsd":
+            if impl == "naive":
+                out = [_naive_gjsd(x["student"], x["teacher"], 0.5, 1.0)]
+            else:
+                out = [kernels.generalized_jsd(x["student"], x["teacher"], 0.5, 1.0)]
+        elif op == "linear_generalized_jsd":
+            hs, ws, ht, wt = x["hs"], x["ws"], x["ht"], x["wt"]
+            if impl == "naive":
+                with torch.no_grad():
+                    zt = ht @ wt.T
+                out = [_naive_gjsd(hs @ ws.T, zt, 0.5, 1.0)]
+            else:
+                out = [kernels.linear_generalized_jsd(hs, ws, ht, wt, 0.5, 1.0)]
+        elif op == "policy_loss":
+            lp, old, ref, adv, m = x["logp"], x["old"], x["ref"], x["adv"], x["mask"]
+            if impl == "naive":
+                ratio = torch.exp(lp - old)
+                a = adv[:, None]
+                loss = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+                loss = (loss + 0.04 * (torch.exp(ref - lp) - (ref - lp) - 1)) * m
+                out = [loss]
+            else:
+                out = [kernels.policy_loss(lp, old, ref, adv, m, beta=0.04)[0]]
+        else:
+            raise ValueError(f"kernels.bench: unknown op {op!r}")
+        if grad:
+            loss = sum((o.float() * x["g"]).sum() for o in out)
+            loss.backward()
+
+
+def _inputs(spec: dict, device: torch.device) -> dict:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, v = spec["n"], spec["v"]
+    dt = getattr(torch, spec["dtype"])
+    grad = spec["grad"]
+
+    def randn(*shape, scale=1.0, dtype=dt):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = {"g": torch.randn(n, generator=gen).to(device)}
+    if spec["op"] == "token_logprobs":
+        x["logits"] = randn(n, v, scale=2.0).requires_grad_(grad)
+        x["targets"] = torch.randint(0, v, (n,), generator=gen).to(device)
+    elif spec["op"] == "linear_token_logprobs":
+        h = spec["h"]
+        x["hidden"] = randn(n, h).requires_grad_(grad)
+        x["weight"] = randn(v, h, scale=2.0 / math.sqrt(h)).requires_grad_(grad and spec.get("wgrad", True))
+        x["targets"] = torch.randint(0, v, (n,), generator=gen).to(device)
+    elif spec["op"] == "generalized_jsd":
+        x["student"] = randn(n, v, scale=2.0).requires_grad_(grad)
+        x["teacher"] = randn(n, v, scale=2.0)
+    elif spec["op"] == "linear_generalized_jsd":
+        h = spec["h"]
+        x["hs"], x["ht"] = randn(n, h).requires_grad_(grad), randn(n, h)
+        x["ws"] = randn(v, h, scale=2.0 / math.sqrt(h)).requires_grad_(grad and spec.get("wgrad", True))
+        x["wt"] = randn(v, h, scale=2.0 / math.sqrt(h))
+    elif spec["op"] == "policy_loss":
+        t = spec["t"]
+        lp = -torch.rand(n, t, generator=gen) * 3
+        x["logp"] = lp.to(device).requires_grad_(grad)
+        x["old"] = (lp + torch.randn(n, t, generator=gen) * 0.2).to(device)
+        x["ref"] = (lp + torch.randn(n, t, generator=gen) * 0.2).to(device)
+        x["adv"] = torch.randn(n, generator=gen).to(device)
+        x["mask"] = (torch.rand(n, t, generator=gen) > 0.1).float().to(device)
+        x["g"] = torch.randn(n, t, generator=gen).to(device)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# one measurement (in its own process)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def measure(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    small = dict(spec, n=min(spec["n"], 8), v=min(spec["v"], 4096))
+    _run(small, _inputs(small, device))  # warm-up: library init, thread pools, compiled kernels
+    x = _inputs(spec, device)
+    if device.type == "cuda":
+        _run(spec, x)
+        for v in x.values():
+            v.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(spec["repeat"]):
+            for v in x.values():
+                v.grad = None
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _run(spec, x)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return {"time_s": statistics.median(times), "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    base = _rss_kb("VmRSS")
+    times, cpu = [], []
+    for _ in range(spec["repeat"]):
+        for v in x.values():
+            v.grad = None
+        t0, c0 = time.perf_counter(), time.process_time()
+        _run(spec, x)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    # process CPU time is reported beside wall time: on a shared machine it is the steadier of the two
+    return {"time_s": min(times), "cpu_s": min(cpu), "peak_extra_bytes": (_rss_kb("VmHWM") - base) * 1024}
+
+
+def _measure_in_subprocess(spec: dict) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--measure", json.dumps(spec)], cwd=root,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = "killed (out of memory?)" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1:]
+        return {"error": f"exit {proc.returncode}: {why}"}
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the table
+
+
+def _work(spec: dict) -> tuple[str, float]:
+    """('flop', useful FLOPs) for GEMM-bound ops, ('bytes', minimal bytes moved) for logits-bound ones."""
+    n, v = spec["n"], spec["v"]
+    esize = torch.finfo(getattr(torch, spec["dtype"])).bits // 8
+    gemms_bwd = (2 if spec.get("wgrad", True) else 1) if spec["grad"] else 0  # dh (and dW)
+    if spec["op"] == "linear_token_logprobs":
+        return "flop", 2.0 * n * spec["h"] * v * (1 + gemms_bwd)  # the naive GEMM count
+    if spec["op"] == "linear_generalized_jsd":
+        return "flop", 2.0 * n * spec["h"] * v * (2 + gemms_bwd)  # student and teacher logits
+    if spec["op"] == "token_logprobs":
+        return "bytes", n * v * esize * (3 if spec["grad"] else 1)  # read (+ read, write dlogits)
+    if spec["op"] == "generalized_jsd":
+        return "bytes", n * v * esize * (5 if spec["grad"] else 2)  # 2 reads (+ 2 reads, 1 write)
+    return "bytes", n * spec["t"] * 4 * (7 if spec["grad"] else 6)
+
+
+def _specs(args, device: torch.device) -> list[dict]:
+    cuda = device.type == "cuda"
+    lin_dt = args.linear_dtype or ("bfloat16" if cuda else "float32")
+    v = args.vocab
+    groups = [
+        ("token_logprobs", dict(n=args.logits_rows, dtype=args.dtype, grad=False, entropy=False), ("naive", "trl", "ours")),
+        ("token_logprobs", dict(n=args.logits_rows, dtype=args.dtype, grad=False, entropy=True), ("naive", "trl", "ours")),
+        ("token_logprobs", dict(n=args.logits_rows, dtype=args.dtype, grad=True, entropy=False), ("naive", "trl", "ours")),
+        ("linear_token_logprobs", dict(n=args.linear_rows, h=args.hidden, dtype=lin_dt, grad=False), ("naive", "trl", "ours")),
+        ("linear_token_logprobs", dict(n=args.linear_rows, h=args.hidden, dtype=lin_dt, grad=True, wgrad=True),
+         ("naive", "trl", "ours") if args.trl_linear_backward else ("naive", "ours")),
+        ("linear_token_logprobs", dict(n=args.linear_rows, h=args.hidden, dtype=lin_dt, grad=True, wgrad=False),
+         ("naive", "ours")),
+        ("generalized_jsd", dict(n=args.jsd_rows, dtype=args.dtype, grad=True), ("naive", "ours")),
+        ("linear_generalized_jsd", dict(n=args.jsd_rows, h=args.hidden, dtype=lin_dt, grad=True), ("naive", "ours")),
+        ("policy_loss", dict(n=16, t=1024, dtype="float32", grad=True), ("naive", "ours")),
+    ]
+    specs = []
+    for op, kw, impls in groups:
+        if args.only and op not in args.only:
+            continue
+        for impl in impls:
+            spec = dict(op=op, impl=impl, v=v, device=str(device), repeat=args.repeat, entropy=False)
+            spec.update(kw)
+            specs.append(spec)
+    return specs
+
+
+def _label(spec: dict) -> str:
+    what = {"token_logprobs": "logits [N, V]", "generalized_jsd": "logits [N, V] x2",
+            "policy_loss": "[B, T]"}.get(spec["op"], "hidden [N, H], W [V, H]")
+    extra = " + entropy" if spec.get("entropy") else ""
+    mode = "fwd+bwd" if spec["grad"] else "fwd"
+    if spec["grad"] and "h" in spec:
+        mode += ", W trained" if spec.get("wgrad", True) else ", W frozen"
+    dims = f"N={spec['n']}" + (f" H={spec['h']}" if "h" in spec else "") + (f" T={spec['t']}" if "t" in spec else "")
+    return f"{spec['op']}{extra} ({mode}; {what}; {dims}; {spec['dtype']})"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_results", help="directory for bench.md and bench.json")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--vocab", type=int, default=QWEN3_VOCAB, help="vocabulary size V (Qwen3: 151,936)")
+    p.add_argument("--logits-rows", type=int, default=1024, help="rows N for the ops that take logits")
+    p.add_argument("--linear-rows", type=int, default=4096, help="rows N for linear_token_logprobs")
+    p.add_argument("--jsd-rows", type=int, default=1024, help="rows N for the GKD divergence ops")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size H of the fused-linear ops")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of given logits (bfloat16, float16, float32)")
+    p.add_argument("--linear-dtype", default=None, help="dtype of hidden/weight (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--only", nargs="*", default=None, help="restrict to these op names")
+    p.add_argument("--trl-linear-backward", action="store_true",
+                   help="also time the TRL-style row loop for linear_token_logprobs fwd+bwd (minutes on CPU)")
+    p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
+    args = p.parse_args(argv)
+
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    args.repeat = args.repeat or (5 if device.type == "cuda" else 1)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAKS.items() if k in name), None)
+        backend = f"{name}: Triton kernels (kernels/triton_kernels.py)"
+    else:
+        name, peak = "CPU", None
+        backend = (f"CPU ({torch.get_num_threads()} threads): PyTorch references (kernels/reference.py); "
+                   "Triton is not timed on CPU")
+    rows = []
+    naive = {}
+    for spec in _specs(args, device):
+        print(f"measuring {spec['impl']:5s} {_label(spec)} ...", file=sys.stderr, flush=True)
+        r = _measure_in_subprocess(spec)
+        key = _label(spec)
+        row = dict(spec=spec, label=key, **r)
+        if "error" not in r:
+            kind, work = _work(spec)
+            row["achieved"] = work / r["time_s"]
+            row["achieved_unit"] = "FLOP/s" if kind == "flop" else "B/s"
+            if peak:
+                row["fraction_of_peak"] = row["achieved"] / (peak[0] if kind == "flop" else peak[1])
+            if spec["impl"] == "naive":
+                naive[key] = r
+            if key in naive:
+                row["mem_vs_naive"] = r["peak_extra_bytes"] / max(naive[key]["peak_extra_bytes"], 1)
+                row["time_vs_naive"] = r["time_s"] / naive[key]["time_s"]
+        rows.append(row)
+        print(f"  -> {r}", file=sys.stderr, flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=name, backend=backend, torch=torch.__version__, vocab=args.vocab,
+                command=" ".join(["python -m kernels.bench", *(argv if argv is not None else sys.argv[1:])]))
+    (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    md = _markdown(meta, rows)
+    (out / "bench.md").write_text(md)
+    print(md)
+
+
+def _markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# kernels bench: {meta['device']}", "", f"- backend for `ours`: {meta['backend']}",
+             f"- torch {meta['torch']}, V = {meta['vocab']:,}", f"- command: `{meta['command']}`",
+             "- peak extra memory: the op's high-water mark above what the inputs already held", "",
+             "| op | impl | time (s) | CPU time (s) | peak extra (MB) | mem / naive | time / naive | achieved |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['spec']['impl']} | {r['error']} | | | | | |")
+            continue
+        unit = r["achieved_unit"]
+        ach = f"{r['achieved'] / 1e9:.1f} G{unit}"
+        if "fraction_of_peak" in r:
+            ach += f" ({100 * r['fraction_of_peak']:.0f}% of peak)"
+        mem_r = f"{r['mem_vs_naive']:.1%}" if "mem_vs_naive" in r else ""
+        time_r = f"{r['time_vs_naive']:.2f}x" if "time_vs_naive" in r else ""
+        cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else ""
+        lines.append(f"| {r['label']} | {r['spec']['impl']} | {r['time_s']:.3f} | {cpu} | {r['peak_extra_bytes'] / 2**20:,.0f} "
+                     f"| {mem_r} | {time_r} | {ach} |")
+    checks = [("linear_token_logprobs", True, 0.15, 1.2), ("generalized_jsd", True, 0.25, None),
+              ("linear_generalized_jsd", True, 0.25, None)]
+    targets = []
+    for op, grad, mem_max, time_max in checks:
+        for r in rows:
+            s = r["spec"]
+            if s["op"] == op and s["grad"] == grad and s["impl"] == "ours" and "mem_vs_naive" in r:
+                ok = r["mem_vs_naive"] <= mem_max and (time_max is None or r["time_vs_naive"] <= time_max)
+                goal = f"memory <= {mem_max:.0%}" + (f", time <= {time_max}x" if time_max else "")
+                targets.append(f"- {r['label']}: memory {r['mem_vs_naive']:.1%}, time {r['time_vs_naive']:.2f}x "
+                               f"(goal: {goal}): {'PASS' if ok else 'FAIL'}")
+    if targets:
+        lines += ["", "Targets (ours vs naive):", ""] + targets
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
