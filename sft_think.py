@@ -65,7 +65,7 @@ class Args:
     toy_difficulty: int = field(default=2, metadata={"help": "toy arithmetic difficulty level"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training examples"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for loss and accuracy"})
-    eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_every: int = field(default=400, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     max_new_tokens: int = field(default=160, metadata={"help": "generation length for accuracy and repetition"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
