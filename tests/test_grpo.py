@@ -238,12 +238,9 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_toy_verifiable(tmp_path):
-    """The README pipeline at a small scale: SFT with thinking, then GRPO raises held-out accuracy."""
-    sft = tmp_path / "sft"
-    proc = subprocess.run([sys.executable, str(ROOT / "sft_think.py"), "--out", str(sft)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_learning_toy_verifiable(tmp_path, sft_toy_run):
+    """The README pipeline: SFT with thinking (the shared session run), then GRPO raises held-out accuracy."""
+    sft = sft_toy_run
     cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(tmp_path / "grpo"), "--init-adapter", str(sft)]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
