@@ -363,8 +363,10 @@ def load_rows(source: str | os.PathLike, split: str = "train", required: Iterabl
     name = str(source)
     is_hub_id = not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")) \
         and not name.endswith((".jsonl", ".json"))
-    if not is_hub_id or importlib.util.find_spec("datasets") is None:
+    if not is_hub_id:
         return read_jsonl(source, required, types)
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"{name}: no such file, and it cannot be loaded as a dataset id: `datasets` is not installed")
     import datasets
 
     try:
