@@ -352,15 +352,18 @@ def test_continuation_judge_ignores_a_cut_off_last_line():
 # the shipped base model
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not (toy.BASE_DIR / "model.safetensors").exists(), reason="toy/base not built")
-def test_shipped_base_loads_with_auto_classes(toy_tok):
+@pytest.mark.parametrize("which", ["base", "student"])
+def test_shipped_models_load_with_auto_classes(toy_tok, which):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = toy.base_model_dir()
+    path = toy.BASE_DIR if which == "base" else toy.STUDENT_DIR
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"{path} not built")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    assert model.config.to_dict()["hidden_size"] == toy.tiny_config().hidden_size
+    config = toy.tiny_config() if which == "base" else toy.student_config()
+    assert model.config.to_dict()["hidden_size"] == config.hidden_size
     assert tok.chat_template == toy.CHAT_TEMPLATE and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     msgs = CONVERSATIONS[3]
     assert tok.apply_chat_template(msgs, tokenize=False) == toy_tok.apply_chat_template(msgs, tokenize=False)
