@@ -715,6 +715,9 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     parser = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         kwargs = _flag_kwargs(hints[f.name])
+        if kwargs.get("action") is argparse.BooleanOptionalAction and f.name.startswith("no_"):
+            # argparse reads any flag spelled --no-... as False: a field named no_x is a plain switch
+            kwargs = {"action": "store_true"}
         if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -72,9 +72,11 @@ class Args:
                 "continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"})
     out: str = field(default="runs/grpo", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 2e-3 toy, 1e-5 hub model"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "share of steps with linear warmup, then cosine decay to 10%"})
-    max_steps: int = field(default=200, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 3e-4 toy, 1e-5 hub model"})
+    warmup_ratio: float = field(default=0.1, metadata={
+        "help": "share of steps with linear warmup, then cosine decay to 10% (Adam's first steps move every "
+                "LoRA weight by about lr whatever its gradient: without warmup they undid the SFT model on the toy)"})
+    max_steps: int = field(default=250, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch per device (x num-generations rows)"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt (a group)"})
     micro_batch_size: int = field(default=32, metadata={"help": "rows per forward/backward; gradients accumulate over "
@@ -83,7 +85,8 @@ class Args:
         "help": "new tokens per completion, also dr_grpo's constant (default: 128 verifiable, --continuation-tokens "
                 "for continuation, so completion and reference are windows of the same length)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longest prompt in tokens; longer is an error"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs use the same T"})
+    temperature: float | None = field(default=None, metadata={"help": "sampling temperature; log-probs use the same T "
+                                                                     "(default 0.5 toy, 1.0 hub model)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={
         "help": "divide advantages by the group std, the batch std, or not at all (Dr. GRPO)"})
@@ -110,10 +113,11 @@ class Args:
                                                                                "(default: on for a hub model)"})
     prefix_tokens: int = field(default=96, metadata={"help": "continuation on documents ({'text'} rows, toy): prefix tokens"})
     continuation_tokens: int = field(default=64, metadata={"help": "continuation on documents: reference tokens"})
-    toy_difficulty: int = field(default=3, metadata={"help": "toy arithmetic level for training and held-out accuracy"})
+    toy_difficulty: str = field(default="3", metadata={"help": "toy arithmetic level(s), comma-separated, for training "
+                                                                "and held-out accuracy"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training prompts"})
     eval_size: int = field(default=200, metadata={"help": "held-out prompts"})
-    eval_samples: int = field(default=2, metadata={"help": "continuation: samples per held-out prefix (verifiable: greedy)"})
+    eval_samples: int = field(default=4, metadata={"help": "k: samples per held-out prompt at --temperature (Mean@k)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
     log_completions: int = field(default=2, metadata={"help": "groups per step written to samples.jsonl"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
@@ -128,7 +132,9 @@ def resolve_defaults(args: Args) -> Args:
     or a local directory), small and fast for the toy."""
     hub = args.model != "toy"
     if args.lr is None:
-        args.lr = 1e-5 if hub else 2e-3
+        args.lr = 1e-5 if hub else 3e-4
+    if args.temperature is None:
+        args.temperature = 1.0 if hub else 0.5
     if args.lora_r is None:
         args.lora_r = 128 if hub else 16
     if args.lora_alpha is None:
@@ -195,7 +201,7 @@ def load_prompts(args: Args, tokenizer) -> tuple[list[dict], list[dict]]:
     if args.data == "toy":
         if args.task == "verifiable":
             make = lambda split, n: [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                                     for r in toy.arithmetic(split, n, seed=args.seed, difficulty=args.toy_difficulty)]
+                                     for r in toy.arithmetic(split, n, seed=args.seed, difficulty=toy.parse_levels(args.toy_difficulty))]
         else:
             make = lambda split, n: toy.documents(split, n, seed=args.seed)  # cut by tokens in encode_rows
         return (encode_rows(make("train", args.toy_train_size), tokenizer, args, "toy"),
@@ -330,25 +336,29 @@ def micro_batch(roll: common.Rollout, rows: slice) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args, eos: list[int]) -> dict:
-    """verifiable: greedy accuracy (rewards.correct); continuation: mean reward of --eval-samples samples per prefix
-    at the training temperature with a fixed generator (same draws before and after training)."""
+    """Mean reward of --eval-samples samples per held-out prompt at the training temperature, with a fixed
+    generator (the same draws before and after training). verifiable also reports `accuracy` (Mean@k: the
+    share of correct samples, the policy's own accuracy), `pass_at_k` and greedy accuracy."""
     device = next(model.parameters()).device
-    greedy = args.task == "verifiable"
-    n = 1 if greedy else args.eval_samples
+    n = args.eval_samples
     gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
     roll = common.sample(model, tokenizer, [p["ids"] for p in heldout], n=n, max_new_tokens=args.max_completion_length,
-                         temperature=args.temperature, top_p=args.top_p, greedy=greedy, generator=gen,
+                         temperature=args.temperature, top_p=args.top_p, generator=gen,
                          eos_token_ids=eos, batch_size=128)
     texts = roll.texts(tokenizer)
     cols = reward_columns(heldout, n)
     total, per_fn = rewards.compute_rewards(spec, texts, cols)
-    row = {"mean_reward": sum(total) / len(total), "mean_length": float(roll.completion_mask.sum(1).float().mean())}
-    if greedy:
-        acc = rewards.correct(texts, cols["answer"]) if "answer" in cols else [None]
-        acc = [a for a in acc if a is not None]
-        row["accuracy"] = sum(acc) / len(acc) if acc else float("nan")
-    else:
-        row["distinct_2"] = rewards.distinct_n(texts, 2)
+    row = {"mean_reward": sum(total) / len(total), "mean_length": float(roll.completion_mask.sum(1).float().mean()),
+           "distinct_2": rewards.distinct_n(texts, 2)}
+    if args.task == "verifiable" and "answer" in cols:
+        ok = [bool(a) for a in rewards.correct(texts, cols["answer"])]
+        row["accuracy"] = sum(ok) / len(ok)  # Mean@k
+        row["pass_at_k"] = sum(any(ok[i: i + n]) for i in range(0, len(ok), n)) / (len(ok) // n)
+        greedy = common.sample(model, tokenizer, [p["ids"] for p in heldout], n=1,
+                               max_new_tokens=args.max_completion_length, greedy=True, eos_token_ids=eos,
+                               batch_size=128)
+        ok = [bool(a) for a in rewards.correct(greedy.texts(tokenizer), reward_columns(heldout, 1)["answer"])]
+        row["greedy_accuracy"] = sum(ok) / len(ok)
     row["_samples"] = [{"prompt": c, "completion": t, "reward": r}
                        for c, t, r in zip(cols["prompt"][:: n][:10], texts[:: n][:10], total[:: n][:10])]
     return row
@@ -556,7 +566,10 @@ def main(args: Args):
         metric = "accuracy" if args.task == "verifiable" else "mean_reward"
         summary = {
             "method": "grpo", "task": args.task, "reward": spec, "init_adapter": args.init_adapter or None,
-            "heldout": {"metric": metric, "before": before.get(metric), "after": after.get(metric)},
+            "heldout": {"metric": metric, "before": before.get(metric), "after": after.get(metric),
+                        "note": (f"Mean@{args.eval_samples} at T={args.temperature}"
+                                 + (f", level{'s' * (',' in args.toy_difficulty)} {args.toy_difficulty}" if args.data == "toy" and args.task == "verifiable"
+                                    else ""))},
             "before": before, "after": after, "final": last, "train_seconds": t_train,
             "wall_seconds": time.perf_counter() - t_start, "num_tokens": tokens_seen * world,
             "peak_memory_mb": common.peak_memory_mb(device), "world_size": world,

@@ -48,7 +48,7 @@ class Args:
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup, then cosine decay"})
-    max_steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=500, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per device"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -62,10 +62,10 @@ class Args:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     no_think: bool = field(default=False, metadata={"help": "remove the thoughts from the training data (raw arm)"})
     train_tokens: str = field(default="", metadata={"help": "comma list, e.g. '<think>,</think>': train only these embedding rows"})
-    toy_difficulty: int = field(default=2, metadata={"help": "toy arithmetic difficulty level"})
+    toy_difficulty: str = field(default="1,2,3", metadata={"help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training examples"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for loss and accuracy"})
-    eval_every: int = field(default=400, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_every: int = field(default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     max_new_tokens: int = field(default=160, metadata={"help": "generation length for accuracy and repetition"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
@@ -169,8 +169,9 @@ def collate(batch, pad_id, device):
 def load_rows(args):
     """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy."""
     if args.data == "toy":
-        train = toy.arithmetic("train", args.toy_train_size, seed=args.seed, difficulty=args.toy_difficulty)
-        heldout = toy.arithmetic("test", args.eval_size, seed=args.seed, difficulty=args.toy_difficulty)
+        levels = toy.parse_levels(args.toy_difficulty)
+        train = toy.arithmetic("train", args.toy_train_size, seed=args.seed, difficulty=levels)
+        heldout = toy.arithmetic("test", args.eval_size, seed=args.seed, difficulty=levels)
         return train, heldout, heldout
     train = common.load_rows(args.data)
     if args.eval_data:
@@ -228,14 +229,19 @@ def generate_eval(model, tokenizer, problems, args):
     texts = roll.texts(tokenizer)
     tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
     correct = [toy.extract_answer(t, p.get("style", "gsm8k")) == p["answer"] for t, p in zip(texts, problems)]
-    return sum(correct) / len(correct), repetition_rate(tokens), texts
+    by_level = {}
+    for ok, p in zip(correct, problems):
+        by_level.setdefault(p["difficulty"], []).append(ok)
+    per_level = {f"accuracy_level{d}": sum(v) / len(v) for d, v in sorted(by_level.items())} if len(by_level) > 1 else {}
+    return sum(correct) / len(correct), repetition_rate(tokens), texts, per_level
 
 
 def evaluate(model, tokenizer, val, val_raw, problems, args, pad_id, device):
     row = {"val_loss": eval_loss(model, val, args.batch_size, pad_id, device),
            "raw_val_loss": eval_loss(model, val_raw, args.batch_size, pad_id, device)}
     if problems is not None:
-        row["accuracy"], row["repetition_4gram"], texts = generate_eval(model, tokenizer, problems, args)
+        row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(model, tokenizer, problems, args)
+        row.update(per_level)
         row["_samples"] = [{"prompt": p["messages"][0]["content"], "completion": t, "answer": p["answer"]}
                            for p, t in zip(problems[:20], texts[:20])]
     return row
@@ -371,7 +377,8 @@ def main(args: Args):
         metric = "accuracy" if problems is not None else "val_loss"
         summary = {
             "method": "sft_think", "arm": "no_think" if args.no_think else "think",
-            "heldout": {"metric": metric, "before": before.get(metric) if before else None, "after": after[metric]},
+            "heldout": {"metric": metric, "before": before.get(metric) if before else None, "after": after[metric],
+                        **({"note": f"greedy, level{'s' * (',' in args.toy_difficulty)} {args.toy_difficulty}"} if args.data == "toy" else {})},
             "final_loss": last.get("loss"), "before": before, "after": after,
             "tokens_seen": tokens_seen, "tokens_per_s": tokens_run / max(t_train, 1e-9),
             "train_seconds": t_train, "peak_memory_mb": common.peak_memory_mb(device), "args": asdict(args),

@@ -281,6 +281,17 @@ def _distractors(rng: random.Random, answer: int) -> list[int]:
     return out
 
 
+def parse_levels(text: str | int) -> list[int]:
+    """'1,2,3' or '3' (a command-line flag) -> [1, 2, 3]; a clear error for anything else."""
+    try:
+        levels = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"difficulty: expected comma-separated levels such as '1,2,3', got {text!r}") from None
+    if not levels:
+        raise ValueError(f"difficulty: expected at least one level, got {text!r}")
+    return _levels(levels)
+
+
 def _levels(difficulty) -> list[int]:
     levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
     for d in levels:

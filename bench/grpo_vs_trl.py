@@ -76,7 +76,8 @@ def side_ours(cfg: dict, setup_only: bool) -> dict:
     data = Path(cfg["work"]) / "prompts.jsonl"
     common.write_jsonl(data, prompts(cfg))
     args = grpo.Args(model=cfg["model"], data=str(data), eval_data=str(data), init_adapter="", out=str(out),
-                     seed=cfg["seed"], lr=cfg["lr"], max_steps=cfg["steps"], batch_size=cfg["batch_size"],
+                     seed=cfg["seed"], lr=cfg["lr"], warmup_ratio=0.0, temperature=cfg["temperature"],
+                     max_steps=cfg["steps"], batch_size=cfg["batch_size"],
                      num_generations=cfg["G"], micro_batch_size=cfg["micro_batch_size"],
                      max_completion_length=cfg["C"], reward="correct:1.0,format:0.1", loss_type="dapo",
                      scale_rewards="group", beta=0.0, lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
@@ -123,7 +124,7 @@ def side_trl(cfg: dict, setup_only: bool) -> dict:
     config = GRPOConfig(
         output_dir=str(Path(cfg["work"]) / "trl"), seed=cfg["seed"], learning_rate=cfg["lr"], max_steps=cfg["steps"],
         per_device_train_batch_size=rows_per_step // accum, gradient_accumulation_steps=accum,
-        num_generations=cfg["G"], max_completion_length=cfg["C"], temperature=1.0, top_p=1.0, beta=0.0,
+        num_generations=cfg["G"], max_completion_length=cfg["C"], temperature=cfg["temperature"], top_p=1.0, beta=0.0,
         epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1, max_grad_norm=1.0,
         reward_weights=[1.0, 0.1], lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
@@ -209,7 +210,8 @@ def main() -> None:
     p.add_argument("--num-generations", type=int, default=8, help="completions per prompt")
     p.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward/backward")
     p.add_argument("--max-completion-length", type=int, default=96, help="new tokens per completion")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (both sides)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (both sides)")
+    p.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (both sides)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (both sides)")
     p.add_argument("--difficulty", type=int, default=3, help="toy arithmetic level of the prompts")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
@@ -232,6 +234,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         work = Path(tmp)
         cfg = {"model": make_model(args, work), "work": str(work), "seed": args.seed, "lr": args.lr,
+               "temperature": args.temperature,
                "steps": args.steps, "batch_size": args.batch_size, "G": args.num_generations,
                "micro_batch_size": args.micro_batch_size, "C": args.max_completion_length, "lora_r": args.lora_r,
                "lora_alpha": 2 * args.lora_r, "difficulty": args.difficulty, "n_prompts": 512,

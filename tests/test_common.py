@@ -614,3 +614,14 @@ def test_cuda_bf16_sampling_and_logprobs(tok):
     lp = common.sequence_logprobs(m, r.input_ids, r.attention_mask, r.completion_ids.shape[1], temperature=0.7)
     ref, _ = naive_logprobs(m, r.input_ids, r.attention_mask, r.completion_ids.shape[1], 0.7)
     torch.testing.assert_close(lp, ref, rtol=0, atol=5e-2)  # bf16 hidden states
+
+
+@dataclasses.dataclass
+class NegArgs:
+    no_think: bool = dataclasses.field(default=False, metadata={"help": "remove the thoughts"})
+
+
+def test_parse_args_field_named_no_x_is_a_switch():
+    # argparse's BooleanOptionalAction would read --no-think as False
+    assert common.parse_args(NegArgs, ["--no-think"]).no_think is True
+    assert common.parse_args(NegArgs, []).no_think is False

@@ -238,13 +238,15 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known gap: the default toy GRPO run does not yet reliably raise held-out "
-                   "accuracy over the SFT checkpoint (learning rate / difficulty still being tuned)")
 def test_learning_toy_verifiable(tmp_path, sft_toy_run):
-    """The README pipeline: SFT with thinking (the shared session run), then GRPO raises held-out accuracy."""
+    """The README pipeline: SFT with thinking (the shared session run), then GRPO raises held-out accuracy at level 3
+    (Mean@4 at the sampling temperature; measured +9.4 points on seed 0) and greedy accuracy does not fall."""
     sft = sft_toy_run
     cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(tmp_path / "grpo"), "--init-adapter", str(sft)]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    held = json.loads((tmp_path / "grpo" / "summary.json").read_text())["heldout"]
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    held = summary["heldout"]
+    assert held["metric"] == "accuracy" and 0.2 <= held["before"] <= 0.9, held  # a level the SFT model has not mastered
     assert held["after"] >= held["before"] + 0.05, held
+    assert summary["after"]["greedy_accuracy"] >= summary["before"]["greedy_accuracy"] - 0.05, summary["after"]

@@ -381,3 +381,11 @@ def test_pretrain_is_deterministic(tmp_path):
     a = load_file(toy.pretrain(tmp_path / "a", **kw) / "model.safetensors")
     b = load_file(toy.pretrain(tmp_path / "b", **kw) / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_parse_levels_reads_flags_and_names_bad_input():
+    assert toy.parse_levels("1,2,3") == [1, 2, 3]
+    assert toy.parse_levels("3") == [3] and toy.parse_levels(4) == [4]
+    for bad in ("", "1,x", "0", "2,9"):
+        with pytest.raises(ValueError, match="difficulty"):
+            toy.parse_levels(bad)
