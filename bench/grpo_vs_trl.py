@@ -218,7 +218,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of both sides")
     p.add_argument("--repeats", type=int, default=2, help="runs per side (alternating); step time = the fastest "
                                                           "run's median, memory = the largest peak")
-    p.add_argument("--out", default="runs/bench_grpo", help="directory for bench results (JSON)")
+    p.add_argument("--out", default="bench_results", help="directory for the result (grpo_vs_trl_<run>.json)")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -273,7 +273,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"setup": {k: v for k, v in vars(args).items() if k not in ("side", "config", "result", "setup_only")},
               "ours": {**ours, **res["ours"]}, "trl": {**trl, **res["trl"]}, "ratios": ratios}
-    (out / f"{'qwen_vocab' if args.qwen_vocab else 'toy'}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"grpo_vs_trl_{'qwen_vocab' if args.qwen_vocab else 'toy'}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
