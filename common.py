@@ -6,6 +6,7 @@ tests/test_distributed.py. Nothing here knows about a particular algorithm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -25,6 +26,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import lora
 
 # ---- Devices, models, tokenizers -----------------------------------------------------------------------------------
 
@@ -236,8 +239,11 @@ def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor
 def sample(model, tokenizer, prompts: list[str] | list[list[int]], n: int = 1, max_new_tokens: int = 128,
            temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None,
            eos_token_ids: int | list[int] | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None, batch_size: int | None = None) -> Rollout:
-    """n completions per prompt with a KV cache (no HF generate), `batch_size` rows at a time; see Rollout."""
+           generator: torch.Generator | None = None, batch_size: int | None = None, merge_lora: bool = True) -> Rollout:
+    """n completions per prompt with a KV cache (no HF generate), `batch_size` rows at a time; see Rollout.
+
+    merge_lora: sample with each LoRA layer's W + (alpha/r) B A as one weight (lora.merged: ~25% faster on the toy,
+    one extra copy of the adapted weights while sampling; 4-bit layers are left as they are)."""
     rows_per_prompt = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
                        else [int(t) for t in p] for p in prompts]
     if not rows_per_prompt:
@@ -256,7 +262,7 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], n: int = 1, m
     was_training = model.training
     model.eval()  # no dropout while sampling; the caller's mode comes back below
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (lora.merged(model) if merge_lora else contextlib.nullcontext()):
             for start in range(0, len(rows), batch_size):
                 parts.append(_sample_rows(model, tokenizer, rows[start:start + batch_size], max_new_tokens,
                                           temperature, top_p, stop, eos, greedy, generator, pad_id, device))

@@ -74,8 +74,10 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 3e-4 toy, 1e-5 hub model"})
     warmup_ratio: float = field(default=0.1, metadata={
-        "help": "share of steps with linear warmup, then cosine decay to 10% (Adam's first steps move every "
-                "LoRA weight by about lr whatever its gradient: without warmup they undid the SFT model on the toy)"})
+        "help": "share of steps with linear warmup from 0 (Adam's first steps move every LoRA weight by about lr "
+                "whatever its gradient: without warmup they undid the SFT model on the toy)"})
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant, as DAPO and verl do)"})
     max_steps: int = field(default=250, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch per device (x num-generations rows)"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt (a group)"})
@@ -102,6 +104,10 @@ class Args:
                                                             "old log-probs and makes the ratio and clipping matter"})
     mask_truncated_completions: bool = field(default=False, metadata={
         "help": "drop completions that hit --max-completion-length from the loss"})
+    update_all_rows: bool = field(default=False, metadata={
+        "help": "forward/backward every completion in the update, also those with advantage 0 (without --beta they add "
+                "exactly 0 to the gradient, so by default they are skipped except for bnpo; set it for like-for-like "
+                "timings, or to log entropy over all completions)"})
     mara_tau: float | None = field(default=None, metadata={
         "help": "MARA reward threshold tau (needs --beta > 0); off when unset"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -249,11 +255,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 def group_advantages(rewards_: torch.Tensor, G: int, scale: str, batch_std: torch.Tensor | None = None):
-    """A_i = r_i - mean_group(r), divided by (std + 1e-4) per --scale-rewards; also the zero-std-group flag per row."""
+    """A_i = r_i - mean_group(r), divided by (std + 1e-4) per --scale-rewards; also the zero-std-group flag per row.
+    A group of identical rewards gets advantages of exactly 0 (not the rounding residue of r - mean)."""
     grouped = rewards_.view(-1, G)
     mean = grouped.mean(1, keepdim=True)
     std = grouped.std(1, keepdim=True)  # Bessel-corrected, as TRL
-    adv = grouped - mean
+    adv = (grouped - mean).masked_fill((grouped == grouped[:, :1]).all(1, keepdim=True), 0.0)
     if scale == "group":
         adv = adv / (std + 1e-4)
     elif scale == "batch":
@@ -351,14 +358,19 @@ def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args, eos: 
     row = {"mean_reward": sum(total) / len(total), "mean_length": float(roll.completion_mask.sum(1).float().mean()),
            "distinct_2": rewards.distinct_n(texts, 2)}
     if args.task == "verifiable" and "answer" in cols:
-        ok = [bool(a) for a in rewards.correct(texts, cols["answer"])]
-        row["accuracy"] = sum(ok) / len(ok)  # Mean@k
-        row["pass_at_k"] = sum(any(ok[i: i + n]) for i in range(0, len(ok), n)) / (len(ok) // n)
+        # Prompts without a gold answer (rewards.correct gives None) are left out of the accuracies, not counted wrong.
+        res = rewards.correct(texts, cols["answer"], cols.get("style"))
+        graded = [g for g in (res[i: i + n] for i in range(0, len(res), n)) if g[0] is not None]
         greedy = common.sample(model, tokenizer, [p["ids"] for p in heldout], n=1,
                                max_new_tokens=args.max_completion_length, greedy=True, eos_token_ids=eos,
                                batch_size=128)
-        ok = [bool(a) for a in rewards.correct(greedy.texts(tokenizer), reward_columns(heldout, 1)["answer"])]
-        row["greedy_accuracy"] = sum(ok) / len(ok)
+        cols1 = reward_columns(heldout, 1)
+        res1 = [v for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style")) if v is not None]
+        if graded:
+            row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * n)  # Mean@k
+            row["pass_at_k"] = sum(any(v > 0 for v in g) for g in graded) / len(graded)
+            row["greedy_accuracy"] = sum(res1) / len(res1)
+            row["graded_prompts"] = len(graded)
     row["_samples"] = [{"prompt": c, "completion": t, "reward": r}
                        for c, t, r in zip(cols["prompt"][:: n][:10], texts[:: n][:10], total[:: n][:10])]
     return row
@@ -390,7 +402,8 @@ def main(args: Args):
     params = lora.lora_parameters(model)
     common.broadcast_parameters(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, min_ratio=0.1)
+    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps,
+                                         min_ratio=args.min_lr_ratio)
     logger = common.MetricsLogger(out, report_to=args.report_to or None)
 
     train, heldout = load_prompts(args, tokenizer)
@@ -422,7 +435,7 @@ def main(args: Args):
     batch, t_train, tokens_seen, last = None, 0.0, 0, {}
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="grpo", disable=not common.is_main())
     for step in bar:
-        t0 = time.perf_counter()
+        t0, t_rollout = time.perf_counter(), 0.0
         # ---- 1. Rollout: G completions per prompt, rewards, advantages (once per --num-iterations steps) ----
         if step % args.num_iterations == 0 or batch is None:
             prompts = prompts_for(step // args.num_iterations)
@@ -480,7 +493,15 @@ def main(args: Args):
                 "completions/clipped_ratio": (~roll.finished).float().mean().item(),
             }
             tokens_seen += int(roll.attention_mask.sum())
-            batch = (roll, mask, adv, ref_logp, old_logp, chunks, R)
+            t_rollout = time.perf_counter() - t0
+            # A completion whose advantage is 0 (its group's rewards are all equal) adds exactly 0 to the clipped
+            # objective, and the normalisers of grpo, dr_grpo and dapo do not depend on which rows are in a
+            # micro-batch: without a KL term the update skips those rows (same gradient, less compute).
+            # bnpo normalises per micro-batch, so it keeps every row. Entropy and ratio metrics are over the rows updated.
+            keep_all = args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo"
+            live = torch.arange(R) if keep_all else (adv != 0).nonzero().view(-1).cpu()
+            update_chunks = [live[s:s + args.micro_batch_size] for s in range(0, len(live), args.micro_batch_size)]
+            batch = (roll, mask, adv, ref_logp, old_logp, update_chunks, R)
             if common.is_main():
                 rows = [{"split": "train", "step": step + 1, "prompt": prompts[i // G]["prompt"], "completion": texts[i],
                          "reward": total[i], "rewards": {n: per_fn[n][i] for n in reward_names},
@@ -490,10 +511,11 @@ def main(args: Args):
                     common.append_jsonl(out / "samples.jsonl", row)
 
         # ---- 2. Policy update: micro-batches, gradient accumulation, one optimizer step ----
-        roll, mask, adv, ref_logp, old_logp, chunks, R = batch
+        t1 = time.perf_counter()
+        roll, mask, adv, ref_logp, old_logp, update_chunks, R = batch
         sums = torch.zeros(7, dtype=torch.float64)  # loss, kl, entropy, low, high, ratio, tokens
         ratio_min, ratio_max = float("inf"), float("-inf")
-        for c in chunks:
+        for c in update_chunks:
             ids, attn, K = micro_batch(roll, c)
             m = mask[c, :K]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -503,7 +525,7 @@ def main(args: Args):
             ref = ref_logp[c, :K] if ref_logp is not None else None
             per_token, kl, low, high = policy_loss(logp, old, ref, adv[c], m, eps_low=args.epsilon,
                                                    eps_high=args.epsilon_high, beta=args.beta)
-            loss = aggregate_loss(per_token, m, args.loss_type, C, batch_rows=R, num_micro_batches=len(chunks),
+            loss = aggregate_loss(per_token, m, args.loss_type, C, batch_rows=R, num_micro_batches=len(update_chunks),
                                   global_tokens=global_tokens, world_size=world)
             loss.backward()
             mf = m.float()
@@ -520,6 +542,7 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         t_train += time.perf_counter() - t0
+        t_update = time.perf_counter() - t1
 
         # ---- 3. Logging (TRL's names), evaluation, checkpoints ----
         sums = common.all_reduce_sum(sums)
@@ -530,7 +553,9 @@ def main(args: Args):
                 "clip_ratio/region_mean": float(sums[3] + sums[4]) / n_tok,
                 "ratio/mean": float(sums[5]) / n_tok,
                 "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-                "num_tokens": tokens_seen * world, "step_time": time.perf_counter() - t0}
+                "num_tokens": tokens_seen * world, "step_time": time.perf_counter() - t0,
+                "timing/rollout": t_rollout,  # 0 on steps that reuse a stored generation batch
+                "timing/update": t_update}
         if ratio_min <= ratio_max:  # rank 0's extremes; absent when every completion was masked out
             last.update({"ratio/min": ratio_min, "ratio/max": ratio_max})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps and common.is_main():
@@ -563,7 +588,7 @@ def main(args: Args):
         if args.save_merged:
             lora.merge(model).save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
-        metric = "accuracy" if args.task == "verifiable" else "mean_reward"
+        metric = "accuracy" if "accuracy" in after else "mean_reward"  # verifiable data with gold answers
         summary = {
             "method": "grpo", "task": args.task, "reward": spec, "init_adapter": args.init_adapter or None,
             "heldout": {"metric": metric, "before": before.get(metric), "after": after.get(metric),

@@ -53,12 +53,15 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
+        self.merged_weight: torch.Tensor | None = None  # set inside merged(): W + (alpha/r) B A, no-grad use only
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `proj.weight` (dtype, shape) keeps working
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_weight is not None and self.enabled and not torch.is_grad_enabled():
+            return F.linear(x, self.merged_weight, self.base.bias)  # inside merged(): one GEMM instead of three
         out = self.base(x)
         if not self.enabled:
             return out
@@ -136,6 +139,25 @@ def disabled(model: nn.Module):
     finally:
         for m, was in zip(layers, before):
             m.enabled = was
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module):
+    """Inside this block, forwards without gradients use one weight W + (alpha/r) B A per adapted layer: one GEMM
+    instead of three (the base's and A's and B's), which is what dominates token-by-token sampling with a small
+    batch. The base weights are not touched (the merged copy is separate and dropped on exit), forwards with
+    gradients keep the adapter path, and 4-bit layers keep it too. Costs one copy of each adapted weight while
+    inside; logits match the adapter path up to float rounding."""
+    layers = [m for _, m in lora_layers(model) if not _is_4bit(m.base)]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                w = m.base.weight
+                m.merged_weight = (w.float() + m.delta_weight().to(w.device)).to(w.dtype)
+        yield model
+    finally:
+        for m in layers:
+            m.merged_weight = None
 
 
 @torch.no_grad()

@@ -76,7 +76,8 @@ def side_ours(cfg: dict, setup_only: bool) -> dict:
     data = Path(cfg["work"]) / "prompts.jsonl"
     common.write_jsonl(data, prompts(cfg))
     args = grpo.Args(model=cfg["model"], data=str(data), eval_data=str(data), init_adapter="", out=str(out),
-                     seed=cfg["seed"], lr=cfg["lr"], warmup_ratio=0.0, temperature=cfg["temperature"],
+                     seed=cfg["seed"], lr=cfg["lr"], warmup_ratio=0.0, min_lr_ratio=0.1, temperature=cfg["temperature"],
+                     update_all_rows=True,  # TRL runs every completion through the update: the same work
                      max_steps=cfg["steps"], batch_size=cfg["batch_size"],
                      num_generations=cfg["G"], micro_batch_size=cfg["micro_batch_size"],
                      max_completion_length=cfg["C"], reward="correct:1.0,format:0.1", loss_type="dapo",

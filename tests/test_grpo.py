@@ -98,6 +98,54 @@ def test_group_advantages():
     assert adv.tolist() == pytest.approx((torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / (r.std() + 1e-4)).tolist())
 
 
+def test_identical_rewards_give_exact_zero_advantages():
+    # 8 x 1.1 sums to a value whose mean is not exactly 1.1: the group must still get advantages of exactly 0
+    r = torch.tensor([1.1] * 8 + [1.1, 0.1] * 4)
+    adv, zero = grpo.group_advantages(r, 8, "group")
+    assert (adv[:8] == 0).all() and zero[:8].all() and (adv[8:] != 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_update_without_zero_advantage_rows_has_the_same_gradient(loss_type):
+    # grpo.py skips rows with A = 0 when beta = 0 (except for bnpo): same gradient, less compute.
+    torch.manual_seed(0)
+    logp = (torch.randn(6, 5) - 2).requires_grad_()
+    old = logp.detach() + 0.1 * torch.randn(6, 5)  # ratio != 1: clipping engages on some tokens
+    adv = torch.tensor([0.7, -0.7, 0.0, 0.0, 1.2, -0.3])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 1]])
+    tokens = float(mask.sum())
+
+    def grad(rows):
+        logp.grad = None
+        per_token, *_ = policy_loss(logp[rows], old[rows], None, adv[rows], mask[rows], eps_low=0.2, eps_high=0.28,
+                                    beta=0.0)
+        grpo.aggregate_loss(per_token, mask[rows], loss_type, 5, batch_rows=6, global_tokens=tokens).backward()
+        return logp.grad.clone()
+
+    assert torch.allclose(grad(torch.arange(6)), grad(torch.tensor([0, 1, 4, 5])), atol=1e-7)
+
+
+def test_evaluate_leaves_prompts_without_gold_out_of_accuracy(monkeypatch):
+    # A fake sampler: 2 samples per prompt with known texts. Prompt 2 has no gold answer: it must not count as wrong.
+    texts = {2: ["#### 5", "#### 4", "#### 1", "#### 2", "#### 7", "#### 7"], 1: ["#### 5", "#### 3", "#### 7"]}
+
+    class FakeRollout:
+        def __init__(self, n):
+            self.n, self.completion_mask = n, torch.ones(3 * n, 4)
+
+        def texts(self, tokenizer):
+            return texts[self.n]
+
+    monkeypatch.setattr(grpo.common, "sample", lambda model, tok, prompts, n=1, **kw: FakeRollout(n))
+    heldout = [{"ids": [1], "prompt": "a", "answer": "5"}, {"ids": [2], "prompt": "b", "answer": None},
+               {"ids": [3], "prompt": "c", "answer": "7"}]
+    args = grpo.Args(eval_samples=2, reward="correct:1.0")
+    row = grpo.evaluate(torch.nn.Linear(1, 1), None, heldout, "correct:1.0", args, eos=[0])
+    assert row["accuracy"] == pytest.approx(3 / 4)        # 1 + 2 right of the 4 graded samples
+    assert row["pass_at_k"] == 1.0 and row["greedy_accuracy"] == 1.0 and row["graded_prompts"] == 2
+
+
 def test_mara_anchors_high_reward_samples():
     # group of 4: rewards 1, 1, 0.2, 1 with reference log-probs -3, -1, -0.5, -6; tau 0.5, beta 0.1
     r = torch.tensor([1.0, 1.0, 0.2, 1.0])

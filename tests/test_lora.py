@@ -117,6 +117,26 @@ def test_merge_equals_unmerged():
     assert diff <= 1e-5
 
 
+def test_merged_block_for_sampling():
+    x = ids()
+    m = lora.add_lora(tiny(), r=4, alpha=8, targets=SUBSET)
+    randomize(m)
+    base_w = m.model.layers[0].self_attn.q_proj.base.weight.clone()
+    before = logits(m, x)
+    with lora.merged(m):
+        layer = m.model.layers[0].self_attn.q_proj
+        assert layer.merged_weight is not None
+        assert (logits(m, x) - before).abs().max().item() <= 1e-5      # no-grad forward: the merged weight
+        with lora.disabled(m):
+            assert torch.equal(logits(m, x), logits(tiny(), x))         # disabled still means the base
+        loss = m(input_ids=x).logits.float().pow(2).mean()               # with gradients: the adapter path
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_parameters(m))
+    assert all(layer.merged_weight is None for _, layer in lora.lora_layers(m))
+    assert torch.equal(m.model.layers[0].self_attn.q_proj.base.weight, base_w)  # the base is untouched
+    assert torch.equal(logits(m, x), before)
+
+
 def test_unknown_target_error():
     with pytest.raises(ValueError, match=r"qproj.*match no Linear.*q_proj") as e:
         lora.add_lora(tiny(), r=4, alpha=8, targets=["qproj", "v_proj"])
