@@ -18,6 +18,8 @@ reference policy (the same model with LoRA switched off), computed by `kernels.p
 summed over tokens by `--loss-type` (grpo, bnpo, dr_grpo, dapo; see `aggregate_loss`). Log-probs
 divide the logits by T, as the sampler did. With one update per batch logp_old = logp.detach(), so
 rho = 1 and the logged loss is about 0 while the gradient is not: watch `reward`, not `loss`.
+Without a KL term (beta = 0, the default) a completion of a group with identical rewards has A = 0
+and adds exactly nothing, so the update skips it (`--update-all-rows` keeps it).
 
 Continued pretraining (`--task continuation`, seed 000): the prompt is a document prefix, the
 completion the policy's continuation, and the reward its similarity to the true continuation
@@ -78,7 +80,7 @@ class Args:
                 "whatever its gradient: without warmup they undid the SFT model on the toy)"})
     min_lr_ratio: float = field(default=0.1, metadata={
         "help": "after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant, as DAPO and verl do)"})
-    max_steps: int = field(default=250, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch per device (x num-generations rows)"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt (a group)"})
     micro_batch_size: int = field(default=32, metadata={"help": "rows per forward/backward; gradients accumulate over "
@@ -536,6 +538,9 @@ def main(args: Args):
             sums += torch.tensor([float(loss.detach()), float((kl * mf).sum()), float((entropy.detach() * mf).sum()),
                                   float((low * mf).sum()), float((high * mf).sum()), float((ratio * mf).sum()),
                                   float(mf.sum())], dtype=torch.float64)
+        for p in params:  # every row skipped: a zero gradient, so Adam's moments still step as they would
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         common.all_reduce_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
         optimizer.step()
