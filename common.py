@@ -1,4 +1,4 @@
-"""What every script needs, written once: loading, sampling, log-probs, JSONL, logging, checkpoints, torchrun.
+"""What every script needs, written once: loading, JSONL, errors, run setup, logging, checkpoints, torchrun.
 
 Each piece is a plain function or a small class, tested alone in tests/test_common.py and
 tests/test_distributed.py. Nothing here knows about a particular algorithm.
@@ -6,7 +6,6 @@ tests/test_distributed.py. Nothing here knows about a particular algorithm.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -27,7 +26,43 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import lora
+# ---- Errors a user can fix, and the command line around main() ----------------------------------------------------
+
+TRACEBACK_ENV = "POSTTRAIN_TRACEBACK"  # set to 1 to see the full traceback of a UserError
+
+
+class UserError(Exception):
+    """Input a user can fix (data, a flag, a path, an unreachable server): scripts print one line and exit 2."""
+
+
+class DataError(UserError, ValueError):
+    """Bad input data; the message names file:line and field."""
+
+
+class ConfigError(UserError, ValueError):
+    """A flag value, or a combination of flags, that cannot work; the message names the flag."""
+
+
+class MissingError(UserError, FileNotFoundError):
+    """A model, adapter, checkpoint or data path that is not there; the message names it and how to make it."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """The loss or the gradient stayed non-finite for several steps in a row; the last checkpoint is intact."""
+
+
+def run_cli(main, args_cls, argv: list[str] | None = None):
+    """`main(parse_args(args_cls))`, where a UserError ends in one line `error: <message>` and exit status 2
+    (the traceback only with POSTTRAIN_TRACEBACK=1). Other exceptions are bugs and keep their traceback."""
+    args = parse_args(args_cls, argv)
+    try:
+        return main(args)
+    except UserError as e:
+        if os.environ.get(TRACEBACK_ENV, "0") not in ("0", ""):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
 
 # ---- Devices, models, tokenizers -----------------------------------------------------------------------------------
 
@@ -57,7 +92,7 @@ def _resolve_source(name_or_path: str | os.PathLike) -> str:
     if looks_local or offline:
         tried = f"local directory {str(path.resolve())!r}: not found"
         hub = "not a hub id (expected 'org/name')" if looks_local else "hub is offline (HF_HUB_OFFLINE=1)"
-        raise FileNotFoundError(f"cannot load {name!r}: tried {tried}; {hub}. Pass an existing model directory.")
+        raise MissingError(f"cannot load {name!r}: tried {tried}; {hub}. Pass an existing model directory.")
     return name
 
 
@@ -97,7 +132,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise OSError(f"cannot load model {str(name_or_path)!r} (tried {source!r}): {e}") from e
+        raise MissingError(f"cannot load model {str(name_or_path)!r} (tried {source!r}): {e}") from e
     if not load_in_4bit:
         model.to(device)
     if gradient_checkpointing:
@@ -113,208 +148,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     return model
 
 
-# ---- Sampling: own KV-cache decoding loop over left-padded prompts -------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """n completions per prompt; row i*n+j is sample j of prompt i (group[row] == i)."""
-
-    prompt_ids: torch.Tensor       # [R, P] left-padded
-    prompt_mask: torch.Tensor      # [R, P] 1 on prompt tokens
-    completion_ids: torch.Tensor   # [R, C] right-padded
-    completion_mask: torch.Tensor  # [R, C] 1 up to and including the first EOS / stop token
-    finished: torch.Tensor         # [R] bool: ended by EOS or a stop string (False = cut by max_new_tokens)
-    group: torch.Tensor            # [R] long: prompt index
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """Prompt and completion side by side, the input of sequence_logprobs(..., logits_to_keep=C)."""
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """prompt_mask and completion_mask side by side (0 on padding and after the end of a completion)."""
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
-        """Decoded completions (masked part only)."""
-        rows = [ids[m.bool()].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
-        return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
-
-
-def _eos_ids(model, tokenizer, eos_token_ids) -> list[int]:
-    if eos_token_ids is not None:
-        return [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-    ids = []
-    for source in (getattr(tokenizer, "eos_token_id", None),
-                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        ids += [source] if isinstance(source, int) else list(source or [])
-    return sorted(set(ids))
-
-
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator) -> torch.Tensor:
-    if greedy or temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        # Nucleus sampling (Holtzman et al. 2020): keep the smallest top set whose mass reaches top_p; a token is
-        # dropped when the mass strictly before it already exceeds top_p, so the most likely token always stays.
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _stop_hits(tokenizer, rows: list[list[int]], stop: list[str]) -> list[bool]:
-    """Did the last token of each row complete a stop string? Only text ending in the new characters counts."""
-    window = max(len(s.encode("utf-8")) for s in stop) + 2  # a token adds >= 1 byte, so this covers any stop
-    longest = max(len(s) for s in stop)
-    cur = tokenizer.batch_decode([r[-window:] for r in rows], skip_special_tokens=False)
-    prev = tokenizer.batch_decode([r[-window:-1] for r in rows], skip_special_tokens=False)
-    hits = []
-    for c, p in zip(cur, prev):
-        new = len(c) - len(p) if c.startswith(p) else len(c)
-        tail = c[max(0, len(c) - new - longest + 1):]
-        hits.append(any(s in tail for s in stop))
-    return hits
-
-
-def _sample_rows(model, tokenizer, rows, max_new_tokens, temperature, top_p, stop, eos, greedy, generator,
-                 pad_id, device):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long).to(device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).to(device)
-    prompt_ids, prompt_mask = ids, mask
-    # Left padding shifts real tokens right; positions counted over real tokens keep each row identical to its
-    # unpadded run (RoPE is shift-invariant, but absolute-position models and numerics are not).
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    alive = torch.arange(len(rows), device=device)  # rows the model still decodes, in KV-cache order
-    tokens, masks, history = [], [], [[] for _ in rows]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, next_pos = out.past_key_values, pos[:, -1:] + 1
-    # Finished rows leave the KV cache when it can drop rows (DynamicCache), so the long tail of one slow
-    # completion does not pay for the whole batch; otherwise they ride along writing pad tokens.
-    compact = hasattr(cache, "batch_select_indices")
-    for step in range(max_new_tokens):
-        live = ~finished[alive]
-        picked = _next_tokens(out.logits[:, -1, :], temperature, top_p, greedy, generator)
-        picked = torch.where(live, picked, torch.full_like(picked, pad_id))
-        tok = torch.full((len(rows),), pad_id, dtype=torch.long, device=device)
-        tok[alive] = picked
-        tokens.append(tok)
-        masks.append(~finished)  # the EOS / stop token itself stays in the mask
-        ended = live & torch.isin(picked, eos_t)
-        if stop:
-            writing = alive[live].tolist()
-            for i, t in zip(writing, tok[writing].tolist()):
-                history[i].append(t)
-            hits = torch.tensor(_stop_hits(tokenizer, [history[i] for i in writing], stop), device=device)
-            ended[live] |= hits
-        finished[alive[ended]] = True
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        if compact and bool(ended.any()):
-            keep = (~ended).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            alive, mask, next_pos, picked = alive[keep], mask[keep], next_pos[keep], picked[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        cache, next_pos = out.past_key_values, next_pos + 1
-    completion = torch.stack(tokens, 1) if tokens else ids.new_zeros((len(rows), 0))
-    comp_mask = torch.stack(masks, 1).long() if masks else ids.new_zeros((len(rows), 0))
-    return prompt_ids, prompt_mask, completion, comp_mask, finished
-
-
-def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
-    extra = x.new_full((x.shape[0], width - x.shape[1]), value)
-    return torch.cat([extra, x] if left else [x, extra], dim=1)
-
-
-def sample(model, tokenizer, prompts: list[str] | list[list[int]], n: int = 1, max_new_tokens: int = 128,
-           temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None,
-           eos_token_ids: int | list[int] | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None, batch_size: int | None = None, merge_lora: bool = True) -> Rollout:
-    """n completions per prompt with a KV cache (no HF generate), `batch_size` rows at a time; see Rollout.
-
-    merge_lora: sample with each LoRA layer's W + (alpha/r) B A as one weight (lora.merged: ~25% faster on the toy,
-    one extra copy of the adapted weights while sampling; 4-bit layers are left as they are)."""
-    rows_per_prompt = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
-                       else [int(t) for t in p] for p in prompts]
-    if not rows_per_prompt:
-        raise ValueError("sample() needs at least one prompt")
-    for i, r in enumerate(rows_per_prompt):
-        if not r:
-            raise ValueError(f"prompt {i} is empty: sampling needs at least one prompt token")
-    stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    eos = _eos_ids(model, tokenizer, eos_token_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    device = next(model.parameters()).device
-    rows = [r for r in rows_per_prompt for _ in range(n)]
-    group = torch.arange(len(prompts), device=device).repeat_interleave(n)
-    batch_size = batch_size or len(rows)
-    parts = []
-    was_training = model.training
-    model.eval()  # no dropout while sampling; the caller's mode comes back below
-    try:
-        with torch.inference_mode(), (lora.merged(model) if merge_lora else contextlib.nullcontext()):
-            for start in range(0, len(rows), batch_size):
-                parts.append(_sample_rows(model, tokenizer, rows[start:start + batch_size], max_new_tokens,
-                                          temperature, top_p, stop, eos, greedy, generator, pad_id, device))
-    finally:
-        model.train(was_training)
-    P = max(p[0].shape[1] for p in parts)
-    C = max(p[2].shape[1] for p in parts)
-    # clone() outside inference mode: inference tensors cannot be saved for backward (embedding lookups save ids)
-    return Rollout(
-        prompt_ids=torch.cat([_pad_to(p[0], P, pad_id, left=True) for p in parts]).clone(),
-        prompt_mask=torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts]).clone(),
-        completion_ids=torch.cat([_pad_to(p[2], C, pad_id, left=False) for p in parts]).clone(),
-        completion_mask=torch.cat([_pad_to(p[3], C, 0, left=False) for p in parts]).clone(),
-        finished=torch.cat([p[4] for p in parts]).clone(),
-        group=group.clone(),
-    )
-
-
-# ---- Log-probs of completions without materialising [B, T, V] logits -----------------------------------------------
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-                      temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None):
-    """log pi(x_t | x_<t) / T-softmax for the last K tokens: [B, K] fp32 (and the entropy [B, K] if asked).
-
-    The decoder's final hidden states go through the fused LM-head kernel in row chunks, so full-vocabulary logits
-    are never held for the whole batch. The hidden state at position t predicts token t+1.
-    """
-    from kernels import linear_token_logprobs
-
-    K = logits_to_keep
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings()
-    if hasattr(head, "lora_A") or getattr(head, "bias", None) is not None:
-        raise NotImplementedError("sequence_logprobs needs a plain bias-free LM head (no LoRA on lm_head)")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions as in sample()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
-    h = hidden[:, -K - 1:-1]
-    B, _, H = h.shape
-    out = linear_token_logprobs(h.reshape(B * K, H), head.weight, input_ids[:, -K:].reshape(B * K),
-                                temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
-    if return_entropy:
-        return out[0].view(B, K), out[1].view(B, K)
-    return out.view(B, K)
-
-
 # ---- JSONL and atomic files ----------------------------------------------------------------------------------------
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file:line and field."""
 
 
 def _type_ok(value, expected) -> bool:
@@ -452,11 +286,11 @@ class MetricsLogger:
         self.backends = []
         for name in [t for t in targets if t not in ("none", "")] if self.enabled else []:
             if name not in ("wandb", "trackio"):
-                raise ValueError(f"report_to: unknown tracker {name!r} (choose wandb, trackio or none)")
+                raise ConfigError(f"--report-to: unknown tracker {name!r} (choose wandb, trackio or none)")
             try:
                 module = __import__(name)
             except ImportError:
-                raise ImportError(f"report_to={name!r} needs the {name} package: pip install {name}") from None
+                raise ConfigError(f"--report-to {name}: needs the {name} package: pip install {name}") from None
             module.init(project=project, name=run_name, config=config)
             self.backends.append(module)
 
@@ -467,13 +301,6 @@ class MetricsLogger:
         append_jsonl(self.path, {"step": step, **row})
         for module in self.backends:
             module.log(row, step=step)
-
-    @staticmethod
-    def postfix(metrics: dict, keys: Iterable[str] | None = None) -> dict[str, str]:
-        """Short strings for tqdm's set_postfix: 4 significant digits, chosen keys only."""
-        keys = list(metrics) if keys is None else [k for k in keys if k in metrics]
-        values = {k: _plain(metrics[k]) for k in keys}
-        return {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in values.items()}
 
     def close(self) -> None:
         for module in self.backends:
@@ -541,10 +368,6 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, optimizer, sch
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
-    # Fault injection for the resume tests: die like a SIGKILLed process right after this step's checkpoint
-    # (no cleanup, no final outputs), so "killed then resumed == uninterrupted" is tested deterministically.
-    if os.environ.get("KILL_AFTER_CHECKPOINT") == str(step):
-        os._exit(137)
     return final
 
 
@@ -565,11 +388,11 @@ def load_checkpoint(out_dir: str | os.PathLike, model, optimizer=None, scheduler
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]
     if missing or unknown:
-        raise ValueError(f"{ckpt}: checkpoint does not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+        raise ConfigError(f"{ckpt}: checkpoint does not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
     with torch.no_grad():
         for name, value in saved.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{ckpt}: {name}: shape {tuple(value.shape)} != model {tuple(params[name].shape)}")
+                raise ConfigError(f"{ckpt}: {name}: shape {tuple(value.shape)} != model {tuple(params[name].shape)}")
             params[name].copy_(value)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
@@ -630,12 +453,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def rank0_print(*args, **kwargs) -> None:
-    """print() on rank 0 only, flushed (torchrun interleaves the ranks' output)."""
-    if is_main():
-        print(*args, **kwargs, flush=True)
-
-
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Average .grad of trainable params over ranks: g <- (1/W) sum_r g_r, as DDP does.
 
@@ -668,6 +485,16 @@ def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int = 0) -> 
             dist.broadcast(p.data, src=src)
 
 
+def max_param_difference_across_ranks(params: Iterable[torch.Tensor]) -> float:
+    """max |p - p on rank 0| over the parameters, summed over ranks: 0.0 when every rank holds the same weights."""
+    if not _distributed():
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    first = flat.clone()
+    dist.broadcast(first, src=0)
+    return float(all_reduce_sum((flat - first).abs().max().cpu()))
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -685,18 +512,16 @@ def all_reduce_sum(x):
     return int(t.item()) if isinstance(x, int) else t.item()
 
 
-def all_reduce_mean(x):
-    """Mean over ranks of a number or tensor (a metric every rank computed on its own shard)."""
-    world = dist.get_world_size() if _distributed() else 1
-    total = all_reduce_sum(x)
-    return total / world if world > 1 else x
-
-
 # ---- Small script helpers: CLI from a dataclass, run directory, LR schedule, memory --------------------------------
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows (default: X), except for None: a default that depends on the model is spelled out in the help text."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _flag_kwargs(tp) -> dict:
@@ -775,3 +600,132 @@ def peak_memory_mb(device: str | torch.device | None = None) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+# ---- One run, from setup to summary: the plumbing every training script shares -------------------------------------
+
+
+@dataclass
+class Run:
+    """Where a run is: this process's rank, the world size, its device, the run directory, the start time."""
+
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    t_start: float
+
+
+def start_run(out: str | os.PathLike, args: Any, seed: int, device: str = "auto", resume: bool = False) -> Run:
+    """Join torchrun's group (if launched by it), seed everything, pick this rank's device, prepare the run
+    directory (args.json; a fresh run clears the old logs and checkpoint)."""
+    import time
+
+    t_start = time.perf_counter()
+    rank, world, local_rank = init_distributed()
+    set_seed(seed)
+    dev = pick_device(device, local_rank)
+    return Run(rank=rank, world=world, device=dev, out=prepare_out_dir(out, args, resume=resume), t_start=t_start)
+
+
+def require_adapter(path: str | os.PathLike, flag: str = "--init-adapter", hint: str = "") -> str:
+    """`path` if it holds a PEFT adapter (adapter_model.safetensors), else a MissingError naming the flag."""
+    import lora
+
+    if not (Path(path) / lora.WEIGHTS_NAME).is_file():
+        raise MissingError(f"{flag} {path}: no {lora.WEIGHTS_NAME} there. {hint}".strip())
+    return str(path)
+
+
+def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: dict) -> dict:
+    """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to samples.jsonl."""
+    samples = metrics.pop("_samples", [])
+    if is_main():
+        for s in samples:
+            append_jsonl(run.out / "samples.jsonl", {"split": "heldout", "stage": stage, "step": step, **s})
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+    return metrics
+
+
+def resume_or_evaluate(run: Run, resume: bool, model, optimizer, scheduler, evaluate, logger) -> tuple[int, dict]:
+    """(first step, data_state). A resumed run continues from its checkpoint, whose data_state keeps the held-out
+    metrics measured before training under "before"; a fresh run measures them now (rank 0), at step 0."""
+    state = load_checkpoint(run.out, model, optimizer, scheduler) if resume else None
+    if state is not None:
+        return state["step"], dict(state["data_state"] or {})
+    before = log_eval(run, logger, 0, "before", evaluate()) if is_main() else None
+    return 0, {"before": before}
+
+
+def epoch_indices(n: int, per_step: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's share of global batch `step` over n items: one seeded permutation per epoch (so an epoch sees
+    every item once and a resumed run draws the same batches), the step's slice of `per_step` items of it, and of
+    that every world-th item from `rank`."""
+    epoch_len = max(1, n // per_step)
+    epoch, pos = divmod(step, epoch_len)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return order[pos * per_step: (pos + 1) * per_step][rank::world]
+
+
+class OptimizerStep:
+    """The end of every training step: average gradients over ranks, clip, check they are finite, step.
+
+    A non-finite loss or gradient norm skips the update (gradients dropped, optimizer untouched, LR schedule
+    advanced so it stays a function of the step) and is counted in `skipped`; `max_bad_steps` of them in a row
+    raise NonFiniteError. A caller that checkpoints only after good steps keeps its last good checkpoint."""
+
+    def __init__(self, params, optimizer, scheduler=None, max_grad_norm: float = 1.0, max_bad_steps: int = 3):
+        self.params, self.optimizer, self.scheduler = list(params), optimizer, scheduler
+        self.max_grad_norm, self.max_bad_steps = max_grad_norm, max_bad_steps
+        self.skipped, self.streak = 0, 0
+
+    def __call__(self, loss: float, step: int | None = None) -> dict:
+        for p in self.params:  # a parameter no row reached: a zero gradient, so Adam's moments step as they would
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_gradients(self.params)
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        bad = float(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+        ok = all_reduce_sum(bad) == 0  # every rank takes the same decision
+        if ok:
+            self.optimizer.step()
+            self.streak = 0
+        else:
+            self.skipped += 1
+            self.streak += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.streak >= self.max_bad_steps:
+            where = f" (up to step {step})" if step is not None else ""
+            raise NonFiniteError(f"loss or gradient not finite on {self.streak} steps in a row{where}: the run stops; "
+                                 f"the last checkpoint is intact. Lower --lr or check the data, then --resume.")
+        return {"grad_norm": grad_norm, "skipped_steps": self.skipped}
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of {column: value} as a Markdown table (floats with 4 significant digits)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def finish_run(run: Run, summary: dict, table: dict | None = None) -> dict:
+    """Write summary.json atomically (with wall time and peak memory) and print the run's results table."""
+    import time
+
+    summary = {**summary, "wall_seconds": time.perf_counter() - run.t_start,
+               "peak_memory_mb": peak_memory_mb(run.device), "world_size": run.world}
+    atomic_write_json(run.out / "summary.json", summary)
+    if table:
+        print("\n" + markdown_table([table]), flush=True)
+    return summary

@@ -9,7 +9,7 @@ The advantage compares a completion with its own group (DeepSeekMath, arXiv 2402
                                                        (Dr. GRPO, arXiv 2503.20783, sec. 3.1)
 
 and every completion token t is trained with PPO's clipped surrogate plus a k3 KL estimate to the
-reference policy (the same model with LoRA switched off), computed by `kernels.policy_loss`:
+reference policy (the same model with LoRA switched off), written out in `clipped_surrogate`:
 
     rho_t = exp(logp_t - logp_old_t)
     L_t   = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t,
@@ -21,10 +21,11 @@ rho = 1 and the logged loss is about 0 while the gradient is not: watch `reward`
 Without a KL term (beta = 0, the default) a completion of a group with identical rewards has A = 0
 and adds exactly nothing, so the update skips it (`--update-all-rows` keeps it).
 
-Continued pretraining (`--task continuation`, seed 000): the prompt is a document prefix, the
-completion the policy's continuation, and the reward its similarity to the true continuation
-(semantic similarity, chrF++, ROUGE-L, Levenshtein, a length penalty, mixed by content type:
-`rewards.similarity`). Seed 000 trained Qwen3-4B-Base this way with QLoRA r=128, alpha=256.
+Continued pretraining (`--task continuation`, as in the model card Lambent/Qwen3-4B-Base-Continued-GRPO):
+the prompt is a document prefix, the completion the policy's continuation, and the reward its
+similarity to the true continuation (semantic similarity, chrF++, ROUGE-L, Levenshtein, a length
+penalty, mixed by content type: `rewards.similarity`). That card trained Qwen3-4B-Base this way
+with QLoRA r=128, alpha=256, the defaults here for a hub model.
 
 MARA (`--mara-tau`, arXiv 2510.20817): the KL-regularised optimum pi_ref(y) exp(r(y)/beta) puts
 its mass on one mode. Within a group, every sample with r >= tau gets the reward of the anchor z
@@ -32,7 +33,8 @@ its mass on one mode. Within a group, every sample with r >= tau gets the reward
 makes the optimum give all high-reward samples the same mass, so several modes stay alive.
 
 Run:
-    python sft_think.py && python grpo.py          # toy: arithmetic, starting from runs/sft_think
+    python grpo.py                                 # toy arithmetic, from the shipped toy thinking-SFT adapter
+    python grpo.py --init-adapter runs/sft_think   # ... or from your own `python sft_think.py` run
     python grpo.py --task continuation             # toy documents, similarity rewards, from the toy base
     python grpo.py --model Qwen/Qwen3-4B-Base --task continuation --data docs.jsonl   # QLoRA r=128 a=256
     torchrun --nproc_per_node 4 grpo.py --model Qwen/Qwen3-1.7B-Base --data math.jsonl \\
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -52,8 +53,8 @@ from tqdm import tqdm
 import common
 import lora
 import rewards
+import sampling
 import toy
-from kernels import policy_loss
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Args:
                                                          "or the last --eval-size rows of --data)"})
     init_adapter: str = field(default="auto", metadata={
         "help": "PEFT adapter merged into the model before a fresh LoRA is added (the reference policy is then the "
-                "merged model); 'auto' = runs/sft_think for the toy verifiable task, none otherwise; '' = none"})
+                "merged model); 'auto' = the shipped toy thinking-SFT adapter (toy/sft_think) for the toy "
+                "verifiable task, none otherwise; '' = none"})
     reward: str = field(default="", metadata={
         "help": "reward spec 'name:weight,...' from rewards.py (default: verifiable 'correct:1.0,format:0.1'; "
                 "continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"})
@@ -81,7 +83,8 @@ class Args:
     min_lr_ratio: float = field(default=0.1, metadata={
         "help": "after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant, as DAPO and verl do)"})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch per device (x num-generations rows)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per optimizer step per device (x num-generations "
+                                                         "completions)"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt (a group)"})
     micro_batch_size: int = field(default=32, metadata={"help": "rows per forward/backward; gradients accumulate over "
                                                                 "the generation batch's micro-batches"})
@@ -111,14 +114,16 @@ class Args:
                 "exactly 0 to the gradient, so by default they are skipped except for bnpo; set it for like-for-like "
                 "timings, or to log entropy over all completions)"})
     mara_tau: float | None = field(default=None, metadata={
-        "help": "MARA reward threshold tau (needs --beta > 0); off when unset"})
+        "help": "MARA reward threshold tau (needs --beta > 0); default: off"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy, 128 hub model as in seed 000)"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy, 128 hub model as in "
+                                                               "Lambent/Qwen3-4B-Base-Continued-GRPO)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank: 32 toy, 256 hub)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: on for a hub model)"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: off for the toy, on "
+                                                                     "for a hub model)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward "
-                                                                               "(default: on for a hub model)"})
+                                                                               "(default: off toy, on hub model)"})
     prefix_tokens: int = field(default=96, metadata={"help": "continuation on documents ({'text'} rows, toy): prefix tokens"})
     continuation_tokens: int = field(default=64, metadata={"help": "continuation on documents: reference tokens"})
     toy_difficulty: str = field(default="3", metadata={"help": "toy arithmetic level(s), comma-separated, for training "
@@ -136,8 +141,8 @@ class Args:
 
 
 def resolve_defaults(args: Args) -> Args:
-    """Fill the model-dependent defaults: seed 000's QLoRA setup for a real model (any --model but 'toy': a hub id
-    or a local directory), small and fast for the toy."""
+    """Fill the model-dependent defaults: the QLoRA setup of Lambent/Qwen3-4B-Base-Continued-GRPO for a real model
+    (any --model but 'toy': a hub id or a local directory), small and fast for the toy."""
     hub = args.model != "toy"
     if args.lr is None:
         args.lr = 1e-5 if hub else 3e-4
@@ -156,11 +161,15 @@ def resolve_defaults(args: Args) -> Args:
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     if args.init_adapter == "auto":
-        args.init_adapter = "runs/sft_think" if args.model == "toy" and args.task == "verifiable" else ""
+        args.init_adapter = str(toy.SFT_ADAPTER_DIR) if args.model == "toy" and args.task == "verifiable" else ""
     if args.num_generations < 2:
-        raise ValueError("--num-generations must be >= 2: a group of one has no relative advantage")
+        raise common.ConfigError("--num-generations must be >= 2: a group of one has no relative advantage")
     if args.mara_tau is not None and args.beta <= 0:
-        raise ValueError("--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is 0 without it")
+        raise common.ConfigError("--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is "
+                                 "0 without it")
+    for name in ("batch_size", "micro_batch_size", "max_steps", "num_iterations", "max_completion_length"):
+        if getattr(args, name) < 1:
+            raise common.ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     return args
 
 
@@ -168,88 +177,69 @@ def resolve_defaults(args: Args) -> Args:
 # Prompts: each row becomes {"ids": prompt token ids, "prompt": readable text, + reward columns}
 # ---------------------------------------------------------------------------------------------
 
-def render_prompt(prompt, tokenizer) -> str:
-    """A list of messages goes through the chat template (generation prompt added); a string is used as is."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
-def encode_rows(rows: list[dict], tokenizer, args: Args, source: str) -> list[dict]:
-    """Token ids and reward columns per row; errors name file:line and field."""
+def cut_documents(rows: list[dict], tokenizer, source: str, prefix_tokens: int, continuation_tokens: int) -> list[dict]:
+    """Plain documents ({'text'}) cut by tokens into a prefix (the prompt) and the true continuation (the
+    reference); rows that already have a prompt pass through."""
     out = []
     for i, row in enumerate(rows):
-        where = f"{source}:{row.get('_line', i + 1)}"
-        cols = {k: v for k, v in row.items() if k not in ("messages", "text", "_line")}
-        if args.task == "continuation" and "text" in row and "prompt" not in row:
-            # A plain document: cut by tokens into a prefix (the prompt) and the true continuation (the reference).
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-            if len(ids) <= args.prefix_tokens:
-                raise common.DataError(f"{where}: field 'text' has {len(ids)} tokens; the continuation task needs more "
-                                       f"than --prefix-tokens {args.prefix_tokens}")
-            prefix, ref = ids[: args.prefix_tokens], ids[args.prefix_tokens: args.prefix_tokens + args.continuation_tokens]
-            cols.update(prompt=tokenizer.decode(prefix), reference=tokenizer.decode(ref))
-            out.append({"ids": prefix, **cols})
+        if "text" not in row or "prompt" in row:
+            out.append(row)
             continue
-        if "prompt" not in row:
-            raise common.DataError(f"{where}: field 'prompt' missing (present: {', '.join(sorted(row))})")
-        if args.task == "continuation" and row.get("reference") is None:
-            raise common.DataError(f"{where}: field 'reference' missing: the continuation task scores similarity to it")
-        text = render_prompt(row["prompt"], tokenizer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids or len(ids) > args.max_prompt_length:
-            raise common.DataError(f"{where}: field 'prompt' has {len(ids)} tokens (allowed 1..{args.max_prompt_length})")
-        cols["prompt"] = text
-        out.append({"ids": ids, **cols})
+        if not isinstance(row["text"], str):
+            raise common.DataError(f"{source}:{row.get('_line', i + 1)}: field 'text': expected str, "
+                                   f"got {type(row['text']).__name__}")
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        if len(ids) <= prefix_tokens:
+            raise common.DataError(f"{source}:{row.get('_line', i + 1)}: field 'text': {len(ids)} tokens; the "
+                                   f"continuation task needs more than --prefix-tokens {prefix_tokens}")
+        ref = ids[prefix_tokens: prefix_tokens + continuation_tokens]
+        out.append({**{k: v for k, v in row.items() if k != "text"}, "prompt": tokenizer.decode(ids[:prefix_tokens]),
+                    "reference": tokenizer.decode(ref)})
     return out
 
 
 def load_prompts(args: Args, tokenizer) -> tuple[list[dict], list[dict]]:
-    """Training and held-out prompts (toy world by default)."""
+    """Training and held-out prompts, encoded (toy world by default)."""
     if args.data == "toy":
-        if args.task == "verifiable":
-            make = lambda split, n: [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                                     for r in toy.arithmetic(split, n, seed=args.seed, difficulty=toy.parse_levels(args.toy_difficulty))]
+        levels = toy.parse_levels(args.toy_difficulty)
+        make = (lambda split, n: [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"],
+                                   "style": r["style"]}
+                                  for r in toy.arithmetic(split, n, seed=args.seed, difficulty=levels)]) \
+            if args.task == "verifiable" else (lambda split, n: toy.documents(split, n, seed=args.seed))
+        parts = [("toy", make("train", args.toy_train_size)), ("toy", make("test", args.eval_size))]
+    else:
+        rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(args.data))]
+        if args.eval_data:
+            held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(args.eval_data, split="test"))]
+            parts = [(args.data, rows), (args.eval_data, held[: args.eval_size])]
         else:
-            make = lambda split, n: toy.documents(split, n, seed=args.seed)  # cut by tokens in encode_rows
-        return (encode_rows(make("train", args.toy_train_size), tokenizer, args, "toy"),
-                encode_rows(make("test", args.eval_size), tokenizer, args, "toy"))
-    rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(args.data))]
-    if args.eval_data:
-        held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(args.eval_data, split="test"))]
-        held = held[: args.eval_size]
-        return encode_rows(rows, tokenizer, args, args.data), encode_rows(held, tokenizer, args, args.eval_data)
-    n_eval = max(1, min(args.eval_size, len(rows) // 10))
-    if len(rows) <= n_eval:
-        raise common.DataError(f"{args.data}: {len(rows)} rows; need more than {n_eval} to hold some out (or pass --eval-data)")
-    return (encode_rows(rows[: len(rows) - n_eval], tokenizer, args, args.data),
-            encode_rows(rows[len(rows) - n_eval:], tokenizer, args, args.data))
+            n_eval = max(1, min(args.eval_size, len(rows) // 10))
+            if len(rows) <= n_eval:
+                raise common.DataError(f"{args.data}: {len(rows)} rows; need more than {n_eval} to hold some out "
+                                       f"(or pass --eval-data)")
+            parts = [(args.data, rows[: len(rows) - n_eval]), (args.data, rows[len(rows) - n_eval:])]
+    encoded = []
+    for source, rows in parts:
+        if args.task == "continuation":
+            rows = cut_documents(rows, tokenizer, source, args.prefix_tokens, args.continuation_tokens)
+            for i, r in enumerate(rows):
+                if r.get("reference") is None:
+                    raise common.DataError(f"{source}:{r.get('_line', i + 1)}: field 'reference': missing; the "
+                                           f"continuation task scores similarity to it")
+        encoded.append(sampling.encode_prompts(rows, tokenizer, source, args.max_prompt_length))
+    return encoded[0], encoded[1]
 
 
-def default_reward(args: Args, prompts: list[dict]) -> str:
-    if args.reward:
-        return args.reward
-    if args.task == "verifiable":
-        return "correct:1.0,format:0.1"
-    return "similarity" if all(p.get("domain") is not None for p in prompts) else "creative"
-
-
-def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:
-    """Every data column except the token ids, one entry per completion (TRL passes columns the same way)."""
-    keys = sorted({k for r in rows for k in r if k != "ids"})
-    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS ids: the tokenizer's and the model's, plus Qwen3's end-of-turn and end-of-text tokens when present."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
-    for t in ("<|im_end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tokenizer.unk_token_id:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
+def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
+    """--reward, else the task's default; every name is checked here, before any model runs."""
+    spec = reward or ("correct:1.0,format:0.1" if task == "verifiable" else
+                      "similarity" if all(p.get("domain") is not None for p in prompts) else "creative")
+    try:
+        for name, _ in rewards.parse_reward_spec(spec):
+            rewards.get_reward(name)
+    except ValueError as e:
+        raise common.ConfigError(f"--reward {spec}: {e}") from None
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +271,35 @@ def mara_rewards(rewards_: torch.Tensor, seq_ref_logp: torch.Tensor, G: int, tau
     return torch.where(high, anchored, r).reshape(-1), high.reshape(-1)
 
 
+def clipped_surrogate(logp, old_logp, ref_logp, advantages, mask, eps_low: float, eps_high: float, beta: float):
+    """Per token: L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, rho = exp(logp - old_logp),
+    k3 = exp(ref - logp) - (ref - logp) - 1 (PPO, arXiv 1707.06347, eq. 7; DeepSeekMath eq. 3 and 4).
+
+    Tensors [B, T]; advantages [B] or [B, T]; ref_logp None skips the KL term. Returns fp32 (loss, kl, low, high)
+    shaped like logp, 0 on masked tokens; low / high flag tokens held by the clip (rho below 1 - eps_low with A < 0,
+    above 1 + eps_high with A > 0: TRL's clip_ratio/low_mean and high_mean). Only logp gets a gradient."""
+    m = mask.bool()
+    zero = torch.zeros((), device=logp.device)
+    logp = torch.where(m, logp.float(), zero)  # padding may hold anything: keep inf and nan out of the gradient
+    ratio = torch.exp(logp - torch.where(m, old_logp.detach().float(), zero))
+    A = advantages.detach().float()
+    A = A[:, None] if A.dim() == 1 else A
+    loss = -torch.minimum(ratio * A, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * A)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = torch.where(m, ref_logp.detach().float(), zero) - logp
+        kl = torch.exp(d) - d - 1.0
+        loss = loss + beta * kl
+    low = (ratio < 1.0 - eps_low) & (A < 0) & m
+    high = (ratio > 1.0 + eps_high) & (A > 0) & m
+    return torch.where(m, loss, zero), torch.where(m, kl, zero).detach(), low.float(), high.float()
+
+
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
                    batch_rows: int | None = None, num_micro_batches: int = 1, global_tokens: float | None = None,
                    world_size: int = 1) -> torch.Tensor:
     """One micro-batch's share of the loss. Summed over the micro-batches of a generation batch of `batch_rows`
-    rows (and with gradients averaged over ranks) it is the objective of `loss_type` (REFERENCE "GRPO"):
+    rows (and with gradients averaged over ranks) it is the objective of `loss_type`:
 
         grpo    : mean over sequences of  sum_t L M / sum_t M                 (DeepSeekMath, eq. 3)
         bnpo    : sum L M / sum M over each micro-batch, mean over micro-batches
@@ -303,40 +317,130 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: 
         return lm.sum() / (rows * max_completion_length)
     if loss_type == "dapo":
         tokens = float(m.sum()) if global_tokens is None else float(global_tokens)
-        # all_reduce_gradients averages over ranks, so x world_size makes the normaliser the global token count
+        # the gradient all-reduce averages over ranks, so x world_size makes the normaliser the global token count
         return lm.sum() * world_size / max(tokens, 1.0)
     raise ValueError(f"unknown loss_type {loss_type!r}: choose grpo, bnpo, dr_grpo or dapo")
 
 
-def reward_gate(primary: torch.Tensor, G: int, success: float = 0.5, near_zero: float = 0.05) -> dict[str, float]:
-    """Group statistics of the first reward (seed 004's reward gate): mixed groups carry the learning signal."""
-    g = primary.view(-1, G)
-    ok = g >= success
-    return {"gate/mixed_groups": (ok.any(1) & ~ok.all(1)).float().mean().item(),
-            "gate/all_zero_groups": (g.abs() <= 1e-6).all(1).float().mean().item(),
-            "gate/all_one_groups": (g >= 1 - 1e-6).all(1).float().mean().item(),
-            "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
-            "gate/any_success_groups": ok.any(1).float().mean().item()}
+# ---------------------------------------------------------------------------------------------
+# 1. Rollout: G completions per prompt, rewards, advantages -> a Batch
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One generation batch: what the update reads, and what was measured while making it."""
+    roll: sampling.Rollout
+    loss_mask: torch.Tensor          # [R, C'] 1 on the completion tokens the loss sees
+    advantages: torch.Tensor         # [R]
+    ref_logp: torch.Tensor | None    # [R, C'] reference (LoRA off) log-probs, when beta > 0 or MARA
+    old_logp: torch.Tensor | None    # [R, C'] log-probs before the first update, when num_iterations > 1
+    update_rows: list[torch.Tensor]  # micro-batches of the rows the update trains on
+    global_tokens: float             # completion tokens of the batch on all ranks (dapo's normaliser)
+    num_tokens: int                  # prompt and completion tokens sampled on this rank
+    metrics: dict
+    samples: list[dict]
 
 
-def distinct2_within_groups(token_rows: list[list[int]], G: int) -> float:
-    """distinct-2 over model tokens per group (unique bigrams / bigrams of its G completions), mean over groups."""
-    vals = []
-    for s in range(0, len(token_rows), G):
-        grams = [tuple(t[i:i + 2]) for t in token_rows[s:s + G] for i in range(len(t) - 1)]
-        if grams:
-            vals.append(len(set(grams)) / len(grams))
-    return sum(vals) / len(vals) if vals else 0.0
+def logprobs_no_grad(model, roll: sampling.Rollout, micro_batch_size: int, temperature: float) -> torch.Tensor:
+    """[R, C'] log-probs of every completion token (C' = the rollout's width), in micro-batches, without gradients."""
+    R, width = roll.completion_ids.shape
+    full = torch.zeros(R, width, device=roll.completion_ids.device)
+    with torch.no_grad():
+        for s in range(0, R, micro_batch_size):
+            ids, attn, K = sampling.micro_batch(roll, slice(s, s + micro_batch_size))
+            full[s:s + micro_batch_size, :K] = sampling.sequence_logprobs(model, ids, attn, K, temperature=temperature)
+    return full
 
 
-def micro_batch(roll: common.Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """input_ids, attention_mask and completion width K of some rollout rows, without the columns that are padding
-    in every one of them (left of the prompts, right of the completions): less compute, same log-probs."""
-    pm, cm = roll.prompt_mask[rows], roll.completion_mask[rows]
-    left = int((pm.sum(0) == 0).long().cumprod(0).sum())
-    width = max(1, int(cm.sum(1).max()))
-    ids = torch.cat([roll.prompt_ids[rows, left:], roll.completion_ids[rows, :width]], 1)
-    return ids, torch.cat([pm[:, left:], cm[:, :width]], 1), width
+def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, *, G: int, max_new_tokens: int,
+            temperature: float, top_p: float, micro_batch_size: int, beta: float, mara_tau: float | None,
+            scale_rewards: str, num_iterations: int, mask_truncated: bool, skip_zero_advantage: bool,
+            log_groups: int) -> Batch:
+    roll = sampling.sample(model, tokenizer, [p["ids"] for p in prompts], n=G, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, generator=generator)
+    texts = roll.texts(tokenizer)
+    total, per_fn = rewards.compute_rewards(spec, texts, rewards.reward_columns(prompts, G))
+    r = torch.tensor(total, dtype=torch.float32)
+    # The loss mask: 1 up to and including the first EOS (from the sampler, never from the pad id);
+    # --mask-truncated-completions also drops completions that never ended (DAPO's overlong filtering).
+    mask = roll.completion_mask * (roll.finished[:, None].long() if mask_truncated else 1)
+    # Reference (LoRA off) and old-policy log-probs, before any update on this batch.
+    ref_logp = old_logp = None
+    if beta > 0 or mara_tau is not None:
+        with lora.disabled(model):
+            ref_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
+    if num_iterations > 1:
+        old_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
+    extra = {}
+    if mara_tau is not None:
+        r, anchored = mara_rewards(r, (ref_logp * roll.completion_mask).sum(-1).cpu(), G, mara_tau, beta)
+        extra = {"mara/anchored_frac": anchored.float().mean().item(), "mara/reward": r.mean().item()}
+    batch_std = None
+    if scale_rewards == "batch":  # the std of the global batch: sums over ranks
+        s = common.all_reduce_sum(torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64))
+        batch_std = torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
+    adv, zero_std = group_advantages(r, G, scale_rewards, batch_std)
+    # A completion whose advantage is 0 adds exactly 0 to the clipped objective, and the normalisers of grpo,
+    # dr_grpo and dapo do not depend on which rows share a micro-batch: skipping it gives the same gradient.
+    R = len(texts)
+    live = (adv != 0).nonzero().view(-1) if skip_zero_advantage else torch.arange(R)
+    tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    lengths = roll.completion_mask.sum(1).float()
+    names = [n for n, _ in rewards.parse_reward_spec(spec)]
+    metrics = {**rewards.reward_metrics(total, per_fn), **extra,
+               "frac_reward_zero_std": zero_std.float().mean().item(),
+               **rewards.reward_gate(per_fn[names[0]], G),
+               "diversity/distinct_2": rewards.distinct_n_within_groups(tokens, G, n=2),
+               "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+               "completions/max_length": lengths.max().item(),
+               "completions/clipped_ratio": (~roll.finished).float().mean().item()}
+    samples = [{"prompt": prompts[i // G]["prompt"], "completion": texts[i], "reward": total[i],
+                "rewards": {n: per_fn[n][i] for n in names}, "advantage": float(adv[i]),
+                "finished": bool(roll.finished[i])} for i in range(min(R, log_groups * G))]
+    return Batch(roll=roll, loss_mask=mask, advantages=adv.to(mask.device), ref_logp=ref_logp, old_logp=old_logp,
+                 update_rows=[live[s:s + micro_batch_size] for s in range(0, len(live), micro_batch_size)],
+                 global_tokens=float(common.all_reduce_sum(mask.sum().float().cpu())),
+                 num_tokens=int(roll.attention_mask.sum()), metrics=metrics, samples=samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Update: the clipped surrogate over micro-batches, gradients accumulated (the optimizer step is the caller's)
+# ---------------------------------------------------------------------------------------------
+
+def update(model, batch: Batch, *, temperature: float, loss_type: str, eps_low: float, eps_high: float, beta: float,
+           max_completion_length: int, world: int) -> dict:
+    sums = dict.fromkeys(("loss", "kl", "entropy", "low", "high", "ratio", "tokens"), 0.0)
+    ratio_min, ratio_max = float("inf"), float("-inf")
+    R = batch.roll.completion_ids.shape[0]
+    for rows in batch.update_rows:
+        ids, attn, K = sampling.micro_batch(batch.roll, rows)
+        m = batch.loss_mask[rows, :K]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+            logp, entropy = sampling.sequence_logprobs(model, ids, attn, K, temperature=temperature,
+                                                       return_entropy=True)
+        old = batch.old_logp[rows, :K] if batch.old_logp is not None else logp.detach()  # one step per batch: rho = 1
+        ref = batch.ref_logp[rows, :K] if batch.ref_logp is not None else None
+        per_token, kl, low, high = clipped_surrogate(logp, old, ref, batch.advantages[rows], m, eps_low, eps_high, beta)
+        loss = aggregate_loss(per_token, m, loss_type, max_completion_length, batch_rows=R,
+                              num_micro_batches=len(batch.update_rows), global_tokens=batch.global_tokens,
+                              world_size=world)
+        loss.backward()
+        mf, ratio = m.float(), torch.exp(logp.detach() - old)
+        if mf.sum() > 0:
+            ratio_min = min(ratio_min, float(ratio[m.bool()].min()))
+            ratio_max = max(ratio_max, float(ratio[m.bool()].max()))
+        for key, value in (("loss", loss.detach()), ("kl", (kl * mf).sum()), ("entropy", (entropy.detach() * mf).sum()),
+                           ("low", (low * mf).sum()), ("high", (high * mf).sum()), ("ratio", (ratio * mf).sum()),
+                           ("tokens", mf.sum())):
+            sums[key] += float(value)
+    total = dict(zip(sums, common.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    n = max(total["tokens"], 1.0)
+    stats = {"loss": total["loss"] / world, "kl": total["kl"] / n, "entropy": total["entropy"] / n,
+             "clip_ratio/low_mean": total["low"] / n, "clip_ratio/high_mean": total["high"] / n,
+             "clip_ratio/region_mean": (total["low"] + total["high"]) / n, "ratio/mean": total["ratio"] / n}
+    if ratio_min <= ratio_max:  # rank 0's extremes; absent when every completion was masked out
+        stats.update({"ratio/min": ratio_min, "ratio/max": ratio_max})
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,37 +448,34 @@ def micro_batch(roll: common.Rollout, rows: slice) -> tuple[torch.Tensor, torch.
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args, eos: list[int]) -> dict:
-    """Mean reward of --eval-samples samples per held-out prompt at the training temperature, with a fixed
-    generator (the same draws before and after training). verifiable also reports `accuracy` (Mean@k: the
-    share of correct samples, the policy's own accuracy), `pass_at_k` and greedy accuracy."""
+def evaluate(model, tokenizer, heldout: list[dict], spec: str, *, k: int, max_new_tokens: int, temperature: float,
+             top_p: float, seed: int, accuracy: bool) -> dict:
+    """Mean reward of k samples per held-out prompt at the training temperature, with a fixed generator (the same
+    draws before and after training). With `accuracy` (verifiable data with gold answers) also `accuracy` (Mean@k:
+    the share of correct samples), `pass_at_k` and greedy accuracy; prompts without a gold answer are left out."""
     device = next(model.parameters()).device
-    n = args.eval_samples
-    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
-    roll = common.sample(model, tokenizer, [p["ids"] for p in heldout], n=n, max_new_tokens=args.max_completion_length,
-                         temperature=args.temperature, top_p=args.top_p, generator=gen,
-                         eos_token_ids=eos, batch_size=128)
+    ids = [p["ids"] for p in heldout]
+    roll = sampling.sample(model, tokenizer, ids, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, generator=torch.Generator(device=device).manual_seed(seed + 12345),
+                           batch_size=128)
     texts = roll.texts(tokenizer)
-    cols = reward_columns(heldout, n)
-    total, per_fn = rewards.compute_rewards(spec, texts, cols)
+    cols = rewards.reward_columns(heldout, k)
+    total, _ = rewards.compute_rewards(spec, texts, cols)
     row = {"mean_reward": sum(total) / len(total), "mean_length": float(roll.completion_mask.sum(1).float().mean()),
            "distinct_2": rewards.distinct_n(texts, 2)}
-    if args.task == "verifiable" and "answer" in cols:
-        # Prompts without a gold answer (rewards.correct gives None) are left out of the accuracies, not counted wrong.
+    if accuracy and "answer" in cols:
         res = rewards.correct(texts, cols["answer"], cols.get("style"))
-        graded = [g for g in (res[i: i + n] for i in range(0, len(res), n)) if g[0] is not None]
-        greedy = common.sample(model, tokenizer, [p["ids"] for p in heldout], n=1,
-                               max_new_tokens=args.max_completion_length, greedy=True, eos_token_ids=eos,
-                               batch_size=128)
-        cols1 = reward_columns(heldout, 1)
+        graded = [g for g in (res[i: i + k] for i in range(0, len(res), k)) if g[0] is not None]
+        greedy = sampling.sample(model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128)
+        cols1 = rewards.reward_columns(heldout, 1)
         res1 = [v for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style")) if v is not None]
         if graded:
-            row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * n)  # Mean@k
+            row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * k)  # Mean@k
             row["pass_at_k"] = sum(any(v > 0 for v in g) for g in graded) / len(graded)
             row["greedy_accuracy"] = sum(res1) / len(res1)
             row["graded_prompts"] = len(graded)
     row["_samples"] = [{"prompt": c, "completion": t, "reward": r}
-                       for c, t, r in zip(cols["prompt"][:: n][:10], texts[:: n][:10], total[:: n][:10])]
+                       for c, t, r in zip(cols["prompt"][::k][:10], texts[::k][:10], total[::k][:10])]
     return row
 
 
@@ -382,237 +483,109 @@ def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args, eos: 
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def load_policy(name: str, device, init_adapter: str, lora_r: int, lora_alpha: float, lora_dropout: float,
+                load_in_4bit: bool, gradient_checkpointing: bool):
+    """The model with `init_adapter` merged into its weights (the reference policy is then the merged model:
+    LoRA off) and a fresh LoRA on top."""
+    model = common.load_model(name, device=device, load_in_4bit=load_in_4bit,
+                              gradient_checkpointing=gradient_checkpointing)
+    if init_adapter:
+        common.require_adapter(init_adapter, hint="Pass a directory `sft_think.py --out` wrote, or --init-adapter '' "
+                                                  "to start from the model itself.")
+        lora.merge(lora.load_adapter(model, init_adapter))
+    lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    return model
+
+
 def main(args: Args):
-    t_start = time.perf_counter()
     args = resolve_defaults(args)
-    rank, world, local_rank = common.init_distributed()
-    common.set_seed(args.seed)
-    device = common.pick_device(args.device, local_rank)
-    out = common.prepare_out_dir(args.out, args, resume=args.resume)
+    run = common.start_run(args.out, args, args.seed, args.device, args.resume)
     tokenizer = common.load_tokenizer(args.model)
-    model = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit,
-                              gradient_checkpointing=args.gradient_checkpointing)
-    if args.init_adapter:
-        if not (Path(args.init_adapter) / lora.WEIGHTS_NAME).is_file():
-            hint = " Run `python sft_think.py` first (it writes runs/sft_think)," if args.init_adapter == "runs/sft_think" \
-                else ""
-            raise FileNotFoundError(f"--init-adapter {args.init_adapter}: no {lora.WEIGHTS_NAME} there.{hint} or pass "
-                                    f"--init-adapter '' to start from the model itself.")
-        # Fold the SFT adapter into the weights: the starting checkpoint becomes the reference policy (LoRA off).
-        lora.merge(lora.load_adapter(model, args.init_adapter))
-    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    train, heldout = load_prompts(args, tokenizer)
+    spec = default_reward(args.task, args.reward, train)
+    model = load_policy(args.model, run.device, args.init_adapter, args.lora_r, args.lora_alpha, args.lora_dropout,
+                        args.load_in_4bit, args.gradient_checkpointing)
     params = lora.lora_parameters(model)
     common.broadcast_parameters(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps,
-                                         min_ratio=args.min_lr_ratio)
-    logger = common.MetricsLogger(out, report_to=args.report_to or None)
-
-    train, heldout = load_prompts(args, tokenizer)
-    spec = default_reward(args, train)
-    reward_names = [n for n, _ in rewards.parse_reward_spec(spec)]
-    eos = stop_token_ids(model, tokenizer)
-    G, C = args.num_generations, args.max_completion_length
-    need_ref = args.beta > 0 or args.mara_tau is not None
-
-    state = common.load_checkpoint(out, model, optimizer, scheduler) if args.resume else None
-    start = state["step"] if state else 0
-    before = state["data_state"]["before"] if state else None
-    if before is None and common.is_main():
-        before = evaluate(model, tokenizer, heldout, spec, args, eos)
-        samples = before.pop("_samples")
-        common.write_jsonl(out / "samples.jsonl", [{"split": "heldout", "stage": "before", "step": 0, **s} for s in samples])
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
-
-    # Each rank draws its own prompts: one seeded order per epoch, rank r takes every world-th prompt of a step.
-    per_gen = args.batch_size * world
-    epoch_len = max(1, len(train) // per_gen)
-
-    def prompts_for(gen_index: int) -> list[dict]:
-        epoch, pos = divmod(gen_index, epoch_len)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        return [train[i] for i in order[pos * per_gen: (pos + 1) * per_gen][rank::world]]
+                                       min_ratio=args.min_lr_ratio)
+    optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
+    logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
+    heldout_eval = lambda: evaluate(model, tokenizer, heldout, spec, k=args.eval_samples,  # noqa: E731
+                                    max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed, accuracy=args.task == "verifiable")
+    start, data_state = common.resume_or_evaluate(run, args.resume, model, optimizer, scheduler, heldout_eval, logger)
+    optimizer_step.load_state_dict(data_state)
+    tokens_seen = data_state.get("tokens_seen", 0)
 
     model.train()
-    batch, t_train, tokens_seen, last = None, 0.0, 0, {}
+    batch, t_train, last = None, 0.0, {}
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="grpo", disable=not common.is_main())
     for step in bar:
         t0, t_rollout = time.perf_counter(), 0.0
-        # ---- 1. Rollout: G completions per prompt, rewards, advantages (once per --num-iterations steps) ----
-        if step % args.num_iterations == 0 or batch is None:
-            prompts = prompts_for(step // args.num_iterations)
-            gen = torch.Generator(device=device).manual_seed(args.seed * 100003 + (step // args.num_iterations) * world + rank)
-            roll = common.sample(model, tokenizer, [p["ids"] for p in prompts], n=G, max_new_tokens=C,
-                                 temperature=args.temperature, top_p=args.top_p, generator=gen, eos_token_ids=eos)
-            texts = roll.texts(tokenizer)
-            total, per_fn = rewards.compute_rewards(spec, texts, reward_columns(prompts, G))
-            r = torch.tensor(total, dtype=torch.float32)
-            # The loss mask: 1 up to and including the first EOS (from the sampler, never from the pad id);
-            # --mask-truncated-completions also drops completions that never ended (DAPO's overlong filtering).
-            mask = roll.completion_mask.clone()
-            if args.mask_truncated_completions:
-                mask = mask * roll.finished[:, None].long()
-            R = roll.completion_ids.shape[0]
-            chunks = [slice(s, min(s + args.micro_batch_size, R)) for s in range(0, R, args.micro_batch_size)]
-
-            # Reference (LoRA off) and old-policy log-probs, without gradients, before any update on this batch.
-            def logprobs_no_grad() -> torch.Tensor:
-                full = torch.zeros(R, C, device=device)
-                for c in chunks:
-                    ids, attn, K = micro_batch(roll, c)
-                    full[c, :K] = common.sequence_logprobs(model, ids, attn, K, temperature=args.temperature)
-                return full
-
-            ref_logp = old_logp = None
-            with torch.no_grad():
-                if need_ref:
-                    with lora.disabled(model):
-                        ref_logp = logprobs_no_grad()
-                if args.num_iterations > 1:
-                    old_logp = logprobs_no_grad()
-            mara_info = {}
-            if args.mara_tau is not None:
-                seq_ref = (ref_logp * roll.completion_mask).sum(-1).cpu()
-                r, anchored = mara_rewards(r, seq_ref, G, args.mara_tau, args.beta)
-                mara_info = {"mara/anchored_frac": anchored.float().mean().item(), "mara/reward": r.mean().item()}
-
-            batch_std = None
-            if args.scale_rewards == "batch":  # the std of the global batch: sums over ranks
-                s = common.all_reduce_sum(torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64))
-                batch_std = torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
-            adv, zero_std = group_advantages(r, G, args.scale_rewards, batch_std)
-            adv = adv.to(device)
-            global_tokens = float(common.all_reduce_sum(mask.sum().float().cpu()))
-            tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-            lengths = roll.completion_mask.sum(1).float()
-            roll_metrics = {
-                **rewards.reward_metrics(total, per_fn), **mara_info,
-                "frac_reward_zero_std": zero_std.float().mean().item(),
-                **reward_gate(torch.tensor([v if v is not None else 0.0 for v in per_fn[reward_names[0]]]), G),
-                "diversity/distinct_2": distinct2_within_groups(tokens, G),
-                "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
-                "completions/max_length": lengths.max().item(),
-                "completions/clipped_ratio": (~roll.finished).float().mean().item(),
-            }
-            tokens_seen += int(roll.attention_mask.sum())
+        if step % args.num_iterations == 0 or batch is None:  # a generation batch lasts --num-iterations steps
+            g = step // args.num_iterations
+            prompts = [train[i] for i in common.epoch_indices(len(train), args.batch_size * run.world, g, args.seed,
+                                                              run.rank, run.world)]
+            gen = torch.Generator(device=run.device).manual_seed(args.seed * 100003 + g * run.world + run.rank)
+            batch = rollout(model, tokenizer, prompts, spec, gen, G=args.num_generations,
+                            max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+                            micro_batch_size=args.micro_batch_size, beta=args.beta, mara_tau=args.mara_tau,
+                            scale_rewards=args.scale_rewards, num_iterations=args.num_iterations,
+                            mask_truncated=args.mask_truncated_completions,
+                            skip_zero_advantage=not (args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo"),
+                            log_groups=args.log_completions)
+            tokens_seen += batch.num_tokens * run.world
+            for s in batch.samples if common.is_main() else []:
+                common.append_jsonl(run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s})
             t_rollout = time.perf_counter() - t0
-            # A completion whose advantage is 0 (its group's rewards are all equal) adds exactly 0 to the clipped
-            # objective, and the normalisers of grpo, dr_grpo and dapo do not depend on which rows are in a
-            # micro-batch: without a KL term the update skips those rows (same gradient, less compute).
-            # bnpo normalises per micro-batch, so it keeps every row. Entropy and ratio metrics are over the rows updated.
-            keep_all = args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo"
-            live = torch.arange(R) if keep_all else (adv != 0).nonzero().view(-1).cpu()
-            update_chunks = [live[s:s + args.micro_batch_size] for s in range(0, len(live), args.micro_batch_size)]
-            batch = (roll, mask, adv, ref_logp, old_logp, update_chunks, R)
-            if common.is_main():
-                rows = [{"split": "train", "step": step + 1, "prompt": prompts[i // G]["prompt"], "completion": texts[i],
-                         "reward": total[i], "rewards": {n: per_fn[n][i] for n in reward_names},
-                         "advantage": float(adv[i]), "finished": bool(roll.finished[i])}
-                        for i in range(min(R, args.log_completions * G))]
-                for row in rows:
-                    common.append_jsonl(out / "samples.jsonl", row)
-
-        # ---- 2. Policy update: micro-batches, gradient accumulation, one optimizer step ----
         t1 = time.perf_counter()
-        roll, mask, adv, ref_logp, old_logp, update_chunks, R = batch
-        sums = torch.zeros(7, dtype=torch.float64)  # loss, kl, entropy, low, high, ratio, tokens
-        ratio_min, ratio_max = float("inf"), float("-inf")
-        for c in update_chunks:
-            ids, attn, K = micro_batch(roll, c)
-            m = mask[c, :K]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logp, entropy = common.sequence_logprobs(model, ids, attn, K, temperature=args.temperature,
-                                                         return_entropy=True)
-            old = old_logp[c, :K] if old_logp is not None else logp.detach()  # one step per batch: rho = 1
-            ref = ref_logp[c, :K] if ref_logp is not None else None
-            per_token, kl, low, high = policy_loss(logp, old, ref, adv[c], m, eps_low=args.epsilon,
-                                                   eps_high=args.epsilon_high, beta=args.beta)
-            loss = aggregate_loss(per_token, m, args.loss_type, C, batch_rows=R, num_micro_batches=len(update_chunks),
-                                  global_tokens=global_tokens, world_size=world)
-            loss.backward()
-            mf = m.float()
-            ratio = torch.exp(logp.detach() - old)
-            if mf.sum() > 0:
-                ratio_min = min(ratio_min, float(ratio[m.bool()].min()))
-                ratio_max = max(ratio_max, float(ratio[m.bool()].max()))
-            sums += torch.tensor([float(loss.detach()), float((kl * mf).sum()), float((entropy.detach() * mf).sum()),
-                                  float((low * mf).sum()), float((high * mf).sum()), float((ratio * mf).sum()),
-                                  float(mf.sum())], dtype=torch.float64)
-        for p in params:  # every row skipped: a zero gradient, so Adam's moments still step as they would
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        common.all_reduce_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats = update(model, batch, temperature=args.temperature, loss_type=args.loss_type, eps_low=args.epsilon,
+                       eps_high=args.epsilon_high, beta=args.beta, max_completion_length=args.max_completion_length,
+                       world=run.world)
+        stats.update(optimizer_step(stats["loss"], step + 1))
         t_train += time.perf_counter() - t0
-        t_update = time.perf_counter() - t1
 
-        # ---- 3. Logging (TRL's names), evaluation, checkpoints ----
-        sums = common.all_reduce_sum(sums)
-        n_tok = max(float(sums[6]), 1.0)
-        last = {**roll_metrics, "loss": float(sums[0]) / world,
-                "kl": float(sums[1]) / n_tok, "entropy": float(sums[2]) / n_tok,
-                "clip_ratio/low_mean": float(sums[3]) / n_tok, "clip_ratio/high_mean": float(sums[4]) / n_tok,
-                "clip_ratio/region_mean": float(sums[3] + sums[4]) / n_tok,
-                "ratio/mean": float(sums[5]) / n_tok,
-                "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-                "num_tokens": tokens_seen * world, "step_time": time.perf_counter() - t0,
-                "timing/rollout": t_rollout,  # 0 on steps that reuse a stored generation batch
-                "timing/update": t_update}
-        if ratio_min <= ratio_max:  # rank 0's extremes; absent when every completion was masked out
-            last.update({"ratio/min": ratio_min, "ratio/max": ratio_max})
+        # 3. Log (TRL's names), evaluate, checkpoint.
+        last = {**batch.metrics, **stats,
+                "learning_rate": scheduler.get_last_lr()[0], "num_tokens": tokens_seen,
+                "step_time": time.perf_counter() - t0, "timing/rollout": t_rollout,
+                "timing/update": time.perf_counter() - t1}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps and common.is_main():
-            ev = evaluate(model, tokenizer, heldout, spec, args, eos)
-            ev.pop("_samples")
-            last.update({f"eval/{k}": v for k, v in ev.items()})
+            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
         logger.log(step + 1, last)
         bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.3g}",
                         **({"acc": f"{last['eval/accuracy']:.3f}"} if "eval/accuracy" in last else {}))
         at_boundary = (step + 1) % args.num_iterations == 0  # a checkpoint never splits a generation batch
-        if args.save_every and (step + 1) % args.save_every == 0 and at_boundary and step + 1 < args.max_steps:
-            common.save_checkpoint(out, step + 1, model, optimizer, scheduler, data_state={"before": before})
+        if args.save_every and (step + 1) % args.save_every == 0 and at_boundary and step + 1 < args.max_steps \
+                and optimizer_step.streak == 0:  # never checkpoint in a run of non-finite steps
+            common.save_checkpoint(run.out, step + 1, model, optimizer, scheduler,
+                                   data_state={**data_state, **optimizer_step.state_dict(), "tokens_seen": tokens_seen})
 
-    # ---- Final evaluation, adapter, summary ----
-    # Ranks must hold the same adapter (same start, same averaged gradients); measure it so users can read it.
-    rank_diff = 0.0
-    if world > 1:
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-        first = flat.clone()
-        torch.distributed.broadcast(first, src=0)
-        rank_diff = float(common.all_reduce_sum((flat - first).abs().max().cpu()))
+    # Final evaluation, adapter, summary. Ranks hold the same adapter (same start, same averaged gradients).
+    rank_diff = common.max_param_difference_across_ranks(params)
     summary = {}
     if common.is_main():
-        after = evaluate(model, tokenizer, heldout, spec, args, eos)
-        samples = after.pop("_samples")
-        for s in samples:
-            common.append_jsonl(out / "samples.jsonl", {"split": "heldout", "stage": "after", "step": args.max_steps, **s})
-        logger.log(args.max_steps, {f"eval/{k}": v for k, v in after.items()})
-        lora.save_adapter(model, str(out), base_model_name_or_path=None if args.model == "toy" else args.model)
+        before, after = data_state["before"], common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
+        lora.save_adapter(model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model)
         if args.save_merged:
-            lora.merge(model).save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-        metric = "accuracy" if "accuracy" in after else "mean_reward"  # verifiable data with gold answers
-        summary = {
+            lora.merge(model).save_pretrained(run.out / "model")
+            tokenizer.save_pretrained(run.out / "model")
+        metric = "accuracy" if "accuracy" in after else "mean_reward"
+        note = f"Mean@{args.eval_samples} at T={args.temperature}" + (
+            f", toy level(s) {args.toy_difficulty}" if args.data == "toy" and args.task == "verifiable" else "")
+        summary = common.finish_run(run, {
             "method": "grpo", "task": args.task, "reward": spec, "init_adapter": args.init_adapter or None,
-            "heldout": {"metric": metric, "before": before.get(metric), "after": after.get(metric),
-                        "note": (f"Mean@{args.eval_samples} at T={args.temperature}"
-                                 + (f", level{'s' * (',' in args.toy_difficulty)} {args.toy_difficulty}" if args.data == "toy" and args.task == "verifiable"
-                                    else ""))},
-            "before": before, "after": after, "final": last, "train_seconds": t_train,
-            "wall_seconds": time.perf_counter() - t_start, "num_tokens": tokens_seen * world,
-            "peak_memory_mb": common.peak_memory_mb(device), "world_size": world,
-            "rank_param_max_diff": rank_diff, "args": asdict(args),
-        }
-        common.atomic_write_json(out / "summary.json", summary)
-        print(f"\n| task | metric | before | after | reward (last step) | train s | wall s |\n|---|---|---|---|---|---|---|\n"
-              f"| {args.task} | {metric} | {before.get(metric):.4f} | {after.get(metric):.4f} | "
-              f"{last.get('reward', float('nan')):.4f} | {t_train:.0f} | {summary['wall_seconds']:.0f} |")
+            "heldout": {"metric": metric, "before": before.get(metric), "after": after.get(metric), "note": note},
+            "before": before, "after": after, "final": last, "train_seconds": t_train, "num_tokens": tokens_seen,
+            "skipped_steps": optimizer_step.skipped, "rank_param_max_diff": rank_diff, "args": asdict(args)},
+            table={"task": args.task, "metric": metric, "before": before.get(metric), "after": after.get(metric),
+                   "reward (last step)": last.get("reward"), "train s": round(t_train)})
     logger.close()
     common.cleanup_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.run_cli(main, Args)

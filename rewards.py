@@ -1,99 +1,53 @@
-"""Every reward and judge, shared by all training scripts.
+"""Every reward shared by the training scripts, the reward specs, and the group statistics they log.
 
 One calling convention, the one TRL's GRPOTrainer uses for reward functions:
 
     fn(completions: list[str], **columns) -> list[float | None]
 
 `columns` are the data set's columns for the same batch (`prompt`, `answer`, `reference`, `domain`, ...),
-one list entry per completion; None means "not applicable to this sample". Every function takes `**_`, so it
-ignores the columns it does not need. A script turns `--reward chrf_pp:0.5,semantic:0.5` into rewards with
+one list entry per completion (`reward_columns` builds them from prompt rows); None means "not applicable to
+this sample". Every function takes `**_`, so it ignores the columns it does not need. A script turns
+`--reward chrf_pp:0.5,semantic:0.5` into rewards with
 
-    total, per_fn = compute_rewards("chrf_pp:0.5,semantic:0.5", completions, columns)
+    total, per_fn = compute_rewards("chrf_pp:0.5,semantic:0.5", completions, reward_columns(rows, G))
 
 What is here:
-- combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
 - similarity to a reference: chrf_pp, rouge_l, levenshtein, semantic, length_penalty, the per-content-type mixes
   of continued-pretraining GRPO (creative, hybrid, exact_copy) and `similarity` (mix picked by a `domain` column)
-- correctness: GSM8K numbers, \\boxed{} answers, multiple-choice letters, the toy tasks; the <think> format
-- judges (duck typed: score() pointwise and/or prefer() pairwise): the toy judges, LocalJudge (a Hugging Face
-  model prompted as a judge), HTTPJudge (an OpenAI-compatible server); judge_reward, pairwise_scores
+- correctness: `correct`, the one grader of final answers (GSM8K numbers, \\boxed{} answers, multiple-choice
+  letters; extraction and equivalence in answers.py), its strict variants gsm8k / boxed / choice / exact_match,
+  and the <think> format
 - ProxyNLLReward: the mean per-token log-likelihood of a completion under a small causal LM (a style reward)
-- diversity metrics for evaluation: distinct_n, pairwise_diversity
+- combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
+- group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; evaluation diversity:
+  distinct_n, pairwise_diversity
 
-Every text reward reads the visible answer: the text after the last `</think>` when the completion has a
-think block (an unclosed `<think>` leaves no answer, ""), otherwise the whole completion.
+LLM judges (a judge as a reward: judges.judge_reward) are in judges.py. Every text reward reads the visible
+answer: the text after the last `</think>` when the completion has a think block (an unclosed `<think>` leaves no
+answer, ""), otherwise the whole completion.
 
-Run `python rewards.py bench` for chrF++ and ROUGE-L speed side by side with sacrebleu and rouge-score.
+`python bench/rewards_bench.py` times chrF++ and ROUGE-L side by side with sacrebleu and rouge-score.
 """
 from __future__ import annotations
 
-import argparse
-import http.client
 import importlib.util
 import inspect
-import json
 import math
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+
+import answers
+from answers import THINK_CLOSE, THINK_OPEN, completion_text, strip_think
 
 RewardFn = Callable[..., list]
 
 
 class RewardError(RuntimeError):
     """A reward function failed or returned something that is not a finite number or None."""
-
-
-class JudgeError(RuntimeError):
-    """A judge could not answer at all (e.g. its endpoint is down); an unparseable verdict is not an error."""
-
-
-# ================================================================================================================
-# Text helpers
-# ================================================================================================================
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def completion_text(completion) -> str:
-    """A completion as text: strings pass; a conversational completion (list of messages) gives its last content."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict) and "content" in completion:
-        return completion["content"] or ""
-    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
-        return completion[-1].get("content") or ""
-    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
-
-
-def strip_think(text) -> str:
-    """The visible answer: text after the last </think>; "" if a <think> is never closed; else the text itself."""
-    text = completion_text(text)
-    if THINK_CLOSE in text:
-        return text.rsplit(THINK_CLOSE, 1)[1]
-    if THINK_OPEN in text:
-        return ""
-    return text
-
-
-def _prompt_text(prompt) -> str:
-    """A prompt column entry as text: a string, or the last user message of a conversation."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, (list, tuple)):
-        users = [m.get("content") or "" for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        if users:
-            return users[-1]
-        return completion_text(prompt)
-    raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
 # ================================================================================================================
@@ -245,8 +199,6 @@ def levenshtein(completions: list, reference: list, **_) -> list[float | None]:
             for c, ref in zip(completions, reference)]
 
 
-levenshtein_similarity = levenshtein
-
 
 # ---- length penalty ---------------------------------------------------------------------------------------------
 def length_ratio_score(text: str, reference: str) -> float:
@@ -320,7 +272,10 @@ def embed_unique(texts: Sequence[str], name: str = SEMANTIC_MODEL, batch_size: i
 
 
 def semantic(completions: list, reference: list, **_) -> list[float | None]:
-    """Cosine similarity of all-MiniLM-L6-v2 embeddings of completion and `reference`, in [-1, 1] (seed 000)."""
+    """Cosine similarity of all-MiniLM-L6-v2 embeddings of completion and `reference`, in [-1, 1].
+
+    The semantic term of the model card Lambent/Qwen3-4B-Base-Continued-GRPO (continued-pretraining GRPO).
+    """
     keep = [i for i, ref in enumerate(reference) if ref is not None]
     out: list[float | None] = [None] * len(completions)
     if not keep:
@@ -333,10 +288,8 @@ def semantic(completions: list, reference: list, **_) -> list[float | None]:
     return out
 
 
-semantic_similarity = semantic
-
-# ---- per-content-type mixes (seed 000: continued-pretraining GRPO) ----------------------------------------------
-# The seed names the ingredients of each content type but not their weights; these weights are our choice:
+# ---- per-content-type mixes (model card Lambent/Qwen3-4B-Base-Continued-GRPO) -----------------------------------
+# The card names the ingredients of each content type but not their weights; these weights are our choice:
 # - creative: meaning (semantic) and surface form (chrF++) count alike;
 # - hybrid: meaning and word order (ROUGE-L) alike, plus a smaller length term so padding or truncating a factual
 #   text does not pay;
@@ -399,201 +352,33 @@ def similarity(completions: list, reference: list, domain: list, **_) -> list[fl
     return out
 
 
-similarity_by_domain = similarity
-
 
 # ================================================================================================================
-# Answer correctness (never eval / sympify model output: it is untrusted input)
+# Answer correctness (extraction and equivalence: answers.py; model output is never evaluated)
 # ================================================================================================================
-
-# A number: thousands with commas (1,234,567) or plain digits, optional decimals; "-" sign; ".5" too.
-_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-_NUMBER_RE = re.compile(_NUMBER)
-_GSM8K_HASH_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
-_ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*\\?\(?\s*(" + _NUMBER + ")", re.IGNORECASE)
-
-
-def extract_gsm8k(text: str) -> str | None:
-    """GSM8K answer (lm-evaluation-harness order): after `#### `, else after "The answer is", else the last number
-    in the text; commas removed. None when the text has no number."""
-    for pattern in (_GSM8K_HASH_RE, _ANSWER_IS_RE):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].replace(",", "")
-    found = _NUMBER_RE.findall(text)
-    return found[-1].replace(",", "") if found else None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if there is none or it never closes."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
-        # "\boxed 5" (no braces): the token after the space
-        m = re.match(r"\\boxed\s+([^\s$]+)", text[start:])
-        return m.group(1) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
-    return None
-
-
-_CHOICE_PATTERNS = [
-    # "Answer: B", "**Answer:** (B)", "answer: b"
-    re.compile(r"answer\s*\**\s*[:：]\s*\**\s*[\(\[]?\s*([A-J])\b", re.IGNORECASE),
-    re.compile(r"\\boxed\{\s*\(?([A-J])\)?\s*\}"),
-    # "the answer is (B)", "the correct answer is B"
-    re.compile(r"answer\s+is\s*[:：]?\s*\**\s*[\(\[]?([A-J])\b"),
-]
-
-
-def extract_choice(text: str) -> str | None:
-    """Multiple-choice letter A-J: the last "Answer: X", else the last \\boxed{X}, else "answer is (X)", else a
-    final line that is only a letter ("B", "(B)", "B.")."""
-    for pattern in _CHOICE_PATTERNS:
-        found = pattern.findall(text)
-        if found:
-            return found[-1].upper()
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if lines:
-        m = re.fullmatch(r"\(?([A-J])[\).]?", lines[-1])
-        if m:
-            return m.group(1)
-    return None
-
-
-def _to_fraction(s: str) -> Fraction | None:
-    """An exact number from "1,234", "-3.50", "1/2", "\\frac{1}{2}", "50%" (-> 1/2); None if s is not one."""
-    s = s.strip().replace(",", "")
-    if s.startswith("$"):
-        s = s[1:]
-    percent = s.endswith("%")
-    if percent:
-        s = s[:-1]
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
-    if m:
-        s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
-    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/-?\d+)?", s):
-        return None  # Fraction() alone would accept "1e400" or " nan"; keep to plain decimals and ratios
-    try:
-        value = Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value / 100 if percent else value
-
-
-def normalize_answer(s: str) -> str:
-    """A string normal form for math answers: \\text{..} / \\mathrm{..} unwrapped (their content kept); no $, spaces,
-    \\left, \\right, thin spaces, degree signs or trailing period; \\dfrac and \\tfrac -> \\frac, \\frac12 ->
-    \\frac{1}{2}; a leading "x =" dropped."""
-    s = str(s).strip()
-    s = re.sub(r"\\text\{\s*([^{}]*?)\s*\}", r"\1", s)
-    s = re.sub(r"\\(?:mathrm|mbox|textbf)\{([^{}]*)\}", r"\1", s)
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-                     ("\\ ", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
-                     ("\\%", "%"), ("\\$", ""), ("$", ""), ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", "")):
-        s = s.replace(old, new)
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    m = re.fullmatch(r"[a-zA-Z]\s*=(.+)", s)
-    if m:
-        s = m.group(1)
-    return s
-
-
-def _math_verify_equal(gold: str, pred: str) -> bool:
-    """Math-Verify's verdict when the package is installed (gold first); False when absent or when it fails.
-
-    Only its LaTeX extraction is used: that is a grammar-based parser, while its plain-expression extraction
-    goes through sympy's parse_expr, which evaluates text. Its timeouts use SIGALRM, which only works in the
-    main thread, so they are off elsewhere.
-    """
-    try:
-        from math_verify import LatexExtractionConfig, parse, verify
-    except ImportError:
-        return False
-    seconds = 5 if threading.current_thread() is threading.main_thread() else None
-    config = [LatexExtractionConfig()]
-    try:
-        g = parse(f"\\boxed{{{gold}}}", extraction_config=config, parsing_timeout=seconds)
-        p = parse(f"\\boxed{{{pred}}}", extraction_config=config, parsing_timeout=seconds)
-        return bool(g and p and verify(g, p, timeout_seconds=seconds))
-    except Exception:  # noqa: BLE001 - a parser failure on untrusted text is a "no", not a crashed training step
-        return False
-
-
-def answers_match(gold, pred) -> bool:
-    """Same answer? Exact numbers (1,000 == 1000.0, 1/2 == 0.5 == \\frac{1}{2}), else equal normal forms (see
-    normalize_answer), else Math-Verify's verdict when it is installed."""
-    if pred is None or gold is None:
-        return False
-    gold, pred = str(gold), str(pred)
-    g, p = normalize_answer(gold), normalize_answer(pred)
-    if g == p and g != "":
-        return True
-    gn, pn = _to_fraction(g), _to_fraction(p)
-    if gn is not None and pn is not None:
-        return gn == pn
-    return _math_verify_equal(gold, pred)
-
-
-def _gold(answer) -> str:
-    """A gold answer column entry as a plain answer: raw GSM8K solutions keep what follows ####; raw MATH
-    solutions their last \\boxed{}."""
-    s = str(answer).strip()
-    if "####" in s:
-        return s.rsplit("####", 1)[1].strip().replace(",", "")
-    if "\\boxed" in s:
-        return extract_boxed(s) or s
-    return s
-
-
-def _is_choice(gold: str) -> bool:
-    return re.fullmatch(r"\(?[A-J]\)?", gold.strip()) is not None
-
-
-def extract_answer(text: str, gold: str | None = None) -> str | None:
-    """The final answer of a completion, after any think block: a letter when the gold is a letter (multiple
-    choice), else the last \\boxed{} when there is one, else the GSM8K rules (####, "The answer is", last number)."""
-    visible = strip_think(text)
-    if gold is not None and _is_choice(gold):
-        return extract_choice(visible)
-    boxed = extract_boxed(visible)
-    if boxed is not None:
-        return boxed
-    return extract_gsm8k(visible)
-
-
-_STYLE_EXTRACTORS = {"gsm8k": extract_gsm8k, "math": extract_boxed, "mc": extract_choice}
 
 
 def correct(completions: list, answer: list, style: list | None = None, **_) -> list[float | None]:
     """1.0 when the final answer equals the gold `answer`, else 0.0; None where the gold is missing.
 
     The format comes from a `style` column when the data has one ("gsm8k", "math" = \\boxed{}, "mc" = letter, as
-    the toy arithmetic task and eval sets label it), else per sample from the gold (see extract_answer).
+    the toy arithmetic task and eval sets label it), else per sample from the gold (see answers.extract_answer).
+    The one grader of toy and eval accuracy: every script scores final answers through it.
     """
     out: list[float | None] = []
     for i, (c, gold) in enumerate(zip(completions, answer)):
         if gold is None:
             out.append(None)
             continue
-        g = _gold(gold)
+        g = answers.gold_answer(gold)
         st = style[i] if style is not None else None
-        if st is not None and st not in _STYLE_EXTRACTORS:
-            raise ValueError(f"style {st!r}: expected one of {', '.join(_STYLE_EXTRACTORS)}")
-        pred = _STYLE_EXTRACTORS[st](strip_think(c)) if st else extract_answer(completion_text(c), g)
-        if st == "mc" or (st is None and _is_choice(g)):
+        if st is not None and st not in answers.EXTRACTORS:
+            raise ValueError(f"style {st!r}: expected one of {', '.join(answers.EXTRACTORS)}")
+        pred = answers.EXTRACTORS[st](strip_think(c)) if st else answers.extract_answer(completion_text(c), g)
+        if st == "mc" or (st is None and answers.is_choice(g)):
             out.append(float(pred is not None and pred == g.strip("() ").upper()))
         else:
-            out.append(float(answers_match(g, pred)))
+            out.append(float(answers.answers_match(g, pred)))
     return out
 
 
@@ -605,19 +390,22 @@ def exact_match(completions: list, answer: list, **_) -> list[float | None]:
 
 def gsm8k(completions: list, answer: list, **_) -> list[float | None]:
     """Strict GSM8K scoring: the number found by the GSM8K rules equals the gold number."""
-    return [None if gold is None else float(answers_match(_gold(gold), extract_gsm8k(strip_think(c))))
+    return [None if gold is None else
+            float(answers.answers_match(answers.gold_answer(gold), answers.extract_gsm8k(strip_think(c))))
             for c, gold in zip(completions, answer)]
 
 
 def boxed(completions: list, answer: list, **_) -> list[float | None]:
     """MATH-style scoring: the last \\boxed{} answer equals the gold (no box, no credit)."""
-    return [None if gold is None else float(answers_match(_gold(gold), extract_boxed(strip_think(c))))
+    return [None if gold is None else
+            float(answers.answers_match(answers.gold_answer(gold), answers.extract_boxed(strip_think(c))))
             for c, gold in zip(completions, answer)]
 
 
 def choice(completions: list, answer: list, **_) -> list[float | None]:
     """Multiple-choice scoring: the extracted letter equals the gold letter."""
-    return [None if gold is None else float(extract_choice(strip_think(c)) == _gold(gold).strip("() ").upper())
+    return [None if gold is None else
+            float(answers.extract_choice(strip_think(c)) == answers.gold_answer(gold).strip("() ").upper())
             for c, gold in zip(completions, answer)]
 
 
@@ -632,23 +420,6 @@ def think_format(completions: list, **_) -> list[float | None]:
         closes, opens = t.count(THINK_CLOSE), t.count(THINK_OPEN)
         ok = closes == 1 and opens <= 1 and (opens == 0 or t.index(THINK_OPEN) < t.index(THINK_CLOSE))
         out.append(1.0 if ok else 0.0)
-    return out
-
-
-def toy_correct(completions: list, answer: list, style: list | None = None, **_) -> list[float | None]:
-    """The toy tasks' own check: toy.check_arithmetic for arithmetic rows (they carry a `style`), else an exact
-    match of the visible answer (toy instructions, whose answers are strings such as "tekcor")."""
-    import toy
-
-    out: list[float | None] = []
-    for i, (c, gold) in enumerate(zip(completions, answer)):
-        st = style[i] if style is not None else None
-        if gold is None:
-            out.append(None)
-        elif st is not None:
-            out.append(float(toy.check_arithmetic(completion_text(c), str(gold), st)))
-        else:
-            out.append(float(strip_think(c).strip() == str(gold).strip()))
     return out
 
 
@@ -674,7 +445,6 @@ REWARDS: dict[str, RewardFn] = {
     "choice": choice,
     "exact_match": exact_match,
     "format": think_format,
-    "toy_correct": toy_correct,
 }
 
 
@@ -684,8 +454,8 @@ def get_reward(name: str) -> RewardFn:
         return REWARDS[name]
     except KeyError:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))} (judge and "
-                         f"proxy-model rewards are objects: build judge_reward(...) / ProxyNLLReward(...) and pass "
-                         f"them as compute_rewards(..., functions={{name: fn}}))") from None
+                         f"proxy-model rewards are objects: build judges.judge_reward(...) / ProxyNLLReward(...) "
+                         f"and pass them as compute_rewards(..., functions={{name: fn}}))") from None
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
@@ -735,17 +505,22 @@ def _locate_failure(fn, completions: list, columns: dict) -> tuple[int, BaseExce
 def call_reward(name: str, fn: RewardFn, completions: list, columns: dict) -> list[float | None]:
     """Run one reward function on a batch and check its output: one finite number or None per completion.
 
-    A raising function is re-run per sample to name the sample; judge failures (JudgeError) are not re-run, since
-    each retry would hit the endpoint again. NaN and inf are errors, never a silent 0.
+    A raising function is re-run per sample to name the sample. A common.UserError (e.g. judges.JudgeError: the
+    judge server is down) passes through as it is, not re-run, since each retry would hit the endpoint again, and
+    so that the script reports it in one line. NaN and inf are errors, never a silent 0.
     """
     missing = [c for c in _required_columns(fn) if c not in columns]
     if missing:
         raise RewardError(f"reward {name!r} needs column(s) {missing}; the batch has {sorted(columns) or 'none'}")
     try:
         values = fn(completions, **columns)
-    except (RewardError, JudgeError) as e:
+    except RewardError as e:
         raise RewardError(f"reward {name!r} failed: {e}") from e
     except Exception as e:  # noqa: BLE001
+        import common  # already loaded whenever a UserError exists: that class lives there
+
+        if isinstance(e, common.UserError):
+            raise
         found = _locate_failure(fn, completions, columns)
         where = f"sample {found[0]}" if found else "the batch (no single sample fails alone)"
         cause = found[1] if found else e
@@ -770,6 +545,14 @@ def call_reward(name: str, fn: RewardFn, completions: list, columns: dict) -> li
                               f"(return None for 'not applicable')")
         out.append(f)
     return out
+
+
+def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:
+    """The data columns of a batch of prompt rows, one entry per completion (each row repeated `repeat` times, as
+    the G completions of a group follow each other), as TRL passes them to reward functions: every key of any
+    row except the token ids "ids"; a row without a key gives None there."""
+    keys = sorted({k for r in rows for k in r if k != "ids"})
+    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
 def compute_rewards(spec: str | Sequence[tuple[str, float]], completions: list, columns: dict | None = None,
@@ -830,315 +613,14 @@ def reward_metrics(total: Sequence[float], per_fn: dict[str, Sequence]) -> dict[
 
 
 # ================================================================================================================
-# Judges. Duck typed: an object with score(prompts, responses) -> [float | None] in [0, 1] (pointwise) and/or
-# prefer(prefixes, a, b) -> [float | None] = P(a is better than b) (pairwise). None = no usable verdict; judges
-# count `calls` and `invalid` verdicts so scripts can log the invalid-judge rate.
-# ================================================================================================================
-
-POINTWISE_SYSTEM = "You are a strict grader. You judge only the final response, never the reasoning behind it."
-POINTWISE_TEMPLATE = """Rate the response to the instruction below for correctness and helpfulness.
-
-### Instruction
-{prompt}
-
-### Response
-{response}
-
-Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
-Score: <integer>"""
-
-PAIRWISE_SYSTEM = "You are a careful judge of writing quality."
-PAIRWISE_TEMPLATE = """Here is the beginning of a text, followed by two candidate continuations.
-
-### Beginning
-{prefix}
-
-### Continuation A
-{a}
-
-### Continuation B
-{b}
-
-Which continuation is more coherent, fluent and consistent with the beginning? End with a last line of exactly \
-this form:
-Winner: A
-or
-Winner: B"""
-
-SCORE_RANGE = (1, 10)
-_SCORE_LINE = re.compile(r"score\s*:\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?", re.IGNORECASE)
-_WINNER_LINE = re.compile(r"winner\s*:\s*\(?([AB])\)?\.?", re.IGNORECASE)
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip().strip("*").strip() for line in strip_think(text or "").strip().splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1] if lines else ""
-
-
-def parse_score(text: str, lo: float = SCORE_RANGE[0], hi: float = SCORE_RANGE[1]) -> float | None:
-    """A verdict's "Score: N" on its last non-empty line (after any think block), mapped to [0, 1] as
-    (N - lo) / (hi - lo); None when the line is missing, malformed or out of [lo, hi]."""
-    m = _SCORE_LINE.fullmatch(_last_line(text))
-    if not m:
-        return None
-    value = float(m.group(1))
-    if not (lo <= value <= hi):
-        return None
-    return (value - lo) / (hi - lo)
-
-
-def parse_winner(text: str) -> str | None:
-    """"A" or "B" from a last line "Winner: A"; None otherwise."""
-    m = _WINNER_LINE.fullmatch(_last_line(text))
-    return m.group(1).upper() if m else None
-
-
-def _pointwise_messages(prompts, responses) -> list[list[dict]]:
-    lo, hi = SCORE_RANGE
-    return [[{"role": "system", "content": POINTWISE_SYSTEM},
-             {"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=_prompt_text(p), response=strip_think(r),
-                                                                    lo=lo, hi=hi)}]
-            for p, r in zip(prompts, responses)]
-
-
-def _pairwise_messages(prefixes, a, b) -> list[list[dict]]:
-    return [[{"role": "system", "content": PAIRWISE_SYSTEM},
-             {"role": "user", "content": PAIRWISE_TEMPLATE.format(prefix=p, a=x, b=y)}]
-            for p, x, y in zip(prefixes, a, b)]
-
-
-def _judge_score(judge, prompts: Sequence, responses: Sequence) -> list[float | None]:
-    if len(prompts) != len(responses):
-        raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
-    verdicts = judge.generate(_pointwise_messages(prompts, responses))
-    scores = [parse_score(v) for v in verdicts]
-    judge.calls += len(scores)
-    judge.invalid += sum(s is None for s in scores)
-    return scores
-
-
-def _judge_prefer(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
-    """P(a better) with both orders asked: (a, b) votes A for a, (b, a) votes B for a; the mean of the valid votes
-    (one order's vote when the other is unparseable), None when neither parses. Cancels position bias."""
-    if not (len(prefixes) == len(a) == len(b)):
-        raise ValueError(f"prefer(): lengths differ: {len(prefixes)} prefixes, {len(a)} a, {len(b)} b")
-    n = len(prefixes)
-    verdicts = judge.generate(_pairwise_messages(list(prefixes) * 2, list(a) + list(b), list(b) + list(a)))
-    winners = [parse_winner(v) for v in verdicts]
-    judge.calls += len(winners)
-    judge.invalid += sum(w is None for w in winners)
-    out: list[float | None] = []
-    for i in range(n):
-        votes = []
-        if winners[i] is not None:
-            votes.append(1.0 if winners[i] == "A" else 0.0)
-        if winners[n + i] is not None:
-            votes.append(1.0 if winners[n + i] == "B" else 0.0)
-        out.append(sum(votes) / len(votes) if votes else None)
-    return out
-
-
-class LocalJudge:
-    """A local Hugging Face causal LM prompted as a judge; greedy decoding with common.sample.
-
-    score(): POINTWISE_TEMPLATE, "Score: N" (1-10) on the last line -> (N - 1) / 9. prefer(): PAIRWISE_TEMPLATE in
-    both orders. Unparseable verdicts are None and counted in `invalid` (of `calls`).
-    """
-
-    def __init__(self, model, tokenizer, max_new_tokens: int = 256, batch_size: int | None = 16,
-                 enable_thinking: bool = False):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.enable_thinking = enable_thinking
-        self.calls = 0
-        self.invalid = 0
-
-    def _render(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            # Qwen3 templates read enable_thinking; other templates ignore unknown variables
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=self.enable_thinking)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    def generate(self, conversations: list[list[dict]]) -> list[str]:
-        """Greedy replies to chat conversations (special tokens dropped)."""
-        if not conversations:
-            return []
-        import common
-
-        rollout = common.sample(self.model, self.tokenizer, [self._render(c) for c in conversations], n=1,
-                                max_new_tokens=self.max_new_tokens, greedy=True, batch_size=self.batch_size)
-        return rollout.texts(self.tokenizer, skip_special_tokens=True)
-
-    def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
-        return _judge_score(self, prompts, responses)
-
-    def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
-        return _judge_prefer(self, prefixes, a, b)
-
-
-class HTTPJudge:
-    """A judge behind an OpenAI-compatible server (vLLM, SGLang, ...): POST {base_url}/v1/chat/completions.
-
-    Standard library only (urllib + a thread pool of `concurrency` requests). Connection errors, timeouts
-    (`timeout` seconds per attempt), 429 and 5xx are retried `retries` times with exponential backoff (the k-th
-    retry waits backoff * 2^(k-1) seconds); after that, or on another 4xx, a JudgeError names the URL and the
-    cause. Same templates and parsing as LocalJudge.
-    """
-
-    def __init__(self, base_url: str, model: str, concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
-                 api_key: str | None = None, backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.0):
-        base = base_url.rstrip("/")
-        if base.endswith("/chat/completions"):
-            self.url = base
-        elif base.endswith("/v1"):
-            self.url = base + "/chat/completions"
-        else:
-            self.url = base + "/v1/chat/completions"
-        self.model, self.concurrency, self.timeout = model, max(1, int(concurrency)), float(timeout)
-        self.retries, self.api_key, self.backoff = max(0, int(retries)), api_key, float(backoff)
-        self.max_tokens, self.temperature = max_tokens, temperature
-        self.calls = 0
-        self.invalid = 0
-
-    def _post(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        cause = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode("utf-8", "replace")
-                cause = f"HTTP {e.code} {e.reason}: {detail}"
-                if e.code in (408, 429) or e.code >= 500:
-                    continue
-                raise JudgeError(f"judge endpoint {self.url}: {cause}") from None
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, timed out
-                reason = getattr(e, "reason", e)
-                cause = f"{type(reason).__name__}: {reason}"
-                continue
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                raise JudgeError(f"judge endpoint {self.url}: response is not JSON ({e})") from None
-            try:
-                return payload["choices"][0]["message"].get("content") or ""
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise JudgeError(f"judge endpoint {self.url}: unexpected response {str(payload)[:200]}") from None
-        raise JudgeError(f"judge endpoint {self.url} failed after {self.retries + 1} attempt(s): {cause}")
-
-    def generate(self, conversations: list[list[dict]]) -> list[str]:
-        """Replies to chat conversations, `concurrency` requests in flight."""
-        if not conversations:
-            return []
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(conversations)))
-        try:
-            return list(pool.map(self._post, conversations))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
-        return _judge_score(self, prompts, responses)
-
-    def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
-        return _judge_prefer(self, prefixes, a, b)
-
-
-class CountedJudge:
-    """Adds `calls` / `invalid` (None verdicts) counters to a judge that has none, e.g. the toy judges."""
-
-    def __init__(self, judge):
-        self.judge = judge
-        self.calls = 0
-        self.invalid = 0
-
-    def _count(self, verdicts) -> list[float | None]:
-        verdicts = list(verdicts)
-        self.calls += len(verdicts)
-        self.invalid += sum(v is None for v in verdicts)
-        return verdicts
-
-    def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
-        return self._count(self.judge.score(prompts, responses))
-
-    def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
-        return self._count(self.judge.prefer(prefixes, a, b))
-
-
-def make_judge(spec: str, pairwise: bool = False, model: str | None = None, **kwargs):
-    """A judge from a command-line string. "toy": toy.AnswerJudge (toy.ContinuationJudge when `pairwise`) in a
-    CountedJudge; "http(s)://host:port[/v1]": HTTPJudge (`model` names the served model); otherwise a model
-    directory or hub id: LocalJudge on common.load_model / load_tokenizer. kwargs go to the judge's constructor."""
-    if spec == "toy":
-        import toy
-
-        return CountedJudge(toy.ContinuationJudge(**kwargs) if pairwise else toy.AnswerJudge(**kwargs))
-    if spec.startswith(("http://", "https://")):
-        return HTTPJudge(spec, model=model or "default", **kwargs)
-    import common
-
-    return LocalJudge(common.load_model(spec), common.load_tokenizer(spec), **kwargs)
-
-
-def judge_reward(judge, prompt_column: str = "prompt") -> RewardFn:
-    """A pointwise judge as a reward: judge.score(prompt column, visible answer); RLMT: the thought is not shown."""
-
-    def judge_fn(completions: list, **columns) -> list[float | None]:
-        if prompt_column not in columns:
-            raise RewardError(f"judge reward needs column {prompt_column!r}; the batch has {sorted(columns)}")
-        return list(judge.score(list(columns[prompt_column]), [strip_think(c) for c in completions]))
-
-    judge_fn.__name__ = "judge"
-    return judge_fn
-
-
-def pairwise_scores(judge, prefix: str, candidates: Sequence[str], both_orders: bool = False) -> list[float | None]:
-    """Each candidate's mean win rate over all the others (Self-Improving Pretraining: full pairwise, not a pivot).
-
-    One judge.prefer call over the K(K-1)/2 pairs; p = P(i beats j) adds p to i and 1 - p to j; a score is the
-    sum over the pairs it was judged in divided by their number (None if none gave a verdict). Our judges ask
-    both orders inside prefer(); `both_orders=True` also sends (j, i) for judges that do not.
-    """
-    k = len(candidates)
-    if k < 2:
-        return [None] * k
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    if both_orders:
-        pairs += [(j, i) for i, j in pairs]
-    probs = judge.prefer([prefix] * len(pairs), [candidates[i] for i, _ in pairs], [candidates[j] for _, j in pairs])
-    wins, counts = [0.0] * k, [0] * k
-    for (i, j), p in zip(pairs, probs):
-        if p is None:
-            continue
-        p = float(p)
-        if not (0.0 <= p <= 1.0):
-            raise RewardError(f"judge.prefer returned {p} for candidates ({i}, {j}); "
-                              f"expected a probability in [0, 1]")
-        wins[i] += p
-        wins[j] += 1.0 - p
-        counts[i] += 1
-        counts[j] += 1
-    return [w / c if c else None for w, c in zip(wins, counts)]
-
-
-# ================================================================================================================
 # Proxy-model reward
 # ================================================================================================================
 
 
 class ProxyNLLReward:
     """Style reward: the mean per-token log-likelihood (= -mean NLL, <= 0) of each completion under a small
-    causal LM (seed: SmolLM2-360M; here "toy" by default), batched.
+    causal LM, batched. The model card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher fitted style with
+    SmolLM2-360M as the proxy; here the default is "toy".
 
     The sequence is [start] + completion + [eos], start = BOS or else EOS (a document boundary for models without
     a BOS, as Qwen's); every completion token and the closing EOS are scored. Scoring the EOS gives an empty
@@ -1159,7 +641,7 @@ class ProxyNLLReward:
     def __call__(self, completions: list, **_) -> list[float | None]:
         import torch
 
-        import common
+        import sampling
 
         tok = self.tokenizer
         eos = tok.eos_token_id
@@ -1182,7 +664,7 @@ class ProxyNLLReward:
                     input_ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
                     mask[r, :len(seqs[i])] = 1
                 input_ids, mask = input_ids.to(device), mask.to(device)
-                logp = common.sequence_logprobs(self.model, input_ids, mask, logits_to_keep=width - 1)
+                logp = sampling.sequence_logprobs(self.model, input_ids, mask, logits_to_keep=width - 1)
                 target_mask = mask[:, 1:].to(logp.dtype)
                 mean = (logp * target_mask).sum(-1) / target_mask.sum(-1)
                 for r, i in enumerate(rows):
@@ -1191,14 +673,56 @@ class ProxyNLLReward:
 
 
 # ================================================================================================================
-# Diversity metrics (evaluation; REFERENCE "Reward metrics")
+# Group statistics and diversity
 # ================================================================================================================
 
 
+def reward_gate(primary, G: int, success: float = 0.5, near_zero: float = 0.05) -> dict[str, float]:
+    """Shares of the groups of G consecutive rewards that are mixed, near zero, all zero, all one, or succeed once.
+
+    The reward gate of the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking (its RLMT_RESULTS.md): with a
+    0/1 reward only a mixed group (some reward >= `success`, not all) has a nonzero group-relative advantage, so
+    the share of mixed groups is the share of prompts that teach anything; near zero means a group mean below
+    `near_zero`.
+    `primary` is a tensor or a list (None counts as 0.0, so a reward column passes as it is).
+    """
+    import torch
+
+    if not torch.is_tensor(primary):
+        primary = torch.tensor([0.0 if v is None else float(v) for v in primary])
+    n = primary.numel()
+    if n == 0:
+        raise ValueError("reward_gate: no rewards")
+    if G < 1 or n % G:
+        raise ValueError(f"reward_gate: {n} rewards do not split into groups of G={G}")
+    g = primary.detach().float().reshape(-1, G)
+    ok = g >= success
+    return {"gate/mixed_groups": (ok.any(1) & ~ok.all(1)).float().mean().item(),
+            "gate/all_zero_groups": (g.abs() <= 1e-6).all(1).float().mean().item(),
+            "gate/all_one_groups": (g >= 1 - 1e-6).all(1).float().mean().item(),
+            "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
+            "gate/any_success_groups": ok.any(1).float().mean().item()}
+
+
 def distinct_n(texts: Iterable[str], n: int = 2) -> float:
-    """Unique n-grams / total n-grams over whitespace words of all `texts` (0 when there are none)."""
+    """Unique n-grams / total n-grams over whitespace words of all `texts` (0 when there are none).
+
+    distinct-n of Li et al. 2016 (arXiv 1510.03055), pooled over all the texts.
+    """
     grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n_within_groups(token_rows: Sequence[Sequence[int]], G: int, n: int = 2) -> float:
+    """distinct-n over the token ids of each group of G consecutive rows (its unique n-grams / its n-grams), then
+    the mean over the groups that have any n-gram (0 when none has): how much the samples of one prompt differ
+    from each other, in model tokens."""
+    vals = []
+    for s in range(0, len(token_rows), G):
+        grams = [tuple(t[i:i + n]) for t in token_rows[s:s + G] for i in range(len(t) - n + 1)]
+        if grams:
+            vals.append(len(set(grams)) / len(grams))
+    return sum(vals) / len(vals) if vals else 0.0
 
 
 def pairwise_diversity(texts: Sequence[str]) -> float:
@@ -1211,82 +735,3 @@ def pairwise_diversity(texts: Sequence[str]) -> float:
     sim = e @ e.T
     total = (sim.sum() - sim.diagonal().sum()) / 2
     return float(1.0 - total / (k * (k - 1) / 2))
-
-
-# ================================================================================================================
-# Benchmark: python rewards.py bench
-# ================================================================================================================
-
-
-def _random_text(rng, n_words: int, vocab: list[str]) -> str:
-    return " ".join(rng.choice(vocab) + rng.choice(("", "", "", ",", ".")) for _ in range(n_words))
-
-
-def bench_chrf(n_pairs: int = 2000, n_words: int = 100, seed: int = 0, shared_refs: int = 1,
-               repeats: int = 3) -> dict:
-    """chrF++ and ROUGE-L over `n_pairs` random pairs of `n_words`-word texts, ours vs sacrebleu / rouge-score.
-
-    chrF++ runs `repeats` times per side, alternating, and each side keeps its fastest time (the run least
-    disturbed by other processes); rouge-score is slow and runs once. shared_refs > 1 gives each reference to that
-    many hypotheses (a GRPO group), where our per-batch n-gram cache helps; sacrebleu recomputes per call.
-    Returns seconds, speed-ups (theirs / ours) and the largest absolute differences.
-    """
-    import random
-
-    from rouge_score import rouge_scorer
-    from sacrebleu import sentence_chrf
-
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(2000)]
-    refs = [_random_text(rng, n_words, vocab) for _ in range(max(1, n_pairs // shared_refs))]
-    ref_col = [refs[i // shared_refs % len(refs)] for i in range(n_pairs)]
-    hyps = [_random_text(rng, n_words, vocab) for _ in range(n_pairs)]
-    r: dict = {"pairs": n_pairs, "words": n_words, "shared_refs": shared_refs, "repeats": repeats,
-               "chrf_sacrebleu_s": math.inf, "chrf_ours_s": math.inf}
-    for _ in range(repeats):
-        t = time.perf_counter()
-        theirs = [sentence_chrf(h, [ref], word_order=2).score / 100 for h, ref in zip(hyps, ref_col)]
-        r["chrf_sacrebleu_s"] = min(r["chrf_sacrebleu_s"], time.perf_counter() - t)
-        t = time.perf_counter()
-        ours = chrf_pp(hyps, reference=ref_col)
-        r["chrf_ours_s"] = min(r["chrf_ours_s"], time.perf_counter() - t)
-    r["chrf_speedup"] = r["chrf_sacrebleu_s"] / r["chrf_ours_s"]
-    r["chrf_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours, theirs))
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    t = time.perf_counter()
-    theirs = [scorer.score(ref, h)["rougeL"].fmeasure for h, ref in zip(hyps, ref_col)]
-    r["rouge_l_rouge_score_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    ours = rouge_l(hyps, reference=ref_col)
-    r["rouge_l_ours_s"] = time.perf_counter() - t
-    r["rouge_l_speedup"] = r["rouge_l_rouge_score_s"] / r["rouge_l_ours_s"]
-    r["rouge_l_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours, theirs))
-    return r
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Rewards and judges; `bench` times chrF++ and ROUGE-L against "
-                                                 "sacrebleu and rouge-score (test-only dependencies).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="chrF++ / ROUGE-L speed and agreement with sacrebleu / rouge-score")
-    b.add_argument("--pairs", type=int, default=2000, help="number of (hypothesis, reference) pairs")
-    b.add_argument("--words", type=int, default=100, help="words per text")
-    b.add_argument("--seed", type=int, default=0, help="random seed of the generated texts")
-    b.add_argument("--shared-refs", type=int, default=1,
-                   help="hypotheses per reference (8 mimics a GRPO group sharing its reference)")
-    b.add_argument("--repeats", type=int, default=3, help="runs per side; the fastest counts")
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        r = bench_chrf(args.pairs, args.words, args.seed, args.shared_refs, args.repeats)
-        print(f"{r['pairs']} pairs of {r['words']}-word texts, {r['shared_refs']} hypothesis/es per reference, "
-              f"fastest of {r['repeats']} runs (ROUGE-L: rouge-score runs once, it is slow)")
-        print(f"chrF++  sacrebleu {r['chrf_sacrebleu_s']:.3f} s | ours {r['chrf_ours_s']:.3f} s | "
-              f"speed-up x{r['chrf_speedup']:.2f} | max |diff| {r['chrf_max_abs_diff']:.2e}")
-        print(f"ROUGE-L rouge-score {r['rouge_l_rouge_score_s']:.3f} s | ours {r['rouge_l_ours_s']:.3f} s | "
-              f"speed-up x{r['rouge_l_speedup']:.2f} | max |diff| {r['rouge_l_max_abs_diff']:.2e}")
-
-
-if __name__ == "__main__":
-    main()

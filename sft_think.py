@@ -1,8 +1,8 @@
 """Supervised fine-tuning with interleaved thinking: teach a base model to think before it answers.
 
 The model learns to write `<think> reasoning </think> answer` on every assistant turn. The loss is
-the usual next-token cross-entropy, but only on assistant output (Qwen3's chat format, seeds 002
-and 004):
+the usual next-token cross-entropy, but only on assistant output (Qwen3's chat format; the model
+cards dnotitia/Qwen3-4B-Base and Jarrodbarnes/qwen3-0.6B-interleaved-thinking train this way):
 
     L = - sum_t m_t log p(x_t | x_<t) / sum_t m_t,   m_t = 1 on `<think>` ... `<|im_end|>` of each
                                                           assistant turn, 0 on system/user turns
@@ -10,9 +10,10 @@ and 004):
 
 The mask comes from a training variant of the chat template that wraps assistant output in
 `{% generation %}` tags and, unlike the stock Qwen3 template, keeps the reasoning of earlier turns
-(interleaved thinking). `--no-think` trains the same examples with the thoughts removed (seed 004's
-`raw` arm). `--train-tokens "<think>,</think>"` trains only those rows of the embedding (seed 001),
-everything else frozen. Log-probs come from the final hidden states through
+(interleaved thinking). `--no-think` trains the same examples with the thoughts removed (the `raw`
+arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking). `--train-tokens "<think>,</think>"` trains
+only those rows of the embedding (as Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its
+think tokens), everything else frozen. Log-probs come from the final hidden states through
 `kernels.linear_token_logprobs`, so full-vocabulary logits are never held.
 
 Run:
@@ -24,7 +25,6 @@ Run:
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 import common
 import lora
+import rewards
+import sampling
 import toy
 from kernels import linear_token_logprobs
 
@@ -42,18 +44,22 @@ from kernels import linear_token_logprobs
 class Args:
     model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
     data: str = field(default="toy", metadata={"help": "JSONL file or hub dataset id; 'toy' = toy arithmetic"})
-    eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5%% of --data)"})
+    eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
+                                                         "at most --eval-size rows)"})
     out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, init, sampling)"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup, then cosine decay"})
     max_steps: int = field(default=500, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "examples per micro-batch per device"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(default=16, metadata={"help": "examples (or packed rows) per optimizer step per device"})
+    micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; gradients accumulate over "
+                                                                "the step's micro-batches"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     max_length: int = field(default=512, metadata={"help": "longest tokenized example; longer ones are an error"})
-    packing: bool = field(default=False, metadata={"help": "concatenate examples into rows of --max-length"})
+    packing: bool = field(default=False, metadata={
+        "help": "concatenate examples into rows of --max-length; positions restart and attention stays within each "
+                "example (a 4D mask: eager or sdpa attention, not flash-attention)"})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
@@ -81,7 +87,7 @@ THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 def strip_thoughts(messages: list[dict]) -> list[dict]:
-    """The same conversation without reasoning: seed 004's `raw` arm."""
+    """The same conversation without reasoning: the `raw` arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking."""
     out = []
     for m in messages:
         m = {k: v for k, v in m.items() if k != "reasoning_content"}
@@ -98,7 +104,7 @@ def training_template(tokenizer) -> str:
         return template
     if "<|im_start|>" in template and "<think>" in template:  # Qwen3's template (real or toy)
         return toy.TRAINING_CHAT_TEMPLATE
-    raise ValueError(
+    raise common.ConfigError(
         "sft_think.py: the tokenizer's chat template has no {% generation %} tags and is not Qwen3's, so "
         "the assistant-only loss mask cannot be built. Give the tokenizer a template with "
         "{% generation %}...{% endgeneration %} around assistant output.")
@@ -106,6 +112,13 @@ def training_template(tokenizer) -> str:
 
 def encode_row(row: dict, where: str, tokenizer, template: str, no_think: bool) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 = trained) for one JSONL row of any accepted schema."""
+    for name, ok, expected in (("messages", lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
+                                "a list of {'role', 'content'} objects"),
+                               ("prompt", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
+                               ("completion", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
+                               ("text", lambda v: isinstance(v, str), "a string")):
+        if name in row and not ok(row[name]):
+            raise common.DataError(f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}")
     if "messages" in row:
         messages = strip_thoughts(row["messages"]) if no_think else row["messages"]
         if not any(m.get("role") == "assistant" for m in messages):
@@ -140,45 +153,68 @@ def encode_all(rows, tokenizer, template, no_think, max_length, source):
 
 
 def pack(examples, max_length):
-    """Greedy packing into rows of max_length. Attention is not blocked across example boundaries
-    (classic GPT-style packing); position ids restart at each example so RoPE sees short sequences."""
-    rows, cur_ids, cur_mask = [], [], []
+    """Greedy packing into rows of at most max_length tokens: each row is a list of examples, and `collate` gives
+    each its own positions (restarting at 0) and a block-diagonal causal mask, so no token attends across an
+    example boundary and the loss is exactly the unpacked one."""
+    rows, cur, used = [], [], 0
     for ids, mask in examples:
-        if cur_ids and len(cur_ids) + len(ids) > max_length:
-            rows.append((cur_ids, cur_mask))
-            cur_ids, cur_mask = [], []
-        cur_ids, cur_mask = cur_ids + ids, cur_mask + mask
-    if cur_ids:
-        rows.append((cur_ids, cur_mask))
+        if cur and used + len(ids) > max_length:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append((ids, mask))
+        used += len(ids)
+    if cur:
+        rows.append(cur)
     return rows
 
 
-def collate(batch, pad_id, device):
-    """Right-padded tensors: input_ids, attention_mask, loss_mask."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, m) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        attn[i, : len(x)] = 1
-        loss_mask[i, : len(m)] = torch.tensor(m)
-    return ids.to(device), attn.to(device), loss_mask.to(device)
+def collate(batch, pad_id, device, mask_dtype=torch.float32):
+    """Right-padded tensors (input_ids, attention_mask, loss_mask, position_ids) of a list of examples, or of
+    packed rows (lists of examples): then attention_mask is a 4D additive mask [B, 1, T, T] that keeps each
+    example to itself, and position_ids restart at every example."""
+    packed = bool(batch) and isinstance(batch[0], list)
+    rows = batch if packed else [[ex] for ex in batch]
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, width), dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    seg = torch.full((B, width), -1, dtype=torch.long)  # which example a token belongs to; -1 = padding
+    for b, row in enumerate(rows):
+        at = 0
+        for j, (x, m) in enumerate(row):
+            ids[b, at:at + len(x)] = torch.tensor(x)
+            loss_mask[b, at:at + len(m)] = torch.tensor(m)
+            pos[b, at:at + len(x)] = torch.arange(len(x))
+            seg[b, at:at + len(x)] = j
+            at += len(x)
+    attn = (seg >= 0).long()
+    if packed:
+        # query q sees key k when both are in the same example and k <= q; a padding query sees itself (no NaN rows)
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        allowed = (same & torch.ones(width, width, dtype=torch.bool).tril()) | torch.eye(width, dtype=torch.bool)
+        attn = torch.zeros(B, 1, width, width, dtype=mask_dtype).masked_fill(~allowed[:, None],
+                                                                             torch.finfo(mask_dtype).min)
+    return ids.to(device), attn.to(device), loss_mask.to(device), pos.to(device)
 
 
-def load_rows(args):
-    """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy."""
-    if args.data == "toy":
-        levels = toy.parse_levels(args.toy_difficulty)
-        train = toy.arithmetic("train", args.toy_train_size, seed=args.seed, difficulty=levels)
-        heldout = toy.arithmetic("test", args.eval_size, seed=args.seed, difficulty=levels)
+def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficulty: str, toy_train_size: int):
+    """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy. Rows read from a
+    file carry their line number ("_line"), so errors name it even after the held-out split is drawn."""
+    if data == "toy":
+        levels = toy.parse_levels(toy_difficulty)
+        train = toy.arithmetic("train", toy_train_size, seed=seed, difficulty=levels)
+        heldout = toy.arithmetic("test", eval_size, seed=seed, difficulty=levels)
         return train, heldout, heldout
-    train = common.load_rows(args.data)
-    if args.eval_data:
-        return train, common.load_rows(args.eval_data), None
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train), generator=g).tolist()
-    n_eval = max(1, min(args.eval_size, len(train) // 20))
+    numbered = lambda rows: [{**r, "_line": i + 1} for i, r in enumerate(rows)]  # noqa: E731
+    train = numbered(common.load_rows(data))
+    if eval_data:
+        return train, numbered(common.load_rows(eval_data, split="test")), None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, min(eval_size, len(train) // 20))
+    if len(train) <= n_eval:
+        raise common.DataError(f"{data}: {len(train)} rows; need more than {n_eval} to hold some out "
+                               f"(or pass --eval-data)")
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], None
 
 
@@ -186,12 +222,12 @@ def load_rows(args):
 # Loss and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def masked_nll_sum(model, ids, attn, loss_mask):
+def masked_nll_sum(model, ids, attn, loss_mask, position_ids=None):
     """Sum of -log p over the masked target tokens, and their count.
 
     Hidden state t predicts token t+1, so the mask is read at the targets. Only the masked rows of
     the hidden states go through the LM head, in chunks inside the kernel."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
     sel = loss_mask[:, 1:].bool()
     logp = linear_token_logprobs(hidden[:, :-1][sel], model.get_output_embeddings().weight, ids[:, 1:][sel])
     return -logp.sum(), int(sel.sum())
@@ -210,7 +246,8 @@ def eval_loss(model, examples, batch_size, pad_id, device):
 
 
 def repetition_rate(token_lists, n=4):
-    """Share of n-grams that repeat an earlier n-gram of the same completion, averaged (seed 004)."""
+    """Share of n-grams that repeat an earlier n-gram of the same completion, averaged (the repetition column of
+    the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking)."""
     rates = []
     for toks in token_lists:
         grams = [tuple(toks[i: i + n]) for i in range(len(toks) - n + 1)]
@@ -220,15 +257,14 @@ def repetition_rate(token_lists, n=4):
 
 
 @torch.no_grad()
-def generate_eval(model, tokenizer, problems, args):
-    """Greedy held-out accuracy (toy problems only) and the 4-gram repetition rate of the samples."""
-    prompts = [tokenizer.apply_chat_template([p["messages"][0]], tokenize=False, add_generation_prompt=True)
-               for p in problems]
-    roll = common.sample(model, tokenizer, prompts, n=1, max_new_tokens=args.max_new_tokens, greedy=True,
-                         batch_size=64)
+def generate_eval(model, tokenizer, problems, max_new_tokens):
+    """Greedy held-out accuracy (toy problems, graded by rewards.correct like every script) and the 4-gram
+    repetition rate of the samples."""
+    prompts = [sampling.render_prompt([p["messages"][0]], tokenizer) for p in problems]
+    roll = sampling.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=64)
     texts = roll.texts(tokenizer)
     tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-    correct = [toy.extract_answer(t, p.get("style", "gsm8k")) == p["answer"] for t, p in zip(texts, problems)]
+    correct = rewards.correct(texts, [p["answer"] for p in problems], [p.get("style") for p in problems])
     by_level = {}
     for ok, p in zip(correct, problems):
         by_level.setdefault(p["difficulty"], []).append(ok)
@@ -236,11 +272,12 @@ def generate_eval(model, tokenizer, problems, args):
     return sum(correct) / len(correct), repetition_rate(tokens), texts, per_level
 
 
-def evaluate(model, tokenizer, val, val_raw, problems, args, pad_id, device):
-    row = {"val_loss": eval_loss(model, val, args.batch_size, pad_id, device),
-           "raw_val_loss": eval_loss(model, val_raw, args.batch_size, pad_id, device)}
+def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_tokens, pad_id, device):
+    row = {"val_loss": eval_loss(model, val, batch_size, pad_id, device),
+           "raw_val_loss": eval_loss(model, val_raw, batch_size, pad_id, device)}
     if problems is not None:
-        row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(model, tokenizer, problems, args)
+        row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(model, tokenizer, problems,
+                                                                                   max_new_tokens)
         row.update(per_level)
         row["_samples"] = [{"prompt": p["messages"][0]["content"], "completion": t, "answer": p["answer"]}
                            for p, t in zip(problems[:20], texts[:20])]
@@ -251,14 +288,15 @@ def evaluate(model, tokenizer, val, val_raw, problems, args, pad_id, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def setup_trainable(model, args, tokenizer):
+def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bit: bool, lora_r: int,
+                    lora_alpha: float, lora_dropout: float):
     """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates."""
-    if args.train_tokens:
-        names = [t for t in args.train_tokens.split(",") if t]
+    if train_tokens:
+        names = [t for t in train_tokens.split(",") if t]
         ids = tokenizer.convert_tokens_to_ids(names)
         unknown = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
         if unknown:
-            raise ValueError(f"--train-tokens: {unknown} are not single tokens of this tokenizer")
+            raise common.ConfigError(f"--train-tokens: {unknown} are not single tokens of this tokenizer")
         for p in model.parameters():
             p.requires_grad_(False)
         rows = torch.tensor(ids)
@@ -272,128 +310,107 @@ def setup_trainable(model, args, tokenizer):
             w.register_hook(lambda g, keep=keep: g * keep)
             params.append(w)
         return params
-    if args.full:
-        if args.load_in_4bit:
-            raise ValueError("--full cannot train 4-bit weights; use LoRA (the default) with --load-in-4bit")
+    if full:
+        if load_in_4bit:
+            raise common.ConfigError("--full cannot train 4-bit weights; use LoRA (the default) with --load-in-4bit")
         return [p for p in model.parameters() if p.requires_grad]
-    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     return lora.lora_parameters(model)
 
 
 def main(args: Args):
-    rank, world, local_rank = common.init_distributed()
-    common.set_seed(args.seed)
-    device = common.pick_device(args.device if world == 1 or args.device != "auto" else None, local_rank)
-    out = common.prepare_out_dir(args.out, args, resume=args.resume)
+    if args.batch_size < 1 or args.micro_batch_size < 1:
+        raise common.ConfigError("--batch-size and --micro-batch-size must be >= 1")
+    run = common.start_run(args.out, args, args.seed, args.device, args.resume)
     tokenizer = common.load_tokenizer(args.model)
-    model = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit,
-                              gradient_checkpointing=args.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = training_template(tokenizer)
-
-    train_rows, val_rows, problems = load_rows(args)
+    train_rows, val_rows, problems = load_rows(args.data, args.eval_data, args.seed, args.eval_size,
+                                               args.toy_difficulty, args.toy_train_size)
+    val_source = args.eval_data or args.data
     train = encode_all(train_rows, tokenizer, template, args.no_think, args.max_length, args.data)
-    val = encode_all(val_rows, tokenizer, template, False, args.max_length, args.eval_data or args.data)
-    val_raw = encode_all(val_rows, tokenizer, template, True, args.max_length, args.eval_data or args.data)
+    val = encode_all(val_rows, tokenizer, template, False, args.max_length, val_source)
+    val_raw = encode_all(val_rows, tokenizer, template, True, args.max_length, val_source)
     if args.packing:
         train = pack(train, args.max_length)
 
-    params = setup_trainable(model, args, tokenizer)
+    model = common.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit,
+                              gradient_checkpointing=args.gradient_checkpointing)
+    mask_dtype = model.get_input_embeddings().weight.dtype  # the packed 4D mask is added to the attention scores
+    params = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
+                             args.lora_alpha, args.lora_dropout)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay)
     scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
-    logger = common.MetricsLogger(out, report_to=args.report_to or None)
-
-    before = None
-    state = common.load_checkpoint(out, model, optimizer, scheduler) if args.resume else None
-    start = state["step"] if state else 0
-    if state:
-        before = state["data_state"].get("before")
-    elif common.is_main():
-        before = evaluate(model, tokenizer, val, val_raw, problems, args, pad_id, device)
-        before.pop("_samples", None)
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
-
-    # One global batch per step: the same seeded order on every rank, each rank takes its slice.
-    per_step = args.batch_size * args.grad_accum * world
-    epoch_len = max(1, len(train) // per_step)
-
-    def batch_for(step: int):
-        epoch, pos = divmod(step, epoch_len)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        idx = order[pos * per_step: (pos + 1) * per_step].tolist()
-        mine = idx[rank::world]
-        return [mine[i: i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
+    logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
+    heldout_eval = lambda: evaluate(model, tokenizer, val, val_raw, problems, args.micro_batch_size,  # noqa: E731
+                                    args.max_new_tokens, pad_id, run.device)
+    start, data_state = common.resume_or_evaluate(run, args.resume, model, optimizer, scheduler, heldout_eval, logger)
+    optimizer_step.load_state_dict(data_state)
+    tokens_seen = data_state.get("tokens_seen", 0)
 
     model.train()
-    tokens_seen = state["data_state"].get("tokens_seen", 0) if state else 0
     t_train, tokens_run, last = 0.0, 0, {}
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="sft", disable=not common.is_main())
     for step in bar:
         t0 = time.perf_counter()
-        micro = [collate([train[i] for i in mb], pad_id, device) for mb in batch_for(step)]
+        # One global batch of --batch-size x world examples per step, the same seeded order on every rank.
+        mine = common.epoch_indices(len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world)
+        chunks = [[train[i] for i in mine[s: s + args.micro_batch_size]]
+                  for s in range(0, len(mine), args.micro_batch_size)]
+        micro = [collate(c, pad_id, run.device, mask_dtype) for c in chunks]
+        n_tokens = sum(len(ids) for c in chunks for row in c for ids, _ in (row if args.packing else [row])) * run.world
+        tokens_seen, tokens_run = tokens_seen + n_tokens, tokens_run + n_tokens
         # Normalise by the token count of the whole global batch, so every target token weighs the same
-        # whatever micro-batch or rank it lands on (all_reduce_gradients averages over ranks: x world).
-        n_local = sum(int(m[2][:, 1:].sum()) for m in micro)
-        n_global = common.all_reduce_sum(n_local)
+        # whatever micro-batch or rank it lands on (the gradient all-reduce averages over ranks: x world).
+        n_global = common.all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro))
         loss_sum = 0.0
-        for ids, attn, loss_mask in micro:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                nll, _ = masked_nll_sum(model, ids, attn, loss_mask)
-            (nll * world / n_global).backward()
+        for ids, attn, loss_mask, pos in micro:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+                nll, _ = masked_nll_sum(model, ids, attn, loss_mask, pos if args.packing else None)
+            (nll * run.world / n_global).backward()
             loss_sum += float(nll.detach())
-            tokens_seen += int(attn.sum()) * world
-            tokens_run += int(attn.sum()) * world
-        common.all_reduce_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = common.all_reduce_sum(loss_sum) / n_global
+        stats = optimizer_step(loss, step + 1)
         t_train += time.perf_counter() - t0
 
-        loss = common.all_reduce_sum(loss_sum) / n_global
-        last = {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                "tokens_seen": tokens_seen, "tokens_per_s": tokens_run / max(t_train, 1e-9)}
+        last = {"loss": loss, **stats, "learning_rate": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
+                "tokens_per_s": tokens_run / max(t_train, 1e-9)}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps and common.is_main():
-            ev = evaluate(model, tokenizer, val, val_raw, problems, args, pad_id, device)
-            ev.pop("_samples", None)
-            last.update({f"eval/{k}": v for k, v in ev.items()})
+            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
         logger.log(step + 1, last)
         bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{last['eval/accuracy']:.2f}"} if "eval/accuracy" in last else {}))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
-            common.save_checkpoint(out, step + 1, model, optimizer, scheduler,
-                                   data_state={"tokens_seen": tokens_seen, "before": before})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps \
+                and optimizer_step.streak == 0:  # never checkpoint in a run of non-finite steps
+            common.save_checkpoint(run.out, step + 1, model, optimizer, scheduler,
+                                   data_state={**data_state, **optimizer_step.state_dict(), "tokens_seen": tokens_seen})
 
-    # Final evaluation, outputs, summary.
     summary = {}
     if common.is_main():
-        after = evaluate(model, tokenizer, val, val_raw, problems, args, pad_id, device)
-        common.write_jsonl(out / "samples.jsonl", after.pop("_samples", []))
-        logger.log(args.max_steps, {f"eval/{k}": v for k, v in after.items()})
+        before, after = data_state["before"], common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
         if args.full or args.train_tokens:
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
+            model.save_pretrained(run.out / "model")
+            tokenizer.save_pretrained(run.out / "model")
         else:
-            lora.save_adapter(model, out, base_model_name_or_path=None if args.model == "toy" else args.model)
+            lora.save_adapter(model, run.out, base_model_name_or_path=None if args.model == "toy" else args.model)
         metric = "accuracy" if problems is not None else "val_loss"
-        summary = {
-            "method": "sft_think", "arm": "no_think" if args.no_think else "think",
+        arm = "no_think" if args.no_think else "think"
+        summary = common.finish_run(run, {
+            "method": "sft_think", "arm": arm,
             "heldout": {"metric": metric, "before": before.get(metric) if before else None, "after": after[metric],
-                        **({"note": f"greedy, level{'s' * (',' in args.toy_difficulty)} {args.toy_difficulty}"} if args.data == "toy" else {})},
-            "final_loss": last.get("loss"), "before": before, "after": after,
-            "tokens_seen": tokens_seen, "tokens_per_s": tokens_run / max(t_train, 1e-9),
-            "train_seconds": t_train, "peak_memory_mb": common.peak_memory_mb(device), "args": asdict(args),
-        }
-        common.atomic_write_json(out / "summary.json", summary)
-        print(f"\n| arm | val loss | raw val loss | rep 4-gram | tokens seen | tok/s | memory MB |"
-              f"{' accuracy |' if problems is not None else ''}\n|---|---|---|---|---|---|---|"
-              f"{'---|' if problems is not None else ''}\n"
-              f"| {summary['arm']} | {after['val_loss']:.4f} | {after['raw_val_loss']:.4f} | "
-              f"{after.get('repetition_4gram', float('nan')):.4f} | {tokens_seen} | {summary['tokens_per_s']:.0f} | "
-              f"{summary['peak_memory_mb']:.0f} |" + (f" {before['accuracy']:.3f} -> {after['accuracy']:.3f} |"
-                                                     if problems is not None and before else ""))
+                        **({"note": f"greedy, toy level(s) {args.toy_difficulty}"} if args.data == "toy" else {})},
+            "final_loss": last.get("loss"), "before": before, "after": after, "tokens_seen": tokens_seen,
+            "tokens_per_s": tokens_run / max(t_train, 1e-9), "train_seconds": t_train,
+            "skipped_steps": optimizer_step.skipped, "args": asdict(args)},
+            table={"arm": arm, "val loss": after["val_loss"], "raw val loss": after["raw_val_loss"],
+                   "rep 4-gram": after.get("repetition_4gram"), "tokens seen": tokens_seen,
+                   "tok/s": round(tokens_run / max(t_train, 1e-9)), "memory MB": round(common.peak_memory_mb(run.device)),
+                   **({"accuracy before": before["accuracy"], "accuracy after": after["accuracy"]}
+                      if problems is not None and before else {})})
+    logger.close()
     common.cleanup_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.run_cli(main, Args)

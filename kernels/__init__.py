@@ -1,4 +1,4 @@
-"""Memory-lean token log-probs, GRPO policy loss and GKD divergence, never holding [N, V] at once.
+"""Memory-lean token log-probs, entropy and GKD's generalized JSD, never holding [N, V] at once.
 
 Full-vocabulary logits are where RL and distillation spend their memory: for Qwen3 (V = 151,936),
 16 rollouts x 1,024 tokens of logits are 5 GB in bf16 and 10 GB as the fp32 copy naive code makes.
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "policy_loss", "generalized_jsd", "linear_generalized_jsd"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "generalized_jsd", "linear_generalized_jsd"]
 
 
 def _backend(*tensors: torch.Tensor | None):
@@ -60,22 +60,6 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     return _backend(hidden, weight).linear_token_logprobs(hidden, weight, targets, temperature, return_entropy,
                                                           chunk_size)
-
-
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                advantages: torch.Tensor, mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2,
-                beta: float = 0.0):
-    """Per-token GRPO/PPO clipped surrogate plus beta times the k3 KL estimator (DeepSeekMath, DAPO).
-
-    rho = exp(logp - old_logp); loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3,
-    k3 = exp(ref - logp) - (ref - logp) - 1. logp/old_logp/ref_logp/mask [B, T] (any shape), advantages
-    [B] or [B, T]; ref_logp may be None when beta == 0. Returns fp32 tensors shaped like logp:
-    (loss, kl, is_low_clipped, is_high_clipped); the indicators are 0/1 floats (low: rho < 1 - eps_low and
-    A < 0; high: rho > 1 + eps_high and A > 0, TRL's clip_ratio/low_mean and high_mean). Masked tokens give
-    0 everywhere. kl is returned whenever ref_logp is given (for logging), even with beta == 0. Only logp
-    receives a gradient. Aggregation over tokens is the caller's.
-    """
-    return _backend(logp).policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta)
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,

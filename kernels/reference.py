@@ -82,7 +82,9 @@ def logprob_stats(z, targets, temperature, want_entropy):
 
 
 def logprob_grad(z, targets, lse, ent, g, ge, temperature, out):
-    """dL/dz = [g (onehot_y - p) - ge p (log p + H)] / T   (REFERENCE.md "Kernels"). out may alias z."""
+    """dL/dz for L = g logp_y + ge H (the contract in kernels/chunked.py), u = z / T, p = softmax(u):
+    dlogp_y/dz = (onehot_y - p) / T and dH/dz = -p (log p + H) / T (H = -sum_j p_j log p_j through
+    dp_j/du_k = p_j (1[j=k] - p_k)), so dL/dz = [g (onehot_y - p) - ge p (log p + H)] / T. out may alias z."""
     v = z.shape[1]
     x = _work_buffer(z, out)
     if temperature != 1.0:
@@ -186,52 +188,6 @@ def token_logprobs(logits, targets, temperature=1.0, return_entropy=False):
 
 def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None):
     return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size)
-
-
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0):
-    """L = -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta k3, k3 = exp(ref - logp) - (ref - logp) - 1
-    (DeepSeekMath GRPO; DAPO clip-higher). Gradient flows to logp only (the rest are constants)."""
-    adv, ref, m = prepare_policy_inputs(logp, old_logp, ref_logp, advantages, mask, beta)
-    # Masked positions may hold anything (padding): zero them first so no inf/nan reaches the gradient.
-    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
-    lp = torch.where(m, logp.float(), zero)
-    ratio = torch.exp(lp - torch.where(m, old_logp.detach().float(), zero))
-    ref = None if ref is None else torch.where(m, ref, zero)
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = -torch.minimum(ratio * adv, clipped * adv)
-    if ref is not None:
-        d = ref - lp
-        kl = torch.exp(d) - d - 1.0
-        if beta != 0.0:  # kl is still returned for logging when beta == 0
-            loss = loss + beta * kl
-    else:
-        kl = torch.zeros_like(lp)
-    low = (ratio < 1.0 - eps_low) & (adv < 0) & m
-    high = (ratio > 1.0 + eps_high) & (adv > 0) & m
-    return torch.where(m, loss, zero), torch.where(m, kl, zero).detach(), low.float(), high.float()
-
-
-def prepare_policy_inputs(logp, old_logp, ref_logp, advantages, mask, beta):
-    """Shared checks: advantages [B] or like logp -> broadcast fp32; ref may be None when beta == 0."""
-    if tuple(old_logp.shape) != tuple(logp.shape) or tuple(mask.shape) != tuple(logp.shape):
-        raise ValueError(
-            f"kernels.policy_loss: old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} must be "
-            f"shaped like logp {tuple(logp.shape)}")
-    if ref_logp is None and beta != 0.0:
-        raise ValueError("kernels.policy_loss: ref_logp is None but beta != 0 (the KL term needs it)")
-    if ref_logp is not None and tuple(ref_logp.shape) != tuple(logp.shape):
-        raise ValueError(f"kernels.policy_loss: ref_logp {tuple(ref_logp.shape)} must be shaped like logp")
-    adv = advantages.detach().float()
-    if adv.dim() == logp.dim() - 1 and logp.dim() >= 1:
-        adv = adv.unsqueeze(-1)
-    try:
-        adv = adv.expand(logp.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"kernels.policy_loss: advantages {tuple(advantages.shape)} must be [B] or shaped like logp "
-            f"{tuple(logp.shape)}") from None
-    ref = None if ref_logp is None else ref_logp.detach().float()
-    return adv, ref, mask.bool()
 
 
 def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):

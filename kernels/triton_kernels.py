@@ -6,10 +6,10 @@ set before triton is first imported: `triton.jit` reads it when a kernel is defi
 Conservative Triton on purpose, so the same source runs on an H100 and under the CPU interpreter:
 every load is cast to fp32 at once (the interpreter mishandles bf16 arithmetic), row offsets are
 int64 (N * V overflows int32 beyond about 14k rows at Qwen's vocab), the vocab tail is masked
-(151,936 is not a multiple of 256), temperature / beta / eps are constexpr (a Python float passed as a
+(151,936 is not a multiple of 256), temperature and beta are constexpr (a Python float passed as a
 runtime argument may be typed fp64 on some compile paths), and there is no autotuning.
 
-The five row ops follow the contract in `kernels/chunked.py`; `policy_loss` is an elementwise kernel.
+The five row ops follow the contract in `kernels/chunked.py`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import chunked, reference
+from kernels import chunked
 
 NEG_INF = tl.constexpr(float("-inf"))  # jit code may only read constexpr globals
 ROW_CHUNK_ELEMS = None  # one launch covers all rows; memory is bounded per program, not per call
@@ -75,7 +75,8 @@ def _logprob_fwd_kernel(z_ptr, z_stride, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V,
 @triton.jit
 def _logprob_bwd_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, out_ptr, out_stride, V,
                         INV_T: tl.constexpr, HAS_G: tl.constexpr, HAS_GE: tl.constexpr, BLOCK: tl.constexpr):
-    # dlogp_y/du = onehot_y - p; dH/du = -p (log p + H); both times 1/T for dz (REFERENCE.md "Kernels").
+    # u = z / T, p = softmax(u): dlogp_y/du = onehot_y - p; dH/du = -p (log p + H) (from dp_j/du_k =
+    # p_j (1[j=k] - p_k)); both times 1/T for dz. out = g dlogp_y/dz + ge dH/dz (kernels/chunked.py contract).
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     out_row = out_ptr + row * out_stride
@@ -270,70 +271,6 @@ def jsd_grad(zs, zt, stats, g, beta, temperature, out):
 
 
 # ----------------------------------------------------------------------------------------------------
-# GRPO / PPO policy loss (elementwise)
-
-
-@triton.jit
-def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, loss_ptr, kl_ptr, low_ptr, high_ptr,
-                        dlogp_ptr, n, EPS_LOW: tl.constexpr, EPS_HIGH: tl.constexpr, BETA: tl.constexpr,
-                        HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
-    # rho = exp(logp - old); L = -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta k3,
-    # k3 = exp(ref - logp) - (ref - logp) - 1 (DeepSeekMath; DAPO). The min picks the clipped term exactly
-    # when (rho > 1+eps_high and A > 0) or (rho < 1-eps_low and A < 0); there dL/dlogp of the surrogate
-    # is 0, elsewhere -rho A. dk3/dlogp = 1 - exp(ref - logp).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    m = (tl.load(mask_ptr + offs, mask=inb, other=0.0).to(tl.float32) != 0.0) & inb
-    lp = tl.where(m, tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    old = tl.where(m, tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-    adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    ratio = tl.exp(lp - old)
-    is_low = (ratio < 1.0 - EPS_LOW) & (adv < 0.0) & m
-    is_high = (ratio > 1.0 + EPS_HIGH) & (adv > 0.0) & m
-    clipped = tl.minimum(tl.maximum(ratio, 1.0 - EPS_LOW), 1.0 + EPS_HIGH)
-    loss = tl.where(is_low | is_high, -clipped * adv, -ratio * adv)
-    dlogp = tl.where(is_low | is_high, 0.0, -ratio * adv)
-    kl = tl.zeros([BLOCK], tl.float32)
-    if HAS_REF:
-        ref = tl.where(m, tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-        diff = ref - lp
-        kl = tl.exp(diff) - diff - 1.0
-        if BETA != 0.0:
-            loss += BETA * kl
-            dlogp += BETA * (1.0 - tl.exp(diff))
-    tl.store(loss_ptr + offs, tl.where(m, loss, 0.0), mask=inb)
-    tl.store(kl_ptr + offs, tl.where(m, kl, 0.0), mask=inb)
-    tl.store(low_ptr + offs, is_low.to(tl.float32), mask=inb)
-    tl.store(high_ptr + offs, is_high.to(tl.float32), mask=inb)
-    tl.store(dlogp_ptr + offs, tl.where(m, dlogp, 0.0), mask=inb)
-
-
-class _PolicyLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, eps_low, eps_high, beta):
-        flat = [t.contiguous().reshape(-1) for t in (logp, old, adv, mask)]
-        lp, old_f, adv_f, mask_f = flat
-        ref_f = lp if ref is None else ref.contiguous().reshape(-1)
-        n = lp.numel()
-        outs = [torch.empty(n, dtype=torch.float32, device=lp.device) for _ in range(5)]
-        if n:
-            block = 1024
-            _policy_loss_kernel[(triton.cdiv(n, block),)](
-                lp, old_f, ref_f, adv_f, mask_f, *outs, n, EPS_LOW=float(eps_low), EPS_HIGH=float(eps_high),
-                BETA=float(beta), HAS_REF=ref is not None, BLOCK=block, num_warps=4)
-        loss, kl, low, high, dlogp = (o.view(logp.shape) for o in outs)
-        ctx.save_for_backward(dlogp)
-        ctx.logp_dtype = logp.dtype
-        ctx.mark_non_differentiable(kl, low, high)
-        return loss, kl, low, high
-
-    @staticmethod
-    def backward(ctx, g, *_):
-        (dlogp,) = ctx.saved_tensors
-        return (g * dlogp).to(ctx.logp_dtype), None, None, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------------
 # public functions (same signatures as kernels/__init__.py; the chunk drivers are shared with the reference)
 
 _OPS = sys.modules[__name__]
@@ -345,11 +282,6 @@ def token_logprobs(logits, targets, temperature=1.0, return_entropy=False):
 
 def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None):
     return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size)
-
-
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0):
-    adv, ref, m = reference.prepare_policy_inputs(logp, old_logp, ref_logp, advantages, mask, beta)
-    return _PolicyLoss.apply(logp, old_logp.detach(), ref, adv, m.float(), eps_low, eps_high, beta)
 
 
 def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):

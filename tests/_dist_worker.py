@@ -60,7 +60,7 @@ def main(out: Path):
     else:
         model, opt, _ = train(rank, world, False)
     results["sum_of_ranks"] = common.all_reduce_sum(rank)
-    results["mean_tensor"] = common.all_reduce_mean(torch.tensor([float(rank)]))
+    results["sum_tensor"] = common.all_reduce_sum(torch.tensor([float(rank)]))
     common.MetricsLogger(out).log(1, {"rank": rank})  # rank 0 only
     common.save_checkpoint(out, STEPS, model, opt, data_state={"rank": rank})
     results["loaded"] = common.load_checkpoint(out, model, opt)

@@ -34,7 +34,7 @@ def test_two_ranks_match_one_process(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["sum_of_ranks"] == r1["sum_of_ranks"] == 1
-    assert r0["mean_tensor"].item() == r1["mean_tensor"].item() == 0.5
+    assert r0["sum_tensor"].item() == r1["sum_tensor"].item() == 1.0
 
     worker = _worker_module()
     threads = torch.get_num_threads()

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import grpo
-from kernels import policy_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# The learning test: the script's defaults (from the shipped SFT adapter) with fewer steps and held-out prompts.
+LEARN = ["--max-steps", "80", "--eval-size", "100", "--init-adapter", "auto", "--save-every", "0"]
+LEARN_MARGIN = 0.05
 TINY = ["--max-steps", "2", "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "24",
         "--eval-size", "4", "--micro-batch-size", "4", "--log-completions", "1", "--init-adapter", "",
         "--save-every", "0"]
@@ -70,13 +72,13 @@ def test_bnpo_averages_micro_batch_token_means():
     assert parts.item() == pytest.approx(((1 + 2 + 3) / 3 + 5 / 1) / 2)
 
 
-def test_clipped_surrogate_through_the_kernel_by_hand():
+def test_clipped_surrogate_by_hand():
     # ratio 1.5 with A = +1 is clipped at 1 + eps = 1.2; ratio 0.5 with A = -1 at 1 - eps = 0.8; ratio 1 passes.
     old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
     adv = torch.tensor([[1.0, -1.0, 2.0]])
     mask = torch.ones(1, 3)
-    loss, kl, low, high = policy_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0)
+    loss, kl, low, high = grpo.clipped_surrogate(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0)
     assert loss.tolist()[0] == pytest.approx([-1.2, 0.8, -2.0], rel=1e-5)
     assert low.tolist() == [[0.0, 1.0, 0.0]] and high.tolist() == [[1.0, 0.0, 0.0]]
     assert grpo.aggregate_loss(loss, mask, "bnpo", 3).item() == pytest.approx((-1.2 + 0.8 - 2.0) / 3, rel=1e-5)
@@ -118,8 +120,8 @@ def test_update_without_zero_advantage_rows_has_the_same_gradient(loss_type):
 
     def grad(rows):
         logp.grad = None
-        per_token, *_ = policy_loss(logp[rows], old[rows], None, adv[rows], mask[rows], eps_low=0.2, eps_high=0.28,
-                                    beta=0.0)
+        per_token, *_ = grpo.clipped_surrogate(logp[rows], old[rows], None, adv[rows], mask[rows], eps_low=0.2,
+                                               eps_high=0.28, beta=0.0)
         grpo.aggregate_loss(per_token, mask[rows], loss_type, 5, batch_rows=6, global_tokens=tokens).backward()
         return logp.grad.clone()
 
@@ -137,11 +139,11 @@ def test_evaluate_leaves_prompts_without_gold_out_of_accuracy(monkeypatch):
         def texts(self, tokenizer):
             return texts[self.n]
 
-    monkeypatch.setattr(grpo.common, "sample", lambda model, tok, prompts, n=1, **kw: FakeRollout(n))
+    monkeypatch.setattr(grpo.sampling, "sample", lambda model, tok, prompts, n=1, **kw: FakeRollout(n))
     heldout = [{"ids": [1], "prompt": "a", "answer": "5"}, {"ids": [2], "prompt": "b", "answer": None},
                {"ids": [3], "prompt": "c", "answer": "7"}]
-    args = grpo.Args(eval_samples=2, reward="correct:1.0")
-    row = grpo.evaluate(torch.nn.Linear(1, 1), None, heldout, "correct:1.0", args, eos=[0])
+    row = grpo.evaluate(torch.nn.Linear(1, 1), None, heldout, "correct:1.0", k=2, max_new_tokens=8, temperature=0.5,
+                        top_p=1.0, seed=0, accuracy=True)
     assert row["accuracy"] == pytest.approx(3 / 4)        # 1 + 2 right of the 4 graded samples
     assert row["pass_at_k"] == 1.0 and row["greedy_accuracy"] == 1.0 and row["graded_prompts"] == 2
 
@@ -159,15 +161,15 @@ def test_mara_anchors_high_reward_samples():
     assert new.tolist() == pytest.approx([0.1, 0.2])
 
 
-def test_reward_gate_and_distinct2():
-    primary = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
-    gate = grpo.reward_gate(primary, 4)
-    assert gate["gate/mixed_groups"] == pytest.approx(1 / 3)
-    assert gate["gate/all_zero_groups"] == pytest.approx(1 / 3)
-    assert gate["gate/all_one_groups"] == pytest.approx(1 / 3)
-    assert gate["gate/near_zero_groups"] == pytest.approx(1 / 3)
-    # group 1: bigrams (1,2),(2,3),(1,2),(2,3) -> 2 unique / 4; group 2: (5,6),(6,7) -> 2 / 2
-    assert grpo.distinct2_within_groups([[1, 2, 3], [1, 2, 3], [5, 6], [6, 7]], 2) == pytest.approx((0.5 + 1.0) / 2)
+def test_kl_term_is_k3_and_reference_equal_policy_gives_zero():
+    # k3 = exp(ref - logp) - (ref - logp) - 1: 0 where ref == logp, e^-1 - (-1) - 1 = e^-1 where ref = logp - 1
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -3.0]])
+    loss, kl, _, _ = grpo.clipped_surrogate(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 2), 0.2, 0.2, 0.5)
+    assert kl.tolist()[0] == pytest.approx([0.0, math.exp(-1.0)])
+    assert loss.tolist()[0] == pytest.approx([0.0, 0.5 * math.exp(-1.0)])  # A = 0: only beta * k3 is left
+    loss.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, 0.5 * (1 - math.exp(-1.0))])  # d k3 / d logp = 1 - e^(ref-logp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +217,16 @@ def test_kl_zero_at_step0_and_ratio_clips_with_two_iterations(tmp_path):
     assert second["clip_ratio/region_mean"] > 0.0
     assert second["kl"] > 0.0
     assert second["reward"] == first["reward"]  # same generation batch
+
+
+def test_mara_with_every_completion_shorter_than_the_limit(tmp_path):
+    # Level-1 problems from the SFT adapter end well before 300 tokens, so the rollout is narrower than
+    # --max-completion-length: the reference log-probs must be as wide as the rollout, not as the limit.
+    run_grpo(tmp_path, "--init-adapter", "auto", "--toy-difficulty", "1", "--max-completion-length", "300",
+             "--mara-tau", "0.5", "--beta", "0.04", "--max-steps", "1")
+    row = [r for r in metrics(tmp_path) if "reward" in r][0]
+    assert row["completions/clipped_ratio"] == 0.0 and row["completions/max_length"] < 300, row
+    assert 0.0 <= row["mara/anchored_frac"] <= 1.0 and row["kl"] == 0.0
 
 
 @pytest.mark.slow
@@ -286,17 +298,14 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_toy_verifiable(tmp_path, sft_toy_run):
-    """The README pipeline: SFT with thinking (the shared session run), then GRPO raises held-out accuracy at level 3
-    (Mean@4 at the sampling temperature) and greedy accuracy does not fall. Measured on 2 cores: +12.3 points on
-    seed 0 (0.596 -> 0.719) and +9.8 on seed 1; the asserted +5 leaves room for another CPU's float rounding to
-    send the run down a different, equally valid path."""
-    sft = sft_toy_run
-    cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(tmp_path / "grpo"), "--init-adapter", str(sft)]
+def test_learning_toy_verifiable(tmp_path):
+    """`python grpo.py` shortened: from the shipped toy SFT adapter, GRPO raises held-out accuracy at level 3
+    (Mean@4 at the sampling temperature) on a fixed seed. The full default (300 steps) is measured by the script
+    itself and quoted in the README; this run is shorter and asserts a margin below what it measured."""
+    cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(tmp_path / "grpo"), *LEARN]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     held = summary["heldout"]
     assert held["metric"] == "accuracy" and 0.2 <= held["before"] <= 0.9, held  # a level the SFT model has not mastered
-    assert held["after"] >= held["before"] + 0.05, held
-    assert summary["after"]["greedy_accuracy"] >= summary["before"]["greedy_accuracy"] - 0.05, summary["after"]
+    assert held["after"] >= held["before"] + LEARN_MARGIN, held

@@ -1,17 +1,25 @@
 """rewards.py: the calling convention and combiner, metrics against their reference implementations
-(sacrebleu, rouge-score, rapidfuzz), correctness, judges (toy, local model, HTTP) and the proxy-model reward."""
+(sacrebleu, rouge-score, rapidfuzz), correctness (answers.py), group statistics, the proxy-model reward; judges.py:
+the judges (toy, local model, HTTP); the chrF++ / ROUGE-L benchmark."""
+import importlib.util
 import json
 import math
 import random
+import socket
 import threading
 import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+import answers
+import common
+import judges
 import rewards
-from rewards import JudgeError, RewardError
+from judges import JudgeError
+from rewards import RewardError
 
 # ----------------------------------------------------------------------------------------------------------------
 # seeded text pairs with the hard cases: empty strings, punctuation, unicode, repeated words, odd whitespace
@@ -272,7 +280,7 @@ def test_semantic_similarity_and_unique_encoding(monkeypatch):
         assert para > unrelated + 0.2, (k, para, unrelated)
     assert sims[9:] == sims[:3]
     assert rewards.semantic(["x", "y"], reference=[None, "y"])[0] is None
-    # pairwise diversity (REFERENCE "Reward metrics"): 0 for copies, larger for unrelated texts
+    # pairwise diversity: 0 for copies, larger for unrelated texts
     assert rewards.pairwise_diversity([ref, ref, ref]) == pytest.approx(0.0, abs=1e-5)
     assert rewards.pairwise_diversity([ref, cases[0][1]]) < rewards.pairwise_diversity([ref, cases[0][2]])
 
@@ -283,7 +291,7 @@ def test_semantic_similarity_and_unique_encoding(monkeypatch):
 
 
 def test_gsm8k_extraction():
-    ex = rewards.extract_gsm8k
+    ex = answers.extract_gsm8k
     assert ex("so 3 + 4 = 7\n#### 1,234") == "1234"
     assert ex("First 12, then 15. The answer is 42.") == "42"
     assert ex("I think 5 apples and then 17") == "17"
@@ -293,15 +301,15 @@ def test_gsm8k_extraction():
 
 
 def test_boxed_extraction():
-    assert rewards.extract_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
-    assert rewards.extract_boxed("\\boxed{a{b{c}}d}") == "a{b{c}}d"
-    assert rewards.extract_boxed("\\boxed{unclosed") is None
-    assert rewards.extract_boxed("nothing") is None
-    assert rewards.extract_boxed("so \\boxed 5") == "5"
+    assert answers.extract_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
+    assert answers.extract_boxed("\\boxed{a{b{c}}d}") == "a{b{c}}d"
+    assert answers.extract_boxed("\\boxed{unclosed") is None
+    assert answers.extract_boxed("nothing") is None
+    assert answers.extract_boxed("so \\boxed 5") == "5"
 
 
 def test_choice_extraction():
-    ex = rewards.extract_choice
+    ex = answers.extract_choice
     assert ex("reasons...\nAnswer: C") == "C"
     assert ex("**Answer:** (b)") == "B"
     assert ex("So the correct answer is (D).") == "D"
@@ -311,7 +319,7 @@ def test_choice_extraction():
 
 
 def test_answers_match_never_evaluates():
-    m = rewards.answers_match
+    m = answers.answers_match
     assert m("1000", "1,000") and m("0.5", "\\frac{1}{2}") and m("\\frac12", "\\dfrac{1}{2}") and m("1/2", "0.50")
     assert m("3", "x = 3") and m("10", "10^\\circ") and m("5", "\\text{5}") and m("50%", "0.5")
     assert m("\\sqrt{2}", "\\sqrt{2}") and not m("\\sqrt{2}", "\\sqrt{3}")
@@ -342,11 +350,12 @@ def test_think_format():
               "<think><think>a</think>"]) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
-def test_correct_agrees_with_toy_checker():
+def test_correct_grades_the_toy_arithmetic_task():
+    # rewards.correct is the one grader of toy accuracy: right answers, wrong answers, unclosed thinking
     toy = pytest.importorskip("toy")
     for style in ("gsm8k", "math", "mc"):
         recs = toy.arithmetic("test", 30, seed=1, style=style)
-        comps, golds, styles = [], [], []
+        comps, golds, styles, expected = [], [], [], []
         for i, r in enumerate(recs):
             final = r["messages"][1]["content"]
             if i % 3 == 1:  # a wrong answer
@@ -357,11 +366,10 @@ def test_correct_agrees_with_toy_checker():
             comps.append(f"<think>{r['reasoning']}</think>\n\n{final}" if i % 3 != 2 else f"<think>{final}")
             golds.append(r["answer"])
             styles.append(style)
+            expected.append(1.0 if i % 3 == 0 else 0.0)
         ours = rewards.correct(comps, answer=golds, style=styles)
-        theirs = [float(toy.check_arithmetic(c, g, style)) for c, g in zip(comps, golds)]
-        assert ours == theirs == rewards.toy_correct(comps, answer=golds, style=styles)
+        assert ours == expected, style
         assert ours == rewards.correct(comps, answer=golds)  # inferred format agrees with the labelled one
-        assert sum(ours) == 10
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,19 +378,19 @@ def test_correct_agrees_with_toy_checker():
 
 
 def test_parse_score_and_winner_are_strict():
-    assert rewards.parse_score("Looks right.\nScore: 10") == 1.0
-    assert rewards.parse_score("ok\n**Score: 1**\n\n") == 0.0
-    assert rewards.parse_score("<think>Score: 2</think>fine\nScore: 7/10") == pytest.approx(6 / 9)
+    assert judges.parse_score("Looks right.\nScore: 10") == 1.0
+    assert judges.parse_score("ok\n**Score: 1**\n\n") == 0.0
+    assert judges.parse_score("<think>Score: 2</think>fine\nScore: 7/10") == pytest.approx(6 / 9)
     for bad in ["Score: 11", "Score: 0", "Score: seven", "Score: 7\nthanks", "", "7", "The score: 5 maybe"]:
-        assert rewards.parse_score(bad) is None, bad
-    assert rewards.parse_winner("A is better.\nWinner: B") == "B"
-    assert rewards.parse_winner("Winner: (a).") == "A"
-    assert rewards.parse_winner("Winner: C") is None and rewards.parse_winner("B") is None
+        assert judges.parse_score(bad) is None, bad
+    assert judges.parse_winner("A is better.\nWinner: B") == "B"
+    assert judges.parse_winner("Winner: (a).") == "A"
+    assert judges.parse_winner("Winner: C") is None and judges.parse_winner("B") is None
 
 
 def test_local_judge_parsing_and_counting_with_canned_replies(monkeypatch):
     # the model is replaced by canned replies: templates, answer-only prompts, parsing and counting
-    judge = rewards.LocalJudge(model=None, tokenizer=None)
+    judge = judges.LocalJudge(model=None, tokenizer=None)
     replies = iter(["Fine.\nScore: 9", "garbage", "Winner: A", "Winner: A", "Winner: B", "nonsense",
                     "bad", "worse"])
     seen = []
@@ -421,14 +429,14 @@ def _toy_model():
 
 def test_local_judge_runs_on_the_toy_model():
     model, tok = _toy_model()
-    judge = rewards.LocalJudge(model, tok, max_new_tokens=12, batch_size=4)
+    judge = judges.LocalJudge(model, tok, max_new_tokens=12, batch_size=4)
     scores = judge.score(["Reverse the letters of: abc", "Sort from small to large: 3 1 2"], ["cba", "1 2 3"])
     assert len(scores) == 2 and all(s is None or 0.0 <= s <= 1.0 for s in scores)
     assert judge.calls == 2 and judge.invalid == sum(s is None for s in scores)
     prefs = judge.prefer(["Once upon a time"], ["a fox ran."], ["zzzz"])
     assert len(prefs) == 1 and (prefs[0] is None or 0.0 <= prefs[0] <= 1.0)
     assert judge.calls == 4 and judge.invalid >= 0
-    fn = rewards.judge_reward(judge)
+    fn = judges.judge_reward(judge)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an invalid verdict leaves the sample unscored, which warns
         total, per = rewards.compute_rewards("judge", ["cba"], {"prompt": ["Reverse the letters of: abc"]},
@@ -438,8 +446,8 @@ def test_local_judge_runs_on_the_toy_model():
 
 def test_toy_judges_through_the_interface():
     toy = pytest.importorskip("toy")
-    judge = rewards.make_judge("toy")
-    fn = rewards.judge_reward(judge)
+    judge = judges.make_judge("toy")
+    fn = judges.judge_reward(judge)
     recs = toy.instructions("test", 3, seed=0)
     prompts = [r["prompt"] for r in recs]
     comps = [f"<think>hmm</think>{recs[0]['answer']}", "<think>never closed", "wrong"]
@@ -448,10 +456,10 @@ def test_toy_judges_through_the_interface():
     assert per["judge"][0] == 1.0 and per["judge"][1] is None and 0.0 <= per["judge"][2] < 1.0
     assert (judge.calls, judge.invalid) == (3, 1)
 
-    pair = rewards.make_judge("toy", pairwise=True)
+    pair = judges.make_judge("toy", pairwise=True)
     cont = toy.continuations("test", 1, seed=0)[0]
     cands = [cont["reference"], cont["reference"][: len(cont["reference"]) // 2], "@@@ nonsense\nmore junk\n"]
-    scores = rewards.pairwise_scores(pair, cont["prompt"], cands)
+    scores = judges.pairwise_scores(pair, cont["prompt"], cands)
     assert scores[0] >= scores[2] and all(0.0 <= s <= 1.0 for s in scores)
     assert sum(scores) == pytest.approx(len(cands) / 2)  # win rates over K-1 opponents sum to K/2
     assert pair.calls == 3
@@ -467,12 +475,12 @@ def test_pairwise_scores_math():
             return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
 
     j = LongerWins()
-    assert rewards.pairwise_scores(j, "p", ["aaa", "a", "aa", "aa"]) == [1.0, 0.0, 0.5, 0.5]
+    assert judges.pairwise_scores(j, "p", ["aaa", "a", "aa", "aa"]) == [1.0, 0.0, 0.5, 0.5]
     assert len(j.pairs) == 6  # C(4, 2) unordered pairs, one batch
     j = LongerWins()
-    assert rewards.pairwise_scores(j, "p", ["aaa", "a", "aa"], both_orders=True) == [1.0, 0.0, 0.5]
+    assert judges.pairwise_scores(j, "p", ["aaa", "a", "aa"], both_orders=True) == [1.0, 0.0, 0.5]
     assert len(j.pairs) == 6 and ("a", "aaa") in j.pairs
-    assert rewards.pairwise_scores(j, "p", ["x"]) == [None]
+    assert judges.pairwise_scores(j, "p", ["x"]) == [None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,7 +545,7 @@ def server():
 
 
 def test_http_judge_scores_and_prefers(server):
-    judge = rewards.HTTPJudge(server.url, model="judge-model", concurrency=4, timeout=5, retries=0,
+    judge = judges.HTTPJudge(server.url, model="judge-model", concurrency=4, timeout=5, retries=0,
                               api_key="sk-test")
     assert judge.score(["q1", "q2", "q3"], ["right", "wrong", "right"]) == [pytest.approx(7 / 9), None,
                                                                          pytest.approx(7 / 9)]
@@ -548,18 +556,19 @@ def test_http_judge_scores_and_prefers(server):
     # both orders asked: the server always prefers "good", wherever it is shown
     assert judge.prefer(["p", "p"], ["good one", "meh"], ["meh", "good two"]) == [1.0, 0.0]
     assert judge.calls == 7
-    assert rewards.pairwise_scores(judge, "p", ["meh", "good", "bad"]) == [0.25, 1.0, 0.25]
+    assert judges.pairwise_scores(judge, "p", ["meh", "good", "bad"]) == [0.25, 1.0, 0.25]
 
 
 def test_http_judge_retries_timeouts_and_5xx(server):
     server.plan = ["503", "slow", "ok"]
-    judge = rewards.HTTPJudge(server.url + "/v1", model="m", concurrency=1, timeout=0.2, retries=2, backoff=0.01)
+    judge = judges.HTTPJudge(server.url + "/v1", model="m", concurrency=1, timeout=0.2, retries=2, backoff=0.01)
     t = time.perf_counter()
     assert judge.score(["q"], ["right"]) == [pytest.approx(7 / 9)]
     assert time.perf_counter() - t < 3
     assert [r[3] for r in server.requests] == ["503", "slow", "ok"]
     server.plan = ["503", "503", "503"]
-    with pytest.raises(JudgeError, match=r"127\.0\.0\.1:\d+/v1/chat/completions failed after 3 attempt.*HTTP 503"):
+    with pytest.raises(JudgeError, match=r"^judge http://127\.0\.0\.1:\d+/v1/chat/completions: HTTP 503 .*"
+                                         r"\(after 3 tries\)$"):
         judge.score(["q"], ["right"])
     server.plan = ["400"]
     n = len(server.requests)
@@ -571,19 +580,29 @@ def test_http_judge_retries_timeouts_and_5xx(server):
         judge.score(["q"], ["right"])
 
 
-def test_http_judge_down_names_url_and_cause():
-    s = _Server()
-    url = s.url
-    s.close()  # nothing listens there any more
-    judge = rewards.HTTPJudge(url, model="m", timeout=0.5, retries=2, backoff=0.01)
+def _closed_port() -> int:
+    """A local port nothing listens on: bound by the OS, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_http_judge_down_is_one_line_naming_url_and_cause():
+    port = _closed_port()
+    judge = judges.HTTPJudge(f"http://127.0.0.1:{port}", model="m", timeout=0.5, retries=2, backoff=0.01)
+    t = time.perf_counter()
     with pytest.raises(JudgeError) as e:
         judge.score(["q"], ["a"])
-    msg = str(e.value)
-    assert url in msg and "failed after 3 attempt(s)" in msg and "Connection" in msg
-    # through the reward convention the error names the reward (and is not retried per sample)
-    with pytest.raises(RewardError, match=r"reward 'judge' failed: judge endpoint http://127\.0\.0\.1"):
+    assert time.perf_counter() - t < 3
+    assert str(e.value) == f"judge http://127.0.0.1:{port}/v1/chat/completions: connection refused (after 3 tries)"
+    assert isinstance(e.value, common.UserError)  # scripts print it in one line and exit 2
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no urllib traceback chained to it
+    # through the reward convention it passes as it is: not re-run per sample, still a UserError
+    n_before = judge.calls
+    with pytest.raises(JudgeError, match=r"^judge http://127\.0\.0\.1:\d+/v1/chat/completions: connection refused"):
         rewards.compute_rewards("judge", ["a", "b"], {"prompt": ["q", "q"]},
-                                functions={"judge": rewards.judge_reward(judge)})
+                                functions={"judge": judges.judge_reward(judge)})
+    assert judge.calls == n_before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,8 +631,51 @@ def test_proxy_nll_reward_matches_a_plain_forward():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# diversity metrics and the benchmark
+# reward columns, group statistics, diversity metrics and the benchmark
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_reward_columns_repeat_rows_and_drop_ids():
+    rows = [{"ids": [1, 2], "prompt": "p0", "answer": "4"}, {"ids": [3], "prompt": "p1", "domain": "code"}]
+    cols = rewards.reward_columns(rows, 2)
+    assert cols == {"answer": ["4", "4", None, None], "domain": [None, None, "code", "code"],
+                    "prompt": ["p0", "p0", "p1", "p1"]}
+    assert rewards.reward_columns([], 4) == {}
+
+
+def test_reward_gate_group_statistics():
+    import torch
+
+    # groups of 3: [0 0 0] all zero; [1 1 1] all one; [1 0 0] mixed; [0.2 0.6 0.4] mixed (0.6 >= 0.5)
+    primary = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.2, 0.6, 0.4]
+    expected = {"gate/mixed_groups": 0.5, "gate/all_zero_groups": 0.25, "gate/all_one_groups": 0.25,
+                "gate/near_zero_groups": 0.25,  # only the all-zero group has a mean below 0.05
+                "gate/any_success_groups": 0.75}
+    assert rewards.reward_gate(torch.tensor(primary), 3) == pytest.approx(expected)
+    assert rewards.reward_gate(primary, 3) == pytest.approx(expected)  # a reward column as a list
+    # None counts as 0.0; thresholds are parameters: success 0.7 leaves [0.2 0.6 0.4] with no success
+    with_none = [None if v == 0.0 else v for v in primary]
+    assert rewards.reward_gate(with_none, 3) == pytest.approx(expected)
+    strict = rewards.reward_gate(primary, 3, success=0.7, near_zero=0.5)
+    assert strict["gate/mixed_groups"] == 0.25 and strict["gate/any_success_groups"] == 0.5
+    assert strict["gate/near_zero_groups"] == 0.75  # group means 0, 1, 1/3, 0.4: three below 0.5
+    for bad, G in ((primary[:10], 3), (primary, 0), ([], 3)):
+        with pytest.raises(ValueError, match="reward_gate"):
+            rewards.reward_gate(bad, G)
+    with pytest.raises(ValueError, match=r"10 rewards .* G=3"):
+        rewards.reward_gate(primary[:10], 3)
+
+
+def test_distinct_n_within_groups():
+    # group 1: bigrams (1,2) (2,1) (1,2) -> 2 unique of 3; group 2: (5,6) (7,8) -> 2 of 2; mean (2/3 + 1) / 2
+    rows = [[1, 2, 1], [1, 2], [5, 6], [7, 8]]
+    assert rewards.distinct_n_within_groups(rows, 2) == pytest.approx((2 / 3 + 1) / 2)
+    # n = 1 over group 1: tokens 1 2 1 1 2 -> 2 unique of 5; group 2: 5 6 7 8 -> 4 of 4
+    assert rewards.distinct_n_within_groups(rows, 2, n=1) == pytest.approx((2 / 5 + 1) / 2)
+    # a group without any bigram (single tokens) is left out of the mean; no groups at all gives 0
+    assert rewards.distinct_n_within_groups([[1], [2], [3, 3], [3, 3]], 2) == pytest.approx(0.5)
+    assert rewards.distinct_n_within_groups([[1], [2]], 2) == 0.0
+    assert rewards.distinct_n_within_groups([], 4) == 0.0
 
 
 def test_distinct_n():
@@ -622,10 +684,21 @@ def test_distinct_n():
     assert rewards.distinct_n([""], 2) == 0.0
 
 
-def test_bench_runs_small():
-    r = rewards.bench_chrf(n_pairs=40, n_words=20, repeats=1)
+def _rewards_bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "rewards_bench.py"
+    spec = importlib.util.spec_from_file_location("rewards_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_runs_small(capsys):
+    bench = _rewards_bench()
+    r = bench.bench_chrf(n_pairs=40, n_words=20, repeats=1)
     assert r["chrf_max_abs_diff"] < 1e-9 and r["rouge_l_max_abs_diff"] < 1e-9
     assert r["chrf_speedup"] > 0 and r["rouge_l_speedup"] > 0
+    bench.main(["--pairs", "8", "--words", "5", "--repeats", "1"])
+    assert "chrF++  sacrebleu" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

@@ -83,7 +83,7 @@ def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_pat
     run_script(*args, "--out", tmp_path / "full")
     killed = tmp_path / "killed"
     with pytest.raises(AssertionError, match="exited 137"):
-        run_script(*args, "--out", killed, env={"KILL_AFTER_CHECKPOINT": "4"})
+        run_script("tests/_kill_after_checkpoint.py", "4", *args, "--out", killed)
     assert not (killed / "summary.json").exists() and (killed / "checkpoint" / "state.json").exists()
     run_script(*args, "--out", killed, "--resume")
 
@@ -147,3 +147,70 @@ def test_default_run_learns_to_think(sft_toy_run):
     assert s["heldout"]["metric"] == "accuracy"
     assert s["heldout"]["after"] >= 0.8, s["heldout"]
     assert s["heldout"]["after"] >= s["heldout"]["before"] + 0.3, s["heldout"]
+
+
+def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
+    # toy/sft_think (grpo.py's default start) is `python sft_think.py` with its defaults (scripts/make_toy_adapters.py)
+    made_by = json.loads((toy.SFT_ADAPTER_DIR / "made_by.json").read_text())
+    assert made_by["command"] == "python sft_think.py"
+    shipped, fresh = (load_file(d / "adapter_model.safetensors") for d in (toy.SFT_ADAPTER_DIR, sft_toy_run))
+    assert shipped.keys() == fresh.keys()
+    # compare the weight deltas B @ A the adapters add (A and B alone could drift together)
+    for a_key in [k for k in shipped if "lora_A" in k]:
+        b_key = a_key.replace("lora_A", "lora_B")
+        d_shipped, d_fresh = (w[b_key] @ w[a_key] for w in (shipped, fresh))
+        rel = float((d_shipped - d_fresh).norm() / d_shipped.norm().clamp(min=1e-12))
+        assert rel < 0.05, (a_key, rel)
+    s = json.loads((sft_toy_run / "summary.json").read_text())
+    assert abs(s["heldout"]["after"] - made_by["heldout"]["after"]) <= 0.03, (s["heldout"], made_by["heldout"])
+
+
+def test_packing_gives_the_unpacked_loss():
+    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    rows = toy.arithmetic("test", 6, seed=0, difficulty=[1, 2])
+    examples = sft_think.encode_all(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "toy")
+    packed_rows = sft_think.pack(examples, 512)
+    assert any(len(r) > 1 for r in packed_rows), "nothing was packed"
+    with torch.no_grad():
+        alone = sum(float(sft_think.masked_nll_sum(model, *sft_think.collate([e], tok.pad_token_id, "cpu"))[0])
+                    for e in examples)
+        ids, attn, loss_mask, pos = sft_think.collate(packed_rows, tok.pad_token_id, "cpu")
+        packed = float(sft_think.masked_nll_sum(model, ids, attn, loss_mask, pos)[0])
+        # what packing did before: one causal mask over the whole row, positions running on across examples
+        crossing = float(sft_think.masked_nll_sum(model, ids, (loss_mask >= 0).long() * (pos >= 0).long(),
+                                                  loss_mask)[0])
+    assert packed == pytest.approx(alone, rel=1e-4)
+    assert abs(crossing - alone) > 1e-3 * alone  # the test would catch attention across examples
+
+
+def test_held_out_split_keeps_file_line_numbers(tmp_path):
+    data = tmp_path / "d.jsonl"
+    common.write_jsonl(data, [{"text": f"row {i}"} for i in range(40)])
+    train, held, _ = sft_think.load_rows(str(data), "", seed=0, eval_size=200, toy_difficulty="1", toy_train_size=1)
+    assert sorted(r["_line"] for r in train + held) == list(range(1, 41))
+    assert all(r["text"] == f"row {r['_line'] - 1}" for r in train + held)
+
+
+def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    real, calls = sft_think.masked_nll_sum, {"train": 0}
+
+    def poisoned(model, ids, attn, loss_mask, position_ids=None):
+        nll, n = real(model, ids, attn, loss_mask, position_ids)
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] > 2:  # steps 3, 4, 5, ... go non-finite
+                nll = nll * float("nan")
+        return nll, n
+
+    monkeypatch.setattr(sft_think, "masked_nll_sum", poisoned)
+    args = common.parse_args(sft_think.Args, ["--toy-train-size", "64", "--eval-size", "4", "--batch-size", "4",
+                                              "--max-new-tokens", "8", "--eval-every", "0", "--max-steps", "10",
+                                              "--save-every", "2", "--out", str(tmp_path)])
+    with pytest.raises(common.NonFiniteError, match="3 steps in a row"):
+        sft_think.main(args)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2  # step 4 came in the bad run: no checkpoint there
+    saved = torch.load(tmp_path / "checkpoint" / "trainable.pt", weights_only=True)
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2]  # step 5 raised before it was logged

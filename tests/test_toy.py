@@ -4,11 +4,25 @@ import importlib.util
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
+import rewards
 import toy
+import toy.tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pretrain_script():
+    """scripts/pretrain_toy.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its own module up while being defined
+    spec.loader.exec_module(module)
+    return module
 
 
 def _real_qwen3_dir() -> Path | None:
@@ -219,8 +233,8 @@ def test_arithmetic_records(style):
             assert r["reasoning"].count("=") - r["reasoning"].count("\n=") == len(r["reasoning"].split("\n")) - 2 * spec["steps"]
             assert r["messages"][0]["content"] == r["prompt"]
             final = r["messages"][1]["content"]
-            assert toy.check_arithmetic(final, r["answer"], style)
-            assert toy.extract_answer(final, style) == r["answer"]
+            assert rewards.correct([final, f"<think>\n{r['reasoning']}\n</think>\n\n{final}"], [r["answer"]] * 2,
+                                   [style] * 2) == [1.0, 1.0]
             if style == "mc":
                 assert r["choices"]["ABCD".index(r["answer"])] == r["value"] and len(set(r["choices"])) == 4
 
@@ -232,15 +246,22 @@ def test_sft_default_fits_in_a_short_sequence(toy_tok):
         assert n < 200
 
 
-def test_extract_answer():
-    assert toy.extract_answer("<think>\n1+1=2\n</think>\n\n#### 1,234") == "1234"
-    assert toy.extract_answer("so the answer is 42.") == "42"
-    assert toy.extract_answer("<think>\n=7\n") is None  # thought never closed: no answer
-    assert toy.extract_answer("x \\boxed{\\frac{1}{2}} and \\boxed{12}", "math") == "12"
-    assert toy.extract_answer("\\boxed{3.0}", "math") == "3"
-    assert toy.extract_answer("Answer: C", "mc") == "C"
-    assert toy.extract_answer("no letter here", "mc") is None
-    assert not toy.check_arithmetic("#### 12", "13")
+def _graded(completion: str, answer: str, style: str = "gsm8k") -> float:
+    return rewards.correct([completion], [answer], [style])[0]
+
+
+def test_toy_formats_are_graded_by_rewards_correct():
+    # the toy answer formats, as the training scripts and the toy eval grade them
+    assert _graded("<think>\n1+1=2\n</think>\n\n#### 1,234", "1234") == 1.0
+    assert _graded("so the answer is 42.", "42") == 1.0
+    assert _graded("<think>\n=7\n", "7") == 0.0  # thought never closed: no answer
+    assert _graded("x \\boxed{\\frac{1}{2}} and \\boxed{12}", "12", "math") == 1.0
+    assert _graded("\\boxed{3.0}", "3", "math") == 1.0
+    assert _graded("Answer: C", "C", "mc") == 1.0
+    assert _graded("no letter here", "C", "mc") == 0.0
+    assert _graded("#### 12", "13") == 0.0
+    # the pretraining format (`Q: ...\nA:`) answers with the equation: its last number is the value
+    assert _graded(" 347+285-120=512", "512") == 1.0 and _graded(" 347+285=632", "512") == 0.0
 
 
 def test_documents_follow_their_grammar():
@@ -253,7 +274,7 @@ def test_documents_follow_their_grammar():
 
 def test_instructions_have_programmatic_answers():
     recs = toy.instructions("test", 200, seed=0)
-    assert {r["kind"] for r in recs} == {k for k, _, _ in toy._INSTRUCTIONS}
+    assert {r["kind"] for r in recs} == {k for k, _, _ in toy.tasks._INSTRUCTIONS}
     for r in recs:
         assert toy.parse_instruction(r["prompt"])[0] == r["kind"]
 
@@ -308,7 +329,7 @@ def _swap_name(prefix, text, domain, rng):
         spots = list(re.finditer(r"\b[a-z]\b", text))
         pool = list("abcdefghijklmnopqrstuvwxyz")
     else:
-        pool = toy._S_NAMES if domain == "story" else toy._N_LAST
+        pool = toy.tasks._S_NAMES if domain == "story" else toy.tasks._N_LAST
         spots = [m for m in re.finditer(r"\b[A-Z][a-z]+\b", text) if m.group() in pool]
     if not spots:
         return None
@@ -377,9 +398,10 @@ def test_shipped_models_load_with_auto_classes(toy_tok, which):
 def test_pretrain_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
+    pretrain = _pretrain_script().pretrain
     kw = dict(max_steps=6, batch_size=2, seq_len=64, threads=1, progress=False)
-    a = load_file(toy.pretrain(tmp_path / "a", **kw) / "model.safetensors")
-    b = load_file(toy.pretrain(tmp_path / "b", **kw) / "model.safetensors")
+    a = load_file(pretrain(tmp_path / "a", **kw) / "model.safetensors")
+    b = load_file(pretrain(tmp_path / "b", **kw) / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -389,3 +411,26 @@ def test_parse_levels_reads_flags_and_names_bad_input():
     for bad in ("", "1,x", "0", "2,9"):
         with pytest.raises(ValueError, match="difficulty"):
             toy.parse_levels(bad)
+
+
+def test_shipped_dirs_name_the_command_that_builds_them(tmp_path, monkeypatch):
+    import toy.model
+
+    monkeypatch.setattr(toy.model, "SFT_ADAPTER_DIR", tmp_path / "sft_think")
+    with pytest.raises(FileNotFoundError, match=r"sft_think.*python sft_think\.py --out toy/sft_think"):
+        toy.sft_adapter_dir()
+    (tmp_path / "sft_think").mkdir()
+    (tmp_path / "sft_think" / "adapter_model.safetensors").write_bytes(b"")
+    assert toy.sft_adapter_dir() == tmp_path / "sft_think"
+    monkeypatch.setattr(toy.model, "BASE_DIR", tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match=r"python scripts/pretrain_toy\.py"):
+        toy.base_model_dir()
+
+
+def test_pretrain_corpus_answers_without_thinking():
+    texts = _pretrain_script().pretrain_corpus(300)
+    assert all(t.endswith("<|endoftext|>") for t in texts)
+    chat = [t for t in texts if "<|im_start|>" in t]
+    assert chat and all("<think>\n\n</think>\n\n" in t for t in chat)  # the empty block: never a scratchpad
+    assert any(t.startswith("Q: ") for t in texts) and {"story", "news", "code"} <= {
+        toy.detect_domain(t.removesuffix("<|endoftext|>")) for t in texts}

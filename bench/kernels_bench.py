@@ -1,7 +1,7 @@
 """Time and peak extra memory of full-vocabulary ops: naive PyTorch vs a TRL-style loop vs this package.
 
-    python -m kernels.bench                       # Qwen3's vocab (151,936); about 6 minutes on 2 busy CPU cores
-    python -m kernels.bench --linear-rows 1024 --out bench_small --only linear_token_logprobs
+    python bench/kernels_bench.py                 # Qwen3's vocab (151,936); about 6 minutes on 2 busy CPU cores
+    python bench/kernels_bench.py --linear-rows 1024 --out bench_small --only linear_token_logprobs
 
 Every measurement runs in a fresh subprocess, so one never inherits another's allocations:
 - CPU: peak extra memory = RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the
@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 QWEN3_VOCAB = 151_936
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, B/s
@@ -119,18 +122,8 @@ def _run(spec: dict, x: dict) -> None:
                 out = [_naive_gjsd(hs @ ws.T, zt, 0.5, 1.0)]
             else:
                 out = [kernels.linear_generalized_jsd(hs, ws, ht, wt, 0.5, 1.0)]
-        elif op == "policy_loss":
-            lp, old, ref, adv, m = x["logp"], x["old"], x["ref"], x["adv"], x["mask"]
-            if impl == "naive":
-                ratio = torch.exp(lp - old)
-                a = adv[:, None]
-                loss = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
-                loss = (loss + 0.04 * (torch.exp(ref - lp) - (ref - lp) - 1)) * m
-                out = [loss]
-            else:
-                out = [kernels.policy_loss(lp, old, ref, adv, m, beta=0.04)[0]]
         else:
-            raise ValueError(f"kernels.bench: unknown op {op!r}")
+            raise ValueError(f"kernels_bench: unknown op {op!r}")
         if grad:
             loss = sum((o.float() * x["g"]).sum() for o in out)
             loss.backward()
@@ -162,15 +155,6 @@ def _inputs(spec: dict, device: torch.device) -> dict:
         x["hs"], x["ht"] = randn(n, h).requires_grad_(grad), randn(n, h)
         x["ws"] = randn(v, h, scale=2.0 / math.sqrt(h)).requires_grad_(grad and spec.get("wgrad", True))
         x["wt"] = randn(v, h, scale=2.0 / math.sqrt(h))
-    elif spec["op"] == "policy_loss":
-        t = spec["t"]
-        lp = -torch.rand(n, t, generator=gen) * 3
-        x["logp"] = lp.to(device).requires_grad_(grad)
-        x["old"] = (lp + torch.randn(n, t, generator=gen) * 0.2).to(device)
-        x["ref"] = (lp + torch.randn(n, t, generator=gen) * 0.2).to(device)
-        x["adv"] = torch.randn(n, generator=gen).to(device)
-        x["mask"] = (torch.rand(n, t, generator=gen) > 0.1).float().to(device)
-        x["g"] = torch.randn(n, t, generator=gen).to(device)
     return x
 
 
@@ -221,8 +205,7 @@ def measure(spec: dict) -> dict:
 
 
 def _measure_in_subprocess(spec: dict) -> dict:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--measure", json.dumps(spec)], cwd=root,
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", json.dumps(spec)], cwd=ROOT,
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -248,7 +231,7 @@ def _work(spec: dict) -> tuple[str, float]:
         return "bytes", n * v * esize * (3 if spec["grad"] else 1)  # read (+ read, write dlogits)
     if spec["op"] == "generalized_jsd":
         return "bytes", n * v * esize * (5 if spec["grad"] else 2)  # 2 reads (+ 2 reads, 1 write)
-    return "bytes", n * spec["t"] * 4 * (7 if spec["grad"] else 6)
+    raise ValueError(f"kernels_bench: unknown op {spec['op']!r}")
 
 
 def _specs(args, device: torch.device) -> list[dict]:
@@ -266,7 +249,6 @@ def _specs(args, device: torch.device) -> list[dict]:
          ("naive", "ours")),
         ("generalized_jsd", dict(n=args.jsd_rows, dtype=args.dtype, grad=True), ("naive", "ours")),
         ("linear_generalized_jsd", dict(n=args.jsd_rows, h=args.hidden, dtype=lin_dt, grad=True), ("naive", "ours")),
-        ("policy_loss", dict(n=16, t=1024, dtype="float32", grad=True), ("naive", "ours")),
     ]
     specs = []
     for op, kw, impls in groups:
@@ -280,18 +262,18 @@ def _specs(args, device: torch.device) -> list[dict]:
 
 
 def _label(spec: dict) -> str:
-    what = {"token_logprobs": "logits [N, V]", "generalized_jsd": "logits [N, V] x2",
-            "policy_loss": "[B, T]"}.get(spec["op"], "hidden [N, H], W [V, H]")
+    what = {"token_logprobs": "logits [N, V]", "generalized_jsd": "logits [N, V] x2"}.get(
+        spec["op"], "hidden [N, H], W [V, H]")
     extra = " + entropy" if spec.get("entropy") else ""
     mode = "fwd+bwd" if spec["grad"] else "fwd"
     if spec["grad"] and "h" in spec:
         mode += ", W trained" if spec.get("wgrad", True) else ", W frozen"
-    dims = f"N={spec['n']}" + (f" H={spec['h']}" if "h" in spec else "") + (f" T={spec['t']}" if "t" in spec else "")
+    dims = f"N={spec['n']}" + (f" H={spec['h']}" if "h" in spec else "")
     return f"{spec['op']}{extra} ({mode}; {what}; {dims}; {spec['dtype']})"
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python bench/kernels_bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_results", help="directory for bench.md and bench.json")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -348,7 +330,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=name, backend=backend, torch=torch.__version__, vocab=args.vocab,
-                command=" ".join(["python -m kernels.bench", *(argv if argv is not None else sys.argv[1:])]))
+                command=" ".join(["python bench/kernels_bench.py", *(argv if argv is not None else sys.argv[1:])]))
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     md = _markdown(meta, rows)
     (out / "bench.md").write_text(md)

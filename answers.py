@@ -1,0 +1,214 @@
+"""Final answers: the visible answer after a think block, extraction of a final answer, and equivalence.
+
+- `strip_think`: what the reader sees, the text after the last `</think>` (an unclosed `<think>` leaves "");
+- extraction: `extract_gsm8k` (lm-evaluation-harness's order: `####`, "The answer is", the last number),
+  `extract_boxed` (the last \\boxed{}, as MATH solutions end), `extract_choice` (a letter A-J), `extract_answer`
+  (picks one from the gold's form), `gold_answer` (a raw GSM8K / MATH solution to its final answer);
+- equivalence: `answers_match` (exact numbers, then a LaTeX normal form, then Math-Verify when installed).
+
+Model output is untrusted input: nothing here calls eval or sympify on it. rewards.correct is the grader built
+from these pieces; scripts grade through it.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from fractions import Fraction
+
+# ---- the visible answer -----------------------------------------------------------------------------------------
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def completion_text(completion) -> str:
+    """A completion as text: strings pass; a conversational completion (list of messages) gives its last content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict) and "content" in completion:
+        return completion["content"] or ""
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        return completion[-1].get("content") or ""
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def strip_think(text) -> str:
+    """The visible answer: text after the last </think>; "" if a <think> is never closed; else the text itself."""
+    text = completion_text(text)
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1]
+    if THINK_OPEN in text:
+        return ""
+    return text
+
+
+# ---- extraction -------------------------------------------------------------------------------------------------
+
+# A number: thousands with commas (1,234,567) or plain digits, optional decimals; "-" sign; ".5" too.
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
+_NUMBER_RE = re.compile(_NUMBER)
+_GSM8K_HASH_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
+_ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*\\?\(?\s*(" + _NUMBER + ")", re.IGNORECASE)
+
+
+def extract_gsm8k(text: str) -> str | None:
+    """GSM8K answer (lm-evaluation-harness order): after `#### `, else after "The answer is", else the last number
+    in the text; commas removed. None when the text has no number."""
+    for pattern in (_GSM8K_HASH_RE, _ANSWER_IS_RE):
+        found = pattern.findall(text)
+        if found:
+            return found[-1].replace(",", "")
+    found = _NUMBER_RE.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if there is none or it never closes."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
+        # "\boxed 5" (no braces): the token after the space
+        m = re.match(r"\\boxed\s+([^\s$]+)", text[start:])
+        return m.group(1) if m else None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+_CHOICE_PATTERNS = [
+    # "Answer: B", "**Answer:** (B)", "answer: b"
+    re.compile(r"answer\s*\**\s*[:：]\s*\**\s*[\(\[]?\s*([A-J])\b", re.IGNORECASE),
+    re.compile(r"\\boxed\{\s*\(?([A-J])\)?\s*\}"),
+    # "the answer is (B)", "the correct answer is B"
+    re.compile(r"answer\s+is\s*[:：]?\s*\**\s*[\(\[]?([A-J])\b"),
+]
+
+
+def extract_choice(text: str) -> str | None:
+    """Multiple-choice letter A-J: the last "Answer: X", else the last \\boxed{X}, else "answer is (X)", else a
+    final line that is only a letter ("B", "(B)", "B.")."""
+    for pattern in _CHOICE_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].upper()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines:
+        m = re.fullmatch(r"\(?([A-J])[\).]?", lines[-1])
+        if m:
+            return m.group(1)
+    return None
+
+
+# ---- equivalence ------------------------------------------------------------------------------------------------
+def _to_fraction(s: str) -> Fraction | None:
+    """An exact number from "1,234", "-3.50", "1/2", "\\frac{1}{2}", "50%" (-> 1/2); None if s is not one."""
+    s = s.strip().replace(",", "")
+    if s.startswith("$"):
+        s = s[1:]
+    percent = s.endswith("%")
+    if percent:
+        s = s[:-1]
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    if m:
+        s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/-?\d+)?", s):
+        return None  # Fraction() alone would accept "1e400" or " nan"; keep to plain decimals and ratios
+    try:
+        value = Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value / 100 if percent else value
+
+
+def normalize_answer(s: str) -> str:
+    """A string normal form for math answers: \\text{..} / \\mathrm{..} unwrapped (their content kept); no $, spaces,
+    \\left, \\right, thin spaces, degree signs or trailing period; \\dfrac and \\tfrac -> \\frac, \\frac12 ->
+    \\frac{1}{2}; a leading "x =" dropped."""
+    s = str(s).strip()
+    s = re.sub(r"\\text\{\s*([^{}]*?)\s*\}", r"\1", s)
+    s = re.sub(r"\\(?:mathrm|mbox|textbf)\{([^{}]*)\}", r"\1", s)
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
+                     ("\\ ", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
+                     ("\\%", "%"), ("\\$", ""), ("$", ""), ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    m = re.fullmatch(r"[a-zA-Z]\s*=(.+)", s)
+    if m:
+        s = m.group(1)
+    return s
+
+
+def _math_verify_equal(gold: str, pred: str) -> bool:
+    """Math-Verify's verdict when the package is installed (gold first); False when absent or when it fails.
+
+    Only its LaTeX extraction is used: that is a grammar-based parser, while its plain-expression extraction
+    goes through sympy's parse_expr, which evaluates text. Its timeouts use SIGALRM, which only works in the
+    main thread, so they are off elsewhere.
+    """
+    try:
+        from math_verify import LatexExtractionConfig, parse, verify
+    except ImportError:
+        return False
+    seconds = 5 if threading.current_thread() is threading.main_thread() else None
+    config = [LatexExtractionConfig()]
+    try:
+        g = parse(f"\\boxed{{{gold}}}", extraction_config=config, parsing_timeout=seconds)
+        p = parse(f"\\boxed{{{pred}}}", extraction_config=config, parsing_timeout=seconds)
+        return bool(g and p and verify(g, p, timeout_seconds=seconds))
+    except Exception:  # noqa: BLE001 - a parser failure on untrusted text is a "no", not a crashed training step
+        return False
+
+
+def answers_match(gold, pred) -> bool:
+    """Same answer? Exact numbers (1,000 == 1000.0, 1/2 == 0.5 == \\frac{1}{2}), else equal normal forms (see
+    normalize_answer), else Math-Verify's verdict when it is installed."""
+    if pred is None or gold is None:
+        return False
+    gold, pred = str(gold), str(pred)
+    g, p = normalize_answer(gold), normalize_answer(pred)
+    if g == p and g != "":
+        return True
+    gn, pn = _to_fraction(g), _to_fraction(p)
+    if gn is not None and pn is not None:
+        return gn == pn
+    return _math_verify_equal(gold, pred)
+
+
+# ---- gold answers and the rule per sample ------------------------------------------------------------------------
+def gold_answer(answer) -> str:
+    """A gold answer column entry as a plain answer: raw GSM8K solutions keep what follows ####; raw MATH
+    solutions their last \\boxed{}."""
+    s = str(answer).strip()
+    if "####" in s:
+        return s.rsplit("####", 1)[1].strip().replace(",", "")
+    if "\\boxed" in s:
+        return extract_boxed(s) or s
+    return s
+
+
+def is_choice(gold: str) -> bool:
+    """A gold answer that is a multiple-choice letter: "B" or "(B)"."""
+    return re.fullmatch(r"\(?[A-J]\)?", gold.strip()) is not None
+
+
+def extract_answer(text: str, gold: str | None = None) -> str | None:
+    """The final answer of a completion, after any think block: a letter when the gold is a letter (multiple
+    choice), else the last \\boxed{} when there is one, else the GSM8K rules (####, "The answer is", last number)."""
+    visible = strip_think(text)
+    if gold is not None and is_choice(gold):
+        return extract_choice(visible)
+    boxed = extract_boxed(visible)
+    if boxed is not None:
+        return boxed
+    return extract_gsm8k(visible)
+
+
+# the `style` column of a data set -> its extraction rule (the toy arithmetic task and eval sets label rows)
+EXTRACTORS = {"gsm8k": extract_gsm8k, "math": extract_boxed, "mc": extract_choice}

@@ -1,0 +1,51 @@
+"""Rebuild the adapters shipped with the toy world, from which default runs start.
+
+    python scripts/make_toy_adapters.py            # all of them (a few minutes each on 2 CPU cores)
+    python scripts/make_toy_adapters.py sft_think  # one
+
+Each is the output of one documented command of this repo, run with its defaults: the adapter files are
+copied into toy/<name>/ with `made_by.json` (the command and the held-out metric it reached). The test
+`test_shipped_sft_adapter_is_what_the_default_command_makes` checks that the command still makes it.
+
+- toy/sft_think: `python sft_think.py` (thinking SFT on toy arithmetic levels 1-3); `grpo.py` starts from it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+ADAPTERS = {"sft_think": ["sft_think.py"]}
+FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def make(name: str) -> dict:
+    command = ADAPTERS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, *command, "--out", tmp], cwd=ROOT, check=True)
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+        dest = ROOT / "toy" / name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in FILES:
+            shutil.copyfile(Path(tmp) / f, dest / f)
+    info = {"command": "python " + " ".join(command), "heldout": summary["heldout"],
+            "train_seconds": round(summary["train_seconds"], 1), "torch": __import__("torch").__version__}
+    common.atomic_write_json(dest / "made_by.json", info)
+    return info
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(ADAPTERS)
+    unknown = [n for n in names if n not in ADAPTERS]
+    if unknown:
+        sys.exit(f"error: unknown adapter(s) {unknown}; known: {', '.join(ADAPTERS)}")
+    for n in names:
+        print(n, make(n), flush=True)

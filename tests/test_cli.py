@@ -1,0 +1,92 @@
+"""What a user sees when something is wrong: one line `error: ...`, exit status 2, no traceback; and --help."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV.pop("POSTTRAIN_TRACEBACK", None)
+SCRIPTS = ["sft_think.py", "grpo.py"]
+
+
+def run(*argv, env=None):
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc) -> str:
+    """The run failed as a user error: status 2, no traceback, and its last stderr line is `error: ...`."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_grpo_bad_jsonl_names_file_and_line(tmp_path):
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
+    line = one_line_error(run("grpo.py", "--data", data, "--init-adapter", "", "--out", tmp_path / "run"))
+    assert line.startswith(f"error: {data}:2: malformed JSON"), line
+
+
+def test_grpo_wrong_field_type_names_file_line_and_field(tmp_path):
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n" for p in ["1+1=", 7] + ["3+3="] * 20))
+    line = one_line_error(run("grpo.py", "--data", data, "--init-adapter", "", "--out", tmp_path / "run"))
+    assert line.startswith(f"error: {data}:2: field 'prompt': expected a string"), line
+
+
+def test_sft_wrong_field_type_names_file_line_and_field(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 30
+    rows[4] = {"messages": "hi there"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = one_line_error(run("sft_think.py", "--data", data, "--out", tmp_path / "run"))
+    assert line.startswith(f"error: {data}:5: field 'messages': expected a list"), line
+
+
+def test_missing_init_adapter_is_one_line(tmp_path):
+    line = one_line_error(run("grpo.py", "--init-adapter", tmp_path / "nothing", "--out", tmp_path / "run"))
+    assert line.startswith(f"error: --init-adapter {tmp_path / 'nothing'}: no adapter_model.safetensors"), line
+
+
+def test_bad_flag_value_is_one_line_and_traceback_on_request(tmp_path):
+    line = one_line_error(run("grpo.py", "--num-generations", "1", "--out", tmp_path / "run"))
+    assert "--num-generations" in line
+    proc = run("grpo.py", "--num-generations", "1", "--out", tmp_path / "run", env={"POSTTRAIN_TRACEBACK": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_unreachable_judge_is_one_line_naming_the_url():
+    port = _closed_port()
+    code = ("import dataclasses, common, judges\n"
+            "@dataclasses.dataclass\n"
+            "class Args:\n"
+            "    pass\n"
+            "def main(args):\n"
+            f"    judges.HTTPJudge('http://127.0.0.1:{port}', 'm', retries=1, backoff=0.01, timeout=2)"
+            ".score(['q'], ['a'])\n"
+            "common.run_cli(main, Args, [])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    line = one_line_error(proc)
+    assert line.startswith(f"error: judge http://127.0.0.1:{port}/v1/chat/completions: "), line
+    assert "refused" in line or "connect" in line, line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_clean(script):
+    proc = run(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "%%" not in proc.stdout and "(default: None)" not in proc.stdout, proc.stdout

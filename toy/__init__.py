@@ -1,0 +1,56 @@
+"""The toy world: a tiny Qwen3 with a character tokenizer, synthetic tasks and toy judges.
+
+Every script in this repo runs with no arguments on this world, on a 2-core CPU, in minutes, and
+shows its metric move.
+
+- `toy.model`: one token per character (printable ASCII and newline) plus Qwen3's five special
+  tokens, as a `PreTrainedTokenizerFast` carrying Qwen3's own chat template (`CHAT_TEMPLATE`) and a
+  training variant (`TRAINING_CHAT_TEMPLATE`) that keeps `<think>...</think>` on every assistant
+  turn and marks assistant output for assistant-only losses; the Qwen3 configs (`tiny_config`,
+  `student_config`: GQA, qk-norm, tied embeddings, vocabulary padded to 128 rows); the shipped
+  checkpoints. Token ids::
+
+      0 <|endoftext|> (pad)   1 <|im_start|>   2 <|im_end|> (eos)   3 <think>   4 </think>
+      5 "\\n"   6..100 the printable ASCII characters " " (32) .. "~" (126), in code-point order
+
+- `toy.tasks`: seeded generators with disjoint train and test splits: `arithmetic` (word problems
+  with a digit-by-digit scratchpad, GSM8K / MATH / multiple-choice styles, levels 1..5),
+  `documents` (story, news, code grammars with checkable facts), `continuations` (prefix / true
+  continuation pairs), `instructions` (answers a program computes).
+- `toy.judges`: `AnswerJudge.score` grades an instruction's final answer; `ContinuationJudge.prefer`
+  says which of two continuations of a document prefix is consistent with it.
+
+Arithmetic answers are graded by `rewards.correct`, as in every training script.
+
+The toy base model (`base_model_dir()`, shipped in `toy/base/`) was pretrained on the documents,
+plain arithmetic (word problems answered at once with their equation, bare equations, digit tables
+and column drills) and a share of chat-formatted questions answered without thinking. It continues
+text, knows the chat format, has never seen a `<think>` block, is weak at multi-digit word problems,
+and has much to gain from thinking SFT and from RL. `student_model_dir()` is a smaller model
+pretrained the same way, for distillation; `sft_adapter_dir()` is the base's thinking-SFT adapter.
+
+Commands::
+
+    python scripts/pretrain_toy.py             # rebuild toy/base (deterministic; minutes on 2 cores)
+    python scripts/pretrain_toy.py --student   # rebuild toy/student
+    python scripts/pretrain_toy.py --eval      # the base's perplexity per domain and accuracy table
+    python -m toy export --out data/           # every task as JSONL in the repo's data schemas
+    python -m toy show                         # print one example of every task
+"""
+from toy.judges import AnswerJudge, ContinuationJudge, check_document, detect_domain, parse_instruction, prompt_text
+from toy.model import (BASE_DIR, CHAT_TEMPLATE, END_THINK_ID, IM_END_ID, IM_START_ID, MODEL_VOCAB_SIZE, PAD_ID,
+                       SFT_ADAPTER_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID, TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB,
+                       base_model_dir, load_model, load_tokenizer, sft_adapter_dir, student_config, student_model_dir,
+                       tiny_config)
+from toy.tasks import (DIFFICULTIES, DOMAINS, SPLITS, STYLES, arithmetic, continuations, documents, export,
+                       instructions, parse_levels, scratchpad)
+
+__all__ = [
+    "AnswerJudge", "ContinuationJudge", "check_document", "detect_domain", "parse_instruction", "prompt_text",
+    "BASE_DIR", "CHAT_TEMPLATE", "END_THINK_ID", "IM_END_ID", "IM_START_ID", "MODEL_VOCAB_SIZE", "PAD_ID",
+    "SFT_ADAPTER_DIR", "SPECIAL_TOKENS", "STUDENT_DIR", "THINK_ID", "TOY_DIR", "TRAINING_CHAT_TEMPLATE", "VOCAB",
+    "base_model_dir", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config", "student_model_dir",
+    "tiny_config",
+    "DIFFICULTIES", "DOMAINS", "SPLITS", "STYLES", "arithmetic", "continuations", "documents", "export",
+    "instructions", "parse_levels", "scratchpad",
+]
