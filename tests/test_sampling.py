@@ -1,12 +1,48 @@
 """sampling.py: the decoding loop (masks, EOS, stop strings, padding, the KV cache) and sequence log-probs."""
+import types
+
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
-import common
 import sampling
 from sampling import Rollout
 from test_common import char_tokenizer, model, qwen3_tokenizer, tiny_qwen3, tok  # noqa: F401 (fixtures)
+
+
+class _ScriptCache:
+    def __init__(self, keys):
+        self.keys, self.step = keys, 0
+
+
+class _DroppableScriptCache(_ScriptCache):
+    def batch_select_indices(self, indices):  # like DynamicCache: finished rows leave the batch
+        self.keys = [self.keys[i] for i in indices.tolist()]
+
+
+class ScriptedLM(torch.nn.Module):
+    """Emits a fixed token script per prompt (keyed by the prompt's last token); mimics the HF call signature."""
+
+    def __init__(self, scripts: dict, vocab_size: int, eos=None, droppable: bool = True):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.scripts, self.vocab_size, self.calls, self.droppable = scripts, vocab_size, 0, droppable
+        self.generation_config = types.SimpleNamespace(eos_token_id=eos)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                logits_to_keep=0):
+        self.calls += 1
+        cache = past_key_values
+        if cache is None:
+            cache = (_DroppableScriptCache if self.droppable else _ScriptCache)(input_ids[:, -1].tolist())
+        else:
+            cache.step += 1
+        assert len(cache.keys) == input_ids.shape[0] == attention_mask.shape[0] == position_ids.shape[0]
+        logits = torch.full((len(cache.keys), 1, self.vocab_size), -1e4)
+        for i, k in enumerate(cache.keys):
+            script = self.scripts[k]
+            logits[i, 0, script[min(cache.step, len(script) - 1)]] = 0.0
+        return types.SimpleNamespace(logits=logits, past_key_values=cache)
+
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
