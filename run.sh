@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the toy pipeline. Toy base (shipped in toy/base) -> thinking SFT (sft_think.py)
 # -> GRPO with verifiable rewards from the SFT adapter (grpo.py), then a table of the held-out
-# metric before and after each stage. Installs into ./.venv first if needed. About 12 minutes
+# metric before and after each stage. Installs into ./.venv first if needed. About 11 minutes
 # on a 2-core CPU. Runs go to ./runs (override with RUNS=dir).
 set -euo pipefail
 cd "$(dirname "$0")"

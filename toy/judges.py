@@ -8,6 +8,8 @@ import math
 import re
 from typing import Sequence
 
+from rapidfuzz.distance import Levenshtein
+
 from toy.tasks import (_INSTRUCTIONS, _N_MONTHS, _N_OPINIONS, _S_GAIN, _S_ITEMS, _S_LOSE, _S_WHEN, _run_function,
                        _solve_instruction)
 
@@ -293,16 +295,6 @@ class ContinuationJudge:
         return out
 
 
-def _levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def prompt_text(prompt) -> str:
     """The user's request from a prompt given as text, as a message list, or as rendered chat text."""
     if isinstance(prompt, (list, tuple)):
@@ -348,6 +340,6 @@ class AnswerJudge:
             if answer == gold:
                 out.append(1.0)
             else:
-                sim = 1.0 - _levenshtein(answer, gold) / max(len(answer), len(gold))
+                sim = Levenshtein.normalized_similarity(answer, gold)  # 1 - distance / max length
                 out.append(self.partial_credit * sim)
         return out
