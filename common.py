@@ -68,13 +68,20 @@ def run_cli(main, args_cls, argv: list[str] | None = None):
 
 
 def pick_device(device: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
-    """"auto"/None: this rank's GPU when CUDA is present (local_rank, default $LOCAL_RANK), else the CPU."""
+    """"auto"/None: this rank's GPU when CUDA is present (local_rank, default $LOCAL_RANK), else the CPU.
+
+    A CUDA device with an index also becomes the current device: Triton kernels (kernels/) and any
+    allocation without an explicit device go to the current one, so `--device cuda:1` must make it current."""
     if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", rank)
-        return torch.device("cpu")
-    return torch.device(device)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+        dev = torch.device("cuda", rank)
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str:

@@ -222,14 +222,16 @@ def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficul
 # Loss and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def masked_nll_sum(model, ids, attn, loss_mask, position_ids=None):
+def masked_nll_sum(model, ids, attn, loss_mask, position_ids=None, head_grad_rows=None):
     """Sum of -log p over the masked target tokens, and their count.
 
     Hidden state t predicts token t+1, so the mask is read at the targets. Only the masked rows of
-    the hidden states go through the LM head, in chunks inside the kernel."""
+    the hidden states go through the LM head, in chunks inside the kernel. `head_grad_rows`: the LM-head rows
+    that train (--train-tokens); the kernel computes the weight gradient of those rows only."""
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
     sel = loss_mask[:, 1:].bool()
-    logp = linear_token_logprobs(hidden[:, :-1][sel], model.get_output_embeddings().weight, ids[:, 1:][sel])
+    logp = linear_token_logprobs(hidden[:, :-1][sel], model.get_output_embeddings().weight, ids[:, 1:][sel],
+                                 weight_grad_rows=head_grad_rows)
     return -logp.sum(), int(sel.sum())
 
 
@@ -339,6 +341,10 @@ def main(args: Args):
     mask_dtype = model.get_input_embeddings().weight.dtype  # the packed 4D mask is added to the attention scores
     params = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
                              args.lora_alpha, args.lora_dropout)
+    head_rows = None  # --train-tokens: only these LM-head rows need a weight gradient
+    if args.train_tokens:
+        head_rows = torch.tensor(tokenizer.convert_tokens_to_ids([t for t in args.train_tokens.split(",") if t]),
+                                 device=run.device)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay)
     scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
     optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
@@ -367,7 +373,7 @@ def main(args: Args):
         loss_sum = 0.0
         for ids, attn, loss_mask, pos in micro:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-                nll, _ = masked_nll_sum(model, ids, attn, loss_mask, pos if args.packing else None)
+                nll, _ = masked_nll_sum(model, ids, attn, loss_mask, pos if args.packing else None, head_rows)
             (nll * run.world / n_global).backward()
             loss_sum += float(nll.detach())
         loss = common.all_reduce_sum(loss_sum) / n_global

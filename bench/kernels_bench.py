@@ -1,16 +1,23 @@
 """Time and peak extra memory of full-vocabulary ops: naive PyTorch vs a TRL-style loop vs this package.
 
-    python bench/kernels_bench.py                 # Qwen3's vocab (151,936); about 6 minutes on 2 busy CPU cores
+    python bench/kernels_bench.py                 # Qwen3's vocab (151,936); about 9 minutes on 2 busy CPU cores
     python bench/kernels_bench.py --linear-rows 1024 --out bench_small --only linear_token_logprobs
+    python bench/kernels_bench.py --preset qwen3-4b --out bench_qwen3_4b   # N=16,384, H=2,560 (a GPU run)
 
 Every measurement runs in a fresh subprocess, so one never inherits another's allocations:
 - CPU: peak extra memory = RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the
   inputs are built) minus the RSS before the op; the op runs once, after a small warm-up. On CPU this
   package's numbers are its PyTorch references (kernels/reference.py), the path CPU tensors take.
 - CUDA: peak = torch.cuda.max_memory_allocated minus the allocation before the op; time = median of
-  --repeat runs after one warm-up; this package's numbers are the Triton kernels. Achieved FLOP/s
-  (GEMM-bound ops) or bytes/s (logits-bound ops) are compared with the device's peak (H100: 989 TFLOP/s
-  bf16 dense, 3.35 TB/s).
+  --repeat runs after one warm-up, as wall time and as device time between CUDA events; this package's
+  numbers are the Triton kernels. Achieved FLOP/s (GEMM-bound ops) or bytes/s (logits-bound ops) are
+  compared with the device's peak, looked up by its exact name (PEAKS: the vendor's dense bf16 tensor
+  FLOP/s and memory bandwidth; an H100 SXM, PCIe and NVL differ) or given with --peak-tflops/--peak-gbs.
+
+Every non-naive side is checked in its own process against the naive result on the same inputs (outputs
+and input gradients): the max abs error is a column, and an error above the tolerance (relative to the
+largest naive value of that tensor: 1e-3 for fp32, 5e-2 for bf16/fp16) marks the row WRONG and the run
+exits with status 1 after writing the tables.
 
 Implementations compared:
 - naive: `log_softmax(logits.float()).gather` (+ `-(p * logp).sum` for entropy; TRL's generalized_jsd_loss
@@ -42,7 +49,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QWEN3_VOCAB = 151_936
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, B/s
+# Dense (no sparsity) bf16 tensor-core FLOP/s and memory bytes/s from NVIDIA's datasheets, keyed by the exact
+# name torch.cuda.get_device_name reports. Exact names on purpose: a substring match takes an H100 PCIe
+# (756 TFLOP/s, 2.0 TB/s) for an SXM (989, 3.35).
+PEAKS = {
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),  # H100 SXM5
+    "NVIDIA H100 PCIe": (756e12, 2.0e12),
+    "NVIDIA H100 NVL": (835e12, 3.9e12),
+    "NVIDIA H200": (989e12, 4.8e12),  # H200 SXM
+    "NVIDIA H200 NVL": (835e12, 4.8e12),
+    "NVIDIA GH200 480GB": (989e12, 4.0e12),
+    "NVIDIA B200": (2250e12, 8.0e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 1.555e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 2.039e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 1.555e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 1.935e12),
+    "NVIDIA L40S": (362e12, 0.864e12),
+    "NVIDIA L40": (181e12, 0.864e12),
+    "NVIDIA L4": (121e12, 0.3e12),
+    "NVIDIA A10": (125e12, 0.6e12),
+}
+# Defaults of the size flags; a preset replaces them (explicit flags still win).
+PRESETS = {
+    "default": dict(logits_rows=1024, linear_rows=4096, jsd_rows=1024, hidden=256),
+    # Qwen3-4B (hidden 2,560): 16 rollouts x 1,024 tokens through the LM head; the logits-only ops at 4,096
+    # rows, where naive's fp32 copies of [N, V] still fit next to the inputs on an 80 GB GPU.
+    "qwen3-4b": dict(logits_rows=4096, linear_rows=16_384, jsd_rows=4096, hidden=2560),
+}
+# Tolerance of the check against naive: max |got - naive| <= TOL * max |naive|, per compared tensor.
+CHECK_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,8 +116,8 @@ def _naive_gjsd(zs, zt, beta, temperature):
             + (1 - beta) * F.kl_div(lm, ls, reduction="none", log_target=True)).sum(-1)
 
 
-def _run(spec: dict, x: dict) -> None:
-    """One forward (and backward) of `spec` on inputs `x`."""
+def _run(spec: dict, x: dict) -> list:
+    """One forward (and backward) of `spec` on inputs `x`; returns the outputs."""
     import kernels
 
     op, impl, grad = spec["op"], spec["impl"], spec["grad"]
@@ -127,6 +162,7 @@ def _run(spec: dict, x: dict) -> None:
         if grad:
             loss = sum((o.float() * x["g"]).sum() for o in out)
             loss.backward()
+    return out
 
 
 def _inputs(spec: dict, device: torch.device) -> dict:
@@ -167,8 +203,36 @@ def _rss_kb(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
+def _results(spec: dict, x: dict, out: list) -> dict:
+    """What a side must get right: its outputs, then the gradients of the inputs that require grad."""
+    got = {f"out{i}": o.detach() for i, o in enumerate(out)}
+    for k, v in x.items():
+        if spec["grad"] and v.requires_grad and v.grad is not None:
+            got[f"d{k}"] = v.grad.detach()
+    return got
+
+
+def _check_against_naive(spec: dict, x: dict, got: dict) -> dict:
+    """Run naive on the same inputs (this process) and compare; errors are max |got - naive| per tensor."""
+    for v in x.values():
+        v.grad = None
+    want = _results(spec, x, _run(dict(spec, impl="naive"), x))
+    if set(want) != set(got):
+        return {"check_error": f"compared tensors differ: {sorted(got)} vs naive's {sorted(want)}"}
+    errs, rel = {}, {}
+    for k in want:
+        diff = (got[k].double() - want[k].double()).abs().max().item()
+        errs[k] = diff
+        rel[k] = diff / max(want[k].double().abs().max().item(), 1e-30)
+    tol = CHECK_TOL.get(spec["dtype"], 5e-2)
+    return {"max_abs_err": max(errs.values()), "abs_err": errs, "rel_err": rel, "tol": tol,
+            "wrong": sorted(k for k, r in rel.items() if not r <= tol)}
+
+
 def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, streams and Triton launches use the current device
     small = dict(spec, n=min(spec["n"], 8), v=min(spec["v"], 4096))
     _run(small, _inputs(small, device))  # warm-up: library init, thread pools, compiled kernels
     x = _inputs(spec, device)
@@ -176,32 +240,46 @@ def measure(spec: dict) -> dict:
         _run(spec, x)
         for v in x.values():
             v.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        times = []
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        times, dev_times = [], []
         for _ in range(spec["repeat"]):
             for v in x.values():
                 v.grad = None
-            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            _run(spec, x)
-            torch.cuda.synchronize()
+            start.record()
+            out = _run(spec, x)
+            end.record()
+            torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-        return {"time_s": statistics.median(times), "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    base = _rss_kb("VmRSS")
-    times, cpu = [], []
-    for _ in range(spec["repeat"]):
-        for v in x.values():
-            v.grad = None
-        t0, c0 = time.perf_counter(), time.process_time()
-        _run(spec, x)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    # process CPU time is reported beside wall time: on a shared machine it is the steadier of the two
-    return {"time_s": min(times), "cpu_s": min(cpu), "peak_extra_bytes": (_rss_kb("VmHWM") - base) * 1024}
+            dev_times.append(start.elapsed_time(end) / 1e3)
+        r = {"time_s": statistics.median(times), "device_s": statistics.median(dev_times),
+             "peak_extra_bytes": torch.cuda.max_memory_allocated(device) - base}
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        base = _rss_kb("VmRSS")
+        times, cpu = [], []
+        for _ in range(spec["repeat"]):
+            for v in x.values():
+                v.grad = None
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = _run(spec, x)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        # process CPU time is reported beside wall time: on a shared machine it is the steadier of the two
+        r = {"time_s": min(times), "cpu_s": min(cpu), "peak_extra_bytes": (_rss_kb("VmHWM") - base) * 1024}
+    if spec["impl"] != "naive":  # after the timing and the memory high-water mark
+        got = _results(spec, x, out)
+        del out
+        try:
+            r.update(_check_against_naive(spec, x, got))
+        except torch.OutOfMemoryError:
+            r["check_error"] = "not checked: naive ran out of memory"
+    return r
 
 
 def _measure_in_subprocess(spec: dict) -> dict:
@@ -232,6 +310,12 @@ def _work(spec: dict) -> tuple[str, float]:
     if spec["op"] == "generalized_jsd":
         return "bytes", n * v * esize * (5 if spec["grad"] else 2)  # 2 reads (+ 2 reads, 1 write)
     raise ValueError(f"kernels_bench: unknown op {spec['op']!r}")
+
+
+def peak_for(device_name: str, tflops: float | None = None, gbs: float | None = None) -> tuple:
+    """(FLOP/s, bytes/s) peaks of a GPU by its exact name; the flags, when given, win; None where unknown."""
+    flops, bw = PEAKS.get(device_name.strip(), (None, None))
+    return (tflops * 1e12 if tflops else flops, gbs * 1e9 if gbs else bw)
 
 
 def _specs(args, device: torch.device) -> list[dict]:
@@ -277,11 +361,18 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_results", help="directory for bench.md and bench.json")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="sizes: default (N=4096, H=256 for the fused-linear ops; 1024 rows of logits) or qwen3-4b "
+                        "(N=16,384, H=2,560; 4,096 rows of logits); the size flags below override it")
     p.add_argument("--vocab", type=int, default=QWEN3_VOCAB, help="vocabulary size V (Qwen3: 151,936)")
-    p.add_argument("--logits-rows", type=int, default=1024, help="rows N for the ops that take logits")
-    p.add_argument("--linear-rows", type=int, default=4096, help="rows N for linear_token_logprobs")
-    p.add_argument("--jsd-rows", type=int, default=1024, help="rows N for the GKD divergence ops")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size H of the fused-linear ops")
+    p.add_argument("--logits-rows", type=int, default=None, help="rows N for the ops that take logits (preset)")
+    p.add_argument("--linear-rows", type=int, default=None, help="rows N for linear_token_logprobs (preset)")
+    p.add_argument("--jsd-rows", type=int, default=None, help="rows N for the GKD divergence ops (preset)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size H of the fused-linear ops (preset)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak in TFLOP/s, for a device not in PEAKS (or to override it)")
+    p.add_argument("--peak-gbs", type=float, default=None,
+                   help="the GPU's memory bandwidth in GB/s, for a device not in PEAKS (or to override it)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of given logits (bfloat16, float16, float32)")
     p.add_argument("--linear-dtype", default=None, help="dtype of hidden/weight (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default: 1 on CPU, 5 on CUDA)")
@@ -295,15 +386,23 @@ def main(argv=None) -> None:
         print(json.dumps(measure(json.loads(args.measure))))
         return
 
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     args.repeat = args.repeat or (5 if device.type == "cuda" else 1)
+    peak_note = ""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAKS.items() if k in name), None)
+        name = torch.cuda.get_device_name(device)
+        peak = peak_for(name, args.peak_tflops, args.peak_gbs)
+        if None in peak:
+            peak_note = (f"no peak figures for {name!r} (not in PEAKS): pass --peak-tflops and --peak-gbs for the "
+                         "fraction of peak")
+            print(f"kernels_bench: {peak_note}", file=sys.stderr)
         backend = f"{name}: Triton kernels (kernels/triton_kernels.py)"
     else:
-        name, peak = "CPU", None
+        name, peak = "CPU", (None, None)
         backend = (f"CPU ({torch.get_num_threads()} threads): PyTorch references (kernels/reference.py); "
                    "Triton is not timed on CPU")
     rows = []
@@ -317,8 +416,9 @@ def main(argv=None) -> None:
             kind, work = _work(spec)
             row["achieved"] = work / r["time_s"]
             row["achieved_unit"] = "FLOP/s" if kind == "flop" else "B/s"
-            if peak:
-                row["fraction_of_peak"] = row["achieved"] / (peak[0] if kind == "flop" else peak[1])
+            ref = peak[0] if kind == "flop" else peak[1]
+            if ref:
+                row["fraction_of_peak"] = row["achieved"] / ref
             if spec["impl"] == "naive":
                 naive[key] = r
             if key in naive:
@@ -329,23 +429,46 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=name, backend=backend, torch=torch.__version__, vocab=args.vocab,
+    meta = dict(device=name, backend=backend, torch=torch.__version__, vocab=args.vocab, preset=args.preset,
+                peak_flops=peak[0], peak_bytes_per_s=peak[1], peak_note=peak_note,
                 command=" ".join(["python bench/kernels_bench.py", *(argv if argv is not None else sys.argv[1:])]))
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     md = _markdown(meta, rows)
     (out / "bench.md").write_text(md)
     print(md)
+    wrong = []
+    for r in rows:
+        if r.get("wrong"):
+            rel = ", ".join(f"{k} {r['rel_err'][k]:.3g}" for k in r["wrong"])
+            wrong.append(f"{r['label']} [{r['spec']['impl']}]: off naive beyond {r['tol']:g} of its scale ({rel})")
+    unchecked = [f"{r['label']} [{r['spec']['impl']}]: {r['check_error']}" for r in rows if r.get("check_error")]
+    for line in unchecked:
+        print(f"kernels_bench: {line}", file=sys.stderr)
+    if wrong:
+        print("kernels_bench: WRONG RESULTS\n  " + "\n  ".join(wrong), file=sys.stderr)
+        sys.exit(1)
 
 
 def _markdown(meta: dict, rows: list[dict]) -> str:
+    cuda = meta["device"] != "CPU"
+    peaks = ""
+    if cuda and meta.get("peak_flops") and meta.get("peak_bytes_per_s"):
+        peaks = (f"- peak for the fraction: {meta['peak_flops'] / 1e12:,.0f} TFLOP/s dense bf16, "
+                 f"{meta['peak_bytes_per_s'] / 1e9:,.0f} GB/s")
+    elif cuda:
+        peaks = f"- {meta.get('peak_note') or 'no peak figures'}"
     lines = [f"# kernels bench: {meta['device']}", "", f"- backend for `ours`: {meta['backend']}",
-             f"- torch {meta['torch']}, V = {meta['vocab']:,}", f"- command: `{meta['command']}`",
-             "- peak extra memory: the op's high-water mark above what the inputs already held", "",
-             "| op | impl | time (s) | CPU time (s) | peak extra (MB) | mem / naive | time / naive | achieved |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"- torch {meta['torch']}, V = {meta['vocab']:,}, preset {meta.get('preset', 'default')}",
+             f"- command: `{meta['command']}`",
+             "- peak extra memory: the op's high-water mark above what the inputs already held",
+             "- max abs err: largest |side - naive| over outputs and input gradients, same inputs, same process",
+             *([peaks] if peaks else []), "",
+             f"| op | impl | time (s) | {'CUDA time' if cuda else 'CPU time'} (s) | peak extra (MB) | mem / naive "
+             "| time / naive | max abs err | achieved |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['spec']['impl']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['label']} | {r['spec']['impl']} | {r['error']} | | | | | | |")
             continue
         unit = r["achieved_unit"]
         ach = f"{r['achieved'] / 1e9:.1f} G{unit}"
@@ -353,9 +476,13 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
             ach += f" ({100 * r['fraction_of_peak']:.0f}% of peak)"
         mem_r = f"{r['mem_vs_naive']:.1%}" if "mem_vs_naive" in r else ""
         time_r = f"{r['time_vs_naive']:.2f}x" if "time_vs_naive" in r else ""
-        cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else ""
-        lines.append(f"| {r['label']} | {r['spec']['impl']} | {r['time_s']:.3f} | {cpu} | {r['peak_extra_bytes'] / 2**20:,.0f} "
-                     f"| {mem_r} | {time_r} | {ach} |")
+        second = r.get("device_s", r.get("cpu_s"))
+        second = f"{second:.3f}" if second is not None else ""
+        err = "" if r["spec"]["impl"] == "naive" else (r.get("check_error") or f"{r['max_abs_err']:.2g}")
+        if r.get("wrong"):
+            err += " WRONG"
+        lines.append(f"| {r['label']} | {r['spec']['impl']} | {r['time_s']:.3f} | {second} "
+                     f"| {r['peak_extra_bytes'] / 2**20:,.0f} | {mem_r} | {time_r} | {err} | {ach} |")
     checks = [("linear_token_logprobs", True, 0.15, 1.2), ("generalized_jsd", True, 0.25, None),
               ("linear_generalized_jsd", True, 0.25, None)]
     targets = []

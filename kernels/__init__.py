@@ -18,15 +18,26 @@ ImportError from us, which they handle.)
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "generalized_jsd", "linear_generalized_jsd"]
 
+_warned_interpreter_on_cuda = False
+
 
 def _backend(*tensors: torch.Tensor | None):
     """The Triton module for CUDA tensors or under TRITON_INTERPRET=1, else the PyTorch reference."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or any(t is not None and t.is_cuda for t in tensors):
+    global _warned_interpreter_on_cuda
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret and on_cuda and not _warned_interpreter_on_cuda:
+        _warned_interpreter_on_cuda = True
+        warnings.warn("kernels: TRITON_INTERPRET=1 is set, so the Triton kernels run in the CPU interpreter "
+                      "(tensors are copied to the host and back), far slower than compiled kernels on the GPU; "
+                      "unset TRITON_INTERPRET before starting Python to compile them", RuntimeWarning, stacklevel=3)
+    if interpret or on_cuda:
         from kernels import triton_kernels
 
         return triton_kernels
@@ -47,7 +58,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None):
+                          temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None,
+                          weight_grad_rows: torch.Tensor | None = None):
     """token_logprobs(hidden @ weight.T, targets) without ever holding the [N, V] logits.
 
     hidden [N, H] final hidden states, weight [V, H] the LM head, targets [N]. Rows go through in
@@ -55,11 +67,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     vocab); only per-row log-sum-exp (and entropy) are kept. Differentiable w.r.t. hidden and weight.
     With a frozen LM head (weight.requires_grad False) the hidden-state gradient is computed during the
     forward pass (no recompute: 2 GEMMs in all, like naive autograd); otherwise backward recomputes each
-    chunk's logits (4 GEMMs against naive's 3). GEMMs run in fp32 on CPU, in the inputs' dtype on CUDA.
+    chunk's logits (4 GEMMs against naive's 3). GEMMs run in fp32 on CPU, in the inputs' dtype on CUDA
+    (the weight gradient accumulates in fp32 on both).
+    `weight_grad_rows` (1-D integer tensor of row ids, e.g. the few embedding rows being trained): the
+    weight gradient is computed for those rows only (a [k, H] GEMM per chunk instead of [V, H]; for
+    k <= H also without the recompute) and is zero elsewhere; the hidden-state gradient is unchanged.
     Targets outside [0, V) give logp 0 and no gradient.
     """
     return _backend(hidden, weight).linear_token_logprobs(hidden, weight, targets, temperature, return_entropy,
-                                                          chunk_size)
+                                                          chunk_size, weight_grad_rows)
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,

@@ -8,8 +8,9 @@ backend supplies as functions on a slice of rows (`ops` is the backend module):
     ops.ce_grad(z, targets, lse, out)                              out = softmax(z) - onehot = -dlogp/dz
     ops.jsd_stats(zs, zt, beta, T) -> (jsd, (lse_s, lse_t, s))
     ops.jsd_grad(zs, zt, stats, g, beta, T, out)                    out = dL/dzs for L = g.jsd
-    ops.ROW_CHUNK_ELEMS                                             rows * V per call on given logits
-                                                                    (None: all rows in one call)
+    ops.ROW_CHUNK_ELEMS                                             rows * V per row-op call, on given
+                                                                    logits and within a fused-linear
+                                                                    chunk (None: all rows in one call)
 
 `out` may be `z` itself: the fused-linear ops turn their logits buffer into the gradient in place.
 Backward recomputes the softmax from the saved per-row log-sum-exp (Liger-Kernel, verl), so the saved
@@ -25,8 +26,12 @@ import math
 import torch
 
 # Elements of the one [rows, V] logits buffer of the fused-linear ops: 2^27 (512 rows at Qwen's vocab;
-# 311 MB fp32 on CPU, 155 MB bf16 on CUDA). Measured on a 2-core CPU, the chunk GEMM h_c @ W.T loses
-# much of its speed below about 256 rows; the buffer is still a few percent of naive's [N, V] copies.
+# 311 MB fp32 on CPU, 155 MB bf16 on CUDA, where bigger GEMMs are faster still). It is the only buffer of
+# that size alive at once (the row ops' temporaries are per ROW_CHUNK_ELEMS slice), so with a trained head
+# the peak is this buffer plus the fp32 [V, H] weight gradient. Measured on 2 busy CPU cores, fwd+bwd at
+# V = 151,936 (N=4096 H=256 / N=2048 H=1024, head trained): 2^26 cuts the peak by 29% / 15% (456 -> 324 MB,
+# 912 -> 773 MB) for 11% / 12% more CPU time, 2^25 by 48% / 25% for 25% / 26% more: no setting halves the
+# peak within ~10% of the time, so CPU keeps 2^27 too.
 LINEAR_CHUNK_ELEMS = 2**27
 
 
@@ -59,10 +64,41 @@ def _scaled_rows(x: torch.Tensor, coef) -> torch.Tensor:
     return x * coef.to(x.dtype)[:, None]
 
 
+_FP32_OUT_ADDMM: dict[torch.device, bool] = {}
+
+
+def _fp32_out_addmm_works(device: torch.device) -> bool:
+    """Whether torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc_fp32) runs here and
+    adds in place (CUDA only; older torch releases lack out_dtype or require `input` in the inputs' dtype).
+    Probed once per device on exactly representable values."""
+    if device not in _FP32_OUT_ADDMM:
+        ok = False
+        try:
+            acc = torch.full((2, 3), 0.5, dtype=torch.float32, device=device)
+            a = torch.arange(8, dtype=torch.bfloat16, device=device).view(4, 2)
+            b = torch.ones(4, 3, dtype=torch.bfloat16, device=device)
+            torch.addmm(acc, a.T, b, out_dtype=torch.float32, out=acc)
+            want = torch.tensor([[12.5] * 3, [16.5] * 3], device=device)
+            ok = acc.dtype == torch.float32 and bool(torch.equal(acc, want))
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _FP32_OUT_ADDMM[device] = ok
+    return _FP32_OUT_ADDMM[device]
+
+
 def _accumulate_weight_grad(grad_w: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w += c.T @ h, in place when dtypes allow (fp32 on CPU: no [V, H] temporary per chunk)."""
+    """grad_w += c.T @ h (grad_w fp32, c and h in the GEMM dtype), in place.
+
+    Same dtypes (fp32 on CPU): addmm_. bf16/fp16 chunks on CUDA: one GEMM with fp32 output that adds into
+    the fp32 accumulator (torch.addmm's out_dtype), so no [V, H] low-precision temporary per chunk and no
+    rounding of each chunk's sum to bf16. Without that (older torch, CPU): through a temporary."""
+    if c.numel() == 0 or h.numel() == 0:
+        return
     if grad_w.dtype == c.dtype:
         grad_w.addmm_(c.T, h)
+    elif (grad_w.is_cuda and grad_w.dtype == torch.float32 and c.dtype in (torch.bfloat16, torch.float16)
+          and h.dtype == c.dtype and _fp32_out_addmm_works(grad_w.device)):
+        torch.addmm(grad_w, c.T, h, out_dtype=torch.float32, out=grad_w)
     else:
         grad_w.add_(c.T @ h)
 
@@ -148,88 +184,113 @@ class TokenLogprobs(torch.autograd.Function):
 class LinearTokenLogprobs(torch.autograd.Function):
     """Row chunks of u = (h / T) @ W.T through the row ops; only lse (and entropy) per row are kept.
 
-    When W needs no gradient (a frozen LM head: LoRA, the common case) and h does, forward also keeps
-    B_i = C_i @ W ([N, H]), so backward is dL/dh_i = -(g_i / T) B_i: 2 GEMMs in all, as naive autograd.
-    Otherwise backward recomputes each chunk's logits: 4 GEMMs in all against naive's 3, for memory
-    O(chunk * V) instead of O(N * V).
+    When forward can finish the logp gradient itself, it does, and backward needs no recompute (2 GEMMs
+    in all, as naive autograd): a frozen LM head (LoRA, the common case) keeps B_i = C_i @ W ([N, H]) and
+    backward is dL/dh_i = -(g_i / T) B_i; with `rows` (gradient for k <= H rows of W only) it also keeps
+    D = C[:, rows] ([N, k]) and backward is dL/dW[rows] = D^T (c * h). Otherwise backward recomputes each
+    chunk's logits: 4 GEMMs in all against naive's 3, for memory O(chunk * V) instead of O(N * V).
+    Within a chunk the row ops see slices of ops.ROW_CHUNK_ELEMS, so their temporaries stay small.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, want_entropy, chunk, ops, grad_enabled):
+    def forward(ctx, hidden, weight, targets, temperature, want_entropy, chunk, ops, grad_enabled, rows):
         n, v = hidden.shape[0], weight.shape[0]
         dt = _mm_dtype(hidden, weight)
         w = weight.to(dt)
         inv_t = 1.0 / temperature
         # needs_input_grad is also True under torch.no_grad(), hence grad_enabled from the caller
-        grads_in_forward = grad_enabled and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        rows = rows if need_w else None
+        small_rows = rows is not None and rows.numel() <= hidden.shape[1]  # D no bigger than B
+        grads_in_forward = (need_h or need_w) and (not need_w or small_rows)
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if want_entropy else None
-        b = torch.empty(n, hidden.shape[1], dtype=dt, device=hidden.device) if grads_in_forward else None
+        b = torch.empty(n, hidden.shape[1], dtype=dt, device=hidden.device) if grads_in_forward and need_h else None
+        d = torch.empty(n, rows.numel(), dtype=dt, device=hidden.device) if grads_in_forward and need_w else None
         zbuf = torch.empty(min(chunk, n), v, dtype=dt, device=hidden.device)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = zbuf[: e - s]
             torch.mm(_scaled_rows(hidden[s:e].to(dt), inv_t), w.T, out=z)
-            lp_c, lse_c, ent_c = ops.logprob_stats(z, targets[s:e], 1.0, want_entropy)
-            logp[s:e], lse[s:e] = lp_c, lse_c
-            if want_entropy:
-                ent[s:e] = ent_c
-            if grads_in_forward:
-                ops.ce_grad(z, targets[s:e], lse_c, z)  # z <- C = softmax - onehot, in place
+            for a, c in _row_slices(e - s, v, ops):
+                lp_c, lse_c, ent_c = ops.logprob_stats(z[a:c], targets[s + a: s + c], 1.0, want_entropy)
+                logp[s + a: s + c], lse[s + a: s + c] = lp_c, lse_c
+                if want_entropy:
+                    ent[s + a: s + c] = ent_c
+                if grads_in_forward:  # z <- C = softmax - onehot, in place
+                    ops.ce_grad(z[a:c], targets[s + a: s + c], lse_c, z[a:c])
+            if b is not None:
                 torch.mm(z, w, out=b[s:e])
+            if d is not None:
+                torch.index_select(z, 1, rows, out=d[s:e])
         del zbuf, w
         ctx.save_for_backward(hidden, weight, targets, lse, ent if want_entropy else lse,
-                              b if grads_in_forward else lse)
+                              b if b is not None else lse, d if d is not None else lse,
+                              rows if rows is not None else lse)
         ctx.temperature, ctx.want_entropy, ctx.chunk, ctx.ops = temperature, want_entropy, chunk, ops
-        ctx.grads_in_forward = grads_in_forward
+        ctx.grads_in_forward, ctx.has_b, ctx.has_d = grads_in_forward, b is not None, d is not None
+        ctx.has_rows = rows is not None
         ctx.set_materialize_grads(False)
         return (logp, ent) if want_entropy else logp
 
     @staticmethod
     def backward(ctx, g, ge=None):
-        hidden, weight, targets, lse, ent, b = ctx.saved_tensors
+        hidden, weight, targets, lse, ent, b, d, rows = ctx.saved_tensors
         ent = ent if ctx.want_entropy else None
+        rows = rows if ctx.has_rows else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, v = hidden.shape[0], weight.shape[0]
         inv_t = 1.0 / ctx.temperature
-        rest = (None,) * 6  # targets, temperature, want_entropy, chunk, ops, grad_enabled
+        rest = (None,) * 7  # targets, temperature, want_entropy, chunk, ops, grad_enabled, rows
+        dt = _mm_dtype(hidden, weight)
         # dlogp_i/du_i = -C_i: the per-row factor c_i = -g_i / T (0 for ignored targets) goes on [N, H] sides
         coef = None
         if g is not None:
             valid = (targets >= 0) & (targets < v)
             coef = torch.where(valid, g.float() * -inv_t, 0.0)
         grad_h = grad_w = None
+        if need_w:  # fp32 accumulator: all of W, or only the selected rows
+            grad_w = torch.zeros((v if rows is None else rows.numel(), weight.shape[1]), dtype=torch.float32,
+                                 device=weight.device)
         if ctx.grads_in_forward:
-            grad_h = _scaled_rows(b, coef).to(hidden.dtype) if coef is not None else torch.zeros_like(hidden)
+            if coef is not None:
+                if ctx.has_b:
+                    grad_h = _scaled_rows(b, coef).to(hidden.dtype)
+                if ctx.has_d:
+                    _accumulate_weight_grad(grad_w, d, _scaled_rows(hidden.to(dt), coef))
             coef = None  # the logp part is done; only an entropy gradient can remain
-        if coef is None and ge is None:
-            return (grad_h, None) + rest
-        dt = _mm_dtype(hidden, weight)
-        w = weight.to(dt)
-        zbuf = torch.empty(min(ctx.chunk, n), v, dtype=dt, device=hidden.device)
         if need_h and grad_h is None:
             grad_h = torch.zeros_like(hidden)
-        if need_w:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, n, ctx.chunk):
-            e = min(s + ctx.chunk, n)
-            z = zbuf[: e - s]
-            h_c = hidden[s:e].to(dt)
-            torch.mm(_scaled_rows(h_c, inv_t), w.T, out=z)
-            if ge is None:  # the common case: z <- C, per-row factors on the small side
-                ctx.ops.ce_grad(z, targets[s:e], lse[s:e], z)
-                row_coef, h_coef = coef[s:e], coef[s:e]
-            else:  # entropy gradient too: z <- dL/du in full
-                ctx.ops.logprob_grad(z, targets[s:e], lse[s:e], ent[s:e], None if coef is None else g[s:e],
-                                     ge[s:e], 1.0, z)
-                row_coef = h_coef = inv_t
-            if need_h:
-                grad_h[s:e] += _scaled_rows(z @ w, row_coef).to(hidden.dtype)
-            if need_w:
-                _accumulate_weight_grad(grad_w, z, _scaled_rows(h_c, h_coef))
+        if coef is not None or ge is not None:
+            w = weight.to(dt)
+            zbuf = torch.empty(min(ctx.chunk, n), v, dtype=dt, device=hidden.device)
+            for s in range(0, n, ctx.chunk):
+                e = min(s + ctx.chunk, n)
+                z = zbuf[: e - s]
+                h_c = hidden[s:e].to(dt)
+                torch.mm(_scaled_rows(h_c, inv_t), w.T, out=z)
+                for a, c in _row_slices(e - s, v, ctx.ops):
+                    sl = slice(s + a, s + c)
+                    if ge is None:  # the common case: z <- C, per-row factors on the small side
+                        ctx.ops.ce_grad(z[a:c], targets[sl], lse[sl], z[a:c])
+                    else:  # entropy gradient too: z <- dL/du in full
+                        ctx.ops.logprob_grad(z[a:c], targets[sl], lse[sl], ent[sl],
+                                             None if coef is None else g[sl], ge[sl], 1.0, z[a:c])
+                row_coef = coef[s:e] if ge is None else inv_t
+                if need_h:
+                    grad_h[s:e] += _scaled_rows(z @ w, row_coef).to(hidden.dtype)
+                if need_w:
+                    _accumulate_weight_grad(grad_w, z if rows is None else z.index_select(1, rows),
+                                            _scaled_rows(h_c, row_coef))
+            del zbuf, w
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            if rows is None:
+                grad_w = grad_w.to(weight.dtype)
+            else:  # zero outside the selected rows
+                full = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+                grad_w = full.index_copy_(0, rows, grad_w.to(weight.dtype))
         return (grad_h, grad_w) + rest
 
 
@@ -359,14 +420,32 @@ def token_logprobs(ops, logits, targets, temperature, return_entropy):
     return out.view(shape)
 
 
-def linear_token_logprobs(ops, hidden, weight, targets, temperature, return_entropy, chunk_size):
+def linear_token_logprobs(ops, hidden, weight, targets, temperature, return_entropy, chunk_size,
+                          weight_grad_rows=None):
     temperature = check_temperature(temperature)
     check_linear(hidden, weight)
     if tuple(targets.shape) != (hidden.shape[0],):
         raise ValueError(f"kernels: targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
     chunk = _chunk(chunk_size, hidden, weight)
+    rows = check_weight_rows(weight_grad_rows, weight)
     return LinearTokenLogprobs.apply(hidden, weight, targets, temperature, bool(return_entropy), chunk, ops,
-                                     torch.is_grad_enabled())
+                                     torch.is_grad_enabled(), rows)
+
+
+def check_weight_rows(rows, weight):
+    """weight_grad_rows as a 1-D int64 tensor on the weight's device, every id in [0, V); None stays None."""
+    if rows is None:
+        return None
+    ints = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+    if not torch.is_tensor(rows) or rows.dim() != 1 or rows.dtype not in ints:
+        got = f"{rows.dtype} of shape {tuple(rows.shape)}" if torch.is_tensor(rows) else type(rows).__name__
+        raise ValueError(f"kernels: weight_grad_rows must be a 1-D integer tensor of row ids, got {got}")
+    rows = rows.to(device=weight.device, dtype=torch.long)
+    if rows.numel():
+        lo, hi = torch.stack(torch.aminmax(rows)).tolist()  # one host sync on CUDA
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"kernels: weight_grad_rows must lie in [0, {weight.shape[0]}), got ids from {lo} to {hi}")
+    return rows
 
 
 def generalized_jsd(ops, student_logits, teacher_logits, beta, temperature):

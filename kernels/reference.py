@@ -2,7 +2,8 @@
 
 They are chunked like the kernels (the same custom autograd.Functions in `kernels/chunked.py` walk
 the rows), so CPU memory stays bounded too: given logits go through in slices of ROW_CHUNK_ELEMS
-elements, the fused-linear ops one GEMM chunk at a time. All math in fp32 whatever the input dtype.
+elements, the fused-linear ops one GEMM chunk at a time (and the row ops within it in such slices).
+All math in fp32 whatever the input dtype.
 
 The row ops below (`logprob_stats`, `logprob_grad`, `ce_grad`, `jsd_stats`, `jsd_grad`) are this
 backend's half of the contract described in `kernels/chunked.py`; `kernels/triton_kernels.py`
@@ -17,9 +18,9 @@ import torch
 
 from kernels import chunked
 
-# Rows of given logits per row-op call (kernels/chunked.py slices them): rows * V <= 2^24, so each fp32
-# temporary is at most 64 MB. (Measured on 2 cores: slices much smaller than this run several times
-# slower per row; the fused-linear ops pass their whole GEMM chunk.)
+# Rows per row-op call (kernels/chunked.py slices given logits and each fused-linear chunk): rows * V <= 2^24,
+# so each fp32 temporary is at most 64 MB, not the size of a 2^27-element GEMM chunk. (Measured on 2 cores:
+# slices much smaller than this run several times slower per row.)
 ROW_CHUNK_ELEMS = 2**24
 
 _F32_MIN = torch.finfo(torch.float32).min
@@ -186,8 +187,10 @@ def token_logprobs(logits, targets, temperature=1.0, return_entropy=False):
     return chunked.token_logprobs(_OPS, logits, targets, temperature, return_entropy)
 
 
-def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None):
-    return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size)
+def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None,
+                          weight_grad_rows=None):
+    return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size,
+                                         weight_grad_rows)
 
 
 def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):

@@ -13,6 +13,7 @@ The five row ops follow the contract in `kernels/chunked.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -33,6 +34,13 @@ def _block(v: int) -> int:
 
 def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
+
+
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device and stream, not the tensor's: make the tensor's device
+    current for the launch (a tensor on cuda:1 while cuda:0 is current would otherwise be read from the
+    wrong device). Host tensors (the interpreter) need nothing."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,9 +119,10 @@ def logprob_stats(z, targets, temperature, want_entropy):
     ent = torch.empty_like(logp) if want_entropy else None
     if n:
         block = _block(v)
-        _logprob_fwd_kernel[(n,)](
-            z, z.stride(0), targets.contiguous(), logp, lse, ent if want_entropy else lse, v,
-            INV_T=1.0 / temperature, WANT_ENT=bool(want_entropy), BLOCK=block, num_warps=_warps(block))
+        with _on_device_of(z):
+            _logprob_fwd_kernel[(n,)](
+                z, z.stride(0), targets.contiguous(), logp, lse, ent if want_entropy else lse, v,
+                INV_T=1.0 / temperature, WANT_ENT=bool(want_entropy), BLOCK=block, num_warps=_warps(block))
     return logp, lse, ent
 
 
@@ -125,10 +134,12 @@ def logprob_grad(z, targets, lse, ent, g, ge, temperature, out):
         raise ValueError("kernels: gradient buffer must have a unit stride on the vocab dim")
     block = _block(v)
     dummy = lse
-    _logprob_bwd_kernel[(n,)](
-        z, z.stride(0), targets.contiguous(), lse, dummy if ent is None else ent,
-        dummy if g is None else g.contiguous(), dummy if ge is None else ge.contiguous(), out, out.stride(0), v,
-        INV_T=1.0 / temperature, HAS_G=g is not None, HAS_GE=ge is not None, BLOCK=block, num_warps=_warps(block))
+    with _on_device_of(z):
+        _logprob_bwd_kernel[(n,)](
+            z, z.stride(0), targets.contiguous(), lse, dummy if ent is None else ent,
+            dummy if g is None else g.contiguous(), dummy if ge is None else ge.contiguous(), out, out.stride(0), v,
+            INV_T=1.0 / temperature, HAS_G=g is not None, HAS_GE=ge is not None, BLOCK=block,
+            num_warps=_warps(block))
 
 
 def ce_grad(z, targets, lse, out):
@@ -253,8 +264,9 @@ def jsd_stats(zs, zt, beta, temperature):
     lse_s, lse_t, sq = torch.empty_like(jsd), torch.empty_like(jsd), torch.empty_like(jsd)
     if n:
         block = _block(v)
-        _jsd_fwd_kernel[(n,)](zs, zs.stride(0), zt, zt.stride(0), jsd, lse_s, lse_t, sq, v,
-                              BLOCK=block, num_warps=_warps(block), **_jsd_consts(beta, temperature))
+        with _on_device_of(zs):
+            _jsd_fwd_kernel[(n,)](zs, zs.stride(0), zt, zt.stride(0), jsd, lse_s, lse_t, sq, v,
+                                  BLOCK=block, num_warps=_warps(block), **_jsd_consts(beta, temperature))
     return jsd, (lse_s, lse_t, sq)
 
 
@@ -266,8 +278,9 @@ def jsd_grad(zs, zt, stats, g, beta, temperature, out):
         raise ValueError("kernels: gradient buffer must have a unit stride on the vocab dim")
     lse_s, lse_t, sq = stats
     block = _block(v)
-    _jsd_bwd_kernel[(n,)](zs, zs.stride(0), zt, zt.stride(0), lse_s, lse_t, sq, g.contiguous(), out, out.stride(0),
-                          v, BLOCK=block, num_warps=_warps(block), **_jsd_consts(beta, temperature))
+    with _on_device_of(zs):
+        _jsd_bwd_kernel[(n,)](zs, zs.stride(0), zt, zt.stride(0), lse_s, lse_t, sq, g.contiguous(), out,
+                              out.stride(0), v, BLOCK=block, num_warps=_warps(block), **_jsd_consts(beta, temperature))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,8 +293,10 @@ def token_logprobs(logits, targets, temperature=1.0, return_entropy=False):
     return chunked.token_logprobs(_OPS, logits, targets, temperature, return_entropy)
 
 
-def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None):
-    return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size)
+def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None,
+                          weight_grad_rows=None):
+    return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size,
+                                         weight_grad_rows)
 
 
 def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):

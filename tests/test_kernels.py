@@ -86,6 +86,14 @@ def _cases():
     for wgrad in (True, False):  # only the entropy reaches the loss: logp's incoming gradient is None
         cases.append(dict(op="linear", v=1000, n=7, h=8, chunk=3, dtype="float32", t=0.7, ent=True, wgrad=wgrad,
                           ent_only=True))
+    # weight_grad_rows: k <= H rows (gradient kept from forward) and k > H rows (recomputed in backward)
+    for v, dtype, t, ent, k, ent_only in [
+            (1000, "float32", 0.7, False, 3, False), (1000, "float32", 1.0, True, 3, False),
+            (1000, "bfloat16", 0.7, True, 12, False), (5000, "float32", 0.7, False, 12, False),
+            (1000, "float32", 0.7, True, 3, True), (QWEN_V, "float32", 0.7, False, 4, False)]:
+        n = 3 if v == QWEN_V else 10
+        cases.append(dict(op="linear", v=v, n=n, h=8, chunk=2 if v == QWEN_V else 4, dtype=dtype, t=t, ent=ent,
+                          wgrad=True, rows=k, **({"ent_only": True} if ent_only else {})))
     for v in (37, 1000, 5000):
         for beta in (0.0, 0.5, 1.0, 0.1):
             for dtype, t in (("float32", 1.0), ("bfloat16", 0.7)):
@@ -154,8 +162,13 @@ def check_case(case, api):
         hid = torch.randn(n, h, generator=gen).to(dtype).requires_grad_(True)
         w = (torch.randn(v, h, generator=gen) * 0.5).to(dtype).requires_grad_(case["wgrad"])
         tgt = torch.randint(0, v, (n,), generator=gen)
+        rows = None
+        if case.get("rows"):  # some targets, some other ids, one repeated
+            k = case["rows"]
+            rows = torch.cat([tgt[:2], torch.randint(0, v, (k - 2,), generator=gen)])
+            rows[-1] = rows[0]
         out = api.linear_token_logprobs(hid, w, tgt, temperature=case["t"], return_entropy=case["ent"],
-                                        chunk_size=case["chunk"])
+                                        chunk_size=case["chunk"], weight_grad_rows=rows)
         logp, ent = out if case["ent"] else (out, None)
         hh, ww = hid.detach().double().requires_grad_(True), w.detach().double().requires_grad_(case["wgrad"])
         o_logp, o_ent = oracle_token_logprobs(hh @ ww.T, tgt, case["t"])
@@ -171,8 +184,14 @@ def check_case(case, api):
         loss.backward()
         o_loss.backward()
         _close("dhidden", hid.grad, hh.grad, grad_tol)
-        if case["wgrad"]:
+        if case["wgrad"] and rows is None:
             _close("dweight", w.grad, ww.grad, grad_tol)
+        elif case["wgrad"]:  # the full gradient on the selected rows, exactly zero on every other row
+            assert w.grad.dtype == dtype and w.grad.shape == w.shape
+            _close("dweight[rows]", w.grad[rows], ww.grad[rows], grad_tol)
+            others = torch.ones(v, dtype=torch.bool)
+            others[rows] = False
+            assert not w.grad[others].any(), "dweight: nonzero outside weight_grad_rows"
     elif op == "jsd":
         n, v = case["n"], case["v"]
         zs = (torch.randn(n, v, generator=gen) * 3).to(dtype).requires_grad_(True)
@@ -298,6 +317,67 @@ def test_linear_gradient_work_only_when_needed(monkeypatch):
     assert len(calls) == 3 and h.grad is not None
 
 
+def test_linear_weight_grad_rows_skip_the_recompute_when_few(monkeypatch):
+    # k <= H selected rows: forward keeps C[:, rows] and C @ W, so backward runs no ce_grad and no chunk GEMM;
+    # k > H rows: backward recomputes the chunks as for the full gradient.
+    from kernels import reference
+
+    calls = []
+    real = reference.ce_grad
+    monkeypatch.setattr(reference, "ce_grad", lambda *a: (calls.append(1), real(*a))[1])
+    torch.manual_seed(0)
+    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    tgt = torch.randint(0, 50, (10,))
+    full_h, full_w = torch.autograd.grad(reference.linear_token_logprobs(h, w, tgt, chunk_size=4).sum(), (h, w))
+    for k, in_forward in ((3, True), (8, True), (9, False)):
+        rows = torch.randperm(50)[:k]
+        calls.clear()
+        out = reference.linear_token_logprobs(h, w, tgt, chunk_size=4, weight_grad_rows=rows)
+        assert len(calls) == (3 if in_forward else 0)
+        gh, gw = torch.autograd.grad(out.sum(), (h, w))
+        assert len(calls) == 3
+        torch.testing.assert_close(gh, full_h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw[rows], full_w[rows], rtol=1e-5, atol=1e-6)
+        assert gw.abs().sum() == gw[rows].abs().sum()
+    with torch.no_grad():  # nothing kept for a backward that cannot come
+        calls.clear()
+        reference.linear_token_logprobs(h, w, tgt, chunk_size=4, weight_grad_rows=torch.tensor([1, 2]))
+        assert calls == []
+
+
+def test_linear_weight_grad_rows_errors():
+    from kernels import reference
+
+    h, w, tgt = torch.randn(4, 8), torch.randn(50, 8, requires_grad=True), torch.zeros(4, dtype=torch.long)
+    for bad, match in ((torch.tensor([0, 50]), r"\[0, 50\)"), (torch.tensor([-1]), r"\[0, 50\)"),
+                       (torch.tensor([[1]]), "1-D integer"), (torch.tensor([1.0]), "1-D integer"), ([1, 2], "1-D")):
+        with pytest.raises(ValueError, match=match):
+            reference.linear_token_logprobs(h, w, tgt, weight_grad_rows=bad)
+
+
+def test_weight_grad_accumulation_paths_on_cpu():
+    # CPU: fp32 chunks add in place (addmm_); low-precision chunks take the fallback through a temporary, since
+    # addmm's out_dtype exists only on CUDA (the probe says so and is not taken for CPU tensors).
+    from kernels import chunked
+
+    torch.manual_seed(0)
+    assert chunked._fp32_out_addmm_works(torch.device("cpu")) is False
+    c, h = torch.randn(16, 24), torch.randn(16, 5)
+    acc = torch.randn(24, 5)
+    want = acc + c.T @ h
+    ptr = acc.data_ptr()
+    chunked._accumulate_weight_grad(acc, c, h)
+    torch.testing.assert_close(acc, want)
+    assert acc.data_ptr() == ptr
+    cb, hb = c.bfloat16(), h.bfloat16()
+    acc = torch.zeros(24, 5)
+    chunked._accumulate_weight_grad(acc, cb, hb)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, (cb.T @ hb).float())
+    chunked._accumulate_weight_grad(acc, cb[:0], hb[:0])  # an empty chunk adds nothing
+    torch.testing.assert_close(acc, (cb.T @ hb).float())
+
+
 # ----------------------------------------------------------------------------------------------------
 # the Triton kernels under the CPU interpreter (one subprocess for all cases)
 
@@ -316,6 +396,12 @@ def test_interpreter_dispatches_to_triton(interpreter_results):
     assert interpreter_results["__backend__"] == "kernels.triton_kernels"
 
 
+def test_interpreter_warns_once_for_cuda_tensors(interpreter_results):
+    # TRITON_INTERPRET=1 with CUDA tensors: the kernels run on the host, far slower; said once per process
+    warned = interpreter_results["__cuda_warnings__"]
+    assert len(warned) == 1 and "interpreter" in warned[0], warned
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_triton_interpreter_matches_oracle(case, interpreter_results):
     err = interpreter_results[case["id"]]
@@ -329,6 +415,17 @@ def _interpreter_worker():
     import kernels
 
     results = {"__backend__": kernels._backend(torch.zeros(1)).__name__}
+
+    class _CudaLike:  # all _backend reads of a tensor
+        is_cuda = True
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            kernels._backend(_CudaLike(), None)
+    results["__cuda_warnings__"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     for case in CASES:
         try:
             check_case(case, kernels)  # the public API, which dispatches to Triton here
@@ -341,6 +438,15 @@ def _interpreter_worker():
 # ----------------------------------------------------------------------------------------------------
 # the compiler: every kernel variant compiles for an H100 (sm_90), no GPU needed. The interpreter
 # accepts code the compiler rejects (a non-constexpr global, for one), so this runs here too.
+#
+# It compiles the specialisations that run at Qwen's vocabulary, not a hand-written signature: Triton
+# specialises each launch on its arguments (triton/runtime/jit.py): an int is i32 when it fits in 32 bits
+# (else i64), becomes a constant when it equals 1, and is marked divisible by 16 (tt.divisibility) when it
+# is; a pointer is marked when its address is 16-byte aligned. V = 151,936 = 16 x 9,496, so the vocab
+# size and every row stride there are i32 with the divisibility hint (vectorised loads), unlike a toy V.
+# The worker records the launches the public functions make (kernels replaced by recorders, inputs at
+# V = 151,936 on the host, the GEMM dtype as on CUDA), specialises each argument with Triton's own rule
+# and compiles each distinct specialisation.
 
 
 def test_triton_kernels_compile_for_sm90():
@@ -353,52 +459,103 @@ def test_triton_kernels_compile_for_sm90():
     assert out.returncode == 0 and "compiled" in out.stdout, f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
 
 
+def _record_qwen_launches(tk):
+    """(kernel, args, kwargs) of every launch the public functions of `tk` make at V = 151,936."""
+    from kernels import chunked
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    names = ("_logprob_fwd_kernel", "_logprob_bwd_kernel", "_jsd_fwd_kernel", "_jsd_bwd_kernel")
+    saved = {n: getattr(tk, n) for n in names}
+    mm_dtype = chunked._mm_dtype
+    try:
+        for n in names:
+            setattr(tk, n, Recorder(saved[n]))
+        # the fused-linear ops' logits buffer in the inputs' dtype, as on CUDA (fp32 on the host otherwise)
+        chunked._mm_dtype = lambda h, w: torch.promote_types(h.dtype, w.dtype)
+        gen = torch.Generator().manual_seed(0)
+        v, n, hid = QWEN_V, 8, 16  # 2 chunks of 4 rows: the second chunk's per-row slices start off row 0
+        for dt in (torch.bfloat16, torch.float32):
+            def randn(*shape, grad=True):
+                return torch.randn(*shape, generator=gen).to(dt).requires_grad_(grad)
+
+            tgt = torch.randint(0, v, (n,), generator=gen)
+            z = randn(n, v)
+            lp, ent = tk.token_logprobs(z, tgt, 0.7, True)
+            (lp.sum() + ent.sum()).backward()
+            tk.token_logprobs(z, tgt, 1.0).sum().backward()
+            tk.token_logprobs(z, tgt, 0.7, True)[1].sum().backward()
+            h, w = randn(n, hid), randn(v, hid)
+            lp, ent = tk.linear_token_logprobs(h, w, tgt, 0.7, True, chunk_size=4)
+            (lp.sum() + ent.sum()).backward()
+            tk.linear_token_logprobs(h, w, tgt, chunk_size=4, weight_grad_rows=tgt[:3]).sum().backward()
+            tk.linear_token_logprobs(h, w.detach(), tgt, chunk_size=4).sum().backward()
+            zt, ht, wt = randn(n, v, grad=False), randn(n, hid, grad=False), randn(v, hid, grad=False)
+            for beta, t in ((0.0, 1.0), (1.0, 0.9), (0.5, 1.0)):
+                tk.generalized_jsd(z, zt, beta, t).sum().backward()
+                tk.linear_generalized_jsd(h, w, ht, wt, beta, t, chunk_size=4).sum().backward()
+    finally:
+        for n_, fn in saved.items():
+            setattr(tk, n_, fn)
+        chunked._mm_dtype = mm_dtype
+    return launches
+
+
 def _compile_worker():
     sys.path.insert(0, str(ROOT))
     try:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import native_specialize_impl
     except ImportError as exc:
-        print(f"SKIP: no Triton compiler here ({exc})")
+        print(f"SKIP: no Triton compiler (or not this Triton's specialisation API) here ({exc})")
         return
     from kernels import triton_kernels as tk
 
-    # pointers in the input dtype; tgt_ptr is int64; every other pointer is fp32; strides int64
-    input_ptrs = {tk._logprob_fwd_kernel: {"z_ptr"}, tk._logprob_bwd_kernel: {"z_ptr", "out_ptr"},
-                  tk._jsd_fwd_kernel: {"zs_ptr", "zt_ptr"}, tk._jsd_bwd_kernel: {"zs_ptr", "zt_ptr", "out_ptr"}}
-
-    def types(fn, consts, dt):
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + (dt if name in input_ptrs[fn] else "i64" if name == "tgt_ptr" else "fp32")
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    variants = {}
+    for fn, args, kwargs in _record_qwen_launches(tk):
+        bound = dict(zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k in fn.arg_names})
+        options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+        signature, constexprs, attrs = {}, {}, {}
+        for i, param in enumerate(fn.params):  # what JITFunction.run does for a launch (Triton 3.x)
+            value = bound[param.name]
+            if param.is_constexpr:
+                ty, spec = "constexpr", ""
             else:
-                sig[name] = "i64" if name.endswith("stride") else "i32"
-        return sig
-
-    jsd = [dict(INV_T=1.0, MODE=0, BETA=0.0, LOG_BETA=0.0, LOG_1MBETA=0.0),
-           dict(INV_T=1 / 0.9, MODE=1, BETA=1.0, LOG_BETA=0.0, LOG_1MBETA=0.0),
-           dict(INV_T=1.0, MODE=2, BETA=0.5, LOG_BETA=math.log(0.5), LOG_1MBETA=math.log(0.5))]
-    variants = (
-        [(tk._logprob_fwd_kernel, dict(INV_T=1 / 0.7, WANT_ENT=e)) for e in (False, True)]
-        + [(tk._logprob_bwd_kernel, dict(INV_T=1.0, HAS_G=a, HAS_GE=b)) for a, b in ((1, 0), (1, 1), (0, 1))]
-        + [(k, c) for c in jsd for k in (tk._jsd_fwd_kernel, tk._jsd_bwd_kernel)])
-    for dt in ("bf16", "fp32"):
-        for fn, consts in variants:
-            consts = dict(consts, BLOCK=4096)
-            consts = {k: bool(v) if k.startswith(("HAS_", "WANT_")) else v for k, v in consts.items()}
-            src = ASTSource(fn=fn, signature=types(fn, consts, dt), constexprs=consts)
-            try:
-                triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            except Exception as exc:
-                if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
-                    print(f"SKIP: {exc}")
-                    return
-                raise
-    print("compiled", len(variants) * 2, "kernel variants for sm_90")
+                ty, spec = native_specialize_impl(backend, value, param.is_const, not param.do_not_specialize,
+                                                  not param.do_not_specialize_on_alignment)
+            signature[param.name] = ty
+            if ty == "constexpr":
+                constexprs[param.name], spec = value, ""
+            if isinstance(spec, str):
+                attrs[(i,)] = backend.parse_attr(spec)
+        hinted = {name for i, name in enumerate(fn.arg_names) if attrs.get((i,))}
+        assert signature["V"] == "i32" and "V" in hinted, (fn.__name__, signature, attrs)
+        assert {a for a in fn.arg_names if a.endswith("stride")} <= hinted, (fn.__name__, hinted)
+        key = (fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+               repr(sorted(options.items())))
+        variants[key] = (fn, signature, constexprs, attrs, options)
+    for fn, signature, constexprs, attrs, options in variants.values():
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        try:
+            triton.compile(src, target=target, options=options)
+        except Exception as exc:
+            if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
+                print(f"SKIP: {exc}")
+                return
+            raise
+    print("compiled", len(variants), "kernel specialisations for sm_90 at V =", QWEN_V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -414,7 +571,29 @@ def test_kernels_bench_runs_as_a_script_from_anywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["spec"]["impl"] for r in rows] == ["naive", "ours"] and not any("error" in r for r in rows)
+    assert rows[1]["max_abs_err"] < 1e-2 and rows[1]["wrong"] == [] and "check_error" not in rows[1]
     assert "python bench/kernels_bench.py" in (out / "bench.md").read_text()
+
+
+def test_kernels_bench_checks_each_side_and_looks_peaks_up_by_exact_name():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import kernels_bench as kb
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    spec = dict(op="linear_token_logprobs", impl="ours", v=64, n=6, h=8, dtype="float32", grad=True, wgrad=True,
+                entropy=False, device="cpu", repeat=1)
+    x = kb._inputs(spec, torch.device("cpu"))
+    got = kb._results(spec, x, kb._run(spec, x))
+    assert sorted(got) == ["dhidden", "dweight", "out0"]
+    ok = kb._check_against_naive(spec, x, {k: v.clone() for k, v in got.items()})
+    assert ok["wrong"] == [] and ok["max_abs_err"] < 1e-4
+    got["dweight"] = got["dweight"] * 1.1  # a side 10% off in one gradient
+    assert kb._check_against_naive(spec, x, got)["wrong"] == ["dweight"]
+    assert kb.peak_for("NVIDIA H100 PCIe") == (756e12, 2.0e12)
+    assert kb.peak_for("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert kb.peak_for("NVIDIA H100 PCIe", tflops=700, gbs=1900) == (700e12, 1.9e12)
+    assert kb.peak_for("Some Future GPU") == (None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -463,23 +642,171 @@ def test_gpu_triton_matches_reference_large_bf16():
     _close("logp vs reference", got[:64], ref, (1e-5, 1e-5))
 
 
+# Qwen3 sizes: V = 151,936, H = 1,024 (Qwen3-0.6B) and 2,560 (Qwen3-4B), bf16. The compiled kernels against
+# the PyTorch reference on the same CUDA tensors: both run the same chunk GEMMs (kernels/chunked.py), so any
+# difference is the row ops'. Values are fp32 from the same bf16 logits; gradients are bf16.
+QWEN3_HIDDEN = (1024, 2560)
+GPU_TOL = {"value": (1e-4, 1e-5), "grad": (2e-2, 1e-2)}
+
+
+def _qwen_inputs(n, hidden, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, hidden, device=device, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(QWEN_V, hidden, device=device, generator=gen) * hidden ** -0.5 * 4).to(torch.bfloat16)
+    tgt = torch.randint(0, QWEN_V, (n,), device=device, generator=gen)
+    tgt[1] = -100  # an ignored position
+    g = torch.randn(n, device=device, generator=gen)
+    ge = torch.randn(n, device=device, generator=gen)
+    return h, w, tgt, g, ge
+
+
 @pytest.mark.gpu
-def test_gpu_linear_bf16_matches_reference():
+def test_gpu_logits_ops_match_reference_qwen_vocab():
     from kernels import reference, triton_kernels
 
-    torch.manual_seed(0)
-    n, h, v = 512, 1024, QWEN_V
-    hid = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(v, h, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_(True)
-    tgt = torch.randint(0, v, (n,), device="cuda")
-    outs = []
-    for api in (triton_kernels, reference):
-        hid.grad = w.grad = None
-        lp, ent = api.linear_token_logprobs(hid, w, tgt, 0.7, True, chunk_size=128)
-        (lp.sum() + ent.sum()).backward()
-        outs.append((lp, ent, hid.grad.clone(), w.grad.clone()))
-    for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), *outs):
-        _close(name, a, b, (2e-2, 1e-2))
+    n = 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = (torch.randn(n, QWEN_V, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    zt = (torch.randn(n, QWEN_V, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    tgt = torch.randint(0, QWEN_V, (n,), device="cuda", generator=gen)
+    tgt[1] = -100
+    g, ge = torch.randn(n, device="cuda", generator=gen), torch.randn(n, device="cuda", generator=gen)
+
+    def token(api):
+        x = z.clone().requires_grad_(True)
+        lp, ent = api.token_logprobs(x, tgt, 0.7, True)
+        (lp * g + ent * ge).sum().backward()
+        return lp, ent, x.grad
+
+    for name, a, b in zip(("logp", "entropy", "dlogits"), token(triton_kernels), token(reference)):
+        _close(name, a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
+    for beta in (0.0, 0.5, 1.0):
+        def jsd(api):
+            x = z.clone().requires_grad_(True)
+            j = api.generalized_jsd(x, zt, beta, 0.9)
+            (j * g).sum().backward()
+            return j, x.grad
+
+        for name, a, b in zip(("jsd", "dstudent"), jsd(triton_kernels), jsd(reference)):
+            _close(f"{name} (beta {beta})", a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", QWEN3_HIDDEN)
+@pytest.mark.parametrize("mode", ("head trained", "head frozen", "rows <= H", "rows > H"))
+def test_gpu_linear_token_logprobs_match_reference_qwen3(hidden, mode):
+    # 1,280 rows: two full 512-row chunks (the CUDA default at this vocab) and a ragged one; entropy too, so
+    # both backward paths run (kept from forward, recomputed).
+    from kernels import reference, triton_kernels
+
+    n = 1280
+    h, w, tgt, g, ge = _qwen_inputs(n, hidden)
+    rows = None
+    if mode.startswith("rows"):
+        k = 8 if mode == "rows <= H" else hidden + 8
+        rows = torch.cat([tgt[:4].clamp(min=0), torch.randperm(QWEN_V, device="cuda")[: k - 4]])
+
+    def run(api, weight_grad_rows=rows):
+        x = h.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(mode != "head frozen")
+        lp, ent = api.linear_token_logprobs(x, ww, tgt, 0.7, True, weight_grad_rows=weight_grad_rows)
+        (lp * g + ent * ge).sum().backward()
+        return lp, ent, x.grad, ww.grad
+
+    got, want = run(triton_kernels), run(reference)
+    for name, a, b in zip(("logp", "entropy", "dhidden"), got, want):
+        _close(name, a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
+    if mode == "head frozen":
+        assert got[3] is None and want[3] is None
+    elif rows is None:
+        _close("dweight", got[3], want[3], GPU_TOL["grad"])
+    else:  # against the full gradient restricted to the rows; exactly zero elsewhere
+        full = run(reference, None)[3]
+        _close("dweight[rows] (triton)", got[3][rows], full[rows], GPU_TOL["grad"])
+        _close("dweight[rows] (reference)", want[3][rows], full[rows], GPU_TOL["grad"])
+        others = torch.ones(QWEN_V, dtype=torch.bool, device="cuda")
+        others[rows] = False
+        assert not got[3][others].any() and not want[3][others].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", QWEN3_HIDDEN)
+@pytest.mark.parametrize("head_trained", (True, False))
+def test_gpu_linear_generalized_jsd_match_reference_qwen3(hidden, head_trained):
+    from kernels import reference, triton_kernels
+
+    n = 768
+    hs, ws, _, g, _ = _qwen_inputs(n, hidden, seed=1)
+    ht, wt, _, _, _ = _qwen_inputs(n, hidden, seed=2)
+
+    def run(api):
+        x = hs.clone().requires_grad_(True)
+        ww = ws.clone().requires_grad_(head_trained)
+        j = api.linear_generalized_jsd(x, ww, ht, wt, 0.5, 0.9)
+        (j * g).sum().backward()
+        return j, x.grad, ww.grad
+
+    got, want = run(triton_kernels), run(reference)
+    _close("jsd", got[0], want[0], GPU_TOL["value"])
+    _close("dhidden", got[1], want[1], GPU_TOL["grad"])
+    if head_trained:
+        _close("dweight", got[2], want[2], GPU_TOL["grad"])
+
+
+@pytest.mark.gpu
+def test_gpu_weight_grad_accumulates_in_fp32():
+    # bf16 chunks into the fp32 weight gradient: addmm with out_dtype fp32 (no bf16 [V, H] temporary, no
+    # rounding of each chunk's sum to bf16). 16 chunks: bf16 rounding per chunk would be off by ~1e-3 relative.
+    from kernels import chunked
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert chunked._fp32_out_addmm_works(dev), f"torch {torch.__version__}: addmm out_dtype=fp32 unavailable"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    acc = torch.zeros(QWEN_V // 8, 256, device="cuda")
+    want = torch.zeros(acc.shape, dtype=torch.float64, device="cuda")
+    for _ in range(16):
+        c = torch.randn(512, acc.shape[0], device="cuda", generator=gen).to(torch.bfloat16)
+        h = torch.randn(512, acc.shape[1], device="cuda", generator=gen).to(torch.bfloat16)
+        chunked._accumulate_weight_grad(acc, c, h)
+        want += c.double().T @ h.double()
+    assert acc.dtype == torch.float32
+    rel = ((acc.double() - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_run_on_a_device_that_is_not_current():
+    # Triton launches on the current device: the kernels make the tensors' device current for each launch.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    import common
+    from kernels import reference, triton_kernels
+
+    prev = torch.cuda.current_device()
+    try:
+        torch.cuda.set_device(0)
+        dev = torch.device("cuda", 1)
+        h, w, tgt, g, ge = _qwen_inputs(640, 1024, device=dev)
+
+        def run(api):
+            x, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            lp, ent = api.linear_token_logprobs(x, ww, tgt, 0.7, True)
+            z = (x.detach()[:64] @ ww.detach().T).requires_grad_(True)
+            lp2 = api.token_logprobs(z, tgt[:64], 1.0)
+            j = api.generalized_jsd(z, z.detach().roll(1, 0), 0.5, 1.0)
+            ((lp * g + ent * ge).sum() + lp2.sum() + j.sum()).backward()
+            return lp, ent, lp2, j, x.grad, ww.grad, z.grad
+
+        got = run(triton_kernels)
+        assert torch.cuda.current_device() == 0  # restored after each launch
+        want = run(reference)
+        names = ("logp", "entropy", "logp (logits)", "jsd", "dhidden", "dweight", "dlogits")
+        for name, a, b in zip(names, got, want):
+            assert a.device == dev
+            _close(name, a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
+        assert common.pick_device("cuda:1") == dev and torch.cuda.current_device() == 1
+    finally:
+        torch.cuda.set_device(prev)
 
 
 if __name__ == "__main__" and "--interpreter-worker" in sys.argv:

@@ -214,3 +214,26 @@ def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2]  # step 5 raised before it was logged
+
+
+def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
+    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    rows = torch.tensor(tok.convert_tokens_to_ids(["<think>", "</think>"]))
+    examples = sft_think.encode_all(toy.arithmetic("test", 4, seed=0, difficulty=[1]), tok,
+                                    toy.TRAINING_CHAT_TEMPLATE, False, 512, "toy")
+    batch = sft_think.collate(examples, tok.pad_token_id, "cpu")[:3]
+    head = model.get_output_embeddings()
+    grads = []
+    for head_rows in (None, rows):
+        model.zero_grad(set_to_none=True)
+        hidden = model.get_decoder()(input_ids=batch[0], attention_mask=batch[1]).last_hidden_state.detach()
+        sel = batch[2][:, 1:].bool()
+        from kernels import linear_token_logprobs
+        (-linear_token_logprobs(hidden[:, :-1][sel], head.weight, batch[0][:, 1:][sel],
+                                weight_grad_rows=head_rows).sum()).backward()
+        grads.append(head.weight.grad.clone())
+    full, only = grads
+    assert torch.allclose(only[rows], full[rows], atol=1e-5) and full[rows].abs().sum() > 0
+    others = torch.ones(full.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert only[others].abs().max() == 0  # no gradient computed for any other row
