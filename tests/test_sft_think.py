@@ -194,8 +194,8 @@ def test_held_out_split_keeps_file_line_numbers(tmp_path):
 def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
     real, calls = sft_think.masked_nll_sum, {"train": 0}
 
-    def poisoned(model, ids, attn, loss_mask, position_ids=None):
-        nll, n = real(model, ids, attn, loss_mask, position_ids)
+    def poisoned(model, ids, attn, loss_mask, position_ids=None, head_grad_rows=None):
+        nll, n = real(model, ids, attn, loss_mask, position_ids, head_grad_rows)
         if model.training:
             calls["train"] += 1
             if calls["train"] > 2:  # steps 3, 4, 5, ... go non-finite
