@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed
 from tqdm import tqdm
 
 import common

@@ -292,7 +292,8 @@ def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_token
 
 def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bit: bool, lora_r: int,
                     lora_alpha: float, lora_dropout: float):
-    """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates."""
+    """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates and, for
+    --train-tokens, the token ids whose rows train (None otherwise)."""
     if train_tokens:
         names = [t for t in train_tokens.split(",") if t]
         ids = tokenizer.convert_tokens_to_ids(names)
@@ -311,13 +312,13 @@ def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bi
             # Zero every other row's gradient: with no weight decay AdamW then leaves them bit-identical.
             w.register_hook(lambda g, keep=keep: g * keep)
             params.append(w)
-        return params
+        return params, rows.to(model.get_input_embeddings().weight.device)
     if full:
         if load_in_4bit:
             raise common.ConfigError("--full cannot train 4-bit weights; use LoRA (the default) with --load-in-4bit")
-        return [p for p in model.parameters() if p.requires_grad]
+        return [p for p in model.parameters() if p.requires_grad], None
     lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
-    return lora.lora_parameters(model)
+    return lora.lora_parameters(model), None
 
 
 def main(args: Args):
@@ -339,12 +340,8 @@ def main(args: Args):
     model = common.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit,
                               gradient_checkpointing=args.gradient_checkpointing)
     mask_dtype = model.get_input_embeddings().weight.dtype  # the packed 4D mask is added to the attention scores
-    params = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
+    params, head_rows = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
                              args.lora_alpha, args.lora_dropout)
-    head_rows = None  # --train-tokens: only these LM-head rows need a weight gradient
-    if args.train_tokens:
-        head_rows = torch.tensor(tokenizer.convert_tokens_to_ids([t for t in args.train_tokens.split(",") if t]),
-                                 device=run.device)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay)
     scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
     optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
