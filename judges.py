@@ -3,28 +3,37 @@ prefer(prefixes, a, b) -> [float | None] = P(a is better than b) (pairwise). Non
 judge counts `calls` and `invalid` verdicts, so scripts can log the invalid-judge rate.
 
 - `LocalJudge`: a Hugging Face causal LM prompted as a judge, greedy, in this process;
-- `HTTPJudge`: the same prompts sent to an OpenAI-compatible server (vLLM, SGLang, ...), standard library only;
+- `HTTPJudge`: the same prompts sent to an OpenAI-compatible server (vLLM, SGLang, `transformers serve`),
+  standard library only, with bounded concurrency, timeouts and retries;
+- `VerdictCache`: judge replies keyed by their content, in memory and in a JSONL file, so a rerun or a resumed run
+  asks only what it has not asked before;
 - `CountedJudge`: adds the counters to a judge that has none (the toy world's `toy.AnswerJudge` and
   `toy.ContinuationJudge`, which live in the toy package);
 - `make_judge`: one of the above from a `--judge` string ("toy", a URL, a model);
 - `judge_reward`: a pointwise judge as a reward function of rewards.py's convention, shown the visible answer only
   (RLMT, arXiv 2509.20357: the thought is not judged);
-- `pairwise_scores`: each of K candidates' mean win rate over all the others (full pairwise judging, as in
-  Self-Improving Pretraining, arXiv 2601.21343).
+- `full_pairwise`: every pair of K candidates judged in both orders, each candidate's mean win rate, and what the
+  judge did (invalid pairs, position consistency, ties): Self-Improving Pretraining, arXiv 2601.21343.
+
+The pairwise prompt is that paper's quality prompt (fig. 2), answered by "Conclusion: Option 1" or "Option 2".
 
 A judge that cannot answer at all (its server is down, answers 4xx, or sends something that is not a chat
 completion) raises JudgeError, a common.UserError: one line naming the URL and the cause.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import os
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import common
@@ -62,27 +71,26 @@ POINTWISE_TEMPLATE = """Rate the response to the instruction below for correctne
 Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
 Score: <integer>"""
 
-PAIRWISE_SYSTEM = "You are a careful judge of writing quality."
-PAIRWISE_TEMPLATE = """Here is the beginning of a text, followed by two candidate continuations.
+# Self-Improving Pretraining (arXiv 2601.21343), fig. 2: the quality judge's prompt, word for word.
+PAIRWISE_TEMPLATE = """I have an original text fragment and 2 generated continuations that follow the original text \
+fragment.
 
-### Beginning
+Original text fragment:
 {prefix}
 
-### Continuation A
-{a}
+Option 1:
+{first}
 
-### Continuation B
-{b}
+Option 2:
+{second}
 
-Which continuation is more coherent, fluent and consistent with the beginning? End with a last line of exactly \
-this form:
-Winner: A
-or
-Winner: B"""
+Judge which continuation is more coherent. If both continuations are coherent, choose the one that is more factual \
+and otherwise high quality. Ignore whether continuations feel incomplete. In the final paragraph, output \
+"Conclusion: Option 1" if you think option 1 is better otherwise output "Conclusion: Option 2"."""
 
 SCORE_RANGE = (1, 10)
 _SCORE_LINE = re.compile(r"score\s*:\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?", re.IGNORECASE)
-_WINNER_LINE = re.compile(r"winner\s*:\s*\(?([AB])\)?\.?", re.IGNORECASE)
+_CONCLUSION = re.compile(r"conclusion\W*option\W*([12])\b", re.IGNORECASE)
 
 
 def _last_line(text: str) -> str:
@@ -103,10 +111,12 @@ def parse_score(text: str, lo: float = SCORE_RANGE[0], hi: float = SCORE_RANGE[1
     return (value - lo) / (hi - lo)
 
 
-def parse_winner(text: str) -> str | None:
-    """"A" or "B" from a last line "Winner: A"; None otherwise."""
-    m = _WINNER_LINE.fullmatch(_last_line(text))
-    return m.group(1).upper() if m else None
+def parse_option(text: str) -> int | None:
+    """1 or 2 from "Conclusion: Option N" in the last paragraph of a verdict (after any think block; markdown
+    emphasis allowed); None when it is missing there or names both options."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", strip_think(text or "").strip()) if p.strip()]
+    found = set(_CONCLUSION.findall(paragraphs[-1])) if paragraphs else set()
+    return int(found.pop()) if len(found) == 1 else None
 
 
 def _pointwise_messages(prompts, responses) -> list[list[dict]]:
@@ -117,10 +127,9 @@ def _pointwise_messages(prompts, responses) -> list[list[dict]]:
             for p, r in zip(prompts, responses)]
 
 
-def _pairwise_messages(prefixes, a, b) -> list[list[dict]]:
-    return [[{"role": "system", "content": PAIRWISE_SYSTEM},
-             {"role": "user", "content": PAIRWISE_TEMPLATE.format(prefix=p, a=x, b=y)}]
-            for p, x, y in zip(prefixes, a, b)]
+def _pairwise_messages(prefixes, first, second) -> list[list[dict]]:
+    return [[{"role": "user", "content": PAIRWISE_TEMPLATE.format(prefix=p, first=x, second=y)}]
+            for p, x, y in zip(prefixes, first, second)]
 
 
 def _judge_score(judge, prompts: Sequence, responses: Sequence) -> list[float | None]:
@@ -133,25 +142,72 @@ def _judge_score(judge, prompts: Sequence, responses: Sequence) -> list[float | 
     return scores
 
 
+def _judge_prefer_ordered(judge, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+    """One verdict per pair in the order shown: 1.0 when `first` (Option 1) wins, 0.0 when `second` does."""
+    if not (len(prefixes) == len(first) == len(second)):
+        raise ValueError(f"prefer(): lengths differ: {len(prefixes)} prefixes, {len(first)} first, {len(second)} second")
+    options = [parse_option(v) for v in judge.generate(_pairwise_messages(prefixes, first, second))]
+    judge.calls += len(options)
+    judge.invalid += sum(o is None for o in options)
+    return [None if o is None else float(o == 1) for o in options]
+
+
 def _judge_prefer(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
-    """P(a better) with both orders asked: (a, b) votes A for a, (b, a) votes B for a; the mean of the valid votes
-    (one order's vote when the other is unparseable), None when neither parses. Cancels position bias."""
-    if not (len(prefixes) == len(a) == len(b)):
-        raise ValueError(f"prefer(): lengths differ: {len(prefixes)} prefixes, {len(a)} a, {len(b)} b")
+    """P(a better) with both orders asked in one batch: the mean of the valid votes (one order's vote when the other
+    is unparseable), None when neither parses; orders that disagree give 0.5. Cancels position bias."""
     n = len(prefixes)
-    verdicts = judge.generate(_pairwise_messages(list(prefixes) * 2, list(a) + list(b), list(b) + list(a)))
-    winners = [parse_winner(v) for v in verdicts]
-    judge.calls += len(winners)
-    judge.invalid += sum(w is None for w in winners)
+    votes = _judge_prefer_ordered(judge, list(prefixes) * 2, list(a) + list(b), list(b) + list(a))
     out: list[float | None] = []
-    for i in range(n):
-        votes = []
-        if winners[i] is not None:
-            votes.append(1.0 if winners[i] == "A" else 0.0)
-        if winners[n + i] is not None:
-            votes.append(1.0 if winners[n + i] == "B" else 0.0)
-        out.append(sum(votes) / len(votes) if votes else None)
+    for ab, ba in zip(votes[:n], votes[n:]):
+        valid = [v for v in (ab, None if ba is None else 1.0 - ba) if v is not None]
+        out.append(sum(valid) / len(valid) if valid else None)
     return out
+
+
+class VerdictCache:
+    """Judge replies keyed by the sha256 of everything that determines them (the judge, its sampling settings, the
+    messages), in memory and appended to a JSONL file when `path` is given, so a rerun or a resumed run sends only
+    what it has not asked before. A judge sampled at T > 0 then replays its first answer to the same question. A
+    last line torn by a kill is ignored."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path, self.replies, self.hits = (Path(path) if path else None), {}, 0
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.replies[row["key"]] = row["reply"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        reply = self.replies.get(key)
+        self.hits += reply is not None
+        return reply
+
+    def put(self, key: str, reply: str) -> None:
+        self.replies[key] = reply
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+
+
+def _cached(cache: VerdictCache | None, identity: tuple, conversations: list[list[dict]], ask) -> list[str]:
+    """Replies to `conversations`: the cached ones from `cache`, the others from ask(missing) (then cached)."""
+    if cache is None:
+        return ask(conversations)
+    keys = [cache.key(*identity, c) for c in conversations]
+    replies = [cache.get(k) for k in keys]
+    missing = [i for i, r in enumerate(replies) if r is None]
+    for i, reply in zip(missing, ask([conversations[i] for i in missing]) if missing else []):
+        replies[i] = reply
+        cache.put(keys[i], reply)
+    return replies
 
 
 # ---- the judges -------------------------------------------------------------------------------------------------
@@ -160,14 +216,15 @@ class LocalJudge:
     """A local Hugging Face causal LM prompted as a judge; greedy decoding with sampling.sample.
 
     score(): POINTWISE_TEMPLATE, "Score: N" (1-10) on the last line -> (N - 1) / 9. prefer(): PAIRWISE_TEMPLATE in
-    both orders. Unparseable verdicts are None and counted in `invalid` (of `calls`).
+    both orders; prefer_ordered(): one order. Unparseable verdicts are None and counted in `invalid` (of `calls`).
+    Replies go through `cache` (a VerdictCache) when one is given.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, batch_size: int | None = 16,
-                 enable_thinking: bool = False):
+                 enable_thinking: bool = False, cache: VerdictCache | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.enable_thinking = enable_thinking
+        self.enable_thinking, self.cache = enable_thinking, cache
         self.calls = 0
         self.invalid = 0
 
@@ -187,15 +244,22 @@ class LocalJudge:
             return []
         import sampling
 
-        rollout = sampling.sample(self.model, self.tokenizer, [self._render(c) for c in conversations], n=1,
-                                  max_new_tokens=self.max_new_tokens, greedy=True, batch_size=self.batch_size)
-        return rollout.texts(self.tokenizer, skip_special_tokens=True)
+        def ask(convs):
+            rollout = sampling.sample(self.model, self.tokenizer, [self._render(c) for c in convs], n=1,
+                                      max_new_tokens=self.max_new_tokens, greedy=True, batch_size=self.batch_size)
+            return rollout.texts(self.tokenizer, skip_special_tokens=True)
+
+        identity = ("local", getattr(self.model, "name_or_path", ""), self.max_new_tokens, self.enable_thinking)
+        return _cached(self.cache, identity, conversations, ask)
 
     def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
         return _judge_score(self, prompts, responses)
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return _judge_prefer(self, prefixes, a, b)
+
+    def prefer_ordered(self, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+        return _judge_prefer_ordered(self, prefixes, first, second)
 
 
 def _network_cause(e: BaseException, timeout: float) -> str:
@@ -220,11 +284,13 @@ class HTTPJudge:
     Standard library only (urllib + a thread pool of `concurrency` requests). Connection errors, timeouts
     (`timeout` seconds per attempt), 429 and 5xx are retried `retries` times with exponential backoff (the k-th
     retry waits backoff * 2^(k-1) seconds); after that, or on another 4xx, a JudgeError names the URL and the
-    cause. Same templates and parsing as LocalJudge.
+    cause. Same templates and parsing as LocalJudge; replies go through `cache` (a VerdictCache) when one is given,
+    and `requests` counts the chat completions actually sent.
     """
 
     def __init__(self, base_url: str, model: str, concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
-                 api_key: str | None = None, backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.0):
+                 api_key: str | None = None, backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, cache: VerdictCache | None = None):
         base = base_url.rstrip("/")
         if base.endswith("/chat/completions"):
             self.url = base
@@ -234,16 +300,17 @@ class HTTPJudge:
             self.url = base + "/v1/chat/completions"
         self.model, self.concurrency, self.timeout = model, max(1, int(concurrency)), float(timeout)
         self.retries, self.api_key, self.backoff = max(0, int(retries)), api_key, float(backoff)
-        self.max_tokens, self.temperature = max_tokens, temperature
+        self.max_tokens, self.temperature, self.top_p, self.cache = max_tokens, temperature, top_p, cache
         self.calls = 0
         self.invalid = 0
+        self.requests = 0
 
     def _fail(self, cause: str) -> JudgeError:
         return JudgeError(f"judge {self.url}: {' '.join(cause.split())}")  # one line, whatever the server sent
 
     def _post(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode()
+                           "temperature": self.temperature, "top_p": self.top_p}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -252,6 +319,7 @@ class HTTPJudge:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            self.requests += 1  # an int add under the GIL: safe from the pool's threads
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     payload = json.loads(response.read().decode("utf-8"))
@@ -276,17 +344,25 @@ class HTTPJudge:
         """Replies to chat conversations, `concurrency` requests in flight."""
         if not conversations:
             return []
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(conversations)))
-        try:
-            return list(pool.map(self._post, conversations))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+
+        def ask(convs):
+            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(convs)))
+            try:
+                return list(pool.map(self._post, convs))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        identity = ("http", self.url, self.model, self.max_tokens, self.temperature, self.top_p)
+        return _cached(self.cache, identity, conversations, ask)
 
     def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
         return _judge_score(self, prompts, responses)
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return _judge_prefer(self, prefixes, a, b)
+
+    def prefer_ordered(self, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+        return _judge_prefer_ordered(self, prefixes, first, second)
 
 
 class CountedJudge:
@@ -309,18 +385,27 @@ class CountedJudge:
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return self._count(self.judge.prefer(prefixes, a, b))
 
+    def prefer_ordered(self, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+        ask = getattr(self.judge, "prefer_ordered", None) or self.judge.prefer
+        return self._count(ask(prefixes, first, second))
 
-def make_judge(spec: str, pairwise: bool = False, model: str | None = None, **kwargs):
+
+def make_judge(spec: str, pairwise: bool = False, model: str | None = None, *, cache: VerdictCache | None = None,
+               max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, concurrency: int = 8,
+               timeout: float = 60.0, retries: int = 3, api_key: str | None = None, device=None):
     """A judge from a command-line string. "toy": toy.AnswerJudge (toy.ContinuationJudge when `pairwise`) in a
-    CountedJudge; "http(s)://host:port[/v1]": HTTPJudge (`model` names the served model); otherwise a model
-    directory or hub id: LocalJudge on common.load_model / load_tokenizer. kwargs go to the judge's constructor."""
+    CountedJudge; "http(s)://host:port[/v1]": HTTPJudge (`model` names the served model; the API key also comes
+    from $OPENAI_API_KEY); otherwise a model directory or hub id: LocalJudge (greedy) on common.load_model."""
     if spec == "toy":
         import toy
 
-        return CountedJudge(toy.ContinuationJudge(**kwargs) if pairwise else toy.AnswerJudge(**kwargs))
+        return CountedJudge(toy.ContinuationJudge() if pairwise else toy.AnswerJudge())
     if spec.startswith(("http://", "https://")):
-        return HTTPJudge(spec, model=model or "default", **kwargs)
-    return LocalJudge(common.load_model(spec), common.load_tokenizer(spec), **kwargs)
+        return HTTPJudge(spec, model=model or "default", concurrency=concurrency, timeout=timeout, retries=retries,
+                         api_key=api_key or os.environ.get("OPENAI_API_KEY"), max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, cache=cache)
+    return LocalJudge(common.load_model(spec, device=device), common.load_tokenizer(spec), max_new_tokens=max_tokens,
+                      cache=cache)
 
 
 # ---- judges as rewards ------------------------------------------------------------------------------------------
@@ -337,30 +422,51 @@ def judge_reward(judge, prompt_column: str = "prompt") -> rewards.RewardFn:
     return judge_fn
 
 
-def pairwise_scores(judge, prefix: str, candidates: Sequence[str], both_orders: bool = False) -> list[float | None]:
-    """Each candidate's mean win rate over all the others (Self-Improving Pretraining: full pairwise, not a pivot).
+@dataclass
+class PairwiseResult:
+    """What full_pairwise found for one prefix."""
+    scores: list[float | None]  # each candidate's mean win rate over the pairs it was judged in (None: no pair)
+    pairs: int                  # unordered pairs, each asked in both orders
+    invalid_pairs: int          # pairs left out: the verdict of at least one order did not parse
+    consistent_pairs: int       # valid pairs whose two orders named the same winner
+    tied_pairs: int             # valid pairs judged even (the two orders disagree, or the judge said 0.5)
 
-    One judge.prefer call over the K(K-1)/2 pairs; p = P(i beats j) adds p to i and 1 - p to j; a score is the
-    sum over the pairs it was judged in divided by their number (None if none gave a verdict). Our judges ask
-    both orders inside prefer(); `both_orders=True` also sends (j, i) for judges that do not.
+
+def full_pairwise(judge, prefixes: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[PairwiseResult]:
+    """Every pair (i, j) of each prefix's candidates judged in both orders (Self-Improving Pretraining, arXiv
+    2601.21343, sec. 1.1.2: all pairs beat a single pivot; both orders cancel position bias).
+
+    p_ij = the mean of P(i better) shown first and shown second: 1 or 0 when the orders agree, 0.5 (a tie) when they
+    disagree. Candidate i's score = the mean of p_ij over its pairs, its win rate (K candidates' scores sum to K/2).
+    A pair with an unusable verdict in either order is left out and counted, never guessed. One judge batch for
+    all prefixes (an HTTP judge keeps `concurrency` requests in flight). Uses judge.prefer_ordered when it exists,
+    else asks judge.prefer in both orders (a symmetric judge, like the toy one, then always agrees with itself).
     """
-    k = len(candidates)
-    if k < 2:
-        return [None] * k
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    if both_orders:
-        pairs += [(j, i) for i, j in pairs]
-    probs = judge.prefer([prefix] * len(pairs), [candidates[i] for i, _ in pairs], [candidates[j] for _, j in pairs])
-    wins, counts = [0.0] * k, [0] * k
-    for (i, j), p in zip(pairs, probs):
-        if p is None:
+    jobs = [(n, i, j) for n, cands in enumerate(candidates) for i in range(len(cands)) for j in range(i + 1, len(cands))]
+    ask = getattr(judge, "prefer_ordered", None) or judge.prefer
+    firsts = [candidates[n][i] for n, i, _ in jobs] + [candidates[n][j] for n, _, j in jobs]
+    seconds = [candidates[n][j] for n, _, j in jobs] + [candidates[n][i] for n, i, _ in jobs]
+    verdicts = ask([prefixes[n] for n, _, _ in jobs] * 2, firsts, seconds) if jobs else []
+    results = [PairwiseResult([None] * len(c), 0, 0, 0, 0) for c in candidates]
+    wins = [[0.0] * len(c) for c in candidates]
+    counts = [[0] * len(c) for c in candidates]
+    for (n, i, j), shown_first, shown_second in zip(jobs, verdicts[:len(jobs)], verdicts[len(jobs):]):
+        res = results[n]
+        res.pairs += 1
+        if shown_first is None or shown_second is None:
+            res.invalid_pairs += 1
             continue
-        p = float(p)
-        if not (0.0 <= p <= 1.0):
-            raise rewards.RewardError(f"judge.prefer returned {p} for candidates ({i}, {j}); "
-                              f"expected a probability in [0, 1]")
-        wins[i] += p
-        wins[j] += 1.0 - p
-        counts[i] += 1
-        counts[j] += 1
-    return [w / c if c else None for w, c in zip(wins, counts)]
+        v1, v2 = float(shown_first), 1.0 - float(shown_second)  # both: P(i better)
+        if not (0.0 <= v1 <= 1.0 and 0.0 <= v2 <= 1.0):
+            raise rewards.RewardError(f"judge returned {shown_first}, {shown_second} for candidates ({i}, {j}); "
+                                      f"expected probabilities in [0, 1]")
+        p = (v1 + v2) / 2
+        res.consistent_pairs += (v1 - 0.5) * (v2 - 0.5) > 0 or v1 == v2 == 0.5
+        res.tied_pairs += p == 0.5
+        wins[n][i] += p
+        wins[n][j] += 1.0 - p
+        counts[n][i] += 1
+        counts[n][j] += 1
+    for res, w, c in zip(results, wins, counts):
+        res.scores = [x / k if k else None for x, k in zip(w, c)]
+    return results

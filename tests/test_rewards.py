@@ -383,16 +383,19 @@ def test_parse_score_and_winner_are_strict():
     assert judges.parse_score("<think>Score: 2</think>fine\nScore: 7/10") == pytest.approx(6 / 9)
     for bad in ["Score: 11", "Score: 0", "Score: seven", "Score: 7\nthanks", "", "7", "The score: 5 maybe"]:
         assert judges.parse_score(bad) is None, bad
-    assert judges.parse_winner("A is better.\nWinner: B") == "B"
-    assert judges.parse_winner("Winner: (a).") == "A"
-    assert judges.parse_winner("Winner: C") is None and judges.parse_winner("B") is None
+    assert judges.parse_option("Option 1 is vague.\n\nConclusion: Option 2") == 2
+    assert judges.parse_option("Both fine.\n\n**Conclusion:** Option 1.") == 1
+    assert judges.parse_option("<think>Conclusion: Option 2</think>\nConclusion: option 1") == 1
+    for bad in ["Conclusion: Option 3", "Option 1", "Conclusion: Option 1\n\nActually unsure.",
+                "Conclusion: Option 1 or Conclusion: Option 2", ""]:
+        assert judges.parse_option(bad) is None, bad
 
 
 def test_local_judge_parsing_and_counting_with_canned_replies(monkeypatch):
     # the model is replaced by canned replies: templates, answer-only prompts, parsing and counting
     judge = judges.LocalJudge(model=None, tokenizer=None)
-    replies = iter(["Fine.\nScore: 9", "garbage", "Winner: A", "Winner: A", "Winner: B", "nonsense",
-                    "bad", "worse"])
+    replies = iter(["Fine.\nScore: 9", "garbage", "Conclusion: Option 1", "Conclusion: Option 1",
+                    "Conclusion: Option 2", "nonsense", "bad", "worse"])
     seen = []
 
     def generate(conversations):
@@ -408,8 +411,8 @@ def test_local_judge_parsing_and_counting_with_canned_replies(monkeypatch):
     out = judge.prefer(["p0", "p1", "p2"], ["a0", "a1", "a2"], ["b0", "b1", "b2"])
     assert out == [1.0, 1.0, 0.0]
     assert (judge.calls, judge.invalid) == (8, 4)
-    swapped = seen[2 + 3]  # the first swapped conversation shows b0 as continuation A
-    assert swapped[1]["content"].index("b0") < swapped[1]["content"].index("a0")
+    swapped = seen[2 + 3][0]["content"]  # the first swapped conversation shows b0 as Option 1
+    assert swapped.index("b0") < swapped.index("a0") and "Judge which continuation is more coherent" in swapped
 
 
 def _toy_model():
@@ -459,14 +462,15 @@ def test_toy_judges_through_the_interface():
     pair = judges.make_judge("toy", pairwise=True)
     cont = toy.continuations("test", 1, seed=0)[0]
     cands = [cont["reference"], cont["reference"][: len(cont["reference"]) // 2], "@@@ nonsense\nmore junk\n"]
-    scores = judges.pairwise_scores(pair, cont["prompt"], cands)
-    assert scores[0] >= scores[2] and all(0.0 <= s <= 1.0 for s in scores)
-    assert sum(scores) == pytest.approx(len(cands) / 2)  # win rates over K-1 opponents sum to K/2
-    assert pair.calls == 3
+    res, = judges.full_pairwise(pair, [cont["prompt"]], [cands])
+    assert res.scores[0] >= res.scores[2] and all(0.0 <= s <= 1.0 for s in res.scores)
+    assert sum(res.scores) == pytest.approx(len(cands) / 2)  # win rates over K-1 opponents sum to K/2
+    assert pair.calls == 6 and res.pairs == 3 and res.invalid_pairs == 0  # 3 pairs x 2 orders
+    assert res.consistent_pairs + res.tied_pairs >= 3  # the toy judge is symmetric: no position bias
 
 
-def test_pairwise_scores_math():
-    class LongerWins:
+def test_full_pairwise_math():
+    class LongerWins:  # a symmetric judge without prefer_ordered: asked through prefer() in both orders
         def __init__(self):
             self.pairs = []
 
@@ -475,12 +479,28 @@ def test_pairwise_scores_math():
             return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
 
     j = LongerWins()
-    assert judges.pairwise_scores(j, "p", ["aaa", "a", "aa", "aa"]) == [1.0, 0.0, 0.5, 0.5]
-    assert len(j.pairs) == 6  # C(4, 2) unordered pairs, one batch
-    j = LongerWins()
-    assert judges.pairwise_scores(j, "p", ["aaa", "a", "aa"], both_orders=True) == [1.0, 0.0, 0.5]
-    assert len(j.pairs) == 6 and ("a", "aaa") in j.pairs
-    assert judges.pairwise_scores(j, "p", ["x"]) == [None]
+    r1, r2 = judges.full_pairwise(j, ["p", "q"], [["aaa", "a", "aa", "aa"], ["x"]])
+    assert r1.scores == [1.0, 0.0, 0.5, 0.5] and r2.scores == [None] and r2.pairs == 0
+    assert len(j.pairs) == 12 and ("a", "aaa") in j.pairs  # C(4, 2) pairs x 2 orders, one batch
+    assert (r1.pairs, r1.invalid_pairs, r1.consistent_pairs, r1.tied_pairs) == (6, 0, 6, 1)
+
+    class FirstWins:  # pure position bias: every pair's two orders disagree, so every pair is a tie
+        def prefer_ordered(self, prefixes, first, second):
+            return [1.0] * len(first)
+
+        def prefer(self, *a):
+            raise AssertionError("prefer_ordered is used when the judge has it")
+
+    res, = judges.full_pairwise(FirstWins(), ["p"], [["a", "b", "c"]])
+    assert res.scores == [0.5, 0.5, 0.5] and (res.consistent_pairs, res.tied_pairs) == (0, 3)
+
+    class Unparsable:  # "a" vs "b" shown b-first never parses: that pair is left out, not guessed
+        def prefer_ordered(self, prefixes, first, second):
+            return [None if (x, y) == ("b", "a") else float(x < y) for x, y in zip(first, second)]
+
+    res, = judges.full_pairwise(Unparsable(), ["p"], [["a", "b", "c"]])
+    assert (res.pairs, res.invalid_pairs) == (3, 1)
+    assert res.scores == [1.0, 1.0, 0.0]  # a beat c; b beat c; (a, b) never counted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -514,9 +534,9 @@ class _Server:
                     self.wfile.write(b"{\"error\": \"nope\"}")
                     return
                 user = body["messages"][-1]["content"]
-                if "Winner" in user:  # pairwise: prefer the continuation that mentions "good"
-                    a = user.split("### Continuation A")[1].split("### Continuation B")[0]
-                    text = "Winner: A" if "good" in a else "Winner: B"
+                if "Conclusion: Option" in user:  # pairwise: prefer the continuation that mentions "good"
+                    first = user.split("Option 1:")[1].split("Option 2:")[0]
+                    text = "Option 1 reads better.\n\nConclusion: Option " + ("1" if "good" in first else "2")
                 else:
                     text = "Reasoning...\nScore: 8" if "right" in user else "I cannot say."
                 payload = b"not json" if action == "junk" else json.dumps(
@@ -556,7 +576,9 @@ def test_http_judge_scores_and_prefers(server):
     # both orders asked: the server always prefers "good", wherever it is shown
     assert judge.prefer(["p", "p"], ["good one", "meh"], ["meh", "good two"]) == [1.0, 0.0]
     assert judge.calls == 7
-    assert judges.pairwise_scores(judge, "p", ["meh", "good", "bad"]) == [0.25, 1.0, 0.25]
+    # neither "meh" nor "bad" mentions good: the server then always says Option 2, the orders disagree: a tie
+    res, = judges.full_pairwise(judge, ["p"], [["meh", "good", "bad"]])
+    assert res.scores == [0.25, 1.0, 0.25] and (res.consistent_pairs, res.tied_pairs) == (2, 1)
 
 
 def test_http_judge_retries_timeouts_and_5xx(server):
