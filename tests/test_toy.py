@@ -367,6 +367,10 @@ def test_continuation_judge_ignores_a_cut_off_last_line():
     r = toy.continuations("test", 1, seed=0)[0]
     assert judge.line_verdicts(r["prompt"], r["reference"][: len(r["reference"]) // 2]) in ([], [True])
     assert judge.line_verdicts(r["prompt"], "garbage line\nmore") == [False]
+    # ...unless it is already longer than any line of its grammar: run-on text never escapes the judge
+    limit = toy.judges.MAX_LINE[r["domain"]]
+    assert judge.line_verdicts(r["prompt"], "the bear " * (limit // 9 + 1)) == [False]
+    assert judge.line_verdicts(r["prompt"], "the bear " * (limit // 20)) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,6 +237,12 @@ def check_document(text: str, domain: str | None = None) -> list[bool | None]:
     return [_CHECKERS[domain](line, st) for line in text.split("\n")]
 
 
+# The longest line each grammar writes (over 40,000 generated documents): a last line cut off mid-way that is
+# already longer cannot become a valid line, so it is judged wrong, not unknown (else run-on text wins by never
+# ending a line).
+MAX_LINE = {"story": 85, "news": 112, "code": 32}
+
+
 def _clean_generated(text: str) -> str:
     for stop in ("<|endoftext|>", "<|im_end|>"):
         text = text.split(stop, 1)[0]
@@ -249,7 +255,8 @@ class ContinuationJudge:
     The prefix is replayed line by line to rebuild the facts (cast and counts, council and tally,
     defined functions); every continuation line is then checked against them. A line's verdict:
     +1 if consistent, -`penalty` if it breaks the grammar or a fact; a last line cut off
-    mid-way (no newline after it) that does not parse is ignored. `prefer` returns
+    mid-way (no newline after it) that does not parse is ignored while it is no longer than the
+    grammar's longest line (MAX_LINE), and wrong beyond that. `prefer` returns
     sigmoid(sharpness * (s_a - s_b)) for the summed verdicts s; None when the prefix is not a toy document.
     """
 
@@ -268,7 +275,8 @@ class ContinuationJudge:
             end = pos + len(line)
             if end > len(prefix) or (line == "" and pos >= len(prefix) and i < len(lines) - 1):
                 if i == len(lines) - 1 and not v:
-                    v = None  # cut off mid-line (or empty tail): unknown, not wrong
+                    # cut off mid-line (or an empty tail): unknown, not wrong, unless too long for any valid line
+                    v = False if len(line) > MAX_LINE[domain] else None
                 if v is not None:
                     verdicts.append(v)
             pos = end + 1
