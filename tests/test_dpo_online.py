@@ -222,9 +222,11 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text(json.dumps({"text": "long enough " * 20}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    rows = [{"text": "long enough " * 20}] * 10
+    rows[6] = {"text": "short"}
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = run_dpo(tmp_path / "a", "--data", str(docs), "--judge", "toy", expect=2)
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {docs}:2: field 'text': 5 tokens")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {docs}:7: field 'text': 5 tokens"), proc.stderr
     proc = run_dpo(tmp_path / "b", "--data", str(docs), expect=2)
     assert "--judge: documents other than the toy ones need a judge" in proc.stderr
 
