@@ -27,6 +27,10 @@ Option 1" or "Option 2"; anything else is an invalid verdict: counted and logged
 never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or --resume asks the
 judge only what it has not asked before.
 
+On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts, rollout-vs-rollout pairs) the trained
+policy beat the toy base on 0.592 of 128 held-out prefixes, 95% interval [0.536, 0.647] (README: the variants
+tried, and two ways the policy learned to game the toy judge before they were closed).
+
 Run:
     python dpo_online.py                                   # toy documents, toy judge, from the toy base
     python dpo_online.py --eval-only runs/dpo_online       # win rate of an adapter against its base
@@ -104,7 +108,7 @@ class Args:
                                                                "<out>/judge_cache.jsonl, '' = off"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1e-3 toy, 5e-6 hub"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 100 toy, 500 hub model)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 150 toy, 500 hub model)"})
     batch_size: int = field(default=4, metadata={"help": "prefixes per optimizer step per device"})
     micro_batch_size: int = field(default=32, metadata={"help": "candidate sequences per forward/backward (whole "
                                                                 "prefixes at a time)"})
@@ -130,7 +134,7 @@ class Args:
 def resolve_defaults(args: Args) -> Args:
     hub = args.model != "toy"
     for name, toy_value, hub_value in (("prefix_tokens", 192, 384), ("suffix_tokens", 96, 128),
-                                       ("num_rollouts", 8, 16), ("lr", 1e-3, 5e-6), ("max_steps", 100, 500),
+                                       ("num_rollouts", 8, 16), ("lr", 1e-3, 5e-6), ("max_steps", 150, 500),
                                        ("lora_r", 16, 64), ("gradient_checkpointing", False, True)):
         if getattr(args, name) is None:
             setattr(args, name, hub_value if hub else toy_value)
@@ -453,7 +457,7 @@ def load_start(name: str, device, init_adapter: str, load_in_4bit: bool, gradien
     return model
 
 
-def make_judge(args: Args, device):
+def build_judge(args: Args, device):
     cache = judges.VerdictCache(args.judge_cache) if args.judge_cache and args.judge != "toy" else None
     return judges.make_judge(args.judge, pairwise=True, model=args.judge_model or None, cache=cache,
                              max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
@@ -483,7 +487,7 @@ def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
                "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}"})
 
 
-def main(args: Args, counter: dict | None = None):
+def main(args: Args):
     args = resolve_defaults(args)
     run = common.start_run(args.out, args, args.seed, args.device, args.resume)
     tokenizer = common.load_tokenizer(args.model)
@@ -494,7 +498,7 @@ def main(args: Args, counter: dict | None = None):
                                            skip_short=args.skip_short_documents)
     if args.judge == "toy" and all(toy.detect_domain(w["prefix"]) is None for w in train[:16]):
         raise common.ConfigError(f"--judge toy judges toy documents only; {args.data} is not one (pass --judge)")
-    judge = make_judge(args, run.device)
+    judge = build_judge(args, run.device)
     if args.eval_only:
         summary = eval_only(args, run, tokenizer, heldout, judge)
         common.cleanup_distributed()
@@ -535,7 +539,7 @@ def main(args: Args, counter: dict | None = None):
             common.append_jsonl(run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s})
         t1 = time.perf_counter()
         stats = update(model, judged, beta=args.beta, loss_type=args.loss, micro_batch_size=args.micro_batch_size,
-                       pad_id=pad_id, world=run.world, counter=counter)
+                       pad_id=pad_id, world=run.world)
         stats.update(optimizer_step(stats["loss"], step + 1))
         t_train += time.perf_counter() - t0
         last = {**judged.metrics, **stats, "learning_rate": scheduler.get_last_lr()[0], "num_tokens": tokens_seen,
