@@ -5,7 +5,8 @@
 
 Each is the output of one documented command of this repo, run with its defaults: the adapter files are
 copied into toy/<name>/ with `made_by.json` (the command and the held-out metric it reached). The test
-`test_shipped_sft_adapter_is_what_the_default_command_makes` checks that the command still makes it.
+`test_shipped_sft_adapter_is_what_the_default_command_makes` checks that the command still makes it: the same
+weights on the same kind of CPU (`cpu_capability`), the same held-out accuracy on any.
 
 - toy/sft_think: `python sft_think.py` (thinking SFT on toy arithmetic levels 1-3); `grpo.py` starts from it.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 import common  # noqa: E402
 
@@ -37,7 +40,10 @@ def make(name: str) -> dict:
         for f in FILES:
             shutil.copyfile(Path(tmp) / f, dest / f)
     info = {"command": "python " + " ".join(command), "heldout": summary["heldout"],
-            "train_seconds": round(summary["train_seconds"], 1), "torch": __import__("torch").__version__}
+            "train_seconds": round(summary["train_seconds"], 1), "torch": torch.__version__,
+            # the CPU kernels the run used (AVX2, AVX512, ...): 500 steps amplify their different roundings, so
+            # the weights reproduce to the last digits only on the same kind of CPU
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     common.atomic_write_json(dest / "made_by.json", info)
     return info
 
