@@ -157,7 +157,7 @@ def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
     assert shipped.keys() == fresh.keys()
     assert all(shipped[k].shape == fresh[k].shape for k in shipped)
     # The same held-out accuracy from the command (within 10 problems of 200: an AVX2 CPU measured 0.91 against
-    # the shipped 0.93), and exactly from the shipped adapter itself, on any CPU.
+    # the shipped 0.93), and from the shipped adapter itself, on any CPU.
     s = json.loads((sft_toy_run / "summary.json").read_text())
     assert abs(s["heldout"]["after"] - made_by["heldout"]["after"]) <= 0.05, (s["heldout"], made_by["heldout"])
     args = sft_think.Args()
