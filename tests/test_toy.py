@@ -366,11 +366,23 @@ def test_continuation_judge_ignores_a_cut_off_last_line():
     judge = toy.ContinuationJudge()
     r = toy.continuations("test", 1, seed=0)[0]
     assert judge.line_verdicts(r["prompt"], r["reference"][: len(r["reference"]) // 2]) in ([], [True])
-    assert judge.line_verdicts(r["prompt"], "garbage line\nmore") == [False]
-    # ...unless it is already longer than any line of its grammar: run-on text never escapes the judge
+    tail = r["reference"].split("\n")[1][:5]  # the start of a real line
+    assert judge.line_verdicts(r["prompt"], f"garbage line\n{tail}") == [False]
+    assert judge.line_verdicts(r["prompt"], "garbage line\nmore") == [False, False]
+    # ...unless it can no longer become a line of its grammar: run-on text and junk never escape the judge
     limit = toy.judges.MAX_LINE[r["domain"]]
+    assert judge.line_verdicts(r["prompt"], r["reference"].split("\n")[0][:20]) == []
     assert judge.line_verdicts(r["prompt"], "the bear " * (limit // 9 + 1)) == [False]
-    assert judge.line_verdicts(r["prompt"], "the bear " * (limit // 20)) == []
+    assert judge.line_verdicts(r["prompt"], "the bear") == [False]
+    assert judge.line_verdicts(r["prompt"], "T%<X'//;<") == [False]
+
+
+def test_every_start_of_a_grammar_line_could_become_a_line():
+    for d in toy.documents("test", 300, seed=3):
+        for line in d["text"].split("\n")[1:]:
+            assert all(toy.judges.could_become_a_line(line[:k], d["domain"]) for k in range(len(line) + 1)), line
+    assert not toy.judges.could_become_a_line("At 9:25, Reyes said the libr" + "a" * 200, "news")
+    assert not toy.judges.could_become_a_line("    x = a ++", "code")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 import re
 from typing import Sequence
 
+import regex
 from rapidfuzz.distance import Levenshtein
 
 from toy.tasks import (_INSTRUCTIONS, _N_MONTHS, _N_OPINIONS, _S_GAIN, _S_ITEMS, _S_LOSE, _S_WHEN, _run_function,
@@ -237,10 +238,33 @@ def check_document(text: str, domain: str | None = None) -> list[bool | None]:
     return [_CHECKERS[domain](line, st) for line in text.split("\n")]
 
 
-# The longest line each grammar writes (over 40,000 generated documents): a last line cut off mid-way that is
-# already longer cannot become a valid line, so it is judged wrong, not unknown (else run-on text wins by never
-# ending a line).
+# A last line cut off mid-way (no newline after it) is judged unknown only while it can still become a line of
+# its grammar: it is no longer than the grammar's longest line (MAX_LINE, over 40,000 generated documents) and it
+# is the start of some line shape below (a partial regex match). Otherwise it is wrong: an "unknown" tail that
+# anything could fill was a reward hack (one valid line, then run-on text or junk that never ends a line).
 MAX_LINE = {"story": 85, "news": 112, "code": 32}
+
+
+def _alternatives(*patterns: str) -> regex.Pattern:
+    return regex.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+_REMARKS = [re.escape(o).replace(re.escape("{p}"), "[a-z ]+") for o in _N_OPINIONS] + [
+    r"said \d+ million dollars was too much"]
+_LINE_SHAPES = {  # every line a continuation can write (the first lines are in the prefix)
+    "story": _alternatives(_STORY_INIT.pattern, *(r"On [A-Z][a-z]+ [a-z]+, " + b.pattern
+                                                 for b in (_STORY_MOVE, _STORY_GIVE, _STORY_COUNT)), _STORY_END.pattern),
+    "news": _alternatives(_NEWS_CAST.pattern, _NEWS_SPEAKERS.pattern, _NEWS_END.pattern,
+                          *(r"At \d+:\d\d, " + b for b in (_NEWS_COST.pattern, _NEWS_VOTE.pattern,
+                                                            _NAME + " (?:" + "|".join(_REMARKS) + r")\."))),
+    "code": _alternatives(*(p.pattern for p in (_CODE_CONST, _CODE_DEF, _CODE_SET, _CODE_CALL, _CODE_RET,
+                                               _CODE_PRINT))),
+}
+
+
+def could_become_a_line(text: str, domain: str) -> bool:
+    """Whether `text` is the start of a line the domain's grammar writes (its shape, not yet its facts)."""
+    return len(text) <= MAX_LINE[domain] and _LINE_SHAPES[domain].fullmatch(text, partial=True) is not None
 
 
 def _clean_generated(text: str) -> str:
@@ -255,8 +279,8 @@ class ContinuationJudge:
     The prefix is replayed line by line to rebuild the facts (cast and counts, council and tally,
     defined functions); every continuation line is then checked against them. A line's verdict:
     +1 if consistent, -`penalty` if it breaks the grammar or a fact; a last line cut off
-    mid-way (no newline after it) that does not parse is ignored while it is no longer than the
-    grammar's longest line (MAX_LINE), and wrong beyond that. `prefer` returns
+    mid-way (no newline after it) that does not parse is ignored while it can still become a line of
+    the grammar (`could_become_a_line`), and wrong otherwise. `prefer` returns
     sigmoid(sharpness * (s_a - s_b)) for the summed verdicts s; None when the prefix is not a toy document.
     """
 
@@ -275,8 +299,8 @@ class ContinuationJudge:
             end = pos + len(line)
             if end > len(prefix) or (line == "" and pos >= len(prefix) and i < len(lines) - 1):
                 if i == len(lines) - 1 and not v:
-                    # cut off mid-line (or an empty tail): unknown, not wrong, unless too long for any valid line
-                    v = False if len(line) > MAX_LINE[domain] else None
+                    # cut off mid-line (or an empty tail): unknown, not wrong, if it can still become a line
+                    v = None if could_become_a_line(line, domain) else False
                 if v is not None:
                     verdicts.append(v)
             pos = end + 1
