@@ -1,4 +1,5 @@
 """sampling.py: the decoding loop (masks, EOS, stop strings, padding, the KV cache) and sequence log-probs."""
+import inspect
 import types
 
 import pytest
@@ -15,7 +16,7 @@ class _ScriptCache:
 
 
 class _DroppableScriptCache(_ScriptCache):
-    def batch_select_indices(self, indices):  # like DynamicCache: finished rows leave the batch
+    def batch_select_indices(self, indices):  # like DynamicCache: rows leave the batch (or repeat)
         self.keys = [self.keys[i] for i in indices.tolist()]
 
 
@@ -27,10 +28,12 @@ class ScriptedLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.scripts, self.vocab_size, self.calls, self.droppable = scripts, vocab_size, 0, droppable
         self.generation_config = types.SimpleNamespace(eos_token_id=eos)
+        self.batch_rows = []  # rows of every call's input
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
                 logits_to_keep=0):
         self.calls += 1
+        self.batch_rows.append(input_ids.shape[0])
         cache = past_key_values
         if cache is None:
             cache = (_DroppableScriptCache if self.droppable else _ScriptCache)(input_ids[:, -1].tolist())
@@ -189,6 +192,269 @@ def test_sample_restores_training_mode_and_outputs_are_autograd_safe(tok):
 def test_empty_prompt_is_an_error(model, tok):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampling.sample(model, tok, ["a", ""], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------- the previous sampler, kept as a reference
+
+
+def _legacy_sample(model, tokenizer, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, stop=None,
+                   eos_token_ids=None, greedy=False, generator=None, batch_size=None):
+    """The previous implementation of sampling.sample (every row prefilled, finished rows dropped from the KV cache
+    at once, torch.multinomial), for the token-for-token comparisons below. Returns the Rollout's fields."""
+    rows_per_prompt = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
+                       for p in prompts]
+    stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    eos = sampling.stop_token_ids(model, tokenizer) if eos_token_ids is None else list(eos_token_ids)
+    pad_id = tokenizer.pad_token_id
+    rows = [r for r in rows_per_prompt for _ in range(n)]
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size or len(rows)):
+            chunk = rows[start:start + (batch_size or len(rows))]
+            width = max(len(r) for r in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in chunk])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            prompt_ids, prompt_mask, eos_t = ids, mask, torch.tensor(eos, dtype=torch.long)
+            finished = torch.zeros(len(chunk), dtype=torch.bool)
+            alive = torch.arange(len(chunk))
+            tokens, masks, history = [], [], [[] for _ in chunk]
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache, next_pos = sampling._cache_of(out), pos[:, -1:] + 1
+            compact = hasattr(cache, "batch_select_indices")
+            cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            for step in range(max_new_tokens):
+                live = ~finished[alive]
+                logits = out.logits[:, -1, :]
+                if greedy or temperature == 0:
+                    picked = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(logits.float() / temperature, dim=-1)
+                    if top_p < 1.0:
+                        sorted_p, order = probs.sort(dim=-1, descending=True)
+                        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
+                        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+                    picked = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                picked = torch.where(live, picked, torch.full_like(picked, pad_id))
+                tok = torch.full((len(chunk),), pad_id, dtype=torch.long)
+                tok[alive] = picked
+                tokens.append(tok)
+                masks.append(~finished)
+                ended = live & torch.isin(picked, eos_t)
+                if stop:
+                    writing = alive[live].tolist()
+                    for i, t in zip(writing, tok[writing].tolist()):
+                        history[i].append(t)
+                    ended[live] |= torch.tensor(sampling._stop_hits(tokenizer, [history[i] for i in writing], stop))
+                finished[alive[ended]] = True
+                if bool(finished.all()) or step == max_new_tokens - 1:
+                    break
+                if compact and bool(ended.any()):
+                    keep = (~ended).nonzero().flatten()
+                    cache.batch_select_indices(keep)
+                    alive, mask, next_pos, picked = alive[keep], mask[keep], next_pos[keep], picked[keep]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                            **{cache_kwarg: cache})
+                cache, next_pos = sampling._cache_of(out), next_pos + 1
+            parts.append((prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long(), finished))
+    P, C = max(p[0].shape[1] for p in parts), max(p[2].shape[1] for p in parts)
+    return {"prompt_ids": torch.cat([sampling._pad_to(p[0], P, pad_id, left=True) for p in parts]),
+            "prompt_mask": torch.cat([sampling._pad_to(p[1], P, 0, left=True) for p in parts]),
+            "completion_ids": torch.cat([sampling._pad_to(p[2], C, pad_id, left=False) for p in parts]),
+            "completion_mask": torch.cat([sampling._pad_to(p[3], C, 0, left=False) for p in parts]),
+            "finished": torch.cat([p[4] for p in parts])}
+
+
+def _assert_same_rollout(r: Rollout, ref: dict, what=""):
+    for f, want in ref.items():
+        assert torch.equal(getattr(r, f), want), f"{what}: {f} differs"
+
+
+@pytest.fixture(scope="module")
+def toy_base():
+    toy = pytest.importorskip("toy")
+    return toy.load_model(), toy.load_tokenizer()
+
+
+def _toy_prompts(tokenizer, lengths=(40, 29, 47)):
+    import toy
+
+    docs = toy.documents("train", len(lengths), seed=0)
+    return [tokenizer(d["text"], add_special_tokens=False)["input_ids"][:k] for d, k in zip(docs, lengths)]
+
+
+@pytest.mark.parametrize("case", [
+    dict(n=4, eos="e", temperature=1.5),                     # rows end at different steps and leave the cache
+    dict(n=4, eos="\n", temperature=1.3, top_p=0.9, batch_size=6),  # chunks that split a prompt's samples
+    dict(n=3, eos="", temperature=1.5, stop=["e ", "."]),    # stop strings
+    dict(n=2, eos="e", greedy=True, batch_size=4),
+])
+def test_samples_equal_the_previous_sampler_token_for_token(toy_base, case):
+    m, t = toy_base
+    case = dict(case)
+    eos = [t.convert_tokens_to_ids(c) for c in case.pop("eos")] + [t.eos_token_id]
+    prompts = _toy_prompts(t)
+    for seed in (0, 1):
+        kw = dict(max_new_tokens=24, eos_token_ids=eos, **case)
+        ref = _legacy_sample(m, t, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+        r = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+        _assert_same_rollout(r, ref, f"{case} seed {seed}")
+        assert len(set(r.completion_mask.sum(1).tolist())) > 2  # rows ended at different steps
+
+
+def test_how_often_the_loop_checks_does_not_change_samples(toy_base, monkeypatch):
+    m, t = toy_base
+    prompts = _toy_prompts(t)
+    eos = [t.convert_tokens_to_ids(" "), t.eos_token_id]
+    for greedy in (False, True):
+        kw = dict(n=3, max_new_tokens=20, eos_token_ids=eos, greedy=greedy)
+        base = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(3), **kw)
+        for every in (1, 3):
+            monkeypatch.setattr(sampling, "CHECK_EVERY", every)
+            r = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(3), **kw)
+            _assert_same_rollout(r, {f: getattr(base, f) for f in ("completion_ids", "completion_mask", "finished")})
+
+
+def test_static_cache_equals_dynamic_cache(toy_base):
+    m, t = toy_base
+    prompts = _toy_prompts(t)
+    eos = [t.convert_tokens_to_ids("."), t.eos_token_id]
+    for kw in (dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, stop=[". "])):
+        kw = dict(n=3, max_new_tokens=20, eos_token_ids=eos, batch_size=6, **kw)
+        dyn = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(0), **kw)
+        static = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(0), static_cache=True, **kw)
+        _assert_same_rollout(static, {f: getattr(dyn, f) for f in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                    "completion_mask", "finished")}, str(kw))
+
+
+def test_static_cache_refuses_what_it_cannot_hold(model, tok):
+    with pytest.raises(ValueError, match="needs static_cache=True"):
+        sampling.sample(model, tok, ["a"], max_new_tokens=2, compile_decode=True)
+    m = ScriptedLM({tok.convert_tokens_to_ids("a"): [5]}, len(tok))
+    with pytest.raises(ValueError, match="full attention"):
+        sampling.sample(m, tok, ["a"], max_new_tokens=2, static_cache=True)
+
+
+class _LegacyTupleLM(torch.nn.Module):
+    """A model that takes and returns its KV cache as per-layer (key, value) tuples."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.generation_config = inner, inner.generation_config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                logits_to_keep=0):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(past_key_values, config=self.inner.config) if past_key_values is not None else None
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, logits_to_keep=logits_to_keep)
+        legacy = tuple((layer.keys, layer.values) for layer in out.cache.layers)
+        return types.SimpleNamespace(logits=out.logits, past_key_values=legacy)
+
+
+def test_legacy_tuple_cache(model, tok):
+    wrapped = _LegacyTupleLM(model)
+    prompts = ["hello", "a", "xyz"]
+    stop_id = sampling.sample(model, tok, prompts, max_new_tokens=4, greedy=True).completion_ids[0, 1].item()
+    for kw in (dict(greedy=True, eos_token_ids=[stop_id]), dict(temperature=1.2, eos_token_ids=[])):
+        a = sampling.sample(model, tok, prompts, n=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0),
+                            **kw)
+        b = sampling.sample(wrapped, tok, prompts, n=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0),
+                            **kw)
+        _assert_same_rollout(b, {f: getattr(a, f) for f in ("completion_ids", "completion_mask", "finished")}, str(kw))
+    # a tuple cache never drops rows: the previous sampler drew for every row there too
+    kw = dict(n=3, max_new_tokens=10, temperature=1.2, eos_token_ids=[stop_id])
+    _assert_same_rollout(sampling.sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw),
+                         _legacy_sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw))
+
+
+def test_draws_equal_torch_multinomial():
+    # _next_tokens draws what torch.multinomial(probs, 1) draws, without its host sync; this pins the equivalence
+    # for the installed torch (the previous sampler called torch.multinomial)
+    torch.manual_seed(0)
+    for V in (7, 1000):
+        logits = torch.randn(5, V) * 3
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        for _ in range(3):
+            want = torch.multinomial(torch.softmax(logits / 0.9, -1), 1, generator=g1).squeeze(-1)
+            got, ok = sampling._next_tokens(logits, 0.9, 1.0, False, g2)
+            assert torch.equal(got, want) and ok.item()
+
+
+def test_non_finite_logits_are_an_error_when_sampling(tok):
+    class NanLM(ScriptedLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[:] = float("nan")
+            return out
+
+    m = NanLM({tok.convert_tokens_to_ids("a"): [5]}, len(tok))
+    with pytest.raises(RuntimeError, match="inf, nan"):
+        sampling.sample(m, tok, ["a"], n=2, max_new_tokens=3)
+
+
+def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch(tok):
+    eos = tok.eos_token_id
+    a, b, x, y = tok.convert_tokens_to_ids(["a", "b", "x", "y"])
+    scripts = {x: [a, b, eos], y: [b, b, b, b]}
+    results = []
+    for droppable, greedy, rows in ((True, True, [2, 6, 6, 6]), (True, False, [2, 6, 6, 3, 3]),
+                                    (False, True, [2, 6, 6, 6, 6])):
+        m = ScriptedLM(scripts, len(tok), droppable=droppable)
+        results.append(sampling.sample(m, tok, ["x", "ay"], n=3, max_new_tokens=4 + (not greedy), greedy=greedy))
+        # one prefill row per prompt, then 3 rows each; ended rows ride along until the loop checks (greedy: every
+        # CHECK_EVERY steps; sampling: every step, dropping them once a quarter of the batch ended); a cache that
+        # cannot repeat rows gets every row prefilled
+        assert m.batch_rows == rows, (droppable, greedy)
+    for r in results:
+        C = r.completion_ids.shape[1]
+        assert r.completion_ids.tolist() == [[a, b, eos] + [0] * (C - 3)] * 3 + [[b] * C] * 3
+        assert r.completion_mask.tolist() == [[1, 1, 1] + [0] * (C - 3)] * 3 + [[1] * C] * 3
+        assert r.prompt_ids.tolist() == [[0, x]] * 3 + [[a, y]] * 3 and r.finished.tolist() == [True] * 3 + [False] * 3
+
+
+def test_preallocated_cache_layer_grows_in_place_and_drops_rows(model):
+    from transformers.cache_utils import DynamicLayer
+
+    ids = torch.randint(3, 99, (3, 5))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=True).cache
+        cache = sampling._preallocate(model(input_ids=ids, use_cache=True).cache, capacity=6)
+    layer, plain = cache.layers[0], ref.layers[0]
+    assert isinstance(layer, DynamicLayer) and layer.buffers[0].shape[-2] == 6
+    for n in (1, 2):  # the second update runs out of room and doubles it
+        k, v = torch.randn(3, 2, n, 8), torch.randn(3, 2, n, 8)
+        for x in (layer, plain):
+            x.update(k, v)
+        assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+    assert layer.get_seq_length() == 8 and layer.buffers[0].shape[-2] == 12
+    keep = torch.tensor([2, 0])
+    cache.batch_select_indices(keep)
+    ref.batch_select_indices(keep)
+    assert torch.equal(cache.layers[0].keys, ref.layers[0].keys) and cache.get_seq_length() == 8
+
+
+def test_zero_new_tokens(model, tok):
+    r = sampling.sample(model, tok, ["ab", "c"], n=2, max_new_tokens=0)
+    assert r.completion_ids.shape == (4, 0) and r.prompt_ids.shape == (4, 2) and not r.finished.any()
+
+
+@pytest.mark.gpu
+def test_cuda_static_cache_and_compiled_decode_equal_dynamic_greedy(toy_base):
+    m, t = toy_base
+    m = m.to("cuda")
+    try:
+        prompts = _toy_prompts(t)
+        kw = dict(n=2, max_new_tokens=24, greedy=True, eos_token_ids=[t.convert_tokens_to_ids("."), t.eos_token_id])
+        dyn = sampling.sample(m, t, prompts, **kw)
+        for extra in (dict(static_cache=True), dict(static_cache=True, compile_decode=True)):
+            r = sampling.sample(m, t, prompts, **kw, **extra)
+            assert torch.equal(r.completion_ids, dyn.completion_ids), extra
+            assert torch.equal(r.completion_mask, dyn.completion_mask), extra
+    finally:
+        m.to("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- log-probs
