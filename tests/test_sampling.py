@@ -1,5 +1,4 @@
 """sampling.py: the decoding loop (masks, EOS, stop strings, padding, the KV cache) and sequence log-probs."""
-import inspect
 import types
 
 import pytest
@@ -197,73 +196,13 @@ def test_empty_prompt_is_an_error(model, tok):
 # ------------------------------------------------------------------------- the previous sampler, kept as a reference
 
 
-def _legacy_sample(model, tokenizer, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, stop=None,
-                   eos_token_ids=None, greedy=False, generator=None, batch_size=None):
+def _legacy_sample(model, tokenizer, prompts, **kw) -> dict:
     """The previous implementation of sampling.sample (every row prefilled, finished rows dropped from the KV cache
-    at once, torch.multinomial), for the token-for-token comparisons below. Returns the Rollout's fields."""
-    rows_per_prompt = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
-                       for p in prompts]
-    stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    eos = sampling.stop_token_ids(model, tokenizer) if eos_token_ids is None else list(eos_token_ids)
-    pad_id = tokenizer.pad_token_id
-    rows = [r for r in rows_per_prompt for _ in range(n)]
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size or len(rows)):
-            chunk = rows[start:start + (batch_size or len(rows))]
-            width = max(len(r) for r in chunk)
-            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in chunk])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            prompt_ids, prompt_mask, eos_t = ids, mask, torch.tensor(eos, dtype=torch.long)
-            finished = torch.zeros(len(chunk), dtype=torch.bool)
-            alive = torch.arange(len(chunk))
-            tokens, masks, history = [], [], [[] for _ in chunk]
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            cache, next_pos = sampling._cache_of(out), pos[:, -1:] + 1
-            compact = hasattr(cache, "batch_select_indices")
-            cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            for step in range(max_new_tokens):
-                live = ~finished[alive]
-                logits = out.logits[:, -1, :]
-                if greedy or temperature == 0:
-                    picked = logits.argmax(-1)
-                else:
-                    probs = torch.softmax(logits.float() / temperature, dim=-1)
-                    if top_p < 1.0:
-                        sorted_p, order = probs.sort(dim=-1, descending=True)
-                        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
-                        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-                    picked = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                picked = torch.where(live, picked, torch.full_like(picked, pad_id))
-                tok = torch.full((len(chunk),), pad_id, dtype=torch.long)
-                tok[alive] = picked
-                tokens.append(tok)
-                masks.append(~finished)
-                ended = live & torch.isin(picked, eos_t)
-                if stop:
-                    writing = alive[live].tolist()
-                    for i, t in zip(writing, tok[writing].tolist()):
-                        history[i].append(t)
-                    ended[live] |= torch.tensor(sampling._stop_hits(tokenizer, [history[i] for i in writing], stop))
-                finished[alive[ended]] = True
-                if bool(finished.all()) or step == max_new_tokens - 1:
-                    break
-                if compact and bool(ended.any()):
-                    keep = (~ended).nonzero().flatten()
-                    cache.batch_select_indices(keep)
-                    alive, mask, next_pos, picked = alive[keep], mask[keep], next_pos[keep], picked[keep]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                            **{cache_kwarg: cache})
-                cache, next_pos = sampling._cache_of(out), next_pos + 1
-            parts.append((prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long(), finished))
-    P, C = max(p[0].shape[1] for p in parts), max(p[2].shape[1] for p in parts)
-    return {"prompt_ids": torch.cat([sampling._pad_to(p[0], P, pad_id, left=True) for p in parts]),
-            "prompt_mask": torch.cat([sampling._pad_to(p[1], P, 0, left=True) for p in parts]),
-            "completion_ids": torch.cat([sampling._pad_to(p[2], C, pad_id, left=False) for p in parts]),
-            "completion_mask": torch.cat([sampling._pad_to(p[3], C, 0, left=False) for p in parts]),
-            "finished": torch.cat([p[4] for p in parts])}
+    at once, torch.multinomial; kept in the sampling benchmark), for the token-for-token comparisons below."""
+    from bench.sampling_bench import legacy_sample
+
+    r = legacy_sample(model, tokenizer, prompts, **kw)
+    return {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "finished")}
 
 
 def _assert_same_rollout(r: Rollout, ref: dict, what=""):
