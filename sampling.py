@@ -2,9 +2,10 @@
 
 - `render_prompt` / `encode_prompts`: a prompt (text, or chat messages through the chat template) to token ids,
   with errors that name file:line and field;
-- `sample`: our own KV-cache decoding loop over left-padded prompts (n samples per prompt, temperature, top-p,
-  stop ids and stop strings) returning a `Rollout`, whose completion mask is 1 up to and including the first
-  stop token (never inferred from the pad id, which may equal EOS);
+- `sample`: our own KV-cache decoding loop over left-padded prompts (n samples per prompt sharing one prefill,
+  temperature, top-p, stop ids and stop strings; optionally a static KV cache and a compiled decode step)
+  returning a `Rollout`, whose completion mask is 1 up to and including the first stop token (never inferred
+  from the pad id, which may equal EOS);
 - `sequence_logprobs`: log pi(token) of the completion tokens (and the entropy) through the fused LM-head kernel,
   so [B, T, V] logits are never held;
 - `micro_batch`: some rows of a rollout without the columns that are padding in all of them.
@@ -12,7 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -97,9 +101,10 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator):
+    """The next token of each row, and for sampling a 0-dim bool: were the probabilities finite."""
     if greedy or temperature == 0:
-        return logits.argmax(-1)
+        return logits.argmax(-1), None
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         # Nucleus sampling (Holtzman et al. 2020): keep the smallest top set whose mass reaches top_p; a token is
@@ -107,9 +112,13 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    ok = torch.isfinite(probs.sum())
     if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs.to(generator.device)
+    # What torch.multinomial(probs, 1) computes (argmax of p / q, q ~ Exp(1): the same draws, the same tokens),
+    # without the validity check that waits for the device on every call; `ok` is checked where the loop syncs.
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1).to(logits.device), ok
 
 
 def _stop_hits(tokenizer, rows: list[list[int]], stop: list[str]) -> list[bool]:
@@ -126,60 +135,242 @@ def _stop_hits(tokenizer, rows: list[list[int]], stop: list[str]) -> list[bool]:
     return hits
 
 
-def _sample_rows(model, tokenizer, rows, max_new_tokens, temperature, top_p, stop, eos, greedy, generator,
-                 pad_id, device):
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long).to(device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).to(device)
-    prompt_ids, prompt_mask = ids, mask
-    # Left padding shifts real tokens right; positions counted over real tokens keep each row identical to its
-    # unpadded run (RoPE is shift-invariant, but absolute-position models and numerics are not).
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    alive = torch.arange(len(rows), device=device)  # rows the model still decodes, in KV-cache order
-    tokens, masks, history = [], [], [[] for _ in rows]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, next_pos = _cache_of(out), pos[:, -1:] + 1
-    # transformers 5 renamed the forward argument past_key_values to cache (the old name warns, then goes away)
-    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    # Finished rows leave the KV cache when it can drop rows (DynamicCache), so the long tail of one slow
-    # completion does not pay for the whole batch; otherwise they ride along writing pad tokens.
-    compact = hasattr(cache, "batch_select_indices")
-    for step in range(max_new_tokens):
-        live = ~finished[alive]
-        picked = _next_tokens(out.logits[:, -1, :], temperature, top_p, greedy, generator)
-        picked = torch.where(live, picked, torch.full_like(picked, pad_id))
-        tok = torch.full((len(rows),), pad_id, dtype=torch.long, device=device)
-        tok[alive] = picked
-        tokens.append(tok)
-        masks.append(~finished)  # the EOS / stop token itself stays in the mask
-        ended = live & torch.isin(picked, eos_t)
-        if stop:
-            writing = alive[live].tolist()
-            for i, t in zip(writing, tok[writing].tolist()):
-                history[i].append(t)
-            hits = torch.tensor(_stop_hits(tokenizer, [history[i] for i in writing], stop), device=device)
-            ended[live] |= hits
-        finished[alive[ended]] = True
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        if compact and bool(ended.any()):
-            keep = (~ended).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            alive, mask, next_pos, picked = alive[keep], mask[keep], next_pos[keep], picked[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    **{cache_kwarg: cache})
-        cache, next_pos = _cache_of(out), next_pos + 1
-    completion = torch.stack(tokens, 1) if tokens else ids.new_zeros((len(rows), 0))
-    comp_mask = torch.stack(masks, 1).long() if masks else ids.new_zeros((len(rows), 0))
-    return prompt_ids, prompt_mask, completion, comp_mask, finished
+    return ids, mask
 
 
 def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def _select_rows(cache, index: torch.Tensor):
+    """The cache holding rows `index` of its batch (a repeated index copies a row), or None if it cannot."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(index)
+        return cache
+    if isinstance(cache, tuple) and all(isinstance(layer, tuple) for layer in cache):  # legacy per-layer (k, v)
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+    return None
+
+
+def _prefill(model, prompts: list[list[int]], counts: list[int], pad_id: int, device):
+    """One forward per distinct prompt; its KV cache and next-token logits are then repeated for its `counts`
+    rows. Returns the rows' prompt ids, mask, positions, the cache and the [R, V] logits."""
+    ids, mask = _left_pad(prompts, pad_id, device)
+    # Left padding shifts real tokens right; positions counted over real tokens keep each row identical to its
+    # unpadded run (RoPE is shift-invariant, but absolute-position models and numerics are not).
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, logits = _cache_of(out), out.logits[:, -1, :]
+    if any(c != 1 for c in counts):
+        index = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], device=device)
+        cache = _select_rows(cache, index)
+        if cache is None:  # a cache type we cannot repeat: prefill every row instead
+            rows = [p for p, c in zip(prompts, counts) for _ in range(c)]
+            return _prefill(model, rows, [1] * len(rows), pad_id, device)
+        ids, mask, pos, logits = ids[index], mask[index], pos[index], logits[index]
+    return ids, mask, pos, cache, logits
+
+
+@functools.cache
+def _preallocated_layer():
+    """A transformers DynamicLayer whose keys and values are views into buffers with room to grow: a new token is
+    written in place, where DynamicLayer's torch.cat copies the whole cache on every step (a fifth of a 128-token
+    rollout's time on the toy model, on CPU). Rows leave (batch_select_indices) as in a DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, layer, capacity: int):
+            super().__init__()
+            self.device, self.is_initialized, self.length = layer.keys.device, True, layer.keys.shape[-2]
+            self.buffers = [t.new_empty(t.shape[:2] + (max(capacity, self.length), t.shape[-1]))
+                            for t in (layer.keys, layer.values)]
+            for buf, t in zip(self.buffers, (layer.keys, layer.values)):
+                buf[:, :, :self.length] = t
+            self._views()
+
+        def _views(self):
+            self.keys, self.values = (buf[:, :, :self.length] for buf in self.buffers)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self.buffers[0].shape[-2]:  # out of room: twice the room
+                self.buffers = [torch.cat([buf, torch.empty_like(buf)], dim=-2) for buf in self.buffers]
+            for buf, t in zip(self.buffers, (key_states, value_states)):
+                buf[:, :, self.length:end] = t
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            self.buffers = [buf[indices] for buf in self.buffers]
+            self._views()
+
+    return PreallocatedLayer
+
+
+def _preallocate(cache, capacity: int):
+    """The DynamicCache's layers with room for `capacity` positions each; any other cache as it is."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        cache.layers = [_preallocated_layer()(layer, capacity) for layer in layers]
+    return cache
+
+
+def _static_cache(model, cache, max_cache_len: int):
+    """A transformers StaticCache of max_cache_len positions holding the prefilled (DynamicCache) rows. Its layers
+    write at the cache's own running length, the same column for every row, as the dynamic cache does; the
+    per-row position_ids of left-padded rows only feed RoPE, so both need nothing else."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    layers, config = getattr(cache, "layers", None), getattr(model, "config", None)
+    static = StaticCache(config=config, max_cache_len=max_cache_len) if layers and config is not None else None
+    if static is None or len(layers) != len(static.layers) or any(type(s) is not StaticLayer for s in static.layers):
+        raise ValueError("static_cache=True needs a model whose layers are all full attention and which returns a "
+                         "transformers Cache (sliding-window and legacy tuple caches: use static_cache=False)")
+    for s, d in zip(static.layers, layers):
+        s.lazy_initialization(d.keys[:, :, :0], d.values[:, :, :0])
+        width = d.keys.shape[-2]
+        s.keys[:, :, :width].copy_(d.keys)
+        s.values[:, :, :width].copy_(d.values)
+        s.cumulative_length.fill_(width)
+    return static
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_forward(model):
+    """model's forward under torch.compile, built once per model: CUDA graphs ("reduce-overhead") on CUDA, where
+    replaying one graph per token removes the kernel-launch overhead that dominates small-batch decoding."""
+    device = next(model.parameters()).device
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    fns = _COMPILED.setdefault(model, {})
+    if mode not in fns:
+        fns[mode] = torch.compile(model.__call__, mode=mode, dynamic=False)
+    fn = fns[mode]
+    if device.type != "cuda":
+        return fn
+
+    def step(**kwargs):
+        torch.compiler.cudagraph_mark_step_begin()  # the previous token's outputs are consumed by now
+        return fn(**kwargs)
+    return step
+
+
+def _true_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of mask's True entries, in order, given their number (known on the host: no device sync)."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+
+
+def _stop_step(tokenizer, stop, history, alive, picked, writing) -> torch.Tensor:
+    """Appends the new tokens of the writing rows to their host-side history; which batch rows completed a stop."""
+    host_alive, host_tok, host_writing = torch.stack([alive, picked, writing.long()]).tolist()
+    live = [b for b, w in enumerate(host_writing) if w]
+    for b in live:
+        history[host_alive[b]].append(host_tok[b])
+    hit = [False] * len(host_alive)
+    for b, h in zip(live, _stop_hits(tokenizer, [history[host_alive[b]] for b in live], stop)):
+        hit[b] = h
+    return torch.tensor(hit, device=picked.device)
+
+
+# The host learns which rows have ended every step when it must (a draw covers the rows still writing only, and
+# stop strings are decoded on the host), otherwise every CHECK_EVERY steps; finished rows ride along writing pad
+# until a check drops them from the KV cache: at every CHECK_EVERY-th step, or once a quarter of the batch ended.
+CHECK_EVERY = 8
+STATIC_BLOCK = 64
+
+
+def _sample_rows(model, tokenizer, prompts, counts, max_new_tokens, temperature, top_p, stop, eos, greedy, generator,
+                 pad_id, device, static_cache=False, compile_decode=False):
+    R = sum(counts)
+    if max_new_tokens <= 0:
+        ids, mask = _left_pad([p for p, c in zip(prompts, counts) for _ in range(c)], pad_id, device)
+        return ids, mask, ids.new_zeros((R, 0)), ids.new_zeros((R, 0)), torch.zeros(R, dtype=torch.bool, device=device)
+    prompt_ids, prompt_mask, pos, cache, logits = _prefill(model, prompts, counts, pad_id, device)
+    # transformers 5 renamed the forward argument past_key_values to cache (the old name warns, then goes away)
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward, mask, next_pos = model, prompt_mask, pos[:, -1:] + 1
+    if not static_cache:
+        cache = _preallocate(cache, prompt_ids.shape[1] + max_new_tokens)
+    else:
+        size = prompt_ids.shape[1] + max_new_tokens
+        if compile_decode:  # whole blocks of positions, so rollouts whose prompts differ in width reuse one graph
+            size = -(-size // STATIC_BLOCK) * STATIC_BLOCK
+        cache = _static_cache(model, cache, size)
+        # one mask for every step: columns not written yet are hidden by causality (they lie after the query)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones((R, size - prompt_mask.shape[1]))], dim=1)
+        forward = _compiled_forward(model) if compile_decode else model
+    # Finished rows leave the KV cache when it can drop rows (DynamicCache; a StaticCache unless compiled, where
+    # shapes and addresses stay fixed for the graph), so the long tail of one slow completion does not pay for the
+    # whole batch; otherwise they ride along writing pad tokens.
+    compact = not compile_decode if static_cache else hasattr(cache, "batch_select_indices")
+    drawing = not (greedy or temperature == 0)
+    # Draws cover the rows still writing, as if finished rows had left the batch at once: the same generator gives
+    # the same samples however often rows are dropped. (Caches that never drop rows draw for every row.)
+    live_draws = drawing and (compact or static_cache)
+    per_step = live_draws or bool(stop)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    length = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)  # of each completion
+    finished = torch.zeros(R, dtype=torch.bool, device=device)
+    alive = torch.arange(R, device=device)  # the output row of each batch row, in KV-cache order
+    writing = torch.ones(R, dtype=torch.bool, device=device)  # batch rows that have not ended
+    n_writing, ok_all, history = R, torch.ones((), dtype=torch.bool, device=device), [[] for _ in range(R)]
+    for step in range(max_new_tokens):
+        B = alive.shape[0]
+        if live_draws and n_writing < B:
+            rows = _true_rows(writing, n_writing)
+            picked, ok = _next_tokens(logits[rows], temperature, top_p, greedy, generator)
+            picked = torch.full((B,), pad_id, dtype=torch.long, device=device).index_copy_(0, rows, picked)
+        else:
+            picked, ok = _next_tokens(logits, temperature, top_p, greedy, generator)
+        if ok is not None:
+            ok_all &= ok
+        picked = torch.where(writing, picked, pad_id)
+        tokens[alive, step] = picked
+        ended = writing & torch.isin(picked, eos_t)
+        if stop:
+            ended |= _stop_step(tokenizer, stop, history, alive, picked, writing)
+        length[alive] = torch.where(ended, step + 1, length[alive])  # the EOS / stop token stays in the mask
+        finished[alive] |= ended
+        writing &= ~ended
+        last = step == max_new_tokens - 1
+        if last or per_step or (step + 1) % CHECK_EVERY == 0:
+            n_writing, ok_host = torch.stack([writing.sum(), ok_all.long()]).tolist()
+            if not ok_host:
+                raise RuntimeError("sampling: probability tensor contains either inf, nan or element < 0 "
+                                   "(non-finite logits)")
+            if last or n_writing == 0:
+                break
+            n_ended = B - n_writing
+            if compact and n_ended and (4 * n_ended >= B or (step + 1) % CHECK_EVERY == 0):
+                keep = _true_rows(writing, n_writing)
+                if static_cache:  # StaticLayer has no batch_select_indices
+                    for layer in cache.layers:
+                        layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+                else:
+                    cache.batch_select_indices(keep)
+                alive, mask, next_pos, picked, writing = (alive[keep], mask[keep], next_pos[keep], picked[keep],
+                                                          writing[keep])
+        if not static_cache:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = forward(input_ids=picked[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                      **{cache_kwarg: cache})
+        logits, next_pos = out.logits[:, -1, :], next_pos + 1
+        if not static_cache:
+            cache = _cache_of(out)
+    width = int(length.max())  # the loop may run past the step where the last row ended; those columns are pad
+    completion_mask = (torch.arange(width, device=device) < length[:, None]).long()
+    return prompt_ids, prompt_mask, tokens[:, :width], completion_mask, finished
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
@@ -190,13 +381,25 @@ def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor
 def sample(model, tokenizer, prompts: list[str] | list[list[int]], n: int = 1, max_new_tokens: int = 128,
            temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | str | None = None,
            eos_token_ids: int | list[int] | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None, batch_size: int | None = None, merge_lora: bool = True) -> Rollout:
+           generator: torch.Generator | None = None, batch_size: int | None = None, merge_lora: bool = True,
+           static_cache: bool = False, compile_decode: bool = False) -> Rollout:
     """n completions per prompt with a KV cache (no HF generate), `batch_size` rows at a time; see Rollout.
+
+    Each distinct prompt of a chunk is prefilled once and its KV cache repeated for its samples; with batch_size a
+    multiple of n (or None: one chunk) every chunk holds whole groups. For a given generator the samples do not
+    depend on these choices of the loop (the draws follow the rows still writing, in row order).
 
     eos_token_ids: the ids that end a completion (default: stop_token_ids(model, tokenizer)).
 
     merge_lora: sample with each LoRA layer's W + (alpha/r) B A as one weight (lora.merged: ~25% faster on the toy,
-    one extra copy of the adapted weights while sampling; 4-bit layers are left as they are)."""
+    one extra copy of the adapted weights while sampling; 4-bit layers are left as they are).
+
+    static_cache: decode into a transformers StaticCache pre-allocated to prompt width + max_new_tokens: no copy
+    of the whole cache per token (a DynamicCache concatenates), each step attends over the full width (masked).
+    compile_decode (needs static_cache): the one-token decode forward under torch.compile, with CUDA graphs on CUDA,
+    shapes fixed (finished rows stay in the batch): a GPU option (compiling takes a while; on CPU it rarely pays)."""
+    if compile_decode and not static_cache:
+        raise ValueError("compile_decode=True needs static_cache=True (a growing cache recompiles every step)")
     rows_per_prompt = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
                        else [int(t) for t in p] for p in prompts]
     if not rows_per_prompt:
@@ -209,17 +412,20 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], n: int = 1, m
         ([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     device = next(model.parameters()).device
-    rows = [r for r in rows_per_prompt for _ in range(n)]
+    total = len(rows_per_prompt) * n
     group = torch.arange(len(prompts), device=device).repeat_interleave(n)
-    batch_size = batch_size or len(rows)
+    batch_size = batch_size or total
     parts = []
     was_training = model.training
     model.eval()  # no dropout while sampling; the caller's mode comes back below
     try:
         with torch.inference_mode(), (lora.merged(model) if merge_lora else contextlib.nullcontext()):
-            for start in range(0, len(rows), batch_size):
-                parts.append(_sample_rows(model, tokenizer, rows[start:start + batch_size], max_new_tokens,
-                                          temperature, top_p, stop, eos, greedy, generator, pad_id, device))
+            for start in range(0, total, batch_size):
+                chunk = [(i, len(list(rows))) for i, rows in
+                         itertools.groupby(range(start, min(start + batch_size, total)), key=lambda r: r // n)]
+                parts.append(_sample_rows(model, tokenizer, [rows_per_prompt[i] for i, _ in chunk],
+                                          [c for _, c in chunk], max_new_tokens, temperature, top_p, stop, eos,
+                                          greedy, generator, pad_id, device, static_cache, compile_decode))
     finally:
         model.train(was_training)
     P = max(p[0].shape[1] for p in parts)

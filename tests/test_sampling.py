@@ -15,7 +15,7 @@ class _ScriptCache:
 
 
 class _DroppableScriptCache(_ScriptCache):
-    def batch_select_indices(self, indices):  # like DynamicCache: finished rows leave the batch
+    def batch_select_indices(self, indices):  # like DynamicCache: rows leave the batch (or repeat)
         self.keys = [self.keys[i] for i in indices.tolist()]
 
 
@@ -27,10 +27,12 @@ class ScriptedLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.scripts, self.vocab_size, self.calls, self.droppable = scripts, vocab_size, 0, droppable
         self.generation_config = types.SimpleNamespace(eos_token_id=eos)
+        self.batch_rows = []  # rows of every call's input
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
                 logits_to_keep=0):
         self.calls += 1
+        self.batch_rows.append(input_ids.shape[0])
         cache = past_key_values
         if cache is None:
             cache = (_DroppableScriptCache if self.droppable else _ScriptCache)(input_ids[:, -1].tolist())
@@ -189,6 +191,209 @@ def test_sample_restores_training_mode_and_outputs_are_autograd_safe(tok):
 def test_empty_prompt_is_an_error(model, tok):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampling.sample(model, tok, ["a", ""], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------- the previous sampler, kept as a reference
+
+
+def _legacy_sample(model, tokenizer, prompts, **kw) -> dict:
+    """The previous implementation of sampling.sample (every row prefilled, finished rows dropped from the KV cache
+    at once, torch.multinomial; kept in the sampling benchmark), for the token-for-token comparisons below."""
+    from bench.sampling_bench import legacy_sample
+
+    r = legacy_sample(model, tokenizer, prompts, **kw)
+    return {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "finished")}
+
+
+def _assert_same_rollout(r: Rollout, ref: dict, what=""):
+    for f, want in ref.items():
+        assert torch.equal(getattr(r, f), want), f"{what}: {f} differs"
+
+
+@pytest.fixture(scope="module")
+def toy_base():
+    toy = pytest.importorskip("toy")
+    return toy.load_model(), toy.load_tokenizer()
+
+
+def _toy_prompts(tokenizer, lengths=(40, 29, 47)):
+    import toy
+
+    docs = toy.documents("train", len(lengths), seed=0)
+    return [tokenizer(d["text"], add_special_tokens=False)["input_ids"][:k] for d, k in zip(docs, lengths)]
+
+
+@pytest.mark.parametrize("case", [
+    dict(n=4, eos="e", temperature=1.5),                     # rows end at different steps and leave the cache
+    dict(n=4, eos="\n", temperature=1.3, top_p=0.9, batch_size=6),  # chunks that split a prompt's samples
+    dict(n=3, eos="", temperature=1.5, stop=["e ", "."]),    # stop strings
+    dict(n=2, eos="e", greedy=True, batch_size=4),
+])
+def test_samples_equal_the_previous_sampler_token_for_token(toy_base, case):
+    m, t = toy_base
+    case = dict(case)
+    eos = [t.convert_tokens_to_ids(c) for c in case.pop("eos")] + [t.eos_token_id]
+    prompts = _toy_prompts(t)
+    for seed in (0, 1):
+        kw = dict(max_new_tokens=24, eos_token_ids=eos, **case)
+        ref = _legacy_sample(m, t, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+        r = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(seed), **kw)
+        _assert_same_rollout(r, ref, f"{case} seed {seed}")
+        assert len(set(r.completion_mask.sum(1).tolist())) > 2  # rows ended at different steps
+
+
+def test_how_often_the_loop_checks_does_not_change_samples(toy_base, monkeypatch):
+    m, t = toy_base
+    prompts = _toy_prompts(t)
+    eos = [t.convert_tokens_to_ids(" "), t.eos_token_id]
+    for greedy in (False, True):
+        kw = dict(n=3, max_new_tokens=20, eos_token_ids=eos, greedy=greedy)
+        base = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(3), **kw)
+        for every in (1, 3):
+            monkeypatch.setattr(sampling, "CHECK_EVERY", every)
+            r = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(3), **kw)
+            _assert_same_rollout(r, {f: getattr(base, f) for f in ("completion_ids", "completion_mask", "finished")})
+
+
+def test_static_cache_equals_dynamic_cache(toy_base):
+    m, t = toy_base
+    prompts = _toy_prompts(t)
+    eos = [t.convert_tokens_to_ids("."), t.eos_token_id]
+    for kw in (dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, stop=[". "])):
+        kw = dict(n=3, max_new_tokens=20, eos_token_ids=eos, batch_size=6, **kw)
+        dyn = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(0), **kw)
+        static = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(0), static_cache=True, **kw)
+        _assert_same_rollout(static, {f: getattr(dyn, f) for f in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                    "completion_mask", "finished")}, str(kw))
+
+
+def test_static_cache_refuses_what_it_cannot_hold(model, tok):
+    with pytest.raises(ValueError, match="needs static_cache=True"):
+        sampling.sample(model, tok, ["a"], max_new_tokens=2, compile_decode=True)
+    m = ScriptedLM({tok.convert_tokens_to_ids("a"): [5]}, len(tok))
+    with pytest.raises(ValueError, match="full attention"):
+        sampling.sample(m, tok, ["a"], max_new_tokens=2, static_cache=True)
+
+
+class _LegacyTupleLM(torch.nn.Module):
+    """A model that takes and returns its KV cache as per-layer (key, value) tuples."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.generation_config = inner, inner.generation_config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                logits_to_keep=0):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(past_key_values, config=self.inner.config) if past_key_values is not None else None
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, logits_to_keep=logits_to_keep)
+        legacy = tuple((layer.keys, layer.values) for layer in out.cache.layers)
+        return types.SimpleNamespace(logits=out.logits, past_key_values=legacy)
+
+
+def test_legacy_tuple_cache(model, tok):
+    wrapped = _LegacyTupleLM(model)
+    prompts = ["hello", "a", "xyz"]
+    stop_id = sampling.sample(model, tok, prompts, max_new_tokens=4, greedy=True).completion_ids[0, 1].item()
+    for kw in (dict(greedy=True, eos_token_ids=[stop_id]), dict(temperature=1.2, eos_token_ids=[])):
+        a = sampling.sample(model, tok, prompts, n=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0),
+                            **kw)
+        b = sampling.sample(wrapped, tok, prompts, n=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0),
+                            **kw)
+        _assert_same_rollout(b, {f: getattr(a, f) for f in ("completion_ids", "completion_mask", "finished")}, str(kw))
+    # a tuple cache never drops rows: the previous sampler drew for every row there too
+    kw = dict(n=3, max_new_tokens=10, temperature=1.2, eos_token_ids=[stop_id])
+    _assert_same_rollout(sampling.sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw),
+                         _legacy_sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw))
+
+
+def test_draws_equal_torch_multinomial():
+    # _next_tokens draws what torch.multinomial(probs, 1) draws, without its host sync; this pins the equivalence
+    # for the installed torch (the previous sampler called torch.multinomial)
+    torch.manual_seed(0)
+    for V in (7, 1000):
+        logits = torch.randn(5, V) * 3
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        for _ in range(3):
+            want = torch.multinomial(torch.softmax(logits / 0.9, -1), 1, generator=g1).squeeze(-1)
+            got, ok = sampling._next_tokens(logits, 0.9, 1.0, False, g2)
+            assert torch.equal(got, want) and ok.item()
+
+
+def test_non_finite_logits_are_an_error_when_sampling(tok):
+    class NanLM(ScriptedLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[:] = float("nan")
+            return out
+
+    m = NanLM({tok.convert_tokens_to_ids("a"): [5]}, len(tok))
+    with pytest.raises(RuntimeError, match="inf, nan"):
+        sampling.sample(m, tok, ["a"], n=2, max_new_tokens=3)
+
+
+def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch(tok):
+    eos = tok.eos_token_id
+    a, b, x, y = tok.convert_tokens_to_ids(["a", "b", "x", "y"])
+    scripts = {x: [a, b, eos], y: [b, b, b, b]}
+    results = []
+    for droppable, greedy, rows in ((True, True, [2, 6, 6, 6]), (True, False, [2, 6, 6, 3, 3]),
+                                    (False, True, [2, 6, 6, 6, 6])):
+        m = ScriptedLM(scripts, len(tok), droppable=droppable)
+        results.append(sampling.sample(m, tok, ["x", "ay"], n=3, max_new_tokens=4 + (not greedy), greedy=greedy))
+        # one prefill row per prompt, then 3 rows each; ended rows ride along until the loop checks (greedy: every
+        # CHECK_EVERY steps; sampling: every step, dropping them once a quarter of the batch ended); a cache that
+        # cannot repeat rows gets every row prefilled
+        assert m.batch_rows == rows, (droppable, greedy)
+    for r in results:
+        C = r.completion_ids.shape[1]
+        assert r.completion_ids.tolist() == [[a, b, eos] + [0] * (C - 3)] * 3 + [[b] * C] * 3
+        assert r.completion_mask.tolist() == [[1, 1, 1] + [0] * (C - 3)] * 3 + [[1] * C] * 3
+        assert r.prompt_ids.tolist() == [[0, x]] * 3 + [[a, y]] * 3 and r.finished.tolist() == [True] * 3 + [False] * 3
+
+
+def test_preallocated_cache_layer_grows_in_place_and_drops_rows(model):
+    from transformers.cache_utils import DynamicLayer
+
+    ids = torch.randint(3, 99, (3, 5))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=True).cache
+        cache = sampling._preallocate(model(input_ids=ids, use_cache=True).cache, capacity=6)
+    layer, plain = cache.layers[0], ref.layers[0]
+    assert isinstance(layer, DynamicLayer) and layer.buffers[0].shape[-2] == 6
+    for n in (1, 2):  # the second update runs out of room and doubles it
+        k, v = torch.randn(3, 2, n, 8), torch.randn(3, 2, n, 8)
+        for x in (layer, plain):
+            x.update(k, v)
+        assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+    assert layer.get_seq_length() == 8 and layer.buffers[0].shape[-2] == 12
+    keep = torch.tensor([2, 0])
+    cache.batch_select_indices(keep)
+    ref.batch_select_indices(keep)
+    assert torch.equal(cache.layers[0].keys, ref.layers[0].keys) and cache.get_seq_length() == 8
+
+
+def test_zero_new_tokens(model, tok):
+    r = sampling.sample(model, tok, ["ab", "c"], n=2, max_new_tokens=0)
+    assert r.completion_ids.shape == (4, 0) and r.prompt_ids.shape == (4, 2) and not r.finished.any()
+
+
+@pytest.mark.gpu
+def test_cuda_static_cache_and_compiled_decode_equal_dynamic_greedy(toy_base):
+    m, t = toy_base
+    m = m.to("cuda")
+    try:
+        prompts = _toy_prompts(t)
+        kw = dict(n=2, max_new_tokens=24, greedy=True, eos_token_ids=[t.convert_tokens_to_ids("."), t.eos_token_id])
+        dyn = sampling.sample(m, t, prompts, **kw)
+        for extra in (dict(static_cache=True), dict(static_cache=True, compile_decode=True)):
+            r = sampling.sample(m, t, prompts, **kw, **extra)
+            assert torch.equal(r.completion_ids, dyn.completion_ids), extra
+            assert torch.equal(r.completion_mask, dyn.completion_mask), extra
+    finally:
+        m.to("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- log-probs
