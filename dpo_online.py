@@ -73,9 +73,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling, ties)"})
     prefix_tokens: int | None = field(default=None, metadata={"help": "tokens of a document shown as the prefix "
                                                                       "(default 192 toy, 384 hub model)"})
-    suffix_tokens: int | None = field(default=None, metadata={"help": "tokens of the original suffix, and new "
-                                                                      "tokens per rollout (default 96 toy; 128 hub "
-                                                                      "model, as in the paper)"})
+    suffix_tokens: int = field(default=128, metadata={"help": "tokens of the original suffix, and new tokens per "
+                                                              "rollout (the paper: 128)"})
     skip_short_documents: bool = field(default=False, metadata={"help": "skip (and count) documents shorter than "
                                                                         "prefix + suffix instead of stopping (always "
                                                                         "on for the toy documents)"})
@@ -133,7 +132,7 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     hub = args.model != "toy"
-    for name, toy_value, hub_value in (("prefix_tokens", 192, 384), ("suffix_tokens", 96, 128),
+    for name, toy_value, hub_value in (("prefix_tokens", 192, 384),
                                        ("num_rollouts", 8, 16), ("lr", 1e-3, 5e-6), ("max_steps", 150, 500),
                                        ("lora_r", 16, 64), ("gradient_checkpointing", False, True)):
         if getattr(args, name) is None:
