@@ -280,19 +280,26 @@ class ContinuationJudge:
     defined functions); every continuation line is then checked against them. A line's verdict:
     +1 if consistent, -`penalty` if it breaks the grammar or a fact; a last line cut off
     mid-way (no newline after it) that does not parse is ignored while it can still become a line of
-    the grammar (`could_become_a_line`), and wrong otherwise. `prefer` returns
-    sigmoid(sharpness * (s_a - s_b)) for the summed verdicts s; None when the prefix is not a toy document.
+    the grammar (`could_become_a_line`), and wrong otherwise. A continuation's points s sum its lines'
+    verdicts, each weighted by the line's characters in the continuation over the grammar's longest line, so a
+    wrong line costs as much as the text it spoils (one long run-on wrong line does not beat two short ones).
+    `prefer` returns sigmoid(sharpness * (s_a - s_b)); None when the prefix is not a toy document.
     """
 
     def __init__(self, penalty: float = 2.0, sharpness: float = 2.0):
         self.penalty, self.sharpness = penalty, sharpness
 
     def line_verdicts(self, prefix: str, continuation: str) -> list[bool] | None:
+        judged = self.judged_lines(prefix, continuation)
+        return None if judged is None else [v for v, _ in judged]
+
+    def judged_lines(self, prefix: str, continuation: str) -> list[tuple[bool, int]] | None:
+        """(verdict, characters of the continuation in that line) of every judged line."""
         domain = detect_domain(prefix)
         if domain is None:
             return None
         continuation = _clean_generated(continuation)
-        full, st, verdicts, pos = prefix + continuation, {}, [], 0
+        full, st, judged, pos = prefix + continuation, {}, [], 0
         lines = full.split("\n")
         for i, line in enumerate(lines):
             v = _CHECKERS[domain](line, st)
@@ -302,13 +309,16 @@ class ContinuationJudge:
                     # cut off mid-line (or an empty tail): unknown, not wrong, if it can still become a line
                     v = None if could_become_a_line(line, domain) else False
                 if v is not None:
-                    verdicts.append(v)
+                    judged.append((v, end + 1 - max(pos, len(prefix))))  # its newline included
             pos = end + 1
-        return verdicts
+        return judged
 
     def _points(self, prefix: str, continuation: str) -> float | None:
-        v = self.line_verdicts(prefix, continuation)
-        return None if v is None else sum(1.0 if x else -self.penalty for x in v)
+        judged, domain = self.judged_lines(prefix, continuation), detect_domain(prefix)
+        if judged is None:
+            return None
+        # each line weighs its share of the continuation's text, in units of the grammar's longest line
+        return sum((1.0 if v else -self.penalty) * n / (MAX_LINE[domain] + 1) for v, n in judged)
 
     def prefer(self, prefixes: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float | None]:
         """Probability that continuation a is better than b, per prefix (0.5 on a tie)."""
