@@ -281,8 +281,8 @@ class ContinuationJudge:
     +1 if consistent, -`penalty` if it breaks the grammar or a fact; a last line cut off
     mid-way (no newline after it) that does not parse is ignored while it can still become a line of
     the grammar (`could_become_a_line`), and wrong otherwise. A continuation's points s sum its lines'
-    verdicts, each weighted by the line's characters in the continuation over the grammar's longest line, so a
-    wrong line costs as much as the text it spoils (one long run-on wrong line does not beat two short ones).
+    verdicts, a wrong line counted once per grammar's longest line (MAX_LINE) of the continuation's text in it,
+    so one run-on wrong line does not beat two short wrong ones.
     `prefer` returns sigmoid(sharpness * (s_a - s_b)); None when the prefix is not a toy document.
     """
 
@@ -317,8 +317,8 @@ class ContinuationJudge:
         judged, domain = self.judged_lines(prefix, continuation), detect_domain(prefix)
         if judged is None:
             return None
-        # each line weighs its share of the continuation's text, in units of the grammar's longest line
-        return sum((1.0 if v else -self.penalty) * n / (MAX_LINE[domain] + 1) for v, n in judged)
+        # a wrong line counts once per longest-line's worth of text it spoils: a run-on line is several
+        return sum(1.0 if v else -self.penalty * math.ceil(n / (MAX_LINE[domain] + 1)) for v, n in judged)
 
     def prefer(self, prefixes: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float | None]:
         """Probability that continuation a is better than b, per prefix (0.5 on a tie)."""
