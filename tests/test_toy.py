@@ -450,3 +450,13 @@ def test_pretrain_corpus_answers_without_thinking():
     assert chat and all("<think>\n\n</think>\n\n" in t for t in chat)  # the empty block: never a scratchpad
     assert any(t.startswith("Q: ") for t in texts) and {"story", "news", "code"} <= {
         toy.detect_domain(t.removesuffix("<|endoftext|>")) for t in texts}
+
+
+def test_a_run_on_wrong_line_costs_as_many_lines_as_it_spans():
+    judge = toy.ContinuationJudge()
+    r = toy.continuations("test", 1, seed=0)[0]
+    limit = toy.judges.MAX_LINE[r["domain"]]
+    run_on = "x" * (2 * limit) + "\n"  # spans two of the grammar's longest lines: two wrong lines
+    assert judge.prefer([r["prompt"]], [run_on], ["x\nx\n"]) == [0.5]
+    assert judge.prefer([r["prompt"]], ["x\n"], [run_on])[0] > 0.5
+    assert judge.prefer([r["prompt"]], ["x" * limit + "\n"], ["x\n"]) == [0.5]  # within one line: one
