@@ -107,7 +107,7 @@ class Args:
                                                                "<out>/judge_cache.jsonl, '' = off"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1e-3 toy, 5e-6 hub"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 250 toy, 500 hub model)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 150 toy, 500 hub model)"})
     batch_size: int = field(default=4, metadata={"help": "prefixes per optimizer step per device"})
     micro_batch_size: int = field(default=32, metadata={"help": "candidate sequences per forward/backward (whole "
                                                                 "prefixes at a time)"})
@@ -133,7 +133,7 @@ class Args:
 def resolve_defaults(args: Args) -> Args:
     hub = args.model != "toy"
     for name, toy_value, hub_value in (("prefix_tokens", 192, 384),
-                                       ("num_rollouts", 8, 16), ("lr", 1e-3, 5e-6), ("max_steps", 250, 500),
+                                       ("num_rollouts", 8, 16), ("lr", 1e-3, 5e-6), ("max_steps", 150, 500),
                                        ("lora_r", 16, 64), ("gradient_checkpointing", False, True)):
         if getattr(args, name) is None:
             setattr(args, name, hub_value if hub else toy_value)

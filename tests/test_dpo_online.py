@@ -394,4 +394,4 @@ def test_learning_beats_the_base(tmp_path):
     held = json.loads((out / "summary.json").read_text())["heldout"]
     assert held["after"] >= 0.55 and held["interval"][0] > 0.5, held
     rows = [r for r in metrics(out) if "loss" in r]
-    assert all(r["completions/mean_length"] == 96 for r in rows)  # fixed-length rollouts: no winning by stopping
+    assert all(r["completions/mean_length"] == 128 for r in rows)  # fixed-length rollouts: no winning by stopping
