@@ -27,9 +27,9 @@ Option 1" or "Option 2"; anything else is an invalid verdict: counted and logged
 never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or --resume asks the
 judge only what it has not asked before.
 
-On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts, rollout-vs-rollout pairs) the trained
-policy beat the toy base on 0.592 of 128 held-out prefixes, 95% interval [0.536, 0.647] (README: the variants
-tried, and two ways the policy learned to game the toy judge before they were closed).
+On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts of 128 tokens, rollout-vs-rollout pairs)
+the trained policy beat the toy base on 0.657 of 128 held-out prefixes, 95% interval [0.601, 0.714] (README: the
+variants tried, and the ways the policy learned to game the toy judge before they were closed).
 
 Run:
     python dpo_online.py                                   # toy documents, toy judge, from the toy base

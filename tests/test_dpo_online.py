@@ -382,16 +382,15 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
 
 @pytest.mark.slow
 def test_learning_beats_the_base(tmp_path):
-    """`python dpo_online.py` shortened (60 of its 150 steps, 96 held-out prefixes): on a fixed seed the trained
-    policy beats the toy base in held-out pairwise comparisons, and the 95% interval excludes a coin flip. The full
-    default run is measured by the script and quoted in the README; this one asserts a margin below its own
-    measured figure (0.581, interval [0.522, 0.640])."""
+    """`python dpo_online.py` with its defaults (150 steps, 128 held-out prefixes; shorter runs did not separate
+    from a coin flip: 100 steps of a 100-step schedule measured 0.557, interval [0.492, 0.622]): on a fixed seed the
+    trained policy beats the toy base in held-out pairwise comparisons and the 95% interval excludes a coin flip.
+    It measured 0.657, interval [0.601, 0.714] (README); the margin below allows for another CPU's roundings."""
     out = tmp_path / "learn"
-    cmd = [sys.executable, str(ROOT / "dpo_online.py"), "--out", str(out), "--max-steps", "60", "--eval-size", "96",
-           "--save-every", "0"]
+    cmd = [sys.executable, str(ROOT / "dpo_online.py"), "--out", str(out), "--save-every", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     held = json.loads((out / "summary.json").read_text())["heldout"]
-    assert held["after"] >= 0.55 and held["interval"][0] > 0.5, held
+    assert held["after"] >= 0.57 and held["interval"][0] > 0.5, held
     rows = [r for r in metrics(out) if "loss" in r]
     assert all(r["completions/mean_length"] == 128 for r in rows)  # fixed-length rollouts: no winning by stopping
