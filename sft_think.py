@@ -19,6 +19,7 @@ think tokens), everything else frozen. Log-probs come from the final hidden stat
 Run:
     python sft_think.py                                  # toy world: arithmetic with a scratchpad
     python sft_think.py --no-think                       # the same budget without thoughts
+    python sft_think.py --data toy-instructions --max-steps 300   # toy instructions (rlmt.py's start)
     python sft_think.py --model Qwen/Qwen3-0.6B-Base --data traces.jsonl --load-in-4bit \
         --lora-r 64 --lora-alpha 128 --max-length 2048 --gradient-checkpointing
     torchrun --nproc_per_node 2 sft_think.py --model Qwen/Qwen3-1.7B-Base --data traces.jsonl
@@ -43,7 +44,8 @@ from kernels import linear_token_logprobs
 @dataclass
 class Args:
     model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
-    data: str = field(default="toy", metadata={"help": "JSONL file or hub dataset id; 'toy' = toy arithmetic"})
+    data: str = field(default="toy", metadata={"help": "JSONL file or hub dataset id; 'toy' = toy arithmetic, "
+                                                       "'toy-instructions' = toy instructions (reverse, sort, count...)"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
                                                          "at most --eval-size rows)"})
     out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
@@ -206,6 +208,9 @@ def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficul
         train = toy.arithmetic("train", toy_train_size, seed=seed, difficulty=levels)
         heldout = toy.arithmetic("test", eval_size, seed=seed, difficulty=levels)
         return train, heldout, heldout
+    if data == "toy-instructions":
+        return (toy.instructions("train", toy_train_size, seed=seed), toy.instructions("test", eval_size, seed=seed),
+                toy.instructions("test", eval_size, seed=seed))
     numbered = lambda rows: [{**r, "_line": i + 1} for i, r in enumerate(rows)]  # noqa: E731
     train = numbered(common.load_rows(data))
     if eval_data:
@@ -266,11 +271,16 @@ def generate_eval(model, tokenizer, problems, max_new_tokens):
     roll = sampling.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=64)
     texts = roll.texts(tokenizer)
     tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-    correct = rewards.correct(texts, [p["answer"] for p in problems], [p.get("style") for p in problems])
+    if "kind" in problems[0]:  # toy instructions: the answer after the thought, exactly
+        correct = [float(rewards.strip_think(t).strip() == p["answer"]) for t, p in zip(texts, problems)]
+        key, name = "kind", "accuracy_{}"
+    else:
+        correct = rewards.correct(texts, [p["answer"] for p in problems], [p.get("style") for p in problems])
+        key, name = "difficulty", "accuracy_level{}"
     by_level = {}
     for ok, p in zip(correct, problems):
-        by_level.setdefault(p["difficulty"], []).append(ok)
-    per_level = {f"accuracy_level{d}": sum(v) / len(v) for d, v in sorted(by_level.items())} if len(by_level) > 1 else {}
+        by_level.setdefault(p[key], []).append(ok)
+    per_level = {name.format(d): sum(v) / len(v) for d, v in sorted(by_level.items())} if len(by_level) > 1 else {}
     return sum(correct) / len(correct), repetition_rate(tokens), texts, per_level
 
 
@@ -401,7 +411,8 @@ def main(args: Args):
         summary = common.finish_run(run, {
             "method": "sft_think", "arm": arm,
             "heldout": {"metric": metric, "before": before.get(metric) if before else None, "after": after[metric],
-                        **({"note": f"greedy, toy level(s) {args.toy_difficulty}"} if args.data == "toy" else {})},
+                        **({"note": f"greedy, toy level(s) {args.toy_difficulty}"} if args.data == "toy" else
+                           {"note": "greedy, exact answer after the thought"} if args.data == "toy-instructions" else {})},
             "final_loss": last.get("loss"), "before": before, "after": after, "tokens_seen": tokens_seen,
             "tokens_per_s": tokens_run / max(t_train, 1e-9), "train_seconds": t_train,
             "skipped_steps": optimizer_step.skipped, "args": asdict(args)},

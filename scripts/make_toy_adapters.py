@@ -9,6 +9,8 @@ copied into toy/<name>/ with `made_by.json` (the command and the held-out metric
 weights on the same kind of CPU (`cpu_capability`), the same held-out accuracy on any.
 
 - toy/sft_think: `python sft_think.py` (thinking SFT on toy arithmetic levels 1-3); `grpo.py` starts from it.
+- toy/sft_instruct: `python sft_think.py --data toy-instructions --max-steps 300` (thinking SFT on toy
+  instructions); `rlmt.py` starts from it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-ADAPTERS = {"sft_think": ["sft_think.py"]}
+ADAPTERS = {"sft_think": ["sft_think.py"],
+            "sft_instruct": ["sft_think.py", "--data", "toy-instructions", "--max-steps", "300"]}
 FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 

@@ -250,3 +250,19 @@ def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
     others = torch.ones(full.shape[0], dtype=torch.bool)
     others[rows] = False
     assert only[others].abs().max() == 0  # no gradient computed for any other row
+
+
+def test_shipped_instruct_adapter_scores_what_made_by_says():
+    # toy/sft_instruct (rlmt.py's default start): `python sft_think.py --data toy-instructions --max-steps 300`
+    made_by = json.loads((toy.SFT_INSTRUCT_DIR / "made_by.json").read_text())
+    assert made_by["command"] == "python sft_think.py --data toy-instructions --max-steps 300"
+    args = sft_think.Args()
+    _, _, problems = sft_think.load_rows("toy-instructions", "", args.seed, args.eval_size, "1", args.toy_train_size)
+    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    base_accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
+    lora.load_adapter(model, str(toy.SFT_INSTRUCT_DIR))
+    accuracy, _, texts, per_kind = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)
+    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (accuracy, made_by["heldout"])
+    assert base_accuracy == pytest.approx(made_by["heldout"]["before"], abs=0.015)
+    assert set(per_kind) == {f"accuracy_{k}" for k in ("count", "initials", "max", "reverse", "sort", "upper", "vowels")}
+    assert sum(t.startswith("<think>\n") and "</think>" in t for t in texts) >= 0.9 * len(texts)  # it thinks first

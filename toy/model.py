@@ -8,6 +8,7 @@ TOY_DIR = Path(__file__).resolve().parent
 BASE_DIR = TOY_DIR / "base"
 STUDENT_DIR = TOY_DIR / "student"
 SFT_ADAPTER_DIR = TOY_DIR / "sft_think"
+SFT_INSTRUCT_DIR = TOY_DIR / "sft_instruct"  # thinking SFT on toy instructions: rlmt.py starts from it
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer

@@ -1,0 +1,283 @@
+"""rlmt.py: the two sampling interfaces, what the judge sees, the update, the reward gate, the CLI, a judge server."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import common
+import judges
+import lora
+import rlmt
+import toy
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model = toy.load_model()
+    lora.merge(lora.load_adapter(model, str(toy.SFT_INSTRUCT_DIR)))
+    return model, common.load_tokenizer("toy")
+
+
+def _prompts(tokenizer, task="chat", n=3):
+    _, held = rlmt.load_prompts(tokenizer, data="toy", eval_data="", task=task, seed=0, n_eval=n, toy_train_size=1,
+                                max_prompt_length=1024)
+    return held
+
+
+def test_external_boundary_is_masked_exactly_and_inserted_after_every_thought(policy):
+    model, tok = policy
+    held = _prompts(tok)
+    s = rlmt.sample_thought_then_answer(model, tok, [h["ids"] for h in held], G=4, boundary="external",
+                                        thought_tokens=12, answer_tokens=16, temperature=1.0, top_p=1.0,
+                                        generator=torch.Generator().manual_seed(0))
+    close = tok.convert_tokens_to_ids(rlmt.THINK_CLOSE)
+    assert s.roll.completion_ids.shape[0] == 12 and s.roll.group.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    cut = 0
+    for i in range(12):
+        ids, lm, att = s.roll.completion_ids[i].tolist(), s.loss_mask[i].tolist(), s.roll.completion_mask[i].tolist()
+        t, n_ans = s.thought_len[i], s.answer_len[i]
+        b = [j for j in range(len(ids)) if att[j] and not lm[j]]  # in the context, not in the loss
+        assert b == list(range(t, t + len(b))) and close in [ids[j] for j in b], (i, b)
+        assert tok.decode([ids[j] for j in b]).strip() == rlmt.THINK_CLOSE
+        assert lm[:t] == [1] * t and lm[t + len(b): t + len(b) + n_ans] == [1] * n_ans  # policy tokens train
+        assert sum(att) == t + len(b) + n_ans and sum(lm) == t + n_ans  # padding is in neither
+        assert close not in ids[:t] and close not in ids[t + len(b):]  # the policy's own </think> was dropped
+        cut += not s.closed[i]
+    assert cut > 0, "thought_tokens=12 cuts some thoughts: they get the boundary too"
+    # the prompt ends in the opened thought; the response the judge gets is the stage-2 text only
+    assert all(tok.decode(h["ids"]).endswith("<think>\n") for h in held)
+    for i, a in enumerate(s.answers):
+        t = s.thought_len[i]
+        assert tok.decode(s.roll.completion_ids[i, t + 3:][s.roll.completion_mask[i, t + 3:].bool()],
+                          skip_special_tokens=True).strip() == a
+
+
+def test_model_boundary_takes_the_text_after_the_first_close():
+    assert rlmt.first_close([5, 7, 3, 9, 3, 1], 3) == 2 and rlmt.first_close([5, 7], 3) is None
+
+
+class Recorder:
+    """A judge that records what it was shown."""
+
+    def __init__(self):
+        self.calls, self.invalid, self.seen = 0, 0, []
+
+    def score(self, prompts, responses):
+        self.seen += list(zip(prompts, responses))
+        self.calls += len(responses)
+        return [0.5] * len(responses)
+
+    def prefer_ordered(self, prefixes, first, second):
+        self.seen += list(zip(prefixes, first, second))
+        self.calls += len(first)
+        return [1.0 if "good" in f else 0.0 if "good" in s else 0.5 for f, s in zip(first, second)]
+
+
+def test_the_judge_never_sees_the_thought(policy):
+    model, tok = policy
+    held = _prompts(tok)
+    s = rlmt.sample_thought_then_answer(model, tok, [h["ids"] for h in held], G=2, boundary="external",
+                                        thought_tokens=40, answer_tokens=16, temperature=1.0, top_p=1.0,
+                                        generator=torch.Generator().manual_seed(1))
+    judge = Recorder()
+    rows = [h for h in held for _ in range(2)]
+    r, invalid = rlmt.judge_responses(judge, "chat", "pairwise", rows, s.answers, s.has_answer, 0.0)
+    assert r == [0.5] * 6 and invalid == 0
+    for (prompt, response), i in zip(judge.seen, range(6)):
+        thought = tok.decode(s.roll.completion_ids[i, :s.thought_len[i]])
+        assert prompt == rows[i]["judge_prompt"] and "<think>" not in str(prompt)
+        assert "<think>" not in response and "</think>" not in response
+        assert len(thought.strip()) > 3 and thought.strip() not in response
+
+
+def test_continuation_judging_both_orders_win_tie_loss_and_missing():
+    rows = [{"judge_prompt": f"prefix {i}", "reference": "ref"} for i in range(4)]
+    judge = Recorder()
+    answers = ["good one", "meh", "meh", "good"]
+    r, invalid = rlmt.judge_responses(judge, "continuation", "pairwise", rows, answers, [True, True, True, False], 0.1)
+    assert r == [1.0, 0.5, 0.5, 0.1] and invalid == 0  # a missing response gets --missing-reward, never judged
+    assert judge.seen[:3] == [(f"prefix {i}", a, "ref") for i, a in enumerate(answers[:3])]  # ours shown first
+    assert judge.seen[3:] == [(f"prefix {i}", "ref", a) for i, a in enumerate(answers[:3])]  # then second
+    flip = Recorder()
+    flip.prefer_ordered = lambda p, f, s: [1.0] * len(f)  # always the first shown: position bias -> a tie
+    assert rlmt.judge_responses(flip, "continuation", "pairwise", rows[:1], ["x"], [True], 0.0)[0] == [0.5]
+    none = Recorder()
+    none.prefer_ordered = lambda p, f, s: [None] * len(f)
+    assert rlmt.judge_responses(none, "continuation", "pairwise", rows[:1], ["x"], [True], 0.0) == ([0.0], 1)
+
+
+def test_group_advantages_and_paired_comparison():
+    adv = rlmt.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2]), 2)
+    assert adv[:2].tolist() == pytest.approx([0.7070, -0.7070], abs=1e-3) and adv[2:].tolist() == [0.0] * 4
+    left, right = {"per_prefix": [0.1, 0.2, 0.3, 0.4]}, {"per_prefix": [0.2, 0.2, 0.5, 0.3]}
+    c = rlmt.compare(left, right)
+    d = [0.1, 0.0, 0.2, -0.1]
+    half = 1.96 * torch.tensor(d).std().item() / 2
+    assert c["mean_reward_delta"] == pytest.approx(0.05) and c["delta_ci"] == pytest.approx([0.05 - half, 0.05 + half])
+    assert (c["right_better"], c["left_better"], c["tie"], c["shared_prefixes"]) == (0.5, 0.25, 0.25, 4)
+
+
+def test_artifact_rate():
+    assert rlmt.artifact_rate(["ok", "a <think> b", "", "x<|im_start|>user", "fine"], [True] * 4 + [False]) == 0.8
+
+
+def test_update_trains_only_policy_tokens(policy):
+    """The gradient does not depend on what sits at masked (boundary) positions' targets: the loss mask is 0."""
+    model, tok = policy
+    held = _prompts(tok, n=1)
+    s = rlmt.sample_thought_then_answer(model, tok, [held[0]["ids"]], G=2, boundary="external", thought_tokens=10,
+                                        answer_tokens=6, temperature=1.0, top_p=1.0,
+                                        generator=torch.Generator().manual_seed(0))
+    m = toy.load_model()
+    lora.add_lora(m, r=4, alpha=8)
+    torch.manual_seed(0)
+    for p in lora.lora_parameters(m):
+        p.data.normal_(0, 0.05)
+    adv = torch.tensor([1.0, -1.0])
+    stats = rlmt.update(m, s, adv, None, temperature=1.0, eps=0.2, beta=0.0, micro_batch_size=8, world=1)
+    g1 = [p.grad.clone() for p in lora.lora_parameters(m)]
+    m.zero_grad()
+    ones = rlmt.Samples(s.roll, s.roll.completion_mask.clone(), *[getattr(s, f) for f in
+                                                                   ("answers", "thought_len", "answer_len", "closed",
+                                                                    "has_answer")])
+    rlmt.update(m, ones, adv, None, temperature=1.0, eps=0.2, beta=0.0, micro_batch_size=8, world=1)
+    g2 = [p.grad.clone() for p in lora.lora_parameters(m)]
+    assert stats["kl"] == 0.0 and any(a.abs().sum() > 0 for a in g1)
+    assert any(not torch.allclose(a, b) for a, b in zip(g1, g2)), "the boundary tokens would change the gradient"
+
+
+def run_rlmt(out, *flags, expect=0):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, "rlmt.py", "--out", str(out), *map(str, flags)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+SMALL = ("--max-steps", "2", "--gate-prefixes", "4", "--num-generations", "4", "--batch-size", "2",
+         "--thought-tokens", "24", "--answer-tokens", "16")
+
+
+def test_continuation_external_runs_and_logs_the_card_columns(tmp_path):
+    run_rlmt(tmp_path, "--task", "continuation", *SMALL, "--save-every", "1")
+    rows = [r for r in metrics(tmp_path) if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "reward_std", "gate/mixed_groups", "gate/near_zero_groups", "gate/all_zero_groups",
+                "gate/all_one_groups", "judge/invalid_rate", "length_drift", "artifact_rate", "closed_think_rate",
+                "thought_length", "answer_length", "reward_length_corr", "kl", "grad_norm"):
+        assert key in rows[-1], key
+    assert all(abs(r["reward"] * 16 - round(r["reward"] * 16)) < 1e-6 for r in rows)  # 8 samples of 0, 1/2 or 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    h = summary["heldout"]
+    assert h["metric"] == "gate_mean_reward" and h["delta_ci"][0] <= h["after"] - h["before"] <= h["delta_ci"][1]
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    train = [x for x in samples if x["split"] == "train"]
+    assert train and all(0.0 <= x["reward"] <= 1.0 and x["reward"] in (0.0, 0.5, 1.0) for x in train)
+
+
+def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
+    arms = f"base=,sft={toy.SFT_INSTRUCT_DIR},arith={toy.SFT_ADAPTER_DIR},both={toy.SFT_INSTRUCT_DIR}+{toy.SFT_ADAPTER_DIR}"
+    proc = run_rlmt(tmp_path, "--gate", arms, "--gate-prefixes", "4", "--num-generations", "4",
+                    "--thought-tokens", "24", "--answer-tokens", "16")
+    assert "| arm | reward_mean | reward_std | invalid_rate | mixed_groups |" in proc.stdout
+    assert "| comparison | mean_reward_delta | right_better | left_better | tie | shared_prefixes |" in proc.stdout
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    assert list(gate["arms"]) == ["base", "sft", "arith", "both"] and len(gate["comparisons"]) == 6
+    assert "sft_minus_base" in gate["comparisons"] and "both_minus_arith" in gate["comparisons"]
+    for a in gate["arms"].values():
+        assert 0.0 <= a["reward_mean"] <= 1.0 and a["invalid_rate"] <= 1.0 and a["avg_total_new_tokens"] > 0
+    assert isinstance(gate["reward_validity_ok"], bool) and isinstance(gate["separable"], bool)
+    # the same draws for every arm: the same arm twice gives the same per-prefix means
+    again = run_rlmt(tmp_path / "again", "--gate", f"a={toy.SFT_INSTRUCT_DIR},b={toy.SFT_INSTRUCT_DIR}",
+                     "--gate-prefixes", "4", "--num-generations", "4", "--thought-tokens", "24", "--answer-tokens", "16")
+    g2 = json.loads((tmp_path / "again" / "gate.json").read_text())
+    assert g2["per_prefix"]["a"] == g2["per_prefix"]["b"] == gate["per_prefix"]["sft"], again.stdout[-500:]
+    assert g2["comparisons"]["b_minus_a"]["tie"] == 1.0
+
+
+def test_bad_gate_spec_is_one_line(tmp_path):
+    proc = run_rlmt(tmp_path, "--gate", "justaname", expect=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --gate 'justaname': each arm is name=spec")
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge over HTTP: an OpenAI-compatible server on 127.0.0.1 grading with the toy answer judge
+# ---------------------------------------------------------------------------------------------
+
+class AnswerJudgeServer:
+    def __init__(self):
+        self.requests = 0
+        judge, outer = toy.AnswerJudge(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                prompt, _, rest = user.partition("### Instruction\n")[2].partition("\n\n### Response\n")
+                response = rest.partition("\n\nGive a short justification")[0]
+                assert "<think>" not in response
+                v = judge.score([prompt], [response])[0]
+                text = "Graded.\nScore: " + (str(1 + round(9 * v)) if v is not None else "none")
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                with threading.Lock():
+                    outer.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_http_judge_end_to_end_with_cache(tmp_path):
+    server = AnswerJudgeServer()
+    flags = ["--judge", server.url, "--judge-model", "toy-judge", "--judge-retries", "1", *SMALL]
+    try:
+        run_rlmt(tmp_path, *flags)
+        first = server.requests
+        rows = [r for r in metrics(tmp_path) if "reward" in r]
+        assert first == 2 * 2 * 4 + 2 * 4 * 4  # training samples + the gate before and after
+        assert all(r["judge/invalid_rate"] < 1.0 for r in rows)
+        assert len((tmp_path / "judge_cache.jsonl").read_text().splitlines()) <= first
+        run_rlmt(tmp_path, *flags)  # the same run again: the same samples, every verdict from the cache
+        assert server.requests == first
+    finally:
+        server.close()
+    proc = run_rlmt(tmp_path / "dead", *flags, expect=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: judge {server.url}/v1/chat/completions: "
+                                                           "connection refused")
+
+
+def test_resume_repeats_the_interrupted_step_exactly(tmp_path):
+    flags = (*SMALL, "--save-every", "1")
+    run_rlmt(tmp_path, *flags)  # two steps; the checkpoint holds step 1
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 1
+    first = [r for r in metrics(tmp_path) if "reward" in r]
+    before = json.loads((tmp_path / "summary.json").read_text())["heldout"]["before"]
+    run_rlmt(tmp_path, *flags, "--resume")  # redo step 2 from the checkpoint
+    again = [r for r in metrics(tmp_path) if "reward" in r]
+    assert [r["step"] for r in again] == [1, 2] and again[0] == first[0]
+    for key in ("reward", "answer_length", "thought_length", "loss", "kl", "length_drift"):
+        assert again[1][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-7), key
+    # the starting arm's gate is measured once, before training, and kept in the checkpoint
+    assert json.loads((tmp_path / "summary.json").read_text())["heldout"]["before"] == before
