@@ -45,7 +45,8 @@ from kernels import linear_token_logprobs
 class Args:
     model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
     data: str = field(default="toy", metadata={"help": "JSONL file or hub dataset id; 'toy' = toy arithmetic, "
-                                                       "'toy-instructions' = toy instructions (reverse, sort, count...)"})
+                                                       "'toy-instructions' = toy instructions (reverse, sort, count...), 'toy-continuations' = toy "
+                                                       "documents with thoughts that restate their facts"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
                                                          "at most --eval-size rows)"})
     out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
@@ -208,6 +209,9 @@ def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficul
         train = toy.arithmetic("train", toy_train_size, seed=seed, difficulty=levels)
         heldout = toy.arithmetic("test", eval_size, seed=seed, difficulty=levels)
         return train, heldout, heldout
+    if data == "toy-continuations":  # document prefixes, a thought restating their facts, the true continuation
+        return (toy.thinking_continuations("train", toy_train_size, seed=seed),
+                toy.thinking_continuations("test", eval_size, seed=seed), None)
     if data == "toy-instructions":
         return (toy.instructions("train", toy_train_size, seed=seed), toy.instructions("test", eval_size, seed=seed),
                 toy.instructions("test", eval_size, seed=seed))

@@ -460,3 +460,29 @@ def test_a_run_on_wrong_line_costs_as_many_lines_as_it_spans():
     assert judge.prefer([r["prompt"]], [run_on], ["x\nx\n"]) == [0.5]
     assert judge.prefer([r["prompt"]], ["x\n"], [run_on])[0] > 0.5
     assert judge.prefer([r["prompt"]], ["x" * limit + "\n"], ["x\n"]) == [0.5]  # within one line: one
+
+
+def test_facts_thought_restates_the_prefix_state():
+    import re
+
+    rows = toy.thinking_continuations("test", 60, seed=0)
+    seen = set()
+    for r in rows:
+        thought, prefix = r["thought"], r["prompt"]
+        assert r["completion"] == f"<think>\n{thought}\n</think>\n\n{r['reference']}"
+        seen.add(r["domain"])
+        if r["domain"] == "story" and "in all" in thought:
+            counts = [int(k) for k in re.findall(r" (\d+)(?:,|\n)", thought.split("\n")[0] + "\n")]
+            assert int(re.search(r"in all: (\d+)", thought).group(1)) == sum(counts)
+            # every count is the last one the prefix states for that name
+            for name, k in re.findall(r"([A-Z][a-z]+) (\d+)", thought.split("\n")[0]):
+                last = re.findall(rf"{name} had (\d+)", prefix)[-1]
+                assert int(k) == int(last), (name, k, last, prefix)
+        if r["domain"] == "news":
+            votes = re.findall(r"making the tally (\d+) to (\d+)", prefix)
+            assert f"tally: {votes[-1][0]} to {votes[-1][1]}" in thought if votes else "tally: 0 to 0" in thought
+        if r["domain"] == "code":
+            for name in re.findall(r"def ([a-z_]+)\(", prefix):
+                assert name + "(" in thought
+    assert seen == {"story", "news", "code"}
+    assert toy.facts_thought("not a toy document") is None

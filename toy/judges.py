@@ -229,6 +229,48 @@ def _check_code(line: str, st: dict) -> bool | None:
 _CHECKERS = {"story": _check_story, "news": _check_news, "code": _check_code}
 
 
+def facts_thought(prefix: str) -> str | None:
+    """The facts of a document prefix that its continuation must keep, restated as a thought (None when the
+    prefix is not a toy document): who holds how many of the item and the total so far (story); the project, its
+    cost, the council's size, the people, the clock and the tally (news); the constants and the functions with
+    their parameters (code). A model that writes this thought before continuing has the facts next to the line
+    that needs them: what interleaved thinking is for on documents."""
+    domain = detect_domain(prefix)
+    if domain is None:
+        return None
+    st: dict = {}
+    for line in prefix.split("\n"):
+        _CHECKERS[domain](line, st)
+    if domain == "story":
+        if "count" not in st:
+            return "cast: " + ", ".join(st.get("cast", []))
+        total = sum(st["count"].values())
+        last = _S_WHEN[st["when"]] if st["when"] >= 0 else "none yet"
+        return (f"{st['item'][1]}: " + ", ".join(f"{n} {k}" for n, k in st["count"].items())
+                + f"\nin all: {total}\nlast time: {last}")
+    if domain == "news":
+        if "members" not in st:
+            return f"project: {st['project']}, {st['cost']} million"
+        clock = f"{st['time'] // 60}:{st['time'] % 60:02d}"
+        return (f"project: {st['project']}, {st['cost']} million\nmembers: {st['members']}, people: "
+                + ", ".join(sorted(st["people"])) + f"\nclock: {clock}\ntally: {st['yes']} to {st['no']}")
+    consts = ", ".join(f"{k} = {v}" for k, v in st.get("consts", {}).items())
+    funcs = ", ".join(f"{name}({', '.join(f[0])})" for name, f in st.get("funcs", {}).items())
+    return f"constants: {consts or 'none'}\nfunctions: {funcs or 'none'}"
+
+
+def thinking_continuations(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:
+    """toy.continuations rows with `thought` (facts_thought of the prefix) and `completion`, the thinking-SFT
+    target: `<think>\n{thought}\n</think>\n\n{reference}` after the prefix, the shape rlmt.py samples in."""
+    from toy.tasks import continuations
+
+    rows = continuations(split, n, seed)
+    for r in rows:
+        r["thought"] = facts_thought(r["prompt"])
+        r["completion"] = f"<think>\n{r['thought']}\n</think>\n\n{r['reference']}"
+    return rows
+
+
 def check_document(text: str, domain: str | None = None) -> list[bool | None]:
     """Per line of a toy document: True (consistent), False (breaks the grammar or a fact), None (blank)."""
     domain = domain or detect_domain(text)
