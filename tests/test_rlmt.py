@@ -256,9 +256,10 @@ def test_http_judge_end_to_end_with_cache(tmp_path):
         run_rlmt(tmp_path, *flags)
         first = server.requests
         rows = [r for r in metrics(tmp_path) if "reward" in r]
-        assert first == 2 * 2 * 4 + 2 * 4 * 4  # training samples + the gate before and after
+        # training samples + the gate before and after; the same (prompt, response) asked twice is asked once
+        assert 0.5 * (2 * 2 * 4 + 2 * 4 * 4) < first <= 2 * 2 * 4 + 2 * 4 * 4
         assert all(r["judge/invalid_rate"] < 1.0 for r in rows)
-        assert len((tmp_path / "judge_cache.jsonl").read_text().splitlines()) <= first
+        assert len((tmp_path / "judge_cache.jsonl").read_text().splitlines()) == first
         run_rlmt(tmp_path, *flags)  # the same run again: the same samples, every verdict from the cache
         assert server.requests == first
     finally:
