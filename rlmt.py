@@ -208,7 +208,7 @@ class Samples:
     has_answer: list[bool]   # model boundary: a </think> was found
 
 
-def _stack(prompts: list[list[int]], parts: list[list[tuple[list[int], int]]], finished: list[bool], pad: int,
+def _stack(prompts: list[list[int]], parts: list[list[tuple[list[int], int]]], finished: list[bool], group, pad: int,
            device) -> tuple[sampling.Rollout, torch.Tensor]:
     """Rows of (token ids, in-loss flag) pieces as one Rollout (left-padded prompts, right-padded completions)."""
     P = max(len(p) for p in prompts)
@@ -220,7 +220,6 @@ def _stack(prompts: list[list[int]], parts: list[list[tuple[list[int], int]]], f
     cid = torch.tensor([s + [pad] * (C - len(s)) for s in seqs], device=device)
     cm = torch.tensor([[1] * len(s) + [0] * (C - len(s)) for s in seqs], device=device)
     lm = torch.tensor([f + [0] * (C - len(f)) for f in flags], device=device)
-    group = torch.arange(len(prompts), device=device)
     roll = sampling.Rollout(pid, pm, cid, cm, torch.tensor(finished, device=device), group)
     return roll, lm
 
@@ -262,8 +261,8 @@ def sample_thought_then_answer(model, tokenizer, prompts: list[list[int]], *, G:
                              max_new_tokens=answer_tokens, **kw)
     answer_ids = [ids[m.bool()].tolist() for ids, m in zip(stage2.completion_ids, stage2.completion_mask)]
     roll, loss_mask = _stack(rows, [[(t, 1), (b, 0), (a, 1)] for t, b, a in zip(thoughts, bounds, answer_ids)],
-                             stage2.finished.tolist(), pad, device)
-    roll.group = torch.arange(len(prompts), device=device).repeat_interleave(G)
+                             stage2.finished.tolist(), torch.arange(len(prompts), device=device).repeat_interleave(G),
+                             pad, device)
     answers = [_visible(tokenizer.decode(a, skip_special_tokens=False)) for a in answer_ids]
     return Samples(roll, loss_mask, answers, [len(t) for t in thoughts], [len(a) for a in answer_ids], closed,
                    [True] * len(rows))

@@ -50,9 +50,8 @@ def test_external_boundary_is_masked_exactly_and_inserted_after_every_thought(po
     # the prompt ends in the opened thought; the response the judge gets is the stage-2 text only
     assert all(tok.decode(h["ids"]).endswith("<think>\n") for h in held)
     for i, a in enumerate(s.answers):
-        t = s.thought_len[i]
-        assert tok.decode(s.roll.completion_ids[i, t + 3:][s.roll.completion_mask[i, t + 3:].bool()],
-                          skip_special_tokens=True).strip() == a
+        start = s.roll.completion_mask[i].sum().item() - s.answer_len[i]  # after the thought and the boundary
+        assert tok.decode(s.roll.completion_ids[i, start:start + s.answer_len[i]], skip_special_tokens=True).strip() == a
 
 
 def test_model_boundary_takes_the_text_after_the_first_close():
