@@ -96,7 +96,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate; default 1e-7 hub model (the card; "
                                                              "the paper 1e-6), 3e-4 toy"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 200, the card's)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 200, the card's; toy 150)"})
     batch_size: int | None = field(default=None, metadata={"help": "prompts per step per device (default 2, the "
                                                                   "card; 4 toy)"})
     num_generations: int = field(default=16, metadata={"help": "G: samples per prompt (the card's K=16; paper 8)"})
@@ -127,7 +127,7 @@ class Args:
     gate_after: bool = field(default=True, metadata={"help": "after training, gate the starting model against the "
                                                              "trained one (summary.json 'heldout')"})
     drift_alert: float = field(default=0.5, metadata={"help": "alert when the mean response length moves by more "
-                                                              "than this share from the first 5 steps'"})
+                                                              "than this share: mean of the last 5 steps against the first 5"})
     log_completions: int = field(default=1, metadata={"help": "groups per step written to samples.jsonl"})
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (for --resume)"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
@@ -137,7 +137,7 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     toy_run = args.model == "toy"
-    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 200), ("batch_size", 2, 4),
+    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 150), ("batch_size", 2, 4),
                              ("thought_tokens", 48, 96), ("answer_tokens", 128, 32), ("max_grad_norm", 0.1, 1.0),
                              ("lora_r", 64, 16)):
         if getattr(args, name) is None:
@@ -510,7 +510,7 @@ def main(args: Args):
     start, data_state = common.resume_or_evaluate(run, args.resume, model, optimizer, scheduler,
                                                   gate_now if args.gate_after else dict, logger)
     optimizer_step.load_state_dict(data_state)
-    early = data_state.get("early_lengths", [])
+    early, recent = data_state.get("early_lengths", []), data_state.get("recent_lengths", [])
 
     model.train()
     t_train, last, alerts = 0.0, {}, []
@@ -539,9 +539,9 @@ def main(args: Args):
         stats.update(optimizer_step(stats["loss"], step + 1))  # a non-finite loss skips the step (3 in a row: stop)
         t_train += time.perf_counter() - t0
         m = rollout_metrics(s, r, args.num_generations, invalid)
-        if len(early) < 5:
-            early.append(m["answer_length"])
-        m["length_drift"] = m["answer_length"] / max(statistics.mean(early), 1e-9) - 1.0
+        early += [m["answer_length"]] if len(early) < 5 else []
+        recent = (recent + [m["answer_length"]])[-5:]  # running mean of the last 5 steps against the first 5
+        m["length_drift"] = statistics.mean(recent) / max(statistics.mean(early), 1e-9) - 1.0
         # alerts are logged, never stop the run (the card): every group at 0, half the groups all at 1 (nothing left
         # to learn there), the response length drifting by more than --drift-alert
         step_alerts = [name for name, hit in (("reward_collapse", m["gate/all_zero_groups"] == 1.0),
@@ -561,7 +561,8 @@ def main(args: Args):
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps \
                 and optimizer_step.streak == 0:
             common.save_checkpoint(run.out, step + 1, model, optimizer, scheduler,
-                                   data_state={**data_state, **optimizer_step.state_dict(), "early_lengths": early})
+                                   data_state={**data_state, **optimizer_step.state_dict(), "early_lengths": early,
+                                                           "recent_lengths": recent})
 
     summary = {}
     if common.is_main():
