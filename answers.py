@@ -166,19 +166,123 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
         return False
 
 
-def answers_match(gold, pred) -> bool:
-    """Same answer? Exact numbers (1,000 == 1000.0, 1/2 == 0.5 == \\frac{1}{2}), else equal normal forms (see
-    normalize_answer), else Math-Verify's verdict when it is installed."""
+# a unit after a number: \text{...} (what MATH solutions write) or a plain unit word; "2x" is not a unit
+_UNITS = ("mm|cm|m|km|in|inch|inches|ft|feet|foot|yd|yards|miles|mph|g|kg|lb|lbs|pounds|s|sec|seconds|min|minutes|"
+          "h|hours|days|weeks|years|degrees|deg|dollars|cents|units|meters|percent|sq|square")
+_UNIT_RE = re.compile(r"^(.*?\d)\s*(?:\\(?:text|mbox|mathrm)\{\s*[a-zA-Z .]+\}|(?:" + _UNITS + r"))(?:\^?\{?[23]\}?)?$")
+
+
+def _strip_unit(s: str) -> str:
+    """'12 \\text{ cm}', '12cm^2', '5 dollars' -> the number; anything else unchanged (Hendrycks et al.'s MATH
+    normaliser also drops units after a number)."""
+    m = _UNIT_RE.match(s.strip())
+    return m.group(1) if m else s
+
+
+def _split_top(s: str) -> list[str]:
+    """Items of a tuple / interval / set at bracket depth 0: '(1,\\frac{1}{2}]' -> ['1', '\\frac{1}{2}']."""
+    items, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch in "({[" 
+        depth -= ch in ")}]"
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return items + [cur]
+
+
+def fast_match(gold, pred) -> bool | None:
+    """The cheap, dependable part of answers_match: True / False when it can decide (equal normal forms, two exact
+    numbers, numbers with units, tuples and intervals item by item with the same brackets), None when only a
+    symbolic checker can (Math-Verify)."""
     if pred is None or gold is None:
         return False
-    gold, pred = str(gold), str(pred)
-    g, p = normalize_answer(gold), normalize_answer(pred)
-    if g == p and g != "":
-        return True
-    gn, pn = _to_fraction(g), _to_fraction(p)
+    g, p = normalize_answer(str(gold)), normalize_answer(str(pred))
+    if g == p:
+        return g != ""
+    gn, pn = _to_fraction(_strip_unit(g)), _to_fraction(_strip_unit(p))
     if gn is not None and pn is not None:
-        return gn == pn
-    return _math_verify_equal(gold, pred)
+        # "10%" is 1/10, and also the answer "10" to "what percent...": MATH's normaliser drops the sign
+        return gn == pn or ("%" in g + p and _to_fraction(g.rstrip("%")) == _to_fraction(p.rstrip("%")))
+    brackets = lambda t: (t[:1], t[-1:]) if len(t) > 1 and t[0] in "([{" and t[-1] in ")]}" else None  # noqa: E731
+    if brackets(g) and brackets(g) == brackets(p):
+        gi, pi = _split_top(g[1:-1]), _split_top(p[1:-1])
+        if len(gi) == len(pi) > 1:
+            verdicts = [fast_match(a, b) for a, b in zip(gi, pi)]
+            return None if None in verdicts else all(verdicts)
+    return None
+
+
+def answers_match(gold, pred) -> bool:
+    """Same answer? Exact numbers (1,000 == 1000.0, 1/2 == 0.5 == \\frac{1}{2}, 5 cm == 5), equal normal forms (see
+    normalize_answer), tuples and intervals item by item, else Math-Verify's verdict when it is installed (in this
+    process: MathVerifier runs it in worker processes with a timeout)."""
+    verdict = fast_match(gold, pred)
+    return _math_verify_equal(str(gold), str(pred)) if verdict is None else verdict
+
+
+def _verify_in_worker(gold: str, pred: str, seconds: int) -> str:
+    """'yes' / 'no' / 'timeout': Math-Verify (gold first) in a worker process's main thread, where its SIGALRM
+    timeouts work. LaTeX extraction only (see _math_verify_equal)."""
+    from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
+    config = [LatexExtractionConfig()]
+    try:
+        g = parse(f"\\boxed{{{gold}}}", extraction_config=config, parsing_timeout=seconds, raise_on_error=True)
+        p = parse(f"\\boxed{{{pred}}}", extraction_config=config, parsing_timeout=seconds, raise_on_error=True)
+        return "yes" if g and p and verify(g, p, timeout_seconds=seconds, raise_on_error=True) else "no"
+    except TimeoutException:
+        return "timeout"
+    except Exception:  # noqa: BLE001 - untrusted text that breaks the parser is a "no"
+        return "no"
+
+
+class MathVerifier:
+    """answers_match over many pairs, Math-Verify in `workers` spawned processes with a per-answer `timeout`
+    (seconds): a timeout is scored wrong and counted in `timeouts`; a worker stuck past twice the timeout (C code
+    ignores SIGALRM) is killed with its pool. Without Math-Verify installed, undecided pairs are wrong and counted
+    in `undecided`. Use as a context manager, or call close()."""
+
+    def __init__(self, workers: int = 2, timeout: int = 5):
+        import importlib.util
+        self.available = importlib.util.find_spec("math_verify") is not None
+        self.workers, self.timeout, self.timeouts, self.undecided, self._pool = max(1, workers), int(timeout), 0, 0, None
+
+    def check(self, pairs: list[tuple]) -> list[bool]:
+        import multiprocessing
+        out = [fast_match(g, p) for g, p in pairs]
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo and not self.available:
+            self.undecided += len(todo)
+            return [bool(v) for v in out]
+        if todo and self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        jobs = {i: self._pool.apply_async(_verify_in_worker, (str(pairs[i][0]), str(pairs[i][1]), self.timeout))
+                for i in todo}
+        for i, job in jobs.items():
+            try:
+                verdict = job.get(timeout=2 * self.timeout + 5)
+            except multiprocessing.TimeoutError:
+                verdict = "timeout"
+                self.close()  # the stuck worker goes with its pool; the rest of `jobs` then fail fast as timeouts
+            except Exception:  # noqa: BLE001 - a pool torn down by close() above
+                verdict = "timeout"
+            self.timeouts += verdict == "timeout"
+            out[i] = verdict == "yes"
+        return [bool(v) for v in out]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # ---- gold answers and the rule per sample ------------------------------------------------------------------------

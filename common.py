@@ -649,6 +649,22 @@ def require_adapter(path: str | os.PathLike, flag: str = "--init-adapter", hint:
     return str(path)
 
 
+def load_arm(spec: str, base: str, device=None, load_in_4bit: bool = False, flag: str = "--arms"):
+    """A model to evaluate from a spec: '' = `base`; adapter dirs joined by '+' = `base` with each merged in turn
+    (a lineage: SFT adapter, then the RL adapter trained on top of it); else a model dir or hub id.
+    Returns (model, where its tokenizer is)."""
+    import lora  # lora is a sibling building block; imported here so common stays importable on its own
+    parts = [p for p in spec.split("+") if p]
+    if parts and not all((Path(p) / lora.WEIGHTS_NAME).is_file() for p in parts):
+        if len(parts) > 1:
+            raise MissingError(f"{flag} {spec!r}: joined with '+' but {parts} are not all adapter dirs")
+        return load_model(parts[0], device=device, load_in_4bit=load_in_4bit), parts[0]
+    model = load_model(base, device=device, load_in_4bit=load_in_4bit)
+    for p in parts:
+        lora.merge(lora.load_adapter(model, p))
+    return model, base
+
+
 def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: dict) -> dict:
     """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to samples.jsonl."""
     samples = metrics.pop("_samples", [])

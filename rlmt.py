@@ -432,20 +432,6 @@ def gate_report(arms: dict[str, dict], out: Path) -> dict:
     return report
 
 
-def load_arm(spec: str, base: str, device, load_in_4bit: bool):
-    """'' = base; a directory with an adapter (or several joined by '+') = base with them merged in order; else a
-    model dir / hub id."""
-    parts = [p for p in spec.split("+") if p]
-    if parts and not all((Path(p) / lora.WEIGHTS_NAME).is_file() for p in parts):
-        if len(parts) > 1:
-            raise common.MissingError(f"--gate arm {spec!r}: joined with '+' but {parts} are not all adapter dirs")
-        return common.load_model(parts[0], device=device, load_in_4bit=load_in_4bit), parts[0]
-    model = common.load_model(base, device=device, load_in_4bit=load_in_4bit)
-    for p in parts:
-        lora.merge(lora.load_adapter(model, p))
-    return model, base
-
-
 def run_gate(a: Args, run) -> dict:
     arms = {}
     for item in a.gate.split(","):
@@ -456,7 +442,7 @@ def run_gate(a: Args, run) -> dict:
     judge = make_judge(a)
     results, tokenizer = {}, None
     for name, spec in arms.items():
-        model, tok_source = load_arm(spec, a.model, run.device, a.load_in_4bit)
+        model, tok_source = common.load_arm(spec, a.model, run.device, a.load_in_4bit, flag="--gate arm")
         tokenizer = common.load_tokenizer(tok_source)
         _, heldout = load_prompts(tokenizer, data=a.data, eval_data=a.eval_data, task=a.task, seed=a.seed,
                                   n_eval=a.gate_prefixes, toy_train_size=1, max_prompt_length=a.max_prompt_length)

@@ -184,6 +184,15 @@ def test_continuation_external_runs_and_logs_the_card_columns(tmp_path):
     assert train and all(0.0 <= x["reward"] <= 1.0 and x["reward"] in (0.0, 0.5, 1.0) for x in train)
 
 
+def test_learning_the_default_chat_run_shortened_raises_the_gate_reward(tmp_path):
+    """`python rlmt.py` cut to 45 of its 150 steps (the shipped toy/sft_instruct start, seed 0): the reward gate of
+    the trained arm against its start, 64 held-out prompts x 16 samples. Measured: +0.030 [+0.005, +0.054] after 45
+    steps (the full default: +0.057 [+0.022, +0.093]); asserted: at least half of that, on any CPU."""
+    run_rlmt(tmp_path, "--max-steps", "45")
+    h = json.loads((tmp_path / "summary.json").read_text())["heldout"]
+    assert h["after"] - h["before"] >= 0.015, h
+
+
 def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
     arms = f"base=,sft={toy.SFT_INSTRUCT_DIR},arith={toy.SFT_ADAPTER_DIR},both={toy.SFT_INSTRUCT_DIR}+{toy.SFT_ADAPTER_DIR}"
     proc = run_rlmt(tmp_path, "--gate", arms, "--gate-prefixes", "4", "--num-generations", "4",
