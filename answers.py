@@ -245,10 +245,11 @@ class MathVerifier:
     ignores SIGALRM) is killed with its pool. Without Math-Verify installed, undecided pairs are wrong and counted
     in `undecided`. Use as a context manager, or call close()."""
 
-    def __init__(self, workers: int = 2, timeout: int = 5):
+    def __init__(self, workers: int = 2, timeout: int = 5, worker=_verify_in_worker):
         import importlib.util
         self.available = importlib.util.find_spec("math_verify") is not None
         self.workers, self.timeout, self.timeouts, self.undecided, self._pool = max(1, workers), int(timeout), 0, 0, None
+        self.worker = worker  # (gold, pred, seconds) -> 'yes' | 'no' | 'timeout', importable by a spawned process
 
     def check(self, pairs: list[tuple]) -> list[bool]:
         import multiprocessing
@@ -259,7 +260,7 @@ class MathVerifier:
             return [bool(v) for v in out]
         if todo and self._pool is None:
             self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
-        jobs = {i: self._pool.apply_async(_verify_in_worker, (str(pairs[i][0]), str(pairs[i][1]), self.timeout))
+        jobs = {i: self._pool.apply_async(self.worker, (str(pairs[i][0]), str(pairs[i][1]), self.timeout))
                 for i in todo}
         for i, job in jobs.items():
             try:

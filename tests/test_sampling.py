@@ -472,3 +472,20 @@ def test_cuda_bf16_sampling_and_logprobs(tok):
     torch.testing.assert_close(lp, ref, rtol=0, atol=5e-2)  # bf16 hidden states
 
 
+
+
+def test_nucleus_from_a_top_k_equals_the_full_sort():
+    """The CPU shortcut (cut peaked rows from a top-k, sort only the rest) keeps exactly the tokens the full sort
+    keeps, with their probabilities, for peaked rows, flat rows and a mix, at the real vocabulary size."""
+    def by_sort(probs, top_p):
+        sp, order = probs.sort(-1, descending=True)
+        return torch.zeros_like(probs).scatter_(-1, order, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0))
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 151_936, generator=g)
+    logits[:7] *= 8.0    # peaked: the nucleus is a few tokens
+    logits[7:] *= 0.02   # nearly flat: the nucleus is most of the vocabulary
+    probs = torch.softmax(logits, -1)
+    for top_p in (0.3, 0.9, 0.95, 0.999):
+        for rows in (slice(0, 7), slice(7, 12), slice(0, 12)):
+            assert torch.equal(sampling._nucleus(probs[rows], top_p), by_sort(probs[rows], top_p)), (top_p, rows)
