@@ -3,8 +3,8 @@ prefer(prefixes, a, b) -> [float | None] = P(a is better than b) (pairwise). Non
 judge counts `calls` and `invalid` verdicts, so scripts can log the invalid-judge rate.
 
 - `LocalJudge`: a Hugging Face causal LM prompted as a judge, greedy, in this process;
-- `HTTPJudge`: the same prompts sent to an OpenAI-compatible server (vLLM, SGLang, `transformers serve`),
-  standard library only, with bounded concurrency, timeouts and retries;
+- `HTTPJudge`: the same prompts sent to an OpenAI-compatible server (vLLM, SGLang, `transformers serve`) through
+  serving.post_json (standard library only), with bounded concurrency, timeouts and retries;
 - `VerdictCache`: judge replies keyed by their content, in memory and in a JSONL file, so a rerun or a resumed run
   asks only what it has not asked before;
 - `CountedJudge`: adds the counters to a judge that has none (the toy world's `toy.AnswerJudge` and
@@ -23,14 +23,10 @@ completion) raises JudgeError, a common.UserError: one line naming the URL and t
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +34,11 @@ from typing import Sequence
 
 import common
 import rewards
+import serving
 from answers import completion_text, strip_think
 
 
-class JudgeError(common.UserError):
+class JudgeError(serving.ServerError):
     """A judge could not answer at all (e.g. its endpoint is down); an unparseable verdict is not an error."""
 
 
@@ -262,83 +259,46 @@ class LocalJudge:
         return _judge_prefer_ordered(self, prefixes, first, second)
 
 
-def _network_cause(e: BaseException, timeout: float) -> str:
-    """A refused, reset, timed-out or unresolvable connection in a few words (urllib wraps the socket error)."""
-    reason = getattr(e, "reason", e)
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, TimeoutError):
-        return f"no answer within {timeout:g} s"
-    if isinstance(reason, ConnectionResetError):
-        return "connection reset"
-    if isinstance(reason, socket.gaierror):
-        return f"unknown host ({reason.strerror})"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror[0].lower() + reason.strerror[1:]
-    return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
-
-
 class HTTPJudge:
     """A judge behind an OpenAI-compatible server (vLLM, SGLang, ...): POST {base_url}/v1/chat/completions.
 
-    Standard library only (urllib + a thread pool of `concurrency` requests). Connection errors, timeouts
-    (`timeout` seconds per attempt), 429 and 5xx are retried `retries` times with exponential backoff (the k-th
-    retry waits backoff * 2^(k-1) seconds); after that, or on another 4xx, a JudgeError names the URL and the
-    cause. Same templates and parsing as LocalJudge; replies go through `cache` (a VerdictCache) when one is given,
-    and `requests` counts the chat completions actually sent.
+    Each request is a serving.post_json, `concurrency` of them in flight: connection errors, timeouts (`timeout`
+    seconds per attempt), 408, 429 and 5xx are retried `retries` times with exponential backoff (the k-th retry
+    waits backoff * 2^(k-1) seconds); after that, or on another 4xx, a JudgeError (a serving.ServerError) names the
+    URL and the cause. Same templates and parsing as LocalJudge; replies go through `cache` (a VerdictCache) when
+    one is given, and `requests` counts the HTTP attempts actually sent.
     """
 
     def __init__(self, base_url: str, model: str, concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
                  api_key: str | None = None, backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.0,
                  top_p: float = 1.0, cache: VerdictCache | None = None):
-        base = base_url.rstrip("/")
-        if base.endswith("/chat/completions"):
-            self.url = base
-        elif base.endswith("/v1"):
-            self.url = base + "/chat/completions"
-        else:
-            self.url = base + "/v1/chat/completions"
+        self.url = serving.endpoint_url(base_url, chat=True)
         self.model, self.concurrency, self.timeout = model, max(1, int(concurrency)), float(timeout)
         self.retries, self.api_key, self.backoff = max(0, int(retries)), api_key, float(backoff)
         self.max_tokens, self.temperature, self.top_p, self.cache = max_tokens, temperature, top_p, cache
         self.calls = 0
         self.invalid = 0
-        self.requests = 0
+        self.requests = 0  # HTTP attempts sent, retries included
+        self._lock = threading.Lock()
 
-    def _fail(self, cause: str) -> JudgeError:
-        return JudgeError(f"judge {self.url}: {' '.join(cause.split())}")  # one line, whatever the server sent
+    def _count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
 
     def _post(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature, "top_p": self.top_p}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        cause = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            self.requests += 1  # an int add under the GIL: safe from the pool's threads
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                cause = f"HTTP {e.code} {e.reason}: {e.read()[:200].decode('utf-8', 'replace')}"
-                if e.code in (408, 429) or e.code >= 500:
-                    continue
-                raise self._fail(cause) from None
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                cause = _network_cause(e, self.timeout)
-                continue
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                raise self._fail(f"response is not JSON ({e})") from None
-            try:
-                return payload["choices"][0]["message"].get("content") or ""
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise self._fail(f"unexpected response {str(payload)[:200]}") from None
-        tries = self.retries + 1
-        raise self._fail(f"{cause} (after {tries} {'try' if tries == 1 else 'tries'})") from None
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p}
+        try:
+            payload = serving.post_json(self.url, body, timeout=self.timeout, retries=self.retries,
+                                        backoff=self.backoff, api_key=self.api_key, what="judge",
+                                        on_attempt=self._count_request)
+        except serving.ServerError as e:
+            raise JudgeError(str(e)) from None
+        try:
+            return payload["choices"][0]["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            cause = " ".join(f"unexpected response {str(payload)[:200]}".split())
+            raise JudgeError(f"judge {self.url}: {cause}") from None
 
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Replies to chat conversations, `concurrency` requests in flight."""

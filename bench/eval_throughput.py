@@ -7,7 +7,10 @@ tiny random Qwen3 with the real 151,936-token vocabulary and tokenizer:
 Each model answers --problems toy GSM8K-style problems x --samples samples at T=0.6, top-p 0.95, through
 `python eval_reasoning.py` itself (one process per model, a fresh output directory, so nothing comes from the
 cache); the figure is the script's own `generated_tokens_per_second` (generated tokens / sampling wall time). The
-random model never emits EOS, so every sample runs the full --new-tokens. Results: bench_results/eval_throughput.json.
+random model never emits EOS, so every sample runs the full --new-tokens, and its next-token distributions are
+nearly flat: at top-p 0.95 the nucleus is most of the vocabulary and every row is sorted (the worst case; a
+trained model's rows are cut from a top-256, see sampling._nucleus), so it is also measured at top-p 1.0.
+Results: bench_results/eval_throughput.json.
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ def save_qwen_vocab_model(path: Path, hidden: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-def measure(model: str, out: Path, a) -> dict:
-    cmd = [sys.executable, str(ROOT / "eval_reasoning.py"), "--model", model, "--arms", "m=", "--benchmarks",
+def measure(model: str, out: Path, a, top_p: float = 0.95) -> dict:
+    cmd = [sys.executable, str(ROOT / "eval_reasoning.py"), "--model", model, "--arms", "m=", "--top-p", str(top_p),
+           "--benchmarks",
            "toy_gsm8k", "--limit", str(a.problems), "--num-samples", str(a.samples), "--max-new-tokens",
            str(a.new_tokens), "--batch-size", str(a.batch_size), "--device", a.device, "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -51,7 +55,7 @@ def measure(model: str, out: Path, a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problems", type=int, default=32)
+    p.add_argument("--problems", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32, help="problems sampled together (x --samples rows)")
@@ -62,8 +66,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_qwen_vocab_model(tmp / "qwen", a.hidden)
-        rows = {"toy base (vocab 128)": measure("toy", tmp / "toy_run", a),
-                f"tiny random Qwen3 (hidden {a.hidden}, vocab 151,936)": measure(str(tmp / "qwen"), tmp / "q_run", a)}
+        name = f"tiny random Qwen3 (hidden {a.hidden}, vocab 151,936)"
+        rows = {"toy base (vocab 128), top-p 0.95": measure("toy", tmp / "toy_run", a),
+                f"{name}, top-p 0.95": measure(str(tmp / "qwen"), tmp / "q_run", a),
+                f"{name}, top-p 1.0": measure(str(tmp / "qwen"), tmp / "q_run1", a, top_p=1.0)}
     record = {"device": a.device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "settings": vars(a), "results": rows}
     for name, r in rows.items():
