@@ -85,7 +85,8 @@ class Args:
                                                               "'auto' = the four toy ones (toy) or the four real ones"})
     data: str = field(default="", metadata={"help": "bench=file,...: local JSONL or Parquet in the hub schema "
                                                     "instead of the hub dataset"})
-    limit: int | None = field(default=None, metadata={"help": "first N problems per benchmark (toy default 64)"})
+    limit: int | None = field(default=None, metadata={"help": "first N problems (or documents) per benchmark (toy "
+                                                                "reasoning default 64)"})
     num_samples: int = field(default=8, metadata={"help": "k: samples per problem (the card: 8)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "per sample (default 512, the card's; toy 160)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (the card: 0.6)"})
@@ -537,8 +538,8 @@ def run_likelihood(a: Args, arms: dict[str, str], run) -> dict:
             raise common.ConfigError(f"--arms {name}={spec}: the likelihood suite needs the model in process")
         model, tok_dir = common.load_arm(spec, a.model, run.device, a.load_in_4bit)
         results[name] = likelihood.run_suite(model.eval(), common.load_tokenizer(tok_dir), tasks, sources, a.limit)
-        rows += [{"Arm": name, "Task": t, **{m: v for m, v in r.items() if not m.endswith("stderr")}}
-                 for t, r in results[name].items()]
+        rows += [{"Arm": name, "Task": t, "n": r["n"], "acc": r["acc"], "acc_norm": r.get("acc_norm"),
+                  "perplexity": r.get("perplexity")} for t, r in results[name].items()]
         del model
     print("\n" + common.markdown_table(rows), flush=True)
     common.atomic_write_text(run.out / "tables.md", common.markdown_table(rows) + "\n")
@@ -548,7 +549,7 @@ def run_likelihood(a: Args, arms: dict[str, str], run) -> dict:
 def main(a: Args):
     if a.max_new_tokens is None:
         a.max_new_tokens = 160 if a.model == "toy" else 512
-    if a.limit is None and a.model == "toy":
+    if a.limit is None and a.model == "toy" and a.suite == "reasoning":
         a.limit = 64
     if a.num_samples < 1 or a.max_new_tokens < 1:
         raise common.ConfigError("--num-samples and --max-new-tokens must be >= 1")

@@ -280,3 +280,11 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
     for x in map(json.loads, final):
         texts.setdefault(x["problem"], set()).add(x["text"])
     assert any(len(t) > 1 for t in texts.values())  # samples at T=1 differ: the server did not decode greedily
+
+
+def test_likelihood_suite_from_the_cli(tmp_path):
+    proc = run_eval(tmp_path / "lik", "--suite", "likelihood", "--limit", "24", "--arms", "base=")
+    assert "| base | toy_arc | 24 |" in proc.stdout
+    lik = _summary(tmp_path / "lik")["likelihood"]["base"]
+    assert set(lik) == {"toy_lambada", "toy_arc", "toy_piqa"} and lik["toy_piqa"]["acc"] > 0.6
+    assert math.isfinite(lik["toy_lambada"]["perplexity"])
