@@ -288,3 +288,15 @@ def test_likelihood_suite_from_the_cli(tmp_path):
     lik = _summary(tmp_path / "lik")["likelihood"]["base"]
     assert set(lik) == {"toy_lambada", "toy_arc", "toy_piqa"} and lik["toy_piqa"]["acc"] > 0.6
     assert math.isfinite(lik["toy_lambada"]["perplexity"])
+
+
+@pytest.mark.parametrize("flags,start", [
+    (["--benchmarks", "aime"], "error: --benchmarks: unknown benchmark 'aime'"),
+    (["--arms", "justaname"], "error: --arms 'justaname': each arm is name=spec"),
+    (["--compare", "x-base"], "error: --compare 'x-base': arms are base, think"),
+    (["--benchmarks", "gsm8k", "--data", "gsm8k=missing.jsonl"], "error: missing.jsonl: no such file"),
+])
+def test_bad_flags_are_one_line(tmp_path, flags, start):
+    proc = run_eval(tmp_path / "bad", *flags, expect=2)
+    lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("error:")]
+    assert lines and lines[-1].startswith(start), proc.stderr[-2000:]
