@@ -236,6 +236,10 @@ def score_benchmark(samples: dict[str, list[dict]], k: int) -> dict:
     """Metrics of one arm on one benchmark from {problem id: its scored samples}; problems with no sample (every
     request failed) are left out and counted."""
     done = {p: s for p, s in samples.items() if s}
+    if not done:  # every request failed: nothing to score (the failures are reported)
+        return {"problems": 0, "missing_problems": len(samples), "samples": 0, "correct": 0, "any_pass": 0,
+                "mean_at_k_ci": [math.nan] * 2, "per_problem": {}, "per_problem_tokens": {},
+                **dict.fromkeys(("mean_at_k", "avg_completion_tokens", "truncation_rate"), math.nan)}
     n_i = [len(s) for s in done.values()]
     c_i = [sum(x["correct"] for x in s) for s in done.values()]
     s_i = [c / n for c, n in zip(c_i, n_i)]
@@ -444,15 +448,13 @@ def evaluate_arm(name: str, spec: str, benches: dict, a: Args, cache: Cache, run
                                                             "finish_reason": row["finish_reason"], "text": row["text"],
                                                             **({"choices": p["choices"]} if "choices" in p else {})})
         result["benchmarks"][bench] = score_benchmark(per_problem, a.num_samples)
-    result["generated_tokens_per_second"] = gen_tokens / gen_seconds if gen_seconds else None
-    result["generated_tokens"] = gen_tokens
+    result.update(generated_tokens=gen_tokens, generated_tokens_per_second=gen_tokens / gen_seconds if gen_seconds else None)
     del model
     return result
 
 
 # ---- reports ----------------------------------------------------------------------------------------------------
-def _ci(lo_hi) -> str:
-    return f"[{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if all(map(math.isfinite, lo_hi)) else "n/a"
+_ci = lambda lo_hi: f"[{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if all(map(math.isfinite, lo_hi)) else "n/a"  # noqa: E731
 
 
 def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> dict:
@@ -482,6 +484,8 @@ def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> di
             if rb is None:
                 continue
             shared = [p for p in ra["per_problem"] if p in rb["per_problem"]]
+            if not shared:
+                continue
             m, m_se, m_ci = paired([ra["per_problem"][p] for p in shared], [rb["per_problem"][p] for p in shared])
             p_key = f"per_problem_{pk}"
             pm, p_se, p_ci = paired([ra[p_key][p] for p in shared], [rb[p_key][p] for p in shared]) \

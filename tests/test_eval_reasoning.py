@@ -139,6 +139,8 @@ def test_score_benchmark_counts_per_question():
     assert row["mean_at_k"] == 0.25 and row["pass_at_1"] == 0.25 and row["pass_at_2"] == 0.5
     assert (row["problems"], row["missing_problems"], row["samples"], row["correct"], row["any_pass"]) == (2, 1, 4, 1, 1)
     assert row["avg_completion_tokens"] == 15 and row["truncation_rate"] == 0.25
+    empty = ev.score_benchmark({"q1": [], "q2": []}, k=2)  # every request failed: counted, not scored
+    assert (empty["problems"], empty["missing_problems"]) == (0, 2) and math.isnan(empty["mean_at_k"])
 
 
 # ---- loaders ---------------------------------------------------------------------------------------------------
