@@ -67,6 +67,23 @@ POINTWISE_TEMPLATE = """Rate the response to the instruction below for correctne
 
 Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
 Score: <integer>"""
+# pointwise with a reference (a document continuation against the document's own): the judge sees the prefix, the
+# original continuation as a reference, and the continuation to rate; never a thought
+POINTWISE_REFERENCE_TEMPLATE = """Rate the continuation of the text below for coherence with the text, fluency and \
+consistency with everything the text states. The original continuation is given as a reference: a continuation \
+need not repeat it, but must be as consistent and as good.
+
+### Text
+{prompt}
+
+### Reference continuation
+{reference}
+
+### Continuation to rate
+{response}
+
+Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
+Score: <integer>"""
 
 # Self-Improving Pretraining (arXiv 2601.21343), fig. 2: the quality judge's prompt, word for word.
 PAIRWISE_TEMPLATE = """I have an original text fragment and 2 generated continuations that follow the original text \
@@ -116,12 +133,17 @@ def parse_option(text: str) -> int | None:
     return int(found.pop()) if len(found) == 1 else None
 
 
-def _pointwise_messages(prompts, responses) -> list[list[dict]]:
+def _pointwise_messages(prompts, responses, references=None) -> list[list[dict]]:
     lo, hi = SCORE_RANGE
+    if references is None:
+        return [[{"role": "system", "content": POINTWISE_SYSTEM},
+                 {"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=_prompt_text(p), response=strip_think(r),
+                                                                        lo=lo, hi=hi)}]
+                for p, r in zip(prompts, responses)]
     return [[{"role": "system", "content": POINTWISE_SYSTEM},
-             {"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=_prompt_text(p), response=strip_think(r),
-                                                                    lo=lo, hi=hi)}]
-            for p, r in zip(prompts, responses)]
+             {"role": "user", "content": POINTWISE_REFERENCE_TEMPLATE.format(
+                 prompt=_prompt_text(p), reference=ref, response=strip_think(r), lo=lo, hi=hi)}]
+            for p, r, ref in zip(prompts, responses, references, strict=True)]
 
 
 def _pairwise_messages(prefixes, first, second) -> list[list[dict]]:
@@ -129,10 +151,10 @@ def _pairwise_messages(prefixes, first, second) -> list[list[dict]]:
             for p, x, y in zip(prefixes, first, second)]
 
 
-def _judge_score(judge, prompts: Sequence, responses: Sequence) -> list[float | None]:
+def _judge_score(judge, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
     if len(prompts) != len(responses):
         raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
-    verdicts = judge.generate(_pointwise_messages(prompts, responses))
+    verdicts = judge.generate(_pointwise_messages(prompts, responses, references))
     scores = [parse_score(v) for v in verdicts]
     judge.calls += len(scores)
     judge.invalid += sum(s is None for s in scores)
@@ -249,8 +271,8 @@ class LocalJudge:
         identity = ("local", getattr(self.model, "name_or_path", ""), self.max_new_tokens, self.enable_thinking)
         return _cached(self.cache, identity, conversations, ask)
 
-    def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
-        return _judge_score(self, prompts, responses)
+    def score(self, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
+        return _judge_score(self, prompts, responses, references)
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return _judge_prefer(self, prefixes, a, b)
@@ -315,8 +337,8 @@ class HTTPJudge:
         identity = ("http", self.url, self.model, self.max_tokens, self.temperature, self.top_p)
         return _cached(self.cache, identity, conversations, ask)
 
-    def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
-        return _judge_score(self, prompts, responses)
+    def score(self, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
+        return _judge_score(self, prompts, responses, references)
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return _judge_prefer(self, prefixes, a, b)
@@ -339,8 +361,9 @@ class CountedJudge:
         self.invalid += sum(v is None for v in verdicts)
         return verdicts
 
-    def score(self, prompts: Sequence, responses: Sequence) -> list[float | None]:
-        return self._count(self.judge.score(prompts, responses))
+    def score(self, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
+        extra = {} if references is None else {"references": references}  # judges without references stay usable
+        return self._count(self.judge.score(prompts, responses, **extra))
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return self._count(self.judge.prefer(prefixes, a, b))

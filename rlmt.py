@@ -23,7 +23,8 @@ m_t is 1 on the tokens the policy sampled. Two ways to get (z, y) (`--boundary`)
 Tasks (`--task`): chat, the paper's (prompts are requests; the toy default: toy instructions such as "Reverse
 the letters of: paper", judged by the toy answer judge: 1 for the exact answer, partial credit for near misses)
 and continuation, the card's (a document prefix; the response is its continuation, judged against the original
-continuation in both orders: win 1, tie 0.5, loss 0; `--judging pointwise` scores it alone). Judges (`--judge`):
+continuation in both orders: win 1, tie 0.5, loss 0; `--judging pointwise` rates it alone, the original shown to
+the judge as a reference). Judges (`--judge`):
 "toy", an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`; replies cached in <out>/judge_cache.jsonl),
 or a model run in this process. The judge never sees the thought.
 
@@ -91,7 +92,8 @@ class Args:
     judge_cache: str = field(default="auto", metadata={"help": "JSONL cache of judge replies; 'auto' = "
                                                                "<out>/judge_cache.jsonl, '' = off"})
     judging: Literal["pairwise", "pointwise"] = field(default="pairwise", metadata={
-        "help": "continuation: against the original continuation in both orders, or the response scored alone"})
+        "help": "continuation: against the original continuation in both orders, or the response rated alone "
+                "with the original as the judge's reference"})
     out: str = field(default="runs/rlmt", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate; default 1e-7 hub model (the card; "
@@ -294,8 +296,10 @@ def judge_responses(judge, task: str, judging: str, rows: list[dict], answers: l
     response goes to the judge."""
     ask = [i for i, h in enumerate(has_answer) if h]
     prompts = [rows[i]["judge_prompt"] for i in ask]
-    if task == "chat" or judging == "pointwise":
+    if task == "chat":
         verdicts = judge.score(prompts, [answers[i] for i in ask])
+    elif judging == "pointwise":  # the suffix rated alone, the original continuation shown as a reference
+        verdicts = judge.score(prompts, [answers[i] for i in ask], references=[rows[i]["reference"] for i in ask])
     else:  # win 1 / tie 0.5 / loss 0 against the original continuation, asked in both orders
         refs, mine = [rows[i]["reference"] for i in ask], [answers[i] for i in ask]
         order = getattr(judge, "prefer_ordered", None) or judge.prefer
@@ -453,7 +457,8 @@ def run_gate(a: Args, run) -> dict:
 
 def make_judge(a: Args):
     cache = judges.VerdictCache(a.judge_cache) if a.judge_cache else None
-    return judges.make_judge(a.judge, pairwise=a.task == "continuation" and a.judging == "pairwise",
+    # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of continuation judging
+    return judges.make_judge(a.judge, pairwise=a.task == "continuation",
                              model=a.judge_model or None, cache=cache, max_tokens=a.judge_max_tokens,
                              concurrency=a.judge_concurrency, timeout=a.judge_timeout, retries=a.judge_retries)
 

@@ -92,6 +92,30 @@ def test_the_judge_never_sees_the_thought(policy):
         assert len(thought.strip()) > 3 and thought.strip() not in response
 
 
+def test_pointwise_continuation_judging_shows_the_reference_and_never_the_thought():
+    rows = [{"judge_prompt": "Milo the fox had 3 acorns.\n", "reference": "On Monday he found 2 more."},
+            {"judge_prompt": "The council met.\n", "reference": "Ada Reyes voted yes."}]
+    seen = []
+
+    class Messages(judges.LocalJudge):  # the real prompt building, the reply faked
+        def __init__(self):
+            self.calls, self.invalid, self.cache = 0, 0, None
+
+        def generate(self, conversations):
+            seen.extend(conversations)
+            return ["fine\nScore: 10"] * len(conversations)
+
+    answers = ["<think>he had 3</think>He found 2 more.", "She voted no."]
+    r, invalid = rlmt.judge_responses(Messages(), "continuation", "pointwise", rows, answers, [True, True], 0.0)
+    assert r == [1.0, 1.0] and invalid == 0
+    text = seen[0][-1]["content"]
+    assert "On Monday he found 2 more." in text and "He found 2 more." in text and "he had 3" not in text
+    assert "Ada Reyes voted yes." in seen[1][-1]["content"]
+    # the toy continuation judge takes the references too (it rebuilds the facts from the prefix)
+    toy_judge = judges.CountedJudge(toy.ContinuationJudge())
+    assert len(rlmt.judge_responses(toy_judge, "continuation", "pointwise", rows, answers, [True, True], 0.0)[0]) == 2
+
+
 def test_continuation_judging_both_orders_win_tie_loss_and_missing():
     rows = [{"judge_prompt": f"prefix {i}", "reference": "ref"} for i in range(4)]
     judge = Recorder()
@@ -191,6 +215,12 @@ def test_learning_the_default_chat_run_shortened_raises_the_gate_reward(tmp_path
     run_rlmt(tmp_path, "--max-steps", "45")
     h = json.loads((tmp_path / "summary.json").read_text())["heldout"]
     assert h["after"] - h["before"] >= 0.015, h
+
+
+def test_pointwise_continuation_run_uses_the_document_judge(tmp_path):
+    run_rlmt(tmp_path, "--task", "continuation", "--judging", "pointwise", *SMALL)
+    rows = [r for r in metrics(tmp_path) if "reward" in r]
+    assert len(rows) == 2 and all(0.0 <= r["reward"] <= 1.0 and r["judge/invalid_rate"] == 0.0 for r in rows)
 
 
 def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):

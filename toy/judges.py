@@ -370,8 +370,10 @@ class ContinuationJudge:
             out.append(None if sa is None else 1.0 / (1.0 + math.exp(-self.sharpness * (sa - sb))))
         return out
 
-    def score(self, prefixes: Sequence[str], continuations: Sequence[str]) -> list[float | None]:
-        """Pointwise: share of the continuation's judged lines that are consistent (0 if none)."""
+    def score(self, prefixes: Sequence[str], continuations: Sequence[str],
+              references: Sequence[str] | None = None) -> list[float | None]:
+        """Pointwise: share of the continuation's judged lines that are consistent (0 if none). The facts are rebuilt
+        from the prefix, so a reference continuation adds nothing to this check and is accepted but not read."""
         out = []
         for p, c in zip(prefixes, continuations, strict=True):
             v = self.line_verdicts(p, c)
