@@ -22,8 +22,7 @@ sampling parameters, sample index): run the same command again after a kill and 
 A server request that keeps failing is reported and left out of the scores (never scored wrong); rerun to fill it.
 
 Run:
-    python eval_reasoning.py              # toy benchmarks on the arms found: the toy base, the shipped toy
-                                          # thinking-SFT adapter, and runs/{sft_think,grpo,rlmt} when present
+    python eval_reasoning.py     # toy benchmarks, the arms found: toy base, toy/sft_think, toy/sft_formats, runs/*
     python eval_reasoning.py --model Qwen/Qwen3-0.6B-Base --arms base=,think=runs/sft,rlmt=runs/sft+runs/rlmt \\
         --benchmarks gsm8k,math500 --compare rlmt-think
     vllm serve Qwen/Qwen3-0.6B-Base --port 8000 &   # the fast path: one server per arm, the same client
@@ -77,7 +76,7 @@ class Args:
     model: str = field(default="toy", metadata={"help": "base model: 'toy', a hub id or a local dir (arms build on it)"})
     arms: str = field(default="auto", metadata={"help": "name=spec,...; spec '' = the model itself, an adapter dir "
                       "(or dirs joined by '+', merged in order), a model dir, or an http:// URL of an OpenAI-"
-                      "compatible server; 'auto' = toy: the base, the shipped thinking-SFT adapter and the runs/ "
+                      "compatible server; 'auto' = toy: the base, the shipped thinking-SFT adapters and the runs/ "
                       "adapters found; hub: the model alone"})
     compare: str = field(default="auto", metadata={"help": "a-b,... arm deltas (a minus b); 'auto' = every arm minus "
                                                            "the first"})
@@ -385,6 +384,8 @@ def resolve_arms(spec: str, model: str) -> dict[str, str]:
     if model != "toy":
         return {"base": ""}
     arms = {"base": "", "think": str(toy.sft_adapter_dir())}
+    if (toy.SFT_FORMATS_DIR / "adapter_model.safetensors").is_file():  # the same SFT over all three answer formats
+        arms["think_formats"] = str(toy.SFT_FORMATS_DIR)
     for name in ("sft_think", "grpo", "rlmt"):
         d = Path("runs") / name
         if (d / "args.json").is_file() and json.loads((d / "args.json").read_text()).get("model") == "toy":
@@ -535,8 +536,7 @@ def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> di
 def run_likelihood(a: Args, arms: dict[str, str], run) -> dict:
     tasks = (["toy_lambada", "toy_arc", "toy_piqa"] if a.model == "toy" else list(likelihood.TASKS)) \
         if a.likelihood_tasks == "auto" else a.likelihood_tasks.split(",")
-    sources = dict(item.split("=", 1) for item in a.data.split(",") if "=" in item)
-    results, rows = {}, []
+    sources, results, rows = dict(item.split("=", 1) for item in a.data.split(",") if "=" in item), {}, []
     for name, spec in arms.items():
         if spec.startswith("http"):
             raise common.ConfigError(f"--arms {name}={spec}: the likelihood suite needs the model in process")
@@ -557,8 +557,7 @@ def main(a: Args):
         a.limit = 64
     if a.num_samples < 1 or a.max_new_tokens < 1:
         raise common.ConfigError("--num-samples and --max-new-tokens must be >= 1")
-    run = common.start_run(a.out, a, a.seed, a.device)
-    arms = resolve_arms(a.arms, a.model)
+    run, arms = common.start_run(a.out, a, a.seed, a.device), resolve_arms(a.arms, a.model)
     if a.suite == "likelihood":
         return run_likelihood(a, arms, run)
     if a.suite != "reasoning":

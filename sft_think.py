@@ -72,6 +72,8 @@ class Args:
     no_think: bool = field(default=False, metadata={"help": "remove the thoughts from the training data (raw arm)"})
     train_tokens: str = field(default="", metadata={"help": "comma list, e.g. '<think>,</think>': train only these embedding rows"})
     toy_difficulty: str = field(default="1,2,3", metadata={"help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"})
+    toy_styles: str = field(default="gsm8k", metadata={"help": "toy arithmetic answer formats, comma-separated, of "
+                                                                "gsm8k (#### N), math (\\boxed{N}), mc (Answer: X)"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training examples"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for loss and accuracy"})
     eval_every: int = field(default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"})
@@ -201,13 +203,17 @@ def collate(batch, pad_id, device, mask_dtype=torch.float32):
     return ids.to(device), attn.to(device), loss_mask.to(device), pos.to(device)
 
 
-def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficulty: str, toy_train_size: int):
+def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficulty: str, toy_train_size: int,
+              toy_styles: str = "gsm8k"):
     """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy. Rows read from a
     file carry their line number ("_line"), so errors name it even after the held-out split is drawn."""
     if data == "toy":
-        levels = toy.parse_levels(toy_difficulty)
-        train = toy.arithmetic("train", toy_train_size, seed=seed, difficulty=levels)
-        heldout = toy.arithmetic("test", eval_size, seed=seed, difficulty=levels)
+        levels, styles = toy.parse_levels(toy_difficulty), [x.strip() for x in toy_styles.split(",") if x.strip()]
+
+        def mixed(split, n):  # the styles in turn, n in all
+            per = [toy.arithmetic(split, -(-n // len(styles)), seed=seed, difficulty=levels, style=st) for st in styles]
+            return [r for group in zip(*per) for r in group][:n]
+        train, heldout = mixed("train", toy_train_size), mixed("test", eval_size)
         return train, heldout, heldout
     if data == "toy-continuations":  # document prefixes, a thought restating their facts, the true continuation
         return (toy.thinking_continuations("train", toy_train_size, seed=seed),
@@ -343,7 +349,7 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = training_template(tokenizer)
     train_rows, val_rows, problems = load_rows(args.data, args.eval_data, args.seed, args.eval_size,
-                                               args.toy_difficulty, args.toy_train_size)
+                                               args.toy_difficulty, args.toy_train_size, args.toy_styles)
     val_source = args.eval_data or args.data
     train = encode_all(train_rows, tokenizer, template, args.no_think, args.max_length, args.data)
     val = encode_all(val_rows, tokenizer, template, False, args.max_length, val_source)

@@ -11,6 +11,8 @@ weights on the same kind of CPU (`cpu_capability`), the same held-out accuracy o
 - toy/sft_think: `python sft_think.py` (thinking SFT on toy arithmetic levels 1-3); `grpo.py` starts from it.
 - toy/sft_instruct: `python sft_think.py --data toy-instructions --max-steps 300` (thinking SFT on toy
   instructions); `rlmt.py` starts from it.
+- toy/sft_formats: `python sft_think.py --toy-styles gsm8k,math,mc` (the same, over the three answer formats);
+  an arm of `eval_reasoning.py`'s toy benchmarks.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 ADAPTERS = {"sft_think": ["sft_think.py"],
-            "sft_instruct": ["sft_think.py", "--data", "toy-instructions", "--max-steps", "300"]}
+            "sft_instruct": ["sft_think.py", "--data", "toy-instructions", "--max-steps", "300"],
+            "sft_formats": ["sft_think.py", "--toy-styles", "gsm8k,math,mc"]}
 FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 

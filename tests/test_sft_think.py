@@ -266,3 +266,17 @@ def test_shipped_instruct_adapter_scores_what_made_by_says():
     assert base_accuracy == pytest.approx(made_by["heldout"]["before"], abs=0.015)
     assert set(per_kind) == {f"accuracy_{k}" for k in ("count", "initials", "max", "reverse", "sort", "upper", "vowels")}
     assert sum(t.startswith("<think>\n") and "</think>" in t for t in texts) >= 0.9 * len(texts)  # it thinks first
+
+
+def test_shipped_formats_adapter_scores_what_made_by_says():
+    # toy/sft_formats (an arm of eval_reasoning.py): the default SFT over the three toy answer formats
+    made_by = json.loads((toy.SFT_FORMATS_DIR / "made_by.json").read_text())
+    assert made_by["command"] == "python sft_think.py --toy-styles gsm8k,math,mc"
+    args = sft_think.Args()
+    _, _, problems = sft_think.load_rows("toy", "", args.seed, args.eval_size, args.toy_difficulty,
+                                         args.toy_train_size, "gsm8k,math,mc")
+    assert {p["style"] for p in problems} == {"gsm8k", "math", "mc"}
+    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    lora.load_adapter(model, str(toy.SFT_FORMATS_DIR))
+    accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
+    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (accuracy, made_by["heldout"])

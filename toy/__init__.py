@@ -40,7 +40,7 @@ Commands::
 from toy.judges import (AnswerJudge, ContinuationJudge, check_document, detect_domain, facts_thought, parse_instruction,
                         prompt_text, thinking_continuations)
 from toy.model import (BASE_DIR, CHAT_TEMPLATE, END_THINK_ID, IM_END_ID, IM_START_ID, MODEL_VOCAB_SIZE, PAD_ID,
-                       SFT_ADAPTER_DIR, SFT_INSTRUCT_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID, TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB,
+                       SFT_ADAPTER_DIR, SFT_FORMATS_DIR, SFT_INSTRUCT_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID, TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB,
                        base_model_dir, load_model, load_tokenizer, sft_adapter_dir, student_config, student_model_dir,
                        tiny_config)
 from toy.tasks import (DIFFICULTIES, DOMAINS, SPLITS, STYLES, arithmetic, continuations, documents, export,
@@ -50,7 +50,7 @@ __all__ = [
     "AnswerJudge", "ContinuationJudge", "check_document", "detect_domain", "facts_thought", "parse_instruction", "prompt_text",
     "thinking_continuations",
     "BASE_DIR", "CHAT_TEMPLATE", "END_THINK_ID", "IM_END_ID", "IM_START_ID", "MODEL_VOCAB_SIZE", "PAD_ID",
-    "SFT_ADAPTER_DIR", "SFT_INSTRUCT_DIR", "SPECIAL_TOKENS", "STUDENT_DIR", "THINK_ID", "TOY_DIR", "TRAINING_CHAT_TEMPLATE", "VOCAB",
+    "SFT_ADAPTER_DIR", "SFT_FORMATS_DIR", "SFT_INSTRUCT_DIR", "SPECIAL_TOKENS", "STUDENT_DIR", "THINK_ID", "TOY_DIR", "TRAINING_CHAT_TEMPLATE", "VOCAB",
     "base_model_dir", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config", "student_model_dir",
     "tiny_config",
     "DIFFICULTIES", "DOMAINS", "SPLITS", "STYLES", "arithmetic", "continuations", "documents", "export",

@@ -9,6 +9,7 @@ BASE_DIR = TOY_DIR / "base"
 STUDENT_DIR = TOY_DIR / "student"
 SFT_ADAPTER_DIR = TOY_DIR / "sft_think"
 SFT_INSTRUCT_DIR = TOY_DIR / "sft_instruct"  # thinking SFT on toy instructions: rlmt.py starts from it
+SFT_FORMATS_DIR = TOY_DIR / "sft_formats"  # thinking SFT over the three answer formats: an evaluation arm
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer

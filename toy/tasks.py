@@ -208,8 +208,9 @@ def arithmetic(split: str = "train", n: int = 1000, seed: int = 0, difficulty: i
                "difficulty": level, "style": style, "key": f"{start}" + "".join(f"{o}{x}" for o, x in ops)}
         if style == "gsm8k":
             final = f"#### {value}"
-        elif style == "math":
+        elif style == "math":  # the prompt says so, as MATH-style evaluation prompts do (a model can tell the styles)
             final = f"\\boxed{{{value}}}"
+            rec["prompt"] = question + "\nPut the final answer in \\boxed{}."
         else:
             options = _distractors(rng, value) + [value]
             rng.shuffle(options)
