@@ -66,3 +66,52 @@ def sft_toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_toy")
     run_script("sft_think.py", "--out", out)
     return out
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (free once the probing socket is closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_transformers_serve(port: int, model_dir: str | None = None, env: dict | None = None, wait: float = 180):
+    """`transformers serve` (a real OpenAI-compatible server) on 127.0.0.1:port with `model_dir` (the toy base by
+    default), in its own process group so stop_server ends it by its pid; the test is skipped when the serving
+    extras or the CLI are missing, and fails when the server does not come up within `wait` seconds."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if exe is None:
+        pytest.skip("the transformers CLI is not installed")
+    if model_dir is None:
+        import toy
+        model_dir = str(toy.base_model_dir())
+    proc = subprocess.Popen([exe, "serve", "--host", "127.0.0.1", "--port", str(port), model_dir],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + wait
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop_server(proc)
+                pytest.fail(f"transformers serve did not start (exit {proc.poll()})")
+            time.sleep(0.3)
+
+
+def stop_server(proc) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)

@@ -4,13 +4,9 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import judges
 import lora
 import sampling
 import toy
+from conftest import free_port, start_transformers_serve, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -294,10 +291,7 @@ def test_http_judge_run_cache_and_dead_server(tmp_path):
     assert line.startswith(f"error: judge {server.url}/v1/chat/completions: connection refused (after 2 tries)"), line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 @pytest.mark.slow
@@ -305,26 +299,11 @@ def test_http_judge_against_transformers_serve(tmp_path):
     """A real OpenAI-compatible server (`transformers serve` on the toy base): the toy base is no judge, so its
     verdicts are mostly unparsable: each one is parsed or counted invalid, never guessed; a rerun is served from
     the cache; a killed server is a one-line JudgeError."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    if exe is None:
-        pytest.skip("the transformers CLI is not installed")
-    port = _free_port()
+    port = free_port()
     model_dir = str(toy.base_model_dir())
-    proc = subprocess.Popen([exe, "serve", "--host", "127.0.0.1", "--port", str(port), model_dir], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_transformers_serve(port, model_dir, env=ENV)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"transformers serve did not start (exit {proc.poll()})")
-                time.sleep(0.5)
         cache = judges.VerdictCache(tmp_path / "cache.jsonl")
         judge = judges.HTTPJudge(url, model=model_dir, max_tokens=24, timeout=120, retries=1, backoff=0.1,
                                  cache=cache)
@@ -336,8 +315,7 @@ def test_http_judge_against_transformers_serve(tmp_path):
         again = judges.HTTPJudge(url, model=model_dir, max_tokens=24, cache=judges.VerdictCache(tmp_path / "cache.jsonl"))
         assert again.prefer_ordered(prefixes, a, b) == votes and again.requests == 0 and again.cache.hits == 2
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_server(proc)
     with pytest.raises(judges.JudgeError, match=rf"^judge {url}/v1/chat/completions: connection refused"):
         judge.prefer_ordered(["new prefix"], ["a"], ["b"])
 

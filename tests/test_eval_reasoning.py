@@ -4,9 +4,6 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +16,7 @@ import answers
 import common
 import eval_reasoning as ev
 import toy
-from conftest import ROOT
+from conftest import ROOT, free_port, start_transformers_serve, stop_server
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
 SMALL = ["--limit", "6", "--num-samples", "4", "--max-new-tokens", "48", "--batch-size", "2",
@@ -212,45 +209,14 @@ def test_killed_run_reruns_to_the_same_results_without_redrawing(tmp_path):
     assert first_table(tmp_path / "full") == first_table(tmp_path / "cut") and "| Arm |" in full.stdout
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(port):
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    proc = subprocess.Popen([exe, "serve", "--host", "127.0.0.1", "--port", str(port), str(toy.base_model_dir())],
-                            env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"transformers serve did not start (exit {proc.poll()})")
-            time.sleep(0.5)
-
-
-def _stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp_path):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    if not (shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")):
-        pytest.skip("the transformers CLI is not installed")
-    port = _free_port()
+    port = free_port()
     flags = ["--arms", f"served=http://127.0.0.1:{port}", "--server-model", str(toy.base_model_dir()),
              "--benchmarks", "toy_gsm8k", "--limit", "12", "--num-samples", "2", "--max-new-tokens", "24",
              "--temperature", "1.0", "--concurrency", "1", "--retries", "1", "--timeout", "60"]
     out = tmp_path / "srv"
-    proc = _start_server(port)
+    proc = start_transformers_serve(port)
     try:
         cmd = [sys.executable, "eval_reasoning.py", "--out", str(out), *flags]
         ev_proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -260,7 +226,7 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
             assert ev_proc.poll() is None and time.time() < deadline, ev_proc.communicate()[0][-3000:]
             time.sleep(0.2)
     finally:
-        _stop(proc)
+        stop_server(proc)
     log = ev_proc.communicate(timeout=300)[0]
     assert ev_proc.returncode == 2, log[-3000:]
     assert "request(s) failed after their retries" in log and "connection refused" in log, log[-3000:]
@@ -268,11 +234,11 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
     assert 4 <= len(kept) < 24
     rows = [json.loads(x) for x in kept]
     assert all(r["finish_reason"] in ("stop", "length") and r["tokens"] > 0 for r in rows)
-    proc = _start_server(port)
+    proc = start_transformers_serve(port)
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     finally:
-        _stop(proc)
+        stop_server(proc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     final = cache.read_text().splitlines()
     assert final[:len(kept)] == kept and len({json.loads(x)["key"] for x in final}) == len(final) == 24

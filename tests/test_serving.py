@@ -2,9 +2,7 @@
 first against a scripted server on 127.0.0.1, then against a real `transformers serve` on the toy base."""
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +15,7 @@ import pytest
 import common
 import serving
 import toy
+from conftest import free_port, start_transformers_serve, stop_server
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -90,10 +89,7 @@ def server():
     s.close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
+_closed_port = free_port  # nothing listens there once the probing socket is closed
 
 
 SAMPLE = {"max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
@@ -277,24 +273,9 @@ def test_against_transformers_serve():
     back to seeded requests); it samples only with "generation_config"; temperature 0 is greedy; seed, stop and
     max_tokens take effect, a cut by max_tokens is finish_reason "length"; a server killed during map() leaves
     one-line ServerErrors for the jobs left, not a hang."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    if exe is None:
-        pytest.skip("the transformers CLI is not installed")
     port, model_dir = _closed_port(), str(toy.base_model_dir())
-    proc = subprocess.Popen([exe, "serve", "--host", "127.0.0.1", "--port", str(port), model_dir], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_transformers_serve(port, model_dir, env=ENV)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"transformers serve did not start (exit {proc.poll()})")
-                time.sleep(0.3)
         url = f"http://127.0.0.1:{port}"
         client = serving.CompletionClient(url, model_dir, concurrency=1, timeout=60, retries=1, backoff=0.1)
         prompt = "The"
@@ -334,6 +315,4 @@ def test_against_transformers_serve():
         assert len(errors) >= 4, results  # the one in flight at the kill may have been answered
         assert all(str(e).startswith(f"server {url}/v1/completions: ") and "\n" not in str(e) for e in errors)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+        stop_server(proc)
