@@ -193,7 +193,7 @@ def test_dead_port_is_connection_refused():
 
 
 def test_map_delivers_every_job_in_the_callers_thread():
-    server = FakeServer(delay=0.05)
+    server = FakeServer(delay=0.3)  # long enough that requests overlap on a loaded machine
     try:
         client = serving.CompletionClient(server.url, "m", concurrency=3, retries=0)
         jobs = [{"id": i, "request": {"prompt": "fail" if i % 4 == 1 else f"p{i}", "n": 2, "seed": 100 * i, **SAMPLE}}
