@@ -465,24 +465,33 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], n: int = 1, m
 # ---- Log-probs of completions without materialising [B, T, V] logits ----------------------------------------------
 
 
+def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+    """The decoder's final hidden states that predict the last K tokens, [B, K, H], and the model's LM head.
+
+    The hidden state at position t predicts token t+1, so these are positions -K-1 .. -2. Positions count real
+    tokens only (left padding does not shift them), as in sample(). What sequence_logprobs and a distillation
+    loss feed to the fused LM-head kernels instead of [B, K, V] logits."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    if hasattr(head, "lora_A") or getattr(head, "bias", None) is not None:
+        raise NotImplementedError("the fused LM-head kernels need a plain bias-free LM head (no LoRA on lm_head)")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions as in sample()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    return hidden[:, -logits_to_keep - 1:-1], head
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
                       temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None):
     """log pi(x_t | x_<t) / T-softmax for the last K tokens: [B, K] fp32 (and the entropy [B, K] if asked).
 
     The decoder's final hidden states go through the fused LM-head kernel in row chunks, so full-vocabulary logits
-    are never held for the whole batch. The hidden state at position t predicts token t+1.
+    are never held for the whole batch.
     """
     from kernels import linear_token_logprobs
 
     K = logits_to_keep
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings()
-    if hasattr(head, "lora_A") or getattr(head, "bias", None) is not None:
-        raise NotImplementedError("sequence_logprobs needs a plain bias-free LM head (no LoRA on lm_head)")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions as in sample()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
-    h = hidden[:, -K - 1:-1]
+    h, head = completion_hidden(model, input_ids, attention_mask, K)
     B, _, H = h.shape
     out = linear_token_logprobs(h.reshape(B * K, H), head.weight, input_ids[:, -K:].reshape(B * K),
                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
