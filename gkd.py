@@ -19,7 +19,8 @@ batch); every row counts with the mean of D over its tokens, rows with equal wei
   Distillation" post, tinker-cookbook): the student samples, each sampled token gets the advantage
   A_t = -(log pi_S(y_t) - log pi_T(y_t)) (a per-token reward, discount 0) and the loss is -A_t log pi_S(y_t).
 - `--temperature` is the sampling temperature, `--loss-temperature` the one both softmaxes take in the loss.
-  TRL's GKD trainer samples at 0.9 and computes the loss at 1.0 (its defaults, kept here); a warning says so.
+  Both are 1.0 by default (as in TRL's newer distillation trainer and tinker-cookbook); TRL's GKD trainer samples
+  at 0.9 and computes the loss at 1.0 (`--temperature 0.9` does the same here); a warning says when they differ.
 
 Both models' final hidden states go through `kernels.linear_generalized_jsd`, which never holds [N, V] logits
 of either model. Heads are cut to the tokenizer's rows: Qwen3 checkpoints differ in embedding rows (151,936 vs
@@ -77,18 +78,18 @@ class Args:
                                                         "default 0.5"})
     seq_kd: bool = field(default=False, metadata={"help": "off-policy rows use teacher-written targets instead of "
                                                           "the data's"})
-    temperature: float = field(default=0.9, metadata={"help": "sampling temperature of the student (and the teacher "
-                                                              "with --seq-kd); TRL's default 0.9"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the student (and the teacher "
+                                                              "with --seq-kd); TRL's GKD trainer: 0.9"})
     loss_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both models in the loss"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_new_tokens: int = field(default=160, metadata={"help": "longest sampled completion (also for evaluation)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longest prompt in tokens; longer is an error"})
     max_length: int = field(default=2048, metadata={"help": "longest data target in tokens; longer is an error"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 3e-3 toy (full), "
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1.5e-3 toy (full), "
                                                             "1e-4 hub model (LoRA, as tinker-cookbook)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "after warmup, cosine decay to this share of the peak"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=1400, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "prompts per optimizer step per device"})
     micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward (gradients accumulate)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -125,7 +126,7 @@ def resolve_defaults(args: Args) -> Args:
     if args.full is None:
         args.full = toy_student
     if args.lr is None:
-        args.lr = 3e-3 if toy_student else 1e-4
+        args.lr = 1.5e-3 if toy_student else 1e-4
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
     if not 0.0 <= args.beta <= 1.0:
