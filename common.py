@@ -223,6 +223,20 @@ def load_rows(source: str | os.PathLike, split: str = "train", required: Iterabl
     return [_check_row(r, f"{name}[{split}] row {i}", required, types) for i, r in enumerate(rows)]
 
 
+def train_and_heldout(data: str, eval_data: str, eval_size: int) -> list[tuple[str, list[dict]]]:
+    """[(source, training rows), (source, held-out rows)] of a user's dataset, each row with its '_line' (for
+    file:line errors): `eval_data` when given (its first `eval_size` rows), else the last tenth of `data` (at most
+    `eval_size` rows, at least one)."""
+    rows = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(data))]
+    if eval_data:
+        held = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(eval_data, split="test"))]
+        return [(data, rows), (eval_data, held[:eval_size])]
+    n_eval = max(1, min(eval_size, len(rows) // 10))
+    if len(rows) <= n_eval:
+        raise DataError(f"{data}: {len(rows)} rows; need more than {n_eval} to hold some out (or pass --eval-data)")
+    return [(data, rows[: len(rows) - n_eval]), (data, rows[len(rows) - n_eval:])]
+
+
 def _json_default(x):
     if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
         return x.tolist()

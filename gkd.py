@@ -207,16 +207,7 @@ def load_examples(tokenizer, *, data: str, eval_data: str, seed: int, eval_size:
         parts = [(s, [{"messages": r["messages"], "answer": r["answer"], "style": r["style"]} for r in rows])
                  for s, rows in parts]
     else:
-        rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(data))]
-        if eval_data:
-            held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(eval_data, split="test"))]
-            parts = [(data, rows), (eval_data, held[:eval_size])]
-        else:
-            n_eval = max(1, min(eval_size, len(rows) // 10))
-            if len(rows) <= n_eval:
-                raise common.DataError(f"{data}: {len(rows)} rows; need more than {n_eval} to hold some out "
-                                       f"(or pass --eval-data)")
-            parts = [(data, rows[: len(rows) - n_eval]), (data, rows[len(rows) - n_eval:])]
+        parts = common.train_and_heldout(data, eval_data, eval_size)
     return [encode_examples(r, tokenizer, s, max_prompt_length, max_length) for s, r in parts]
 
 
