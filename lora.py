@@ -221,35 +221,130 @@ def _atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
-def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | None = None) -> None:
-    """Write `path/adapter_model.safetensors` and `path/adapter_config.json` in PEFT's format."""
+def _peft_config(r: int, alpha: float, dropout: float, rslora: bool, targets: Iterable[str],
+                 base_model_name_or_path: str | None) -> dict:
+    alpha = int(alpha) if float(alpha).is_integer() else alpha  # PEFT types lora_alpha as int
+    # The fields PEFT's LoraConfig has written for many versions; PEFT fills the rest with defaults.
+    return dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+        target_modules=sorted(set(targets)), bias="none", fan_in_fan_out=False, use_dora=False,
+        base_model_name_or_path=base_model_name_or_path, inference_mode=True, init_lora_weights=True,
+        modules_to_save=None, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
+        auto_mapping=None, revision=None, loftq_config={}, megatron_config=None, megatron_core="megatron.core")
+
+
+def _write_peft(path: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
 
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(os.path.join(path, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
+
+
+def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | None = None) -> None:
+    """Write `path/adapter_model.safetensors` and `path/adapter_config.json` in PEFT's format."""
     layers = [m for _, m in lora_layers(model)]
     settings = {(m.r, m.alpha, getattr(m.lora_dropout, "p", 0.0), m.use_rslora) for m in layers}
     if len(settings) != 1:
         raise ValueError(f"save_adapter: need LoRA layers that share (r, alpha, dropout, rslora); got {settings}")
     r, alpha, dropout, rslora = settings.pop()
-    alpha = int(alpha) if float(alpha).is_integer() else alpha  # PEFT types lora_alpha as int
-    # The fields PEFT's LoraConfig has written for many versions; PEFT fills the rest with defaults.
-    config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-        target_modules=sorted({m.target for m in layers}), bias="none", fan_in_fan_out=False, use_dora=False,
-        base_model_name_or_path=base_model_name_or_path or getattr(model, "name_or_path", None) or None,
-        inference_mode=True, init_lora_weights=True, modules_to_save=None, layers_to_transform=None,
-        layers_pattern=None, rank_pattern={}, alpha_pattern={}, auto_mapping=None, revision=None,
-        loftq_config={}, megatron_config=None, megatron_core="megatron.core")
-    os.makedirs(path, exist_ok=True)
-    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(path, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
+    config = _peft_config(r, alpha, dropout, rslora, [m.target for m in layers],
+                          base_model_name_or_path or getattr(model, "name_or_path", None) or None)
+    _write_peft(path, lora_state_dict(model), config)
+
+
+def write_adapter(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float | None = None,
+                  base_model_name_or_path: str | None = None) -> None:
+    """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA adapter. Every module must have the same r (pad a
+    smaller one with zero rows of A and zero columns of B: exact). alpha defaults to r, so the scale is 1 and
+    B A is the whole update."""
+    ranks = {a.shape[0] for a, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"write_adapter: every module needs the same rank; got {sorted(ranks)}")
+    r = ranks.pop()
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
+    targets = [name.rpartition(".")[2] for name in factors]
+    _write_peft(path, tensors, _peft_config(r, r if alpha is None else alpha, 0.0, False, targets,
+                                            base_model_name_or_path))
 
 
 # PEFT features this file does not implement; an adapter that uses one is refused, not misread.
 _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "rank_pattern",
                 "alpha_pattern", "layer_replication", "exclude_modules", "trainable_token_indices",
                 "target_parameters", "use_qalora")
+
+
+def _truncate(u, s, vh, rank: int):
+    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and the relative Frobenius error of dropping the rest."""
+    total = float((s * s).sum())
+    err = math.sqrt(float((s[rank:] ** 2).sum()) / total) if total > 0 else 0.0
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :], err
+
+
+def low_rank(a: torch.Tensor, b: torch.Tensor, rank: int):
+    """B A truncated to `rank` (A_r, B_r, relative error) by the SVD of the factors' QR cores: exact up to the
+    truncation, and never builds [out, in]."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    a_r, b_r, err = _truncate(u, s, vh, rank)
+    return a_r @ qa.T, qb @ b_r, err
+
+
+def svd_factors(delta: torch.Tensor, rank: int):
+    """A dense update [out, in] as LoRA factors (A [rank, in], B [out, rank]) by truncated SVD, and the relative error."""
+    return _truncate(*torch.linalg.svd(delta, full_matrices=False), rank)
+
+
+def read_adapter_config(path: str) -> dict:
+    """`path/adapter_config.json`, checked: a plain LoRA / rsLoRA adapter this file can read, or a ValueError
+    that names the file and the fields it cannot."""
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    try:
+        cfg = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{cfg_path}: no adapter config (is {path!r} a PEFT adapter directory?)") from e
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: field 'peft_type' is {cfg.get('peft_type')!r}, expected 'LORA'")
+    bad = [k for k in _UNSUPPORTED if cfg.get(k) not in (None, False, {}, [])]
+    bad += ["bias"] * (cfg.get("bias", "none") != "none")
+    bad += ["target_modules"] * (not isinstance(cfg.get("target_modules"), list))  # a regex string
+    if bad:
+        raise ValueError(f"{cfg_path}: unsupported field(s) {bad}; this LoRA reads plain LoRA / rsLoRA "
+                         "adapters with target_modules given as a list")
+    return cfg
+
+
+def adapter_scaling(cfg: dict) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return cfg["lora_alpha"] / math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["lora_alpha"] / cfg["r"]
+
+
+def read_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A PEFT LoRA adapter without a model: (config, {module name: (A [r, in], B [out, r])}), fp32; the update of
+    a module is adapter_scaling(config) * B A. Module names are the model's (`model.layers.0.self_attn.q_proj`)."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(path)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    sd = load_file(weights_path)
+    factors: dict[str, list] = {}
+    for key, v in sd.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        stem, dot, ab = name.rpartition(".lora_")
+        if not dot or ab not in ("A.weight", "B.weight"):
+            raise ValueError(f"{weights_path}: key '{key}' is not a LoRA A/B weight")
+        factors.setdefault(stem, [None, None])["AB".index(ab[0])] = v.float()
+    for stem, (a, b) in factors.items():
+        if a is None or b is None or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{weights_path}: module '{stem}' needs lora_A [r, in] and lora_B [out, r], got "
+                             f"{None if a is None else tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
+    return cfg, {k: (a, b) for k, (a, b) in factors.items()}
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
@@ -259,21 +354,13 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    cfg_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    cfg = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: field 'peft_type' is {cfg.get('peft_type')!r}, expected 'LORA'")
-    bad = [k for k in _UNSUPPORTED if cfg.get(k) not in (None, False, {}, [])]
-    bad += ["bias"] * (cfg.get("bias", "none") != "none")
-    bad += ["target_modules"] * (not isinstance(cfg.get("target_modules"), list))  # a regex string
-    if bad:
-        raise ValueError(f"{cfg_path}: unsupported field(s) {bad}; this LoRA reads plain LoRA / rsLoRA "
-                         "adapters with target_modules given as a list")
+    cfg = read_adapter_config(path)
     rslora = bool(cfg.get("use_rslora", False))
     if not lora_layers(model):
         add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"], rslora)
     for _, m in lora_layers(model):
         m.alpha, m.use_rslora = cfg["lora_alpha"], rslora
         m.scaling = m.alpha / math.sqrt(m.r) if rslora else m.alpha / m.r
+    weights_path = os.path.join(path, WEIGHTS_NAME)
     load_lora_state_dict(model, load_file(weights_path), source=weights_path)
     return model

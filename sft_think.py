@@ -46,7 +46,8 @@ class Args:
     model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
     data: str = field(default="toy", metadata={"help": "JSONL file or hub dataset id; 'toy' = toy arithmetic, "
                                                        "'toy-instructions' = toy instructions (reverse, sort, count...), 'toy-continuations' = toy "
-                                                       "documents with thoughts that restate their facts"})
+                                                       "documents with thoughts that restate their facts, 'toy-documents' = plain toy "
+                                                       "documents of --toy-domains (language modelling on the whole text)"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
                                                          "at most --eval-size rows)"})
     out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
@@ -74,6 +75,8 @@ class Args:
     toy_difficulty: str = field(default="1,2,3", metadata={"help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"})
     toy_styles: str = field(default="gsm8k", metadata={"help": "toy arithmetic answer formats, comma-separated, of "
                                                                 "gsm8k (#### N), math (\\boxed{N}), mc (Answer: X)"})
+    toy_domains: str = field(default="story,news,code", metadata={"help": "toy document domains, comma-separated, of "
+                                                                      "--data toy-documents"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training examples"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for loss and accuracy"})
     eval_every: int = field(default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"})
@@ -204,7 +207,7 @@ def collate(batch, pad_id, device, mask_dtype=torch.float32):
 
 
 def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficulty: str, toy_train_size: int,
-              toy_styles: str = "gsm8k"):
+              toy_styles: str = "gsm8k", toy_domains: str = "story,news,code"):
     """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy. Rows read from a
     file carry their line number ("_line"), so errors name it even after the held-out split is drawn."""
     if data == "toy":
@@ -218,6 +221,13 @@ def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficul
     if data == "toy-continuations":  # document prefixes, a thought restating their facts, the true continuation
         return (toy.thinking_continuations("train", toy_train_size, seed=seed),
                 toy.thinking_continuations("test", eval_size, seed=seed), None)
+    if data == "toy-documents":  # {"text"} rows: the loss covers every token (the domain adapters of karcher_merge.py)
+        domains = [x.strip() for x in toy_domains.split(",") if x.strip()]
+        if not domains or set(domains) - set(toy.DOMAINS):
+            raise common.ConfigError(f"--toy-domains: {toy_domains!r}; choose from {', '.join(toy.DOMAINS)}")
+        strip = lambda rows: [{"text": r["text"]} for r in rows]  # noqa: E731
+        return (strip(toy.documents("train", toy_train_size, seed=seed, domains=domains)),
+                strip(toy.documents("test", eval_size, seed=seed, domains=domains)), None)
     if data == "toy-instructions":
         return (toy.instructions("train", toy_train_size, seed=seed), toy.instructions("test", eval_size, seed=seed),
                 toy.instructions("test", eval_size, seed=seed))
@@ -349,7 +359,8 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = training_template(tokenizer)
     train_rows, val_rows, problems = load_rows(args.data, args.eval_data, args.seed, args.eval_size,
-                                               args.toy_difficulty, args.toy_train_size, args.toy_styles)
+                                               args.toy_difficulty, args.toy_train_size, args.toy_styles,
+                                               args.toy_domains)
     val_source = args.eval_data or args.data
     train = encode_all(train_rows, tokenizer, template, args.no_think, args.max_length, args.data)
     val = encode_all(val_rows, tokenizer, template, False, args.max_length, val_source)

@@ -13,6 +13,9 @@ weights on the same kind of CPU (`cpu_capability`), the same held-out accuracy o
   instructions); `rlmt.py` starts from it.
 - toy/sft_formats: `python sft_think.py --toy-styles gsm8k,math,mc` (the same, over the three answer formats);
   an arm of `eval_reasoning.py`'s toy benchmarks.
+- toy/story, toy/news, toy/code: `python sft_think.py --data toy-documents --toy-domains <domain> --max-steps 200
+  --batch-size 8 --micro-batch-size 8 --max-length 1024` (language-model SFT on one domain's documents, every
+  token in the loss); `karcher_merge.py` merges them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ import common  # noqa: E402
 
 ADAPTERS = {"sft_think": ["sft_think.py"],
             "sft_instruct": ["sft_think.py", "--data", "toy-instructions", "--max-steps", "300"],
-            "sft_formats": ["sft_think.py", "--toy-styles", "gsm8k,math,mc"]}
+            "sft_formats": ["sft_think.py", "--toy-styles", "gsm8k,math,mc"],
+            **{d: ["sft_think.py", "--data", "toy-documents", "--toy-domains", d, "--max-steps", "200", "--batch-size",
+                   "8", "--micro-batch-size", "8", "--max-length", "1024"] for d in ("story", "news", "code")}}
 FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ENV.pop("POSTTRAIN_TRACEBACK", None)
-SCRIPTS = ["sft_think.py", "grpo.py", "dpo_online.py", "rlmt.py", "eval_reasoning.py"]
+SCRIPTS = ["sft_think.py", "grpo.py", "dpo_online.py", "rlmt.py", "eval_reasoning.py", "gkd.py", "karcher_merge.py"]
 
 
 def run(*argv, env=None):

@@ -41,7 +41,7 @@ from toy.judges import (AnswerJudge, ContinuationJudge, check_document, detect_d
                         prompt_text, thinking_continuations)
 from toy.model import (BASE_DIR, CHAT_TEMPLATE, END_THINK_ID, IM_END_ID, IM_START_ID, MODEL_VOCAB_SIZE, PAD_ID,
                        SFT_ADAPTER_DIR, SFT_FORMATS_DIR, SFT_INSTRUCT_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID, TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB,
-                       base_model_dir, load_model, load_tokenizer, sft_adapter_dir, student_config, student_model_dir,
+                       base_model_dir, domain_adapter_dirs, load_model, load_tokenizer, sft_adapter_dir, student_config, student_model_dir,
                        tiny_config)
 from toy.tasks import (DIFFICULTIES, DOMAINS, SPLITS, STYLES, arithmetic, continuations, documents, export,
                        instructions, parse_levels, scratchpad)
@@ -51,7 +51,7 @@ __all__ = [
     "thinking_continuations",
     "BASE_DIR", "CHAT_TEMPLATE", "END_THINK_ID", "IM_END_ID", "IM_START_ID", "MODEL_VOCAB_SIZE", "PAD_ID",
     "SFT_ADAPTER_DIR", "SFT_FORMATS_DIR", "SFT_INSTRUCT_DIR", "SPECIAL_TOKENS", "STUDENT_DIR", "THINK_ID", "TOY_DIR", "TRAINING_CHAT_TEMPLATE", "VOCAB",
-    "base_model_dir", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config", "student_model_dir",
+    "base_model_dir", "domain_adapter_dirs", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config", "student_model_dir",
     "tiny_config",
     "DIFFICULTIES", "DOMAINS", "SPLITS", "STYLES", "arithmetic", "continuations", "documents", "export",
     "instructions", "parse_levels", "scratchpad",

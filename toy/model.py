@@ -10,6 +10,7 @@ STUDENT_DIR = TOY_DIR / "student"
 SFT_ADAPTER_DIR = TOY_DIR / "sft_think"
 SFT_INSTRUCT_DIR = TOY_DIR / "sft_instruct"  # thinking SFT on toy instructions: rlmt.py starts from it
 SFT_FORMATS_DIR = TOY_DIR / "sft_formats"  # thinking SFT over the three answer formats: an evaluation arm
+DOMAIN_ADAPTERS = ("story", "news", "code")  # toy/<domain>: language-model SFT on one domain; karcher_merge.py merges them
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -111,6 +112,12 @@ def student_model_dir() -> Path:
 def sft_adapter_dir() -> Path:
     """The toy base's thinking-SFT LoRA adapter (PEFT format), the starting point of the RL scripts."""
     return _shipped(SFT_ADAPTER_DIR, "adapter_model.safetensors", "python sft_think.py --out toy/sft_think")
+
+
+def domain_adapter_dirs() -> list[Path]:
+    """The toy base's per-domain adapters (toy/story, toy/news, toy/code), the inputs of karcher_merge.py."""
+    return [_shipped(TOY_DIR / d, "adapter_model.safetensors", f"python scripts/make_toy_adapters.py {d}")
+            for d in DOMAIN_ADAPTERS]
 
 
 def load_model(path: str | Path | None = None):
