@@ -93,7 +93,7 @@ class Args:
     eval_data: str = field(default="", metadata={"help": "held-out JSONL {'text', 'domain'?} for NLL per domain "
                                                          "(default with the toy base: toy documents)"})
     eval_size: int = field(default=100, metadata={"help": "held-out documents per domain (toy)"})
-    prompts: int = field(default=8, metadata={"help": "prompts per domain for the diversity samples (0 = none)"})
+    prompts: int = field(default=16, metadata={"help": "prompts per domain for the diversity samples (0 = none)"})
     samples: int = field(default=4, metadata={"help": "samples per prompt (k) for distinct-1 and pairwise diversity"})
     max_new_tokens: int = field(default=128, metadata={"help": "length of the diversity samples"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the diversity samples"})
@@ -559,6 +559,9 @@ def main(args: Args):
             for p, ad in zip(adapter_paths, adapters):
                 arms[Path(p).name] = {m + ".weight": base.get(m + ".weight").double() + b @ a for m, (a, b) in ad.items()}
             arms[args.method] = full
+            if args.output == "adapter":  # what the written adapter gives: without (c0 - 1) W0, truncated if --rank
+                arms[f"{args.method} adapter"] = {m + ".weight": base.get(m + ".weight").double() + b.double() @ a.double()
+                                                  for m, (a, b) in factors.items()}
             arms[other] = dense_weights(base, adapters, merge_adapters(base, adapters, weights, other, args.space,
                                                                        args.max_iter, args.tol, desc=other)[0])
     common.write_jsonl(run.out / "merge_log.jsonl", log)

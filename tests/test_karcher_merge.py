@@ -258,9 +258,9 @@ def test_toy_merge_beats_the_base_on_every_domain(tmp_path):
                "--out", tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     by = {r["arm"]: r for r in s["eval"]}
-    assert set(by) == {"base", "story", "news", "code", "karcher", "linear"}
+    assert set(by) == {"base", "story", "news", "code", "karcher", "linear", "karcher adapter"}
     for d in toy.DOMAINS:
-        assert by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] - 0.01, d
+        assert by["karcher"][f"{d}/nll"] < 0.985 * by["base"][f"{d}/nll"], d
         assert by[d][f"{d}/nll"] < by["base"][f"{d}/nll"] - 0.02, d  # each specialist is better at its domain
         assert math.isfinite(by["karcher"][f"{d}/distinct1"]) and by["karcher"][f"{d}/pairwise"] >= 0
     assert all(s["karcher_beats_base_nll"].values())

@@ -280,3 +280,31 @@ def test_shipped_formats_adapter_scores_what_made_by_says():
     lora.load_adapter(model, str(toy.SFT_FORMATS_DIR))
     accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
     assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (accuracy, made_by["heldout"])
+
+
+def test_shipped_domain_adapters_score_what_made_by_says():
+    # toy/<domain> (karcher_merge.py's inputs): language-model SFT on one domain's documents, every token in the loss.
+    # The held-out loss is re-measured for code (the shortest documents); tests/test_karcher_merge.py checks that
+    # every specialist beats the base on its own domain.
+    for d in toy.DOMAIN_ADAPTERS:
+        made_by = json.loads((toy.TOY_DIR / d / "made_by.json").read_text())
+        assert made_by["command"] == (f"python sft_think.py --data toy-documents --toy-domains {d} --max-steps 200 "
+                                      "--batch-size 8 --micro-batch-size 8 --max-length 1024")
+    domain, path = "code", toy.TOY_DIR / "code"
+    args = sft_think.Args()
+    train, val, problems = sft_think.load_rows("toy-documents", "", args.seed, args.eval_size, "1", 50,
+                                               toy_domains=domain)
+    assert problems is None and all(set(r) == {"text"} for r in train + val)
+    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    examples = sft_think.encode_all(val, tok, sft_think.training_template(tok), False, 1024, "toy-documents")
+    assert all(sum(m) >= len(ids) - 1 for ids, m in examples)  # the whole text is trained
+    before = sft_think.eval_loss(model, examples, 16, tok.pad_token_id, "cpu")
+    lora.load_adapter(model, str(path))
+    after = sft_think.eval_loss(model, examples, 16, tok.pad_token_id, "cpu")
+    assert before == pytest.approx(made_by["heldout"]["before"], rel=1e-4)
+    assert after == pytest.approx(made_by["heldout"]["after"], rel=2e-3) and after < 0.8 * before
+
+
+def test_toy_documents_rejects_an_unknown_domain():
+    with pytest.raises(common.ConfigError, match="--toy-domains"):
+        sft_think.load_rows("toy-documents", "", 0, 10, "1", 10, toy_domains="story,poetry")

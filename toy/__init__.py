@@ -27,7 +27,9 @@ plain arithmetic (word problems answered at once with their equation, bare equat
 and column drills) and a share of chat-formatted questions answered without thinking. It continues
 text, knows the chat format, has never seen a `<think>` block, is weak at multi-digit word problems,
 and has much to gain from thinking SFT and from RL. `student_model_dir()` is a smaller model
-pretrained the same way, for distillation; `sft_adapter_dir()` is the base's thinking-SFT adapter.
+pretrained the same way, for distillation; `sft_adapter_dir()` is the base's thinking-SFT adapter;
+`domain_adapter_dirs()` are its story, news and code adapters (`toy/<domain>`: language-model SFT on
+one domain's documents), the inputs of `karcher_merge.py`.
 
 Commands::
 
@@ -39,20 +41,20 @@ Commands::
 """
 from toy.judges import (AnswerJudge, ContinuationJudge, check_document, detect_domain, facts_thought, parse_instruction,
                         prompt_text, thinking_continuations)
-from toy.model import (BASE_DIR, CHAT_TEMPLATE, END_THINK_ID, IM_END_ID, IM_START_ID, MODEL_VOCAB_SIZE, PAD_ID,
-                       SFT_ADAPTER_DIR, SFT_FORMATS_DIR, SFT_INSTRUCT_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID, TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB,
-                       base_model_dir, domain_adapter_dirs, load_model, load_tokenizer, sft_adapter_dir, student_config, student_model_dir,
-                       tiny_config)
+from toy.model import (BASE_DIR, CHAT_TEMPLATE, DOMAIN_ADAPTERS, END_THINK_ID, IM_END_ID, IM_START_ID, MODEL_VOCAB_SIZE,
+                       PAD_ID, SFT_ADAPTER_DIR, SFT_FORMATS_DIR, SFT_INSTRUCT_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID,
+                       TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB, base_model_dir, domain_adapter_dirs, load_model,
+                       load_tokenizer, sft_adapter_dir, student_config, student_model_dir, tiny_config)
 from toy.tasks import (DIFFICULTIES, DOMAINS, SPLITS, STYLES, arithmetic, continuations, documents, export,
                        instructions, parse_levels, scratchpad)
 
 __all__ = [
     "AnswerJudge", "ContinuationJudge", "check_document", "detect_domain", "facts_thought", "parse_instruction", "prompt_text",
     "thinking_continuations",
-    "BASE_DIR", "CHAT_TEMPLATE", "END_THINK_ID", "IM_END_ID", "IM_START_ID", "MODEL_VOCAB_SIZE", "PAD_ID",
+    "BASE_DIR", "CHAT_TEMPLATE", "DOMAIN_ADAPTERS", "END_THINK_ID", "IM_END_ID", "IM_START_ID", "MODEL_VOCAB_SIZE", "PAD_ID",
     "SFT_ADAPTER_DIR", "SFT_FORMATS_DIR", "SFT_INSTRUCT_DIR", "SPECIAL_TOKENS", "STUDENT_DIR", "THINK_ID", "TOY_DIR", "TRAINING_CHAT_TEMPLATE", "VOCAB",
-    "base_model_dir", "domain_adapter_dirs", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config", "student_model_dir",
-    "tiny_config",
+    "base_model_dir", "domain_adapter_dirs", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config",
+    "student_model_dir", "tiny_config",
     "DIFFICULTIES", "DOMAINS", "SPLITS", "STYLES", "arithmetic", "continuations", "documents", "export",
     "instructions", "parse_levels", "scratchpad",
 ]
