@@ -278,7 +278,7 @@ def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor
             if deltas[j] is not None:
                 aj, bj = deltas[j]
                 Q[i, j] = Q[j, i] = ((b.T @ bj) * (a @ aj.T)).sum()  # <B_i A_i, B_j A_j>
-    return (w0 * w0).sum() + p[:, None] + p[None, :] + Q, Q
+    return w0.flatten() @ w0.flatten() + p[:, None] + p[None, :] + Q, Q  # ||W0||^2 without a temporary copy
 
 
 def merge_module(w0, deltas, weights, method, space, max_iter, tol):
