@@ -33,7 +33,8 @@ small) with B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and reports the relative err
 runs MergeKit's dense algorithm on W0 + D_i instead; the two agree (tests/test_karcher_merge.py).
 
 Every module's log (merge_log.jsonl): iterations, the first tangent norm ||T||, the angles theta_i to the mean,
-the widest angle between two inputs, and the distance from the linear mean; summary.json sums them up. The
+the widest angle between two inputs, and the distance from the linear mean (relative to the linear merge's update;
+with --models, to the weight); summary.json sums them up. The
 toy run then scores base, specialists and merges: held-out NLL and perplexity per domain, and distinct-1 and
 pairwise embedding diversity of sampled continuations.
 
@@ -109,12 +110,13 @@ def karcher_dense(tensors: list[torch.Tensor], weights: list[float], max_iter: i
     """The weighted Karcher mean of `tensors` (flattened) in float64, step for step as MergeKit's `karcher`:
     (mean, stats). `weights` sum to 1."""
     if len(tensors) == 1:
-        return tensors[0].double(), {"iterations": 0, "tangent0": 0.0, "theta": [0.0]}
+        return tensors[0].double(), {"iterations": 0, "tangent0": 0.0, "theta": [0.0], "spread": 0.0}
     flat = [t.double().flatten() for t in tensors]
     norms = [float(torch.linalg.vector_norm(f)) for f in flat]
     keep = [i for i, n in enumerate(norms) if n > tol]
     if not keep:
-        return torch.zeros_like(tensors[0], dtype=torch.float64), {"iterations": 0, "tangent0": 0.0, "theta": []}
+        return torch.zeros_like(tensors[0], dtype=torch.float64), {"iterations": 0, "tangent0": 0.0, "theta": [],
+                                                                    "spread": 0.0}
     a = [weights[i] / sum(weights[i] for i in keep) for i in keep]
     units = [flat[i] / norms[i] for i in keep]
     m = sum(ai * u for ai, u in zip(a, units))
@@ -135,9 +137,12 @@ def karcher_dense(tensors: list[torch.Tensor], weights: list[float], max_iter: i
         m = torch.cos(tn) * m + torch.sin(tn) * (tangent / tn)  # exp map: walk ||T|| along the sphere
         if torch.linalg.vector_norm(m) > tol:
             m = m / torch.linalg.vector_norm(m)
-    theta = [float(torch.arccos(torch.clamp(m @ u, -1.0, 1.0))) for u in units]
+    angle = lambda x, y: float(torch.arccos(torch.clamp(x @ y, -1.0, 1.0)))  # noqa: E731
+    theta = [angle(m, u) for u in units]
+    spread = max((angle(u, v) for i, u in enumerate(units) for v in units[:i]), default=0.0)
     scale = sum(w * n for w, n in zip(weights, norms))  # MergeKit: every input's norm, the dropped ones are ~0
-    return (scale * m).view_as(tensors[0]), {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta}
+    return (scale * m).view_as(tensors[0]), {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta,
+                                             "spread": spread}
 
 
 def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, tol: float = 1e-5):
@@ -282,8 +287,8 @@ def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor
 
 
 def merge_module(w0, deltas, weights, method, space, max_iter, tol):
-    """Merge one adapted module. Returns (c0, c, dense, stats): the mean is c0 W0 + sum c_i D_i (factor space, dense
-    is None) or `dense` (dense space)."""
+    """Merge one adapted module. Returns (c0, c, delta, stats): the mean is c0 W0 + sum c_i D_i (factor space; delta
+    is None) or W0 + delta (dense space; delta in fp32, so a merge of a large model keeps one update per module)."""
     K, Q = module_inner(w0, deltas)
     a = torch.tensor(weights, dtype=torch.float64)
     stats = {"spread": widest_angle(K)}
@@ -296,7 +301,7 @@ def merge_module(w0, deltas, weights, method, space, max_iter, tol):
             dense, it = karcher_dense(full, weights, max_iter, tol)
         lin = sum(wi * f for wi, f in zip(weights, full))
         stats.update(it, dist_linear=float(torch.linalg.vector_norm(dense - lin)) / max(lin_norm, 1e-30))
-        return None, None, dense, stats
+        return None, None, (dense - w0).float(), stats
     if method == "linear":
         w, it = a.clone(), {"iterations": 0, "tangent0": 0.0, "theta": []}
     else:
@@ -329,9 +334,9 @@ def merge_adapters(base: Weights, adapters, weights, method, space, max_iter, to
 
 def merged_delta(w0, deltas, result) -> torch.Tensor:
     """The merged weight minus W0, dense (for evaluation and full-model output)."""
-    c0, c, dense = result
-    if dense is not None:
-        return dense - w0
+    c0, c, delta = result
+    if delta is not None:
+        return delta.double()
     out = (c0 - 1.0) * w0
     for ci, d in zip(c.tolist(), deltas):
         if d is not None:
@@ -339,14 +344,20 @@ def merged_delta(w0, deltas, result) -> torch.Tensor:
     return out
 
 
-def dense_weights(base: Weights, adapters, results) -> dict[str, torch.Tensor]:
-    """{module.weight: merged weight} in the base's dtype, for evaluation and full-model output."""
-    out = {}
-    for name, result in results.items():
-        w0 = base.get(name + ".weight")
-        out[name + ".weight"] = (w0.double() + merged_delta(w0.double(), [ad.get(name) for ad in adapters],
-                                                            result)).to(w0.dtype)
-    return out
+def weights_of(base: Weights, adapters, results):
+    """weight_of(key): a tensor of the merged model, built when asked for (in the base's dtype)."""
+    def weight_of(key: str) -> torch.Tensor:
+        name, w0 = key.removesuffix(".weight"), base.get(key)
+        if name not in results:
+            return w0
+        delta = merged_delta(w0.double(), [ad.get(name) for ad in adapters], results[name])
+        return (w0.double() + delta).to(w0.dtype)
+    return weight_of
+
+
+def as_is(adapter) -> dict:
+    """Merge results that give one adapter back unchanged (W0 + D): to score an input or the written adapter."""
+    return {m: (1.0, torch.ones(1, dtype=torch.float64), None) for m in adapter}
 
 
 def adapter_factors(base: Weights, adapters, results, log, rank: int):
@@ -356,10 +367,10 @@ def adapter_factors(base: Weights, adapters, results, log, rank: int):
         name = row["module"]
         w0 = base.get(name + ".weight").double()
         deltas = [ad.get(name) for ad in adapters]
-        c0, c, dense = results[name]
-        if dense is not None:  # dense space: the update is full rank in principle; SVD at --rank or the summed rank
+        c0, c, delta = results[name]
+        if delta is not None:  # dense space: the update is full rank in principle; SVD at --rank or the summed rank
             r = rank or sum(d[0].shape[0] for d in deltas if d is not None)
-            a, b, err = lora.svd_factors(dense - w0, r)
+            a, b, err = lora.svd_factors(delta.double(), r)
             row["svd_error"] = err
         else:
             parts = [(d[0], ci * d[1]) for ci, d in zip(c.tolist(), deltas) if d is not None]
@@ -392,17 +403,13 @@ def merge_models(models: list[Weights], weights, method, max_iter, tol):
             merged[key] = ts[0]
             continue
         lin = sum(w * t.double() for w, t in zip(weights, ts))
+        out, it = karcher_dense(ts, weights, max_iter, tol)  # its angles go to the log, whichever the method
         if method == "linear":
-            out, it = lin, {"iterations": 0, "tangent0": 0.0, "theta": []}
-        else:
-            out, it = karcher_dense(ts, weights, max_iter, tol)
+            out, it["iterations"] = lin, 0
         th = it.pop("theta")
-        flat = torch.stack([t.double().flatten() for t in ts])
-        inner = flat @ flat.T
-        log.append({"module": key, **it, "spread": widest_angle(inner), "theta_mean": sum(th) / max(len(th), 1),
-                    "theta_max": max(th, default=0.0),
-                    "dist_linear": float(torch.linalg.vector_norm(out - lin) / torch.linalg.vector_norm(lin).clamp_min(1e-30)),
-                    "seconds": time.perf_counter() - t0})
+        dist = torch.linalg.vector_norm(out - lin) / torch.linalg.vector_norm(lin).clamp_min(1e-30)
+        log.append({"module": key, **it, "theta_mean": sum(th) / max(len(th), 1), "theta_max": max(th, default=0.0),
+                    "dist_linear": float(dist), "seconds": time.perf_counter() - t0})  # relative to the weight
         merged[key] = out.to(ts[0].dtype)
     return merged, log
 
@@ -480,21 +487,19 @@ def score_arm(model, tokenizer, sets, samples: int, max_new_tokens: int, tempera
 
 
 @torch.no_grad()
-def evaluate_arms(base_name: str, device, arms: dict, sets, args: Args) -> list[dict]:
-    """Every arm: {name: {param name: tensor}} put into one copy of --base in turn, scored, then the base restored."""
+def evaluate_arms(base_name: str, device, keys: list[str], arms: dict, sets, args: Args) -> list[dict]:
+    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by tensor, built when
+    needed: a large model never holds two arms at once), then scored."""
     model = common.load_model(base_name, device=str(device)).eval()
     tokenizer = common.load_tokenizer(base_name)
     params = dict(model.named_parameters())
-    arms = {a: {k: v for k, v in w.items() if k in params} for a, w in arms.items()}  # a tied head is one parameter
-    saved = {k: params[k].detach().clone() for arm in arms.values() for k in arm}
+    keys = [k for k in keys if k in params]  # a tied head is one parameter
     rows = []
-    for name, weights in arms.items():
-        for k, v in weights.items():
-            params[k].copy_(v.to(params[k].dtype))
+    for name, weight_of in arms.items():
+        for k in keys:
+            params[k].copy_(weight_of(k).to(params[k].dtype))
         rows.append({"arm": name, **score_arm(model, tokenizer, sets, args.samples if args.prompts else 0,
                                               args.max_new_tokens, args.temperature, args.seed)})
-        for k in weights:
-            params[k].copy_(saved[k])
     return rows
 
 
@@ -535,12 +540,12 @@ def main(args: Args):
         tensors, log = merge_models(models, weights, args.method, args.max_iter, args.tol)
         merge_seconds = time.perf_counter() - t0
         write_model(models[0], tensors, run.out)
-        base_name, arms = args.models[0], {}
+        base_name, keys, arms = args.models[0], models[0].keys(), {}
         if not args.no_eval and args.eval_data:
             other = "linear" if args.method == "karcher" else "karcher"
-            arms = {Path(m).name or m: {k: w.get(k) for k in w.keys()} for m, w in zip(args.models, models)}
-            arms[args.method] = tensors
-            arms[other] = merge_models(models, weights, other, args.max_iter, args.tol)[0]
+            arms = {Path(m).name or m: w.get for m, w in zip(args.models, models)}
+            arms[args.method] = tensors.__getitem__
+            arms[other] = merge_models(models, weights, other, args.max_iter, args.tol)[0].__getitem__
     else:
         base = Weights(args.base)
         adapters = read_adapters(adapter_paths, base)
@@ -549,21 +554,21 @@ def main(args: Args):
         if args.output == "adapter":
             factors = adapter_factors(base, adapters, results, log, args.rank)
             lora.write_adapter(str(run.out), factors, base_model_name_or_path=args.base)
-        full = dense_weights(base, adapters, results)
+        merged = weights_of(base, adapters, results)
         if args.output == "model":
-            write_model(base, {**{k: base.get(k) for k in base.keys()}, **full}, run.out)
-        base_name, arms = args.base, {}
+            write_model(base, {k: merged(k) for k in base.keys()}, run.out)
+        base_name, keys, arms = args.base, [m + ".weight" for m in results], {}
         if not args.no_eval:
             other = "linear" if args.method == "karcher" else "karcher"
-            arms["base"] = {}
+            arms["base"] = base.get
             for p, ad in zip(adapter_paths, adapters):
-                arms[Path(p).name] = {m + ".weight": base.get(m + ".weight").double() + b @ a for m, (a, b) in ad.items()}
-            arms[args.method] = full
+                arms[Path(p).name] = weights_of(base, [ad], as_is(ad))
+            arms[args.method] = merged
             if args.output == "adapter":  # what the written adapter gives: without (c0 - 1) W0, truncated if --rank
-                arms[f"{args.method} adapter"] = {m + ".weight": base.get(m + ".weight").double() + b.double() @ a.double()
-                                                  for m, (a, b) in factors.items()}
-            arms[other] = dense_weights(base, adapters, merge_adapters(base, adapters, weights, other, args.space,
-                                                                       args.max_iter, args.tol, desc=other)[0])
+                written = {m: (a.double(), b.double()) for m, (a, b) in factors.items()}
+                arms[f"{args.method} adapter"] = weights_of(base, [written], as_is(written))
+            arms[other] = weights_of(base, adapters, merge_adapters(base, adapters, weights, other, args.space,
+                                                                    args.max_iter, args.tol, desc=other)[0])
     common.write_jsonl(run.out / "merge_log.jsonl", log)
     summary = {"inputs": names, "weights": weights, "method": args.method, "output": args.output,
                "space": "dense" if args.models else args.space, "merge_seconds": merge_seconds,
@@ -571,7 +576,7 @@ def main(args: Args):
     print(json.dumps(summary["modules"], indent=1), flush=True)
     sets = None if args.no_eval else eval_sets(args.eval_data, base_name, args.eval_size, args.prompts, args.seed)
     if sets and arms:
-        rows = evaluate_arms(base_name, run.device, arms, sets, args)
+        rows = evaluate_arms(base_name, run.device, keys, arms, sets, args)
         common.write_jsonl(run.out / "samples.jsonl", [{"arm": r["arm"], "domain": d, "samples": g}
                                                         for r in rows for d, g in r.get("_samples", {}).items()])
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]

@@ -79,8 +79,7 @@ def side(kind: str, n: int, rank: int, seed: int) -> dict:
             parts = [(d[0], ci * d[1]) for ci, d in zip(c.tolist(), deltas)]
             result[name] = (torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts], 1).float())
         else:
-            w = dense if dense is not None else w0d + km.merged_delta(w0d, deltas, (c0, c, None))
-            result[name] = w.float()
+            result[name] = (w0d + km.merged_delta(w0d, deltas, (c0, c, dense))).float()
     if on_gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -144,7 +144,7 @@ def test_one_adapter_or_copies_give_it_back(adapters, tmp_path, n):
 def test_dense_and_factor_space_agree_on_adapters(adapters):
     *_, log_f, d_f = merge(adapters, space="factor", weights=[0.5, 0.25, 0.25])
     *_, log_d, d_d = merge(adapters, space="dense", weights=[0.5, 0.25, 0.25])
-    assert max(rel(d_d[k], d_f[k]) for k in d_f) < 1e-9
+    assert max(rel(d_d[k], d_f[k]) for k in d_f) < 1e-6  # the dense update is kept in fp32
     for rf, rd in zip(log_f, log_d):
         assert rf["iterations"] == rd["iterations"] and rf["dist_linear"] == pytest.approx(rd["dist_linear"], rel=1e-6)
     # the Karcher mean is a little off the linear one, and its base scale c0 a little above 1
@@ -164,7 +164,7 @@ def test_adapters_on_different_modules_and_ranks(adapters, tmp_path):
     *_, d_f = merge([adapters[0], other])
     *_, d_d = merge([adapters[0], other], space="dense")
     assert d_f.keys() == adapter_deltas(adapters[0]).keys() | adapter_deltas(other).keys()
-    assert max(rel(d_d[k], d_f[k]) for k in d_f) < 1e-9
+    assert max(rel(d_d[k], d_f[k]) for k in d_f) < 1e-6  # the dense update is kept in fp32
 
 
 def test_cli_adapter_out_is_exact_and_peft_loads_it(adapters, tmp_path):
