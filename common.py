@@ -664,8 +664,9 @@ def require_adapter(path: str | os.PathLike, flag: str = "--init-adapter", hint:
 
 
 def load_arm(spec: str, base: str, device=None, load_in_4bit: bool = False, flag: str = "--arms"):
-    """A model to evaluate from a spec: '' = `base`; adapter dirs joined by '+' = `base` with each merged in turn
-    (a lineage: SFT adapter, then the RL adapter trained on top of it); else a model dir or hub id.
+    """A model to evaluate from a spec: '' = `base`; adapter dirs joined by '+' = `base` with each merged in turn,
+    each after the adapters it was trained on (lora.lineage: an RL adapter brings its SFT adapter); else a model
+    dir or hub id.
     Returns (model, where its tokenizer is)."""
     import lora  # lora is a sibling building block; imported here so common stays importable on its own
     parts = [p for p in spec.split("+") if p]
@@ -674,8 +675,7 @@ def load_arm(spec: str, base: str, device=None, load_in_4bit: bool = False, flag
             raise MissingError(f"{flag} {spec!r}: joined with '+' but {parts} are not all adapter dirs")
         return load_model(parts[0], device=device, load_in_4bit=load_in_4bit), parts[0]
     model = load_model(base, device=device, load_in_4bit=load_in_4bit)
-    for p in parts:
-        lora.merge(lora.load_adapter(model, p))
+    lora.merge_adapters(model, spec, flag=flag)  # each adapter after the ones it was trained on (its args.json)
     return model, base
 
 

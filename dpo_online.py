@@ -449,10 +449,7 @@ def load_start(name: str, device, init_adapter: str, load_in_4bit: bool, gradien
     """The starting model: `name` with `init_adapter` merged in (the reference and the evaluation's base)."""
     model = common.load_model(name, device=device, load_in_4bit=load_in_4bit,
                               gradient_checkpointing=gradient_checkpointing)
-    if init_adapter:
-        common.require_adapter(init_adapter, hint="Pass a directory a script of this repo wrote (--out), or "
-                                                  "--init-adapter '' to start from the model itself.")
-        lora.merge(lora.load_adapter(model, init_adapter))
+    lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
     return model
 
 

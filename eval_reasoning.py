@@ -23,8 +23,8 @@ A server request that keeps failing is reported and left out of the scores (neve
 
 Run:
     python eval_reasoning.py     # toy benchmarks, the arms found: toy base, toy/sft_think, toy/sft_formats, runs/*
-    python eval_reasoning.py --model Qwen/Qwen3-0.6B-Base --arms base=,think=runs/sft,rlmt=runs/sft+runs/rlmt \\
-        --benchmarks gsm8k,math500 --compare rlmt-think
+    python eval_reasoning.py --model Qwen/Qwen3-0.6B-Base --arms base=,think=runs/sft,rlmt=runs/rlmt \\
+        --benchmarks gsm8k,math500 --compare rlmt-think   # rlmt's lineage: runs/sft, then runs/rlmt
     vllm serve Qwen/Qwen3-0.6B-Base --port 8000 &   # the fast path: one server per arm, the same client
     python eval_reasoning.py --model Qwen/Qwen3-0.6B-Base --arms base=http://127.0.0.1:8000 \\
         --benchmarks gsm8k,math500,gpqa,olympiadbench --concurrency 32
@@ -49,6 +49,7 @@ from tqdm import tqdm
 import answers
 import common
 import likelihood
+import lora
 import sampling
 import serving
 import toy
@@ -74,6 +75,7 @@ INSTRUCTION = {"gsm8k": "Solve the problem step by step. Give the final answer o
 @dataclass
 class Args:
     model: str = field(default="toy", metadata={"help": "base model: 'toy', a hub id or a local dir (arms build on it)"})
+    init_adapter: str = field(default="", metadata={"help": "adapter dir(s) 'a+b' under every in-process arm"})
     arms: str = field(default="auto", metadata={"help": "name=spec,...; spec '' = the model itself, an adapter dir "
                       "(or dirs joined by '+', merged in order), a model dir, or an http:// URL of an OpenAI-"
                       "compatible server; 'auto' = toy: the base, the shipped thinking-SFT adapters and the runs/ "
@@ -362,16 +364,6 @@ def draw_from_server(client: serving.CompletionClient, tokenizer, problems, keys
 
 
 # ---- arms -------------------------------------------------------------------------------------------------------
-def _lineage(run_dir: Path) -> list[str]:
-    """An adapter directory and the adapters it was trained on top of (args.json's init_adapter), oldest first."""
-    chain, d = [], run_dir
-    while d and (d / "adapter_model.safetensors").is_file() and str(d) not in chain:
-        chain.insert(0, str(d))
-        init = json.loads((d / "args.json").read_text()).get("init_adapter") if (d / "args.json").is_file() else ""
-        d = Path(init) if init else None
-    return chain
-
-
 def resolve_arms(spec: str, model: str) -> dict[str, str]:
     if spec != "auto":
         arms = {}
@@ -388,11 +380,20 @@ def resolve_arms(spec: str, model: str) -> dict[str, str]:
         arms["think_formats"] = str(toy.SFT_FORMATS_DIR)
     for name in ("sft_think", "grpo", "rlmt"):
         d = Path("runs") / name
-        if (d / "args.json").is_file() and json.loads((d / "args.json").read_text()).get("model") == "toy":
-            chain = _lineage(d)
-            if chain:
-                arms[f"runs_{name}"] = "+".join(chain)
+        if (d / lora.WEIGHTS_NAME).is_file() and json.loads((d / "args.json").read_text()).get("model") == "toy":
+            arms[f"runs_{name}"] = str(d)
     return arms
+
+
+def with_lineages(arms: dict[str, str], init_adapter: str) -> dict[str, str]:
+    """In-process arms with --init-adapter first and every adapter's lineage written out (tables, cache keys)."""
+    if init_adapter and any(s.startswith(("http://", "https://")) for s in arms.values()):
+        raise common.ConfigError("--init-adapter applies to in-process arms; --arms has a server")
+    try:
+        return {n: s if s.startswith(("http://", "https://")) else lora.expand_arm(s, init_adapter)
+                for n, s in arms.items()}
+    except FileNotFoundError as e:
+        raise common.MissingError(f"--arms: {e}") from None
 
 
 def resolve_compare(spec: str, arms: list[str]) -> list[tuple[str, str]]:
@@ -557,7 +558,7 @@ def main(a: Args):
         a.limit = 64
     if a.num_samples < 1 or a.max_new_tokens < 1:
         raise common.ConfigError("--num-samples and --max-new-tokens must be >= 1")
-    run, arms = common.start_run(a.out, a, a.seed, a.device), resolve_arms(a.arms, a.model)
+    run, arms = common.start_run(a.out, a, a.seed, a.device), with_lineages(resolve_arms(a.arms, a.model), a.init_adapter)
     if a.suite == "likelihood":
         return run_likelihood(a, arms, run)
     if a.suite != "reasoning":

@@ -62,6 +62,8 @@ class Args:
     teacher_adapter: str = field(default="auto", metadata={
         "help": "PEFT adapter dir(s), joined by '+', merged into the teacher; 'auto' = toy/sft_think for the toy "
                 "teacher, none otherwise"})
+    init_adapter: str = field(default="", metadata={
+        "help": "PEFT adapter dir(s), joined by '+', merged into the student before its fresh LoRA (an SFT'd student)"})
     data: str = field(default="toy", metadata={
         "help": "JSONL: {'messages': [...]} (the last turn, the assistant's, is the target), {'prompt', "
                 "'completion'?}, optional 'answer' for accuracy; 'toy' = toy arithmetic with its scratchpads"})
@@ -345,9 +347,10 @@ def evaluate(model, tokenizer, heldout: list[dict], *, teacher=None, vocab: int 
 # ---------------------------------------------------------------------------------------------
 
 def load_student(name: str, device, full: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
-                 load_in_4bit: bool, gradient_checkpointing: bool):
+                 load_in_4bit: bool, gradient_checkpointing: bool, init_adapter: str = ""):
     model = common.load_model(toy.student_model_dir() if name == "toy" else name, device=device,
                               load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing)
+    lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
     if full:
         if load_in_4bit:
             raise common.ConfigError("--full cannot train 4-bit weights; use LoRA (drop --full) with --load-in-4bit")
@@ -381,7 +384,7 @@ def main(args: Args):
                                    f"which --lmbda {args.lmbda} < 1 trains on; pass --lmbda 1 or --seq-kd")
     teacher = load_teacher(args.teacher, args.teacher_adapter, run.device, args.teacher_load_in_4bit)
     student, params = load_student(args.model, run.device, args.full, args.lora_r, args.lora_alpha, args.lora_dropout,
-                                   args.load_in_4bit, args.gradient_checkpointing)
+                                   args.load_in_4bit, args.gradient_checkpointing, args.init_adapter)
     vocab = shared_vocab(tokenizer, teacher_tokenizer, student, teacher)
     pad_id = tokenizer.pad_token_id
     common.broadcast_parameters(params)

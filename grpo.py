@@ -480,10 +480,7 @@ def load_policy(name: str, device, init_adapter: str, lora_r: int, lora_alpha: f
     LoRA off) and a fresh LoRA on top."""
     model = common.load_model(name, device=device, load_in_4bit=load_in_4bit,
                               gradient_checkpointing=gradient_checkpointing)
-    if init_adapter:
-        common.require_adapter(init_adapter, hint="Pass a directory `sft_think.py --out` wrote, or --init-adapter '' "
-                                                  "to start from the model itself.")
-        lora.merge(lora.load_adapter(model, init_adapter))
+    lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
     lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     return model
 

@@ -33,14 +33,12 @@ small) with B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and reports the relative err
 runs MergeKit's dense algorithm on W0 + D_i instead; the two agree (tests/test_karcher_merge.py).
 
 Every module's log (merge_log.jsonl): iterations, the first tangent norm ||T||, the angles theta_i to the mean,
-the widest angle between two inputs, and the distance from the linear mean (relative to the linear merge's update;
-with --models, to the weight); summary.json sums them up. The
-toy run then scores base, specialists and merges: held-out NLL and perplexity per domain, and distinct-1 and
-pairwise embedding diversity of sampled continuations.
+the widest angle between two inputs, the distance from the linear mean (relative to the linear merge's update;
+with --models, to the weight); summary.json sums them up. The toy run then scores base, specialists and merges:
+held-out NLL and perplexity per domain, distinct-1 and pairwise embedding diversity of sampled continuations.
 
 Run:
     python karcher_merge.py                          # the toy story, news and code adapters onto the toy base
-    python karcher_merge.py --method linear --out runs/linear_merge
     python karcher_merge.py --base Qwen/Qwen3-4B-Base --adapters runs/code runs/arxiv runs/news \\
         --eval-data heldout_docs.jsonl --out runs/karcher           # an adapter out, exact; GPU or CPU
     python karcher_merge.py --base Qwen/Qwen3-4B-Base --adapters runs/code runs/arxiv runs/news --output model
@@ -74,6 +72,8 @@ class Args:
     adapters: list[str] = field(default_factory=list, metadata={
         "help": "PEFT LoRA adapter dirs (this repo's or PEFT's) to merge onto --base (default with the toy base: "
                 "toy/story toy/news toy/code)"})
+    init_adapter: str = field(default="", metadata={"help": "PEFT adapter dir(s), joined by '+', merged into --base "
+                                                            "first: the model the --adapters were trained on"})
     models: list[str] = field(default_factory=list, metadata={
         "help": "full models (hub ids or dirs, same architecture) to merge instead of adapters; output: a full model"})
     weights: list[float] = field(default_factory=list, metadata={"help": "one weight per input, normalised to sum "
@@ -157,15 +157,10 @@ def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, 
         return w, {"iterations": 0, "tangent0": 0.0, "theta": []}
     idx = torch.tensor(keep)
     G = inner[idx][:, idx] / (norms[idx][:, None] * norms[idx][None, :])
-    a = torch.tensor([weights[i] for i in keep], dtype=torch.float64)
-    a = a / a.sum()
+    a = (lambda t: t / t.sum())(torch.tensor([weights[i] for i in keep], dtype=torch.float64))
     gnorm = lambda v: (v @ G @ v).clamp_min(0).sqrt()  # noqa: E731  ||sum_i v_i u_i||
-    x = a.clone()
-    if gnorm(x) < tol:
-        x = torch.zeros_like(a)
-        x[0] = 1.0
-    else:
-        x = x / gnorm(x)
+    eye = torch.eye(len(keep), dtype=torch.float64)  # the u_i themselves
+    x = a / gnorm(a) if gnorm(a) >= tol else eye[0].clone()
     it, tangent0 = 0, None
     for it in range(1, max_iter + 1):
         c = (G @ x).clamp(-1.0, 1.0)  # <m, u_i>
@@ -174,9 +169,7 @@ def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, 
         for i in range(len(keep)):
             if theta[i] < tol:
                 continue
-            e = torch.zeros_like(x)
-            e[i] = 1.0
-            tangent += a[i] * (theta[i] / torch.sin(theta[i])) * (e - c[i] * x)
+            tangent += a[i] * (theta[i] / torch.sin(theta[i])) * (eye[i] - c[i] * x)
         tn = gnorm(tangent)
         tangent0 = float(tn) if tangent0 is None else tangent0
         if tn < tol:
@@ -215,9 +208,10 @@ def model_dir(name_or_path: str) -> Path:
 
 
 class Weights:
-    """The tensors of a model directory (one safetensors file or a sharded index), read one at a time."""
+    """The tensors of a model directory (one safetensors file or a sharded index), read one at a time; with
+    `init_adapter` each weight comes with those adapters' updates (s B A, oldest first) added as it is read."""
 
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, init_adapter: str = ""):
         from safetensors import safe_open
 
         self.name, self.dir = name_or_path, model_dir(name_or_path)
@@ -226,6 +220,10 @@ class Weights:
             raise common.MissingError(f"{self.dir}: no *.safetensors files (merging reads safetensors only)")
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self.init: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # weight -> [(A, s B)], kept factored
+        for cfg, factors in map(lora.read_adapter, lora.expand(init_adapter)):
+            for name, (a, b) in factors.items():
+                self.init.setdefault(name + ".weight", []).append((a, lora.adapter_scaling(cfg) * b))
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -233,7 +231,10 @@ class Weights:
     def get(self, key: str) -> torch.Tensor:
         if key not in self.where:
             raise common.ConfigError(f"{self.name}: no tensor {key!r}")
-        return self._handles[self.where[key]].get_tensor(key)
+        w = self._handles[self.where[key]].get_tensor(key)
+        for a, sb in self.init.get(key, []):
+            w = (w.double() + sb.double() @ a.double()).to(w.dtype)
+        return w
 
 
 def read_adapters(paths: list[str], base: Weights) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -491,6 +492,8 @@ def evaluate_arms(base_name: str, device, keys: list[str], arms: dict, sets, arg
     """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by tensor, built when
     needed: a large model never holds two arms at once), then scored."""
     model = common.load_model(base_name, device=str(device)).eval()
+    if args.init_adapter and not args.models:
+        lora.merge_adapters(model, args.init_adapter)  # the modules no arm sets keep the starting model's weights
     tokenizer = common.load_tokenizer(base_name)
     params = dict(model.named_parameters())
     keys = [k for k in keys if k in params]  # a tied head is one parameter
@@ -528,6 +531,8 @@ def main(args: Args):
                                       [str(p) for p in toy.domain_adapter_dirs()])
     if not args.models and not adapter_paths:
         raise common.ConfigError("nothing to merge: pass --adapters (onto --base) or --models")
+    if args.models and args.init_adapter:
+        raise common.ConfigError("--init-adapter goes with --adapters (onto --base); full --models merge as they are")
     if args.models and args.output == "adapter":
         raise common.ConfigError("--output adapter needs --adapters: full models (--models) merge into a full model")
     args.output = args.output if args.output != "auto" else "model" if args.models else "adapter"
@@ -547,7 +552,7 @@ def main(args: Args):
             arms[args.method] = tensors.__getitem__
             arms[other] = merge_models(models, weights, other, args.max_iter, args.tol)[0].__getitem__
     else:
-        base = Weights(args.base)
+        base = Weights(args.base, args.init_adapter)
         adapters = read_adapters(adapter_paths, base)
         results, log = merge_adapters(base, adapters, weights, args.method, args.space, args.max_iter, args.tol)
         merge_seconds = time.perf_counter() - t0

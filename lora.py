@@ -364,3 +364,66 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     weights_path = os.path.join(path, WEIGHTS_NAME)
     load_lora_state_dict(model, load_file(weights_path), source=weights_path)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineages: an adapter trained on top of other adapters (--init-adapter) is applied after them
+# ---------------------------------------------------------------------------------------------
+
+def lineage(path: str) -> list[str]:
+    """`path` and the adapters it was trained on top of, oldest first. A run directory of this repo records its
+    starting adapters in args.json (`init_adapter`, adapters joined by '+'); an adapter without an args.json (PEFT's,
+    or one of the shipped toy adapters) starts a lineage. A recorded start that is no longer there is an error:
+    applying the adapter without it would evaluate a model that was never trained."""
+    import common  # a sibling building block, imported here so lora stays importable on its own
+
+    chain: list[str] = []
+
+    def visit(p: str, child: str | None) -> None:
+        if not os.path.isfile(os.path.join(p, WEIGHTS_NAME)):
+            where = f" (the init_adapter in {os.path.join(child, 'args.json')})" if child else ""
+            raise common.MissingError(f"{p}{where}: no {WEIGHTS_NAME} there")
+        args_path = os.path.join(p, "args.json")
+        if os.path.isfile(args_path):
+            init = json.loads(Path(args_path).read_text(encoding="utf-8")).get("init_adapter") or ""
+            for parent in (q for q in str(init).split("+") if q and q != "auto"):
+                visit(parent, p)
+        if os.path.normpath(p) not in map(os.path.normpath, chain):
+            chain.append(p)
+
+    visit(str(path), None)
+    return chain
+
+
+def expand(spec: str) -> list[str]:
+    """Adapter dirs joined by '+', each preceded by its lineage, each once, in order."""
+    out: list[str] = []
+    for part in (p for p in spec.split("+") if p):
+        for p in lineage(part):
+            if os.path.normpath(p) not in map(os.path.normpath, out):
+                out.append(p)
+    return out
+
+
+def expand_arm(spec: str, init_adapter: str = "") -> str:
+    """A model spec ('' = the base, adapter dirs joined by '+', or a model dir) with `init_adapter` put first and
+    every adapter's lineage written out; a spec that is not all adapter dirs comes back as it is."""
+    spec = "+".join(p for p in (init_adapter, spec) if p)
+    parts = [p for p in spec.split("+") if p]
+    return "+".join(expand(spec)) if parts and all(os.path.isfile(os.path.join(p, WEIGHTS_NAME)) for p in parts) \
+        else spec
+
+
+def merge_adapters(model: nn.Module, spec: str, flag: str = "--init-adapter") -> list[str]:
+    """Merge the adapters of `spec` ('a+b', each with its lineage) into the model's weights, in order; returns them.
+    A missing adapter is a MissingError that names `flag`."""
+    import common  # a sibling building block, imported here so lora stays importable on its own
+
+    try:
+        chain = expand(spec)
+    except FileNotFoundError as e:
+        raise common.MissingError(f"{flag} {e}. Pass directories a script of this repo wrote (--out), joined by "
+                                  f"'+' to apply several in order.") from None
+    for p in chain:
+        merge(load_adapter(model, p))
+    return chain

@@ -76,13 +76,14 @@ class Args:
                 "writes </think> itself"})
     data: str = field(default="toy", metadata={
         "help": "JSONL {'prompt': str|messages} (chat) or {'prompt', 'reference'} (continuation); 'toy' = toy "
-                "instructions / toy document prefixes"})
+                "instructions / toy document prefixes; 'toy-arithmetic' = toy word problems (chat) in three answer "
+                "formats, judged on the final answer"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL of the same schema, the gate's prompts "
                                                          "(default: the toy test split, or the last rows of --data)"})
     init_adapter: str = field(default="auto", metadata={
         "help": "PEFT adapter merged into the model before a fresh LoRA (the reference and the gate's starting arm "
                 "are then the merged model); 'auto' = toy/sft_instruct (the shipped toy thinking SFT on toy "
-                "instructions) for toy chat, none otherwise; '' = none"})
+                "instructions) for toy chat, toy/sft_formats for toy-arithmetic, none otherwise; '' = none"})
     judge: str = field(default="toy", metadata={"help": "'toy', an OpenAI-compatible URL, or a model dir / hub id"})
     judge_model: str = field(default="", metadata={"help": "model name sent to the judge server"})
     judge_concurrency: int = field(default=16, metadata={"help": "judge requests in flight"})
@@ -148,7 +149,8 @@ def resolve_defaults(args: Args) -> Args:
     args.load_in_4bit = (not toy_run) if args.load_in_4bit is None else args.load_in_4bit
     args.gradient_checkpointing = (not toy_run) if args.gradient_checkpointing is None else args.gradient_checkpointing
     if args.init_adapter == "auto":
-        args.init_adapter = str(toy.SFT_INSTRUCT_DIR) if toy_run and args.task == "chat" else ""
+        args.init_adapter = "" if not toy_run or args.task != "chat" else str(
+            toy.SFT_FORMATS_DIR if args.data == "toy-arithmetic" else toy.SFT_INSTRUCT_DIR)
     if args.judge_cache == "auto":
         args.judge_cache = str(Path(args.out) / "judge_cache.jsonl") if args.judge.startswith("http") else ""
     if args.num_generations < 2:
@@ -167,11 +169,19 @@ def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, 
                  max_prompt_length: int):
     """Training and held-out prompts. The policy's prompt ends in `<think>\\n`: the chat template's assistant
     header (chat) or the document prefix (continuation), then the opened thought."""
-    if data == "toy":
-        make = (lambda split, n: [{"prompt": [{"role": "user", "content": r["prompt"]}]}
-                                  for r in toy.instructions(split, n, seed=seed)]) if task == "chat" else \
-            (lambda split, n: toy.continuations(split, n, seed=seed))
-        parts = [("toy", make("train", toy_train_size)), ("toy", make("test", n_eval))]
+    if data in ("toy", "toy-arithmetic"):
+        def chat(rows):
+            return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+
+        def arithmetic(split, n):  # levels 1-3, the three answer formats in turn (eval_reasoning's toy benchmarks)
+            per = [toy.arithmetic(split, -(-n // 3), seed=seed, difficulty=[1, 2, 3], style=s) for s in toy.STYLES]
+            return [r for group in zip(*per) for r in group][:n]
+        if task == "continuation" and data == "toy-arithmetic":
+            raise common.ConfigError("--data toy-arithmetic is a chat task: drop --task continuation")
+        make = (lambda split, n: toy.continuations(split, n, seed=seed)) if task == "continuation" else \
+            (lambda split, n: chat(arithmetic(split, n))) if data == "toy-arithmetic" else \
+            (lambda split, n: chat(toy.instructions(split, n, seed=seed)))
+        parts = [(data, make("train", toy_train_size)), (data, make("test", n_eval))]
     else:
         rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(data))]
         held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(eval_data, split="test"))] \
@@ -479,10 +489,7 @@ def main(args: Args):
     judge = make_judge(args)
     model = common.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit,
                               gradient_checkpointing=args.gradient_checkpointing)
-    if args.init_adapter:
-        common.require_adapter(args.init_adapter, hint="Pass a directory `sft_think.py --out` wrote, or "
-                                                       "--init-adapter '' to start from the model itself.")
-        lora.merge(lora.load_adapter(model, args.init_adapter))
+    lora.merge_adapters(model, args.init_adapter)  # with the adapters it was trained on, oldest first
     lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha)
     params = lora.lora_parameters(model)
     common.broadcast_parameters(params)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The main job: the toy pipeline. Toy base (shipped in toy/base) -> thinking SFT (sft_think.py)
-# -> GRPO with verifiable rewards from the SFT adapter (grpo.py), then a table of the held-out
-# metric before and after each stage. Installs into ./.venv first if needed. About 11 minutes
-# on a 2-core CPU. Runs go to ./runs (override with RUNS=dir).
+# The main job: the toy study (scripts/study.py). Every method of the repo on the toy world, chained as the model
+# card Jarrodbarnes/qwen3-0.6B-interleaved-thinking chains its study: online DPO on documents (Phase 3), raw and
+# thinking SFT on the base and on the Phase-3 model, RLMT from both thinking arms, the reward gate and the reasoning
+# evaluation over the four arms, then GRPO (verifiable, continuation), GKD and the Karcher merge; then the tables.
+# About 25 minutes on a 2-core CPU, after the install into ./.venv. Runs go to ./runs/study (RUNS=dir to move them).
+#   bash run.sh          the whole study
+#   bash run.sh quick    the short tour: thinking SFT, then GRPO from its adapter (about 11 minutes)
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
-PY=.venv/bin/python
-RUNS=${RUNS:-runs}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-$PY sft_think.py --out "$RUNS/sft_think"
-$PY grpo.py --init-adapter "$RUNS/sft_think" --out "$RUNS/grpo"
-echo
-$PY scripts/results_table.py "$RUNS/sft_think" "$RUNS/grpo"
+case "${1:-study}" in
+  study) exec .venv/bin/python scripts/study.py --runs "${RUNS:-runs}/study" ;;
+  quick) exec .venv/bin/python scripts/study.py --quick --runs "${RUNS:-runs}" ;;
+  *) echo "usage: bash run.sh [quick]" >&2; exit 2 ;;
+esac

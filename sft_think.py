@@ -20,6 +20,7 @@ Run:
     python sft_think.py                                  # toy world: arithmetic with a scratchpad
     python sft_think.py --no-think                       # the same budget without thoughts
     python sft_think.py --data toy-instructions --max-steps 300   # toy instructions (rlmt.py's start)
+    python sft_think.py --init-adapter runs/dpo_online   # thinking SFT on top of an online-DPO adapter
     python sft_think.py --model Qwen/Qwen3-0.6B-Base --data traces.jsonl --load-in-4bit \
         --lora-r 64 --lora-alpha 128 --max-length 2048 --gradient-checkpointing
     torchrun --nproc_per_node 2 sft_think.py --model Qwen/Qwen3-1.7B-Base --data traces.jsonl
@@ -50,6 +51,9 @@ class Args:
                                                        "documents of --toy-domains (language modelling on the whole text)"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
                                                          "at most --eval-size rows)"})
+    init_adapter: str = field(default="", metadata={
+        "help": "PEFT adapter dir(s), joined by '+', merged into the model before training (e.g. dpo_online.py's "
+                "adapter: thinking SFT on the Phase-3 model); the saved adapter records it, so later scripts apply both"})
     out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, init, sampling)"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
@@ -370,6 +374,7 @@ def main(args: Args):
 
     model = common.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit,
                               gradient_checkpointing=args.gradient_checkpointing)
+    lora.merge_adapters(model, args.init_adapter)  # with the adapters it was trained on, oldest first
     mask_dtype = model.get_input_embeddings().weight.dtype  # the packed 4D mask is added to the attention scores
     params, head_rows = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
                              args.lora_alpha, args.lora_dropout)

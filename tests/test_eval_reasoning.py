@@ -268,3 +268,21 @@ def test_bad_flags_are_one_line(tmp_path, flags, start):
     proc = run_eval(tmp_path / "bad", *flags, expect=2)
     lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("error:")]
     assert lines and lines[-1].startswith(start), proc.stderr[-2000:]
+
+
+def test_arms_are_written_out_with_their_lineage_and_the_init_adapter(tmp_path):
+    import shutil
+
+    rl = tmp_path / "rl"  # an adapter "trained on top of" toy/sft_think, as args.json records it
+    shutil.copytree(toy.SFT_FORMATS_DIR, rl)
+    (rl / "args.json").write_text(json.dumps({"init_adapter": str(toy.SFT_ADAPTER_DIR)}))
+    sft, fmt = str(toy.SFT_ADAPTER_DIR), str(toy.SFT_FORMATS_DIR)
+    arms = ev.with_lineages({"base": "", "rl": str(rl), "both": f"{sft}+{rl}"}, "")
+    assert arms == {"base": "", "rl": f"{sft}+{rl}", "both": f"{sft}+{rl}"}
+    arms = ev.with_lineages({"base": "", "rl": str(rl)}, fmt)
+    assert arms == {"base": fmt, "rl": f"{fmt}+{sft}+{rl}"}
+    with pytest.raises(common.ConfigError, match="server"):
+        ev.with_lineages({"srv": "http://127.0.0.1:1"}, fmt)
+    (rl / "args.json").write_text(json.dumps({"init_adapter": str(tmp_path / "gone")}))
+    with pytest.raises(common.MissingError, match="gone"):
+        ev.with_lineages({"rl": str(rl)}, "")

@@ -221,3 +221,19 @@ def test_learning_student_moves_towards_the_teacher(tmp_path):
     assert after["data/jsd"] < 0.65 * before["data/jsd"], (before, after)
     assert after["own/rkl"] < 0.5 * before["own/rkl"], (before, after)
     assert s["teacher"]["accuracy"] > 0.8 and s["heldout"]["teacher"] == s["teacher"]["accuracy"]
+
+
+def test_init_adapter_is_merged_into_the_student_before_its_lora(tmp_path):
+    import lora
+
+    torch.manual_seed(0)
+    student = lora.add_lora(common.load_model(toy.student_model_dir()), 4, 8.0)
+    for _, m in lora.lora_layers(student):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    lora.save_adapter(student, str(tmp_path / "ad"))
+    by_hand = lora.merge(lora.load_adapter(common.load_model(toy.student_model_dir()), str(tmp_path / "ad")))
+    model, params = gkd.load_student("toy", "cpu", False, 4, 8.0, 0.0, False, False, str(tmp_path / "ad"))
+    x = torch.randint(5, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, by_hand(x).logits, atol=1e-5)  # the fresh LoRA starts at zero
+    assert params and all(p.requires_grad for p in params)

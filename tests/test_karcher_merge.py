@@ -275,3 +275,16 @@ def test_equals_mergekit_karcher_on_dense_toy_models(tmp_path):
     r = json.loads((tmp_path / "karcher_vs_mergekit.json").read_text())
     for side in ("dense_vs_mergekit", "factor_vs_mergekit"):
         assert r[side]["tensors"] >= 29 and r[side]["max_rel"] <= 1e-5, (side, r[side])
+
+
+def test_init_adapter_is_part_of_the_base_and_of_the_written_lineage(adapters, tmp_path):
+    plain, init = km.Weights("toy"), km.Weights("toy", adapters[0])
+    d0 = adapter_deltas(adapters[0])
+    for key in plain.keys():
+        want = plain.get(key).double() + d0.get(key.removesuffix(".weight"), 0)
+        assert torch.allclose(init.get(key).double(), want, atol=1e-6), key
+    run_script("karcher_merge.py", "--init-adapter", adapters[0], "--adapters", *adapters[1:], "--no-eval",
+               "--out", tmp_path / "ad")
+    assert lora.lineage(str(tmp_path / "ad")) == [adapters[0], str(tmp_path / "ad")]
+    with pytest.raises(common.ConfigError, match="--init-adapter"):
+        km.main(km.Args(models=["toy", "toy"], init_adapter=adapters[0], out=str(tmp_path / "m")))

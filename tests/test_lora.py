@@ -276,3 +276,47 @@ def test_qlora_after_an_eval_forward_of_the_base(tmp_path):
     randomize(m)
     m.train()(input_ids=x, labels=x).loss.backward()
     assert all(p.grad.abs().sum() > 0 for p in lora.lora_parameters(m))
+
+
+def _adapter(tmp_path, name, seed, init_adapter=None):
+    """A random adapter for tiny(); with init_adapter, an args.json that records it as a run of this repo would."""
+    m = tiny()
+    lora.add_lora(m, r=4, alpha=8, targets=SUBSET)
+    randomize(m, seed=seed)
+    d = tmp_path / name
+    lora.save_adapter(m, str(d))
+    if init_adapter is not None:
+        (d / "args.json").write_text(json.dumps({"init_adapter": init_adapter, "seed": 0}))
+    return str(d)
+
+
+def test_lineage_order_dedupe_and_merge(tmp_path):
+    a = _adapter(tmp_path, "a", 3)
+    b = _adapter(tmp_path, "b", 4, init_adapter=a)       # trained on base + a
+    c = _adapter(tmp_path, "c", 5, init_adapter=b)       # trained on base + a + b
+    assert lora.lineage(c) == [a, b, c]
+    assert lora.expand(f"{a}+{c}") == [a, b, c]          # a given twice is applied once
+    assert lora.lineage(a) == [a]
+    by_hand = tiny()
+    for p in (a, b, c):
+        lora.merge(lora.load_adapter(by_hand, p))
+    chained = tiny()
+    assert lora.merge_adapters(chained, c) == [a, b, c]
+    assert not lora.lora_layers(chained)
+    x = ids()
+    torch.testing.assert_close(logits(chained, x), logits(by_hand, x), rtol=0, atol=0)
+    assert logits(chained, x).sub(logits(tiny(), x)).abs().max() > 1e-3  # the adapters did something
+    plain = tiny()
+    assert lora.merge_adapters(plain, "") == []
+
+
+def test_lineage_with_a_missing_start_is_an_error(tmp_path):
+    import common
+
+    b = _adapter(tmp_path, "b", 4, init_adapter=str(tmp_path / "gone"))
+    with pytest.raises(common.MissingError, match="gone.*init_adapter in .*args.json"):
+        lora.lineage(b)
+    with pytest.raises(common.MissingError, match="--init-adapter"):
+        lora.merge_adapters(tiny(), b)
+    with pytest.raises(common.MissingError, match="--arms"):
+        lora.merge_adapters(tiny(), str(tmp_path / "nothing"), flag="--arms")

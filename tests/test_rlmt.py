@@ -217,6 +217,23 @@ def test_learning_the_default_chat_run_shortened_raises_the_gate_reward(tmp_path
     assert h["after"] - h["before"] >= 0.015, h
 
 
+def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
+    tok = common.load_tokenizer("toy")
+    train, held = rlmt.load_prompts(tok, data="toy-arithmetic", eval_data="", task="chat", seed=0, n_eval=6,
+                                    toy_train_size=6, max_prompt_length=1024)
+    styles = [toy.parse_arithmetic(h["judge_prompt"])[1] for h in held]
+    assert styles == ["gsm8k", "math", "mc"] * 2 and all(toy.parse_arithmetic(t["judge_prompt"]) for t in train)
+    assert rlmt.resolve_defaults(rlmt.Args(data="toy-arithmetic")).init_adapter == str(toy.SFT_FORMATS_DIR)
+    run_rlmt(tmp_path, "--data", "toy-arithmetic", *SMALL)
+    rows = [r for r in metrics(tmp_path) if "reward" in r]
+    assert len(rows) == 2 and all(r["judge/invalid_rate"] <= 1.0 for r in rows)
+    train_samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert all(x["reward"] in (0.0, 1.0, None) for x in train_samples if x["split"] == "train")
+    with pytest.raises(common.ConfigError, match="toy-arithmetic"):
+        rlmt.load_prompts(tok, data="toy-arithmetic", eval_data="", task="continuation", seed=0, n_eval=2,
+                          toy_train_size=2, max_prompt_length=1024)
+
+
 def test_pointwise_continuation_run_uses_the_document_judge(tmp_path):
     run_rlmt(tmp_path, "--task", "continuation", "--judging", "pointwise", *SMALL)
     rows = [r for r in metrics(tmp_path) if "reward" in r]

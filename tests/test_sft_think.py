@@ -127,6 +127,17 @@ def test_train_tokens_lowers_loss_and_freezes_everything_else(tmp_path):
     assert all(sorted(r) and set(r) <= set(rows) for _, r in changed), changed
 
 
+def test_init_adapter_is_merged_first_and_recorded_for_the_lineage(tmp_path):
+    import lora
+
+    plain, chained = tmp_path / "plain", tmp_path / "chained"
+    run_script("sft_think.py", *SMALL, "--max-steps", "1", "--out", plain)
+    run_script("sft_think.py", *SMALL, "--max-steps", "1", "--init-adapter", toy.SFT_ADAPTER_DIR, "--out", chained)
+    before = {d.name: json.loads((d / "summary.json").read_text())["before"]["val_loss"] for d in (plain, chained)}
+    assert before["chained"] < 0.5 * before["plain"], before  # the thinking-SFT adapter was in from step 0
+    assert lora.lineage(str(chained)) == [str(toy.SFT_ADAPTER_DIR), str(chained)]
+
+
 def test_one_step_on_a_real_vocabulary_qwen3(tmp_path):
     model_dir = save_tiny_qwen3(tmp_path / "tiny")
     data = tmp_path / "data.jsonl"

@@ -283,6 +283,25 @@ def test_instructions_have_programmatic_answers():
 # judges
 # ---------------------------------------------------------------------------------------------
 
+def test_answer_judge_grades_toy_word_problems_in_the_format_asked(toy_tok):
+    judge = toy.AnswerJudge()
+    for style in toy.STYLES:
+        recs = toy.arithmetic("test", 200, seed=2, difficulty=[1, 2, 3, 4], style=style)
+        assert [toy.parse_arithmetic(r["prompt"]) for r in recs] == [(r["answer"], style) for r in recs]
+        right = [f"<think>\n{r['reasoning']}\n</think>\n\n{r['messages'][1]['content']}" for r in recs]
+        assert judge.score([r["prompt"] for r in recs], right) == [1.0] * len(recs)
+        chat = [toy_tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
+                for r in recs[:5]]
+        assert judge.score(chat, right[:5]) == [1.0] * 5
+    r = toy.arithmetic("test", 1, seed=2, difficulty=[3], style="math")[0]
+    v = int(r["value"])
+    # the value in another format than the one asked for, a wrong value, the value only inside the thought: 0
+    assert judge.score([r["prompt"]] * 3, [f"#### {v}", f"\\boxed{{{v + 1}}}", f"<think>\\boxed{{{v}}}</think>\nno"]) \
+        == [0.0, 0.0, 0.0]
+    assert judge.score([r["prompt"]], ["<think>\nnever closed"]) == [None]
+    assert toy.parse_arithmetic("Ann has 5 apples. She eats 3. How many apples now?") is None
+
+
 def test_answer_judge_exact_on_own_answers_and_none_without_answer(toy_tok):
     judge = toy.AnswerJudge()
     recs = toy.instructions("test", 300, seed=1)

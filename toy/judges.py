@@ -1,6 +1,6 @@
 """The toy judges, duck-typed stand-ins for an LLM judge: `ContinuationJudge.prefer` says which of two
 continuations of a document prefix is more consistent with the prefix under the document grammar;
-`AnswerJudge.score` grades the final answer of an instruction. `check_document` checks a document
+`AnswerJudge.score` grades the final answer of an instruction or an arithmetic word problem. `check_document` checks a document
 line by line against the facts stated before each line."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 import regex
 from rapidfuzz.distance import Levenshtein
 
-from toy.tasks import (_INSTRUCTIONS, _N_MONTHS, _N_OPINIONS, _S_GAIN, _S_ITEMS, _S_LOSE, _S_WHEN, _run_function,
+from toy.tasks import (_ADD, _INSTRUCTIONS, _N_MONTHS, _SUB, _N_OPINIONS, _S_GAIN, _S_ITEMS, _S_LOSE, _S_WHEN, _run_function,
                        _solve_instruction)
 
 _NAME = r"([A-Z][a-z]+)"
@@ -400,13 +400,40 @@ def parse_instruction(prompt) -> tuple[str, str] | None:
     return None
 
 
+_ARITH = re.compile(r"[A-Z][a-z]+ has (\d+) ([a-z]+)\. (?:He|She) (.+)\. How many \2 now\?")
+_CLAUSES = [(re.compile(t.replace("{}", r"(\d+)")), sign) for ts, sign in ((_ADD, 1), (_SUB, -1)) for t in ts]
+
+
+def parse_arithmetic(prompt) -> tuple[str, str] | None:
+    """(gold answer, answer style) of a toy arithmetic word problem (toy.arithmetic), read from its text alone, or
+    None if it is not one. The style is the prompt's: `\\boxed{}` asked for (math), lettered choices (mc: the gold
+    is the letter of the computed value), else gsm8k."""
+    text = prompt_text(prompt).strip()
+    question, *rest = text.split("\n")
+    m = _ARITH.fullmatch(question)
+    if m is None:
+        return None
+    value = int(m.group(1))
+    for clause in re.split(r", then |, ", m.group(3)):
+        found = [(sign, int(c.group(1))) for pat, sign in _CLAUSES if (c := pat.fullmatch(clause))]
+        if not found:
+            return None
+        value += found[0][0] * found[0][1]
+    choices = dict(re.findall(r"^([A-D])\) (\d+)$", "\n".join(rest), re.M))
+    if choices:
+        letters = [k for k, v in choices.items() if int(v) == value]
+        return (letters[0], "mc") if letters else None
+    return str(value), "math" if "\\boxed{}" in text else "gsm8k"
+
+
 class AnswerJudge:
-    """Grades the final answer of a toy instruction (a stand-in for an LLM judge).
+    """Grades the final answer of a toy instruction or toy arithmetic problem (a stand-in for an LLM judge).
 
     Only the answer counts: the text after the last `</think>` (the whole response if it has no
     `<think>`), stripped. Returns None ("invalid") when there is no answer (empty, or a `<think>`
     never closed) or the prompt is not a toy instruction; 1.0 for the exact answer; otherwise
-    `partial_credit` * (1 - normalized edit distance), so near misses rank above nonsense.
+    `partial_credit` * (1 - normalized edit distance), so near misses rank above nonsense. Arithmetic: 1.0 when
+    the answer line, in the format the prompt asks for, holds the computed value (rewards.correct), else 0.0.
     """
 
     def __init__(self, partial_credit: float = 0.5):
@@ -419,8 +446,12 @@ class AnswerJudge:
         for prompt, response in zip(prompts, responses, strict=True):
             parsed = parse_instruction(prompt)
             answer = rewards.strip_think(_clean_generated(response))  # "" when a thought never closes
-            if parsed is None or not answer.strip():
+            arith = parse_arithmetic(prompt) if parsed is None else None
+            if (parsed is None and arith is None) or not answer.strip():
                 out.append(None)
+                continue
+            if arith is not None:
+                out.append(rewards.correct([answer], [arith[0]], [arith[1]])[0])
                 continue
             gold, answer = _solve_instruction(*parsed), answer.strip()
             if answer == gold:
