@@ -288,3 +288,13 @@ def test_init_adapter_is_part_of_the_base_and_of_the_written_lineage(adapters, t
     assert lora.lineage(str(tmp_path / "ad")) == [adapters[0], str(tmp_path / "ad")]
     with pytest.raises(common.ConfigError, match="--init-adapter"):
         km.main(km.Args(models=["toy", "toy"], init_adapter=adapters[0], out=str(tmp_path / "m")))
+
+
+def test_one_adapter_on_an_init_adapter_writes_the_lineage_as_one_model(adapters, tmp_path):
+    """What the README offers for serving a lineage: the Karcher mean of one input is that input."""
+    run_script("karcher_merge.py", "--init-adapter", adapters[0], "--adapters", adapters[1], "--output", "model",
+               "--no-eval", "--out", tmp_path / "m")
+    want = toy.load_model()
+    lora.merge_adapters(want, f"{adapters[0]}+{adapters[1]}")
+    got, sd = load_file(tmp_path / "m" / "model" / "model.safetensors"), want.state_dict()
+    assert max(float((sd[k] - got[k]).abs().max()) for k in got if k in sd) < 1e-6
