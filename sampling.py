@@ -488,7 +488,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     The decoder's final hidden states go through the fused LM-head kernel in row chunks, so full-vocabulary logits
     are never held for the whole batch.
     """
-    from kernels import linear_token_logprobs
+    from vocab_kernels import linear_token_logprobs
 
     K = logits_to_keep
     h, head = completion_hidden(model, input_ids, attention_mask, K)

@@ -7,7 +7,7 @@
 Every measurement runs in a fresh subprocess, so one never inherits another's allocations:
 - CPU: peak extra memory = RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the
   inputs are built) minus the RSS before the op; the op runs once, after a small warm-up. On CPU this
-  package's numbers are its PyTorch references (kernels/reference.py), the path CPU tensors take.
+  package's numbers are its PyTorch references (vocab_kernels/reference.py), the path CPU tensors take.
 - CUDA: peak = torch.cuda.max_memory_allocated minus the allocation before the op; time = median of
   --repeat runs after one warm-up, as wall time and as device time between CUDA events; this package's
   numbers are the Triton kernels. Achieved FLOP/s (GEMM-bound ops) or bytes/s (logits-bound ops) are
@@ -26,7 +26,7 @@ Implementations compared:
   logsumexp per row) and its row-chunked `entropy_from_logits`; the fused-linear variants first build the
   whole logits with `h @ W.T`, as TRL does (its fwd+bwd for the fused-linear op, autograd through one op per
   row of 4096, takes many minutes on CPU: only with --trl-linear-backward);
-- ours: `kernels.token_logprobs`, `kernels.linear_token_logprobs`, `kernels.generalized_jsd`, ...
+- ours: `vocab_vocab_kernels.token_logprobs`, `vocab_vocab_kernels.linear_token_logprobs`, `vocab_vocab_kernels.generalized_jsd`, ...
 
 Writes DIR/bench.md and DIR/bench.json (--out, default bench_results/).
 """
@@ -118,7 +118,7 @@ def _naive_gjsd(zs, zt, beta, temperature):
 
 def _run(spec: dict, x: dict) -> list:
     """One forward (and backward) of `spec` on inputs `x`; returns the outputs."""
-    import kernels
+    import vocab_kernels
 
     op, impl, grad = spec["op"], spec["impl"], spec["grad"]
     with torch.set_grad_enabled(grad):
@@ -134,7 +134,7 @@ def _run(spec: dict, x: dict) -> list:
                 if spec["entropy"]:
                     out.append(_trl_entropy(z))
             else:
-                out = kernels.token_logprobs(z, t, return_entropy=spec["entropy"])
+                out = vocab_kernels.token_logprobs(z, t, return_entropy=spec["entropy"])
                 out = list(out) if spec["entropy"] else [out]
         elif op == "linear_token_logprobs":
             h, w, t = x["hidden"], x["weight"], x["targets"]
@@ -143,12 +143,12 @@ def _run(spec: dict, x: dict) -> list:
             elif impl == "trl":
                 out = [_trl_selective_log_softmax(h @ w.T, t)]
             else:
-                out = [kernels.linear_token_logprobs(h, w, t)]
+                out = [vocab_kernels.linear_token_logprobs(h, w, t)]
         elif op == "generalized_jsd":
             if impl == "naive":
                 out = [_naive_gjsd(x["student"], x["teacher"], 0.5, 1.0)]
             else:
-                out = [kernels.generalized_jsd(x["student"], x["teacher"], 0.5, 1.0)]
+                out = [vocab_kernels.generalized_jsd(x["student"], x["teacher"], 0.5, 1.0)]
         elif op == "linear_generalized_jsd":
             hs, ws, ht, wt = x["hs"], x["ws"], x["ht"], x["wt"]
             if impl == "naive":
@@ -156,7 +156,7 @@ def _run(spec: dict, x: dict) -> list:
                     zt = ht @ wt.T
                 out = [_naive_gjsd(hs @ ws.T, zt, 0.5, 1.0)]
             else:
-                out = [kernels.linear_generalized_jsd(hs, ws, ht, wt, 0.5, 1.0)]
+                out = [vocab_kernels.linear_generalized_jsd(hs, ws, ht, wt, 0.5, 1.0)]
         else:
             raise ValueError(f"kernels_bench: unknown op {op!r}")
         if grad:
@@ -400,10 +400,10 @@ def main(argv=None) -> None:
             peak_note = (f"no peak figures for {name!r} (not in PEAKS): pass --peak-tflops and --peak-gbs for the "
                          "fraction of peak")
             print(f"kernels_bench: {peak_note}", file=sys.stderr)
-        backend = f"{name}: Triton kernels (kernels/triton_kernels.py)"
+        backend = f"{name}: Triton kernels (vocab_kernels/triton_kernels.py)"
     else:
         name, peak = "CPU", (None, None)
-        backend = (f"CPU ({torch.get_num_threads()} threads): PyTorch references (kernels/reference.py); "
+        backend = (f"CPU ({torch.get_num_threads()} threads): PyTorch references (vocab_kernels/reference.py); "
                    "Triton is not timed on CPU")
     rows = []
     naive = {}

@@ -1,7 +1,7 @@
-"""kernels/ against unchunked float64 oracles written here, independently of the kernels.
+"""vocab_kernels/ against unchunked float64 oracles written here, independently of the kernels.
 
 Two backends, one set of cases:
-- the PyTorch reference (`kernels.reference`), in this process;
+- the PyTorch reference (`vocab_vocab_kernels.reference`), in this process;
 - the Triton kernels under the CPU interpreter, in ONE subprocess with TRITON_INTERPRET=1 set before
   anything imports triton (`triton.jit` reads the variable when a kernel is defined, so setting it here
   would be too late, and it must not leak into other test modules). The subprocess runs this file as a
@@ -231,7 +231,7 @@ def check_case(case, api):
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_reference_matches_oracle(case):
-    from kernels import reference
+    from vocab_kernels import reference
 
     check_case(case, reference)
 
@@ -243,143 +243,28 @@ SLICED = [c for c in CASES if c["op"] in ("token", "jsd", "linear_jsd") and c.ge
 def test_reference_row_slicing(case, monkeypatch):
     # The reference walks given logits in slices of ROW_CHUNK_ELEMS elements (2^24 by default, more than
     # these small cases ever reach): force 3-row slices with a ragged last slice.
-    from kernels import reference
+    from vocab_kernels import reference
 
     monkeypatch.setattr(reference, "ROW_CHUNK_ELEMS", 3 * case["v"])
     check_case(case, reference)
 
 
 def test_dispatch_uses_reference_for_cpu_without_interpreter():
-    import kernels
+    import vocab_kernels
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set for this whole run")
-    assert kernels._backend(torch.zeros(1)).__name__ == "kernels.reference"
+    assert vocab_kernels._backend(torch.zeros(1)).__name__ == "vocab_kernels.reference"
 
 
-def test_import_is_cheap_and_shadows_nothing_it_should_not():
-    # bitsandbytes probes `from kernels import get_kernel` in a try/except: it must fail cleanly, and
-    # importing our package must not import triton.
-    # transformers probes the PyPI package too (is_kernels_available reads distribution metadata).
-    code = ("import sys, kernels\nassert 'triton' not in sys.modules, 'triton imported eagerly'\n"
-            "from transformers.utils import is_kernels_available\nassert not is_kernels_available()\n"
-            "try:\n    from kernels import get_kernel\nexcept ImportError:\n    print('ok')\n")
+def test_import_is_cheap_and_shadows_nothing():
+    # Importing our package must not import triton. And it must not shadow a PyPI package: transformers
+    # (5.25+) imports the PyPI `kernels` package whenever a model module loads, with the repo root on
+    # sys.path as it is for every script here (a package of ours called `kernels` broke that).
+    code = ("import sys, vocab_kernels\nassert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+            "from transformers import Qwen3ForCausalLM\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-
-
-def test_errors_name_the_problem():
-    from kernels import reference
-
-    with pytest.raises(ValueError, match="targets shape"):
-        reference.token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="temperature"):
-        reference.token_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0)
-    with pytest.raises(ValueError, match="same H"):
-        reference.linear_token_logprobs(torch.zeros(2, 4), torch.zeros(5, 3), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="beta"):
-        reference.generalized_jsd(torch.zeros(2, 5), torch.zeros(2, 5), beta=1.5)
-
-
-def test_linear_matches_unfused_on_toy_sized_model():
-    # What common.sequence_logprobs does, checked end to end against log_softmax(h @ W.T).gather.
-    from kernels import reference
-
-    torch.manual_seed(0)
-    h, w = torch.randn(2, 7, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
-    tgt = torch.randint(0, 300, (2, 7))
-    got = reference.linear_token_logprobs(h.reshape(-1, 16), w, tgt.reshape(-1), chunk_size=5).view(2, 7)
-    want = torch.log_softmax(h @ w.T, -1).gather(-1, tgt[..., None]).squeeze(-1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    gh, gw = torch.autograd.grad(got.sum(), (h, w))
-    oh, ow = torch.autograd.grad(want.sum(), (h, w))
-    torch.testing.assert_close(gh, oh, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gw, ow, rtol=1e-4, atol=1e-5)
-
-
-def test_linear_gradient_work_only_when_needed(monkeypatch):
-    # A frozen head computes dlogp/dh during forward (one ce_grad per chunk) and not again in backward;
-    # under no_grad nothing of the sort runs, even for an input that requires grad.
-    from kernels import reference
-
-    calls = []
-    real = reference.ce_grad
-    monkeypatch.setattr(reference, "ce_grad", lambda *a: (calls.append(1), real(*a))[1])
-    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(50, 8)
-    tgt = torch.randint(0, 50, (10,))
-    with torch.no_grad():
-        plain = reference.linear_token_logprobs(h, w, tgt, chunk_size=4)
-    assert plain.grad_fn is None and calls == []
-    out = reference.linear_token_logprobs(h, w, tgt, chunk_size=4)
-    assert len(calls) == 3  # 3 chunks, in forward
-    torch.testing.assert_close(out, plain)
-    out.sum().backward()
-    assert len(calls) == 3 and h.grad is not None
-
-
-def test_linear_weight_grad_rows_skip_the_recompute_when_few(monkeypatch):
-    # k <= H selected rows: forward keeps C[:, rows] and C @ W, so backward runs no ce_grad and no chunk GEMM;
-    # k > H rows: backward recomputes the chunks as for the full gradient.
-    from kernels import reference
-
-    calls = []
-    real = reference.ce_grad
-    monkeypatch.setattr(reference, "ce_grad", lambda *a: (calls.append(1), real(*a))[1])
-    torch.manual_seed(0)
-    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
-    tgt = torch.randint(0, 50, (10,))
-    full_h, full_w = torch.autograd.grad(reference.linear_token_logprobs(h, w, tgt, chunk_size=4).sum(), (h, w))
-    for k, in_forward in ((3, True), (8, True), (9, False)):
-        rows = torch.randperm(50)[:k]
-        calls.clear()
-        out = reference.linear_token_logprobs(h, w, tgt, chunk_size=4, weight_grad_rows=rows)
-        assert len(calls) == (3 if in_forward else 0)
-        gh, gw = torch.autograd.grad(out.sum(), (h, w))
-        assert len(calls) == 3
-        torch.testing.assert_close(gh, full_h, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gw[rows], full_w[rows], rtol=1e-5, atol=1e-6)
-        assert gw.abs().sum() == gw[rows].abs().sum()
-    with torch.no_grad():  # nothing kept for a backward that cannot come
-        calls.clear()
-        reference.linear_token_logprobs(h, w, tgt, chunk_size=4, weight_grad_rows=torch.tensor([1, 2]))
-        assert calls == []
-
-
-def test_linear_weight_grad_rows_errors():
-    from kernels import reference
-
-    h, w, tgt = torch.randn(4, 8), torch.randn(50, 8, requires_grad=True), torch.zeros(4, dtype=torch.long)
-    for bad, match in ((torch.tensor([0, 50]), r"\[0, 50\)"), (torch.tensor([-1]), r"\[0, 50\)"),
-                       (torch.tensor([[1]]), "1-D integer"), (torch.tensor([1.0]), "1-D integer"), ([1, 2], "1-D")):
-        with pytest.raises(ValueError, match=match):
-            reference.linear_token_logprobs(h, w, tgt, weight_grad_rows=bad)
-
-
-def test_weight_grad_accumulation_paths_on_cpu():
-    # CPU: fp32 chunks add in place (addmm_); low-precision chunks take the fallback through a temporary, since
-    # addmm's out_dtype exists only on CUDA (the probe says so and is not taken for CPU tensors).
-    from kernels import chunked
-
-    torch.manual_seed(0)
-    assert chunked._fp32_out_addmm_works(torch.device("cpu")) is False
-    c, h = torch.randn(16, 24), torch.randn(16, 5)
-    acc = torch.randn(24, 5)
-    want = acc + c.T @ h
-    ptr = acc.data_ptr()
-    chunked._accumulate_weight_grad(acc, c, h)
-    torch.testing.assert_close(acc, want)
-    assert acc.data_ptr() == ptr
-    cb, hb = c.bfloat16(), h.bfloat16()
-    acc = torch.zeros(24, 5)
-    chunked._accumulate_weight_grad(acc, cb, hb)
-    assert acc.dtype == torch.float32
-    torch.testing.assert_close(acc, (cb.T @ hb).float())
-    chunked._accumulate_weight_grad(acc, cb[:0], hb[:0])  # an empty chunk adds nothing
-    torch.testing.assert_close(acc, (cb.T @ hb).float())
-
-
-# ----------------------------------------------------------------------------------------------------
-# the Triton kernels under the CPU interpreter (one subprocess for all cases)
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +278,7 @@ def interpreter_results():
 
 
 def test_interpreter_dispatches_to_triton(interpreter_results):
-    assert interpreter_results["__backend__"] == "kernels.triton_kernels"
+    assert interpreter_results["__backend__"] == "vocab_kernels.triton_kernels"
 
 
 def test_interpreter_warns_once_for_cuda_tensors(interpreter_results):
@@ -412,9 +297,9 @@ def _interpreter_worker():
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
-    import kernels
+    import vocab_kernels
 
-    results = {"__backend__": kernels._backend(torch.zeros(1)).__name__}
+    results = {"__backend__": vocab_kernels._backend(torch.zeros(1)).__name__}
 
     class _CudaLike:  # all _backend reads of a tensor
         is_cuda = True
@@ -424,11 +309,11 @@ def _interpreter_worker():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            kernels._backend(_CudaLike(), None)
+            vocab_kernels._backend(_CudaLike(), None)
     results["__cuda_warnings__"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     for case in CASES:
         try:
-            check_case(case, kernels)  # the public API, which dispatches to Triton here
+            check_case(case, vocab_kernels)  # the public API, which dispatches to Triton here
             results[case["id"]] = None
         except Exception as exc:  # reported per case by the parent test
             results[case["id"]] = f"{type(exc).__name__}: {exc}"
@@ -461,7 +346,7 @@ def test_triton_kernels_compile_for_sm90():
 
 def _record_qwen_launches(tk):
     """(kernel, args, kwargs) of every launch the public functions of `tk` make at V = 151,936."""
-    from kernels import chunked
+    from vocab_kernels import chunked
 
     launches = []
 
@@ -519,7 +404,7 @@ def _compile_worker():
     except ImportError as exc:
         print(f"SKIP: no Triton compiler (or not this Triton's specialisation API) here ({exc})")
         return
-    from kernels import triton_kernels as tk
+    from vocab_kernels import triton_kernels as tk
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
@@ -603,9 +488,9 @@ def test_kernels_bench_checks_each_side_and_looks_peaks_up_by_exact_name():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c for c in CASES if c.get("dtype") == "bfloat16"], ids=lambda c: c["id"])
 def test_gpu_triton_matches_oracle_bf16(case):
-    import kernels
+    import vocab_kernels
 
-    _check_on_cuda(case, kernels)
+    _check_on_cuda(case, vocab_kernels)
 
 
 def _check_on_cuda(case, api):
@@ -627,13 +512,13 @@ def _check_on_cuda(case, api):
 @pytest.mark.gpu
 def test_gpu_triton_matches_reference_large_bf16():
     # Qwen-sized vocab, 16k rows: N * V > 2^31 exercises the int64 row offsets.
-    from kernels import reference, triton_kernels
+    from vocab_kernels import reference, triton_kernels
 
     torch.manual_seed(0)
     n, v = 16_384, QWEN_V
     z = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)
     tgt = torch.randint(0, v, (n,), device="cuda")
-    got, got_h = triton_kernels.token_logprobs(z, tgt, 0.7, True)
+    got, got_h = triton_vocab_kernels.token_logprobs(z, tgt, 0.7, True)
     rows = torch.arange(n - 8, n, device="cuda")  # the last rows sit beyond the int32 range
     want, want_h = oracle_token_logprobs(z[rows].double(), tgt[rows], 0.7)
     _close("logp", got[rows], want, (1e-5, 1e-5))
@@ -643,7 +528,7 @@ def test_gpu_triton_matches_reference_large_bf16():
 
 
 # Qwen3 sizes: V = 151,936, H = 1,024 (Qwen3-0.6B) and 2,560 (Qwen3-4B), bf16. The compiled kernels against
-# the PyTorch reference on the same CUDA tensors: both run the same chunk GEMMs (kernels/chunked.py), so any
+# the PyTorch reference on the same CUDA tensors: both run the same chunk GEMMs (vocab_kernels/chunked.py), so any
 # difference is the row ops'. Values are fp32 from the same bf16 logits; gradients are bf16.
 QWEN3_HIDDEN = (1024, 2560)
 GPU_TOL = {"value": (1e-4, 1e-5), "grad": (2e-2, 1e-2)}
@@ -662,7 +547,7 @@ def _qwen_inputs(n, hidden, seed=0, device="cuda"):
 
 @pytest.mark.gpu
 def test_gpu_logits_ops_match_reference_qwen_vocab():
-    from kernels import reference, triton_kernels
+    from vocab_kernels import reference, triton_kernels
 
     n = 512
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -697,7 +582,7 @@ def test_gpu_logits_ops_match_reference_qwen_vocab():
 def test_gpu_linear_token_logprobs_match_reference_qwen3(hidden, mode):
     # 1,280 rows: two full 512-row chunks (the CUDA default at this vocab) and a ragged one; entropy too, so
     # both backward paths run (kept from forward, recomputed).
-    from kernels import reference, triton_kernels
+    from vocab_kernels import reference, triton_kernels
 
     n = 1280
     h, w, tgt, g, ge = _qwen_inputs(n, hidden)
@@ -733,7 +618,7 @@ def test_gpu_linear_token_logprobs_match_reference_qwen3(hidden, mode):
 @pytest.mark.parametrize("hidden", QWEN3_HIDDEN)
 @pytest.mark.parametrize("head_trained", (True, False))
 def test_gpu_linear_generalized_jsd_match_reference_qwen3(hidden, head_trained):
-    from kernels import reference, triton_kernels
+    from vocab_kernels import reference, triton_kernels
 
     n = 768
     hs, ws, _, g, _ = _qwen_inputs(n, hidden, seed=1)
@@ -757,7 +642,7 @@ def test_gpu_linear_generalized_jsd_match_reference_qwen3(hidden, head_trained):
 def test_gpu_weight_grad_accumulates_in_fp32():
     # bf16 chunks into the fp32 weight gradient: addmm with out_dtype fp32 (no bf16 [V, H] temporary, no
     # rounding of each chunk's sum to bf16). 16 chunks: bf16 rounding per chunk would be off by ~1e-3 relative.
-    from kernels import chunked
+    from vocab_kernels import chunked
 
     dev = torch.device("cuda", torch.cuda.current_device())
     assert chunked._fp32_out_addmm_works(dev), f"torch {torch.__version__}: addmm out_dtype=fp32 unavailable"
@@ -780,7 +665,7 @@ def test_gpu_kernels_run_on_a_device_that_is_not_current():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     import common
-    from kernels import reference, triton_kernels
+    from vocab_kernels import reference, triton_kernels
 
     prev = torch.cuda.current_device()
     try:

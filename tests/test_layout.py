@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILDING_BLOCKS = {"common", "sampling", "lora", "rewards", "answers", "judges", "serving", "likelihood", "kernels", "toy"}
+BUILDING_BLOCKS = {"common", "sampling", "lora", "rewards", "answers", "judges", "serving", "likelihood", "vocab_kernels", "toy"}
 ALGORITHMS = ["sft_think", "grpo", "dpo_online", "rlmt", "gkd", "karcher_merge", "eval_reasoning"]
 ALGORITHM_MAX_LINES = 600
 BLOCK_MAX_LINES = 800
@@ -22,7 +22,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 def _block_files() -> list[Path]:
     files = [ROOT / f"{b}.py" for b in sorted(BUILDING_BLOCKS) if (ROOT / f"{b}.py").exists()]
-    return files + sorted((ROOT / "kernels").glob("*.py")) + sorted((ROOT / "toy").glob("*.py"))
+    return files + sorted((ROOT / "vocab_kernels").glob("*.py")) + sorted((ROOT / "toy").glob("*.py"))
 
 
 def test_algorithm_files_never_import_each_other():

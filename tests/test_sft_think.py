@@ -252,7 +252,7 @@ def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
         model.zero_grad(set_to_none=True)
         hidden = model.get_decoder()(input_ids=batch[0], attention_mask=batch[1]).last_hidden_state.detach()
         sel = batch[2][:, 1:].bool()
-        from kernels import linear_token_logprobs
+        from vocab_kernels import linear_token_logprobs
         (-linear_token_logprobs(hidden[:, :-1][sel], head.weight, batch[0][:, 1:][sel],
                                 weight_grad_rows=head_rows).sum()).backward()
         grads.append(head.weight.grad.clone())

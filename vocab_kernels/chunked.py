@@ -106,26 +106,26 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, c: torch.Tensor, h: torch.Tens
 def check_temperature(temperature: float) -> float:
     t = float(temperature)
     if not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"kernels: temperature must be a positive finite number, got {temperature!r}")
+        raise ValueError(f"vocab_kernels: temperature must be a positive finite number, got {temperature!r}")
     return t
 
 
 def check_beta(beta: float) -> float:
     b = float(beta)
     if not 0.0 <= b <= 1.0:
-        raise ValueError(f"kernels: generalized_jsd beta must lie in [0, 1], got {beta!r}")
+        raise ValueError(f"vocab_kernels: generalized_jsd beta must lie in [0, 1], got {beta!r}")
     return b
 
 
 def flatten_logits(logits: torch.Tensor, targets: torch.Tensor | None = None):
     """[..., V] -> [N, V] with a unit stride on V (the kernels walk a row contiguously)."""
     if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"kernels: logits must be [..., V] with V > 0, got shape {tuple(logits.shape)}")
+        raise ValueError(f"vocab_kernels: logits must be [..., V] with V > 0, got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
-        raise TypeError(f"kernels: logits must be floating point, got {logits.dtype}")
+        raise TypeError(f"vocab_kernels: logits must be floating point, got {logits.dtype}")
     if targets is not None and tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"kernels: targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
+            f"vocab_kernels: targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
             f"{tuple(logits.shape[:-1])}")
     z = logits.reshape(-1, logits.shape[-1])
     if z.stride(-1) != 1:
@@ -136,7 +136,7 @@ def flatten_logits(logits: torch.Tensor, targets: torch.Tensor | None = None):
 def check_linear(hidden: torch.Tensor, weight: torch.Tensor, name: str = "hidden") -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"kernels: {name} must be [N, H] and its weight [V, H] with the same H, got "
+            f"vocab_kernels: {name} must be [N, H] and its weight [V, H] with the same H, got "
             f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
 
 
@@ -425,7 +425,7 @@ def linear_token_logprobs(ops, hidden, weight, targets, temperature, return_entr
     temperature = check_temperature(temperature)
     check_linear(hidden, weight)
     if tuple(targets.shape) != (hidden.shape[0],):
-        raise ValueError(f"kernels: targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+        raise ValueError(f"vocab_kernels: targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
     chunk = _chunk(chunk_size, hidden, weight)
     rows = check_weight_rows(weight_grad_rows, weight)
     return LinearTokenLogprobs.apply(hidden, weight, targets, temperature, bool(return_entropy), chunk, ops,
@@ -439,12 +439,12 @@ def check_weight_rows(rows, weight):
     ints = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
     if not torch.is_tensor(rows) or rows.dim() != 1 or rows.dtype not in ints:
         got = f"{rows.dtype} of shape {tuple(rows.shape)}" if torch.is_tensor(rows) else type(rows).__name__
-        raise ValueError(f"kernels: weight_grad_rows must be a 1-D integer tensor of row ids, got {got}")
+        raise ValueError(f"vocab_kernels: weight_grad_rows must be a 1-D integer tensor of row ids, got {got}")
     rows = rows.to(device=weight.device, dtype=torch.long)
     if rows.numel():
         lo, hi = torch.stack(torch.aminmax(rows)).tolist()  # one host sync on CUDA
         if lo < 0 or hi >= weight.shape[0]:
-            raise ValueError(f"kernels: weight_grad_rows must lie in [0, {weight.shape[0]}), got ids from {lo} to {hi}")
+            raise ValueError(f"vocab_kernels: weight_grad_rows must lie in [0, {weight.shape[0]}), got ids from {lo} to {hi}")
     return rows
 
 
@@ -452,7 +452,7 @@ def generalized_jsd(ops, student_logits, teacher_logits, beta, temperature):
     beta, temperature = check_beta(beta), check_temperature(temperature)
     if tuple(student_logits.shape) != tuple(teacher_logits.shape):
         raise ValueError(
-            f"kernels.generalized_jsd: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"vocab_vocab_kernels.generalized_jsd: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary)")
     zs = flatten_logits(student_logits)
     zt = flatten_logits(teacher_logits.detach())
@@ -466,7 +466,7 @@ def linear_generalized_jsd(ops, student_hidden, student_weight, teacher_hidden, 
     check_linear(teacher_hidden, teacher_weight, "teacher_hidden")
     if student_hidden.shape[0] != teacher_hidden.shape[0] or student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
-            f"kernels.linear_generalized_jsd: student and teacher need the same rows and vocab, got hidden "
+            f"vocab_vocab_kernels.linear_generalized_jsd: student and teacher need the same rows and vocab, got hidden "
             f"{tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}, weight "
             f"{tuple(student_weight.shape)} vs {tuple(teacher_weight.shape)}")
     chunk = _chunk(chunk_size, student_hidden, student_weight)
@@ -478,5 +478,5 @@ def _chunk(chunk_size, hidden, weight) -> int:
     if chunk_size is None:
         return default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
     if int(chunk_size) < 1:
-        raise ValueError(f"kernels: chunk_size must be a positive number of rows, got {chunk_size!r}")
+        raise ValueError(f"vocab_kernels: chunk_size must be a positive number of rows, got {chunk_size!r}")
     return int(chunk_size)

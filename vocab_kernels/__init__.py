@@ -6,14 +6,13 @@ These ops walk the vocabulary in blocks (online log-sum-exp) and the rows in chu
 softmax in backward from one saved log-sum-exp per row.
 
 Backends, same signatures and results:
-- Triton (`kernels/triton_kernels.py`) for CUDA tensors, or for any tensor when TRITON_INTERPRET=1 is set
+- Triton (`vocab_kernels/triton_kernels.py`) for CUDA tensors, or for any tensor when TRITON_INTERPRET=1 is set
   (the Triton CPU interpreter; set it before triton is first imported);
-- plain PyTorch (`kernels/reference.py`) otherwise, chunked the same way so CPU memory stays bounded.
+- plain PyTorch (`vocab_kernels/reference.py`) otherwise, chunked the same way so CPU memory stays bounded.
 Outputs and accumulation are fp32 whatever the input dtype (fp32, bf16, fp16).
 
-Importing this package is cheap and has no side effects: triton is imported on first use. (A PyPI
-package is also called `kernels`; libraries probing it with `from kernels import get_kernel` get an
-ImportError from us, which they handle.)
+Importing this package is cheap and has no side effects: triton is imported on first use. (It is not
+called `kernels`: that name belongs to a PyPI package transformers imports, which ours would shadow.)
 """
 from __future__ import annotations
 
@@ -34,14 +33,14 @@ def _backend(*tensors: torch.Tensor | None):
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret and on_cuda and not _warned_interpreter_on_cuda:
         _warned_interpreter_on_cuda = True
-        warnings.warn("kernels: TRITON_INTERPRET=1 is set, so the Triton kernels run in the CPU interpreter "
+        warnings.warn("vocab_kernels: TRITON_INTERPRET=1 is set, so the Triton kernels run in the CPU interpreter "
                       "(tensors are copied to the host and back), far slower than compiled kernels on the GPU; "
                       "unset TRITON_INTERPRET before starting Python to compile them", RuntimeWarning, stacklevel=3)
     if interpret or on_cuda:
-        from kernels import triton_kernels
+        from vocab_kernels import triton_kernels
 
         return triton_kernels
-    from kernels import reference
+    from vocab_kernels import reference
 
     return reference
 

@@ -1,6 +1,6 @@
 """Triton kernels: one program per row walks the vocabulary in BLOCK-wide slices.
 
-Imported lazily by `kernels/__init__.py` (only for CUDA tensors or when TRITON_INTERPRET=1, which must be
+Imported lazily by `vocab_kernels/__init__.py` (only for CUDA tensors or when TRITON_INTERPRET=1, which must be
 set before triton is first imported: `triton.jit` reads it when a kernel is defined).
 
 Conservative Triton on purpose, so the same source runs on an H100 and under the CPU interpreter:
@@ -9,7 +9,7 @@ int64 (N * V overflows int32 beyond about 14k rows at Qwen's vocab), the vocab t
 (151,936 is not a multiple of 256), temperature and beta are constexpr (a Python float passed as a
 runtime argument may be typed fp64 on some compile paths), and there is no autotuning.
 
-The five row ops follow the contract in `kernels/chunked.py`.
+The five row ops follow the contract in `vocab_kernels/chunked.py`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import chunked
+from vocab_kernels import chunked
 
 NEG_INF = tl.constexpr(float("-inf"))  # jit code may only read constexpr globals
 ROW_CHUNK_ELEMS = None  # one launch covers all rows; memory is bounded per program, not per call
@@ -84,7 +84,7 @@ def _logprob_fwd_kernel(z_ptr, z_stride, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V,
 def _logprob_bwd_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, out_ptr, out_stride, V,
                         INV_T: tl.constexpr, HAS_G: tl.constexpr, HAS_GE: tl.constexpr, BLOCK: tl.constexpr):
     # u = z / T, p = softmax(u): dlogp_y/du = onehot_y - p; dH/du = -p (log p + H) (from dp_j/du_k =
-    # p_j (1[j=k] - p_k)); both times 1/T for dz. out = g dlogp_y/dz + ge dH/dz (kernels/chunked.py contract).
+    # p_j (1[j=k] - p_k)); both times 1/T for dz. out = g dlogp_y/dz + ge dH/dz (vocab_kernels/chunked.py contract).
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     out_row = out_ptr + row * out_stride
@@ -131,7 +131,7 @@ def logprob_grad(z, targets, lse, ent, g, ge, temperature, out):
     if not n:
         return
     if out.stride(1) != 1:
-        raise ValueError("kernels: gradient buffer must have a unit stride on the vocab dim")
+        raise ValueError("vocab_kernels: gradient buffer must have a unit stride on the vocab dim")
     block = _block(v)
     dummy = lse
     with _on_device_of(z):
@@ -275,7 +275,7 @@ def jsd_grad(zs, zt, stats, g, beta, temperature, out):
     if not n:
         return
     if out.stride(1) != 1:
-        raise ValueError("kernels: gradient buffer must have a unit stride on the vocab dim")
+        raise ValueError("vocab_kernels: gradient buffer must have a unit stride on the vocab dim")
     lse_s, lse_t, sq = stats
     block = _block(v)
     with _on_device_of(zs):
@@ -284,7 +284,7 @@ def jsd_grad(zs, zt, stats, g, beta, temperature, out):
 
 
 # ----------------------------------------------------------------------------------------------------
-# public functions (same signatures as kernels/__init__.py; the chunk drivers are shared with the reference)
+# public functions (same signatures as vocab_kernels/__init__.py; the chunk drivers are shared with the reference)
 
 _OPS = sys.modules[__name__]
 

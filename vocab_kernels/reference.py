@@ -1,12 +1,12 @@
 """Plain-PyTorch references of every kernel, with the same signatures as the public API.
 
-They are chunked like the kernels (the same custom autograd.Functions in `kernels/chunked.py` walk
+They are chunked like the kernels (the same custom autograd.Functions in `vocab_kernels/chunked.py` walk
 the rows), so CPU memory stays bounded too: given logits go through in slices of ROW_CHUNK_ELEMS
 elements, the fused-linear ops one GEMM chunk at a time (and the row ops within it in such slices).
 All math in fp32 whatever the input dtype.
 
 The row ops below (`logprob_stats`, `logprob_grad`, `ce_grad`, `jsd_stats`, `jsd_grad`) are this
-backend's half of the contract described in `kernels/chunked.py`; `kernels/triton_kernels.py`
+backend's half of the contract described in `vocab_kernels/chunked.py`; `vocab_kernels/triton_kernels.py`
 implements the same five with Triton.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from kernels import chunked
+from vocab_kernels import chunked
 
-# Rows per row-op call (kernels/chunked.py slices given logits and each fused-linear chunk): rows * V <= 2^24,
+# Rows per row-op call (vocab_kernels/chunked.py slices given logits and each fused-linear chunk): rows * V <= 2^24,
 # so each fp32 temporary is at most 64 MB, not the size of a 2^27-element GEMM chunk. (Measured on 2 cores:
 # slices much smaller than this run several times slower per row.)
 ROW_CHUNK_ELEMS = 2**24
@@ -56,7 +56,7 @@ def _finish(x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# row ops (see kernels/chunked.py)
+# row ops (see vocab_kernels/chunked.py)
 
 
 def logprob_stats(z, targets, temperature, want_entropy):
@@ -83,7 +83,7 @@ def logprob_stats(z, targets, temperature, want_entropy):
 
 
 def logprob_grad(z, targets, lse, ent, g, ge, temperature, out):
-    """dL/dz for L = g logp_y + ge H (the contract in kernels/chunked.py), u = z / T, p = softmax(u):
+    """dL/dz for L = g logp_y + ge H (the contract in vocab_kernels/chunked.py), u = z / T, p = softmax(u):
     dlogp_y/dz = (onehot_y - p) / T and dH/dz = -p (log p + H) / T (H = -sum_j p_j log p_j through
     dp_j/du_k = p_j (1[j=k] - p_k)), so dL/dz = [g (onehot_y - p) - ge p (log p + H)] / T. out may alias z."""
     v = z.shape[1]
@@ -178,7 +178,7 @@ def jsd_grad(zs, zt, stats, g, beta, temperature, out):
 
 
 # ----------------------------------------------------------------------------------------------------
-# public references (same signatures as kernels/__init__.py)
+# public references (same signatures as vocab_kernels/__init__.py)
 
 _OPS = sys.modules[__name__]
 
