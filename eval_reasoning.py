@@ -379,8 +379,8 @@ def resolve_arms(spec: str, model: str) -> dict[str, str]:
     if (toy.SFT_FORMATS_DIR / "adapter_model.safetensors").is_file():  # the same SFT over all three answer formats
         arms["think_formats"] = str(toy.SFT_FORMATS_DIR)
     for name in ("sft_think", "grpo", "rlmt"):
-        d = Path("runs") / name
-        if (d / lora.WEIGHTS_NAME).is_file() and json.loads((d / "args.json").read_text()).get("model") == "toy":
+        d, meta = Path("runs") / name, Path("runs") / name / "args.json"
+        if (d / lora.WEIGHTS_NAME).is_file() and meta.is_file() and json.loads(meta.read_text()).get("model") == "toy":
             arms[f"runs_{name}"] = str(d)
     return arms
 

@@ -286,3 +286,15 @@ def test_arms_are_written_out_with_their_lineage_and_the_init_adapter(tmp_path):
     (rl / "args.json").write_text(json.dumps({"init_adapter": str(tmp_path / "gone")}))
     with pytest.raises(common.MissingError, match="gone"):
         ev.with_lineages({"rl": str(rl)}, "")
+
+
+def test_auto_arms_take_toy_runs_that_have_their_args(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(toy.SFT_FORMATS_DIR, tmp_path / "runs" / "sft_think")  # adapter weights, no args.json
+    shutil.copytree(toy.SFT_FORMATS_DIR, tmp_path / "runs" / "grpo")
+    (tmp_path / "runs" / "grpo" / "args.json").write_text(json.dumps({"model": "toy"}))
+    arms = ev.resolve_arms("auto", "toy")
+    assert arms["runs_grpo"] == str(Path("runs") / "grpo") and "runs_sft_think" not in arms
+    assert ev.resolve_arms("auto", "Qwen/Qwen3-0.6B-Base") == {"base": ""}
