@@ -78,6 +78,8 @@ class Args:
         "help": "JSONL {'prompt': str|messages} (chat) or {'prompt', 'reference'} (continuation); 'toy' = toy "
                 "instructions / toy document prefixes; 'toy-arithmetic' = toy word problems (chat) in three answer "
                 "formats, judged on the final answer"})
+    toy_styles: str = field(default="gsm8k,math,mc", metadata={"help": "toy-arithmetic: answer formats, comma-"
+                                                                    "separated, of gsm8k, math, mc (taken in turn)"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL of the same schema, the gate's prompts "
                                                          "(default: the toy test split, or the last rows of --data)"})
     init_adapter: str = field(default="auto", metadata={
@@ -99,6 +101,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate; default 1e-7 hub model (the card; "
                                                              "the paper 1e-6), 3e-4 toy"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "share of steps with linear LR warmup from 0, "
+                                       "then constant (default 0 hub model, the card's constant LR; 0.1 toy)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 200, the card's; toy 150)"})
     batch_size: int | None = field(default=None, metadata={"help": "prompts per step per device (default 2, the "
                                                                   "card; 4 toy)"})
@@ -140,9 +144,9 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     toy_run = args.model == "toy"
-    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 150), ("batch_size", 2, 4),
-                             ("thought_tokens", 48, 96), ("answer_tokens", 128, 32), ("max_grad_norm", 0.1, 1.0),
-                             ("lora_r", 64, 16)):
+    for name, hub, small in (("lr", 1e-7, 3e-4), ("warmup_ratio", 0.0, 0.1), ("max_steps", 200, 150),
+                             ("batch_size", 2, 4), ("thought_tokens", 48, 96), ("answer_tokens", 128, 32),
+                             ("max_grad_norm", 0.1, 1.0), ("lora_r", 64, 16)):
         if getattr(args, name) is None:
             setattr(args, name, small if toy_run else hub)
     args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
@@ -153,6 +157,8 @@ def resolve_defaults(args: Args) -> Args:
             toy.SFT_FORMATS_DIR if args.data == "toy-arithmetic" else toy.SFT_INSTRUCT_DIR)
     if args.judge_cache == "auto":
         args.judge_cache = str(Path(args.out) / "judge_cache.jsonl") if args.judge.startswith("http") else ""
+    if not set(args.toy_styles.split(",")) <= set(toy.STYLES):
+        raise common.ConfigError(f"--toy-styles {args.toy_styles}: each must be one of {', '.join(toy.STYLES)}")
     if args.num_generations < 2:
         raise common.ConfigError("--num-generations must be >= 2: a group of one has no relative advantage")
     for name in ("batch_size", "micro_batch_size", "max_steps", "thought_tokens", "answer_tokens", "gate_prefixes"):
@@ -166,7 +172,7 @@ def resolve_defaults(args: Args) -> Args:
 # ---------------------------------------------------------------------------------------------
 
 def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, n_eval: int, toy_train_size: int,
-                 max_prompt_length: int):
+                 max_prompt_length: int, styles: str = "gsm8k,math,mc"):
     """Training and held-out prompts. The policy's prompt ends in `<think>\\n`: the chat template's assistant
     header (chat) or the document prefix (continuation), then the opened thought."""
     if data in ("toy", "toy-arithmetic"):
@@ -174,7 +180,8 @@ def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, 
             return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
 
         def arithmetic(split, n):  # levels 1-3, the three answer formats in turn (eval_reasoning's toy benchmarks)
-            per = [toy.arithmetic(split, -(-n // 3), seed=seed, difficulty=[1, 2, 3], style=s) for s in toy.STYLES]
+            per = [toy.arithmetic(split, -(-n // len(styles.split(","))), seed=seed, difficulty=[1, 2, 3], style=s)
+                   for s in styles.split(",")]
             return [r for group in zip(*per) for r in group][:n]
         if task == "continuation" and data == "toy-arithmetic":
             raise common.ConfigError("--data toy-arithmetic is a chat task: drop --task continuation")
@@ -459,7 +466,8 @@ def run_gate(a: Args, run) -> dict:
         model, tok_source = common.load_arm(spec, a.model, run.device, a.load_in_4bit, flag="--gate arm")
         tokenizer = common.load_tokenizer(tok_source)
         _, heldout = load_prompts(tokenizer, data=a.data, eval_data=a.eval_data, task=a.task, seed=a.seed,
-                                  n_eval=a.gate_prefixes, toy_train_size=1, max_prompt_length=a.max_prompt_length)
+                                  n_eval=a.gate_prefixes, toy_train_size=1, max_prompt_length=a.max_prompt_length,
+                                  styles=a.toy_styles)
         results[name] = gate_arm(model.eval(), tokenizer, judge, heldout, a, spec=spec)
         del model
     return gate_report(results, run.out)
@@ -485,7 +493,7 @@ def main(args: Args):
     tokenizer = common.load_tokenizer(args.model)
     train, heldout = load_prompts(tokenizer, data=args.data, eval_data=args.eval_data, task=args.task,
                                   seed=args.seed, n_eval=args.gate_prefixes, toy_train_size=args.toy_train_size,
-                                  max_prompt_length=args.max_prompt_length)
+                                  max_prompt_length=args.max_prompt_length, styles=args.toy_styles)
     judge = make_judge(args)
     model = common.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit,
                               gradient_checkpointing=args.gradient_checkpointing)
@@ -494,7 +502,8 @@ def main(args: Args):
     params = lora.lora_parameters(model)
     common.broadcast_parameters(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = common.cosine_schedule(optimizer, 0, args.max_steps, min_ratio=1.0)  # constant, as the card
+    # toy: a short warmup, as grpo.py (Adam's first steps move every fresh LoRA weight by about lr); then constant
+    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, min_ratio=1.0)
     optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
     logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
 
