@@ -101,8 +101,6 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate; default 1e-7 hub model (the card; "
                                                              "the paper 1e-6), 3e-4 toy"})
-    warmup_ratio: float | None = field(default=None, metadata={"help": "share of steps with linear LR warmup from 0, "
-                                       "then constant (default 0 hub model, the card's constant LR; 0.1 toy)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 200, the card's; toy 150)"})
     batch_size: int | None = field(default=None, metadata={"help": "prompts per step per device (default 2, the "
                                                                   "card; 4 toy)"})
@@ -144,7 +142,7 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     toy_run = args.model == "toy"
-    for name, hub, small in (("lr", 1e-7, 3e-4), ("warmup_ratio", 0.0, 0.1), ("max_steps", 200, 150),
+    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 150),
                              ("batch_size", 2, 4), ("thought_tokens", 48, 96), ("answer_tokens", 128, 32),
                              ("max_grad_norm", 0.1, 1.0), ("lora_r", 64, 16)):
         if getattr(args, name) is None:
@@ -502,8 +500,7 @@ def main(args: Args):
     params = lora.lora_parameters(model)
     common.broadcast_parameters(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    # toy: a short warmup, as grpo.py (Adam's first steps move every fresh LoRA weight by about lr); then constant
-    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, min_ratio=1.0)
+    scheduler = common.cosine_schedule(optimizer, 0, args.max_steps, min_ratio=1.0)  # constant, as the card
     optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
     logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
 
