@@ -22,7 +22,7 @@ batch); every row counts with the mean of D over its tokens, rows with equal wei
   Both are 1.0 by default (as in TRL's newer distillation trainer and tinker-cookbook); TRL's GKD trainer samples
   at 0.9 and computes the loss at 1.0 (`--temperature 0.9` does the same here); a warning says when they differ.
 
-Both models' final hidden states go through `vocab_vocab_kernels.linear_generalized_jsd`, which never holds [N, V] logits
+Both models' final hidden states go through `vocab_kernels.linear_generalized_jsd`, which never holds [N, V] logits
 of either model. Heads are cut to the tokenizer's rows: Qwen3 checkpoints differ in embedding rows (151,936 vs
 152,064) while sharing one tokenizer of 151,669 tokens, and a row past the tokenizer must get probability 0
 (-inf logit), not a padded 0 logit.

@@ -14,7 +14,7 @@ The mask comes from a training variant of the chat template that wraps assistant
 arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking). `--train-tokens "<think>,</think>"` trains
 only those rows of the embedding (as Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its
 think tokens), everything else frozen. Log-probs come from the final hidden states through
-`vocab_vocab_kernels.linear_token_logprobs`, so full-vocabulary logits are never held.
+`vocab_kernels.linear_token_logprobs`, so full-vocabulary logits are never held.
 
 Run:
     python sft_think.py                                  # toy world: arithmetic with a scratchpad

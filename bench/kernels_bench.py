@@ -26,7 +26,7 @@ Implementations compared:
   logsumexp per row) and its row-chunked `entropy_from_logits`; the fused-linear variants first build the
   whole logits with `h @ W.T`, as TRL does (its fwd+bwd for the fused-linear op, autograd through one op per
   row of 4096, takes many minutes on CPU: only with --trl-linear-backward);
-- ours: `vocab_vocab_kernels.token_logprobs`, `vocab_vocab_kernels.linear_token_logprobs`, `vocab_vocab_kernels.generalized_jsd`, ...
+- ours: `vocab_kernels.token_logprobs`, `vocab_kernels.linear_token_logprobs`, `vocab_kernels.generalized_jsd`, ...
 
 Writes DIR/bench.md and DIR/bench.json (--out, default bench_results/).
 """

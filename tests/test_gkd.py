@@ -119,7 +119,7 @@ def test_real_vocabulary_never_builds_logits_and_masks_padded_rows(tmp_path, mon
     for m in (student, teacher):
         monkeypatch.setattr(m.get_output_embeddings(), "forward", no_logits)
     calls = []
-    import vocab_vocab_kernels.chunked as chunked
+    import vocab_kernels.chunked as chunked
     real_chunk = chunked._chunk
     monkeypatch.setattr(chunked, "_chunk", lambda *a: calls.append(real_chunk(*a)) or calls[-1])
     d, _, _ = gkd.token_losses(student, teacher, roll, slice(0, 3), vocab, loss="jsd", beta=0.5, temperature=1.0,

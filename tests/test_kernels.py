@@ -1,7 +1,7 @@
 """vocab_kernels/ against unchunked float64 oracles written here, independently of the kernels.
 
 Two backends, one set of cases:
-- the PyTorch reference (`vocab_vocab_kernels.reference`), in this process;
+- the PyTorch reference (`vocab_kernels.reference`), in this process;
 - the Triton kernels under the CPU interpreter, in ONE subprocess with TRITON_INTERPRET=1 set before
   anything imports triton (`triton.jit` reads the variable when a kernel is defined, so setting it here
   would be too late, and it must not leak into other test modules). The subprocess runs this file as a

@@ -452,7 +452,7 @@ def generalized_jsd(ops, student_logits, teacher_logits, beta, temperature):
     beta, temperature = check_beta(beta), check_temperature(temperature)
     if tuple(student_logits.shape) != tuple(teacher_logits.shape):
         raise ValueError(
-            f"vocab_vocab_kernels.generalized_jsd: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"vocab_kernels.generalized_jsd: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary)")
     zs = flatten_logits(student_logits)
     zt = flatten_logits(teacher_logits.detach())
@@ -466,7 +466,7 @@ def linear_generalized_jsd(ops, student_hidden, student_weight, teacher_hidden, 
     check_linear(teacher_hidden, teacher_weight, "teacher_hidden")
     if student_hidden.shape[0] != teacher_hidden.shape[0] or student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
-            f"vocab_vocab_kernels.linear_generalized_jsd: student and teacher need the same rows and vocab, got hidden "
+            f"vocab_kernels.linear_generalized_jsd: student and teacher need the same rows and vocab, got hidden "
             f"{tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}, weight "
             f"{tuple(student_weight.shape)} vs {tuple(teacher_weight.shape)}")
     chunk = _chunk(chunk_size, student_hidden, student_weight)
