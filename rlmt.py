@@ -142,9 +142,9 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     toy_run = args.model == "toy"
-    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 150),
-                             ("batch_size", 2, 4), ("thought_tokens", 48, 96), ("answer_tokens", 128, 32),
-                             ("max_grad_norm", 0.1, 1.0), ("lora_r", 64, 16)):
+    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 150), ("batch_size", 2, 4),
+                             ("thought_tokens", 48, 96), ("answer_tokens", 128, 32), ("max_grad_norm", 0.1, 1.0),
+                             ("lora_r", 64, 16)):
         if getattr(args, name) is None:
             setattr(args, name, small if toy_run else hub)
     args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
@@ -178,8 +178,8 @@ def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, 
             return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
 
         def arithmetic(split, n):  # levels 1-3, the three answer formats in turn (eval_reasoning's toy benchmarks)
-            per = [toy.arithmetic(split, -(-n // len(styles.split(","))), seed=seed, difficulty=[1, 2, 3], style=s)
-                   for s in styles.split(",")]
+            kinds = styles.split(",")
+            per = [toy.arithmetic(split, -(-n // len(kinds)), seed=seed, difficulty=[1, 2, 3], style=s) for s in kinds]
             return [r for group in zip(*per) for r in group][:n]
         if task == "continuation" and data == "toy-arithmetic":
             raise common.ConfigError("--data toy-arithmetic is a chat task: drop --task continuation")
