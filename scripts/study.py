@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 
-SFT = ["--toy-styles", "gsm8k,math,mc", "--max-steps", "300", "--eval-every", "0"]
+SFT = ["--toy-styles", "gsm8k,math,mc", "--max-steps", "250", "--eval-every", "0"]
 # RLMT: 8 prompts x 8 samples at T 0.5 (grpo.py's toy setting); at lr 3e-4 it undid the SFT models' arithmetic
 RLMT = ["--data", "toy-arithmetic", "--max-steps", "30", "--thought-tokens", "128", "--temperature", "0.5",
         "--batch-size", "8", "--num-generations", "8", "--lr", "1e-4", "--no-gate-after"]
@@ -56,7 +56,7 @@ def stages(r: Path, quick: bool) -> list[tuple[str, list[str]]]:
                 "think_base_rlmt": r / "rlmt_think_base", "think_phase3_rlmt": r / "rlmt_think_phase3"}
     arms = ",".join(f"{name}={d}" for name, d in arm_dirs.items())
     return [
-        ("phase3", ["dpo_online.py", "--max-steps", "100"]),
+        ("phase3", ["dpo_online.py", "--max-steps", "80"]),
         ("sft_raw_base", ["sft_think.py", "--no-think", *SFT]),
         ("sft_think_base", ["sft_think.py", *SFT]),
         ("sft_think_phase3", ["sft_think.py", "--init-adapter", str(r / "phase3"), *SFT]),
@@ -66,9 +66,9 @@ def stages(r: Path, quick: bool) -> list[tuple[str, list[str]]]:
         ("eval", ["eval_reasoning.py", "--arms", arms, "--limit", "32",
                   "--compare", ",".join(f"{b}-{a}" for a, b in COMPARE)]),
         ("grpo", ["grpo.py", "--max-steps", "60"]),
-        ("grpo_continuation", ["grpo.py", "--task", "continuation", "--max-steps", "40"]),
-        ("gkd", ["gkd.py", "--max-steps", "250"]),
-        ("karcher_merge", ["karcher_merge.py", "--prompts", "8"]),
+        ("grpo_continuation", ["grpo.py", "--task", "continuation", "--max-steps", "25"]),
+        ("gkd", ["gkd.py", "--max-steps", "150"]),
+        ("karcher_merge", ["karcher_merge.py", "--prompts", "4"]),
     ]
 
 
