@@ -85,12 +85,20 @@ def pick_device(device: str | torch.device | None = "auto", local_rank: int | No
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str:
-    """"toy" is the embedded toy base; a local directory wins; anything else is a hub id (if online)."""
+    """"toy" is the embedded toy base, "smollm2" the offline real model (offline.py); a local directory wins;
+    anything else is a hub id (if online)."""
     name = str(name_or_path)
     if name == "toy":
         import toy  # lazily: scripts pointed at a real model never pay for the toy world
 
         return str(toy.base_model_dir())
+    if name == "smollm2":
+        import offline
+
+        try:
+            return str(offline.smollm2_dir())
+        except FileNotFoundError as e:
+            raise MissingError(f"cannot load 'smollm2': {e}") from e
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)

