@@ -6,6 +6,7 @@
 # About 25 minutes on a 2-core CPU, after the install into ./.venv. Runs go to ./runs/study (RUNS=dir to move them).
 #   bash run.sh          the whole study
 #   bash run.sh quick    the short tour: thinking SFT, then GRPO from its adapter (about 11 minutes)
+#   bash run.sh real     the real-model tour: thinking SFT, then GRPO, on SmolLM2-135M-Instruct (offline)
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
@@ -13,5 +14,6 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 case "${1:-study}" in
   study) exec .venv/bin/python scripts/study.py --runs "${RUNS:-runs}/study" ;;
   quick) exec .venv/bin/python scripts/study.py --quick --runs "${RUNS:-runs}" ;;
-  *) echo "usage: bash run.sh [quick]" >&2; exit 2 ;;
+  real) exec .venv/bin/python scripts/real_tour.py --runs "${RUNS:-runs}/real" ;;
+  *) echo "usage: bash run.sh [quick|real]" >&2; exit 2 ;;
 esac
