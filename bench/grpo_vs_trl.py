@@ -9,6 +9,7 @@ the baseline, so "train peak - baseline" is the memory the training itself added
     pip install -r requirements-bench.txt           # TRL is a benchmark-only dependency
     python bench/grpo_vs_trl.py                     # toy world: toy base (+ --init-adapter), toy arithmetic
     python bench/grpo_vs_trl.py --qwen-vocab        # tiny random Qwen3, real 151,936 vocab + Qwen3 tokenizer
+    python bench/grpo_vs_trl.py --model smollm2 --max-completion-length 48   # a real model (or any model dir)
 
 Memory: CUDA max allocated on a GPU, else the process's peak resident set size (VmHWM). Step time: median
 over steps 2..N (generation, log-probs, backward, optimizer step; the first step is warm-up), of the fastest of
@@ -244,7 +245,8 @@ def main() -> None:
                 "reward_last": statistics.mean(r["rewards"][-tail:]), "reward_first": r["rewards"][0]}
 
     ours, trl = summary(res["ours"]), summary(res["trl"])
-    name = "tiny random Qwen3, vocab 151,936" if args.qwen_vocab else "toy"
+    run = "qwen_vocab" if args.qwen_vocab else Path(args.model).name.lower() or "toy"
+    name = "tiny random Qwen3, vocab 151,936" if args.qwen_vocab else args.model
     print(f"\nGRPO {name}: {args.steps} steps x {args.batch_size} prompts x {args.num_generations} completions, "
           f"max {args.max_completion_length} new tokens, micro-batch {args.micro_batch_size}, LoRA r={args.lora_r}")
     print("| side | step time (s) | peak memory (MB) | training memory above baseline (MB) | reward (first step) | "
@@ -260,7 +262,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"setup": {k: v for k, v in vars(args).items() if k not in ("side", "config", "result", "setup_only")},
               "ours": {**ours, **res["ours"]}, "trl": {**trl, **res["trl"]}, "ratios": ratios}
-    (out / f"grpo_vs_trl_{'qwen_vocab' if args.qwen_vocab else 'toy'}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"grpo_vs_trl_{run}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/sampling_bench.py                      # toy base + tiny random Qwen3 (real vocab); minutes on 2 CPU cores
     python bench/sampling_bench.py --repeat 3 --threads 1 --out /tmp/bench
     python bench/sampling_bench.py --device cuda --compile-decode   # a GPU run: also the CUDA-graph decode
+    python bench/sampling_bench.py --model smollm2 --out bench_results/smollm2   # a real model (any model dir)
 
 1. generate (greedy): the same left-padded prompts through `sampling.sample(..., greedy=True)` (dynamic and static
    KV cache) and `model.generate(do_sample=False)`, both without EOS so every row runs the full --new-tokens; the
@@ -336,6 +337,8 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the random real-vocabulary Qwen3")
     p.add_argument("--compile-decode", action="store_true", help="also time static_cache + compile_decode")
     p.add_argument("--skip-qwen-vocab", action="store_true", help="toy model only")
+    p.add_argument("--model", default="", help="a real model instead (hub id, dir, or smollm2): generate and a "
+                                              "rollout of --prompts x --group at its own EOS ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--goal", type=float, default=0.7, help="target new/old rollout time")
     args = p.parse_args(argv)
@@ -346,7 +349,13 @@ def main(argv=None) -> None:
 
     rows = []
     models = [("toy base (V=128)", toy_model)]
-    if not args.skip_qwen_vocab:
+    if args.model:
+        import common
+
+        def real(d):
+            return common.load_model(args.model, device=d).eval(), common.load_tokenizer(args.model)
+        models = [(args.model, real)]
+    elif not args.skip_qwen_vocab:
         models.append((f"random Qwen3 (V={QWEN3_VOCAB:,}, H={args.hidden})",
                        lambda d: qwen_vocab_model(d, hidden=args.hidden, seed=args.seed)))
     for label, load in models:
@@ -355,7 +364,7 @@ def main(argv=None) -> None:
         prompts = document_prompts(tokenizer, args.generate_prompts, args.prompt_tokens, seed=args.seed)
         rows += bench_generate(label, model, tokenizer, prompts, args.generate_tokens, args.repeat, device,
                                args.compile_decode)
-        if label.startswith("toy"):  # rollouts on the toy model: sampling a 151,936 vocabulary on CPU is draw-bound
+        if not label.startswith("random"):  # rollouts: sampling a 151,936 vocabulary on CPU is draw-bound
             prompts = document_prompts(tokenizer, args.prompts, args.prompt_tokens, seed=args.seed + 1)
             for new_tokens in args.new_tokens:
                 print(f"rollout: {label}, {new_tokens} new tokens", file=sys.stderr, flush=True)
