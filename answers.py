@@ -46,16 +46,23 @@ def strip_think(text) -> str:
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
 _GSM8K_HASH_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
-_ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*\\?\(?\s*(" + _NUMBER + ")", re.IGNORECASE)
+# "The answer is" followed by a number; the phrase runs to the end of its clause: a line end, or . ! ? ; , before a
+# space. Its final number is the answer: models write "The answer is 8 - 3 = 5", whose first number is an operand.
+_ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*\\?\(?\s*(?=" + _NUMBER + ")", re.IGNORECASE)
+_CLAUSE_END_RE = re.compile(r"\n|[.!?;,](?=\s|$)")
 
 
 def extract_gsm8k(text: str) -> str | None:
-    """GSM8K answer (lm-evaluation-harness order): after `#### `, else after "The answer is", else the last number
-    in the text; commas removed. None when the text has no number."""
-    for pattern in (_GSM8K_HASH_RE, _ANSWER_IS_RE):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].replace(",", "")
+    """GSM8K answer (lm-evaluation-harness order): after `#### `, else the final number of the last "The answer is
+    N ..." phrase (up to the end of its line or clause), else the last number in the text; commas removed. None when
+    the text has no number."""
+    found = _GSM8K_HASH_RE.findall(text)
+    if found:
+        return found[-1].replace(",", "")
+    starts = [m.end() for m in _ANSWER_IS_RE.finditer(text)]
+    if starts:
+        phrase = _CLAUSE_END_RE.split(text[starts[-1]:], maxsplit=1)[0]
+        return _NUMBER_RE.findall(phrase)[-1].replace(",", "")
     found = _NUMBER_RE.findall(text)
     return found[-1].replace(",", "") if found else None
 

@@ -245,20 +245,30 @@ def train_and_heldout(data: str, eval_data: str, eval_size: int) -> list[tuple[s
     return [(data, rows[: len(rows) - n_eval]), (data, rows[len(rows) - n_eval:])]
 
 
+def _finite(x):
+    """`x` with NaN / Infinity floats (in dicts, lists) as None: JSON has none (RFC 8259); strict readers fail."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return [_finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def _json_default(x):
     if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
-        return x.tolist()
+        return _finite(x.tolist())
     if isinstance(x, Path):
         return str(x)
     if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
+        return _finite(dataclasses.asdict(x))
     if isinstance(x, torch.dtype):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} as JSON")
 
 
 def _dumps(obj, **kw) -> str:
-    return json.dumps(obj, ensure_ascii=False, default=_json_default, **kw)
+    """Strict JSON: non-finite floats written as null (see _finite); allow_nan=False guards the rule."""
+    return json.dumps(_finite(obj), ensure_ascii=False, default=_json_default, allow_nan=False, **kw)
 
 
 _UMASK = os.umask(0)
@@ -283,7 +293,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Indented JSON (tensors, arrays, paths and dataclasses converted), written atomically."""
+    """Indented strict JSON (tensors, arrays, paths and dataclasses converted; NaN / Infinity as null), atomically."""
     atomic_write_text(path, _dumps(obj, indent=2) + "\n")
 
 
@@ -310,7 +320,8 @@ def _plain(v):
 
 
 class MetricsLogger:
-    """metrics.jsonl rows {"step", name: value} on rank 0, mirrored to wandb / trackio when asked for."""
+    """metrics.jsonl rows {"step", name: value} on rank 0, mirrored to wandb / trackio when asked for. The file is
+    strict JSON: a NaN or infinite metric is written as null (trackers get the float itself)."""
 
     def __init__(self, out_dir: str | os.PathLike, report_to: str | list[str] | None = None,
                  project: str = "post-training", run_name: str | None = None, config: dict | None = None):

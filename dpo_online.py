@@ -22,10 +22,12 @@ counts 1/2), and the win rate comes with a 95% interval.
 
 Judges (`--judge`): "toy" (the toy world's continuation judge, which checks every continuation line against
 the facts of the prefix), an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`) or a model directory / hub
-id run in this process. LLM judges get the paper's quality prompt (fig. 2) and must end with "Conclusion:
-Option 1" or "Option 2"; anything else is an invalid verdict: counted and logged, and the pair is left out,
-never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or --resume asks the
-judge only what it has not asked before.
+id run in this process. LLM judges get the paper's quality prompt (fig. 2) and answer "Conclusion: Option 1" or
+"Option 2": a model in this process by default continues that prefix for one token, P(option 1) = p1 / (p1 + p2)
+(--judge-verdict logprobs); a server, or --judge-verdict generate, writes an explanation ending in it. A verdict
+that does not parse (or whose "1" and "2" carry almost no probability) is invalid: counted and logged, and the pair
+is left out, never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or --resume
+asks the judge only what it has not asked before.
 
 On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts of 128 tokens, rollout-vs-rollout pairs)
 the trained policy beat the toy base on 0.657 of 128 held-out prefixes, 95% interval [0.601, 0.714] (README: the
@@ -101,23 +103,27 @@ class Args:
     judge_timeout: float = field(default=120.0, metadata={"help": "seconds per judge request before a retry"})
     judge_retries: int = field(default=3, metadata={"help": "retries of a failed judge request"})
     judge_max_tokens: int = field(default=512, metadata={"help": "verdict length limit"})
+    judge_verdict: Literal["auto", "logprobs", "generate"] = field(default="auto",
+                                                                   metadata={"help": judges.VERDICT_HELP})
     judge_temperature: float = field(default=0.0, metadata={"help": "judge sampling temperature (the paper sampled "
                                                                     "at 1.0; 0 is reproducible)"})
     judge_cache: str = field(default="auto", metadata={"help": "JSONL cache of judge replies; 'auto' = "
                                                                "<out>/judge_cache.jsonl, '' = off"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1e-3 toy, 5e-6 hub"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1e-3 toy; hub model "
+                                                             "5e-6 on CUDA, 1e-4 on a CPU"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 150 toy, 500 hub model)"})
     batch_size: int = field(default=4, metadata={"help": "prefixes per optimizer step per device"})
     micro_batch_size: int = field(default=32, metadata={"help": "candidate sequences per forward/backward (whole "
                                                                 "prefixes at a time)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy, 64 hub model)"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy or CPU, 64 hub model on "
+                                                               "CUDA)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA NF4 base"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward "
-                                                                               "(default: off toy, on hub model)"})
+                                                                               "(default: on for a hub model on CUDA)"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training documents"})
     eval_size: int = field(default=128, metadata={"help": "held-out prefixes for the win rate"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = at the end only)"})
@@ -132,11 +138,15 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     hub = args.model != "toy"
-    for name, toy_value, hub_value in (("prefix_tokens", 192, 384),
-                                       ("num_rollouts", 8, 16), ("lr", 1e-3, 5e-6), ("max_steps", 150, 500),
-                                       ("lora_r", 16, 64), ("gradient_checkpointing", False, True)):
+    for name, toy_value, hub_value in (("prefix_tokens", 192, 384), ("num_rollouts", 8, 16), ("max_steps", 150, 500)):
         if getattr(args, name) is None:
             setattr(args, name, hub_value if hub else toy_value)
+    if hub:  # this setup on CUDA, a lighter one on a CPU (lora.hub_defaults)
+        card = {"lr": 5e-6, "lora_r": 64, "gradient_checkpointing": True}
+        vars(args).update(lora.hub_defaults(args.model, common.pick_device(args.device), card, vars(args)))
+    for name, toy_value in (("lr", 1e-3), ("lora_r", 16), ("gradient_checkpointing", False)):
+        if getattr(args, name) is None:
+            setattr(args, name, toy_value)
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
     if args.include_original is None:
@@ -454,11 +464,10 @@ def load_start(name: str, device, init_adapter: str, load_in_4bit: bool, gradien
 
 
 def build_judge(args: Args, device):
-    cache = judges.VerdictCache(args.judge_cache) if args.judge_cache and args.judge != "toy" else None
-    return judges.make_judge(args.judge, pairwise=True, model=args.judge_model or None, cache=cache,
+    return judges.make_judge(args.judge, pairwise=True, model=args.judge_model or None, cache=args.judge_cache,
                              max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
                              concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-                             retries=args.judge_retries, device=device)
+                             retries=args.judge_retries, device=device, verdict=args.judge_verdict)
 
 
 def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
@@ -554,8 +563,9 @@ def main(args: Args):
     rank_diff = common.max_param_difference_across_ranks(params)
     summary = {}
     if common.is_main():
-        after = common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
+        # the adapter first: a final evaluation that fails (a judge error) then loses no training
         lora.save_adapter(model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model)
+        after = common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
         summary = common.finish_run(run, {
             "method": "dpo_online", "judge": args.judge, "init_adapter": args.init_adapter or None,
             "heldout": {"metric": "win_rate_vs_base", "before": 0.5, "after": after["win_rate_vs_base"],

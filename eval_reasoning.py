@@ -8,9 +8,9 @@ over the benchmarks, and deltas between arms. With s_i = c_i / n_i (c_i of the n
 
     Mean@k = (1/N) sum_i s_i                                  (average sample accuracy: an unbiased pass@1)
     Pass@k = (1/N) sum_i [1 - C(n_i - c_i, k) / C(n_i, k)]    (unbiased; Chen et al. 2021, arXiv 2107.03374)
-    95% interval: mean +- 1.96 sd(s_i) / sqrt(N), over questions: k samples of one question are not independent
-    (Miller 2024, arXiv 2411.00640); Wilson's interval when every s_i is 0 or 1 and N <= 300 (GPQA-Diamond: 198).
-    Arms A and B on the same questions: d_i = s_i^A - s_i^B, mean +- 1.96 sd(d_i) / sqrt(N).
+    95% interval: mean +- 1.96 sd(s_i) / sqrt(N) within [0, 1], over questions: k samples of one question are not
+    independent (Miller 2024, arXiv 2411.00640); Wilson's when every s_i is 0 or 1 and N <= 300 (GPQA-Diamond: 198).
+    Arms A and B on the same questions: d_i = s_i^A - s_i^B, mean +- 1.96 sd(d_i) / sqrt(N) within [-1, 1].
 
 Answers, after any think block: GSM8K `#### N`, else "The answer is N", else the last number; MATH-500 and
 OlympiadBench the last brace-matched \\boxed{}, checked by exact numbers and normal forms, then Math-Verify (gold
@@ -50,6 +50,7 @@ import answers
 import common
 import likelihood
 import lora
+import rewards
 import sampling
 import serving
 import toy
@@ -211,8 +212,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def interval(values: list[float]) -> list[float]:
-    """95% interval of a mean over questions: Wilson's when every value is 0 or 1 and there are <= 300 of them,
-    else the normal one with the standard error of the per-question values."""
+    """95% interval of a mean over questions (each value in [0, 1]): Wilson's when every value is 0 or 1 and there
+    are <= 300 of them, else the normal one with the standard error of the per-question values, clipped to [0, 1]."""
     n, mean = len(values), statistics.fmean(values) if values else float("nan")
     if n < 2:
         return [float("nan"), float("nan")]
@@ -221,16 +222,15 @@ def interval(values: list[float]) -> list[float]:
         centre, half = (mean + z * z / (2 * n)) / (1 + z * z / n), \
             z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return [centre - half, centre + half]
-    half = 1.96 * statistics.stdev(values) / math.sqrt(n)
-    return [mean - half, mean + half]
+    return rewards.bounded_interval(mean, 1.96 * statistics.stdev(values) / math.sqrt(n))
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, list[float]]:
-    """mean(a_i - b_i), its standard error and 95% interval over the shared questions."""
+    """mean(a_i - b_i), its standard error and 95% interval (within [-1, 1]) over the shared questions."""
     d = [x - y for x, y in zip(a, b)]
     mean = statistics.fmean(d)
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return mean, se, [mean - 1.96 * se, mean + 1.96 * se]
+    return mean, se, rewards.bounded_interval(mean, 1.96 * se, -1.0, 1.0)
 
 
 def score_benchmark(samples: dict[str, list[dict]], k: int) -> dict:
@@ -501,8 +501,8 @@ def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> di
             macro = {key: statistics.fmean(r[key] for r in rows.values()) for key in
                      ("mean_at_k_delta", f"{pk}_delta", "token_delta")}
             half = {s: 1.96 * math.sqrt(sum(x * x for x in ses[s])) / B for s in ses}
-            macro["mean_at_k_ci"] = [macro["mean_at_k_delta"] - half["m"], macro["mean_at_k_delta"] + half["m"]]
-            macro[f"{pk}_ci"] = [macro[f"{pk}_delta"] - half["p"], macro[f"{pk}_delta"] + half["p"]]
+            macro["mean_at_k_ci"] = rewards.bounded_interval(macro["mean_at_k_delta"], half["m"], -1.0, 1.0)
+            macro[f"{pk}_ci"] = rewards.bounded_interval(macro[f"{pk}_delta"], half["p"], -1.0, 1.0)
             rows["macro"] = macro
         comparisons[label] = rows
         for bench, r in rows.items():

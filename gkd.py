@@ -88,7 +88,7 @@ class Args:
     max_prompt_length: int = field(default=1024, metadata={"help": "longest prompt in tokens; longer is an error"})
     max_length: int = field(default=2048, metadata={"help": "longest data target in tokens; longer is an error"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1.5e-3 toy (full), "
-                                                            "1e-4 hub model (LoRA, as tinker-cookbook)"})
+                                                            "1e-4 hub model (LoRA, as tinker-cookbook; also on a CPU)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "after warmup, cosine decay to this share of the peak"})
     max_steps: int = field(default=1400, metadata={"help": "optimizer steps"})
@@ -97,7 +97,8 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     full: bool | None = field(default=None, metadata={"help": "full fine-tuning of the student instead of LoRA "
                                                               "(default: on for the toy, off for a hub model)"})
-    lora_r: int = field(default=128, metadata={"help": "LoRA rank (tinker-cookbook's distillation recipe: 128)"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 128, tinker-cookbook's "
+                                                               "distillation recipe; 16 for a hub model on a CPU)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the student's base in NF4"})
@@ -127,8 +128,13 @@ def resolve_defaults(args: Args) -> Args:
         args.teacher_adapter = str(toy.SFT_ADAPTER_DIR) if args.teacher == "toy" else ""
     if args.full is None:
         args.full = toy_student
+    if not toy_student:  # the recipe's LoRA on CUDA, a smaller rank on a CPU (lora.hub_defaults)
+        card = {"lr": 1e-4, "lora_r": 128}
+        vars(args).update(lora.hub_defaults(args.model, common.pick_device(args.device), card, vars(args)))
     if args.lr is None:
-        args.lr = 1.5e-3 if toy_student else 1e-4
+        args.lr = 1.5e-3
+    if args.lora_r is None:
+        args.lora_r = 128
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
     if not 0.0 <= args.beta <= 1.0:
@@ -442,6 +448,7 @@ def main(args: Args):
                 n_rows = roll.completion_ids[rows].shape[0]
                 per_row = per_row_mean(term.float(), row, n_rows)
                 (per_row.sum() / len(batch)).backward()
+                per_row = per_row.detach()  # logged only from here: a float() of a tensor that needs grad warns
                 loss_total += float(per_row.sum()) / len(batch)
                 for key, v in ((f"loss/{name}", per_row.sum()), (f"divergence/{name}", per_row_mean(div.float(), row, n_rows).sum())):
                     sums[key] = sums.get(key, 0.0) + float(v) / R  # means over the part's rows

@@ -25,7 +25,7 @@ Continued pretraining (`--task continuation`, as in the model card Lambent/Qwen3
 the prompt is a document prefix, the completion the policy's continuation, and the reward its
 similarity to the true continuation (semantic similarity, chrF++, ROUGE-L, Levenshtein, a length
 penalty, mixed by content type: `rewards.similarity`). That card trained Qwen3-4B-Base this way
-with QLoRA r=128, alpha=256, the defaults here for a hub model.
+with QLoRA r=128, alpha=256, the defaults here for a hub model on CUDA (on a CPU: no 4-bit, r=16).
 
 MARA (`--mara-tau`, arXiv 2510.20817): the KL-regularised optimum pi_ref(y) exp(r(y)/beta) puts
 its mass on one mode. Within a group, every sample with r >= tau gets the reward of the anchor z
@@ -75,7 +75,8 @@ class Args:
                 "continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"})
     out: str = field(default="runs/grpo", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 3e-4 toy, 1e-5 hub model"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 3e-4 toy; hub model "
+                                                             "1e-5 on CUDA, 1e-4 on a CPU"})
     warmup_ratio: float = field(default=0.1, metadata={
         "help": "share of steps with linear warmup from 0 (Adam's first steps move every LoRA weight by about lr "
                 "whatever its gradient: without warmup they undid the SFT model on the toy)"})
@@ -115,14 +116,14 @@ class Args:
     mara_tau: float | None = field(default=None, metadata={
         "help": "MARA reward threshold tau (needs --beta > 0); default: off"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy, 128 hub model as in "
-                                                               "Lambent/Qwen3-4B-Base-Continued-GRPO)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank: 32 toy, 256 hub)"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy or CPU, 128 hub model on "
+                                                               "CUDA as in Lambent/Qwen3-4B-Base-Continued-GRPO)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: off for the toy, on "
-                                                                     "for a hub model)"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: on for a hub model "
+                                                                     "on CUDA, else off)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward "
-                                                                               "(default: off toy, on hub model)"})
+                                                                               "(default: on for a hub model on CUDA)"})
     prefix_tokens: int = field(default=96, metadata={"help": "continuation on documents ({'text'} rows, toy): prefix tokens"})
     continuation_tokens: int = field(default=64, metadata={"help": "continuation on documents: reference tokens"})
     toy_difficulty: str = field(default="3", metadata={"help": "toy arithmetic level(s), comma-separated, for training "
@@ -141,20 +142,19 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     """Fill the model-dependent defaults: the QLoRA setup of Lambent/Qwen3-4B-Base-Continued-GRPO for a real model
-    (any --model but 'toy': a hub id or a local directory), small and fast for the toy."""
+    (any --model but 'toy': a hub id or a local directory) on CUDA, a lighter one on a CPU (lora.hub_defaults),
+    small and fast for the toy."""
     hub = args.model != "toy"
-    if args.lr is None:
-        args.lr = 1e-5 if hub else 3e-4
+    card = {"lr": 1e-5, "lora_r": 128, "load_in_4bit": True, "gradient_checkpointing": True}
+    if hub:
+        vars(args).update(lora.hub_defaults(args.model, common.pick_device(args.device), card, vars(args)))
+    for name, toy_value in (("lr", 3e-4), ("lora_r", 16), ("load_in_4bit", False), ("gradient_checkpointing", False)):
+        if getattr(args, name) is None:
+            setattr(args, name, toy_value)
     if args.temperature is None:
         args.temperature = 1.0 if hub else 0.5
-    if args.lora_r is None:
-        args.lora_r = 128 if hub else 16
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
-    if args.load_in_4bit is None:
-        args.load_in_4bit = hub
-    if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = hub
     if args.max_completion_length is None:
         args.max_completion_length = 128 if args.task == "verifiable" else args.continuation_tokens
     if args.epsilon_high is None:

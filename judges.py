@@ -17,6 +17,12 @@ judge counts `calls` and `invalid` verdicts, so scripts can log the invalid-judg
 
 The pairwise prompt is that paper's quality prompt (fig. 2), answered by "Conclusion: Option 1" or "Option 2".
 
+An in-process judge gives its verdict one of two ways (`verdict`, the scripts' --judge-verdict): "generate" writes
+a reply and parses its last line, which a small model often fails to end as asked; "logprobs" forces the reply to
+begin with the answer prefix ("Conclusion: Option " / "Score: ") and reads the verdict from the next-token
+probabilities in one forward pass, so every verdict parses unless those tokens carry almost no probability (the
+way sail-sg/oat's judge client reads the "1" / "2" logprobs).
+
 A judge that cannot answer at all (its server is down, answers 4xx, or sends something that is not a chat
 completion) raises JudgeError, a common.UserError: one line naming the URL and the cause.
 """
@@ -31,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 import common
 import rewards
@@ -103,6 +111,18 @@ and otherwise high quality. Ignore whether continuations feel incomplete. In the
 "Conclusion: Option 1" if you think option 1 is better otherwise output "Conclusion: Option 2"."""
 
 SCORE_RANGE = (1, 10)
+# Logprob verdicts: the reply starts with these, and the next token is the verdict.
+PAIRWISE_ANSWER_PREFIX = "Conclusion: Option "
+POINTWISE_ANSWER_PREFIX = "Score: "
+# 1..9, one digit each: "10" is two tokens in digit-splitting vocabularies (Qwen3, SmolLM2), where P("1") would
+# mix a 1 with the first half of a 10.
+LOGPROB_SCORE_RANGE = (1, 9)
+MIN_VERDICT_MASS = 1e-3  # answer tokens with less of the next-token probability than this: invalid, never guessed
+VERDICT_MODES = ("auto", "logprobs", "generate")
+VERDICT_HELP = ("how a model judge run in this process gives its verdict: logprobs (read from the next-token "
+                "probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or "
+                "generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate "
+                "for a server")
 _SCORE_LINE = re.compile(r"score\s*:\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?", re.IGNORECASE)
 _CONCLUSION = re.compile(r"conclusion\W*option\W*([12])\b", re.IGNORECASE)
 
@@ -133,8 +153,75 @@ def parse_option(text: str) -> int | None:
     return int(found.pop()) if len(found) == 1 else None
 
 
-def _pointwise_messages(prompts, responses, references=None) -> list[list[dict]]:
-    lo, hi = SCORE_RANGE
+def option_probability(probs: Sequence[float]) -> float | None:
+    """P(option 1) = p1 / (p1 + p2) from the next-token probabilities of "1" and "2"; None (invalid) when the two
+    carry less than MIN_VERDICT_MASS."""
+    p1, p2 = probs
+    return None if p1 + p2 < MIN_VERDICT_MASS else p1 / (p1 + p2)
+
+
+def expected_score(probs: Sequence[float], lo: int = LOGPROB_SCORE_RANGE[0], hi: int = LOGPROB_SCORE_RANGE[1]
+                   ) -> float | None:
+    """The expected score sum_s s p(s) / sum_s p(s) over the scores lo..hi (their next-token probabilities, in
+    order), mapped to [0, 1] as (E - lo) / (hi - lo); None (invalid) when they carry less than MIN_VERDICT_MASS.
+
+    The expectation rather than the argmax: a graded reward separates responses that the argmax ties, and a GRPO
+    group of equal rewards teaches nothing (G-Eval, arXiv 2303.16634, sec. 2, weights scores by their
+    probabilities for the same reason)."""
+    mass = sum(probs)
+    if mass < MIN_VERDICT_MASS:
+        return None
+    return (sum(p * s for p, s in zip(probs, range(lo, hi + 1), strict=True)) / mass - lo) / (hi - lo)
+
+
+def _answer_split(tokenizer, texts: list[str], prefix: str, choices: Sequence[str]):
+    """For each text + prefix: the ids the judge reads and, per choice, the one token that writes it next.
+
+    Each text + prefix + choice is tokenized whole and the ids are cut where the choices part, so the answer is
+    read in the vocabulary's own form: after "Option" where it glues the space to the digit (" 1"), after the space
+    where it splits digits off (Qwen3, SmolLM2, the toy's characters)."""
+    rows = tokenizer([t + prefix + c for t in texts for c in choices], add_special_tokens=False)["input_ids"]
+    reads, options = [], []
+    for i in range(len(texts)):
+        group = rows[i * len(choices):(i + 1) * len(choices)]
+        n = 0
+        while all(len(r) > n for r in group) and len({r[n] for r in group}) == 1:
+            n += 1
+        tails = [r[n:] for r in group]
+        if any(len(t) != 1 for t in tails) or len({t[0] for t in tails}) != len(tails):
+            raise common.ConfigError(f"--judge-verdict logprobs: the judge's tokenizer writes the answers "
+                                     f"{list(choices)} after {prefix!r} as {tails}, not one token each; pass "
+                                     f"--judge-verdict generate")
+        reads.append(group[0][:n])
+        options.append([t[0] for t in tails])
+    return reads, options
+
+
+@torch.no_grad()
+def next_token_probs(model, rows: list[list[int]], options: list[list[int]], pad_id: int,
+                     batch_size: int | None = 16) -> list[list[float]]:
+    """P(each of `options[i]` as the next token after rows[i]): one forward pass per row, batched shortest first,
+    left-padded with positions counted over real tokens (as sampling.sample does), logits of the last position
+    only."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[list[float]] = [[] for _ in rows]
+    step = batch_size or max(len(rows), 1)
+    for start in range(0, len(order), step):
+        chunk = order[start:start + step]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(rows[i])) + rows[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in chunk], device=device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        probs = logits.softmax(-1)
+        for row, i in enumerate(chunk):
+            out[i] = probs[row, torch.tensor(options[i], device=device)].tolist()
+    return out
+
+
+def _pointwise_messages(prompts, responses, references=None, scale=SCORE_RANGE) -> list[list[dict]]:
+    lo, hi = scale
     if references is None:
         return [[{"role": "system", "content": POINTWISE_SYSTEM},
                  {"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=_prompt_text(p), response=strip_think(r),
@@ -154,26 +241,35 @@ def _pairwise_messages(prefixes, first, second) -> list[list[dict]]:
 def _judge_score(judge, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
     if len(prompts) != len(responses):
         raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
-    verdicts = judge.generate(_pointwise_messages(prompts, responses, references))
-    scores = [parse_score(v) for v in verdicts]
+    if getattr(judge, "verdict", "generate") == "logprobs":
+        lo, hi = LOGPROB_SCORE_RANGE
+        probs = judge.choice_probs(_pointwise_messages(prompts, responses, references, LOGPROB_SCORE_RANGE),
+                                   POINTWISE_ANSWER_PREFIX, [str(s) for s in range(lo, hi + 1)])
+        scores = [expected_score(p, lo, hi) for p in probs]
+    else:
+        scores = [parse_score(v) for v in judge.generate(_pointwise_messages(prompts, responses, references))]
     judge.calls += len(scores)
     judge.invalid += sum(s is None for s in scores)
     return scores
 
 
 def _judge_prefer_ordered(judge, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
-    """One verdict per pair in the order shown: 1.0 when `first` (Option 1) wins, 0.0 when `second` does."""
+    """One verdict per pair in the order shown: P(`first`, Option 1, wins); 1.0 or 0.0 from a generated verdict."""
     if not (len(prefixes) == len(first) == len(second)):
         raise ValueError(f"prefer(): lengths differ: {len(prefixes)} prefixes, {len(first)} first, {len(second)} second")
-    options = [parse_option(v) for v in judge.generate(_pairwise_messages(prefixes, first, second))]
-    judge.calls += len(options)
-    judge.invalid += sum(o is None for o in options)
-    return [None if o is None else float(o == 1) for o in options]
+    messages = _pairwise_messages(prefixes, first, second)
+    if getattr(judge, "verdict", "generate") == "logprobs":
+        verdicts = [option_probability(p) for p in judge.choice_probs(messages, PAIRWISE_ANSWER_PREFIX, ["1", "2"])]
+    else:
+        verdicts = [None if o is None else float(o == 1) for o in map(parse_option, judge.generate(messages))]
+    judge.calls += len(verdicts)
+    judge.invalid += sum(v is None for v in verdicts)
+    return verdicts
 
 
 def _judge_prefer(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
     """P(a better) with both orders asked in one batch: the mean of the valid votes (one order's vote when the other
-    is unparseable), None when neither parses; orders that disagree give 0.5. Cancels position bias."""
+    is unparseable), None when neither parses; generated votes that disagree give 0.5. Cancels position bias."""
     n = len(prefixes)
     votes = _judge_prefer_ordered(judge, list(prefixes) * 2, list(a) + list(b), list(b) + list(a))
     out: list[float | None] = []
@@ -232,30 +328,53 @@ def _cached(cache: VerdictCache | None, identity: tuple, conversations: list[lis
 # ---- the judges -------------------------------------------------------------------------------------------------
 
 class LocalJudge:
-    """A local Hugging Face causal LM prompted as a judge; greedy decoding with sampling.sample.
+    """A local Hugging Face causal LM prompted as a judge, in this process.
 
-    score(): POINTWISE_TEMPLATE, "Score: N" (1-10) on the last line -> (N - 1) / 9. prefer(): PAIRWISE_TEMPLATE in
-    both orders; prefer_ordered(): one order. Unparseable verdicts are None and counted in `invalid` (of `calls`).
-    Replies go through `cache` (a VerdictCache) when one is given.
+    verdict "generate": greedy replies (sampling.sample); score(): POINTWISE_TEMPLATE, "Score: N" (1-10) on the last
+    line -> (N - 1) / 9; prefer(): PAIRWISE_TEMPLATE, "Conclusion: Option N" -> 1.0 / 0.0. verdict "logprobs": the
+    reply forced to begin with the answer prefix, one forward pass; score(): the expected score over "1".."9"
+    (LOGPROB_SCORE_RANGE, asked for in the prompt) -> (E - 1) / 8; prefer(): p1 / (p1 + p2). prefer() asks both
+    orders, prefer_ordered() one. Unusable verdicts are None and counted in `invalid` (of `calls`). Replies go
+    through `cache` (a VerdictCache) when one is given.
     """
 
+    verdict = "generate"
+
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, batch_size: int | None = 16,
-                 enable_thinking: bool = False, cache: VerdictCache | None = None):
+                 enable_thinking: bool = False, cache: VerdictCache | None = None, verdict: str = "generate"):
+        if verdict not in ("generate", "logprobs"):
+            raise ValueError(f"verdict {verdict!r}: 'generate' or 'logprobs'")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.enable_thinking, self.cache = enable_thinking, cache
+        self.enable_thinking, self.cache, self.verdict = enable_thinking, cache, verdict
         self.calls = 0
         self.invalid = 0
 
-    def _render(self, messages: list[dict]) -> list[int]:
+    def _text(self, messages: list[dict]) -> str:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             # Qwen3 templates read enable_thinking; other templates ignore unknown variables
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                            enable_thinking=self.enable_thinking)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer(self._text(messages), add_special_tokens=False)["input_ids"]
+
+    def choice_probs(self, conversations: list[list[dict]], prefix: str, choices: Sequence[str]) -> list[list[float]]:
+        """Each conversation's reply forced to begin with `prefix`: the next-token probabilities of `choices`."""
+        if not conversations:
+            return []
+        tok = self.tokenizer
+        pad = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+
+        def ask(convs):
+            rows, options = _answer_split(tok, [self._text(c) for c in convs], prefix, choices)
+            return [json.dumps(p) for p in next_token_probs(self.model, rows, options, pad, self.batch_size)]
+
+        identity = ("local-logprobs", getattr(self.model, "name_or_path", ""), prefix, list(choices),
+                    self.enable_thinking)
+        return [json.loads(r) for r in _cached(self.cache, identity, conversations, ask)]
 
     def generate(self, conversations: list[list[dict]]) -> list[str]:
         """Greedy replies to chat conversations (special tokens dropped)."""
@@ -289,6 +408,11 @@ class HTTPJudge:
     waits backoff * 2^(k-1) seconds); after that, or on another 4xx, a JudgeError (a serving.ServerError) names the
     URL and the cause. Same templates and parsing as LocalJudge; replies go through `cache` (a VerdictCache) when
     one is given, and `requests` counts the HTTP attempts actually sent.
+
+    Verdicts are generated. Reading them from logprobs (max_tokens 1, top_logprobs, as sail-sg/oat's client does)
+    needs the reply to continue the fixed answer prefix, which the OpenAI chat API cannot ask for (vLLM's
+    continue_final_message extension can, `transformers serve` cannot); a server with logprobs but no such
+    extension would need the raw completions endpoint and the judge's chat template on this side.
     """
 
     def __init__(self, base_url: str, model: str, concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
@@ -373,22 +497,32 @@ class CountedJudge:
         return self._count(ask(prefixes, first, second))
 
 
-def make_judge(spec: str, pairwise: bool = False, model: str | None = None, *, cache: VerdictCache | None = None,
+def make_judge(spec: str, pairwise: bool = False, model: str | None = None, *, cache: VerdictCache | str | None = None,
                max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, concurrency: int = 8,
-               timeout: float = 60.0, retries: int = 3, api_key: str | None = None, device=None):
+               timeout: float = 60.0, retries: int = 3, api_key: str | None = None, device=None,
+               verdict: str = "auto"):
     """A judge from a command-line string. "toy": toy.AnswerJudge (toy.ContinuationJudge when `pairwise`) in a
-    CountedJudge; "http(s)://host:port[/v1]": HTTPJudge (`model` names the served model; the API key also comes
-    from $OPENAI_API_KEY); otherwise a model directory or hub id: LocalJudge (greedy) on common.load_model."""
+    CountedJudge (a program: `verdict` does not apply); "http(s)://host:port[/v1]": HTTPJudge (`model` names the
+    served model; the API key also comes from $OPENAI_API_KEY), generated verdicts; otherwise a model directory or
+    hub id: LocalJudge on common.load_model, verdicts from logprobs unless `verdict` is "generate" (greedy).
+    `cache`: a VerdictCache or the path of its file ("" or None: none); the toy judges are not cached."""
+    if verdict not in VERDICT_MODES:
+        raise common.ConfigError(f"--judge-verdict {verdict!r}: one of {', '.join(VERDICT_MODES)}")
+    if isinstance(cache, (str, os.PathLike)):
+        cache = VerdictCache(cache) if str(cache) else None
     if spec == "toy":
         import toy
 
         return CountedJudge(toy.ContinuationJudge() if pairwise else toy.AnswerJudge())
     if spec.startswith(("http://", "https://")):
+        if verdict == "logprobs":
+            raise common.ConfigError(f"--judge-verdict logprobs: a server judge ({spec}) generates its verdict (the "
+                                     f"chat API cannot continue a fixed answer prefix); pass --judge-verdict generate")
         return HTTPJudge(spec, model=model or "default", concurrency=concurrency, timeout=timeout, retries=retries,
                          api_key=api_key or os.environ.get("OPENAI_API_KEY"), max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, cache=cache)
     return LocalJudge(common.load_model(spec, device=device), common.load_tokenizer(spec), max_new_tokens=max_tokens,
-                      cache=cache)
+                      cache=cache, verdict="generate" if verdict == "generate" else "logprobs")
 
 
 # ---- judges as rewards ------------------------------------------------------------------------------------------

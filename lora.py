@@ -8,6 +8,7 @@ A starts Kaiming-uniform (a = sqrt(5), the nn.Linear default, as in PEFT) and B 
 wrapped model starts equal to the base. rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) scales by
 alpha / sqrt(r), which keeps the update's size stable as r grows. QLoRA (Dettmers et al. 2023,
 arXiv 2305.14314) puts the same adapters over a frozen 4-bit NF4 base (bitsandbytes Linear4bit).
+`hub_defaults` picks that setup for a real model on CUDA and a lighter one (no 4-bit, r 16) on a CPU.
 
 Dtype: A and B are fp32 (fp32 masters, so small optimizer steps are not rounded away) and are cast
 to the input's dtype in forward, so a bf16 model computes in bf16. Dropout acts on the adapter's
@@ -125,6 +126,27 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable A and B matrices of every adapter."""
     return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+# Off CUDA: bitsandbytes' fast 4-bit kernels are CUDA's; a 135M-1B model's activations fit in a CPU's memory, so
+# recomputing them (gradient checkpointing) only costs time; rank 16 and lr 1e-4 let a small model learn in tens of
+# steps, where a model card's QLoRA learning rate (1e-5 and below, for a 4B model and hundreds of steps) barely moves.
+SMALL_DEVICE_SETUP = {"lr": 1e-4, "lora_r": 16, "load_in_4bit": False, "gradient_checkpointing": False}
+_SETUP_NAMES = {"lora_r": "lora r", "load_in_4bit": "4-bit", "gradient_checkpointing": "checkpointing"}
+
+
+def hub_defaults(model: str, device: torch.device | str, card: dict, given: dict) -> dict:
+    """The training setup of a real model (any --model but the toy): each key of `card` (the script's values for one
+    CUDA GPU, from its model card) takes the user's value in `given` when set (not None), else the card's on CUDA,
+    else SMALL_DEVICE_SETUP's. Prints the result in one line (rank 0 of torchrun only)."""
+    kind = torch.device(device).type
+    setup = card if kind == "cuda" else {k: SMALL_DEVICE_SETUP.get(k, v) for k, v in card.items()}
+    out = {k: v if given.get(k) is None else given[k] for k, v in setup.items()}
+    if os.environ.get("RANK", "0") == "0":
+        shown = [f"{_SETUP_NAMES.get(k, k)} {('on' if v else 'off') if isinstance(v, bool) else f'{v:g}'}"
+                 for k, v in out.items()]
+        print(f"defaults for {model} on {kind}: {', '.join(shown)}", flush=True)
+    return out
 
 
 @contextlib.contextmanager

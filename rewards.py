@@ -20,7 +20,7 @@ What is here:
 - ProxyNLLReward: the mean per-token log-likelihood of a completion under a small causal LM (a style reward)
 - combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
 - group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; evaluation diversity:
-  distinct_n, pairwise_diversity
+  distinct_n, pairwise_diversity; bounded_interval (a 95% interval kept inside the range of a rate)
 
 LLM judges (a judge as a reward: judges.judge_reward) are in judges.py. Every text reward reads the visible
 answer: the text after the last `</think>` when the completion has a think block (an unclosed `<think>` leaves no
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import math
 import re
 import threading
@@ -247,8 +248,18 @@ def get_embedder(name: str = SEMANTIC_MODEL, device: str | None = None):
     key = (name, device)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            from sentence_transformers import SentenceTransformer
-
+            # sentence-transformers imports peft, which imports bitsandbytes; on a CPU with AVX512-BF16 bitsandbytes
+            # then fetches an optional 4-bit kernel through the `kernels` package and logs why it could not. No
+            # embedding model is 4-bit: the warnings of those two packages are muted for this import only.
+            quiet = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+            levels = [q.level for q in quiet]
+            for q in quiet:
+                q.setLevel(logging.ERROR)
+            try:
+                from sentence_transformers import SentenceTransformer
+            finally:
+                for q, level in zip(quiet, levels):
+                    q.setLevel(level)
             import common
 
             _EMBEDDERS[key] = SentenceTransformer(semantic_model_path(name), device=str(common.pick_device(device)))
@@ -702,6 +713,15 @@ def reward_gate(primary, G: int, success: float = 0.5, near_zero: float = 0.05) 
             "gate/all_one_groups": (g >= 1 - 1e-6).all(1).float().mean().item(),
             "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
             "gate/any_success_groups": ok.any(1).float().mean().item()}
+
+
+def bounded_interval(mean: float, half: float, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """[mean - half, mean + half] clipped to [low, high], the values the quantity can take: a normal 95% interval
+    of a rate near 0 or 1 otherwise reaches below 0 or above 1 (a difference of two rates: low=-1, high=1). NaN
+    (too few samples) stays NaN."""
+    if math.isnan(mean) or math.isnan(half):
+        return [math.nan, math.nan]
+    return [max(low, mean - half), min(high, mean + half)]
 
 
 def distinct_n(texts: Iterable[str], n: int = 2) -> float:

@@ -24,9 +24,9 @@ Tasks (`--task`): chat, the paper's (prompts are requests; the toy default: toy 
 the letters of: paper", judged by the toy answer judge: 1 for the exact answer, partial credit for near misses)
 and continuation, the card's (a document prefix; the response is its continuation, judged against the original
 continuation in both orders: win 1, tie 0.5, loss 0; `--judging pointwise` rates it alone, the original shown to
-the judge as a reference). Judges (`--judge`):
-"toy", an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`; replies cached in <out>/judge_cache.jsonl),
-or a model run in this process. The judge never sees the thought.
+the judge as a reference). Judges (`--judge`): "toy", an OpenAI-compatible URL (vLLM, SGLang, `transformers
+serve`; replies cached in <out>/judge_cache.jsonl), or a model run in this process, by default its verdict read
+from the next-token probabilities (--judge-verdict: the expected score). The judge never sees the thought.
 
 The reward gate (the card's): every arm samples the same held-out prompts with the same seeded draws
 (--gate-prefixes x --num-generations), and per arm and per pair of arms the tables below are printed and written
@@ -54,6 +54,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+import chat
 import common
 import judges
 import lora
@@ -92,6 +93,8 @@ class Args:
     judge_timeout: float = field(default=120.0, metadata={"help": "seconds per judge request before a retry"})
     judge_retries: int = field(default=3, metadata={"help": "retries of a failed judge request (with backoff)"})
     judge_max_tokens: int = field(default=512, metadata={"help": "verdict length limit"})
+    judge_verdict: Literal["auto", "logprobs", "generate"] = field(default="auto",
+                                                                   metadata={"help": judges.VERDICT_HELP})
     judge_cache: str = field(default="auto", metadata={"help": "JSONL cache of judge replies; 'auto' = "
                                                                "<out>/judge_cache.jsonl, '' = off"})
     judging: Literal["pairwise", "pointwise"] = field(default="pairwise", metadata={
@@ -99,8 +102,8 @@ class Args:
                 "with the original as the judge's reference"})
     out: str = field(default="runs/rlmt", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate; default 1e-7 hub model (the card; "
-                                                             "the paper 1e-6), 3e-4 toy"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate; default 1e-7 hub model on CUDA (the "
+                                                             "card; the paper 1e-6), 1e-4 on a CPU, 3e-4 toy"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 200, the card's; toy 150)"})
     batch_size: int | None = field(default=None, metadata={"help": "prompts per step per device (default 2, the "
                                                                   "card; 4 toy)"})
@@ -119,10 +122,10 @@ class Args:
                                                                        "1.0 toy)"})
     missing_reward: float = field(default=0.0, metadata={"help": "--boundary model: reward of a sample that never "
                                                                  "writes </think>"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy, 64 hub model)"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 64 hub model on CUDA, else 16)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
-    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: on for a hub model)"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for a hub model"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: hub model on CUDA)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for a hub model on CUDA"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longest prompt in tokens; longer is an error"})
     toy_train_size: int = field(default=4000, metadata={"help": "toy training prompts"})
     gate: str = field(default="", metadata={
@@ -142,14 +145,15 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     toy_run = args.model == "toy"
-    for name, hub, small in (("lr", 1e-7, 3e-4), ("max_steps", 200, 150), ("batch_size", 2, 4),
-                             ("thought_tokens", 48, 96), ("answer_tokens", 128, 32), ("max_grad_norm", 0.1, 1.0),
-                             ("lora_r", 64, 16)):
+    card = {"lr": 1e-7, "lora_r": 64, "load_in_4bit": True, "gradient_checkpointing": True}  # on CUDA; CPU: lighter
+    toy_setup = {"lr": 3e-4, "lora_r": 16, "load_in_4bit": False, "gradient_checkpointing": False}
+    setup = toy_setup if toy_run else lora.hub_defaults(args.model, common.pick_device(args.device), card, vars(args))
+    vars(args).update({k: v if getattr(args, k) is None else getattr(args, k) for k, v in setup.items()})
+    for name, hub, small in (("max_steps", 200, 150), ("batch_size", 2, 4), ("thought_tokens", 48, 96),
+                             ("answer_tokens", 128, 32), ("max_grad_norm", 0.1, 1.0)):
         if getattr(args, name) is None:
             setattr(args, name, small if toy_run else hub)
     args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
-    args.load_in_4bit = (not toy_run) if args.load_in_4bit is None else args.load_in_4bit
-    args.gradient_checkpointing = (not toy_run) if args.gradient_checkpointing is None else args.gradient_checkpointing
     if args.init_adapter == "auto":
         args.init_adapter = "" if not toy_run or args.task != "chat" else str(
             toy.SFT_FORMATS_DIR if args.data == "toy-arithmetic" else toy.SFT_INSTRUCT_DIR)
@@ -174,7 +178,7 @@ def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, 
     """Training and held-out prompts. The policy's prompt ends in `<think>\\n`: the chat template's assistant
     header (chat) or the document prefix (continuation), then the opened thought."""
     if data in ("toy", "toy-arithmetic"):
-        def chat(rows):
+        def as_chat(rows):
             return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
 
         def arithmetic(split, n):  # levels 1-3, the three answer formats in turn (eval_reasoning's toy benchmarks)
@@ -184,8 +188,8 @@ def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, 
         if task == "continuation" and data == "toy-arithmetic":
             raise common.ConfigError("--data toy-arithmetic is a chat task: drop --task continuation")
         make = (lambda split, n: toy.continuations(split, n, seed=seed)) if task == "continuation" else \
-            (lambda split, n: chat(arithmetic(split, n))) if data == "toy-arithmetic" else \
-            (lambda split, n: chat(toy.instructions(split, n, seed=seed)))
+            (lambda split, n: as_chat(arithmetic(split, n))) if data == "toy-arithmetic" else \
+            (lambda split, n: as_chat(toy.instructions(split, n, seed=seed)))
         parts = [(data, make("train", toy_train_size)), (data, make("test", n_eval))]
     else:
         rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(data))]
@@ -197,6 +201,7 @@ def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, 
                                        f"some out (or pass --eval-data)")
             rows = rows[:-n_eval]
         parts = [(data, rows), (eval_data or data, held[:n_eval])]
+    chat.marker_ids(tokenizer, THINK_CLOSE, warn="rlmt.py")  # one line on stderr when it is several tokens
     out = []
     for source, rows in parts:
         for i, r in enumerate(rows):
@@ -244,29 +249,33 @@ def _stack(prompts: list[list[int]], parts: list[list[tuple[list[int], int]]], f
 def sample_thought_then_answer(model, tokenizer, prompts: list[list[int]], *, G: int, boundary: str,
                                thought_tokens: int, answer_tokens: int, temperature: float, top_p: float,
                                generator, batch_size: int | None = None) -> Samples:
-    """G (thought, response) samples per prompt, rows grouped by prompt (row i*G+j is sample j of prompt i)."""
-    close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+    """G (thought, response) samples per prompt, rows grouped by prompt (row i*G+j is sample j of prompt i).
+    `</think>` is found by its id where it is one token (Qwen3), else in the decoded text (SmolLM2: 3 pieces)."""
+    close = chat.marker_ids(tokenizer, THINK_CLOSE)
     eos = sampling.stop_token_ids(model, tokenizer)
+    ends = [tokenizer.decode([i]) for i in eos]  # where a response ends, as text
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(G)]
     kw = dict(temperature=temperature, top_p=top_p, generator=generator, batch_size=batch_size)
-    if boundary == "model":
+    if boundary == "model":  # the response: the text after the first </think> (the RLMT code's training rule)
         roll = sampling.sample(model, tokenizer, prompts, n=G, max_new_tokens=thought_tokens + answer_tokens, **kw)
         toks = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-        cut = [first_close(t, close_id) for t in toks]
-        answers = [_visible(tokenizer.decode(t[c + 1:], skip_special_tokens=False)) if c is not None else ""
-                   for t, c in zip(toks, cut)]
-        return Samples(roll, roll.completion_mask.clone(), answers, [len(t) if c is None else c for t, c in zip(toks, cut)],
-                       [0 if c is None else len(t) - c - 1 for t, c in zip(toks, cut)], [c is not None for c in cut],
+        cut = [chat.marker_span(tokenizer, t, THINK_CLOSE) for t in toks]
+        answers = [_visible(tokenizer.decode(t, skip_special_tokens=False).split(THINK_CLOSE, 1)[1], ends)
+                   if c is not None else "" for t, c in zip(toks, cut)]
+        return Samples(roll, roll.completion_mask.clone(), answers, [len(t) if c is None else c[0] for t, c in zip(toks, cut)],
+                       [0 if c is None else len(t) - c[1] for t, c in zip(toks, cut)], [c is not None for c in cut],
                        [c is not None for c in cut])
     # Stage 1: the thought, ended by the policy (</think> or an end-of-turn token, dropped) or by the budget.
-    stage1 = sampling.sample(model, tokenizer, prompts, n=G, max_new_tokens=thought_tokens,
-                             eos_token_ids=sorted({close_id, *eos}), **kw)
+    single = len(close) == 1
+    stage1 = sampling.sample(model, tokenizer, prompts, n=G, max_new_tokens=thought_tokens, stop=None if single
+                             else THINK_CLOSE, eos_token_ids=sorted({*close, *eos}) if single else eos, **kw)
     thoughts, closed = [], []
     for ids, m, done in zip(stage1.completion_ids, stage1.completion_mask, stage1.finished.tolist()):
         t = ids[m.bool()].tolist()
-        thoughts.append(t[:-1] if done else t)
+        span = chat.marker_span(tokenizer, t, THINK_CLOSE) if done and not single and t[-1] not in eos else None
+        thoughts.append(t[:span[0]] if span else t[:-1] if done else t)
         closed.append(bool(done))
     # The boundary, inserted by us: "\n</think>\n\n" as the chat template renders it (no "\n" twice).
     def boundary_ids(thought):
@@ -280,20 +289,14 @@ def sample_thought_then_answer(model, tokenizer, prompts: list[list[int]], *, G:
     roll, loss_mask = _stack(rows, [[(t, 1), (b, 0), (a, 1)] for t, b, a in zip(thoughts, bounds, answer_ids)],
                              stage2.finished.tolist(), torch.arange(len(prompts), device=device).repeat_interleave(G),
                              pad, device)
-    answers = [_visible(tokenizer.decode(a, skip_special_tokens=False)) for a in answer_ids]
+    answers = [_visible(tokenizer.decode(a, skip_special_tokens=False), ends) for a in answer_ids]
     return Samples(roll, loss_mask, answers, [len(t) for t in thoughts], [len(a) for a in answer_ids], closed,
                    [True] * len(rows))
 
 
-def first_close(tokens: list[int], close_id: int) -> int | None:
-    """--boundary model: where the thought ends, the first `</think>` (the RLMT code's training rule; its eval took
-    the last one: here both use the first). None when the policy never wrote it."""
-    return tokens.index(close_id) if close_id in tokens else None
-
-
-def _visible(text: str) -> str:
-    """The response as a judge should read it: up to the end of the turn, without end-of-text tokens."""
-    for end in ("<|im_end|>", "<|endoftext|>"):
+def _visible(text: str, ends: list[str]) -> str:
+    """The response as a judge should read it: up to the end of the turn (the first of `ends`, the stop tokens)."""
+    for end in filter(None, ends):
         text = text.split(end)[0]
     return text.strip()
 
@@ -422,21 +425,21 @@ def gate_arm(model, tokenizer, judge, heldout, a: Args, **kw) -> dict:
                          for i in range(0, len(rows), G)][:8], **kw}
 
 
-def compare(left: dict, right: dict) -> dict:
-    """right - left over the shared prefixes: mean reward delta with a paired 95% interval (normal, over prefixes)
-    and the shares of prefixes where the right arm is better, worse, even."""
+def compare(left: dict, right: dict, span: float = 1.0) -> dict:
+    """right - left over the shared prefixes: mean reward delta with a paired 95% interval (normal, over prefixes,
+    within +-span, span the rewards' range) and the shares of prefixes where the right arm is better, worse, even."""
     d = [b - a for a, b in zip(left["per_prefix"], right["per_prefix"])]
     mean = statistics.mean(d)
     half = 1.96 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
     n = len(d)
-    return {"mean_reward_delta": mean, "delta_ci": [mean - half, mean + half],
+    return {"mean_reward_delta": mean, "delta_ci": rewards.bounded_interval(mean, half, -span, span),
             "right_better": sum(x > 1e-9 for x in d) / n, "left_better": sum(x < -1e-9 for x in d) / n,
             "tie": sum(abs(x) <= 1e-9 for x in d) / n, "shared_prefixes": n}
 
 
-def gate_report(arms: dict[str, dict], out: Path) -> dict:
-    names = list(arms)
-    pairs = {f"{r}_minus_{l}": compare(arms[l], arms[r]) for i, l in enumerate(names) for r in names[i + 1:]}
+def gate_report(arms: dict[str, dict], out: Path, missing_reward: float = 0.0) -> dict:
+    names, span = list(arms), max(1.0, missing_reward) - min(0.0, missing_reward)  # judge rewards are in [0, 1]
+    pairs = {f"{r}_minus_{l}": compare(arms[l], arms[r], span) for i, l in enumerate(names) for r in names[i + 1:]}
     report = {"arms": {k: {c: v for c, v in a.items() if c not in ("per_prefix", "_samples")} for k, a in arms.items()},
               "per_prefix": {k: a["per_prefix"] for k, a in arms.items()}, "comparisons": pairs,
               # go/no-go, as the card's fields: verdicts parse, groups carry a signal, some pair is told apart
@@ -468,14 +471,13 @@ def run_gate(a: Args, run) -> dict:
                                   styles=a.toy_styles)
         results[name] = gate_arm(model.eval(), tokenizer, judge, heldout, a, spec=spec)
         del model
-    return gate_report(results, run.out)
+    return gate_report(results, run.out, a.missing_reward)
 
 
 def make_judge(a: Args):
-    cache = judges.VerdictCache(a.judge_cache) if a.judge_cache else None
     # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of continuation judging
-    return judges.make_judge(a.judge, pairwise=a.task == "continuation",
-                             model=a.judge_model or None, cache=cache, max_tokens=a.judge_max_tokens,
+    return judges.make_judge(a.judge, pairwise=a.task == "continuation", verdict=a.judge_verdict,
+                             model=a.judge_model or None, cache=a.judge_cache, max_tokens=a.judge_max_tokens,
                              concurrency=a.judge_concurrency, timeout=a.judge_timeout, retries=a.judge_retries)
 
 
@@ -576,7 +578,7 @@ def main(args: Args):
             gate_now.start = False
             before = data_state["before"]
             after = common.log_eval(run, logger, args.max_steps, "after", gate_now())
-            report = gate_report({"start": before, "rlmt": after}, run.out)
+            report = gate_report({"start": before, "rlmt": after}, run.out, args.missing_reward)
             c = report["comparisons"]["rlmt_minus_start"]
             heldout_row = {"metric": "gate_mean_reward", "before": before["reward_mean"], "after": after["reward_mean"],
                            "delta_ci": c["delta_ci"], "note": f"{len(heldout)} held-out prompts x "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+import chat
 import common
 import lora
 
@@ -88,16 +89,14 @@ class Rollout:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The ids that end a completion: the tokenizer's EOS, the model's generation_config EOS ids, and Qwen3's
-    end-of-turn `<|im_end|>` and end-of-text `<|endoftext|>` when the vocabulary has them (a base model's
-    generation config names only one of the two, and a chat completion ends with the other)."""
+    """The ids that end a completion: the tokenizer's EOS, the model's generation_config EOS ids, and the chat
+    template's end-of-turn token (a base model's generation config names its end-of-text only, and a chat
+    completion ends with the template's end of turn: Qwen3's `<|im_end|>`, Llama 3's `<|eot_id|>`)."""
     ids = {getattr(tokenizer, "eos_token_id", None)}
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
-    for t in ("<|im_end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t) if hasattr(tokenizer, "convert_tokens_to_ids") else None
-        if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None):
-            ids.add(i)
+    if getattr(tokenizer, "chat_template", None):
+        ids.add(chat.end_of_turn_id(tokenizer))
     return sorted(i for i in ids if i is not None)
 
 

@@ -8,13 +8,16 @@ cards dnotitia/Qwen3-4B-Base and Jarrodbarnes/qwen3-0.6B-interleaved-thinking tr
                                                           assistant turn, 0 on system/user turns
                                                           and on the `<|im_start|>assistant` header.
 
-The mask comes from a training variant of the chat template that wraps assistant output in
+For Qwen3 the mask comes from a training variant of the chat template that wraps assistant output in
 `{% generation %}` tags and, unlike the stock Qwen3 template, keeps the reasoning of earlier turns
-(interleaved thinking). `--no-think` trains the same examples with the thoughts removed (the `raw`
+(interleaved thinking); any other model's template is used as it is, through its own tags or, without them,
+turn by turn (chat.assistant_mask). `--no-think` trains the same examples with the thoughts removed (the `raw`
 arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking). `--train-tokens "<think>,</think>"` trains
 only those rows of the embedding (as Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its
-think tokens), everything else frozen. Log-probs come from the final hidden states through
-`vocab_kernels.linear_token_logprobs`, so full-vocabulary logits are never held.
+think tokens), everything else frozen; a tokenizer that writes them in several pieces (SmolLM2) gets them as
+new tokens, whose rows start at the mean of those pieces, and the run saves the model with its tokenizer in
+<out>/model. Log-probs come from the final hidden states through `vocab_kernels.linear_token_logprobs`, so
+full-vocabulary logits are never held.
 
 Run:
     python sft_think.py                                  # toy world: arithmetic with a scratchpad
@@ -24,6 +27,7 @@ Run:
     python sft_think.py --model Qwen/Qwen3-0.6B-Base --data traces.jsonl --load-in-4bit \
         --lora-r 64 --lora-alpha 128 --max-length 2048 --gradient-checkpointing
     torchrun --nproc_per_node 2 sft_think.py --model Qwen/Qwen3-1.7B-Base --data traces.jsonl
+    python sft_think.py --model smollm2 --data traces.jsonl --train-tokens "<think>,</think>"  # <out>/model
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+import chat
 import common
 import lora
 import rewards
@@ -75,7 +80,9 @@ class Args:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4 base weights (bitsandbytes)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     no_think: bool = field(default=False, metadata={"help": "remove the thoughts from the training data (raw arm)"})
-    train_tokens: str = field(default="", metadata={"help": "comma list, e.g. '<think>,</think>': train only these embedding rows"})
+    train_tokens: str = field(default="", metadata={
+        "help": "comma list, e.g. '<think>,</think>': train only these embedding rows; ones the tokenizer splits "
+                "are added as new tokens, and <out>/model holds the model with its tokenizer (--model <out>/model)"})
     toy_difficulty: str = field(default="1,2,3", metadata={"help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"})
     toy_styles: str = field(default="gsm8k", metadata={"help": "toy arithmetic answer formats, comma-separated, of "
                                                                 "gsm8k (#### N), math (\\boxed{N}), mc (Answer: X)"})
@@ -109,20 +116,29 @@ def strip_thoughts(messages: list[dict]) -> list[dict]:
     return out
 
 
-def training_template(tokenizer) -> str:
-    """A chat template whose assistant output sits in {% generation %} tags, or a clear error."""
-    template = tokenizer.chat_template or ""
-    if "{% generation %}" in template or "{%- generation %}" in template:
-        return template
-    if "<|im_start|>" in template and "<think>" in template:  # Qwen3's template (real or toy)
+def training_template(tokenizer) -> str | None:
+    """The chat template that renders the training conversations: the tokenizer's own when it has
+    {% generation %} tags; for Qwen3's stock template (which drops the thoughts of earlier turns) the training
+    variant that keeps them; else the tokenizer's own, masked turn by turn (chat.assistant_mask). None when the
+    tokenizer has no template (then only prompt/completion strings and text rows can be encoded)."""
+    template = tokenizer.chat_template or None
+    if template and not chat.has_generation_tags(template) and "<|im_start|>" in template \
+            and "<think>" in template and "reasoning_content" in template:  # Qwen3's template (real or toy)
         return toy.TRAINING_CHAT_TEMPLATE
-    raise common.ConfigError(
-        "sft_think.py: the tokenizer's chat template has no {% generation %} tags and is not Qwen3's, so "
-        "the assistant-only loss mask cannot be built. Give the tokenizer a template with "
-        "{% generation %}...{% endgeneration %} around assistant output.")
+    return template
 
 
-def encode_row(row: dict, where: str, tokenizer, template: str, no_think: bool) -> tuple[list[int], list[int]]:
+def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
+    """A template that never reads `reasoning_content` (SmolLM2's, most non-Qwen3 ones) would drop the thought:
+    write it into the content as `<think>...</think>`, the form Qwen3's template renders."""
+    if "reasoning_content" in template:
+        return messages
+    return [{**{k: v for k, v in m.items() if k != "reasoning_content"},
+             "content": f"<think>\n{m['reasoning_content'].strip()}\n</think>\n\n{m.get('content') or ''}"}
+            if m.get("reasoning_content") else m for m in messages]
+
+
+def encode_row(row: dict, where: str, tokenizer, template: str | None, no_think: bool) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 = trained) for one JSONL row of any accepted schema."""
     for name, ok, expected in (("messages", lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
                                 "a list of {'role', 'content'} objects"),
@@ -131,22 +147,24 @@ def encode_row(row: dict, where: str, tokenizer, template: str, no_think: bool) 
                                ("text", lambda v: isinstance(v, str), "a string")):
         if name in row and not ok(row[name]):
             raise common.DataError(f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}")
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if "messages" in row:
         messages = strip_thoughts(row["messages"]) if no_think else row["messages"]
         if not any(m.get("role") == "assistant" for m in messages):
             raise common.DataError(f"{where}: field 'messages' has no assistant turn")
-        enc = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        return list(enc["input_ids"]), list(enc["assistant_masks"])
+        if not template:
+            raise common.ConfigError(f"{where}: chat messages need a chat template and the tokenizer has none; "
+                                     f"give it one, or write {{'prompt', 'completion'}} strings or {{'text'}} rows")
+        return chat.assistant_mask(tokenizer, fold_reasoning(messages, template), template)
     if "prompt" in row and "completion" in row:
         if isinstance(row["prompt"], list):  # conversational prompt/completion
             return encode_row({"messages": row["prompt"] + row["completion"]}, where, tokenizer, template, no_think)
         completion = THINK_RE.sub("", row["completion"]) if no_think else row["completion"]
         p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
         return p + c, [0] * len(p) + [1] * len(c)
     if "text" in row:
-        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
         return ids, [1] * len(ids)
     raise common.DataError(f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' field, got {sorted(row)}")
 
@@ -324,22 +342,48 @@ def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_token
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def add_train_tokens(tokenizer, train_tokens: str) -> dict[str, list[int]]:
+    """--train-tokens that this tokenizer splits into pieces (SmolLM2 writes `</think>` as `</`, `think`, `>`)
+    become new tokens, before the data is encoded so the training text holds them as one token each. They are
+    added as ordinary, not special, tokens, as Qwen3 has its own: decoded text keeps them. Returns each added
+    token's former pieces (its new embedding row starts at their mean)."""
+    names = [t.strip() for t in train_tokens.split(",") if t.strip()]
+    pieces = {n: chat.marker_ids(tokenizer, n) for n in names}
+    new = {n: ids for n, ids in pieces.items() if len(ids) != 1}
+    if new:
+        tokenizer.add_tokens(list(new))
+    return new
+
+
 def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bit: bool, lora_r: int,
-                    lora_alpha: float, lora_dropout: float):
+                    lora_alpha: float, lora_dropout: float, added: dict[str, list[int]] | None = None):
     """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates and, for
-    --train-tokens, the token ids whose rows train (None otherwise)."""
+    --train-tokens, the token ids whose rows train (None otherwise). `added`: tokens add_train_tokens put in the
+    tokenizer; the embedding (and an untied head) grows to hold them."""
     if train_tokens:
-        names = [t for t in train_tokens.split(",") if t]
-        ids = tokenizer.convert_tokens_to_ids(names)
-        unknown = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
+        names = [t.strip() for t in train_tokens.split(",") if t.strip()]
+        ids = [chat.marker_ids(tokenizer, n) for n in names]
+        unknown = [n for n, i in zip(names, ids) if len(i) != 1]
         if unknown:
             raise common.ConfigError(f"--train-tokens: {unknown} are not single tokens of this tokenizer")
+        ids = [i[0] for i in ids]
+        if added:
+            new_ids = [tokenizer.convert_tokens_to_ids(n) for n in added]
+            if max(new_ids) >= model.get_input_embeddings().weight.shape[0]:
+                # resize keeps a tied head tied (SmolLM2, Qwen3); the new rows are set just below
+                model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+            with torch.no_grad():
+                for w in {id(e.weight): e.weight for e in (model.get_input_embeddings(),
+                                                            model.get_output_embeddings())}.values():
+                    for i, old in zip(new_ids, added.values()):
+                        w[i] = w[old].mean(0)
         for p in model.parameters():
             p.requires_grad_(False)
         rows = torch.tensor(ids)
         params = []
-        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
-            w = emb.weight
+        # one parameter when the head is tied to the embedding, so its hook and AdamW state are not doubled
+        for w in {id(e.weight): e.weight for e in (model.get_input_embeddings(),
+                                                   model.get_output_embeddings())}.values():
             w.requires_grad_(True)
             keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
             keep[rows] = 1
@@ -360,6 +404,7 @@ def main(args: Args):
         raise common.ConfigError("--batch-size and --micro-batch-size must be >= 1")
     run = common.start_run(args.out, args, args.seed, args.device, args.resume)
     tokenizer = common.load_tokenizer(args.model)
+    added = add_train_tokens(tokenizer, args.train_tokens)  # saved with the model in <out>/model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = training_template(tokenizer)
     train_rows, val_rows, problems = load_rows(args.data, args.eval_data, args.seed, args.eval_size,
@@ -377,7 +422,7 @@ def main(args: Args):
     lora.merge_adapters(model, args.init_adapter)  # with the adapters it was trained on, oldest first
     mask_dtype = model.get_input_embeddings().weight.dtype  # the packed 4D mask is added to the attention scores
     params, head_rows = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
-                             args.lora_alpha, args.lora_dropout)
+                                        args.lora_alpha, args.lora_dropout, added)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay)
     scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
     optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)

@@ -90,3 +90,32 @@ def test_help_is_clean(script):
     proc = run(script, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "%%" not in proc.stdout and "(default: None)" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_hub_model_defaults_follow_the_device(device, capsys):
+    # the model cards' QLoRA setup (4-bit base, checkpointing, large rank, small lr) is for a CUDA GPU; on a CPU a
+    # small real model trains in fp32 with a small rank and an lr that moves it in tens of steps
+    import dpo_online
+    import gkd
+    import grpo
+    import rlmt
+    cuda = device == "cuda"
+    g = grpo.resolve_defaults(grpo.Args(model="smollm2", device=device))
+    assert (g.lr, g.lora_r, g.lora_alpha) == ((1e-5, 128, 256.0) if cuda else (1e-4, 16, 32.0))
+    assert g.load_in_4bit is g.gradient_checkpointing is cuda
+    d = dpo_online.resolve_defaults(dpo_online.Args(model="smollm2", device=device))
+    assert (d.lr, d.lora_r, d.gradient_checkpointing) == ((5e-6, 64, True) if cuda else (1e-4, 16, False))
+    r = rlmt.resolve_defaults(rlmt.Args(model="smollm2", device=device))
+    assert (r.lr, r.lora_r, r.load_in_4bit, r.gradient_checkpointing) == ((1e-7, 64, True, True) if cuda else
+                                                                          (1e-4, 16, False, False))
+    assert (r.max_steps, r.max_grad_norm) == (200, 0.1)  # the card's other settings stay on either device
+    k = gkd.resolve_defaults(gkd.Args(model="smollm2", teacher="smollm2", device=device))
+    assert (k.lr, k.lora_r, k.full) == (1e-4, 128 if cuda else 16, False)
+    assert f"defaults for smollm2 on {device}: lr " in capsys.readouterr().out
+    # a flag wins on either device; the toy keeps its own setup
+    g = grpo.resolve_defaults(grpo.Args(model="smollm2", device=device, lr=3e-5, lora_r=8, load_in_4bit=False))
+    assert (g.lr, g.lora_r, g.load_in_4bit, g.gradient_checkpointing) == (3e-5, 8, False, cuda)
+    t = grpo.resolve_defaults(grpo.Args(device=device))
+    assert (t.lr, t.lora_r, t.load_in_4bit, t.gradient_checkpointing) == (3e-4, 16, False, False)
+    assert gkd.resolve_defaults(gkd.Args(device=device)).lora_r == 128

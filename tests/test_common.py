@@ -189,6 +189,25 @@ def test_metrics_logger(tmp_path):
             common.MetricsLogger(tmp_path, report_to="wandb")
 
 
+def test_json_files_are_strict_json(tmp_path):
+    # JSON has no NaN / Infinity: a non-finite value is written as null, wherever it sits
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    def lines(path):
+        return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    log = common.MetricsLogger(tmp_path)
+    log.log(1, {"kl": float("nan"), "loss": float("inf"), "t": torch.tensor([1.0, float("-inf")]),
+                "a": np.float32("nan"), "nested": {"x": [float("nan"), 2.0]}, "ok": 0.5})
+    assert lines(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "kl": None, "loss": None, "t": [1.0, None], "a": None, "nested": {"x": [None, 2.0]}, "ok": 0.5}]
+    common.atomic_write_json(tmp_path / "summary.json", {"heldout": {"before": float("nan"), "after": 1.0}})
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary == {"heldout": {"before": None, "after": 1.0}}
+    common.write_jsonl(tmp_path / "s.jsonl", [{"r": float("inf")}])
+    assert lines(tmp_path / "s.jsonl") == [{"r": None}]
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 

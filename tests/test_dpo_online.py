@@ -234,9 +234,10 @@ def test_bad_input_is_one_line(tmp_path):
 
 class ToyJudgeServer:
     """/v1/chat/completions answering the paper's quality prompt with the toy continuation judge's verdict, in
-    words ending "Conclusion: Option N", as an LLM judge would; counts the requests it answered."""
+    words ending "Conclusion: Option N", as an LLM judge would; counts the requests it answered. After
+    `answers_before_garbage` requests (if given) it answers no verdict at all."""
 
-    def __init__(self):
+    def __init__(self, answers_before_garbage: int | None = None):
         self.requests = 0
         judge, outer = toy.ContinuationJudge(), self
 
@@ -252,6 +253,8 @@ class ToyJudgeServer:
                 second = rest.rpartition("\n\nJudge which continuation")[0]
                 p = judge.prefer([prefix], [first], [second])[0]
                 text = "I compared the two.\n\nConclusion: Option " + ("1" if p is not None and p >= 0.5 else "2")
+                if answers_before_garbage is not None and outer.requests >= answers_before_garbage:
+                    text = "Both are fine, I think."
                 payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
                 with threading.Lock():
                     outer.requests += 1
@@ -289,6 +292,19 @@ def test_http_judge_run_cache_and_dead_server(tmp_path):
     proc = run_dpo(tmp_path / "dead", *flags, expect=2)  # a fresh run dir (no cache) against the closed port
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: judge {server.url}/v1/chat/completions: connection refused (after 2 tries)"), line
+
+
+def test_a_failed_final_evaluation_keeps_the_trained_adapter(tmp_path):
+    server = ToyJudgeServer(answers_before_garbage=2 * 6 * 2)  # the training step's verdicts, then none
+    out = tmp_path / "run"
+    try:
+        proc = run_dpo(out, "--judge", server.url, "--judge-model", "toy-judge", "--judge-retries", "0",
+                       "--max-steps", "1", expect=2)
+    finally:
+        server.close()
+    assert "no held-out comparison got a valid verdict" in proc.stderr.strip().splitlines()[-1]
+    assert (out / lora.WEIGHTS_NAME).is_file() and (out / "adapter_config.json").is_file()
+    assert [r for r in metrics(out) if "loss" in r]  # the step it trained is logged
 
 
 _free_port = free_port

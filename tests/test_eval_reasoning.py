@@ -126,6 +126,15 @@ def test_intervals_wilson_for_small_binary_sets_and_paired_deltas():
     assert (lo, hi) == pytest.approx((0.625 - half, 0.625 + half))
     mean, se, ci = ev.paired([1.0, 0.5, 0.75], [0.5, 0.5, 0.25])
     assert mean == pytest.approx(1 / 3) and ci[0] < mean < ci[1]
+    # a rate's interval stays in [0, 1] and a difference of rates' in [-1, 1], however wide the normal one is
+    lo, hi = ev.interval([1.0, 1.0, 1.0, 0.5])
+    assert lo == pytest.approx(0.875 - 1.96 * 0.25 / 2) and hi == 1.0
+    assert ev.interval([0.0, 0.0, 0.5])[0] == 0.0 and ev.interval([0.0] * 400 + [1.0])[0] == 0.0  # normal, n > 300
+    _, _, ci = ev.paired([1.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    assert ci[1] == 1.0 and ci[0] > -1.0
+    _, _, ci = ev.paired([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])
+    assert ci[0] == -1.0
+    assert all(math.isnan(x) for x in ev.interval([0.5]))
 
 
 def test_score_benchmark_counts_per_question():

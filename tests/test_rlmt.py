@@ -54,8 +54,54 @@ def test_external_boundary_is_masked_exactly_and_inserted_after_every_thought(po
         assert tok.decode(s.roll.completion_ids[i, start:start + s.answer_len[i]], skip_special_tokens=True).strip() == a
 
 
+def _smollm2_tokenizer():
+    try:
+        return common.load_tokenizer("smollm2")
+    except common.MissingError as e:
+        pytest.skip(str(e))
+
+
 def test_model_boundary_takes_the_text_after_the_first_close():
-    assert rlmt.first_close([5, 7, 3, 9, 3, 1], 3) == 2 and rlmt.first_close([5, 7], 3) is None
+    from test_sampling import ScriptedLM
+
+    tok = toy.load_tokenizer()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    x, y = enc("xy")
+    model = ScriptedLM({x: enc("ab</think>\n\nok</think>z<|im_end|>"), y: enc("abc<|im_end|>")}, len(tok))
+    s = rlmt.sample_thought_then_answer(model, tok, [[x], [y]], G=1, boundary="model", thought_tokens=8,
+                                        answer_tokens=8, temperature=1.0, top_p=1.0, generator=None)
+    assert s.answers == ["ok</think>z", ""] and s.has_answer == [True, False]
+    assert s.thought_len == [2, 4] and s.answer_len == [len(enc("\n\nok</think>z<|im_end|>")), 0]
+
+
+@pytest.mark.parametrize("boundary", ["external", "model"])
+def test_multi_token_close_on_smollm2(boundary, capsys):
+    """SmolLM2 writes </think> in three pieces: the thought still stops there and the response follows it."""
+    from test_sampling import ScriptedLM
+
+    tok = _smollm2_tokenizer()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    close = enc(rlmt.THINK_CLOSE)
+    assert len(close) == 3 and tok.convert_tokens_to_ids(rlmt.THINK_CLOSE) in (None, tok.unk_token_id)
+    prompt = enc("Q: 2+2? Think:")
+    thought = enc(" I add 2 and 2.</think>\n\nThe sum is 4<|im_end|>")
+    bound = enc("\n" + rlmt.THINK_CLOSE + "\n\n")
+    scripts = {prompt[-1]: thought, bound[-1]: enc("It is 4.<|im_end|>")}
+    model = ScriptedLM(scripts, len(tok))
+    s = rlmt.sample_thought_then_answer(model, tok, [prompt], G=2, boundary=boundary, thought_tokens=30,
+                                        answer_tokens=10, temperature=1.0, top_p=1.0, generator=None)
+    ids = s.roll.completion_ids[0][s.roll.completion_mask[0].bool()].tolist()
+    t = s.thought_len[0]
+    assert tok.decode(ids[:t]) == " I add 2 and 2." and s.closed == [True, True] and s.has_answer == [True, True]
+    if boundary == "external":  # stopped on the text, the policy's pieces dropped, ours inserted and masked out
+        assert ids[t:t + len(bound)] == bound and s.loss_mask[0, t:t + len(bound)].tolist() == [0] * len(bound)
+        assert s.answers == ["It is 4."] * 2 and tok.decode(ids[t + len(bound):]) == "It is 4.<|im_end|>"
+    else:
+        assert s.answers == ["The sum is 4"] * 2 and s.answer_len[0] == len(enc("\n\nThe sum is 4<|im_end|>"))
+    rlmt.load_prompts(tok, data="toy", eval_data="", task="chat", seed=0, n_eval=2, toy_train_size=2,
+                      max_prompt_length=1024)
+    err = capsys.readouterr().err
+    assert err.count("rlmt.py: </think> is 3 tokens of this tokenizer") == 1 and len(err.strip().splitlines()) == 1
 
 
 class Recorder:
@@ -141,6 +187,10 @@ def test_group_advantages_and_paired_comparison():
     half = 1.96 * torch.tensor(d).std().item() / 2
     assert c["mean_reward_delta"] == pytest.approx(0.05) and c["delta_ci"] == pytest.approx([0.05 - half, 0.05 + half])
     assert (c["right_better"], c["left_better"], c["tie"], c["shared_prefixes"]) == (0.5, 0.25, 0.25, 4)
+    # a difference of rewards in [0, 1] lies in [-1, 1], and so does its interval (width 2 with a -1 missing reward)
+    wide = rlmt.compare({"per_prefix": [0.0, 0.0, 1.0]}, {"per_prefix": [1.0, 1.0, 0.0]})["delta_ci"]
+    assert wide[1] == 1.0 and -1.0 < wide[0] < 0.0
+    assert rlmt.compare({"per_prefix": [0.5]}, {"per_prefix": [1.0]}, span=2.0)["delta_ci"] == [-2.0, 2.0]
 
 
 def test_artifact_rate():

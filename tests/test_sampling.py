@@ -4,6 +4,7 @@ import types
 import pytest
 import torch
 
+import common
 import sampling
 from sampling import Rollout
 from test_common import char_tokenizer, model, qwen3_tokenizer, tiny_qwen3, tok  # noqa: F401 (fixtures)
@@ -489,3 +490,24 @@ def test_nucleus_from_a_top_k_equals_the_full_sort():
     for top_p in (0.3, 0.9, 0.95, 0.999):
         for rows in (slice(0, 7), slice(7, 12), slice(0, 12)):
             assert torch.equal(sampling._nucleus(probs[rows], top_p), by_sort(probs[rows], top_p)), (top_p, rows)
+
+
+def test_stop_ids_are_eos_generation_config_and_the_templates_end_of_turn():
+    import toy
+
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=None))
+    tok = toy.load_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # a base model's EOS: the chat template still ends turns with <|im_end|>
+    assert sampling.stop_token_ids(model, tok) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+    # a template of other strings (Llama 3 style: the end of turn straight after the content, no newline)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_start|>{% endfor %}"
+    assert sampling.stop_token_ids(model, tok) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>"]))
+    tok.chat_template = None  # no template: EOS and the generation config only
+    model.generation_config.eos_token_id = [7, 8]
+    assert sampling.stop_token_ids(model, tok) == sorted({tok.eos_token_id, 7, 8})
+    try:
+        smol = common.load_tokenizer("smollm2")
+    except common.MissingError as e:
+        pytest.skip(str(e))
+    model.generation_config.eos_token_id = None
+    assert smol.convert_ids_to_tokens(sampling.stop_token_ids(model, smol)) == ["<|im_end|>"]

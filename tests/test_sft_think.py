@@ -64,9 +64,63 @@ def test_toy_and_real_tokenizers_mask_the_same_text():
 
 
 def test_template_that_cannot_be_masked_is_a_clear_error():
-    tok = toy.load_tokenizer(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
-    with pytest.raises(ValueError, match="generation"):
-        sft_think.training_template(tok)
+    # a template that rewrites earlier turns (here: a running count in front) has no turn-by-turn mask
+    tok = toy.load_tokenizer(chat_template="{{ messages|length }}{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    template = sft_think.training_template(tok)
+    with pytest.raises(common.ConfigError, match="generation"):
+        sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, template, False)
+
+
+def test_rows_without_messages_need_no_template_and_any_template_is_masked_turn_by_turn():
+    tok = toy.load_tokenizer()
+    tok.chat_template = None
+    assert sft_think.training_template(tok) is None
+    ids, mask = sft_think.encode_row({"text": "ab"}, "x:1", tok, None, False)
+    assert tok.decode(ids) == "ab<|im_end|>" and mask == [1, 1, 1]
+    ids, mask = sft_think.encode_row({"prompt": "Q", "completion": "A"}, "x:2", tok, None, False)
+    assert mask == [0, 1, 1] and tok.decode(ids) == "QA<|im_end|>"
+    with pytest.raises(common.ConfigError, match="x:3: chat messages need a chat template"):
+        sft_think.encode_row({"messages": CONVERSATION}, "x:3", tok, None, False)
+    # a ChatML template that knows nothing of reasoning_content: the thought goes into the content, masked turn by turn
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    template = sft_think.training_template(tok)
+    assert template == tok.chat_template
+    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:4", tok, template, False)
+    assert masked_spans(tok, ids, mask) == ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+                                            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>"]
+
+
+def test_smollm2_messages_mask_and_new_think_tokens():
+    try:
+        tok = common.load_tokenizer("smollm2")
+    except common.MissingError as e:
+        pytest.skip(str(e))
+    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False)
+    assert masked_spans(tok, ids, mask) == ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+                                            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>"]
+    old_pieces = {t: tok(t, add_special_tokens=False)["input_ids"] for t in ("<think>", "</think>")}
+    added = sft_think.add_train_tokens(tok, "<think>, </think>")
+    assert added == old_pieces and all(len(p) > 1 for p in added.values())
+    new_ids = [tok.convert_tokens_to_ids(t) for t in added]
+    assert new_ids == [49152, 49153] and all(tok(t, add_special_tokens=False)["input_ids"] == [i]
+                                             for t, i in zip(added, new_ids))
+    assert tok.decode(new_ids, skip_special_tokens=True) == "<think></think>"  # ordinary tokens: text keeps them
+    model = common.load_model("smollm2", device="cpu")
+    before = model.get_input_embeddings().weight.detach().clone()
+    params, rows = sft_think.setup_trainable(model, tok, "<think>,</think>", False, False, 8, 16.0, 0.0, added)
+    w = model.get_input_embeddings().weight
+    assert w.shape[0] == 49154 and model.get_output_embeddings().weight is w and len(params) == 1
+    assert rows.tolist() == new_ids and torch.equal(w[:49152], before)
+    for i, pieces in zip(new_ids, added.values()):
+        assert torch.allclose(w[i], before[pieces].mean(0))
+    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False)
+    assert ids.count(new_ids[0]) == 2 and ids.count(new_ids[1]) == 2
+    x, attn, loss_mask, _ = sft_think.collate([(ids, mask)], tok.pad_token_id, "cpu")
+    nll, _ = sft_think.masked_nll_sum(model, x, attn, loss_mask, None, rows)
+    nll.backward()
+    grad_rows = w.grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert grad_rows == new_ids and torch.isfinite(nll)
 
 
 def test_bad_rows_name_file_and_line():
