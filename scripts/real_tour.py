@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 
-DATA = ROOT / "data" / "word_problems"
+DATA = Path("data") / "word_problems"  # relative: the stages run in the repo root
 # SFT: a small LoRA learns the format fast; GRPO: 8 samples per prompt at T 1.0 (grpo.py's hub default)
 SFT = ["--max-steps", "40", "--batch-size", "8", "--micro-batch-size", "8", "--max-length", "256", "--lr", "2e-4",
        "--eval-size", "16"]
-GRPO = ["--max-steps", "12", "--batch-size", "4", "--num-generations", "8", "--max-completion-length", "96",
+GRPO = ["--max-steps", "10", "--batch-size", "4", "--num-generations", "8", "--max-completion-length", "96",
         "--lr", "5e-5", "--reward", "correct:1.0,format:0.1", "--eval-size", "16", "--eval-samples", "2"]
-EVAL = ["--benchmarks", "gsm8k", "--limit", "48", "--num-samples", "4", "--max-new-tokens", "128",
+EVAL = ["--benchmarks", "gsm8k", "--limit", "40", "--num-samples", "4", "--max-new-tokens", "128",
         "--temperature", "0.6", "--top-p", "1.0"]
 FORMAT = re.compile(r"<think>.*?</think>.*^#### *-?[\d,]+(\.\d+)?\s*$", re.DOTALL | re.MULTILINE)
 
@@ -49,7 +49,7 @@ def stages(r: Path, model: str) -> list[tuple[str, list[str]]]:
     train, test = str(DATA / "train.jsonl"), str(DATA / "test.jsonl")
     m = ["--model", model]
     return [
-        ("sft_think", ["sft_think.py", *m, "--data", train, "--eval-data", test, *SFT]),
+        ("sft_think", ["sft_think.py", *m, "--data", train, *SFT]),  # val loss on 16 rows held out of train
         ("grpo", ["grpo.py", *m, "--data", train, "--eval-data", test, "--init-adapter", str(r / "sft_think"), *GRPO]),
         ("eval", ["eval_reasoning.py", *m, "--arms", f"base=,sft={r / 'sft_think'},grpo={r / 'grpo'}",
                   "--data", f"gsm8k={test}", "--compare", "sft-base,grpo-base,grpo-sft", *EVAL]),
