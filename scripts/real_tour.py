@@ -22,17 +22,16 @@ import argparse
 import json
 import math
 import re
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import common  # noqa: E402
+import study  # noqa: E402  (scripts/: its stage runner)
 
 DATA = Path("data") / "word_problems"  # relative: the stages run in the repo root
 # SFT: a small LoRA learns the format fast; GRPO: 8 samples per prompt at T 1.0 (grpo.py's hub default)
@@ -121,18 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = p.parse_args(argv)
     r = Path(a.runs)
-    walls: dict[str, float] = {}
-    todo = stages(r, a.model)
-    for k, (name, argv_) in enumerate(todo, 1):
-        cmd = [sys.executable, *argv_, "--out", str(r / name)]
-        print(f"\n==> stage {k} of {len(todo)}: {name}\n$ python {shlex.join(cmd[1:])}", flush=True)
-        if a.dry_run:
-            continue
-        t0 = time.perf_counter()
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"real_tour: stage {name} failed (its run directory: {r / name})")
-        walls[name] = time.perf_counter() - t0
-        print(f"==> {name}: {walls[name]:.0f} s", flush=True)
+    walls = study.run_stages(stages(r, a.model), r, a.dry_run, who="real_tour")
     if a.dry_run:
         return
     text, result = tables(r, walls)

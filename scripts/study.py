@@ -185,6 +185,23 @@ def tables(r: Path, quick: bool, walls: dict[str, float]) -> str:
     return "\n".join(out)
 
 
+def run_stages(todo: list[tuple[str, list[str]]], r: Path, dry_run: bool = False, who: str = "study") -> dict:
+    """Run each stage's command (`python <argv> --out r/<name>`) in the repo root, printing it first; a failed stage
+    ends the run. Returns each stage's wall seconds."""
+    walls: dict[str, float] = {}
+    for k, (name, argv_) in enumerate(todo, 1):
+        cmd = [sys.executable, *argv_, "--out", str(r / name)]
+        print(f"\n==> stage {k} of {len(todo)}: {name}\n$ python {shlex.join(cmd[1:])}", flush=True)
+        if dry_run:
+            continue
+        t0 = time.perf_counter()
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"{who}: stage {name} failed (its run directory: {r / name})")
+        walls[name] = time.perf_counter() - t0
+        print(f"==> {name}: {walls[name]:.0f} s", flush=True)
+    return walls
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the short tour: thinking SFT, then GRPO from its adapter")
@@ -193,17 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tables-only", action="store_true", help="print the tables of finished stages, run nothing")
     a = p.parse_args(argv)
     r = Path(a.runs or ("runs" if a.quick else "runs/study"))
-    walls: dict[str, float] = {}
-    for name, argv_ in ([] if a.tables_only else stages(r, a.quick)):
-        cmd = [sys.executable, *argv_, "--out", str(r / name)]
-        print(f"\n==> {name}\n$ python {shlex.join(cmd[1:])}", flush=True)
-        if a.dry_run:
-            continue
-        t0 = time.perf_counter()
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"study: stage {name} failed (its run directory: {r / name})")
-        walls[name] = time.perf_counter() - t0
-        print(f"==> {name}: {walls[name]:.0f} s", flush=True)
+    walls = run_stages([] if a.tables_only else stages(r, a.quick), r, a.dry_run)
     if a.dry_run:
         return
     if a.tables_only:

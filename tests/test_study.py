@@ -42,6 +42,6 @@ def test_dry_run_prints_every_command(tmp_path):
     proc = run_script("scripts/study.py", "--dry-run", "--runs", tmp_path / "s")
     names = [n for n, _ in study.stages(tmp_path / "s", False)]
     assert proc.stdout.count("\n$ python ") == len(names)
-    for n in names:
-        assert f"==> {n}\n" in proc.stdout and f"--out {tmp_path / 's' / n}" in proc.stdout
+    for k, n in enumerate(names, 1):
+        assert f"==> stage {k} of {len(names)}: {n}\n" in proc.stdout and f"--out {tmp_path / 's' / n}" in proc.stdout
     assert not (tmp_path / "s").exists()
