@@ -33,8 +33,8 @@ def commands(r: Path, docs: Path) -> list[tuple[str, list[str]]]:
                   "--batch-size", "4", "--num-generations", "8", "--max-completion-length", "96", "--lr", "5e-5",
                   "--eval-size", "8", "--eval-samples", "2"]),
         ("dpo_online", ["dpo_online.py", *M, "--data", str(docs), "--judge", "smollm2", "--max-steps", "3",
-                        "--batch-size", "2", "--num-rollouts", "4", "--prefix-tokens", "48", "--suffix-tokens", "24",
-                        "--eval-size", "8"]),
+                        "--batch-size", "2", "--num-rollouts", "4", "--prefix-tokens", "24", "--suffix-tokens", "16",
+                        "--skip-short-documents", "--eval-size", "8"]),
         ("rlmt", ["rlmt.py", *M, "--data", TRAIN, "--eval-data", TEST, "--init-adapter", sft, "--judge", "smollm2",
                   "--max-steps", "3", "--batch-size", "2", "--num-generations", "8", "--thought-tokens", "64",
                   "--answer-tokens", "32", "--gate-prefixes", "8"]),
@@ -59,8 +59,8 @@ def describe(name: str, out: Path) -> dict:
     if isinstance(held, dict) and "metric" in held:
         res["metric"] = f"{held['metric']} {held.get('before')} -> {held.get('after')}"
     if name == "sft_think":
-        res["metric"] = (f"loss {rows[0].get('loss'):.3f} -> {[r for r in rows if 'loss' in r][-1]['loss']:.3f}; "
-                         + res.get("metric", ""))
+        losses = [r["loss"] for r in rows if "loss" in r]
+        res["metric"] = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; " + res.get("metric", "")
         res["tok_s"] = [r for r in rows if "tokens_per_s" in r][-1]["tokens_per_s"]
     if name == "karcher_merge":
         arms = {e["arm"]: e["all/nll"] for e in summary["eval"]}
@@ -87,7 +87,8 @@ def main() -> None:
         rows = [json.loads(x) for x in (ROOT / TRAIN).read_text().splitlines()[:200]]
         docs.write_text("".join(json.dumps({"text": x["question"] + " " + x["answer"].replace("\n", " ")}) + "\n"
                                 for x in rows))
-        results = {}
+        previous = ROOT / a.out / "real_model.json"  # --only updates the rows it reruns
+        results = json.loads(previous.read_text()) if a.only and previous.exists() else {}
         for name, argv in commands(r, docs):
             if a.only and name not in a.only.split(","):
                 continue
@@ -97,14 +98,15 @@ def main() -> None:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            results[name] = {"command": "python " + shlex.join(argv), "process_s": time.perf_counter() - t0,
+            shown = "python " + shlex.join(argv).replace(str(r), "<runs>")  # no path of this machine in results
+            results[name] = {"command": shown, "process_s": time.perf_counter() - t0,
                              **describe(name, r / name)}
             print(json.dumps(results[name]), flush=True)
     lines = ["| script | step (s) | peak MB | wall (s) | metrics |", "|---|---|---|---|---|"]
     for name, v in results.items():
         step = f"{v['step_s']:.1f}" if v.get("step_s") else (f"{v['tok_s']:.0f} tok/s" if v.get("tok_s") else "-")
         lines.append(f"| {name} | {step} | {v['peak_mb']:.0f} | {v['wall_s']:.0f} | {v.get('metric', '')} |")
-    lines += ["", "Commands (run directories under --out of each):", ""]
+    lines += ["", "Commands (`<runs>`: --runs, each run in <runs>/<script>; --out <runs>/<script> added):", ""]
     lines += [f"- {name}: `{v['command']}`" for name, v in results.items()]
     text = "\n".join(lines) + "\n"
     out = ROOT / a.out
