@@ -123,7 +123,7 @@ def test_dpo_online_with_the_real_model_as_its_own_judge(docs, tmp_path):
     train = [r for r in rows if "loss" in r]
     assert len(train) == 2
     # a logprob verdict always parses on ordinary text: nothing is left out as invalid
-    assert all(r.get("judge/invalid_rate", 0.0) == 0.0 for r in train), train
+    assert all(r["judge/invalid_rate"] == 0.0 for r in train), train
     assert (out / "adapter_model.safetensors").exists()
 
 
@@ -135,7 +135,7 @@ def test_rlmt_judges_the_answer_after_a_multi_token_think_close(boundary, heldou
                "--answer-tokens", "12", "--max-steps", "1", "--gate-prefixes", "2", "--out", out)
     rows = _finite_metrics(out)
     train = [r for r in rows if "reward" in r]
-    assert train and all(r.get("judge/invalid_rate", 0.0) < 1.0 for r in train), train
+    assert train and all(r["judge/invalid_rate"] < 1.0 for r in train), train
     assert (out / "adapter_model.safetensors").exists()
 
 
