@@ -1,37 +1,42 @@
-"""Self-improving pretraining: online DPO over K rollouts of each document prefix, judged full-pairwise.
+"""Self-improving pretraining: online DPO over K rollouts of each document prefix, judged
+full-pairwise.
 
-Self-Improving Pretraining (arXiv 2601.21343) continues pretraining a model on a stream of documents cut into a
-prefix x and the suffix that follows it. For every prefix the policy writes K continuations at T = 1.0, top-p 1.0
-(sec. 1.1.1); with the original suffix they are K + 1 candidates. A judge compares every pair of candidates, each
-pair in both orders so position bias cancels, and a candidate's score is its mean win rate (sec. 1.1.2: all pairs
-did better than judging against one pivot). The update is DPO (Rafailov et al., arXiv 2305.18290) on pairs of
-candidates, chosen y_c = the best scored and rejected y_r = the worst (the paper's choice; `--pairs all` trains
+Self-Improving Pretraining (arXiv 2601.21343) continues pretraining a model on a stream of documents
+cut into a prefix x and the suffix that follows it. For every prefix the policy writes K
+continuations at T = 1.0, top-p 1.0 (sec. 1.1.1); with the original suffix they are K + 1
+candidates. A judge compares every pair of candidates, each pair in both orders so position bias
+cancels, and a candidate's score is its mean win rate (sec. 1.1.2: all pairs did better than judging
+against one pivot). The update is DPO (Rafailov et al., arXiv 2305.18290) on pairs of candidates,
+chosen y_c = the best scored and rejected y_r = the worst (the paper's choice; `--pairs all` trains
 on every score-ordered pair, each prefix weighted equally):
 
     h     = [log pi(y_c|x) - log pi(y_r|x)] - [log pi_ref(y_c|x) - log pi_ref(y_r|x)]    (summed token log-probs)
     L     = -log sigmoid(beta h)                                    --loss sigmoid (DPO, eq. 7)
             (h - 1 / (2 beta))^2                                    --loss ipo (IPO, arXiv 2310.12036, eq. 17)
 
-pi_ref is the starting model: the same weights with LoRA switched off. Each candidate's policy and reference
-log-probs are computed once (one sequence pass each) and indexed into its pairs. A prefix whose candidates all
-score the same gives no pair and is dropped (counted). The model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking
-ran this with K = 16 on Qwen3-0.6B-Base; its trained model beat the base on 81/128 held-out pairwise
-continuation comparisons (63.28%). The evaluation here is that comparison: on held-out prefixes the trained
-policy and the starting model each write a continuation, the judge compares the two in both orders (a tie
-counts 1/2), and the win rate comes with a 95% interval.
+pi_ref is the starting model: the same weights with LoRA switched off. Each candidate's policy and
+reference log-probs are computed once (one sequence pass each) and indexed into its pairs. A prefix
+whose candidates all score the same gives no pair and is dropped (counted). The model card
+Jarrodbarnes/qwen3-0.6B-interleaved-thinking ran this with K = 16 on Qwen3-0.6B-Base; its trained
+model beat the base on 81/128 held-out pairwise continuation comparisons (63.28%). The evaluation
+here is that comparison: on held-out prefixes the trained policy and the starting model each write a
+continuation, the judge compares the two in both orders (a tie counts 1/2), and the win rate comes
+with a 95% interval.
 
-Judges (`--judge`): "toy" (the toy world's continuation judge, which checks every continuation line against
-the facts of the prefix), an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`) or a model directory / hub
-id run in this process. LLM judges get the paper's quality prompt (fig. 2) and answer "Conclusion: Option 1" or
-"Option 2": a model in this process by default continues that prefix for one token, P(option 1) = p1 / (p1 + p2)
-(--judge-verdict logprobs); a server, or --judge-verdict generate, writes an explanation ending in it. A verdict
-that does not parse (or whose "1" and "2" carry almost no probability) is invalid: counted and logged, and the pair
-is left out, never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or --resume
-asks the judge only what it has not asked before.
+Judges (`--judge`): "toy" (the toy world's continuation judge, which checks every continuation line
+against the facts of the prefix), an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`) or a
+model directory / hub id run in this process. LLM judges get the paper's quality prompt (fig. 2) and
+answer "Conclusion: Option 1" or "Option 2": a model in this process by default continues that
+prefix for one token, P(option 1) = p1 / (p1 + p2) (--judge-verdict logprobs); a server, or
+--judge-verdict generate, writes an explanation ending in it. A verdict that does not parse (or
+whose "1" and "2" carry almost no probability) is invalid: counted and logged, and the pair is left
+out, never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or
+--resume asks the judge only what it has not asked before.
 
-On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts of 128 tokens, rollout-vs-rollout pairs)
-the trained policy beat the toy base on 0.657 of 128 held-out prefixes, 95% interval [0.601, 0.714] (README: the
-variants tried, and the ways the policy learned to game the toy judge before they were closed).
+On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts of 128 tokens,
+rollout-vs-rollout pairs) the trained policy beat the toy base on 0.657 of 128 held-out prefixes,
+95% interval [0.601, 0.714] (README: the variants tried, and the ways the policy learned to game the
+toy judge before they were closed).
 
 Run:
     python dpo_online.py                                   # toy documents, toy judge, from the toy base
@@ -42,6 +47,7 @@ Run:
     torchrun --nproc_per_node 4 dpo_online.py --model Qwen/Qwen3-1.7B-Base --data docs.jsonl \\
         --judge http://127.0.0.1:8001 --judge-model Qwen/Qwen3-8B --pairs all
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +61,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common
+import cli
+import dataio
+import distributed
+import errors
 import judges
+import lifecycle
+import loading
 import lora
 import sampling
 import toy
@@ -64,73 +75,175 @@ import toy
 
 @dataclass
 class Args:
-    model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
-    data: str = field(default="toy", metadata={"help": "documents: JSONL {'text', 'domain'?} or a dataset id; 'toy' = "
-                                                       "the toy story / news / code documents"})
-    eval_data: str = field(default="", metadata={"help": "held-out documents (default: the toy test split, or the "
-                                                         "last --eval-size documents of --data)"})
-    init_adapter: str = field(default="", metadata={"help": "PEFT adapter merged into the model first (the starting "
-                                                            "model, and so the reference and the evaluation's base)"})
+    model: str = field(
+        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
+    )
+    data: str = field(
+        default="toy",
+        metadata={
+            "help": "documents: JSONL {'text', 'domain'?} or a dataset id; 'toy' = "
+            "the toy story / news / code documents"
+        },
+    )
+    eval_data: str = field(
+        default="",
+        metadata={
+            "help": "held-out documents (default: the toy test split, or the "
+            "last --eval-size documents of --data)"
+        },
+    )
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "PEFT adapter merged into the model first (the starting "
+            "model, and so the reference and the evaluation's base)"
+        },
+    )
     out: str = field(default="runs/dpo_online", metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling, ties)"})
-    prefix_tokens: int | None = field(default=None, metadata={"help": "tokens of a document shown as the prefix "
-                                                                      "(default 192 toy, 384 hub model)"})
-    suffix_tokens: int = field(default=128, metadata={"help": "tokens of the original suffix, and new tokens per "
-                                                              "rollout (the paper: 128)"})
-    skip_short_documents: bool = field(default=False, metadata={"help": "skip (and count) documents shorter than "
-                                                                        "prefix + suffix instead of stopping (always "
-                                                                        "on for the toy documents)"})
-    num_rollouts: int | None = field(default=None, metadata={"help": "K: policy rollouts per prefix, besides the "
-                                                                     "original suffix (default 8 toy, 16 hub model)"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (the paper: 1.0)"})
-    stop_at_eos: bool = field(default=False, metadata={
-        "help": "end a rollout at an end-of-text token; by default every rollout is --suffix-tokens long, the length "
-                "of the original suffix (on the toy, stopping early let the policy win by writing less)"})
-    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling (the paper: 1.0)"})
-    include_original: bool | None = field(default=None, metadata={
-        "help": "the original suffix is a candidate (default: on for a hub model, as in the paper; off for the toy, "
-                "whose original suffix is consistent by construction and so is always the chosen one: every pair "
-                "is then original-vs-rollout, which moved the toy's win rate far less (README))"})
-    pairs: Literal["best-worst", "all"] = field(default="best-worst", metadata={
-        "help": "best-worst: one pair per prefix, highest vs lowest score (the paper); all: every pair with "
-                "different scores, weighted 1 / pairs per prefix"})
+    seed: int = field(
+        default=0, metadata={"help": "random seed (data order, LoRA init, sampling, ties)"}
+    )
+    prefix_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "tokens of a document shown as the prefix (default 192 toy, 384 hub model)"
+        },
+    )
+    suffix_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "tokens of the original suffix, and new tokens per rollout (the paper: 128)"
+        },
+    )
+    skip_short_documents: bool = field(
+        default=False,
+        metadata={
+            "help": "skip (and count) documents shorter than "
+            "prefix + suffix instead of stopping (always "
+            "on for the toy documents)"
+        },
+    )
+    num_rollouts: int | None = field(
+        default=None,
+        metadata={
+            "help": "K: policy rollouts per prefix, besides the "
+            "original suffix (default 8 toy, 16 hub model)"
+        },
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "rollout sampling temperature (the paper: 1.0)"}
+    )
+    stop_at_eos: bool = field(
+        default=False,
+        metadata={
+            "help": "end a rollout at an end-of-text token; by default every rollout is "
+            "--suffix-tokens long, the length "
+            "of the original suffix (on the toy, stopping early let the policy win by writing less)"
+        },
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "rollout nucleus sampling (the paper: 1.0)"}
+    )
+    include_original: bool | None = field(
+        default=None,
+        metadata={
+            "help": "the original suffix is a candidate (default: on for a hub model, as in the "
+            "paper; off for the toy, "
+            "whose original suffix is consistent by construction and so is always the chosen one: "
+            "every pair "
+            "is then original-vs-rollout, which moved the toy's win rate far less (README))"
+        },
+    )
+    pairs: Literal["best-worst", "all"] = field(
+        default="best-worst",
+        metadata={
+            "help": "best-worst: one pair per prefix, highest vs lowest score (the paper); all: "
+            "every pair with "
+            "different scores, weighted 1 / pairs per prefix"
+        },
+    )
     loss: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={"help": "DPO loss"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (the paper does not state it; TRL's default 0.1)"})
-    judge: str = field(default="", metadata={"help": "'toy', an OpenAI-compatible URL, or a model dir / hub id "
-                                                     "(default: toy for toy documents; required otherwise)"})
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO beta (the paper does not state it; TRL's default 0.1)"}
+    )
+    judge: str = field(
+        default="",
+        metadata={
+            "help": "'toy', an OpenAI-compatible URL, or a model dir / hub id "
+            "(default: toy for toy documents; required otherwise)"
+        },
+    )
     judge_model: str = field(default="", metadata={"help": "model name sent to the judge server"})
     judge_concurrency: int = field(default=16, metadata={"help": "judge requests in flight"})
-    judge_timeout: float = field(default=120.0, metadata={"help": "seconds per judge request before a retry"})
+    judge_timeout: float = field(
+        default=120.0, metadata={"help": "seconds per judge request before a retry"}
+    )
     judge_retries: int = field(default=3, metadata={"help": "retries of a failed judge request"})
     judge_max_tokens: int = field(default=512, metadata={"help": "verdict length limit"})
-    judge_verdict: Literal["auto", "logprobs", "generate"] = field(default="auto",
-                                                                   metadata={"help": judges.VERDICT_HELP})
-    judge_temperature: float = field(default=0.0, metadata={"help": "judge sampling temperature (the paper sampled "
-                                                                    "at 1.0; 0 is reproducible)"})
-    judge_cache: str = field(default="auto", metadata={"help": "JSONL cache of judge replies; 'auto' = "
-                                                               "<out>/judge_cache.jsonl, '' = off"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 1e-3 toy; hub model "
-                                                             "5e-6 on CUDA, 1e-4 on a CPU"})
+    judge_verdict: Literal["auto", "logprobs", "generate"] = field(
+        default="auto", metadata={"help": judges.VERDICT_HELP}
+    )
+    judge_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "judge sampling temperature (the paper sampled at 1.0; 0 is reproducible)"
+        },
+    )
+    judge_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"
+        },
+    )
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate (AdamW); default 1e-3 toy; hub model "
+            "5e-6 on CUDA, 1e-4 on a CPU"
+        },
+    )
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 150 toy, 500 hub model)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps (default 150 toy, 500 hub model)"}
+    )
     batch_size: int = field(default=4, metadata={"help": "prefixes per optimizer step per device"})
-    micro_batch_size: int = field(default=32, metadata={"help": "candidate sequences per forward/backward (whole "
-                                                                "prefixes at a time)"})
+    micro_batch_size: int = field(
+        default=32,
+        metadata={"help": "candidate sequences per forward/backward (whole prefixes at a time)"},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy or CPU, 64 hub model on "
-                                                               "CUDA)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
+    lora_r: int | None = field(
+        default=None, metadata={"help": "LoRA rank (default 16 toy or CPU, 64 hub model on CUDA)"}
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha (default 2 x rank)"}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA NF4 base"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward "
-                                                                               "(default: on for a hub model on CUDA)"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "recompute activations in backward (default: on for a hub model on CUDA)"
+        },
+    )
     toy_train_size: int = field(default=4000, metadata={"help": "toy training documents"})
     eval_size: int = field(default=128, metadata={"help": "held-out prefixes for the win rate"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = at the end only)"})
-    eval_only: str = field(default="", metadata={"help": "evaluate this adapter (or full model dir) against "
-                                                         "--model (+ --init-adapter) and exit"})
-    log_completions: int = field(default=1, metadata={"help": "prefixes per step written to samples.jsonl"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
+    eval_every: int = field(
+        default=0, metadata={"help": "evaluate every N steps (0 = at the end only)"}
+    )
+    eval_only: str = field(
+        default="",
+        metadata={
+            "help": "evaluate this adapter (or full model dir) against "
+            "--model (+ --init-adapter) and exit"
+        },
+    )
+    log_completions: int = field(
+        default=1, metadata={"help": "prefixes per step written to samples.jsonl"}
+    )
+    save_every: int = field(
+        default=50, metadata={"help": "checkpoint every N steps (for --resume)"}
+    )
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
@@ -138,12 +251,18 @@ class Args:
 
 def resolve_defaults(args: Args) -> Args:
     hub = args.model != "toy"
-    for name, toy_value, hub_value in (("prefix_tokens", 192, 384), ("num_rollouts", 8, 16), ("max_steps", 150, 500)):
+    for name, toy_value, hub_value in (
+        ("prefix_tokens", 192, 384),
+        ("num_rollouts", 8, 16),
+        ("max_steps", 150, 500),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, hub_value if hub else toy_value)
     if hub:  # this setup on CUDA, a lighter one on a CPU (lora.hub_defaults)
         card = {"lr": 5e-6, "lora_r": 64, "gradient_checkpointing": True}
-        vars(args).update(lora.hub_defaults(args.model, common.pick_device(args.device), card, vars(args)))
+        vars(args).update(
+            lora.hub_defaults(args.model, distributed.pick_device(args.device), card, vars(args))
+        )
     for name, toy_value in (("lr", 1e-3), ("lora_r", 16), ("gradient_checkpointing", False)):
         if getattr(args, name) is None:
             setattr(args, name, toy_value)
@@ -153,18 +272,33 @@ def resolve_defaults(args: Args) -> Args:
         args.include_original = hub
     if not args.judge:
         if args.data != "toy":
-            raise common.ConfigError("--judge: documents other than the toy ones need a judge: an OpenAI-compatible "
-                                     "URL (vLLM, SGLang, transformers serve) or a model directory / hub id")
+            raise errors.ConfigError(
+                "--judge: documents other than the toy ones need a judge: an OpenAI-compatible "
+                "URL (vLLM, SGLang, transformers serve) or a model directory / hub id"
+            )
         args.judge = "toy"
     if args.data == "toy":
-        args.skip_short_documents = True  # toy documents run 200-840 characters: keep those long enough
+        args.skip_short_documents = (
+            True  # toy documents run 200-840 characters: keep those long enough
+        )
     if args.num_rollouts + args.include_original < 2:
-        raise common.ConfigError("--num-rollouts: at least two candidates per prefix are needed for a pair")
+        raise errors.ConfigError(
+            "--num-rollouts: at least two candidates per prefix are needed for a pair"
+        )
     if args.beta <= 0:
-        raise common.ConfigError(f"--beta {args.beta}: must be > 0")
-    for name in ("prefix_tokens", "suffix_tokens", "batch_size", "micro_batch_size", "max_steps", "eval_size"):
+        raise errors.ConfigError(f"--beta {args.beta}: must be > 0")
+    for name in (
+        "prefix_tokens",
+        "suffix_tokens",
+        "batch_size",
+        "micro_batch_size",
+        "max_steps",
+        "eval_size",
+    ):
         if getattr(args, name) < 1:
-            raise common.ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+            raise errors.ConfigError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+            )
     if args.judge_cache == "auto":
         args.judge_cache = str(Path(args.out) / "judge_cache.jsonl")
     return args
@@ -174,54 +308,99 @@ def resolve_defaults(args: Args) -> Args:
 # The stream: documents cut by tokens into prefix / suffix windows
 # ---------------------------------------------------------------------------------------------
 
-def cut_windows(rows: list[dict], tokenizer, source: str, prefix_tokens: int, suffix_tokens: int,
-                skip_short: bool) -> tuple[list[dict], int]:
-    """Each document's first prefix_tokens tokens (the prompt) and the suffix_tokens after them (the original
-    continuation): [{"ids", "suffix_ids", "prefix", "suffix", "domain"}], and how many short documents were skipped.
-    A document shorter than prefix + suffix is an error naming file:line, unless `skip_short`."""
+
+def cut_windows(
+    rows: list[dict],
+    tokenizer,
+    source: str,
+    prefix_tokens: int,
+    suffix_tokens: int,
+    skip_short: bool,
+) -> tuple[list[dict], int]:
+    """Each document's first prefix_tokens tokens (the prompt) and the suffix_tokens after them (the
+    original continuation): [{"ids", "suffix_ids", "prefix", "suffix", "domain"}], and how many
+    short documents were skipped. A document shorter than prefix + suffix is an error naming
+    file:line, unless `skip_short`."""
     out, skipped = [], 0
     for i, row in enumerate(rows):
         where = f"{source}:{row.get('_line', i + 1)}"
         text = row.get("text")
         if not isinstance(text, str):
-            raise common.DataError(f"{where}: field 'text': " + ("missing" if text is None else
-                                                                 f"expected str, got {type(text).__name__}"))
+            raise errors.DataError(
+                f"{where}: field 'text': "
+                + ("missing" if text is None else f"expected str, got {type(text).__name__}")
+            )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < prefix_tokens + suffix_tokens:
             if skip_short:
                 skipped += 1
                 continue
-            raise common.DataError(f"{where}: field 'text': {len(ids)} tokens, shorter than --prefix-tokens "
-                                   f"{prefix_tokens} + --suffix-tokens {suffix_tokens} (or pass --skip-short-documents)")
-        pre, suf = ids[:prefix_tokens], ids[prefix_tokens:prefix_tokens + suffix_tokens]
-        out.append({"ids": pre, "suffix_ids": suf, "prefix": tokenizer.decode(pre), "suffix": tokenizer.decode(suf),
-                    "domain": row.get("domain")})
+            raise errors.DataError(
+                f"{where}: field 'text': {len(ids)} tokens, shorter than --prefix-tokens "
+                f"{prefix_tokens} + --suffix-tokens {suffix_tokens} (or pass "
+                "--skip-short-documents)"
+            )
+        pre, suf = ids[:prefix_tokens], ids[prefix_tokens : prefix_tokens + suffix_tokens]
+        out.append(
+            {
+                "ids": pre,
+                "suffix_ids": suf,
+                "prefix": tokenizer.decode(pre),
+                "suffix": tokenizer.decode(suf),
+                "domain": row.get("domain"),
+            }
+        )
     return out, skipped
 
 
-def load_windows(tokenizer, *, data: str, eval_data: str, seed: int, eval_size: int, toy_train_size: int,
-                 prefix_tokens: int, suffix_tokens: int, skip_short: bool) -> tuple[list[dict], list[dict], int]:
-    """Training and held-out windows (toy documents by default), and the number of short documents skipped."""
+def load_windows(
+    tokenizer,
+    *,
+    data: str,
+    eval_data: str,
+    seed: int,
+    eval_size: int,
+    toy_train_size: int,
+    prefix_tokens: int,
+    suffix_tokens: int,
+    skip_short: bool,
+) -> tuple[list[dict], list[dict], int]:
+    """Training and held-out windows (toy documents by default), and the number of short documents
+    skipped."""
     if data == "toy":
-        # twice the documents asked for: the ones shorter than prefix + suffix are skipped, then the rest is cut to size
-        parts = [("toy train", toy.documents("train", 2 * toy_train_size, seed=seed)),
-                 ("toy test", toy.documents("test", 2 * eval_size, seed=seed))]
+        # twice the documents asked for: the ones shorter than prefix + suffix are skipped, then the
+        # rest is cut to size
+        parts = [
+            ("toy train", toy.documents("train", 2 * toy_train_size, seed=seed)),
+            ("toy test", toy.documents("test", 2 * eval_size, seed=seed)),
+        ]
     else:
-        rows = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(data, required=("text",)))]
+        rows = [
+            {**r, "_line": i + 1} for i, r in enumerate(dataio.load_rows(data, required=("text",)))
+        ]
         if eval_data:
-            held = [{**r, "_line": i + 1} for i, r in enumerate(common.load_rows(eval_data, split="test",
-                                                                                 required=("text",)))]
+            held = [
+                {**r, "_line": i + 1}
+                for i, r in enumerate(dataio.load_rows(eval_data, split="test", required=("text",)))
+            ]
             parts = [(data, rows), (eval_data, held[:eval_size])]
         else:
             n_eval = min(eval_size, len(rows) // 5)
             if n_eval < 1:
-                raise common.DataError(f"{data}: {len(rows)} documents; too few to hold some out (or pass --eval-data)")
+                raise errors.DataError(
+                    f"{data}: {len(rows)} documents; too few to hold some out (or pass --eval-data)"
+                )
             parts = [(data, rows[:-n_eval]), (data, rows[-n_eval:])]
-    cut = [cut_windows(rows, tokenizer, source, prefix_tokens, suffix_tokens, skip_short) for source, rows in parts]
+    cut = [
+        cut_windows(rows, tokenizer, source, prefix_tokens, suffix_tokens, skip_short)
+        for source, rows in parts
+    ]
     for (source, _), (windows, _) in zip(parts, cut):
         if not windows:
-            raise common.DataError(f"{source}: no document has --prefix-tokens + --suffix-tokens "
-                                   f"{prefix_tokens + suffix_tokens} tokens")
+            raise errors.DataError(
+                f"{source}: no document has --prefix-tokens + --suffix-tokens "
+                f"{prefix_tokens + suffix_tokens} tokens"
+            )
     if data == "toy":
         return cut[0][0][:toy_train_size], cut[1][0][:eval_size], 0
     return cut[0][0], cut[1][0], cut[0][1] + cut[1][1]
@@ -231,9 +410,13 @@ def load_windows(tokenizer, *, data: str, eval_data: str, seed: int, eval_size: 
 # The DPO pieces with a formula each (tests import them)
 # ---------------------------------------------------------------------------------------------
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str) -> torch.Tensor:
+
+def dpo_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str
+) -> torch.Tensor:
     """Per pair, from summed sequence log-probs [P]: h = (pi_c - pi_r) - (ref_c - ref_r);
-    sigmoid: -log sigmoid(beta h) (DPO, arXiv 2305.18290, eq. 7); ipo: (h - 1/(2 beta))^2 (arXiv 2310.12036, eq. 17;
+    sigmoid: -log sigmoid(beta h) (DPO, arXiv 2305.18290, eq. 7); ipo: (h - 1/(2 beta))^2 (arXiv
+    2310.12036, eq. 17;
     TRL divides the log-probs by the length first, the paper and this repo do not)."""
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     if loss == "sigmoid":
@@ -243,38 +426,60 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     raise ValueError(f"unknown DPO loss {loss!r}: choose sigmoid or ipo")
 
 
-def select_pairs(scores: list[float | None], mode: str, rng: random.Random) -> list[tuple[int, int, float]]:
-    """(chosen, rejected, weight) pairs from one prefix's candidate scores; weights sum to 1 (or no pair).
+def select_pairs(
+    scores: list[float | None], mode: str, rng: random.Random
+) -> list[tuple[int, int, float]]:
+    """(chosen, rejected, weight) pairs from one prefix's candidate scores; weights sum to 1 (or no
+    pair).
 
-    best-worst: the highest score against the lowest, ties broken at random (so the original suffix, candidate 0,
-    is not favoured); all: every (i, j) with score_i > score_j. Candidates without a score (no valid verdict) are
+    best-worst: the highest score against the lowest, ties broken at random (so the original suffix,
+    candidate 0, is not favoured); all: every (i, j) with score_i > score_j. Candidates without a
+    score (no valid verdict) are
     left out; a prefix whose scores are all equal has no pair."""
     valid = [(s, i) for i, s in enumerate(scores) if s is not None]
     if len(valid) < 2 or max(valid)[0] == min(valid)[0]:
         return []
     if mode == "best-worst":
         top, bottom = max(valid)[0], min(valid)[0]
-        return [(rng.choice([i for s, i in valid if s == top]), rng.choice([i for s, i in valid if s == bottom]), 1.0)]
+        return [
+            (
+                rng.choice([i for s, i in valid if s == top]),
+                rng.choice([i for s, i in valid if s == bottom]),
+                1.0,
+            )
+        ]
     pairs = [(i, j) for si, i in valid for sj, j in valid if si > sj]
     return [(i, j, 1.0 / len(pairs)) for i, j in pairs]
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> sampling.Rollout:
-    """Prompt + completion token lists as a Rollout (prompts left-padded, completions right-padded), the input
-    of sampling.micro_batch / sequence_logprobs."""
+def pack(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device
+) -> sampling.Rollout:
+    """Prompt + completion token lists as a Rollout (prompts left-padded, completions right-padded),
+    the input of sampling.micro_batch / sequence_logprobs."""
     P, C = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
-    t = lambda rows, w, left, v: torch.tensor([([v] * (w - len(r)) + r) if left else (r + [v] * (w - len(r)))  # noqa
-                                               for r in rows], dtype=torch.long, device=device)
+    t = lambda rows, w, left, v: torch.tensor(
+        [
+            ([v] * (w - len(r)) + r) if left else (r + [v] * (w - len(r)))  # noqa
+            for r in rows
+        ],
+        dtype=torch.long,
+        device=device,
+    )
     ones = lambda rows: [[1] * len(r) for r in rows]  # noqa: E731
-    return sampling.Rollout(prompt_ids=t(prompts, P, True, pad_id), prompt_mask=t(ones(prompts), P, True, 0),
-                            completion_ids=t(completions, C, False, pad_id),
-                            completion_mask=t(ones(completions), C, False, 0),
-                            finished=torch.ones(len(prompts), dtype=torch.bool, device=device),
-                            group=torch.arange(len(prompts), device=device))
+    return sampling.Rollout(
+        prompt_ids=t(prompts, P, True, pad_id),
+        prompt_mask=t(ones(prompts), P, True, 0),
+        completion_ids=t(completions, C, False, pad_id),
+        completion_mask=t(ones(completions), C, False, 0),
+        finished=torch.ones(len(prompts), dtype=torch.bool, device=device),
+        group=torch.arange(len(prompts), device=device),
+    )
 
 
 def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
-    """[R] log pi(completion | prompt): the completion's token log-probs summed (T = 1), one pass over the rows."""
+    """[R] log pi(completion | prompt): the completion's token log-probs summed (T = 1), one pass
+    over the rows."""
     ids, attn, K = sampling.micro_batch(roll, slice(None))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
         logp = sampling.sequence_logprobs(model, ids, attn, K)
@@ -285,10 +490,11 @@ def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
 # 1. Rollout and judging: K + 1 candidates per prefix, full-pairwise scores, the training pairs
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Judged:
     windows: list[dict]
-    candidates: list[list[list[int]]]      # per prefix, per candidate: token ids
+    candidates: list[list[list[int]]]  # per prefix, per candidate: token ids
     texts: list[list[str]]
     pairs: list[list[tuple[int, int, float]]]
     metrics: dict
@@ -296,52 +502,104 @@ class Judged:
     num_tokens: int
 
 
-def rollout_and_judge(model, tokenizer, windows: list[dict], judge, generator, rng: random.Random, *, K: int,
-                      include_original: bool, max_new_tokens: int, temperature: float, top_p: float, pairs: str,
-                      stop_at_eos: bool, log_prefixes: int) -> Judged:
-    roll = sampling.sample(model, tokenizer, [w["ids"] for w in windows], n=K, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, generator=generator,
-                           eos_token_ids=None if stop_at_eos else [])
+def rollout_and_judge(
+    model,
+    tokenizer,
+    windows: list[dict],
+    judge,
+    generator,
+    rng: random.Random,
+    *,
+    K: int,
+    include_original: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    pairs: str,
+    stop_at_eos: bool,
+    log_prefixes: int,
+) -> Judged:
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        [w["ids"] for w in windows],
+        n=K,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        eos_token_ids=None if stop_at_eos else [],
+    )
     t_judge = time.perf_counter()
     rows = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
     texts = roll.texts(tokenizer)
     first = 1 if include_original else 0  # candidate 0 is the original suffix when it is included
-    cands = [([w["suffix_ids"]] if include_original else []) + rows[b * K:(b + 1) * K] for b, w in enumerate(windows)]
-    cand_texts = [([w["suffix"]] if include_original else []) + texts[b * K:(b + 1) * K] for b, w in enumerate(windows)]
+    cands = [
+        ([w["suffix_ids"]] if include_original else []) + rows[b * K : (b + 1) * K]
+        for b, w in enumerate(windows)
+    ]
+    cand_texts = [
+        ([w["suffix"]] if include_original else []) + texts[b * K : (b + 1) * K]
+        for b, w in enumerate(windows)
+    ]
     calls, invalid = judge.calls, judge.invalid
     results = judges.full_pairwise(judge, [w["prefix"] for w in windows], cand_texts)
     chosen = [select_pairs(r.scores, pairs, rng) for r in results]
     valid_pairs = sum(r.pairs - r.invalid_pairs for r in results)
     with_pairs = [(r, p) for r, p in zip(results, chosen) if p]
-    best = [max(range(len(r.scores)), key=lambda i: (r.scores[i] if r.scores[i] is not None else -1.0, -i))
-            for r, _ in with_pairs]  # the best-scored candidate of each trained prefix
+    best = [
+        max(
+            range(len(r.scores)),
+            key=lambda i: (r.scores[i] if r.scores[i] is not None else -1.0, -i),
+        )
+        for r, _ in with_pairs
+    ]  # the best-scored candidate of each trained prefix
     lengths = roll.completion_mask.sum(1).float()
     metrics = {
         "judge/calls": judge.calls - calls,
         "judge/invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
-        "judge/position_consistency": sum(r.consistent_pairs for r in results) / max(valid_pairs, 1),
+        "judge/position_consistency": sum(r.consistent_pairs for r in results)
+        / max(valid_pairs, 1),
         "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid_pairs, 1),
         "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
         "pairs/prefixes_dropped": len(windows) - len(with_pairs),
         "pairs/count": sum(len(p) for p in chosen),
-        "score/spread": sum(max(s for s in r.scores if s is not None) - min(s for s in r.scores if s is not None)
-                            for r, _ in with_pairs) / max(len(with_pairs), 1),
+        "score/spread": sum(
+            max(s for s in r.scores if s is not None) - min(s for s in r.scores if s is not None)
+            for r, _ in with_pairs
+        )
+        / max(len(with_pairs), 1),
         "score/rollouts": _mean([s for r in results for s in r.scores[first:] if s is not None]),
         "completions/mean_length": lengths.mean().item(),
         "completions/clipped_ratio": (~roll.finished).float().mean().item(),
         "timing/judge": time.perf_counter() - t_judge,
     }
     if include_original:
-        # the paper's fig. 8: the share of chosen candidates that are rollouts grows as the policy improves
+        # the paper's fig. 8: the share of chosen candidates that are rollouts grows as the policy
+        # improves
         metrics["chosen/original_share"] = sum(b == 0 for b in best) / max(len(best), 1)
         metrics["chosen/rollout_share"] = sum(b != 0 for b in best) / max(len(best), 1)
         metrics["score/original"] = _mean([r.scores[0] for r in results if r.scores[0] is not None])
-    samples = [{"prefix": w["prefix"], "candidates": [{"text": t, "score": s, "original": include_original and i == 0}
-                                                      for i, (t, s) in enumerate(zip(ct, r.scores))],
-                "pairs": [[c, rj] for c, rj, _ in p]}
-               for w, ct, r, p in list(zip(windows, cand_texts, results, chosen))[:log_prefixes]]
-    return Judged(windows=windows, candidates=cands, texts=cand_texts, pairs=chosen, metrics=metrics,
-                  samples=samples, num_tokens=int(roll.attention_mask.sum()))
+    samples = [
+        {
+            "prefix": w["prefix"],
+            "candidates": [
+                {"text": t, "score": s, "original": include_original and i == 0}
+                for i, (t, s) in enumerate(zip(ct, r.scores))
+            ],
+            "pairs": [[c, rj] for c, rj, _ in p],
+        }
+        for w, ct, r, p in list(zip(windows, cand_texts, results, chosen))[:log_prefixes]
+    ]
+    return Judged(
+        windows=windows,
+        candidates=cands,
+        texts=cand_texts,
+        pairs=chosen,
+        metrics=metrics,
+        samples=samples,
+        num_tokens=int(roll.attention_mask.sum()),
+    )
 
 
 def _mean(xs) -> float:
@@ -353,17 +611,31 @@ def _mean(xs) -> float:
 # 2. Update: DPO over micro-batches of whole prefixes (the optimizer step is the caller's)
 # ---------------------------------------------------------------------------------------------
 
-def update(model, judged: Judged, *, beta: float, loss_type: str, micro_batch_size: int, pad_id: int, world: int,
-           counter: dict | None = None) -> dict:
-    """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L. Only candidates in a
-    pair are scored: one reference pass (LoRA off, no gradient) and one policy pass each, whatever the number of
-    pairs they are in. A prefix's candidates share a micro-batch, so its loss is complete there and backward runs
-    at once; `counter` (if given) counts the sequence passes."""
+
+def update(
+    model,
+    judged: Judged,
+    *,
+    beta: float,
+    loss_type: str,
+    micro_batch_size: int,
+    pad_id: int,
+    world: int,
+    counter: dict | None = None,
+) -> dict:
+    """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L. Only
+    candidates in a pair are scored: one reference pass (LoRA off, no gradient) and one policy pass
+    each, whatever the number of pairs they are in. A prefix's candidates share a micro-batch, so
+    its loss is complete there and backward runs at once; `counter` (if given) counts the sequence
+    passes."""
     device = next(model.parameters()).device
     jobs = [b for b, p in enumerate(judged.pairs) if p]
-    n_global = float(common.all_reduce_sum(torch.tensor(float(len(jobs)), dtype=torch.float64)))
+    n_global = float(
+        distributed.all_reduce_sum(torch.tensor(float(len(jobs)), dtype=torch.float64))
+    )
     groups, cur, rows = [], [], 0
-    for b in jobs:  # whole prefixes per micro-batch, at most micro_batch_size candidate rows (at least one prefix)
+    # whole prefixes per micro-batch, at most micro_batch_size candidate rows (at least one prefix)
+    for b in jobs:
         need = len({i for c, r, _ in judged.pairs[b] for i in (c, r)})
         if cur and rows + need > micro_batch_size:
             groups.append(cur)
@@ -390,84 +662,167 @@ def update(model, judged: Judged, *, beta: float, loss_type: str, micro_batch_si
         ci, ri = (torch.tensor([f[k] for f in flat], device=device) for k in (0, 1))
         w = torch.tensor([f[2] for f in flat], device=device)
         per_pair = dpo_loss(pol[ci], pol[ri], ref[ci], ref[ri], beta, loss_type)
-        # the gradient all-reduce averages over ranks: x world makes it the mean over every rank's prefixes
+        # the gradient all-reduce averages over ranks: x world makes it the mean over every rank's
+        # prefixes
         loss = (w * per_pair).sum() * world / max(n_global, 1.0)
         loss.backward()
         with torch.no_grad():
-            r_c, r_r = beta * (pol[ci] - ref[ci]), beta * (pol[ri] - ref[ri])  # DPO's implicit rewards
-            for key, value in (("loss", (w * per_pair).sum()), ("chosen", r_c.sum()), ("rejected", r_r.sum()),
-                               ("acc", (r_c > r_r).float().sum()), ("logp_c", pol[ci].sum()),
-                               ("logp_r", pol[ri].sum()), ("n", torch.tensor(float(len(flat))))):
+            r_c, r_r = (
+                beta * (pol[ci] - ref[ci]),
+                beta * (pol[ri] - ref[ri]),
+            )  # DPO's implicit rewards
+            for key, value in (
+                ("loss", (w * per_pair).sum()),
+                ("chosen", r_c.sum()),
+                ("rejected", r_r.sum()),
+                ("acc", (r_c > r_r).float().sum()),
+                ("logp_c", pol[ci].sum()),
+                ("logp_r", pol[ri].sum()),
+                ("n", torch.tensor(float(len(flat)))),
+            ):
                 sums[key] += float(value)
-    total = dict(zip(sums, common.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    total = dict(
+        zip(
+            sums,
+            distributed.all_reduce_sum(
+                torch.tensor(list(sums.values()), dtype=torch.float64)
+            ).tolist(),
+        )
+    )
     n = max(total["n"], 1.0)
-    return {"loss": total["loss"] / max(n_global, 1.0), "rewards/chosen": total["chosen"] / n,
-            "rewards/rejected": total["rejected"] / n, "rewards/margins": (total["chosen"] - total["rejected"]) / n,
-            "rewards/accuracies": total["acc"] / n, "logps/chosen": total["logp_c"] / n,
-            "logps/rejected": total["logp_r"] / n}
+    return {
+        "loss": total["loss"] / max(n_global, 1.0),
+        "rewards/chosen": total["chosen"] / n,
+        "rewards/rejected": total["rejected"] / n,
+        "rewards/margins": (total["chosen"] - total["rejected"]) / n,
+        "rewards/accuracies": total["acc"] / n,
+        "logps/chosen": total["logp_c"] / n,
+        "logps/rejected": total["logp_r"] / n,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation: the win rate against the starting model
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout: list[dict], judge, *, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, stop_at_eos: bool = False, baseline=None) -> dict:
-    """The policy and the starting model (`baseline`, or the policy with LoRA off) each continue every held-out
-    prefix once (fixed generators, T = --temperature); the judge compares each pair in both orders. Win rate =
-    mean over prefixes of 1 (win), 1/2 (tie, or orders that disagree), 0 (loss); a pair with an invalid verdict
-    is left out and counted. 95% interval: mean +- 1.96 sd / sqrt(n) over the prefixes."""
+def evaluate(
+    model,
+    tokenizer,
+    heldout: list[dict],
+    judge,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop_at_eos: bool = False,
+    baseline=None,
+) -> dict:
+    """The policy and the starting model (`baseline`, or the policy with LoRA off) each continue
+    every held-out prefix once (fixed generators, T = --temperature); the judge compares each pair
+    in both orders. Win rate = mean over prefixes of 1 (win), 1/2 (tie, or orders that disagree), 0
+    (loss); a pair with an invalid verdict is left out and counted. 95% interval: mean +- 1.96 sd /
+    sqrt(n) over the prefixes."""
     device = next(model.parameters()).device
     ids = [w["ids"] for w in heldout]
-    kw = dict(n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=64,
-              eos_token_ids=None if stop_at_eos else [])
-    policy = sampling.sample(model, tokenizer, ids, generator=torch.Generator(device=device).manual_seed(seed + 1), **kw)
+    kw = dict(
+        n=1,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=64,
+        eos_token_ids=None if stop_at_eos else [],
+    )
+    policy = sampling.sample(
+        model, tokenizer, ids, generator=torch.Generator(device=device).manual_seed(seed + 1), **kw
+    )
     if baseline is None:
         with lora.disabled(model):
-            base = sampling.sample(model, tokenizer, ids, generator=torch.Generator(device=device).manual_seed(seed + 2),
-                                   **kw)
+            base = sampling.sample(
+                model,
+                tokenizer,
+                ids,
+                generator=torch.Generator(device=device).manual_seed(seed + 2),
+                **kw,
+            )
     else:
-        base = sampling.sample(baseline, tokenizer, ids,
-                               generator=torch.Generator(device=device).manual_seed(seed + 2), **kw)
+        base = sampling.sample(
+            baseline,
+            tokenizer,
+            ids,
+            generator=torch.Generator(device=device).manual_seed(seed + 2),
+            **kw,
+        )
     p_texts, b_texts = policy.texts(tokenizer), base.texts(tokenizer)
     calls, invalid = judge.calls, judge.invalid
-    results = judges.full_pairwise(judge, [w["prefix"] for w in heldout], [[p, b] for p, b in zip(p_texts, b_texts)])
+    results = judges.full_pairwise(
+        judge, [w["prefix"] for w in heldout], [[p, b] for p, b in zip(p_texts, b_texts)]
+    )
     outcomes = [r.scores[0] for r in results if r.scores[0] is not None]
     n = len(outcomes)
     if n == 0:
-        raise judges.JudgeError(f"judge {getattr(judge, 'url', '')}: no held-out comparison got a valid verdict in "
-                                f"both orders ({judge.invalid - invalid} of {judge.calls - calls} verdicts invalid)")
+        raise judges.JudgeError(
+            f"judge {getattr(judge, 'url', '')}: no held-out comparison got a valid verdict in "
+            f"both orders ({judge.invalid - invalid} of {judge.calls - calls} verdicts invalid)"
+        )
     mean = sum(outcomes) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / max(n - 1, 1))
     half = 1.96 * sd / math.sqrt(n)
-    return {"win_rate_vs_base": mean, "interval_low": max(0.0, mean - half), "interval_high": min(1.0, mean + half),
-            "wins": sum(x > 0.5 for x in outcomes), "ties": sum(x == 0.5 for x in outcomes),
-            "losses": sum(x < 0.5 for x in outcomes), "compared": n, "invalid_pairs": len(results) - n,
-            "judge_invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
-            "policy_mean_length": float(policy.completion_mask.sum(1).float().mean()),
-            "base_mean_length": float(base.completion_mask.sum(1).float().mean()),
-            "_samples": [{"prompt": w["prefix"], "completion": p, "base": b, "win": r.scores[0]}
-                         for w, p, b, r in list(zip(heldout, p_texts, b_texts, results))[:10]]}
+    return {
+        "win_rate_vs_base": mean,
+        "interval_low": max(0.0, mean - half),
+        "interval_high": min(1.0, mean + half),
+        "wins": sum(x > 0.5 for x in outcomes),
+        "ties": sum(x == 0.5 for x in outcomes),
+        "losses": sum(x < 0.5 for x in outcomes),
+        "compared": n,
+        "invalid_pairs": len(results) - n,
+        "judge_invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
+        "policy_mean_length": float(policy.completion_mask.sum(1).float().mean()),
+        "base_mean_length": float(base.completion_mask.sum(1).float().mean()),
+        "_samples": [
+            {"prompt": w["prefix"], "completion": p, "base": b, "win": r.scores[0]}
+            for w, p, b, r in list(zip(heldout, p_texts, b_texts, results))[:10]
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def load_start(name: str, device, init_adapter: str, load_in_4bit: bool, gradient_checkpointing: bool):
-    """The starting model: `name` with `init_adapter` merged in (the reference and the evaluation's base)."""
-    model = common.load_model(name, device=device, load_in_4bit=load_in_4bit,
-                              gradient_checkpointing=gradient_checkpointing)
+
+def load_start(
+    name: str, device, init_adapter: str, load_in_4bit: bool, gradient_checkpointing: bool
+):
+    """The starting model: `name` with `init_adapter` merged in (the reference and the evaluation's
+    base)."""
+    model = loading.load_model(
+        name,
+        device=device,
+        load_in_4bit=load_in_4bit,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
     return model
 
 
 def build_judge(args: Args, device):
-    return judges.make_judge(args.judge, pairwise=True, model=args.judge_model or None, cache=args.judge_cache,
-                             max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
-                             concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-                             retries=args.judge_retries, device=device, verdict=args.judge_verdict)
+    return judges.make_judge(
+        args.judge,
+        pairwise=True,
+        model=args.judge_model or None,
+        cache=args.judge_cache,
+        max_tokens=args.judge_max_tokens,
+        temperature=args.judge_temperature,
+        concurrency=args.judge_concurrency,
+        timeout=args.judge_timeout,
+        retries=args.judge_retries,
+        device=device,
+        verdict=args.judge_verdict,
+    )
 
 
 def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
@@ -477,112 +832,246 @@ def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
     if (path / lora.WEIGHTS_NAME).is_file():
         lora.load_adapter(model, str(path))
     elif (path / "config.json").is_file():
-        baseline, model = model, common.load_model(str(path), device=run.device, load_in_4bit=args.load_in_4bit)
+        baseline, model = (
+            model,
+            loading.load_model(str(path), device=run.device, load_in_4bit=args.load_in_4bit),
+        )
     else:
-        raise common.MissingError(f"--eval-only {path}: neither an adapter ({lora.WEIGHTS_NAME}) nor a model "
-                                  f"(config.json) there")
-    after = evaluate(model, tokenizer, heldout, judge, max_new_tokens=args.suffix_tokens, temperature=args.temperature,
-                     top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos, baseline=baseline)
+        raise errors.MissingError(
+            f"--eval-only {path}: neither an adapter ({lora.WEIGHTS_NAME}) nor a model "
+            f"(config.json) there"
+        )
+    after = evaluate(
+        model,
+        tokenizer,
+        heldout,
+        judge,
+        max_new_tokens=args.suffix_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_eos=args.stop_at_eos,
+        baseline=baseline,
+    )
     after.pop("_samples")
-    return common.finish_run(run, {"method": "dpo_online", "eval_only": str(path), "after": after, "heldout": {
-        "metric": "win_rate_vs_base", "before": 0.5, "after": after["win_rate_vs_base"],
-        "interval": [after["interval_low"], after["interval_high"]]}, "args": asdict(args)},
-        table={"evaluated": str(path), "win rate vs base": after["win_rate_vs_base"],
-               "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
-               "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}"})
+    return lifecycle.finish_run(
+        run,
+        {
+            "method": "dpo_online",
+            "eval_only": str(path),
+            "after": after,
+            "heldout": {
+                "metric": "win_rate_vs_base",
+                "before": 0.5,
+                "after": after["win_rate_vs_base"],
+                "interval": [after["interval_low"], after["interval_high"]],
+            },
+            "args": asdict(args),
+        },
+        table={
+            "evaluated": str(path),
+            "win rate vs base": after["win_rate_vs_base"],
+            "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
+            "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
+        },
+    )
 
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = common.start_run(args.out, args, args.seed, args.device, args.resume)
-    tokenizer = common.load_tokenizer(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train, heldout, skipped = load_windows(tokenizer, data=args.data, eval_data=args.eval_data, seed=args.seed,
-                                           eval_size=args.eval_size, toy_train_size=args.toy_train_size,
-                                           prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens,
-                                           skip_short=args.skip_short_documents)
+    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
+    tokenizer = loading.load_tokenizer(args.model)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    train, heldout, skipped = load_windows(
+        tokenizer,
+        data=args.data,
+        eval_data=args.eval_data,
+        seed=args.seed,
+        eval_size=args.eval_size,
+        toy_train_size=args.toy_train_size,
+        prefix_tokens=args.prefix_tokens,
+        suffix_tokens=args.suffix_tokens,
+        skip_short=args.skip_short_documents,
+    )
     if args.judge == "toy" and all(toy.detect_domain(w["prefix"]) is None for w in train[:16]):
-        raise common.ConfigError(f"--judge toy judges toy documents only; {args.data} is not one (pass --judge)")
+        raise errors.ConfigError(
+            f"--judge toy judges toy documents only; {args.data} is not one (pass --judge)"
+        )
     judge = build_judge(args, run.device)
     if args.eval_only:
         summary = eval_only(args, run, tokenizer, heldout, judge)
-        common.cleanup_distributed()
+        distributed.cleanup_distributed()
         return summary
-    model = load_start(args.model, run.device, args.init_adapter, args.load_in_4bit, args.gradient_checkpointing)
+    model = load_start(
+        args.model, run.device, args.init_adapter, args.load_in_4bit, args.gradient_checkpointing
+    )
     lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     params = lora.lora_parameters(model)
-    common.broadcast_parameters(params)
+    distributed.broadcast_parameters(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps,
-                                       min_ratio=0.1)
-    optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda: evaluate(model, tokenizer, heldout, judge, max_new_tokens=args.suffix_tokens,  # noqa: E731
-                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                    stop_at_eos=args.stop_at_eos)
-    # Before training the policy is the starting model (LoRA B = 0): its win rate against it is 1/2 by construction.
-    start, data_state = common.resume_or_evaluate(run, args.resume, model, optimizer, scheduler,
-                                                  lambda: {"win_rate_vs_base": 0.5}, logger)
+    scheduler = lifecycle.cosine_schedule(
+        optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, min_ratio=0.1
+    )
+    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
+    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
+    heldout_eval = lambda: evaluate(
+        model,
+        tokenizer,
+        heldout,
+        judge,
+        max_new_tokens=args.suffix_tokens,  # noqa: E731
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_eos=args.stop_at_eos,
+    )
+    # Before training the policy is the starting model (LoRA B = 0): its win rate against it is 1/2
+    # by construction.
+    start, data_state = lifecycle.resume_or_evaluate(
+        run, args.resume, model, optimizer, scheduler, lambda: {"win_rate_vs_base": 0.5}, logger
+    )
     optimizer_step.load_state_dict(data_state)
     tokens_seen = data_state.get("tokens_seen", 0)
 
     model.train()
     t_train, last = 0.0, {}
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="dpo_online",
-               disable=not common.is_main())
+    bar = tqdm(
+        range(start, args.max_steps),
+        initial=start,
+        total=args.max_steps,
+        desc="dpo_online",
+        disable=not distributed.is_main(),
+    )
     for step in bar:
         t0 = time.perf_counter()
-        windows = [train[i] for i in common.epoch_indices(len(train), args.batch_size * run.world, step, args.seed,
-                                                          run.rank, run.world)]
-        gen = torch.Generator(device=run.device).manual_seed(args.seed * 100003 + step * run.world + run.rank)
-        judged = rollout_and_judge(model, tokenizer, windows, judge, gen, random.Random(args.seed * 7919 + step),
-                                   K=args.num_rollouts, include_original=args.include_original,
-                                   max_new_tokens=args.suffix_tokens, temperature=args.temperature, top_p=args.top_p,
-                                   pairs=args.pairs, stop_at_eos=args.stop_at_eos, log_prefixes=args.log_completions)
+        windows = [
+            train[i]
+            for i in dataio.epoch_indices(
+                len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
+            )
+        ]
+        gen = torch.Generator(device=run.device).manual_seed(
+            args.seed * 100003 + step * run.world + run.rank
+        )
+        judged = rollout_and_judge(
+            model,
+            tokenizer,
+            windows,
+            judge,
+            gen,
+            random.Random(args.seed * 7919 + step),
+            K=args.num_rollouts,
+            include_original=args.include_original,
+            max_new_tokens=args.suffix_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            pairs=args.pairs,
+            stop_at_eos=args.stop_at_eos,
+            log_prefixes=args.log_completions,
+        )
         tokens_seen += judged.num_tokens * run.world
-        for s in judged.samples if common.is_main() else []:
-            common.append_jsonl(run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s})
+        for s in judged.samples if distributed.is_main() else []:
+            dataio.append_jsonl(
+                run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
+            )
         t1 = time.perf_counter()
-        stats = update(model, judged, beta=args.beta, loss_type=args.loss, micro_batch_size=args.micro_batch_size,
-                       pad_id=pad_id, world=run.world)
+        stats = update(
+            model,
+            judged,
+            beta=args.beta,
+            loss_type=args.loss,
+            micro_batch_size=args.micro_batch_size,
+            pad_id=pad_id,
+            world=run.world,
+        )
         stats.update(optimizer_step(stats["loss"], step + 1))
         t_train += time.perf_counter() - t0
-        last = {**judged.metrics, **stats, "learning_rate": scheduler.get_last_lr()[0], "num_tokens": tokens_seen,
-                "step_time": time.perf_counter() - t0, "timing/rollout_and_judge": t1 - t0,
-                "timing/update": time.perf_counter() - t1}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps and common.is_main():
+        last = {
+            **judged.metrics,
+            **stats,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "num_tokens": tokens_seen,
+            "step_time": time.perf_counter() - t0,
+            "timing/rollout_and_judge": t1 - t0,
+            "timing/update": time.perf_counter() - t1,
+        }
+        if (
+            args.eval_every
+            and (step + 1) % args.eval_every == 0
+            and step + 1 < args.max_steps
+            and distributed.is_main()
+        ):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
         logger.log(step + 1, last)
-        bar.set_postfix(margin=f"{last['rewards/margins']:.3f}", acc=f"{last['rewards/accuracies']:.2f}",
-                        rollout_share=f"{last.get('chosen/rollout_share', float('nan')):.2f}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps \
-                and optimizer_step.streak == 0:
-            common.save_checkpoint(run.out, step + 1, model, optimizer, scheduler,
-                                   data_state={**data_state, **optimizer_step.state_dict(), "tokens_seen": tokens_seen})
+        bar.set_postfix(
+            margin=f"{last['rewards/margins']:.3f}",
+            acc=f"{last['rewards/accuracies']:.2f}",
+            rollout_share=f"{last.get('chosen/rollout_share', float('nan')):.2f}",
+        )
+        if (
+            args.save_every
+            and (step + 1) % args.save_every == 0
+            and step + 1 < args.max_steps
+            and optimizer_step.streak == 0
+        ):
+            lifecycle.save_checkpoint(
+                run.out,
+                step + 1,
+                model,
+                optimizer,
+                scheduler,
+                data_state={
+                    **data_state,
+                    **optimizer_step.state_dict(),
+                    "tokens_seen": tokens_seen,
+                },
+            )
 
-    rank_diff = common.max_param_difference_across_ranks(params)
+    rank_diff = distributed.max_param_difference_across_ranks(params)
     summary = {}
-    if common.is_main():
+    if distributed.is_main():
         # the adapter first: a final evaluation that fails (a judge error) then loses no training
-        lora.save_adapter(model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model)
-        after = common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
-        summary = common.finish_run(run, {
-            "method": "dpo_online", "judge": args.judge, "init_adapter": args.init_adapter or None,
-            "heldout": {"metric": "win_rate_vs_base", "before": 0.5, "after": after["win_rate_vs_base"],
-                        "interval": [after["interval_low"], after["interval_high"]],
-                        "note": f"{after['compared']} held-out prefixes, one continuation each, both orders"},
-            "after": after, "final": last, "train_seconds": t_train, "num_tokens": tokens_seen,
-            "short_documents_skipped": skipped, "skipped_steps": optimizer_step.skipped,
-            "rank_param_max_diff": rank_diff, "args": asdict(args)},
-            table={"win rate vs base": round(after["win_rate_vs_base"], 3),
-                   "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
-                   "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
-                   "rollout share of chosen (last step)": last.get("chosen/rollout_share"),
-                   "train s": round(t_train)})
+        lora.save_adapter(
+            model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model
+        )
+        after = lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval())
+        summary = lifecycle.finish_run(
+            run,
+            {
+                "method": "dpo_online",
+                "judge": args.judge,
+                "init_adapter": args.init_adapter or None,
+                "heldout": {
+                    "metric": "win_rate_vs_base",
+                    "before": 0.5,
+                    "after": after["win_rate_vs_base"],
+                    "interval": [after["interval_low"], after["interval_high"]],
+                    "note": f"{after['compared']} held-out prefixes, one continuation each, both "
+                    "orders",
+                },
+                "after": after,
+                "final": last,
+                "train_seconds": t_train,
+                "num_tokens": tokens_seen,
+                "short_documents_skipped": skipped,
+                "skipped_steps": optimizer_step.skipped,
+                "rank_param_max_diff": rank_diff,
+                "args": asdict(args),
+            },
+            table={
+                "win rate vs base": round(after["win_rate_vs_base"], 3),
+                "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
+                "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
+                "rollout share of chosen (last step)": last.get("chosen/rollout_share"),
+                "train s": round(t_train),
+            },
+        )
     logger.close()
-    common.cleanup_distributed()
+    distributed.cleanup_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    common.run_cli(main, Args)
+    cli.run_cli(main, Args)

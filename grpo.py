@@ -1,8 +1,9 @@
 """GRPO: group-relative policy optimisation, with verifiable rewards or as continued pretraining.
 
 For every prompt q the policy samples a group of G completions o_1..o_G at temperature T, and each
-gets a reward r_i: a weighted sum of the reward functions of `rewards.py` (`--reward name:weight,...`).
-The advantage compares a completion with its own group (DeepSeekMath, arXiv 2402.03300, sec. 4.1.2):
+gets a reward r_i: a weighted sum of the reward functions of `rewards.py` (`--reward
+name:weight,...`). The advantage compares a completion with its own group (DeepSeekMath, arXiv
+2402.03300, sec. 4.1.2):
 
     A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-4)     --scale-rewards group (Bessel-corrected std)
                                                        batch: the std of the whole batch; none: no division
@@ -21,11 +22,12 @@ rho = 1 and the logged loss is about 0 while the gradient is not: watch `reward`
 Without a KL term (beta = 0, the default) a completion of a group with identical rewards has A = 0
 and adds exactly nothing, so the update skips it (`--update-all-rows` keeps it).
 
-Continued pretraining (`--task continuation`, as in the model card Lambent/Qwen3-4B-Base-Continued-GRPO):
-the prompt is a document prefix, the completion the policy's continuation, and the reward its
-similarity to the true continuation (semantic similarity, chrF++, ROUGE-L, Levenshtein, a length
-penalty, mixed by content type: `rewards.similarity`). That card trained Qwen3-4B-Base this way
-with QLoRA r=128, alpha=256, the defaults here for a hub model on CUDA (on a CPU: no 4-bit, r=16).
+Continued pretraining (`--task continuation`, as in the model card
+Lambent/Qwen3-4B-Base-Continued-GRPO): the prompt is a document prefix, the completion the policy's
+continuation, and the reward its similarity to the true continuation (semantic similarity, chrF++,
+ROUGE-L, Levenshtein, a length penalty, mixed by content type: `rewards.similarity`). That card
+trained Qwen3-4B-Base this way with QLoRA r=128, alpha=256, the defaults here for a hub model on
+CUDA (on a CPU: no 4-bit, r=16).
 
 MARA (`--mara-tau`, arXiv 2510.20817): the KL-regularised optimum pi_ref(y) exp(r(y)/beta) puts
 its mass on one mode. Within a group, every sample with r >= tau gets the reward of the anchor z
@@ -40,6 +42,7 @@ Run:
     torchrun --nproc_per_node 4 grpo.py --model Qwen/Qwen3-1.7B-Base --data math.jsonl \\
         --reward correct:1.0,format:0.1 --init-adapter runs/sft_think_qwen
 """
+
 from __future__ import annotations
 
 import time
@@ -49,7 +52,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-import common
+import cli
+import dataio
+import distributed
+import errors
+import lifecycle
+import loading
 import lora
 import rewards
 import sampling
@@ -58,97 +66,233 @@ import toy
 
 @dataclass
 class Args:
-    model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
-    task: Literal["verifiable", "continuation"] = field(default="verifiable", metadata={
-        "help": "verifiable: prompts with answers; continuation: document prefixes, similarity to the true continuation"})
-    data: str = field(default="toy", metadata={
-        "help": "JSONL: {'prompt': str|messages, 'answer'?, 'reference'?, 'domain'?} or documents {'text', 'domain'?}; "
-                "'toy' = toy arithmetic (verifiable) or toy documents (continuation)"})
-    eval_data: str = field(default="", metadata={"help": "held-out JSONL of the same schema (default: toy test split, "
-                                                         "or the last --eval-size rows of --data)"})
-    init_adapter: str = field(default="auto", metadata={
-        "help": "PEFT adapter merged into the model before a fresh LoRA is added (the reference policy is then the "
-                "merged model); 'auto' = the shipped toy thinking-SFT adapter (toy/sft_think) for the toy "
-                "verifiable task, none otherwise; '' = none"})
-    reward: str = field(default="", metadata={
-        "help": "reward spec 'name:weight,...' from rewards.py (default: verifiable 'correct:1.0,format:0.1'; "
-                "continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"})
+    model: str = field(
+        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
+    )
+    task: Literal["verifiable", "continuation"] = field(
+        default="verifiable",
+        metadata={
+            "help": "verifiable: prompts with answers; continuation: document prefixes, similarity "
+            "to the true continuation"
+        },
+    )
+    data: str = field(
+        default="toy",
+        metadata={
+            "help": "JSONL: {'prompt': str|messages, 'answer'?, 'reference'?, 'domain'?} or "
+            "documents {'text', 'domain'?}; "
+            "'toy' = toy arithmetic (verifiable) or toy documents (continuation)"
+        },
+    )
+    eval_data: str = field(
+        default="",
+        metadata={
+            "help": "held-out JSONL of the same schema (default: toy test split, "
+            "or the last --eval-size rows of --data)"
+        },
+    )
+    init_adapter: str = field(
+        default="auto",
+        metadata={
+            "help": "PEFT adapter merged into the model before a fresh LoRA is added (the "
+            "reference policy is then the "
+            "merged model); 'auto' = the shipped toy thinking-SFT adapter (toy/sft_think) for the "
+            "toy "
+            "verifiable task, none otherwise; '' = none"
+        },
+    )
+    reward: str = field(
+        default="",
+        metadata={
+            "help": "reward spec 'name:weight,...' from rewards.py (default: verifiable "
+            "'correct:1.0,format:0.1'; "
+            "continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"
+        },
+    )
     out: str = field(default="runs/grpo", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW); default 3e-4 toy; hub model "
-                                                             "1e-5 on CUDA, 1e-4 on a CPU"})
-    warmup_ratio: float = field(default=0.1, metadata={
-        "help": "share of steps with linear warmup from 0 (Adam's first steps move every LoRA weight by about lr "
-                "whatever its gradient: without warmup they undid the SFT model on the toy)"})
-    min_lr_ratio: float = field(default=0.1, metadata={
-        "help": "after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant, as DAPO and verl do)"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per optimizer step per device (x num-generations "
-                                                         "completions)"})
-    num_generations: int = field(default=8, metadata={"help": "G: completions per prompt (a group)"})
-    micro_batch_size: int = field(default=32, metadata={"help": "rows per forward/backward; gradients accumulate over "
-                                                                "the generation batch's micro-batches"})
-    max_completion_length: int | None = field(default=None, metadata={
-        "help": "new tokens per completion, also dr_grpo's constant (default: 128 verifiable, --continuation-tokens "
-                "for continuation, so completion and reference are windows of the same length)"})
-    max_prompt_length: int = field(default=1024, metadata={"help": "longest prompt in tokens; longer is an error"})
-    temperature: float | None = field(default=None, metadata={"help": "sampling temperature; log-probs use the same T "
-                                                                     "(default 0.5 toy, 1.0 hub model)"})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate (AdamW); default 3e-4 toy; hub model "
+            "1e-5 on CUDA, 1e-4 on a CPU"
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of steps with linear warmup from 0 (Adam's first steps move every LoRA "
+            "weight by about lr "
+            "whatever its gradient: without warmup they undid the SFT model on the toy)"
+        },
+    )
+    min_lr_ratio: float = field(
+        default=0.1,
+        metadata={
+            "help": "after warmup, cosine decay to this share of the peak LR (1.0 keeps it "
+            "constant, as DAPO and verl do)"
+        },
+    )
+    max_steps: int = field(
+        default=300,
+        metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"},
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "prompts per optimizer step per device (x num-generations completions)"},
+    )
+    num_generations: int = field(
+        default=8, metadata={"help": "G: completions per prompt (a group)"}
+    )
+    micro_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "rows per forward/backward; gradients accumulate over "
+            "the generation batch's micro-batches"
+        },
+    )
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "new tokens per completion, also dr_grpo's constant (default: 128 verifiable, "
+            "--continuation-tokens "
+            "for continuation, so completion and reference are windows of the same length)"
+        },
+    )
+    max_prompt_length: int = field(
+        default=1024, metadata={"help": "longest prompt in tokens; longer is an error"}
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "sampling temperature; log-probs use the same T "
+            "(default 0.5 toy, 1.0 hub model)"
+        },
+    )
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={
-        "help": "divide advantages by the group std, the batch std, or not at all (Dr. GRPO)"})
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={
-        "help": "token aggregation: grpo per-sequence mean; bnpo micro-batch token mean; dr_grpo / (rows x "
-                "max-completion-length); dapo / tokens of the whole generation batch"})
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata={
+            "help": "divide advantages by the group std, the batch std, or not at all (Dr. GRPO)"
+        },
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(
+        default="dapo",
+        metadata={
+            "help": "token aggregation: grpo per-sequence mean; bnpo micro-batch token mean; "
+            "dr_grpo / (rows x "
+            "max-completion-length); dapo / tokens of the whole generation batch"
+        },
+    )
     epsilon: float = field(default=0.2, metadata={"help": "clip range below: rho >= 1 - epsilon"})
-    epsilon_high: float | None = field(default=None, metadata={"help": "clip range above (DAPO clip-higher: 0.28); "
-                                                                       "default = --epsilon"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient against the reference (LoRA off); 0 skips "
-                                                       "the reference pass"})
-    num_iterations: int = field(default=1, metadata={"help": "optimizer steps per generation batch (mu); > 1 stores "
-                                                            "old log-probs and makes the ratio and clipping matter"})
-    mask_truncated_completions: bool = field(default=False, metadata={
-        "help": "drop completions that hit --max-completion-length from the loss"})
-    update_all_rows: bool = field(default=False, metadata={
-        "help": "forward/backward every completion in the update, also those with advantage 0 (without --beta they add "
-                "exactly 0 to the gradient, so by default they are skipped except for bnpo; set it for like-for-like "
-                "timings, or to log entropy over all completions)"})
-    mara_tau: float | None = field(default=None, metadata={
-        "help": "MARA reward threshold tau (needs --beta > 0); default: off"})
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={"help": "clip range above (DAPO clip-higher: 0.28); default = --epsilon"},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "k3 KL coefficient against the reference (LoRA off); 0 skips the reference pass"
+        },
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "optimizer steps per generation batch (mu); > 1 stores "
+            "old log-probs and makes the ratio and clipping matter"
+        },
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "drop completions that hit --max-completion-length from the loss"},
+    )
+    update_all_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "forward/backward every completion in the update, also those with advantage 0 "
+            "(without --beta they add "
+            "exactly 0 to the gradient, so by default they are skipped except for bnpo; set it for "
+            "like-for-like "
+            "timings, or to log entropy over all completions)"
+        },
+    )
+    mara_tau: float | None = field(
+        default=None,
+        metadata={"help": "MARA reward threshold tau (needs --beta > 0); default: off"},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16 toy or CPU, 128 hub model on "
-                                                               "CUDA as in Lambent/Qwen3-4B-Base-Continued-GRPO)"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA rank (default 16 toy or CPU, 128 hub model on "
+            "CUDA as in Lambent/Qwen3-4B-Base-Continued-GRPO)"
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha (default 2 x rank)"}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA NF4 base (default: on for a hub model "
-                                                                     "on CUDA, else off)"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward "
-                                                                               "(default: on for a hub model on CUDA)"})
-    prefix_tokens: int = field(default=96, metadata={"help": "continuation on documents ({'text'} rows, toy): prefix tokens"})
-    continuation_tokens: int = field(default=64, metadata={"help": "continuation on documents: reference tokens"})
-    toy_difficulty: str = field(default="3", metadata={"help": "toy arithmetic level(s), comma-separated, for training "
-                                                                "and held-out accuracy"})
+    load_in_4bit: bool | None = field(
+        default=None,
+        metadata={"help": "QLoRA NF4 base (default: on for a hub model on CUDA, else off)"},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "recompute activations in backward (default: on for a hub model on CUDA)"
+        },
+    )
+    prefix_tokens: int = field(
+        default=96,
+        metadata={"help": "continuation on documents ({'text'} rows, toy): prefix tokens"},
+    )
+    continuation_tokens: int = field(
+        default=64, metadata={"help": "continuation on documents: reference tokens"}
+    )
+    toy_difficulty: str = field(
+        default="3",
+        metadata={
+            "help": "toy arithmetic level(s), comma-separated, for training and held-out accuracy"
+        },
+    )
     toy_train_size: int = field(default=4000, metadata={"help": "toy training prompts"})
     eval_size: int = field(default=200, metadata={"help": "held-out prompts"})
-    eval_samples: int = field(default=4, metadata={"help": "k: samples per held-out prompt at --temperature (Mean@k)"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
-    log_completions: int = field(default=2, metadata={"help": "groups per step written to samples.jsonl"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
-    save_merged: bool = field(default=False, metadata={"help": "also save the merged full model to <out>/model"})
+    eval_samples: int = field(
+        default=4, metadata={"help": "k: samples per held-out prompt at --temperature (Mean@k)"}
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"}
+    )
+    log_completions: int = field(
+        default=2, metadata={"help": "groups per step written to samples.jsonl"}
+    )
+    save_every: int = field(
+        default=50, metadata={"help": "checkpoint every N steps (for --resume)"}
+    )
+    save_merged: bool = field(
+        default=False, metadata={"help": "also save the merged full model to <out>/model"}
+    )
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
 
 
 def resolve_defaults(args: Args) -> Args:
-    """Fill the model-dependent defaults: the QLoRA setup of Lambent/Qwen3-4B-Base-Continued-GRPO for a real model
-    (any --model but 'toy': a hub id or a local directory) on CUDA, a lighter one on a CPU (lora.hub_defaults),
-    small and fast for the toy."""
+    """Fill the model-dependent defaults: the QLoRA setup of Lambent/Qwen3-4B-Base-Continued-GRPO
+    for a real model (any --model but 'toy': a hub id or a local directory) on CUDA, a lighter one
+    on a CPU (lora.hub_defaults), small and fast for the toy."""
     hub = args.model != "toy"
     card = {"lr": 1e-5, "lora_r": 128, "load_in_4bit": True, "gradient_checkpointing": True}
     if hub:
-        vars(args).update(lora.hub_defaults(args.model, common.pick_device(args.device), card, vars(args)))
-    for name, toy_value in (("lr", 3e-4), ("lora_r", 16), ("load_in_4bit", False), ("gradient_checkpointing", False)):
+        vars(args).update(
+            lora.hub_defaults(args.model, distributed.pick_device(args.device), card, vars(args))
+        )
+    for name, toy_value in (
+        ("lr", 3e-4),
+        ("lora_r", 16),
+        ("load_in_4bit", False),
+        ("gradient_checkpointing", False),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, toy_value)
     if args.temperature is None:
@@ -160,15 +304,29 @@ def resolve_defaults(args: Args) -> Args:
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     if args.init_adapter == "auto":
-        args.init_adapter = str(toy.SFT_ADAPTER_DIR) if args.model == "toy" and args.task == "verifiable" else ""
+        args.init_adapter = (
+            str(toy.SFT_ADAPTER_DIR) if args.model == "toy" and args.task == "verifiable" else ""
+        )
     if args.num_generations < 2:
-        raise common.ConfigError("--num-generations must be >= 2: a group of one has no relative advantage")
+        raise errors.ConfigError(
+            "--num-generations must be >= 2: a group of one has no relative advantage"
+        )
     if args.mara_tau is not None and args.beta <= 0:
-        raise common.ConfigError("--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is "
-                                 "0 without it")
-    for name in ("batch_size", "micro_batch_size", "max_steps", "num_iterations", "max_completion_length"):
+        raise errors.ConfigError(
+            "--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is "
+            "0 without it"
+        )
+    for name in (
+        "batch_size",
+        "micro_batch_size",
+        "max_steps",
+        "num_iterations",
+        "max_completion_length",
+    ):
         if getattr(args, name) < 1:
-            raise common.ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+            raise errors.ConfigError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+            )
     return args
 
 
@@ -176,60 +334,101 @@ def resolve_defaults(args: Args) -> Args:
 # Prompts: each row becomes {"ids": prompt token ids, "prompt": readable text, + reward columns}
 # ---------------------------------------------------------------------------------------------
 
-def cut_documents(rows: list[dict], tokenizer, source: str, prefix_tokens: int, continuation_tokens: int) -> list[dict]:
-    """Plain documents ({'text'}) cut by tokens into a prefix (the prompt) and the true continuation (the
-    reference); rows that already have a prompt pass through."""
+
+def cut_documents(
+    rows: list[dict], tokenizer, source: str, prefix_tokens: int, continuation_tokens: int
+) -> list[dict]:
+    """Plain documents ({'text'}) cut by tokens into a prefix (the prompt) and the true continuation
+    (the reference); rows that already have a prompt pass through."""
     out = []
     for i, row in enumerate(rows):
         if "text" not in row or "prompt" in row:
             out.append(row)
             continue
         if not isinstance(row["text"], str):
-            raise common.DataError(f"{source}:{row.get('_line', i + 1)}: field 'text': expected str, "
-                                   f"got {type(row['text']).__name__}")
+            raise errors.DataError(
+                f"{source}:{row.get('_line', i + 1)}: field 'text': expected str, "
+                f"got {type(row['text']).__name__}"
+            )
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         if len(ids) <= prefix_tokens:
-            raise common.DataError(f"{source}:{row.get('_line', i + 1)}: field 'text': {len(ids)} tokens; the "
-                                   f"continuation task needs more than --prefix-tokens {prefix_tokens}")
-        ref = ids[prefix_tokens: prefix_tokens + continuation_tokens]
-        out.append({**{k: v for k, v in row.items() if k != "text"}, "prompt": tokenizer.decode(ids[:prefix_tokens]),
-                    "reference": tokenizer.decode(ref)})
+            raise errors.DataError(
+                f"{source}:{row.get('_line', i + 1)}: field 'text': {len(ids)} tokens; the "
+                f"continuation task needs more than --prefix-tokens {prefix_tokens}"
+            )
+        ref = ids[prefix_tokens : prefix_tokens + continuation_tokens]
+        out.append(
+            {
+                **{k: v for k, v in row.items() if k != "text"},
+                "prompt": tokenizer.decode(ids[:prefix_tokens]),
+                "reference": tokenizer.decode(ref),
+            }
+        )
     return out
 
 
-def load_prompts(tokenizer, *, data: str, eval_data: str, task: str, seed: int, eval_size: int, toy_difficulty: str,
-                 toy_train_size: int, prefix_tokens: int, continuation_tokens: int, max_prompt_length: int):
+def load_prompts(
+    tokenizer,
+    *,
+    data: str,
+    eval_data: str,
+    task: str,
+    seed: int,
+    eval_size: int,
+    toy_difficulty: str,
+    toy_train_size: int,
+    prefix_tokens: int,
+    continuation_tokens: int,
+    max_prompt_length: int,
+):
     """Training and held-out prompts, encoded (toy world by default)."""
     if data == "toy":
         levels = toy.parse_levels(toy_difficulty)
-        make = (lambda split, n: [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"],
-                                   "style": r["style"]}
-                                  for r in toy.arithmetic(split, n, seed=seed, difficulty=levels)]) \
-            if task == "verifiable" else (lambda split, n: toy.documents(split, n, seed=seed))
+        make = (
+            (
+                lambda split, n: [
+                    {
+                        "prompt": [{"role": "user", "content": r["prompt"]}],
+                        "answer": r["answer"],
+                        "style": r["style"],
+                    }
+                    for r in toy.arithmetic(split, n, seed=seed, difficulty=levels)
+                ]
+            )
+            if task == "verifiable"
+            else (lambda split, n: toy.documents(split, n, seed=seed))
+        )
         parts = [("toy", make("train", toy_train_size)), ("toy", make("test", eval_size))]
     else:
-        parts = common.train_and_heldout(data, eval_data, eval_size)
+        parts = dataio.train_and_heldout(data, eval_data, eval_size)
     encoded = []
     for source, rows in parts:
         if task == "continuation":
             rows = cut_documents(rows, tokenizer, source, prefix_tokens, continuation_tokens)
             for i, r in enumerate(rows):
                 if r.get("reference") is None:
-                    raise common.DataError(f"{source}:{r.get('_line', i + 1)}: field 'reference': missing; the "
-                                           f"continuation task scores similarity to it")
+                    raise errors.DataError(
+                        f"{source}:{r.get('_line', i + 1)}: field 'reference': missing; the "
+                        f"continuation task scores similarity to it"
+                    )
         encoded.append(sampling.encode_prompts(rows, tokenizer, source, max_prompt_length))
     return encoded[0], encoded[1]
 
 
 def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
     """--reward, else the task's default; every name is checked here, before any model runs."""
-    spec = reward or ("correct:1.0,format:0.1" if task == "verifiable" else
-                      "similarity" if all(p.get("domain") is not None for p in prompts) else "creative")
+    spec = reward or (
+        "correct:1.0,format:0.1"
+        if task == "verifiable"
+        else "similarity"
+        if all(p.get("domain") is not None for p in prompts)
+        else "creative"
+    )
     try:
         for name, _ in rewards.parse_reward_spec(spec):
             rewards.get_reward(name)
     except ValueError as e:
-        raise common.ConfigError(f"--reward {spec}: {e}") from None
+        raise errors.ConfigError(f"--reward {spec}: {e}") from None
     return spec
 
 
@@ -237,9 +436,13 @@ def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
 # The GRPO pieces with a formula each (tests import them)
 # ---------------------------------------------------------------------------------------------
 
-def group_advantages(rewards_: torch.Tensor, G: int, scale: str, batch_std: torch.Tensor | None = None):
-    """A_i = r_i - mean_group(r), divided by (std + 1e-4) per --scale-rewards; also the zero-std-group flag per row.
-    A group of identical rewards gets advantages of exactly 0 (not the rounding residue of r - mean)."""
+
+def group_advantages(
+    rewards_: torch.Tensor, G: int, scale: str, batch_std: torch.Tensor | None = None
+):
+    """A_i = r_i - mean_group(r), divided by (std + 1e-4) per --scale-rewards; also the
+    zero-std-group flag per row. A group of identical rewards gets advantages of exactly 0 (not the
+    rounding residue of r - mean)."""
     grouped = rewards_.view(-1, G)
     mean = grouped.mean(1, keepdim=True)
     std = grouped.std(1, keepdim=True)  # Bessel-corrected, as TRL
@@ -252,9 +455,12 @@ def group_advantages(rewards_: torch.Tensor, G: int, scale: str, batch_std: torc
     return adv.reshape(-1), zero_std.reshape(-1)
 
 
-def mara_rewards(rewards_: torch.Tensor, seq_ref_logp: torch.Tensor, G: int, tau: float, beta: float):
-    """MARA (arXiv 2510.20817): per group, samples with r >= tau get R(z) + beta (log pi_ref(z) - log pi_ref(y)),
-    z = the sample with r >= tau of highest log pi_ref. Returns the new rewards and which rows were anchored."""
+def mara_rewards(
+    rewards_: torch.Tensor, seq_ref_logp: torch.Tensor, G: int, tau: float, beta: float
+):
+    """MARA (arXiv 2510.20817): per group, samples with r >= tau get R(z) + beta (log pi_ref(z) -
+    log pi_ref(y)), z = the sample with r >= tau of highest log pi_ref. Returns the new rewards and
+    which rows were anchored."""
     r, lp = rewards_.view(-1, G), seq_ref_logp.view(-1, G)
     high = r >= tau
     z = lp.masked_fill(~high, float("-inf")).argmax(1, keepdim=True)
@@ -262,16 +468,22 @@ def mara_rewards(rewards_: torch.Tensor, seq_ref_logp: torch.Tensor, G: int, tau
     return torch.where(high, anchored, r).reshape(-1), high.reshape(-1)
 
 
-def clipped_surrogate(logp, old_logp, ref_logp, advantages, mask, eps_low: float, eps_high: float, beta: float):
-    """Per token: L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, rho = exp(logp - old_logp),
-    k3 = exp(ref - logp) - (ref - logp) - 1 (PPO, arXiv 1707.06347, eq. 7; DeepSeekMath eq. 3 and 4).
+def clipped_surrogate(
+    logp, old_logp, ref_logp, advantages, mask, eps_low: float, eps_high: float, beta: float
+):
+    """Per token: L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, rho = exp(logp
+    - old_logp), k3 = exp(ref - logp) - (ref - logp) - 1 (PPO, arXiv 1707.06347, eq. 7; DeepSeekMath
+    eq. 3 and 4).
 
-    Tensors [B, T]; advantages [B] or [B, T]; ref_logp None skips the KL term. Returns fp32 (loss, kl, low, high)
-    shaped like logp, 0 on masked tokens; low / high flag tokens held by the clip (rho below 1 - eps_low with A < 0,
+    Tensors [B, T]; advantages [B] or [B, T]; ref_logp None skips the KL term. Returns fp32 (loss,
+    kl, low, high) shaped like logp, 0 on masked tokens; low / high flag tokens held by the clip
+    (rho below 1 - eps_low with A < 0,
     above 1 + eps_high with A > 0: TRL's clip_ratio/low_mean and high_mean). Only logp gets a gradient."""
     m = mask.bool()
     zero = torch.zeros((), device=logp.device)
-    logp = torch.where(m, logp.float(), zero)  # padding may hold anything: keep inf and nan out of the gradient
+    logp = torch.where(
+        m, logp.float(), zero
+    )  # padding may hold anything: keep inf and nan out of the gradient
     ratio = torch.exp(logp - torch.where(m, old_logp.detach().float(), zero))
     A = advantages.detach().float()
     A = A[:, None] if A.dim() == 1 else A
@@ -286,11 +498,18 @@ def clipped_surrogate(logp, old_logp, ref_logp, advantages, mask, eps_low: float
     return torch.where(m, loss, zero), torch.where(m, kl, zero).detach(), low.float(), high.float()
 
 
-def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
-                   batch_rows: int | None = None, num_micro_batches: int = 1, global_tokens: float | None = None,
-                   world_size: int = 1) -> torch.Tensor:
-    """One micro-batch's share of the loss. Summed over the micro-batches of a generation batch of `batch_rows`
-    rows (and with gradients averaged over ranks) it is the objective of `loss_type`:
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int,
+    batch_rows: int | None = None,
+    num_micro_batches: int = 1,
+    global_tokens: float | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """One micro-batch's share of the loss. Summed over the micro-batches of a generation batch of
+    `batch_rows` rows (and with gradients averaged over ranks) it is the objective of `loss_type`:
 
         grpo    : mean over sequences of  sum_t L M / sum_t M                 (DeepSeekMath, eq. 3)
         bnpo    : sum L M / sum M over each micro-batch, mean over micro-batches
@@ -308,7 +527,8 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: 
         return lm.sum() / (rows * max_completion_length)
     if loss_type == "dapo":
         tokens = float(m.sum()) if global_tokens is None else float(global_tokens)
-        # the gradient all-reduce averages over ranks, so x world_size makes the normaliser the global token count
+        # the gradient all-reduce averages over ranks, so x world_size makes the normaliser the
+        # global token count
         return lm.sum() * world_size / max(tokens, 1.0)
     raise ValueError(f"unknown loss_type {loss_type!r}: choose grpo, bnpo, dr_grpo or dapo")
 
@@ -317,43 +537,77 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: 
 # 1. Rollout: G completions per prompt, rewards, advantages -> a Batch
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Batch:
     """One generation batch: what the update reads, and what was measured while making it."""
+
     roll: sampling.Rollout
-    loss_mask: torch.Tensor          # [R, C'] 1 on the completion tokens the loss sees
-    advantages: torch.Tensor         # [R]
-    ref_logp: torch.Tensor | None    # [R, C'] reference (LoRA off) log-probs, when beta > 0 or MARA
-    old_logp: torch.Tensor | None    # [R, C'] log-probs before the first update, when num_iterations > 1
+    loss_mask: torch.Tensor  # [R, C'] 1 on the completion tokens the loss sees
+    advantages: torch.Tensor  # [R]
+    ref_logp: torch.Tensor | None  # [R, C'] reference (LoRA off) log-probs, when beta > 0 or MARA
+    old_logp: (
+        torch.Tensor | None
+    )  # [R, C'] log-probs before the first update, when num_iterations > 1
     update_rows: list[torch.Tensor]  # micro-batches of the rows the update trains on
-    global_tokens: float             # completion tokens of the batch on all ranks (dapo's normaliser)
-    num_tokens: int                  # prompt and completion tokens sampled on this rank
+    global_tokens: float  # completion tokens of the batch on all ranks (dapo's normaliser)
+    num_tokens: int  # prompt and completion tokens sampled on this rank
     metrics: dict
     samples: list[dict]
 
 
-def logprobs_no_grad(model, roll: sampling.Rollout, micro_batch_size: int, temperature: float) -> torch.Tensor:
-    """[R, C'] log-probs of every completion token (C' = the rollout's width), in micro-batches, without gradients."""
+def logprobs_no_grad(
+    model, roll: sampling.Rollout, micro_batch_size: int, temperature: float
+) -> torch.Tensor:
+    """[R, C'] log-probs of every completion token (C' = the rollout's width), in micro-batches,
+    without gradients."""
     R, width = roll.completion_ids.shape
     full = torch.zeros(R, width, device=roll.completion_ids.device)
     with torch.no_grad():
         for s in range(0, R, micro_batch_size):
             ids, attn, K = sampling.micro_batch(roll, slice(s, s + micro_batch_size))
-            full[s:s + micro_batch_size, :K] = sampling.sequence_logprobs(model, ids, attn, K, temperature=temperature)
+            full[s : s + micro_batch_size, :K] = sampling.sequence_logprobs(
+                model, ids, attn, K, temperature=temperature
+            )
     return full
 
 
-def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, *, G: int, max_new_tokens: int,
-            temperature: float, top_p: float, micro_batch_size: int, beta: float, mara_tau: float | None,
-            scale_rewards: str, num_iterations: int, mask_truncated: bool, skip_zero_advantage: bool,
-            log_groups: int) -> Batch:
-    roll = sampling.sample(model, tokenizer, [p["ids"] for p in prompts], n=G, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, generator=generator)
+def rollout(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    spec: str,
+    generator,
+    *,
+    G: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    micro_batch_size: int,
+    beta: float,
+    mara_tau: float | None,
+    scale_rewards: str,
+    num_iterations: int,
+    mask_truncated: bool,
+    skip_zero_advantage: bool,
+    log_groups: int,
+) -> Batch:
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        [p["ids"] for p in prompts],
+        n=G,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+    )
     texts = roll.texts(tokenizer)
     total, per_fn = rewards.compute_rewards(spec, texts, rewards.reward_columns(prompts, G))
     r = torch.tensor(total, dtype=torch.float32)
     # The loss mask: 1 up to and including the first EOS (from the sampler, never from the pad id);
-    # --mask-truncated-completions also drops completions that never ended (DAPO's overlong filtering).
+    # --mask-truncated-completions also drops completions that never ended (DAPO's overlong
+    # filtering).
     mask = roll.completion_mask * (roll.finished[:, None].long() if mask_truncated else 1)
     # Reference (LoRA off) and old-policy log-probs, before any update on this batch.
     ref_logp = old_logp = None
@@ -364,42 +618,82 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, *, G: i
         old_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
     extra = {}
     if mara_tau is not None:
-        r, anchored = mara_rewards(r, (ref_logp * roll.completion_mask).sum(-1).cpu(), G, mara_tau, beta)
-        extra = {"mara/anchored_frac": anchored.float().mean().item(), "mara/reward": r.mean().item()}
+        r, anchored = mara_rewards(
+            r, (ref_logp * roll.completion_mask).sum(-1).cpu(), G, mara_tau, beta
+        )
+        extra = {
+            "mara/anchored_frac": anchored.float().mean().item(),
+            "mara/reward": r.mean().item(),
+        }
     batch_std = None
     if scale_rewards == "batch":  # the std of the global batch: sums over ranks
-        s = common.all_reduce_sum(torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64))
+        s = distributed.all_reduce_sum(
+            torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64)
+        )
         batch_std = torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
     adv, zero_std = group_advantages(r, G, scale_rewards, batch_std)
-    # A completion whose advantage is 0 adds exactly 0 to the clipped objective, and the normalisers of grpo,
-    # dr_grpo and dapo do not depend on which rows share a micro-batch: skipping it gives the same gradient.
+    # A completion whose advantage is 0 adds exactly 0 to the clipped objective, and the normalisers
+    # of grpo, dr_grpo and dapo do not depend on which rows share a micro-batch: skipping it gives
+    # the same gradient.
     R = len(texts)
     live = (adv != 0).nonzero().view(-1) if skip_zero_advantage else torch.arange(R)
     tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
     lengths = roll.completion_mask.sum(1).float()
     names = [n for n, _ in rewards.parse_reward_spec(spec)]
-    metrics = {**rewards.reward_metrics(total, per_fn), **extra,
-               "frac_reward_zero_std": zero_std.float().mean().item(),
-               **rewards.reward_gate(per_fn[names[0]], G),
-               "diversity/distinct_2": rewards.distinct_n_within_groups(tokens, G, n=2),
-               "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
-               "completions/max_length": lengths.max().item(),
-               "completions/clipped_ratio": (~roll.finished).float().mean().item()}
-    samples = [{"prompt": prompts[i // G]["prompt"], "completion": texts[i], "reward": total[i],
-                "rewards": {n: per_fn[n][i] for n in names}, "advantage": float(adv[i]),
-                "finished": bool(roll.finished[i])} for i in range(min(R, log_groups * G))]
-    return Batch(roll=roll, loss_mask=mask, advantages=adv.to(mask.device), ref_logp=ref_logp, old_logp=old_logp,
-                 update_rows=[live[s:s + micro_batch_size] for s in range(0, len(live), micro_batch_size)],
-                 global_tokens=float(common.all_reduce_sum(mask.sum().float().cpu())),
-                 num_tokens=int(roll.attention_mask.sum()), metrics=metrics, samples=samples)
+    metrics = {
+        **rewards.reward_metrics(total, per_fn),
+        **extra,
+        "frac_reward_zero_std": zero_std.float().mean().item(),
+        **rewards.reward_gate(per_fn[names[0]], G),
+        "diversity/distinct_2": rewards.distinct_n_within_groups(tokens, G, n=2),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
+    }
+    samples = [
+        {
+            "prompt": prompts[i // G]["prompt"],
+            "completion": texts[i],
+            "reward": total[i],
+            "rewards": {n: per_fn[n][i] for n in names},
+            "advantage": float(adv[i]),
+            "finished": bool(roll.finished[i]),
+        }
+        for i in range(min(R, log_groups * G))
+    ]
+    return Batch(
+        roll=roll,
+        loss_mask=mask,
+        advantages=adv.to(mask.device),
+        ref_logp=ref_logp,
+        old_logp=old_logp,
+        update_rows=[live[s : s + micro_batch_size] for s in range(0, len(live), micro_batch_size)],
+        global_tokens=float(distributed.all_reduce_sum(mask.sum().float().cpu())),
+        num_tokens=int(roll.attention_mask.sum()),
+        metrics=metrics,
+        samples=samples,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Update: the clipped surrogate over micro-batches, gradients accumulated (the optimizer step is the caller's)
+# 2. Update: the clipped surrogate over micro-batches, gradients accumulated (the optimizer step is
+#    the caller's)
 # ---------------------------------------------------------------------------------------------
 
-def update(model, batch: Batch, *, temperature: float, loss_type: str, eps_low: float, eps_high: float, beta: float,
-           max_completion_length: int, world: int) -> dict:
+
+def update(
+    model,
+    batch: Batch,
+    *,
+    temperature: float,
+    loss_type: str,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    max_completion_length: int,
+    world: int,
+) -> dict:
     sums = dict.fromkeys(("loss", "kl", "entropy", "low", "high", "ratio", "tokens"), 0.0)
     ratio_min, ratio_max = float("inf"), float("-inf")
     R = batch.roll.completion_ids.shape[0]
@@ -407,28 +701,59 @@ def update(model, batch: Batch, *, temperature: float, loss_type: str, eps_low: 
         ids, attn, K = sampling.micro_batch(batch.roll, rows)
         m = batch.loss_mask[rows, :K]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-            logp, entropy = sampling.sequence_logprobs(model, ids, attn, K, temperature=temperature,
-                                                       return_entropy=True)
-        old = batch.old_logp[rows, :K] if batch.old_logp is not None else logp.detach()  # one step per batch: rho = 1
+            logp, entropy = sampling.sequence_logprobs(
+                model, ids, attn, K, temperature=temperature, return_entropy=True
+            )
+        old = (
+            batch.old_logp[rows, :K] if batch.old_logp is not None else logp.detach()
+        )  # one step per batch: rho = 1
         ref = batch.ref_logp[rows, :K] if batch.ref_logp is not None else None
-        per_token, kl, low, high = clipped_surrogate(logp, old, ref, batch.advantages[rows], m, eps_low, eps_high, beta)
-        loss = aggregate_loss(per_token, m, loss_type, max_completion_length, batch_rows=R,
-                              num_micro_batches=len(batch.update_rows), global_tokens=batch.global_tokens,
-                              world_size=world)
+        per_token, kl, low, high = clipped_surrogate(
+            logp, old, ref, batch.advantages[rows], m, eps_low, eps_high, beta
+        )
+        loss = aggregate_loss(
+            per_token,
+            m,
+            loss_type,
+            max_completion_length,
+            batch_rows=R,
+            num_micro_batches=len(batch.update_rows),
+            global_tokens=batch.global_tokens,
+            world_size=world,
+        )
         loss.backward()
         mf, ratio = m.float(), torch.exp(logp.detach() - old)
         if mf.sum() > 0:
             ratio_min = min(ratio_min, float(ratio[m.bool()].min()))
             ratio_max = max(ratio_max, float(ratio[m.bool()].max()))
-        for key, value in (("loss", loss.detach()), ("kl", (kl * mf).sum()), ("entropy", (entropy.detach() * mf).sum()),
-                           ("low", (low * mf).sum()), ("high", (high * mf).sum()), ("ratio", (ratio * mf).sum()),
-                           ("tokens", mf.sum())):
+        for key, value in (
+            ("loss", loss.detach()),
+            ("kl", (kl * mf).sum()),
+            ("entropy", (entropy.detach() * mf).sum()),
+            ("low", (low * mf).sum()),
+            ("high", (high * mf).sum()),
+            ("ratio", (ratio * mf).sum()),
+            ("tokens", mf.sum()),
+        ):
             sums[key] += float(value)
-    total = dict(zip(sums, common.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    total = dict(
+        zip(
+            sums,
+            distributed.all_reduce_sum(
+                torch.tensor(list(sums.values()), dtype=torch.float64)
+            ).tolist(),
+        )
+    )
     n = max(total["tokens"], 1.0)
-    stats = {"loss": total["loss"] / world, "kl": total["kl"] / n, "entropy": total["entropy"] / n,
-             "clip_ratio/low_mean": total["low"] / n, "clip_ratio/high_mean": total["high"] / n,
-             "clip_ratio/region_mean": (total["low"] + total["high"]) / n, "ratio/mean": total["ratio"] / n}
+    stats = {
+        "loss": total["loss"] / world,
+        "kl": total["kl"] / n,
+        "entropy": total["entropy"] / n,
+        "clip_ratio/low_mean": total["low"] / n,
+        "clip_ratio/high_mean": total["high"] / n,
+        "clip_ratio/region_mean": (total["low"] + total["high"]) / n,
+        "ratio/mean": total["ratio"] / n,
+    }
     if ratio_min <= ratio_max:  # rank 0's extremes; absent when every completion was masked out
         stats.update({"ratio/min": ratio_min, "ratio/max": ratio_max})
     return stats
@@ -438,35 +763,67 @@ def update(model, batch: Batch, *, temperature: float, loss_type: str, eps_low: 
 # Held-out evaluation
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout: list[dict], spec: str, *, k: int, max_new_tokens: int, temperature: float,
-             top_p: float, seed: int, accuracy: bool) -> dict:
-    """Mean reward of k samples per held-out prompt at the training temperature, with a fixed generator (the same
-    draws before and after training). With `accuracy` (verifiable data with gold answers) also `accuracy` (Mean@k:
-    the share of correct samples), `pass_at_k` and greedy accuracy; prompts without a gold answer are left out."""
+def evaluate(
+    model,
+    tokenizer,
+    heldout: list[dict],
+    spec: str,
+    *,
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    accuracy: bool,
+) -> dict:
+    """Mean reward of k samples per held-out prompt at the training temperature, with a fixed
+    generator (the same draws before and after training). With `accuracy` (verifiable data with gold
+    answers) also `accuracy` (Mean@k: the share of correct samples), `pass_at_k` and greedy
+    accuracy; prompts without a gold answer are left out."""
     device = next(model.parameters()).device
     ids = [p["ids"] for p in heldout]
-    roll = sampling.sample(model, tokenizer, ids, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, generator=torch.Generator(device=device).manual_seed(seed + 12345),
-                           batch_size=128)
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        ids,
+        n=k,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=torch.Generator(device=device).manual_seed(seed + 12345),
+        batch_size=128,
+    )
     texts = roll.texts(tokenizer)
     cols = rewards.reward_columns(heldout, k)
     total, _ = rewards.compute_rewards(spec, texts, cols)
-    row = {"mean_reward": sum(total) / len(total), "mean_length": float(roll.completion_mask.sum(1).float().mean()),
-           "distinct_2": rewards.distinct_n(texts, 2)}
+    row = {
+        "mean_reward": sum(total) / len(total),
+        "mean_length": float(roll.completion_mask.sum(1).float().mean()),
+        "distinct_2": rewards.distinct_n(texts, 2),
+    }
     if accuracy and "answer" in cols:
         res = rewards.correct(texts, cols["answer"], cols.get("style"))
-        graded = [g for g in (res[i: i + k] for i in range(0, len(res), k)) if g[0] is not None]
-        greedy = sampling.sample(model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128)
+        graded = [g for g in (res[i : i + k] for i in range(0, len(res), k)) if g[0] is not None]
+        greedy = sampling.sample(
+            model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128
+        )
         cols1 = rewards.reward_columns(heldout, 1)
-        res1 = [v for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style")) if v is not None]
+        res1 = [
+            v
+            for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style"))
+            if v is not None
+        ]
         if graded:
             row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * k)  # Mean@k
             row["pass_at_k"] = sum(any(v > 0 for v in g) for g in graded) / len(graded)
             row["greedy_accuracy"] = sum(res1) / len(res1)
             row["graded_prompts"] = len(graded)
-    row["_samples"] = [{"prompt": c, "completion": t, "reward": r}
-                       for c, t, r in zip(cols["prompt"][::k][:10], texts[::k][:10], total[::k][:10])]
+    row["_samples"] = [
+        {"prompt": c, "completion": t, "reward": r}
+        for c, t, r in zip(cols["prompt"][::k][:10], texts[::k][:10], total[::k][:10])
+    ]
     return row
 
 
@@ -474,12 +831,25 @@ def evaluate(model, tokenizer, heldout: list[dict], spec: str, *, k: int, max_ne
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def load_policy(name: str, device, init_adapter: str, lora_r: int, lora_alpha: float, lora_dropout: float,
-                load_in_4bit: bool, gradient_checkpointing: bool):
-    """The model with `init_adapter` merged into its weights (the reference policy is then the merged model:
-    LoRA off) and a fresh LoRA on top."""
-    model = common.load_model(name, device=device, load_in_4bit=load_in_4bit,
-                              gradient_checkpointing=gradient_checkpointing)
+
+def load_policy(
+    name: str,
+    device,
+    init_adapter: str,
+    lora_r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    load_in_4bit: bool,
+    gradient_checkpointing: bool,
+):
+    """The model with `init_adapter` merged into its weights (the reference policy is then the
+    merged model: LoRA off) and a fresh LoRA on top."""
+    model = loading.load_model(
+        name,
+        device=device,
+        load_in_4bit=load_in_4bit,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
     lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     return model
@@ -487,97 +857,229 @@ def load_policy(name: str, device, init_adapter: str, lora_r: int, lora_alpha: f
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = common.start_run(args.out, args, args.seed, args.device, args.resume)
-    tokenizer = common.load_tokenizer(args.model)
-    train, heldout = load_prompts(tokenizer, data=args.data, eval_data=args.eval_data, task=args.task, seed=args.seed,
-                                  eval_size=args.eval_size, toy_difficulty=args.toy_difficulty,
-                                  toy_train_size=args.toy_train_size, prefix_tokens=args.prefix_tokens,
-                                  continuation_tokens=args.continuation_tokens,
-                                  max_prompt_length=args.max_prompt_length)
+    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
+    tokenizer = loading.load_tokenizer(args.model)
+    train, heldout = load_prompts(
+        tokenizer,
+        data=args.data,
+        eval_data=args.eval_data,
+        task=args.task,
+        seed=args.seed,
+        eval_size=args.eval_size,
+        toy_difficulty=args.toy_difficulty,
+        toy_train_size=args.toy_train_size,
+        prefix_tokens=args.prefix_tokens,
+        continuation_tokens=args.continuation_tokens,
+        max_prompt_length=args.max_prompt_length,
+    )
     spec = default_reward(args.task, args.reward, train)
-    model = load_policy(args.model, run.device, args.init_adapter, args.lora_r, args.lora_alpha, args.lora_dropout,
-                        args.load_in_4bit, args.gradient_checkpointing)
+    model = load_policy(
+        args.model,
+        run.device,
+        args.init_adapter,
+        args.lora_r,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.load_in_4bit,
+        args.gradient_checkpointing,
+    )
     params = lora.lora_parameters(model)
-    common.broadcast_parameters(params)
+    distributed.broadcast_parameters(params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps,
-                                       min_ratio=args.min_lr_ratio)
-    optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda: evaluate(model, tokenizer, heldout, spec, k=args.eval_samples,  # noqa: E731
-                                    max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed, accuracy=args.task == "verifiable")
-    start, data_state = common.resume_or_evaluate(run, args.resume, model, optimizer, scheduler, heldout_eval, logger)
+    scheduler = lifecycle.cosine_schedule(
+        optimizer,
+        int(args.warmup_ratio * args.max_steps),
+        args.max_steps,
+        min_ratio=args.min_lr_ratio,
+    )
+    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
+    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
+    heldout_eval = lambda: evaluate(
+        model,
+        tokenizer,
+        heldout,
+        spec,
+        k=args.eval_samples,  # noqa: E731
+        max_new_tokens=args.max_completion_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        accuracy=args.task == "verifiable",
+    )
+    start, data_state = lifecycle.resume_or_evaluate(
+        run, args.resume, model, optimizer, scheduler, heldout_eval, logger
+    )
     optimizer_step.load_state_dict(data_state)
     tokens_seen = data_state.get("tokens_seen", 0)
 
     model.train()
     batch, t_train, last = None, 0.0, {}
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="grpo", disable=not common.is_main())
+    bar = tqdm(
+        range(start, args.max_steps),
+        initial=start,
+        total=args.max_steps,
+        desc="grpo",
+        disable=not distributed.is_main(),
+    )
     for step in bar:
         t0, t_rollout = time.perf_counter(), 0.0
-        if step % args.num_iterations == 0 or batch is None:  # a generation batch lasts --num-iterations steps
+        if (
+            step % args.num_iterations == 0 or batch is None
+        ):  # a generation batch lasts --num-iterations steps
             g = step // args.num_iterations
-            prompts = [train[i] for i in common.epoch_indices(len(train), args.batch_size * run.world, g, args.seed,
-                                                              run.rank, run.world)]
-            gen = torch.Generator(device=run.device).manual_seed(args.seed * 100003 + g * run.world + run.rank)
-            batch = rollout(model, tokenizer, prompts, spec, gen, G=args.num_generations,
-                            max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-                            micro_batch_size=args.micro_batch_size, beta=args.beta, mara_tau=args.mara_tau,
-                            scale_rewards=args.scale_rewards, num_iterations=args.num_iterations,
-                            mask_truncated=args.mask_truncated_completions,
-                            skip_zero_advantage=not (args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo"),
-                            log_groups=args.log_completions)
+            prompts = [
+                train[i]
+                for i in dataio.epoch_indices(
+                    len(train), args.batch_size * run.world, g, args.seed, run.rank, run.world
+                )
+            ]
+            gen = torch.Generator(device=run.device).manual_seed(
+                args.seed * 100003 + g * run.world + run.rank
+            )
+            batch = rollout(
+                model,
+                tokenizer,
+                prompts,
+                spec,
+                gen,
+                G=args.num_generations,
+                max_new_tokens=args.max_completion_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                micro_batch_size=args.micro_batch_size,
+                beta=args.beta,
+                mara_tau=args.mara_tau,
+                scale_rewards=args.scale_rewards,
+                num_iterations=args.num_iterations,
+                mask_truncated=args.mask_truncated_completions,
+                skip_zero_advantage=not (
+                    args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo"
+                ),
+                log_groups=args.log_completions,
+            )
             tokens_seen += batch.num_tokens * run.world
-            for s in batch.samples if common.is_main() else []:
-                common.append_jsonl(run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s})
+            for s in batch.samples if distributed.is_main() else []:
+                dataio.append_jsonl(
+                    run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
+                )
             t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
-        stats = update(model, batch, temperature=args.temperature, loss_type=args.loss_type, eps_low=args.epsilon,
-                       eps_high=args.epsilon_high, beta=args.beta, max_completion_length=args.max_completion_length,
-                       world=run.world)
+        stats = update(
+            model,
+            batch,
+            temperature=args.temperature,
+            loss_type=args.loss_type,
+            eps_low=args.epsilon,
+            eps_high=args.epsilon_high,
+            beta=args.beta,
+            max_completion_length=args.max_completion_length,
+            world=run.world,
+        )
         stats.update(optimizer_step(stats["loss"], step + 1))
         t_train += time.perf_counter() - t0
 
         # 3. Log (TRL's names), evaluate, checkpoint.
-        last = {**batch.metrics, **stats,
-                "learning_rate": scheduler.get_last_lr()[0], "num_tokens": tokens_seen,
-                "step_time": time.perf_counter() - t0, "timing/rollout": t_rollout,
-                "timing/update": time.perf_counter() - t1}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps and common.is_main():
+        last = {
+            **batch.metrics,
+            **stats,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "num_tokens": tokens_seen,
+            "step_time": time.perf_counter() - t0,
+            "timing/rollout": t_rollout,
+            "timing/update": time.perf_counter() - t1,
+        }
+        if (
+            args.eval_every
+            and (step + 1) % args.eval_every == 0
+            and step + 1 < args.max_steps
+            and distributed.is_main()
+        ):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
         logger.log(step + 1, last)
-        bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.3g}",
-                        **({"acc": f"{last['eval/accuracy']:.3f}"} if "eval/accuracy" in last else {}))
-        at_boundary = (step + 1) % args.num_iterations == 0  # a checkpoint never splits a generation batch
-        if args.save_every and (step + 1) % args.save_every == 0 and at_boundary and step + 1 < args.max_steps \
-                and optimizer_step.streak == 0:  # never checkpoint in a run of non-finite steps
-            common.save_checkpoint(run.out, step + 1, model, optimizer, scheduler,
-                                   data_state={**data_state, **optimizer_step.state_dict(), "tokens_seen": tokens_seen})
+        bar.set_postfix(
+            reward=f"{last['reward']:.3f}",
+            kl=f"{last['kl']:.3g}",
+            **({"acc": f"{last['eval/accuracy']:.3f}"} if "eval/accuracy" in last else {}),
+        )
+        at_boundary = (
+            step + 1
+        ) % args.num_iterations == 0  # a checkpoint never splits a generation batch
+        if (
+            args.save_every
+            and (step + 1) % args.save_every == 0
+            and at_boundary
+            and step + 1 < args.max_steps
+            and optimizer_step.streak == 0
+        ):  # never checkpoint in a run of non-finite steps
+            lifecycle.save_checkpoint(
+                run.out,
+                step + 1,
+                model,
+                optimizer,
+                scheduler,
+                data_state={
+                    **data_state,
+                    **optimizer_step.state_dict(),
+                    "tokens_seen": tokens_seen,
+                },
+            )
 
-    # Final evaluation, adapter, summary. Ranks hold the same adapter (same start, same averaged gradients).
-    rank_diff = common.max_param_difference_across_ranks(params)
+    # Final evaluation, adapter, summary. Ranks hold the same adapter (same start, same averaged
+    # gradients).
+    rank_diff = distributed.max_param_difference_across_ranks(params)
     summary = {}
-    if common.is_main():
-        before, after = data_state["before"], common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
-        lora.save_adapter(model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model)
+    if distributed.is_main():
+        before, after = (
+            data_state["before"],
+            lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval()),
+        )
+        lora.save_adapter(
+            model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model
+        )
         if args.save_merged:
             lora.merge(model).save_pretrained(run.out / "model")
             tokenizer.save_pretrained(run.out / "model")
         metric = "accuracy" if "accuracy" in after else "mean_reward"
         note = f"Mean@{args.eval_samples} at T={args.temperature}" + (
-            f", toy level(s) {args.toy_difficulty}" if args.data == "toy" and args.task == "verifiable" else "")
-        summary = common.finish_run(run, {
-            "method": "grpo", "task": args.task, "reward": spec, "init_adapter": args.init_adapter or None,
-            "heldout": {"metric": metric, "before": before.get(metric), "after": after.get(metric), "note": note},
-            "before": before, "after": after, "final": last, "train_seconds": t_train, "num_tokens": tokens_seen,
-            "skipped_steps": optimizer_step.skipped, "rank_param_max_diff": rank_diff, "args": asdict(args)},
-            table={"task": args.task, "metric": metric, "before": before.get(metric), "after": after.get(metric),
-                   "reward (last step)": last.get("reward"), "train s": round(t_train)})
+            f", toy level(s) {args.toy_difficulty}"
+            if args.data == "toy" and args.task == "verifiable"
+            else ""
+        )
+        summary = lifecycle.finish_run(
+            run,
+            {
+                "method": "grpo",
+                "task": args.task,
+                "reward": spec,
+                "init_adapter": args.init_adapter or None,
+                "heldout": {
+                    "metric": metric,
+                    "before": before.get(metric),
+                    "after": after.get(metric),
+                    "note": note,
+                },
+                "before": before,
+                "after": after,
+                "final": last,
+                "train_seconds": t_train,
+                "num_tokens": tokens_seen,
+                "skipped_steps": optimizer_step.skipped,
+                "rank_param_max_diff": rank_diff,
+                "args": asdict(args),
+            },
+            table={
+                "task": args.task,
+                "metric": metric,
+                "before": before.get(metric),
+                "after": after.get(metric),
+                "reward (last step)": last.get("reward"),
+                "train s": round(t_train),
+            },
+        )
     logger.close()
-    common.cleanup_distributed()
+    distributed.cleanup_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    common.run_cli(main, Args)
+    cli.run_cli(main, Args)

@@ -1,31 +1,39 @@
 """LLM judges, duck typed: score(prompts, responses) -> [float | None] in [0, 1] (pointwise) and/or
-prefer(prefixes, a, b) -> [float | None] = P(a is better than b) (pairwise). None means no usable verdict; every
-judge counts `calls` and `invalid` verdicts, so scripts can log the invalid-judge rate.
+prefer(prefixes, a, b) -> [float | None] = P(a is better than b) (pairwise). None means no usable
+verdict; every judge counts `calls` and `invalid` verdicts, so scripts can log the invalid-judge
+rate.
 
 - `LocalJudge`: a Hugging Face causal LM prompted as a judge, greedy, in this process;
-- `HTTPJudge`: the same prompts sent to an OpenAI-compatible server (vLLM, SGLang, `transformers serve`) through
+- `HTTPJudge`: the same prompts sent to an OpenAI-compatible server (vLLM, SGLang, `transformers
+  serve`) through
   serving.post_json (standard library only), with bounded concurrency, timeouts and retries;
-- `VerdictCache`: judge replies keyed by their content, in memory and in a JSONL file, so a rerun or a resumed run
+- `VerdictCache`: judge replies keyed by their content, in memory and in a JSONL file, so a rerun or
+  a resumed run
   asks only what it has not asked before;
 - `CountedJudge`: adds the counters to a judge that has none (the toy world's `toy.AnswerJudge` and
   `toy.ContinuationJudge`, which live in the toy package);
 - `make_judge`: one of the above from a `--judge` string ("toy", a URL, a model);
-- `judge_reward`: a pointwise judge as a reward function of rewards.py's convention, shown the visible answer only
+- `judge_reward`: a pointwise judge as a reward function of rewards.py's convention, shown the
+  visible answer only
   (RLMT, arXiv 2509.20357: the thought is not judged);
-- `full_pairwise`: every pair of K candidates judged in both orders, each candidate's mean win rate, and what the
+- `full_pairwise`: every pair of K candidates judged in both orders, each candidate's mean win rate,
+  and what the
   judge did (invalid pairs, position consistency, ties): Self-Improving Pretraining, arXiv 2601.21343.
 
-The pairwise prompt is that paper's quality prompt (fig. 2), answered by "Conclusion: Option 1" or "Option 2".
+The pairwise prompt is that paper's quality prompt (fig. 2), answered by "Conclusion: Option 1" or
+"Option 2".
 
-An in-process judge gives its verdict one of two ways (`verdict`, the scripts' --judge-verdict): "generate" writes
-a reply and parses its last line, which a small model often fails to end as asked; "logprobs" forces the reply to
-begin with the answer prefix ("Conclusion: Option " / "Score: ") and reads the verdict from the next-token
-probabilities in one forward pass, so every verdict parses unless those tokens carry almost no probability (the
-way sail-sg/oat's judge client reads the "1" / "2" logprobs).
+An in-process judge gives its verdict one of two ways (`verdict`, the scripts' --judge-verdict):
+"generate" writes a reply and parses its last line, which a small model often fails to end as asked;
+"logprobs" forces the reply to begin with the answer prefix ("Conclusion: Option " / "Score: ") and
+reads the verdict from the next-token probabilities in one forward pass, so every verdict parses
+unless those tokens carry almost no probability (the way sail-sg/oat's judge client reads the "1" /
+"2" logprobs).
 
-A judge that cannot answer at all (its server is down, answers 4xx, or sends something that is not a chat
-completion) raises JudgeError, a common.UserError: one line naming the URL and the cause.
+A judge that cannot answer at all (its server is down, answers 4xx, or sends something that is not a
+chat completion) raises JudgeError, a errors.UserError: one line naming the URL and the cause.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,31 +48,42 @@ from typing import Sequence
 
 import torch
 
-import common
+import errors
+import loading
 import rewards
 import serving
 from answers import completion_text, strip_think
 
 
 class JudgeError(serving.ServerError):
-    """A judge could not answer at all (e.g. its endpoint is down); an unparseable verdict is not an error."""
+    """A judge could not answer at all (e.g. its endpoint is down); an unparseable verdict is not an
+    error."""
 
 
-# ---- prompts and verdicts ---------------------------------------------------------------------------------------
+# ---- prompts and verdicts ------------------------------------------------------------------------
+
 
 def _prompt_text(prompt) -> str:
     """A prompt column entry as text: a string, or the last user message of a conversation."""
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, (list, tuple)):
-        users = [m.get("content") or "" for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        users = [
+            m.get("content") or ""
+            for m in prompt
+            if isinstance(m, dict) and m.get("role") == "user"
+        ]
         if users:
             return users[-1]
         return completion_text(prompt)
-    raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    raise TypeError(
+        f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
+    )
 
 
-POINTWISE_SYSTEM = "You are a strict grader. You judge only the final response, never the reasoning behind it."
+POINTWISE_SYSTEM = (
+    "You are a strict grader. You judge only the final response, never the reasoning behind it."
+)
 POINTWISE_TEMPLATE = """Rate the response to the instruction below for correctness and helpfulness.
 
 ### Instruction
@@ -75,8 +94,9 @@ POINTWISE_TEMPLATE = """Rate the response to the instruction below for correctne
 
 Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
 Score: <integer>"""
-# pointwise with a reference (a document continuation against the document's own): the judge sees the prefix, the
-# original continuation as a reference, and the continuation to rate; never a thought
+# pointwise with a reference (a document continuation against the document's own): the judge sees
+# the prefix, the original continuation as a reference, and the continuation to rate; never a
+# thought
 POINTWISE_REFERENCE_TEMPLATE = """Rate the continuation of the text below for coherence with the text, fluency and \
 consistency with everything the text states. The original continuation is given as a reference: a continuation \
 need not repeat it, but must be as consistent and as good.
@@ -114,28 +134,34 @@ SCORE_RANGE = (1, 10)
 # Logprob verdicts: the reply starts with these, and the next token is the verdict.
 PAIRWISE_ANSWER_PREFIX = "Conclusion: Option "
 POINTWISE_ANSWER_PREFIX = "Score: "
-# 1..9, one digit each: "10" is two tokens in digit-splitting vocabularies (Qwen3, SmolLM2), where P("1") would
-# mix a 1 with the first half of a 10.
+# 1..9, one digit each: "10" is two tokens in digit-splitting vocabularies (Qwen3, SmolLM2), where
+# P("1") would mix a 1 with the first half of a 10.
 LOGPROB_SCORE_RANGE = (1, 9)
-MIN_VERDICT_MASS = 1e-3  # answer tokens with less of the next-token probability than this: invalid, never guessed
+MIN_VERDICT_MASS = (
+    1e-3  # answer tokens with less of the next-token probability than this: invalid, never guessed
+)
 VERDICT_MODES = ("auto", "logprobs", "generate")
-VERDICT_HELP = ("how a model judge run in this process gives its verdict: logprobs (read from the next-token "
-                "probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or "
-                "generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate "
-                "for a server")
+VERDICT_HELP = (
+    "how a model judge run in this process gives its verdict: logprobs (read from the next-token "
+    "probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or "
+    "generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate "
+    "for a server"
+)
 _SCORE_LINE = re.compile(r"score\s*:\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?", re.IGNORECASE)
 _CONCLUSION = re.compile(r"conclusion\W*option\W*([12])\b", re.IGNORECASE)
 
 
 def _last_line(text: str) -> str:
-    lines = [line.strip().strip("*").strip() for line in strip_think(text or "").strip().splitlines()]
+    lines = [
+        line.strip().strip("*").strip() for line in strip_think(text or "").strip().splitlines()
+    ]
     lines = [line for line in lines if line]
     return lines[-1] if lines else ""
 
 
 def parse_score(text: str, lo: float = SCORE_RANGE[0], hi: float = SCORE_RANGE[1]) -> float | None:
-    """A verdict's "Score: N" on its last non-empty line (after any think block), mapped to [0, 1] as
-    (N - lo) / (hi - lo); None when the line is missing, malformed or out of [lo, hi]."""
+    """A verdict's "Score: N" on its last non-empty line (after any think block), mapped to [0, 1]
+    as (N - lo) / (hi - lo); None when the line is missing, malformed or out of [lo, hi]."""
     m = _SCORE_LINE.fullmatch(_last_line(text))
     if not m:
         return None
@@ -146,74 +172,99 @@ def parse_score(text: str, lo: float = SCORE_RANGE[0], hi: float = SCORE_RANGE[1
 
 
 def parse_option(text: str) -> int | None:
-    """1 or 2 from "Conclusion: Option N" in the last paragraph of a verdict (after any think block; markdown
-    emphasis allowed); None when it is missing there or names both options."""
+    """1 or 2 from "Conclusion: Option N" in the last paragraph of a verdict (after any think block;
+    markdown emphasis allowed); None when it is missing there or names both options."""
     paragraphs = [p for p in re.split(r"\n\s*\n", strip_think(text or "").strip()) if p.strip()]
     found = set(_CONCLUSION.findall(paragraphs[-1])) if paragraphs else set()
     return int(found.pop()) if len(found) == 1 else None
 
 
 def option_probability(probs: Sequence[float]) -> float | None:
-    """P(option 1) = p1 / (p1 + p2) from the next-token probabilities of "1" and "2"; None (invalid) when the two
-    carry less than MIN_VERDICT_MASS."""
+    """P(option 1) = p1 / (p1 + p2) from the next-token probabilities of "1" and "2"; None (invalid)
+    when the two carry less than MIN_VERDICT_MASS."""
     p1, p2 = probs
     return None if p1 + p2 < MIN_VERDICT_MASS else p1 / (p1 + p2)
 
 
-def expected_score(probs: Sequence[float], lo: int = LOGPROB_SCORE_RANGE[0], hi: int = LOGPROB_SCORE_RANGE[1]
-                   ) -> float | None:
-    """The expected score sum_s s p(s) / sum_s p(s) over the scores lo..hi (their next-token probabilities, in
-    order), mapped to [0, 1] as (E - lo) / (hi - lo); None (invalid) when they carry less than MIN_VERDICT_MASS.
+def expected_score(
+    probs: Sequence[float], lo: int = LOGPROB_SCORE_RANGE[0], hi: int = LOGPROB_SCORE_RANGE[1]
+) -> float | None:
+    """The expected score sum_s s p(s) / sum_s p(s) over the scores lo..hi (their next-token
+    probabilities, in order), mapped to [0, 1] as (E - lo) / (hi - lo); None (invalid) when they
+    carry less than MIN_VERDICT_MASS.
 
-    The expectation rather than the argmax: a graded reward separates responses that the argmax ties, and a GRPO
-    group of equal rewards teaches nothing (G-Eval, arXiv 2303.16634, sec. 2, weights scores by their
+    The expectation rather than the argmax: a graded reward separates responses that the argmax
+    ties, and a GRPO group of equal rewards teaches nothing (G-Eval, arXiv 2303.16634, sec. 2,
+    weights scores by their
     probabilities for the same reason)."""
     mass = sum(probs)
     if mass < MIN_VERDICT_MASS:
         return None
-    return (sum(p * s for p, s in zip(probs, range(lo, hi + 1), strict=True)) / mass - lo) / (hi - lo)
+    return (sum(p * s for p, s in zip(probs, range(lo, hi + 1), strict=True)) / mass - lo) / (
+        hi - lo
+    )
 
 
 def _answer_split(tokenizer, texts: list[str], prefix: str, choices: Sequence[str]):
-    """For each text + prefix: the ids the judge reads and, per choice, the one token that writes it next.
+    """For each text + prefix: the ids the judge reads and, per choice, the one token that writes it
+    next.
 
-    Each text + prefix + choice is tokenized whole and the ids are cut where the choices part, so the answer is
-    read in the vocabulary's own form: after "Option" where it glues the space to the digit (" 1"), after the space
+    Each text + prefix + choice is tokenized whole and the ids are cut where the choices part, so
+    the answer is read in the vocabulary's own form: after "Option" where it glues the space to the
+    digit (" 1"), after the space
     where it splits digits off (Qwen3, SmolLM2, the toy's characters)."""
-    rows = tokenizer([t + prefix + c for t in texts for c in choices], add_special_tokens=False)["input_ids"]
+    rows = tokenizer([t + prefix + c for t in texts for c in choices], add_special_tokens=False)[
+        "input_ids"
+    ]
     reads, options = [], []
     for i in range(len(texts)):
-        group = rows[i * len(choices):(i + 1) * len(choices)]
+        group = rows[i * len(choices) : (i + 1) * len(choices)]
         n = 0
         while all(len(r) > n for r in group) and len({r[n] for r in group}) == 1:
             n += 1
         tails = [r[n:] for r in group]
         if any(len(t) != 1 for t in tails) or len({t[0] for t in tails}) != len(tails):
-            raise common.ConfigError(f"--judge-verdict logprobs: the judge's tokenizer writes the answers "
-                                     f"{list(choices)} after {prefix!r} as {tails}, not one token each; pass "
-                                     f"--judge-verdict generate")
+            raise errors.ConfigError(
+                f"--judge-verdict logprobs: the judge's tokenizer writes the answers "
+                f"{list(choices)} after {prefix!r} as {tails}, not one token each; pass "
+                f"--judge-verdict generate"
+            )
         reads.append(group[0][:n])
         options.append([t[0] for t in tails])
     return reads, options
 
 
 @torch.no_grad()
-def next_token_probs(model, rows: list[list[int]], options: list[list[int]], pad_id: int,
-                     batch_size: int | None = 16) -> list[list[float]]:
-    """P(each of `options[i]` as the next token after rows[i]): one forward pass per row, batched shortest first,
-    left-padded with positions counted over real tokens (as sampling.sample does), logits of the last position
-    only."""
+def next_token_probs(
+    model, rows: list[list[int]], options: list[list[int]], pad_id: int, batch_size: int | None = 16
+) -> list[list[float]]:
+    """P(each of `options[i]` as the next token after rows[i]): one forward pass per row, batched
+    shortest first, left-padded with positions counted over real tokens (as sampling.sample does),
+    logits of the last position only."""
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[list[float]] = [[] for _ in rows]
     step = batch_size or max(len(rows), 1)
     for start in range(0, len(order), step):
-        chunk = order[start:start + step]
+        chunk = order[start : start + step]
         width = max(len(rows[i]) for i in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(rows[i])) + rows[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in chunk], device=device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        ids = torch.tensor(
+            [[pad_id] * (width - len(rows[i])) + rows[i] for i in chunk], device=device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in chunk], device=device
+        )
+        logits = (
+            model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
         probs = logits.softmax(-1)
         for row, i in enumerate(chunk):
             out[i] = probs[row, torch.tensor(options[i], device=device)].tolist()
@@ -223,53 +274,92 @@ def next_token_probs(model, rows: list[list[int]], options: list[list[int]], pad
 def _pointwise_messages(prompts, responses, references=None, scale=SCORE_RANGE) -> list[list[dict]]:
     lo, hi = scale
     if references is None:
-        return [[{"role": "system", "content": POINTWISE_SYSTEM},
-                 {"role": "user", "content": POINTWISE_TEMPLATE.format(prompt=_prompt_text(p), response=strip_think(r),
-                                                                        lo=lo, hi=hi)}]
-                for p, r in zip(prompts, responses)]
-    return [[{"role": "system", "content": POINTWISE_SYSTEM},
-             {"role": "user", "content": POINTWISE_REFERENCE_TEMPLATE.format(
-                 prompt=_prompt_text(p), reference=ref, response=strip_think(r), lo=lo, hi=hi)}]
-            for p, r, ref in zip(prompts, responses, references, strict=True)]
+        return [
+            [
+                {"role": "system", "content": POINTWISE_SYSTEM},
+                {
+                    "role": "user",
+                    "content": POINTWISE_TEMPLATE.format(
+                        prompt=_prompt_text(p), response=strip_think(r), lo=lo, hi=hi
+                    ),
+                },
+            ]
+            for p, r in zip(prompts, responses)
+        ]
+    return [
+        [
+            {"role": "system", "content": POINTWISE_SYSTEM},
+            {
+                "role": "user",
+                "content": POINTWISE_REFERENCE_TEMPLATE.format(
+                    prompt=_prompt_text(p), reference=ref, response=strip_think(r), lo=lo, hi=hi
+                ),
+            },
+        ]
+        for p, r, ref in zip(prompts, responses, references, strict=True)
+    ]
 
 
 def _pairwise_messages(prefixes, first, second) -> list[list[dict]]:
-    return [[{"role": "user", "content": PAIRWISE_TEMPLATE.format(prefix=p, first=x, second=y)}]
-            for p, x, y in zip(prefixes, first, second)]
+    return [
+        [{"role": "user", "content": PAIRWISE_TEMPLATE.format(prefix=p, first=x, second=y)}]
+        for p, x, y in zip(prefixes, first, second)
+    ]
 
 
-def _judge_score(judge, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
+def _judge_score(
+    judge, prompts: Sequence, responses: Sequence, references: Sequence | None = None
+) -> list[float | None]:
     if len(prompts) != len(responses):
         raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
     if getattr(judge, "verdict", "generate") == "logprobs":
         lo, hi = LOGPROB_SCORE_RANGE
-        probs = judge.choice_probs(_pointwise_messages(prompts, responses, references, LOGPROB_SCORE_RANGE),
-                                   POINTWISE_ANSWER_PREFIX, [str(s) for s in range(lo, hi + 1)])
+        probs = judge.choice_probs(
+            _pointwise_messages(prompts, responses, references, LOGPROB_SCORE_RANGE),
+            POINTWISE_ANSWER_PREFIX,
+            [str(s) for s in range(lo, hi + 1)],
+        )
         scores = [expected_score(p, lo, hi) for p in probs]
     else:
-        scores = [parse_score(v) for v in judge.generate(_pointwise_messages(prompts, responses, references))]
+        scores = [
+            parse_score(v)
+            for v in judge.generate(_pointwise_messages(prompts, responses, references))
+        ]
     judge.calls += len(scores)
     judge.invalid += sum(s is None for s in scores)
     return scores
 
 
-def _judge_prefer_ordered(judge, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
-    """One verdict per pair in the order shown: P(`first`, Option 1, wins); 1.0 or 0.0 from a generated verdict."""
+def _judge_prefer_ordered(
+    judge, prefixes: Sequence, first: Sequence, second: Sequence
+) -> list[float | None]:
+    """One verdict per pair in the order shown: P(`first`, Option 1, wins); 1.0 or 0.0 from a
+    generated verdict."""
     if not (len(prefixes) == len(first) == len(second)):
-        raise ValueError(f"prefer(): lengths differ: {len(prefixes)} prefixes, {len(first)} first, {len(second)} second")
+        raise ValueError(
+            f"prefer(): lengths differ: {len(prefixes)} prefixes, {len(first)} first, "
+            f"{len(second)} second"
+        )
     messages = _pairwise_messages(prefixes, first, second)
     if getattr(judge, "verdict", "generate") == "logprobs":
-        verdicts = [option_probability(p) for p in judge.choice_probs(messages, PAIRWISE_ANSWER_PREFIX, ["1", "2"])]
+        verdicts = [
+            option_probability(p)
+            for p in judge.choice_probs(messages, PAIRWISE_ANSWER_PREFIX, ["1", "2"])
+        ]
     else:
-        verdicts = [None if o is None else float(o == 1) for o in map(parse_option, judge.generate(messages))]
+        verdicts = [
+            None if o is None else float(o == 1)
+            for o in map(parse_option, judge.generate(messages))
+        ]
     judge.calls += len(verdicts)
     judge.invalid += sum(v is None for v in verdicts)
     return verdicts
 
 
 def _judge_prefer(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
-    """P(a better) with both orders asked in one batch: the mean of the valid votes (one order's vote when the other
-    is unparseable), None when neither parses; generated votes that disagree give 0.5. Cancels position bias."""
+    """P(a better) with both orders asked in one batch: the mean of the valid votes (one order's
+    vote when the other is unparseable), None when neither parses; generated votes that disagree
+    give 0.5. Cancels position bias."""
     n = len(prefixes)
     votes = _judge_prefer_ordered(judge, list(prefixes) * 2, list(a) + list(b), list(b) + list(a))
     out: list[float | None] = []
@@ -280,10 +370,10 @@ def _judge_prefer(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[f
 
 
 class VerdictCache:
-    """Judge replies keyed by the sha256 of everything that determines them (the judge, its sampling settings, the
-    messages), in memory and appended to a JSONL file when `path` is given, so a rerun or a resumed run sends only
-    what it has not asked before. A judge sampled at T > 0 then replays its first answer to the same question. A
-    last line torn by a kill is ignored."""
+    """Judge replies keyed by the sha256 of everything that determines them (the judge, its sampling
+    settings, the messages), in memory and appended to a JSONL file when `path` is given, so a rerun
+    or a resumed run sends only what it has not asked before. A judge sampled at T > 0 then replays
+    its first answer to the same question. A last line torn by a kill is ignored."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path, self.replies, self.hits = (Path(path) if path else None), {}, 0
@@ -297,7 +387,9 @@ class VerdictCache:
 
     @staticmethod
     def key(*parts) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+        return hashlib.sha256(
+            json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        ).hexdigest()
 
     def get(self, key: str) -> str | None:
         reply = self.replies.get(key)
@@ -312,8 +404,11 @@ class VerdictCache:
                 f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
 
 
-def _cached(cache: VerdictCache | None, identity: tuple, conversations: list[list[dict]], ask) -> list[str]:
-    """Replies to `conversations`: the cached ones from `cache`, the others from ask(missing) (then cached)."""
+def _cached(
+    cache: VerdictCache | None, identity: tuple, conversations: list[list[dict]], ask
+) -> list[str]:
+    """Replies to `conversations`: the cached ones from `cache`, the others from ask(missing) (then
+    cached)."""
     if cache is None:
         return ask(conversations)
     keys = [cache.key(*identity, c) for c in conversations]
@@ -325,23 +420,33 @@ def _cached(cache: VerdictCache | None, identity: tuple, conversations: list[lis
     return replies
 
 
-# ---- the judges -------------------------------------------------------------------------------------------------
+# ---- the judges ----------------------------------------------------------------------------------
+
 
 class LocalJudge:
     """A local Hugging Face causal LM prompted as a judge, in this process.
 
-    verdict "generate": greedy replies (sampling.sample); score(): POINTWISE_TEMPLATE, "Score: N" (1-10) on the last
-    line -> (N - 1) / 9; prefer(): PAIRWISE_TEMPLATE, "Conclusion: Option N" -> 1.0 / 0.0. verdict "logprobs": the
-    reply forced to begin with the answer prefix, one forward pass; score(): the expected score over "1".."9"
-    (LOGPROB_SCORE_RANGE, asked for in the prompt) -> (E - 1) / 8; prefer(): p1 / (p1 + p2). prefer() asks both
-    orders, prefer_ordered() one. Unusable verdicts are None and counted in `invalid` (of `calls`). Replies go
-    through `cache` (a VerdictCache) when one is given.
+    verdict "generate": greedy replies (sampling.sample); score(): POINTWISE_TEMPLATE, "Score: N"
+    (1-10) on the last line -> (N - 1) / 9; prefer(): PAIRWISE_TEMPLATE, "Conclusion: Option N" ->
+    1.0 / 0.0. verdict "logprobs": the reply forced to begin with the answer prefix, one forward
+    pass; score(): the expected score over "1".."9" (LOGPROB_SCORE_RANGE, asked for in the prompt)
+    -> (E - 1) / 8; prefer(): p1 / (p1 + p2). prefer() asks both orders, prefer_ordered() one.
+    Unusable verdicts are None and counted in `invalid` (of `calls`). Replies go through `cache` (a
+    VerdictCache) when one is given.
     """
 
     verdict = "generate"
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 256, batch_size: int | None = 16,
-                 enable_thinking: bool = False, cache: VerdictCache | None = None, verdict: str = "generate"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_new_tokens: int = 256,
+        batch_size: int | None = 16,
+        enable_thinking: bool = False,
+        cache: VerdictCache | None = None,
+        verdict: str = "generate",
+    ):
         if verdict not in ("generate", "logprobs"):
             raise ValueError(f"verdict {verdict!r}: 'generate' or 'logprobs'")
         self.model, self.tokenizer = model, tokenizer
@@ -354,15 +459,22 @@ class LocalJudge:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             # Qwen3 templates read enable_thinking; other templates ignore unknown variables
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=self.enable_thinking)
+            return tok.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=self.enable_thinking,
+            )
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
     def _render(self, messages: list[dict]) -> list[int]:
         return self.tokenizer(self._text(messages), add_special_tokens=False)["input_ids"]
 
-    def choice_probs(self, conversations: list[list[dict]], prefix: str, choices: Sequence[str]) -> list[list[float]]:
-        """Each conversation's reply forced to begin with `prefix`: the next-token probabilities of `choices`."""
+    def choice_probs(
+        self, conversations: list[list[dict]], prefix: str, choices: Sequence[str]
+    ) -> list[list[float]]:
+        """Each conversation's reply forced to begin with `prefix`: the next-token probabilities of
+        `choices`."""
         if not conversations:
             return []
         tok = self.tokenizer
@@ -370,10 +482,18 @@ class LocalJudge:
 
         def ask(convs):
             rows, options = _answer_split(tok, [self._text(c) for c in convs], prefix, choices)
-            return [json.dumps(p) for p in next_token_probs(self.model, rows, options, pad, self.batch_size)]
+            return [
+                json.dumps(p)
+                for p in next_token_probs(self.model, rows, options, pad, self.batch_size)
+            ]
 
-        identity = ("local-logprobs", getattr(self.model, "name_or_path", ""), prefix, list(choices),
-                    self.enable_thinking)
+        identity = (
+            "local-logprobs",
+            getattr(self.model, "name_or_path", ""),
+            prefix,
+            list(choices),
+            self.enable_thinking,
+        )
         return [json.loads(r) for r in _cached(self.cache, identity, conversations, ask)]
 
     def generate(self, conversations: list[list[dict]]) -> list[str]:
@@ -383,45 +503,80 @@ class LocalJudge:
         import sampling
 
         def ask(convs):
-            rollout = sampling.sample(self.model, self.tokenizer, [self._render(c) for c in convs], n=1,
-                                      max_new_tokens=self.max_new_tokens, greedy=True, batch_size=self.batch_size)
+            rollout = sampling.sample(
+                self.model,
+                self.tokenizer,
+                [self._render(c) for c in convs],
+                n=1,
+                max_new_tokens=self.max_new_tokens,
+                greedy=True,
+                batch_size=self.batch_size,
+            )
             return rollout.texts(self.tokenizer, skip_special_tokens=True)
 
-        identity = ("local", getattr(self.model, "name_or_path", ""), self.max_new_tokens, self.enable_thinking)
+        identity = (
+            "local",
+            getattr(self.model, "name_or_path", ""),
+            self.max_new_tokens,
+            self.enable_thinking,
+        )
         return _cached(self.cache, identity, conversations, ask)
 
-    def score(self, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
+    def score(
+        self, prompts: Sequence, responses: Sequence, references: Sequence | None = None
+    ) -> list[float | None]:
         return _judge_score(self, prompts, responses, references)
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return _judge_prefer(self, prefixes, a, b)
 
-    def prefer_ordered(self, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+    def prefer_ordered(
+        self, prefixes: Sequence, first: Sequence, second: Sequence
+    ) -> list[float | None]:
         return _judge_prefer_ordered(self, prefixes, first, second)
 
 
 class HTTPJudge:
-    """A judge behind an OpenAI-compatible server (vLLM, SGLang, ...): POST {base_url}/v1/chat/completions.
+    """A judge behind an OpenAI-compatible server (vLLM, SGLang, ...): POST
+    {base_url}/v1/chat/completions.
 
-    Each request is a serving.post_json, `concurrency` of them in flight: connection errors, timeouts (`timeout`
-    seconds per attempt), 408, 429 and 5xx are retried `retries` times with exponential backoff (the k-th retry
-    waits backoff * 2^(k-1) seconds); after that, or on another 4xx, a JudgeError (a serving.ServerError) names the
-    URL and the cause. Same templates and parsing as LocalJudge; replies go through `cache` (a VerdictCache) when
-    one is given, and `requests` counts the HTTP attempts actually sent.
+    Each request is a serving.post_json, `concurrency` of them in flight: connection errors,
+    timeouts (`timeout` seconds per attempt), 408, 429 and 5xx are retried `retries` times with
+    exponential backoff (the k-th retry waits backoff * 2^(k-1) seconds); after that, or on another
+    4xx, a JudgeError (a serving.ServerError) names the URL and the cause. Same templates and
+    parsing as LocalJudge; replies go through `cache` (a VerdictCache) when one is given, and
+    `requests` counts the HTTP attempts actually sent.
 
-    Verdicts are generated. Reading them from logprobs (max_tokens 1, top_logprobs, as sail-sg/oat's client does)
-    needs the reply to continue the fixed answer prefix, which the OpenAI chat API cannot ask for (vLLM's
-    continue_final_message extension can, `transformers serve` cannot); a server with logprobs but no such
-    extension would need the raw completions endpoint and the judge's chat template on this side.
+    Verdicts are generated. Reading them from logprobs (max_tokens 1, top_logprobs, as sail-sg/oat's
+    client does) needs the reply to continue the fixed answer prefix, which the OpenAI chat API
+    cannot ask for (vLLM's continue_final_message extension can, `transformers serve` cannot); a
+    server with logprobs but no such extension would need the raw completions endpoint and the
+    judge's chat template on this side.
     """
 
-    def __init__(self, base_url: str, model: str, concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
-                 api_key: str | None = None, backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, cache: VerdictCache | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        retries: int = 3,
+        api_key: str | None = None,
+        backoff: float = 1.0,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        cache: VerdictCache | None = None,
+    ):
         self.url = serving.endpoint_url(base_url, chat=True)
         self.model, self.concurrency, self.timeout = model, max(1, int(concurrency)), float(timeout)
         self.retries, self.api_key, self.backoff = max(0, int(retries)), api_key, float(backoff)
-        self.max_tokens, self.temperature, self.top_p, self.cache = max_tokens, temperature, top_p, cache
+        self.max_tokens, self.temperature, self.top_p, self.cache = (
+            max_tokens,
+            temperature,
+            top_p,
+            cache,
+        )
         self.calls = 0
         self.invalid = 0
         self.requests = 0  # HTTP attempts sent, retries included
@@ -432,12 +587,24 @@ class HTTPJudge:
             self.requests += 1
 
     def _post(self, messages: list[dict]) -> str:
-        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
         try:
-            payload = serving.post_json(self.url, body, timeout=self.timeout, retries=self.retries,
-                                        backoff=self.backoff, api_key=self.api_key, what="judge",
-                                        on_attempt=self._count_request)
+            payload = serving.post_json(
+                self.url,
+                body,
+                timeout=self.timeout,
+                retries=self.retries,
+                backoff=self.backoff,
+                api_key=self.api_key,
+                what="judge",
+                on_attempt=self._count_request,
+            )
         except serving.ServerError as e:
             raise JudgeError(str(e)) from None
         try:
@@ -461,18 +628,23 @@ class HTTPJudge:
         identity = ("http", self.url, self.model, self.max_tokens, self.temperature, self.top_p)
         return _cached(self.cache, identity, conversations, ask)
 
-    def score(self, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
+    def score(
+        self, prompts: Sequence, responses: Sequence, references: Sequence | None = None
+    ) -> list[float | None]:
         return _judge_score(self, prompts, responses, references)
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return _judge_prefer(self, prefixes, a, b)
 
-    def prefer_ordered(self, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+    def prefer_ordered(
+        self, prefixes: Sequence, first: Sequence, second: Sequence
+    ) -> list[float | None]:
         return _judge_prefer_ordered(self, prefixes, first, second)
 
 
 class CountedJudge:
-    """Adds `calls` / `invalid` (None verdicts) counters to a judge that has none, e.g. the toy judges."""
+    """Adds `calls` / `invalid` (None verdicts) counters to a judge that has none, e.g. the toy
+    judges."""
 
     def __init__(self, judge):
         self.judge = judge
@@ -485,29 +657,48 @@ class CountedJudge:
         self.invalid += sum(v is None for v in verdicts)
         return verdicts
 
-    def score(self, prompts: Sequence, responses: Sequence, references: Sequence | None = None) -> list[float | None]:
-        extra = {} if references is None else {"references": references}  # judges without references stay usable
+    def score(
+        self, prompts: Sequence, responses: Sequence, references: Sequence | None = None
+    ) -> list[float | None]:
+        extra = (
+            {} if references is None else {"references": references}
+        )  # judges without references stay usable
         return self._count(self.judge.score(prompts, responses, **extra))
 
     def prefer(self, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
         return self._count(self.judge.prefer(prefixes, a, b))
 
-    def prefer_ordered(self, prefixes: Sequence, first: Sequence, second: Sequence) -> list[float | None]:
+    def prefer_ordered(
+        self, prefixes: Sequence, first: Sequence, second: Sequence
+    ) -> list[float | None]:
         ask = getattr(self.judge, "prefer_ordered", None) or self.judge.prefer
         return self._count(ask(prefixes, first, second))
 
 
-def make_judge(spec: str, pairwise: bool = False, model: str | None = None, *, cache: VerdictCache | str | None = None,
-               max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, concurrency: int = 8,
-               timeout: float = 60.0, retries: int = 3, api_key: str | None = None, device=None,
-               verdict: str = "auto"):
-    """A judge from a command-line string. "toy": toy.AnswerJudge (toy.ContinuationJudge when `pairwise`) in a
-    CountedJudge (a program: `verdict` does not apply); "http(s)://host:port[/v1]": HTTPJudge (`model` names the
-    served model; the API key also comes from $OPENAI_API_KEY), generated verdicts; otherwise a model directory or
-    hub id: LocalJudge on common.load_model, verdicts from logprobs unless `verdict` is "generate" (greedy).
-    `cache`: a VerdictCache or the path of its file ("" or None: none); the toy judges are not cached."""
+def make_judge(
+    spec: str,
+    pairwise: bool = False,
+    model: str | None = None,
+    *,
+    cache: VerdictCache | str | None = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    concurrency: int = 8,
+    timeout: float = 60.0,
+    retries: int = 3,
+    api_key: str | None = None,
+    device=None,
+    verdict: str = "auto",
+):
+    """A judge from a command-line string. "toy": toy.AnswerJudge (toy.ContinuationJudge when
+    `pairwise`) in a CountedJudge (a program: `verdict` does not apply); "http(s)://host:port[/v1]":
+    HTTPJudge (`model` names the served model; the API key also comes from $OPENAI_API_KEY),
+    generated verdicts; otherwise a model directory or hub id: LocalJudge on loading.load_model,
+    verdicts from logprobs unless `verdict` is "generate" (greedy). `cache`: a VerdictCache or the
+    path of its file ("" or None: none); the toy judges are not cached."""
     if verdict not in VERDICT_MODES:
-        raise common.ConfigError(f"--judge-verdict {verdict!r}: one of {', '.join(VERDICT_MODES)}")
+        raise errors.ConfigError(f"--judge-verdict {verdict!r}: one of {', '.join(VERDICT_MODES)}")
     if isinstance(cache, (str, os.PathLike)):
         cache = VerdictCache(cache) if str(cache) else None
     if spec == "toy":
@@ -516,24 +707,46 @@ def make_judge(spec: str, pairwise: bool = False, model: str | None = None, *, c
         return CountedJudge(toy.ContinuationJudge() if pairwise else toy.AnswerJudge())
     if spec.startswith(("http://", "https://")):
         if verdict == "logprobs":
-            raise common.ConfigError(f"--judge-verdict logprobs: a server judge ({spec}) generates its verdict (the "
-                                     f"chat API cannot continue a fixed answer prefix); pass --judge-verdict generate")
-        return HTTPJudge(spec, model=model or "default", concurrency=concurrency, timeout=timeout, retries=retries,
-                         api_key=api_key or os.environ.get("OPENAI_API_KEY"), max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p, cache=cache)
-    return LocalJudge(common.load_model(spec, device=device), common.load_tokenizer(spec), max_new_tokens=max_tokens,
-                      cache=cache, verdict="generate" if verdict == "generate" else "logprobs")
+            raise errors.ConfigError(
+                f"--judge-verdict logprobs: a server judge ({spec}) generates its verdict (the "
+                f"chat API cannot continue a fixed answer prefix); pass --judge-verdict generate"
+            )
+        return HTTPJudge(
+            spec,
+            model=model or "default",
+            concurrency=concurrency,
+            timeout=timeout,
+            retries=retries,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY"),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            cache=cache,
+        )
+    return LocalJudge(
+        loading.load_model(spec, device=device),
+        loading.load_tokenizer(spec),
+        max_new_tokens=max_tokens,
+        cache=cache,
+        verdict="generate" if verdict == "generate" else "logprobs",
+    )
 
 
-# ---- judges as rewards ------------------------------------------------------------------------------------------
+# ---- judges as rewards ---------------------------------------------------------------------------
+
 
 def judge_reward(judge, prompt_column: str = "prompt") -> rewards.RewardFn:
-    """A pointwise judge as a reward: judge.score(prompt column, visible answer); RLMT: the thought is not shown."""
+    """A pointwise judge as a reward: judge.score(prompt column, visible answer); RLMT: the thought
+    is not shown."""
 
     def judge_fn(completions: list, **columns) -> list[float | None]:
         if prompt_column not in columns:
-            raise rewards.RewardError(f"judge reward needs column {prompt_column!r}; the batch has {sorted(columns)}")
-        return list(judge.score(list(columns[prompt_column]), [strip_think(c) for c in completions]))
+            raise rewards.RewardError(
+                f"judge reward needs column {prompt_column!r}; the batch has {sorted(columns)}"
+            )
+        return list(
+            judge.score(list(columns[prompt_column]), [strip_think(c) for c in completions])
+        )
 
     judge_fn.__name__ = "judge"
     return judge_fn
@@ -542,24 +755,36 @@ def judge_reward(judge, prompt_column: str = "prompt") -> rewards.RewardFn:
 @dataclass
 class PairwiseResult:
     """What full_pairwise found for one prefix."""
-    scores: list[float | None]  # each candidate's mean win rate over the pairs it was judged in (None: no pair)
-    pairs: int                  # unordered pairs, each asked in both orders
-    invalid_pairs: int          # pairs left out: the verdict of at least one order did not parse
-    consistent_pairs: int       # valid pairs whose two orders named the same winner
-    tied_pairs: int             # valid pairs judged even (the two orders disagree, or the judge said 0.5)
+
+    scores: list[
+        float | None
+    ]  # each candidate's mean win rate over the pairs it was judged in (None: no pair)
+    pairs: int  # unordered pairs, each asked in both orders
+    invalid_pairs: int  # pairs left out: the verdict of at least one order did not parse
+    consistent_pairs: int  # valid pairs whose two orders named the same winner
+    tied_pairs: int  # valid pairs judged even (the two orders disagree, or the judge said 0.5)
 
 
-def full_pairwise(judge, prefixes: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[PairwiseResult]:
-    """Every pair (i, j) of each prefix's candidates judged in both orders (Self-Improving Pretraining, arXiv
-    2601.21343, sec. 1.1.2: all pairs beat a single pivot; both orders cancel position bias).
+def full_pairwise(
+    judge, prefixes: Sequence[str], candidates: Sequence[Sequence[str]]
+) -> list[PairwiseResult]:
+    """Every pair (i, j) of each prefix's candidates judged in both orders (Self-Improving
+    Pretraining, arXiv 2601.21343, sec. 1.1.2: all pairs beat a single pivot; both orders cancel
+    position bias).
 
-    p_ij = the mean of P(i better) shown first and shown second: 1 or 0 when the orders agree, 0.5 (a tie) when they
-    disagree. Candidate i's score = the mean of p_ij over its pairs, its win rate (K candidates' scores sum to K/2).
-    A pair with an unusable verdict in either order is left out and counted, never guessed. One judge batch for
-    all prefixes (an HTTP judge keeps `concurrency` requests in flight). Uses judge.prefer_ordered when it exists,
-    else asks judge.prefer in both orders (a symmetric judge, like the toy one, then always agrees with itself).
+    p_ij = the mean of P(i better) shown first and shown second: 1 or 0 when the orders agree, 0.5
+    (a tie) when they disagree. Candidate i's score = the mean of p_ij over its pairs, its win rate
+    (K candidates' scores sum to K/2). A pair with an unusable verdict in either order is left out
+    and counted, never guessed. One judge batch for all prefixes (an HTTP judge keeps `concurrency`
+    requests in flight). Uses judge.prefer_ordered when it exists, else asks judge.prefer in both
+    orders (a symmetric judge, like the toy one, then always agrees with itself).
     """
-    jobs = [(n, i, j) for n, cands in enumerate(candidates) for i in range(len(cands)) for j in range(i + 1, len(cands))]
+    jobs = [
+        (n, i, j)
+        for n, cands in enumerate(candidates)
+        for i in range(len(cands))
+        for j in range(i + 1, len(cands))
+    ]
     ask = getattr(judge, "prefer_ordered", None) or judge.prefer
     firsts = [candidates[n][i] for n, i, _ in jobs] + [candidates[n][j] for n, _, j in jobs]
     seconds = [candidates[n][j] for n, _, j in jobs] + [candidates[n][i] for n, i, _ in jobs]
@@ -567,7 +792,9 @@ def full_pairwise(judge, prefixes: Sequence[str], candidates: Sequence[Sequence[
     results = [PairwiseResult([None] * len(c), 0, 0, 0, 0) for c in candidates]
     wins = [[0.0] * len(c) for c in candidates]
     counts = [[0] * len(c) for c in candidates]
-    for (n, i, j), shown_first, shown_second in zip(jobs, verdicts[:len(jobs)], verdicts[len(jobs):]):
+    for (n, i, j), shown_first, shown_second in zip(
+        jobs, verdicts[: len(jobs)], verdicts[len(jobs) :]
+    ):
         res = results[n]
         res.pairs += 1
         if shown_first is None or shown_second is None:
@@ -575,8 +802,10 @@ def full_pairwise(judge, prefixes: Sequence[str], candidates: Sequence[Sequence[
             continue
         v1, v2 = float(shown_first), 1.0 - float(shown_second)  # both: P(i better)
         if not (0.0 <= v1 <= 1.0 and 0.0 <= v2 <= 1.0):
-            raise rewards.RewardError(f"judge returned {shown_first}, {shown_second} for candidates ({i}, {j}); "
-                                      f"expected probabilities in [0, 1]")
+            raise rewards.RewardError(
+                f"judge returned {shown_first}, {shown_second} for candidates ({i}, {j}); "
+                f"expected probabilities in [0, 1]"
+            )
         p = (v1 + v2) / 2
         res.consistent_pairs += (v1 - 0.5) * (v2 - 0.5) > 0 or v1 == v2 == 0.5
         res.tied_pairs += p == 0.5

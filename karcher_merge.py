@@ -1,10 +1,12 @@
-"""Karcher-mean merging of models or LoRA adapters: dense, as MergeKit does it, or exactly in factor space.
+"""Karcher-mean merging of models or LoRA adapters: dense, as MergeKit does it, or exactly in factor
+space.
 
-The model card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher trained one adapter per domain (code,
-arXiv papers, Wikipedia, news, fiction) and merged them with MergeKit's `karcher` method. The Karcher
-(Frechet) mean averages points on a curved space by walking along it (Karcher 1977; on the sphere, Buss &
-Fillmore 2001). MergeKit applies it to every weight tensor, flattened: a direction on the unit sphere and a
-norm, averaged apart. With weights a_i that sum to 1 (MergeKit: all equal, 1/N):
+The model card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher trained one adapter per domain
+(code, arXiv papers, Wikipedia, news, fiction) and merged them with MergeKit's `karcher` method. The
+Karcher (Frechet) mean averages points on a curved space by walking along it (Karcher 1977; on the
+sphere, Buss & Fillmore 2001). MergeKit applies it to every weight tensor, flattened: a direction on
+the unit sphere and a norm, averaged apart. With weights a_i that sum to 1 (MergeKit: all equal,
+1/N):
 
     n_i = ||W_i||,  u_i = W_i / n_i                       (an input with n_i <= tol is left out)
     m   = normalize(sum_i a_i u_i)                        (the linear mean's direction)
@@ -15,27 +17,31 @@ norm, averaged apart. With weights a_i that sum to 1 (MergeKit: all equal, 1/N):
         m   = cos(||T||) m + sin(||T||) T / ||T||, renormalised  (the exp map)
     W   = (sum_i a_i n_i) m                               (the weighted mean norm restored)
 
-`--method linear` is W = sum_i a_i W_i, for comparison: on base + small-update weights the two are close.
+`--method linear` is W = sum_i a_i W_i, for comparison: on base + small-update weights the two are
+close.
 
-Adapters. MergeKit merges adapters only after baking each into a dense copy of the base (W_i = W0 + D_i,
-D_i = s_i B_i A_i with the adapter's scale s_i) and cannot give an adapter back. Here every Karcher iterate
-is a combination of the u_i, so the whole iteration runs on N coefficients and the N x N Gram matrix
-G_ij = <u_i, u_j> (`--space factor`, the default), from inner products that never build a dense D_i:
+Adapters. MergeKit merges adapters only after baking each into a dense copy of the base (W_i = W0 +
+D_i, D_i = s_i B_i A_i with the adapter's scale s_i) and cannot give an adapter back. Here every
+Karcher iterate is a combination of the u_i, so the whole iteration runs on N coefficients and the N
+x N Gram matrix G_ij = <u_i, u_j> (`--space factor`, the default), from inner products that never
+build a dense D_i:
 
     <W_i, W_j> = ||W0||^2 + <W0, D_i> + <W0, D_j> + <D_i, D_j>,
     <W0, B A>  = sum((W0 A^T) * B),    <B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T)).
 
-The result is c0 W0 + sum_i c_i D_i. The concatenated adapter [c_1 s_1 B_1 | ... | c_N s_N B_N] [A_1; ...; A_N]
-(rank sum r_i, alpha = rank) carries sum_i c_i D_i exactly; (c0 - 1) W0 is the part no adapter can carry. It is
-reported per module (`unrepresented`, relative to the merged update) and kept when the output is a full model
-(`--output model`). `--rank r` truncates the merged update to rank r by SVD (of the factors' QR cores: exact and
-small) with B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and reports the relative error per module. `--space dense`
-runs MergeKit's dense algorithm on W0 + D_i instead; the two agree (tests/test_karcher_merge.py).
+The result is c0 W0 + sum_i c_i D_i. The concatenated adapter [c_1 s_1 B_1 | ... | c_N s_N B_N]
+[A_1; ...; A_N] (rank sum r_i, alpha = rank) carries sum_i c_i D_i exactly; (c0 - 1) W0 is the part
+no adapter can carry. It is reported per module (`unrepresented`, relative to the merged update) and
+kept when the output is a full model (`--output model`). `--rank r` truncates the merged update to
+rank r by SVD (of the factors' QR cores: exact and small) with B = U_r sqrt(S_r), A = sqrt(S_r)
+V_r^T, and reports the relative error per module. `--space dense` runs MergeKit's dense algorithm on
+W0 + D_i instead; the two agree (tests/test_karcher_merge.py).
 
-Every module's log (merge_log.jsonl): iterations, the first tangent norm ||T||, the angles theta_i to the mean,
-the widest angle between two inputs, the distance from the linear mean (relative to the linear merge's update;
-with --models, to the weight); summary.json sums them up. The toy run then scores base, specialists and merges:
-held-out NLL and perplexity per domain, distinct-1 and pairwise embedding diversity of sampled continuations.
+Every module's log (merge_log.jsonl): iterations, the first tangent norm ||T||, the angles theta_i
+to the mean, the widest angle between two inputs, the distance from the linear mean (relative to the
+linear merge's update; with --models, to the weight); summary.json sums them up. The toy run then
+scores base, specialists and merges: held-out NLL and perplexity per domain, distinct-1 and pairwise
+embedding diversity of sampled continuations.
 
 Run:
     python karcher_merge.py                          # the toy story, news and code adapters onto the toy base
@@ -44,6 +50,7 @@ Run:
     python karcher_merge.py --base Qwen/Qwen3-4B-Base --adapters runs/code runs/arxiv runs/news --output model
     python karcher_merge.py --models org/model-a org/model-b org/model-c --out runs/karcher_models  # as MergeKit
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +64,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-import common
+import cli
+import dataio
+import errors
+import lifecycle
 import likelihood
+import loading
 import lora
 import rewards
 import sampling
@@ -67,37 +78,94 @@ import toy
 
 @dataclass
 class Args:
-    base: str = field(default="toy", metadata={"help": "hub id or local dir of the model the --adapters were trained "
-                                                        "on; 'toy' = the toy base"})
-    adapters: list[str] = field(default_factory=list, metadata={
-        "help": "PEFT LoRA adapter dirs (this repo's or PEFT's) to merge onto --base (default with the toy base: "
-                "toy/story toy/news toy/code)"})
-    init_adapter: str = field(default="", metadata={"help": "PEFT adapter dir(s), joined by '+', merged into --base "
-                                                            "first: the model the --adapters were trained on"})
-    models: list[str] = field(default_factory=list, metadata={
-        "help": "full models (hub ids or dirs, same architecture) to merge instead of adapters; output: a full model"})
-    weights: list[float] = field(default_factory=list, metadata={"help": "one weight per input, normalised to sum "
-                                                                         "to 1 (default: equal, as MergeKit)"})
-    method: Literal["karcher", "linear"] = field(default="karcher", metadata={"help": "what is written to --out"})
-    space: Literal["factor", "dense"] = field(default="factor", metadata={
-        "help": "adapters: factor = the Gram-matrix iteration, exact, no dense update built; dense = MergeKit's "
-                "algorithm on W0 + B A"})
-    output: Literal["auto", "adapter", "model"] = field(default="auto", metadata={
-        "help": "adapter (PEFT format) or model (safetensors, loads with from_pretrained); auto = adapter for "
-                "--adapters, model for --models"})
-    rank: int = field(default=0, metadata={"help": "adapter output: 0 = exact concatenated adapter (dense space: "
-                                                   "SVD at the summed rank); r > 0 = truncated SVD to rank r"})
-    max_iter: int = field(default=10, metadata={"help": "Karcher iterations at most (MergeKit's default)"})
-    tol: float = field(default=1e-5, metadata={"help": "stop when the tangent norm is below it (MergeKit's default)"})
+    base: str = field(
+        default="toy",
+        metadata={
+            "help": "hub id or local dir of the model the --adapters were trained "
+            "on; 'toy' = the toy base"
+        },
+    )
+    adapters: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "PEFT LoRA adapter dirs (this repo's or PEFT's) to merge onto --base (default "
+            "with the toy base: "
+            "toy/story toy/news toy/code)"
+        },
+    )
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "PEFT adapter dir(s), joined by '+', merged into --base "
+            "first: the model the --adapters were trained on"
+        },
+    )
+    models: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "full models (hub ids or dirs, same architecture) to merge instead of "
+            "adapters; output: a full model"
+        },
+    )
+    weights: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "one weight per input, normalised to sum to 1 (default: equal, as MergeKit)"
+        },
+    )
+    method: Literal["karcher", "linear"] = field(
+        default="karcher", metadata={"help": "what is written to --out"}
+    )
+    space: Literal["factor", "dense"] = field(
+        default="factor",
+        metadata={
+            "help": "adapters: factor = the Gram-matrix iteration, exact, no dense update built; "
+            "dense = MergeKit's "
+            "algorithm on W0 + B A"
+        },
+    )
+    output: Literal["auto", "adapter", "model"] = field(
+        default="auto",
+        metadata={
+            "help": "adapter (PEFT format) or model (safetensors, loads with from_pretrained); "
+            "auto = adapter for "
+            "--adapters, model for --models"
+        },
+    )
+    rank: int = field(
+        default=0,
+        metadata={
+            "help": "adapter output: 0 = exact concatenated adapter (dense space: "
+            "SVD at the summed rank); r > 0 = truncated SVD to rank r"
+        },
+    )
+    max_iter: int = field(
+        default=10, metadata={"help": "Karcher iterations at most (MergeKit's default)"}
+    )
+    tol: float = field(
+        default=1e-5,
+        metadata={"help": "stop when the tangent norm is below it (MergeKit's default)"},
+    )
     out: str = field(default="runs/karcher_merge", metadata={"help": "run directory"})
     no_eval: bool = field(default=False, metadata={"help": "merge only: no NLL or diversity table"})
-    eval_data: str = field(default="", metadata={"help": "held-out JSONL {'text', 'domain'?} for NLL per domain "
-                                                         "(default with the toy base: toy documents)"})
+    eval_data: str = field(
+        default="",
+        metadata={
+            "help": "held-out JSONL {'text', 'domain'?} for NLL per domain "
+            "(default with the toy base: toy documents)"
+        },
+    )
     eval_size: int = field(default=100, metadata={"help": "held-out documents per domain (toy)"})
-    prompts: int = field(default=16, metadata={"help": "prompts per domain for the diversity samples (0 = none)"})
-    samples: int = field(default=4, metadata={"help": "samples per prompt (k) for distinct-1 and pairwise diversity"})
+    prompts: int = field(
+        default=16, metadata={"help": "prompts per domain for the diversity samples (0 = none)"}
+    )
+    samples: int = field(
+        default=4, metadata={"help": "samples per prompt (k) for distinct-1 and pairwise diversity"}
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "length of the diversity samples"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the diversity samples"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of the diversity samples"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed (samples)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
 
@@ -106,21 +174,37 @@ class Args:
 # The Karcher mean, dense (MergeKit's algorithm) and in coefficient space (the Gram matrix)
 # ---------------------------------------------------------------------------------------------
 
-def karcher_dense(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5):
-    """The weighted Karcher mean of `tensors` (flattened) in float64, step for step as MergeKit's `karcher`:
-    (mean, stats). `weights` sum to 1."""
+
+def karcher_dense(
+    tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5
+):
+    """The weighted Karcher mean of `tensors` (flattened) in float64, step for step as MergeKit's
+    `karcher`: (mean, stats). `weights` sum to 1."""
     if len(tensors) == 1:
-        return tensors[0].double(), {"iterations": 0, "tangent0": 0.0, "theta": [0.0], "spread": 0.0}
+        return tensors[0].double(), {
+            "iterations": 0,
+            "tangent0": 0.0,
+            "theta": [0.0],
+            "spread": 0.0,
+        }
     flat = [t.double().flatten() for t in tensors]
     norms = [float(torch.linalg.vector_norm(f)) for f in flat]
     keep = [i for i, n in enumerate(norms) if n > tol]
     if not keep:
-        return torch.zeros_like(tensors[0], dtype=torch.float64), {"iterations": 0, "tangent0": 0.0, "theta": [],
-                                                                    "spread": 0.0}
+        return torch.zeros_like(tensors[0], dtype=torch.float64), {
+            "iterations": 0,
+            "tangent0": 0.0,
+            "theta": [],
+            "spread": 0.0,
+        }
     a = [weights[i] / sum(weights[i] for i in keep) for i in keep]
     units = [flat[i] / norms[i] for i in keep]
     m = sum(ai * u for ai, u in zip(a, units))
-    m = units[0].clone() if float(torch.linalg.vector_norm(m)) < tol else m / torch.linalg.vector_norm(m)
+    m = (
+        units[0].clone()
+        if float(torch.linalg.vector_norm(m)) < tol
+        else m / torch.linalg.vector_norm(m)
+    )
     it, tangent0 = 0, None
     for it in range(1, max_iter + 1):
         tangent = torch.zeros_like(m)
@@ -129,26 +213,36 @@ def karcher_dense(tensors: list[torch.Tensor], weights: list[float], max_iter: i
             theta = torch.arccos(c)
             if theta < tol:
                 continue
-            tangent += ai * (theta / torch.sin(theta)) * (u - c * m)  # log map of u_i at m, weighted
+            tangent += (
+                ai * (theta / torch.sin(theta)) * (u - c * m)
+            )  # log map of u_i at m, weighted
         tn = torch.linalg.vector_norm(tangent)
         tangent0 = float(tn) if tangent0 is None else tangent0
         if tn < tol:
             break
-        m = torch.cos(tn) * m + torch.sin(tn) * (tangent / tn)  # exp map: walk ||T|| along the sphere
+        m = torch.cos(tn) * m + torch.sin(tn) * (
+            tangent / tn
+        )  # exp map: walk ||T|| along the sphere
         if torch.linalg.vector_norm(m) > tol:
             m = m / torch.linalg.vector_norm(m)
     angle = lambda x, y: float(torch.arccos(torch.clamp(x @ y, -1.0, 1.0)))  # noqa: E731
     theta = [angle(m, u) for u in units]
     spread = max((angle(u, v) for i, u in enumerate(units) for v in units[:i]), default=0.0)
-    scale = sum(w * n for w, n in zip(weights, norms))  # MergeKit: every input's norm, the dropped ones are ~0
-    return (scale * m).view_as(tensors[0]), {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta,
-                                             "spread": spread}
+    scale = sum(
+        w * n for w, n in zip(weights, norms)
+    )  # MergeKit: every input's norm, the dropped ones are ~0
+    return (scale * m).view_as(tensors[0]), {
+        "iterations": it,
+        "tangent0": tangent0 or 0.0,
+        "theta": theta,
+        "spread": spread,
+    }
 
 
 def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, tol: float = 1e-5):
-    """The same iteration on coefficients: with K_ij = <W_i, W_j> (float64), every iterate is m = sum_i x_i u_i,
-    so <m, u_i> = (G x)_i and ||v||^2 = v^T G v with G_ij = K_ij / (n_i n_j). Returns (w, stats): the mean is
-    sum_i w_i W_i."""
+    """The same iteration on coefficients: with K_ij = <W_i, W_j> (float64), every iterate is m =
+    sum_i x_i u_i, so <m, u_i> = (G x)_i and ||v||^2 = v^T G v with G_ij = K_ij / (n_i n_j). Returns
+    (w, stats): the mean is sum_i w_i W_i."""
     n = len(weights)
     norms = inner.diagonal().clamp_min(0).sqrt()
     keep = [i for i in range(n) if norms[i] > tol]
@@ -194,22 +288,28 @@ def widest_angle(inner: torch.Tensor) -> float:
 # Inputs: weights read tensor by tensor from safetensors files, adapters as factors
 # ---------------------------------------------------------------------------------------------
 
+
 def model_dir(name_or_path: str) -> Path:
     """A local directory with the model's safetensors: 'toy', a directory, or a hub id (downloaded)."""
-    source = common._resolve_source(name_or_path)
+    source = loading._resolve_source(name_or_path)
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]))
+        return Path(
+            snapshot_download(
+                source, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]
+            )
+        )
     except Exception as e:  # noqa: BLE001  (no network, unknown id, gated repo: one line with the cause)
-        raise common.MissingError(f"cannot fetch {name_or_path!r} from the hub: {e}") from e
+        raise errors.MissingError(f"cannot fetch {name_or_path!r} from the hub: {e}") from e
 
 
 class Weights:
-    """The tensors of a model directory (one safetensors file or a sharded index), read one at a time; with
-    `init_adapter` each weight comes with those adapters' updates (s B A, oldest first) added as it is read."""
+    """The tensors of a model directory (one safetensors file or a sharded index), read one at a
+    time; with `init_adapter` each weight comes with those adapters' updates (s B A, oldest first)
+    added as it is read."""
 
     def __init__(self, name_or_path: str, init_adapter: str = ""):
         from safetensors import safe_open
@@ -217,42 +317,53 @@ class Weights:
         self.name, self.dir = name_or_path, model_dir(name_or_path)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
-            raise common.MissingError(f"{self.dir}: no *.safetensors files (merging reads safetensors only)")
+            raise errors.MissingError(
+                f"{self.dir}: no *.safetensors files (merging reads safetensors only)"
+            )
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
-        self.init: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # weight -> [(A, s B)], kept factored
+        self.init: dict[
+            str, list[tuple[torch.Tensor, torch.Tensor]]
+        ] = {}  # weight -> [(A, s B)], kept factored
         for cfg, factors in map(lora.read_adapter, lora.expand(init_adapter)):
             for name, (a, b) in factors.items():
-                self.init.setdefault(name + ".weight", []).append((a, lora.adapter_scaling(cfg) * b))
+                self.init.setdefault(name + ".weight", []).append(
+                    (a, lora.adapter_scaling(cfg) * b)
+                )
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.where:
-            raise common.ConfigError(f"{self.name}: no tensor {key!r}")
+            raise errors.ConfigError(f"{self.name}: no tensor {key!r}")
         w = self._handles[self.where[key]].get_tensor(key)
         for a, sb in self.init.get(key, []):
             w = (w.double() + sb.double() @ a.double()).to(w.dtype)
         return w
 
 
-def read_adapters(paths: list[str], base: Weights) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Each adapter as {module: (A, s B)} in float64 (its scale s folded into B), checked against the base."""
+def read_adapters(
+    paths: list[str], base: Weights
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each adapter as {module: (A, s B)} in float64 (its scale s folded into B), checked against
+    the base."""
     out = []
     for p in paths:
-        common.require_adapter(p, flag="--adapters")
+        lora.require_adapter(p, flag="--adapters")
         try:
             cfg, factors = lora.read_adapter(p)
         except (ValueError, FileNotFoundError) as e:
-            raise common.ConfigError(str(e)) from e
+            raise errors.ConfigError(str(e)) from e
         s = lora.adapter_scaling(cfg)
         mods = {}
         for name, (a, b) in factors.items():
             w = base.get(name + ".weight") if name + ".weight" in base.where else None
             if w is None or tuple(w.shape) != (b.shape[0], a.shape[1]):
-                raise common.ConfigError(f"--adapters {p}: module {name!r} "
-                                         f"({'not in' if w is None else 'another shape than'} --base {base.name})")
+                raise errors.ConfigError(
+                    f"--adapters {p}: module {name!r} "
+                    f"({'not in' if w is None else 'another shape than'} --base {base.name})"
+                )
             mods[name] = (a.double(), s * b.double())
         out.append(mods)
     return out
@@ -262,7 +373,9 @@ def normalised(weights: list[float], n: int) -> list[float]:
     if not weights:
         return [1.0 / n] * n
     if len(weights) != n or any(not (w > 0) for w in weights):
-        raise common.ConfigError(f"--weights: need {n} positive numbers (one per input), got {weights}")
+        raise errors.ConfigError(
+            f"--weights: need {n} positive numbers (one per input), got {weights}"
+        )
     return [w / sum(weights) for w in weights]
 
 
@@ -270,8 +383,10 @@ def normalised(weights: list[float], n: int) -> list[float]:
 # Merging one adapted module, and the adapter that carries the result
 # ---------------------------------------------------------------------------------------------
 
+
 def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor] | None]):
-    """K_ij = <W0 + D_i, W0 + D_j> and Q_ij = <D_i, D_j> from the factors (D_i = B A; None = no update)."""
+    """K_ij = <W0 + D_i, W0 + D_j> and Q_ij = <D_i, D_j> from the factors (D_i = B A; None = no
+    update)."""
     n = len(deltas)
     p = torch.zeros(n, dtype=torch.float64)
     Q = torch.zeros(n, n, dtype=torch.float64)
@@ -284,31 +399,43 @@ def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor
             if deltas[j] is not None:
                 aj, bj = deltas[j]
                 Q[i, j] = Q[j, i] = ((b.T @ bj) * (a @ aj.T)).sum()  # <B_i A_i, B_j A_j>
-    return w0.flatten() @ w0.flatten() + p[:, None] + p[None, :] + Q, Q  # ||W0||^2 without a temporary copy
+    return w0.flatten() @ w0.flatten() + p[:, None] + p[
+        None, :
+    ] + Q, Q  # ||W0||^2 without a temporary copy
 
 
 def merge_module(w0, deltas, weights, method, space, max_iter, tol):
-    """Merge one adapted module. Returns (c0, c, delta, stats): the mean is c0 W0 + sum c_i D_i (factor space; delta
-    is None) or W0 + delta (dense space; delta in fp32, so a merge of a large model keeps one update per module)."""
+    """Merge one adapted module. Returns (c0, c, delta, stats): the mean is c0 W0 + sum c_i D_i
+    (factor space; delta is None) or W0 + delta (dense space; delta in fp32, so a merge of a large
+    model keeps one update per module)."""
     K, Q = module_inner(w0, deltas)
     a = torch.tensor(weights, dtype=torch.float64)
     stats = {"spread": widest_angle(K)}
-    lin_norm = float((a @ Q @ a).clamp_min(0).sqrt())  # ||sum a_i D_i||: the size of the linear merge's update
+    lin_norm = float(
+        (a @ Q @ a).clamp_min(0).sqrt()
+    )  # ||sum a_i D_i||: the size of the linear merge's update
     if space == "dense":
         full = [w0 + (d[1] @ d[0] if d is not None else 0) for d in deltas]
         if method == "linear":
-            dense, it = sum(wi * f for wi, f in zip(weights, full)), {"iterations": 0, "tangent0": 0.0, "theta": []}
+            dense, it = (
+                sum(wi * f for wi, f in zip(weights, full)),
+                {"iterations": 0, "tangent0": 0.0, "theta": []},
+            )
         else:
             dense, it = karcher_dense(full, weights, max_iter, tol)
         lin = sum(wi * f for wi, f in zip(weights, full))
-        stats.update(it, dist_linear=float(torch.linalg.vector_norm(dense - lin)) / max(lin_norm, 1e-30))
+        stats.update(
+            it, dist_linear=float(torch.linalg.vector_norm(dense - lin)) / max(lin_norm, 1e-30)
+        )
         return None, None, (dense - w0).float(), stats
     if method == "linear":
         w, it = a.clone(), {"iterations": 0, "tangent0": 0.0, "theta": []}
     else:
         w, it = karcher_gram(K, weights, max_iter, tol)
     diff = w - a  # the mean minus the linear mean, as a combination of the W_i
-    stats.update(it, dist_linear=float((diff @ K @ diff).clamp_min(0).sqrt()) / max(lin_norm, 1e-30))
+    stats.update(
+        it, dist_linear=float((diff @ K @ diff).clamp_min(0).sqrt()) / max(lin_norm, 1e-30)
+    )
     c = w.clone()
     for i, d in enumerate(deltas):
         if d is None:
@@ -327,9 +454,16 @@ def merge_adapters(base: Weights, adapters, weights, method, space, max_iter, to
         c0, c, dense, stats = merge_module(w0, deltas, weights, method, space, max_iter, tol)
         results[name] = (c0, c, dense)
         th = stats.pop("theta")
-        log.append({"module": name, **stats, "theta_mean": sum(th) / len(th) if th else 0.0,
-                    "theta_max": max(th, default=0.0), **({"c0": c0} if c0 is not None else {}),
-                    "seconds": time.perf_counter() - t0})
+        log.append(
+            {
+                "module": name,
+                **stats,
+                "theta_mean": sum(th) / len(th) if th else 0.0,
+                "theta_max": max(th, default=0.0),
+                **({"c0": c0} if c0 is not None else {}),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     return results, log
 
 
@@ -347,29 +481,35 @@ def merged_delta(w0, deltas, result) -> torch.Tensor:
 
 def weights_of(base: Weights, adapters, results):
     """weight_of(key): a tensor of the merged model, built when asked for (in the base's dtype)."""
+
     def weight_of(key: str) -> torch.Tensor:
         name, w0 = key.removesuffix(".weight"), base.get(key)
         if name not in results:
             return w0
         delta = merged_delta(w0.double(), [ad.get(name) for ad in adapters], results[name])
         return (w0.double() + delta).to(w0.dtype)
+
     return weight_of
 
 
 def as_is(adapter) -> dict:
-    """Merge results that give one adapter back unchanged (W0 + D): to score an input or the written adapter."""
+    """Merge results that give one adapter back unchanged (W0 + D): to score an input or the written
+    adapter."""
     return {m: (1.0, torch.ones(1, dtype=torch.float64), None) for m in adapter}
 
 
 def adapter_factors(base: Weights, adapters, results, log, rank: int):
-    """The output adapter {module: (A, B)} (scale 1), padded to one rank; fills the log's error columns."""
+    """The output adapter {module: (A, B)} (scale 1), padded to one rank; fills the log's error
+    columns."""
     factors = {}
     for row in log:
         name = row["module"]
         w0 = base.get(name + ".weight").double()
         deltas = [ad.get(name) for ad in adapters]
         c0, c, delta = results[name]
-        if delta is not None:  # dense space: the update is full rank in principle; SVD at --rank or the summed rank
+        if (
+            delta is not None
+        ):  # dense space: the update is full rank in principle; SVD at --rank or the summed rank
             r = rank or sum(d[0].shape[0] for d in deltas if d is not None)
             a, b, err = lora.svd_factors(delta.double(), r)
             row["svd_error"] = err
@@ -377,14 +517,20 @@ def adapter_factors(base: Weights, adapters, results, log, rank: int):
             parts = [(d[0], ci * d[1]) for ci, d in zip(c.tolist(), deltas) if d is not None]
             a, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
             carried = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
-            row["unrepresented"] = abs(c0 - 1.0) * float(torch.linalg.vector_norm(w0)) / max(carried, 1e-30)
+            row["unrepresented"] = (
+                abs(c0 - 1.0) * float(torch.linalg.vector_norm(w0)) / max(carried, 1e-30)
+            )
             if rank:
                 a, b, row["svd_error"] = lora.low_rank(a, b, min(rank, a.shape[0]))
         factors[name] = (a, b)
     width = max(a.shape[0] for a, _ in factors.values())
-    return {k: (torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])]).float(),
-                torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float())
-            for k, (a, b) in factors.items()}
+    return {
+        k: (
+            torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])]).float(),
+            torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float(),
+        )
+        for k, (a, b) in factors.items()
+    }
 
 
 def merge_models(models: list[Weights], weights, method, max_iter, tol):
@@ -392,25 +538,39 @@ def merge_models(models: list[Weights], weights, method, max_iter, tol):
     keys = models[0].keys()
     for m in models[1:]:
         if set(m.keys()) != set(keys):
-            raise common.ConfigError(f"--models: {m.name} has other tensors than {models[0].name} "
-                                     f"({sorted(set(m.keys()) ^ set(keys))[:3]} ...)")
+            raise errors.ConfigError(
+                f"--models: {m.name} has other tensors than {models[0].name} "
+                f"({sorted(set(m.keys()) ^ set(keys))[:3]} ...)"
+            )
     merged, log = {}, []
     for key in tqdm(keys, desc="merge"):
         t0 = time.perf_counter()
         ts = [m.get(key) for m in models]
         if any(t.shape != ts[0].shape for t in ts):
-            raise common.ConfigError(f"--models: tensor {key!r} has shapes {[tuple(t.shape) for t in ts]}")
+            raise errors.ConfigError(
+                f"--models: tensor {key!r} has shapes {[tuple(t.shape) for t in ts]}"
+            )
         if not ts[0].is_floating_point():
             merged[key] = ts[0]
             continue
         lin = sum(w * t.double() for w, t in zip(weights, ts))
-        out, it = karcher_dense(ts, weights, max_iter, tol)  # its angles go to the log, whichever the method
+        out, it = karcher_dense(
+            ts, weights, max_iter, tol
+        )  # its angles go to the log, whichever the method
         if method == "linear":
             out, it["iterations"] = lin, 0
         th = it.pop("theta")
         dist = torch.linalg.vector_norm(out - lin) / torch.linalg.vector_norm(lin).clamp_min(1e-30)
-        log.append({"module": key, **it, "theta_mean": sum(th) / max(len(th), 1), "theta_max": max(th, default=0.0),
-                    "dist_linear": float(dist), "seconds": time.perf_counter() - t0})  # relative to the weight
+        log.append(
+            {
+                "module": key,
+                **it,
+                "theta_mean": sum(th) / max(len(th), 1),
+                "theta_max": max(th, default=0.0),
+                "dist_linear": float(dist),
+                "seconds": time.perf_counter() - t0,
+            }
+        )  # relative to the weight
         merged[key] = out.to(ts[0].dtype)
     return merged, log
 
@@ -418,7 +578,16 @@ def merge_models(models: list[Weights], weights, method, max_iter, tol):
 def log_summary(log: list[dict]) -> dict:
     """All modules in a few numbers: the means and the worst cases of the log's columns."""
     out = {"modules": len(log)}
-    for col in ("iterations", "tangent0", "spread", "theta_max", "dist_linear", "c0", "unrepresented", "svd_error"):
+    for col in (
+        "iterations",
+        "tangent0",
+        "spread",
+        "theta_max",
+        "dist_linear",
+        "c0",
+        "unrepresented",
+        "svd_error",
+    ):
         vals = [r[col] for r in log if col in r]
         if vals:
             out[f"{col}_mean"], out[f"{col}_max"] = sum(vals) / len(vals), max(vals)
@@ -428,17 +597,25 @@ def log_summary(log: list[dict]) -> dict:
 
 
 def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Path:
-    """A full model directory: the merged tensors (one safetensors file) and the source's config and tokenizer
-    files; written beside and renamed into place, so a killed run leaves no half model."""
+    """A full model directory: the merged tensors (one safetensors file) and the source's config and
+    tokenizer files; written beside and renamed into place, so a killed run leaves no half model."""
     from safetensors.torch import save_file
 
     final, tmp = out / "model", out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in src.dir.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt", ".jinja", ".model") and not f.name.endswith(".index.json"):
+        if (
+            f.is_file()
+            and f.suffix in (".json", ".txt", ".jinja", ".model")
+            and not f.name.endswith(".index.json")
+        ):
             shutil.copyfile(f, tmp / f.name)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -448,26 +625,33 @@ def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Pa
 # Evaluation: held-out NLL per domain, diversity of samples
 # ---------------------------------------------------------------------------------------------
 
+
 def eval_sets(eval_data: str, base: str, eval_size: int, prompts: int, seed: int):
-    """{domain: (held-out texts, prompts for sampling)}: the toy documents, or --eval-data grouped by 'domain'
-    (its prompts: the first third of each text, cut at a space)."""
+    """{domain: (held-out texts, prompts for sampling)}: the toy documents, or --eval-data grouped
+    by 'domain' (its prompts: the first third of each text, cut at a space)."""
     if not eval_data:
         if base != "toy":
             return None
-        return {d: ([r["text"] for r in toy.documents("test", eval_size, seed=seed, domains=[d])],
-                    [r["prompt"] for r in toy.continuations("test", prompts, seed=seed, domains=[d])])
-                for d in toy.DOMAINS}
+        return {
+            d: (
+                [r["text"] for r in toy.documents("test", eval_size, seed=seed, domains=[d])],
+                [r["prompt"] for r in toy.continuations("test", prompts, seed=seed, domains=[d])],
+            )
+            for d in toy.DOMAINS
+        }
     sets: dict[str, list[str]] = {}
-    for r in common.load_rows(eval_data, split="test", required=("text",), types={"text": str}):
+    for r in dataio.load_rows(eval_data, split="test", required=("text",), types={"text": str}):
         sets.setdefault(str(r.get("domain", "all")), []).append(r["text"])
-    cut = lambda t: t[:max(1, t.rfind(" ", 0, len(t) // 3) + 1 or len(t) // 3)]  # noqa: E731
+    cut = lambda t: t[: max(1, t.rfind(" ", 0, len(t) // 3) + 1 or len(t) // 3)]  # noqa: E731
     return {d: (texts, [cut(t) for t in texts[:prompts]]) for d, texts in sorted(sets.items())}
 
 
 @torch.no_grad()
-def score_arm(model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int) -> dict:
-    """Per domain: held-out NLL per token and perplexity; distinct-1 (whitespace words) within each prompt's k
-    samples and their pairwise embedding diversity, both averaged over prompts."""
+def score_arm(
+    model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int
+) -> dict:
+    """Per domain: held-out NLL per token and perplexity; distinct-1 (whitespace words) within each
+    prompt's k samples and their pairwise embedding diversity, both averaged over prompts."""
     row = {}
     for d, (texts, prompts) in sets.items():
         reqs = [("", t) for t in texts]
@@ -477,10 +661,17 @@ def score_arm(model, tokenizer, sets, samples: int, max_new_tokens: int, tempera
         row[f"{d}/nll"], row[f"{d}/ppl"] = nll, math.exp(nll)
         if prompts and samples > 1:
             gen = torch.Generator(device=model.device).manual_seed(seed)
-            roll = sampling.sample(model, tokenizer, prompts, n=samples, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, generator=gen)
+            roll = sampling.sample(
+                model,
+                tokenizer,
+                prompts,
+                n=samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                generator=gen,
+            )
             texts_out = roll.texts(tokenizer)
-            groups = [texts_out[i:i + samples] for i in range(0, len(texts_out), samples)]
+            groups = [texts_out[i : i + samples] for i in range(0, len(texts_out), samples)]
             row[f"{d}/distinct1"] = sum(rewards.distinct_n(g, 1) for g in groups) / len(groups)
             row[f"{d}/pairwise"] = sum(rewards.pairwise_diversity(g) for g in groups) / len(groups)
             row.setdefault("_samples", {})[d] = groups[:2]
@@ -488,21 +679,37 @@ def score_arm(model, tokenizer, sets, samples: int, max_new_tokens: int, tempera
 
 
 @torch.no_grad()
-def evaluate_arms(base_name: str, device, keys: list[str], arms: dict, sets, args: Args) -> list[dict]:
-    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by tensor, built when
-    needed: a large model never holds two arms at once), then scored."""
-    model = common.load_model(base_name, device=str(device)).eval()
+def evaluate_arms(
+    base_name: str, device, keys: list[str], arms: dict, sets, args: Args
+) -> list[dict]:
+    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by
+    tensor, built when needed: a large model never holds two arms at once), then scored."""
+    model = loading.load_model(base_name, device=str(device)).eval()
     if args.init_adapter and not args.models:
-        lora.merge_adapters(model, args.init_adapter)  # the modules no arm sets keep the starting model's weights
-    tokenizer = common.load_tokenizer(base_name)
+        lora.merge_adapters(
+            model, args.init_adapter
+        )  # the modules no arm sets keep the starting model's weights
+    tokenizer = loading.load_tokenizer(base_name)
     params = dict(model.named_parameters())
     keys = [k for k in keys if k in params]  # a tied head is one parameter
     rows = []
     for name, weight_of in arms.items():
         for k in keys:
             params[k].copy_(weight_of(k).to(params[k].dtype))
-        rows.append({"arm": name, **score_arm(model, tokenizer, sets, args.samples if args.prompts else 0,
-                                              args.max_new_tokens, args.temperature, args.seed)})
+        rows.append(
+            {
+                "arm": name,
+                **score_arm(
+                    model,
+                    tokenizer,
+                    sets,
+                    args.samples if args.prompts else 0,
+                    args.max_new_tokens,
+                    args.temperature,
+                    args.seed,
+                ),
+            }
+        )
     return rows
 
 
@@ -522,21 +729,29 @@ def table_rows(rows: list[dict], domains) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def main(args: Args):
     if args.models and args.adapters:
-        raise common.ConfigError("give --models (full models) or --adapters (onto --base), not both")
+        raise errors.ConfigError(
+            "give --models (full models) or --adapters (onto --base), not both"
+        )
     if args.max_iter < 1 or args.rank < 0 or args.tol <= 0:
-        raise common.ConfigError("--max-iter must be >= 1, --rank >= 0, --tol > 0")
-    adapter_paths = args.adapters or ([] if args.models or args.base != "toy" else
-                                      [str(p) for p in toy.domain_adapter_dirs()])
+        raise errors.ConfigError("--max-iter must be >= 1, --rank >= 0, --tol > 0")
+    adapter_paths = args.adapters or (
+        [] if args.models or args.base != "toy" else [str(p) for p in toy.domain_adapter_dirs()]
+    )
     if not args.models and not adapter_paths:
-        raise common.ConfigError("nothing to merge: pass --adapters (onto --base) or --models")
+        raise errors.ConfigError("nothing to merge: pass --adapters (onto --base) or --models")
     if args.models and args.init_adapter:
-        raise common.ConfigError("--init-adapter goes with --adapters (onto --base); full --models merge as they are")
+        raise errors.ConfigError(
+            "--init-adapter goes with --adapters (onto --base); full --models merge as they are"
+        )
     if args.models and args.output == "adapter":
-        raise common.ConfigError("--output adapter needs --adapters: full models (--models) merge into a full model")
+        raise errors.ConfigError(
+            "--output adapter needs --adapters: full models (--models) merge into a full model"
+        )
     args.output = args.output if args.output != "auto" else "model" if args.models else "adapter"
-    run = common.start_run(args.out, args, args.seed, args.device)
+    run = lifecycle.start_run(args.out, args, args.seed, args.device)
     names = args.models or adapter_paths
     weights = normalised(args.weights, len(names))
     t0 = time.perf_counter()
@@ -550,11 +765,15 @@ def main(args: Args):
             other = "linear" if args.method == "karcher" else "karcher"
             arms = {Path(m).name or m: w.get for m, w in zip(args.models, models)}
             arms[args.method] = tensors.__getitem__
-            arms[other] = merge_models(models, weights, other, args.max_iter, args.tol)[0].__getitem__
+            arms[other] = merge_models(models, weights, other, args.max_iter, args.tol)[
+                0
+            ].__getitem__
     else:
         base = Weights(args.base, args.init_adapter)
         adapters = read_adapters(adapter_paths, base)
-        results, log = merge_adapters(base, adapters, weights, args.method, args.space, args.max_iter, args.tol)
+        results, log = merge_adapters(
+            base, adapters, weights, args.method, args.space, args.max_iter, args.tol
+        )
         merge_seconds = time.perf_counter() - t0
         if args.output == "adapter":
             factors = adapter_factors(base, adapters, results, log, args.rank)
@@ -569,32 +788,60 @@ def main(args: Args):
             for p, ad in zip(adapter_paths, adapters):
                 arms[Path(p).name] = weights_of(base, [ad], as_is(ad))
             arms[args.method] = merged
-            if args.output == "adapter":  # what the written adapter gives: without (c0 - 1) W0, truncated if --rank
+            if (
+                args.output == "adapter"
+            ):  # what the written adapter gives: without (c0 - 1) W0, truncated if --rank
                 written = {m: (a.double(), b.double()) for m, (a, b) in factors.items()}
                 arms[f"{args.method} adapter"] = weights_of(base, [written], as_is(written))
-            arms[other] = weights_of(base, adapters, merge_adapters(base, adapters, weights, other, args.space,
-                                                                    args.max_iter, args.tol, desc=other)[0])
-    common.write_jsonl(run.out / "merge_log.jsonl", log)
-    summary = {"inputs": names, "weights": weights, "method": args.method, "output": args.output,
-               "space": "dense" if args.models else args.space, "merge_seconds": merge_seconds,
-               "modules": log_summary(log)}
+            arms[other] = weights_of(
+                base,
+                adapters,
+                merge_adapters(
+                    base, adapters, weights, other, args.space, args.max_iter, args.tol, desc=other
+                )[0],
+            )
+    dataio.write_jsonl(run.out / "merge_log.jsonl", log)
+    summary = {
+        "inputs": names,
+        "weights": weights,
+        "method": args.method,
+        "output": args.output,
+        "space": "dense" if args.models else args.space,
+        "merge_seconds": merge_seconds,
+        "modules": log_summary(log),
+    }
     print(json.dumps(summary["modules"], indent=1), flush=True)
-    sets = None if args.no_eval else eval_sets(args.eval_data, base_name, args.eval_size, args.prompts, args.seed)
+    sets = (
+        None
+        if args.no_eval
+        else eval_sets(args.eval_data, base_name, args.eval_size, args.prompts, args.seed)
+    )
     if sets and arms:
         rows = evaluate_arms(base_name, run.device, keys, arms, sets, args)
-        common.write_jsonl(run.out / "samples.jsonl", [{"arm": r["arm"], "domain": d, "samples": g}
-                                                        for r in rows for d, g in r.get("_samples", {}).items()])
+        dataio.write_jsonl(
+            run.out / "samples.jsonl",
+            [
+                {"arm": r["arm"], "domain": d, "samples": g}
+                for r in rows
+                for d, g in r.get("_samples", {}).items()
+            ],
+        )
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         summary["eval"] = rows
         if "base" in {r["arm"] for r in rows}:
             by = {r["arm"]: r for r in rows}
-            summary["karcher_beats_base_nll"] = {d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets}
-        print("\n" + common.markdown_table(table_rows(rows, list(sets))), flush=True)
-    common.finish_run(run, summary)
-    print(f"\n{args.method} merge of {len(names)} inputs -> {run.out}"
-          f"{'/model' if args.output == 'model' else ''} ({merge_seconds:.1f} s)", flush=True)
+            summary["karcher_beats_base_nll"] = {
+                d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets
+            }
+        print("\n" + dataio.markdown_table(table_rows(rows, list(sets))), flush=True)
+    lifecycle.finish_run(run, summary)
+    print(
+        f"\n{args.method} merge of {len(names)} inputs -> {run.out}"
+        f"{'/model' if args.output == 'model' else ''} ({merge_seconds:.1f} s)",
+        flush=True,
+    )
     return summary
 
 
 if __name__ == "__main__":
-    common.run_cli(main, Args)
+    cli.run_cli(main, Args)

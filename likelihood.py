@@ -1,9 +1,12 @@
-"""Likelihood diagnostics of a base model, scored the way lm-evaluation-harness (EleutherAI) scores them.
+"""Likelihood diagnostics of a base model, scored the way lm-evaluation-harness (EleutherAI) scores
+them.
 
-Model cards of continued-pretraining runs report zero-shot likelihood tasks next to their benchmarks;
-this computes the same numbers in plain PyTorch on any causal LM (a LoRA-wrapped one too):
+Model cards of continued-pretraining runs report zero-shot likelihood tasks next to their
+benchmarks; this computes the same numbers in plain PyTorch on any causal LM (a LoRA-wrapped one
+too):
 
-- `lambada_openai` (Paperno et al. 2016, arXiv 1606.06031; the OpenAI detokenised test set): context =
+- `lambada_openai` (Paperno et al. 2016, arXiv 1606.06031; the OpenAI detokenised test set): context
+  =
   the text up to its last space, target = " " + the last word; acc = every target token is the greedy
   argmax; perplexity = exp(-mean over documents of the target's summed log-likelihood);
 - `arc_easy` (Clark et al. 2018, arXiv 1803.05457) and `piqa` (Bisk et al. 2020, arXiv 1911.11641):
@@ -13,9 +16,11 @@ this computes the same numbers in plain PyTorch on any causal LM (a LoRA-wrapped
 - toy counterparts (`toy_lambada`, `toy_arc`, `toy_piqa`), generated offline from the toy world: the
   shipped toy base scores clearly above chance on them, a random-init model does not.
 
-Standard errors as the harness reports them: sd(x) / sqrt(n) (Bessel-corrected) for acc and acc_norm, a
-bootstrap of 100,000 resamples for perplexity (the harness's own seeded resamples, see perplexity_stderr).
+Standard errors as the harness reports them: sd(x) / sqrt(n) (Bessel-corrected) for acc and
+acc_norm, a bootstrap of 100,000 resamples for perplexity (the harness's own seeded resamples, see
+perplexity_stderr).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,45 +34,65 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import common
+import answers
+import dataio
+import errors
+import loading
+import sampling
 
 TASKS = ("lambada_openai", "arc_easy", "piqa")
 TOY_TASKS = ("toy_lambada", "toy_arc", "toy_piqa")
-KIND = {"lambada_openai": "lambada", "arc_easy": "arc", "piqa": "piqa",
-        "toy_lambada": "lambada", "toy_arc": "arc", "toy_piqa": "piqa"}
-# Hub id, config and the split lm-evaluation-harness evaluates (its task YAMLs; piqa has no labelled test split).
-HUB = {"lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
-       "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
-       "piqa": ("baber/piqa", None, "validation")}
+KIND = {
+    "lambada_openai": "lambada",
+    "arc_easy": "arc",
+    "piqa": "piqa",
+    "toy_lambada": "lambada",
+    "toy_arc": "arc",
+    "toy_piqa": "piqa",
+}
+# Hub id, config and the split lm-evaluation-harness evaluates (its task YAMLs; piqa has no labelled
+# test split).
+HUB = {
+    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "piqa": ("baber/piqa", None, "validation"),
+}
 TOY_SIZE = 250
 BOOTSTRAP_ITERS = 100_000  # the harness's default for bootstrapped stderrs
 
-# ---- Log-likelihood of continuations --------------------------------------------------------------------------------
+# ---- Log-likelihood of continuations -------------------------------------------------------------
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation) as the harness makes them for a causal LM.
 
-    Trailing whitespace of the context moves to the continuation; context + continuation is encoded as one
-    string and split after the context's own encoding (so a token spanning the boundary counts as
-    continuation). Special tokens: the tokenizer's default (`add_bos_token` unset in the harness): a
-    Llama-style tokenizer prepends BOS, Qwen's adds nothing; a string that already starts with the prefix
+    Trailing whitespace of the context moves to the continuation; context + continuation is encoded
+    as one string and split after the context's own encoding (so a token spanning the boundary
+    counts as continuation). Special tokens: the tokenizer's default (`add_bos_token` unset in the
+    harness): a Llama-style tokenizer prepends BOS, Qwen's adds nothing; a string that already
+    starts with the prefix
     token is encoded without them. An empty context becomes the BOS/EOS token."""
     # the harness's prefix token: BOS, or EOS when the tokenizer has none (Qwen's has none)
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
     if context == "":
         cont = tokenizer.encode(continuation, add_special_tokens=False)
         ctx, cont = ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     else:
         stripped = context.rstrip()
-        context, continuation = stripped, context[len(stripped):] + continuation
+        context, continuation = stripped, context[len(stripped) :] + continuation
         prefix_text = tokenizer.decode([prefix]) if prefix is not None else None
-        special = {"add_special_tokens": False} if prefix_text and context.startswith(prefix_text) else {}
+        special = (
+            {"add_special_tokens": False} if prefix_text and context.startswith(prefix_text) else {}
+        )
         whole = tokenizer.encode(context + continuation, **special)
         ctx = tokenizer.encode(context, **special)
-        cont = whole[len(ctx):]
+        cont = whole[len(ctx) :]
     if not ctx or not cont or None in ctx:
-        raise ValueError(f"nothing to score: context {context[-40:]!r}, continuation {continuation!r}")
+        raise ValueError(
+            f"nothing to score: context {context[-40:]!r}, continuation {continuation!r}"
+        )
     return ctx, cont
 
 
@@ -79,37 +104,56 @@ def _max_length(model, tokenizer) -> int:
         if getattr(cfg, attr, None) is not None:
             return int(getattr(cfg, attr))
     n = getattr(tokenizer, "model_max_length", None)
-    return int(n) if n is not None and n < 10**29 else 2048  # transformers' "no limit" is about 1e30
+    return (
+        int(n) if n is not None and n < 10**29 else 2048
+    )  # transformers' "no limit" is about 1e30
 
 
 def _row_logits(model, ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Logits at (rows, cols) only: the decoder's hidden states go through the LM head for the scored positions,
-    so [B, T, V] logits are never made (151,936 x 4 bytes per position for Qwen3)."""
+    """Logits at (rows, cols) only: the decoder's hidden states go through the LM head for the
+    scored positions, so [B, T, V] logits are never made (151,936 x 4 bytes per position for
+    Qwen3)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cfg = getattr(model, "config", None)
-    if decoder is None or decoder is model or head is None or getattr(cfg, "final_logit_softcapping", None) \
-            or getattr(cfg, "logit_scale", None):  # heads that rescale logits in forward: take the model's logits
+    if (
+        decoder is None
+        or decoder is model
+        or head is None
+        or getattr(cfg, "final_logit_softcapping", None)
+        or getattr(cfg, "logit_scale", None)
+    ):  # heads that rescale logits in forward: take the model's logits
         return model(input_ids=ids, use_cache=False).logits[rows, cols]
     return head(decoder(input_ids=ids, use_cache=False).last_hidden_state[rows, cols])
 
 
 @torch.no_grad()
-def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
-                  max_length: int | None = None, desc: str | None = None) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation token | everything before), every continuation token is the greedy argmax) per
-    (context, continuation) request, as the harness's HF loglikelihood: see `encode_pair`; a sequence longer than
-    max_length + 1 loses tokens on the left (max_length defaults to the model's context length). Sequences are
-    right-padded without an attention mask (causal attention never looks right), sorted longest first so a batch
-    holds similar lengths. Log-softmax in fp32 (the harness keeps the model's dtype unless softmax_dtype=float32:
-    the same numbers on an fp32 model)."""
+def loglikelihood(
+    model,
+    tokenizer,
+    requests: list[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    desc: str | None = None,
+) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation token | everything before), every continuation token is the greedy
+    argmax) per (context, continuation) request, as the harness's HF loglikelihood: see
+    `encode_pair`; a sequence longer than max_length + 1 loses tokens on the left (max_length
+    defaults to the model's context length). Sequences are right-padded without an attention mask
+    (causal attention never looks right), sorted longest first so a batch holds similar lengths.
+    Log-softmax in fp32 (the harness keeps the model's dtype unless softmax_dtype=float32: the same
+    numbers on an fp32 model)."""
     limit = max_length or _max_length(model, tokenizer)
     seqs = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if len(cont) > limit:
-            raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length {limit}: {continuation[:40]!r}")
-        toks = (ctx + cont)[-(limit + 1):]
+            raise ValueError(
+                f"continuation of {len(cont)} tokens exceeds max_length {limit}: "
+                f"{continuation[:40]!r}"
+            )
+        toks = (ctx + cont)[-(limit + 1) :]
         seqs.append((toks[:-1], cont))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     device = model.get_input_embeddings().weight.device
@@ -119,19 +163,24 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *, batch_si
     try:
         bar = tqdm(total=len(seqs), desc=desc, disable=desc is None)
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             width = len(seqs[batch[0]][0])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             rows, cols, targets = [], [], []
             for r, i in enumerate(batch):
                 inp, cont = seqs[i]
-                ids[r, :len(inp)] = torch.tensor(inp)
-                # the hidden state at position t predicts token t + 1: the last len(cont) inputs predict cont
+                ids[r, : len(inp)] = torch.tensor(inp)
+                # the hidden state at position t predicts token t + 1: the last len(cont) inputs
+                # predict cont
                 rows += [r] * len(cont)
                 cols += range(len(inp) - len(cont), len(inp))
                 targets += cont
-            logits = _row_logits(model, ids.to(device), torch.tensor(rows, device=device),
-                                 torch.tensor(cols, device=device)).float()
+            logits = _row_logits(
+                model,
+                ids.to(device),
+                torch.tensor(rows, device=device),
+                torch.tensor(cols, device=device),
+            ).float()
             targets = torch.tensor(targets, device=device)
             token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
             greedy = logits.argmax(-1) == targets
@@ -144,104 +193,145 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *, batch_si
         model.train(training)
     return out  # type: ignore[return-value]
 
-# ---- Documents --------------------------------------------------------------------------------------------------
+
+# ---- Documents -----------------------------------------------------------------------------------
 
 
 def _check_doc(kind: str, row, where: str) -> dict:
     """A row of the hub schema, or a DataError naming where and the field."""
-    fields = {"lambada": {"text": str}, "arc": {"question": str, "choices": dict, "answerKey": str},
-              "piqa": {"goal": str, "sol1": str, "sol2": str, "label": int}}[kind]
+    fields = {
+        "lambada": {"text": str},
+        "arc": {"question": str, "choices": dict, "answerKey": str},
+        "piqa": {"goal": str, "sol1": str, "sol2": str, "label": int},
+    }[kind]
     if not isinstance(row, dict):
-        raise common.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise errors.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field, tp in fields.items():
         if field not in row:
-            raise common.DataError(f"{where}: field {field!r}: missing (present: {', '.join(row) or 'none'})")
+            raise errors.DataError(
+                f"{where}: field {field!r}: missing (present: {', '.join(row) or 'none'})"
+            )
         if not isinstance(row[field], tp) or isinstance(row[field], bool):
-            raise common.DataError(f"{where}: field {field!r}: expected {tp.__name__}, got {type(row[field]).__name__}")
+            raise errors.DataError(
+                f"{where}: field {field!r}: expected {tp.__name__}, got {type(row[field]).__name__}"
+            )
     if kind == "lambada" and not row["text"].strip():
-        raise common.DataError(f"{where}: field 'text': empty")
+        raise errors.DataError(f"{where}: field 'text': empty")
     if kind == "arc":
         text, label = row["choices"].get("text"), row["choices"].get("label")
-        if not (isinstance(text, list) and isinstance(label, list) and len(text) == len(label) >= 2
-                and all(isinstance(t, str) and t for t in text + label)):
-            raise common.DataError(f"{where}: field 'choices': expected {{'text': [str, ...], 'label': [str, ...]}} "
-                                   f"with two or more non-empty strings each")
+        if not (
+            isinstance(text, list)
+            and isinstance(label, list)
+            and len(text) == len(label) >= 2
+            and all(isinstance(t, str) and t for t in text + label)
+        ):
+            raise errors.DataError(
+                f"{where}: field 'choices': expected {{'text': [str, ...], 'label': [str, ...]}} "
+                f"with two or more non-empty strings each"
+            )
         if row["answerKey"] not in label:
-            raise common.DataError(f"{where}: field 'answerKey': {row['answerKey']!r} is not one of {label}")
+            raise errors.DataError(
+                f"{where}: field 'answerKey': {row['answerKey']!r} is not one of {label}"
+            )
     if kind == "piqa" and row["label"] not in (0, 1):
-        raise common.DataError(f"{where}: field 'label': expected 0 or 1, got {row['label']}")
+        raise errors.DataError(f"{where}: field 'label': expected 0 or 1, got {row['label']}")
     return row
 
 
 def _read_local(kind: str, path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         if importlib.util.find_spec("pyarrow") is None:
-            raise common.UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
+            raise errors.UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
         import pyarrow.parquet as pq
 
-        return [_check_doc(kind, r, f"{path}: row {i}") for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
+        return [
+            _check_doc(kind, r, f"{path}: row {i}")
+            for i, r in enumerate(pq.read_table(path).to_pylist(), 1)
+        ]
     if path.suffix not in (".jsonl", ".json"):
-        raise common.UserError(f"{path}: expected a .jsonl or .parquet file in the hub schema")
-    rows = list(common.iter_jsonl(path))  # malformed lines fail here with their line number
-    with open(path, encoding="utf-8") as f:  # the same line iteration as iter_jsonl, for the numbers
+        raise errors.UserError(f"{path}: expected a .jsonl or .parquet file in the hub schema")
+    rows = list(dataio.iter_jsonl(path))  # malformed lines fail here with their line number
+    with open(
+        path, encoding="utf-8"
+    ) as f:  # the same line iteration as iter_jsonl, for the numbers
         lines = [n for n, line in enumerate(f, 1) if line.strip()]
     if not rows:
-        raise common.DataError(f"{path}: empty file (no JSON lines)")
+        raise errors.DataError(f"{path}: empty file (no JSON lines)")
     return [_check_doc(kind, r, f"{path}:{n}") for r, n in zip(rows, lines)]
 
 
 def _read_hub(name: str) -> list[dict]:
     hub_id, config, split = HUB[name]
     if importlib.util.find_spec("datasets") is None:
-        raise common.UserError(f"{name}: loading {hub_id} needs `datasets` (pip install datasets); or pass a local "
-                               f".jsonl / .parquet file in its schema")
+        raise errors.UserError(
+            f"{name}: loading {hub_id} needs `datasets` (pip install datasets); or pass a local "
+            f".jsonl / .parquet file in its schema"
+        )
     import datasets
 
     try:
         rows = datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:  # offline, missing, renamed: datasets raises many types
-        raise common.UserError(f"{name}: cannot load {hub_id} ({config or 'default'}, {split} split) from the hub: "
-                               f"{type(e).__name__}: {e}") from e
-    return [_check_doc(KIND[name], dict(r), f"{hub_id} {split} row {i}") for i, r in enumerate(rows)]
+        raise errors.UserError(
+            f"{name}: cannot load {hub_id} ({config or 'default'}, {split} split) from the hub: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return [
+        _check_doc(KIND[name], dict(r), f"{hub_id} {split} row {i}") for i, r in enumerate(rows)
+    ]
 
 
 def _toy_lambada(n: int, seed: int) -> list[dict]:
-    """Toy documents cut after a word that earlier text determines: a story's "..., so <name>" (the name of the
-    line's subject) or a council report's "would cost <N>" (the cost stated in the opening line)."""
+    """Toy documents cut after a word that earlier text determines: a story's "..., so <name>" (the
+    name of the line's subject) or a council report's "would cost <N>" (the cost stated in the
+    opening line)."""
     import toy
 
     out = []
     for d in toy.documents("test", n, seed, domains=("story", "news")):
         cut = list(re.finditer(r", so [A-Z][a-z]+|would cost \d+", d["text"]))[-1]
-        out.append({"text": d["text"][:cut.end()]})
+        out.append({"text": d["text"][: cut.end()]})
     return out
 
 
 def _toy_arc(n: int, seed: int) -> list[dict]:
-    """Single-digit column facts of the toy scratchpad ("7+5+1=13", "12-5-1=6"; the base read tables of them),
-    4 choices written as the equation. Distractors have the answer's number of digits (every choice has the same
-    length) and, like the answer, a last digit absent from the question: a random-init model with tied embeddings
-    favours tokens it has seen in the context, which would otherwise give answers away. 289 such facts exist."""
+    """Single-digit column facts of the toy scratchpad ("7+5+1=13", "12-5-1=6"; the base read tables
+    of them), 4 choices written as the equation. Distractors have the answer's number of digits
+    (every choice has the same length) and, like the answer, a last digit absent from the question:
+    a random-init model with tied embeddings favours tokens it has seen in the context, which would
+    otherwise give answers away. 289 such facts exist."""
     facts = []
     for x, y, c in itertools.product(range(10), range(10), range(2)):
         borrow = x - y - c < 0  # shows as a leading 1, as in the scratchpad
-        facts += [(f"{x}+{y}+{c}", x + y + c), (f"1{x}-{y}-{c}" if borrow else f"{x}-{y}-{c}", 10 * borrow + x - y - c)]
+        facts += [
+            (f"{x}+{y}+{c}", x + y + c),
+            (f"1{x}-{y}-{c}" if borrow else f"{x}-{y}-{c}", 10 * borrow + x - y - c),
+        ]
     rng, out = random.Random(f"toy_arc/{seed}"), []
     rng.shuffle(facts)
     for lhs, v in facts:
-        wrong = [w for w in range(20) if w != v and len(str(w)) == len(str(v)) and str(w)[-1] not in lhs]
+        wrong = [
+            w for w in range(20) if w != v and len(str(w)) == len(str(v)) and str(w)[-1] not in lhs
+        ]
         if str(v)[-1] in lhs or len(wrong) < 3:
             continue
         values = rng.sample(wrong, 3) + [v]
         rng.shuffle(values)
-        out.append({"id": f"toy_arc/{len(out)}", "question": f"What is {lhs}?", "answerKey": "ABCD"[values.index(v)],
-                    "choices": {"text": [f"{lhs}={w}" for w in values], "label": list("ABCD")}})
+        out.append(
+            {
+                "id": f"toy_arc/{len(out)}",
+                "question": f"What is {lhs}?",
+                "answerKey": "ABCD"[values.index(v)],
+                "choices": {"text": [f"{lhs}={w}" for w in values], "label": list("ABCD")},
+            }
+        )
     return out[:n]
 
 
 def _toy_piqa(n: int, seed: int) -> list[dict]:
-    """A toy story's opening lines, then its true next line vs the same line with a cast member's name swapped
-    for a same-length name from outside the cast (the same length, so only the facts tell them apart)."""
+    """A toy story's opening lines, then its true next line vs the same line with a cast member's
+    name swapped for a same-length name from outside the cast (the same length, so only the facts
+    tell them apart)."""
     import toy
     from toy.tasks import _S_NAMES as names  # the story grammar's name pool
 
@@ -249,32 +339,51 @@ def _toy_piqa(n: int, seed: int) -> list[dict]:
     for d in toy.documents("test", 2 * n, seed, domains=("story",)):
         lines = d["text"].split("\n")
         cast = re.findall(r"([A-Z][a-z]+) the [a-z]+", lines[0])
-        spots = [(k, x, y) for k in range(2, len(lines)) for x in cast if re.search(rf"\b{x}\b", lines[k])
-                 for y in names if len(y) == len(x) and y not in cast]
+        spots = [
+            (k, x, y)
+            for k in range(2, len(lines))
+            for x in cast
+            if re.search(rf"\b{x}\b", lines[k])
+            for y in names
+            if len(y) == len(x) and y not in cast
+        ]
         if not spots:  # a cast of the only two 3-letter names has no same-length stranger
             continue
         k, x, y = rng.choice(spots)
         sols = [lines[k], re.sub(rf"\b{x}\b", y, lines[k])]
         label = rng.randrange(2)
-        out.append({"goal": "\n".join(lines[:k]), "sol1": sols[label], "sol2": sols[1 - label], "label": label})
+        out.append(
+            {
+                "goal": "\n".join(lines[:k]),
+                "sol1": sols[label],
+                "sol2": sols[1 - label],
+                "label": label,
+            }
+        )
     return out[:n]
 
 
 def load_task(name: str, source: str | None = None, limit: int | None = None) -> list[dict]:
-    """Documents of a task in its hub schema: lambada {"text"}; arc {"id", "question", "choices": {"text",
-    "label"}, "answerKey"}; piqa {"goal", "sol1", "sol2", "label"}. source: a local .jsonl / .parquet file in that
-    schema, or None for the hub dataset (`HUB`; toy tasks are generated, seeded). limit: the first `limit`."""
+    """Documents of a task in its hub schema: lambada {"text"}; arc {"id", "question", "choices":
+    {"text", "label"}, "answerKey"}; piqa {"goal", "sol1", "sol2", "label"}. source: a local .jsonl
+    / .parquet file in that schema, or None for the hub dataset (`HUB`; toy tasks are generated,
+    seeded). limit: the first `limit`."""
     if name not in KIND:
-        raise common.UserError(f"unknown likelihood task {name!r} (choose from {', '.join(TASKS + TOY_TASKS)})")
+        raise errors.UserError(
+            f"unknown likelihood task {name!r} (choose from {', '.join(TASKS + TOY_TASKS)})"
+        )
     if source is not None:
         docs = _read_local(KIND[name], Path(source))
     elif name in TOY_TASKS:
-        docs = {"toy_lambada": _toy_lambada, "toy_arc": _toy_arc, "toy_piqa": _toy_piqa}[name](limit or TOY_SIZE, 0)
+        docs = {"toy_lambada": _toy_lambada, "toy_arc": _toy_arc, "toy_piqa": _toy_piqa}[name](
+            limit or TOY_SIZE, 0
+        )
     else:
         docs = _read_hub(name)
     return docs[:limit] if limit else docs
 
-# ---- Scores -----------------------------------------------------------------------------------------------------
+
+# ---- Scores --------------------------------------------------------------------------------------
 
 
 def _requests(kind: str, doc: dict) -> tuple[list[tuple[str, str]], list[str]]:
@@ -294,9 +403,10 @@ def _mean_stderr(xs) -> float | None:
 
 
 def perplexity_stderr(lls, iters: int = BOOTSTRAP_ITERS) -> float | None:
-    """Bootstrap stderr of exp(-mean(lls)), the harness's: resamples in chunks of min(1000, iters), chunk i drawn
-    with Python's random.Random(i).choices; numpy's legacy MT19937 seeded with [i] yields the same doubles
-    (same init_by_array, same 53-bit random()), and choices picks floor(u * n)."""
+    """Bootstrap stderr of exp(-mean(lls)), the harness's: resamples in chunks of min(1000, iters),
+    chunk i drawn with Python's random.Random(i).choices; numpy's legacy MT19937 seeded with [i]
+    yields the same doubles (same init_by_array, same 53-bit random()), and choices picks floor(u *
+    n)."""
     if len(lls) < 2 or iters <= 0:
         return None
     xs, chunk = np.asarray(lls, dtype=np.float64), min(1000, iters)
@@ -307,35 +417,143 @@ def perplexity_stderr(lls, iters: int = BOOTSTRAP_ITERS) -> float | None:
     return float(np.concatenate(reps).std(ddof=1))
 
 
-def score_task(name: str, docs: list[dict], model, tokenizer, *, batch_size: int = 16,
-               max_length: int | None = None, bootstrap_iters: int = BOOTSTRAP_ITERS) -> dict:
-    """lambada: {"acc", "acc_stderr", "perplexity", "perplexity_stderr", "n"}; arc / piqa: {"acc", "acc_stderr",
-    "acc_norm", "acc_norm_stderr", "n"}. A stderr is None for fewer than two documents."""
+def score_task(
+    name: str,
+    docs: list[dict],
+    model,
+    tokenizer,
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    bootstrap_iters: int = BOOTSTRAP_ITERS,
+) -> dict:
+    """lambada: {"acc", "acc_stderr", "perplexity", "perplexity_stderr", "n"}; arc / piqa: {"acc",
+    "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}. A stderr is None for fewer than two
+    documents."""
     kind = KIND[name]
     if not docs:
-        raise common.UserError(f"{name}: no documents to score")
+        raise errors.UserError(f"{name}: no documents to score")
     built = [_requests(kind, d) for d in docs]
     flat = [r for reqs, _ in built for r in reqs]
-    results = iter(loglikelihood(model, tokenizer, flat, batch_size=batch_size, max_length=max_length, desc=name))
+    results = iter(
+        loglikelihood(
+            model, tokenizer, flat, batch_size=batch_size, max_length=max_length, desc=name
+        )
+    )
     if kind == "lambada":
         lls, greedy = zip(*[next(results) for _ in docs])
         acc = [float(g) for g in greedy]
-        return {"acc": float(np.mean(acc)), "acc_stderr": _mean_stderr(acc), "perplexity": math.exp(-float(np.mean(lls))),
-                "perplexity_stderr": perplexity_stderr(lls, bootstrap_iters), "n": len(docs)}
+        return {
+            "acc": float(np.mean(acc)),
+            "acc_stderr": _mean_stderr(acc),
+            "perplexity": math.exp(-float(np.mean(lls))),
+            "perplexity_stderr": perplexity_stderr(lls, bootstrap_iters),
+            "n": len(docs),
+        }
     acc, acc_norm = [], []
     for doc, (reqs, choices) in zip(docs, built):
         lls = np.array([next(results)[0] for _ in reqs])
         gold = doc["choices"]["label"].index(doc["answerKey"]) if kind == "arc" else doc["label"]
-        acc.append(float(np.argmax(lls) == gold))  # argmax: the first of equal scores, as in the harness
-        acc_norm.append(float(np.argmax(lls / np.array([len(c) for c in choices], dtype=float)) == gold))
-    return {"acc": float(np.mean(acc)), "acc_stderr": _mean_stderr(acc), "acc_norm": float(np.mean(acc_norm)),
-            "acc_norm_stderr": _mean_stderr(acc_norm), "n": len(docs)}
+        acc.append(
+            float(np.argmax(lls) == gold)
+        )  # argmax: the first of equal scores, as in the harness
+        acc_norm.append(
+            float(np.argmax(lls / np.array([len(c) for c in choices], dtype=float)) == gold)
+        )
+    return {
+        "acc": float(np.mean(acc)),
+        "acc_stderr": _mean_stderr(acc),
+        "acc_norm": float(np.mean(acc_norm)),
+        "acc_norm_stderr": _mean_stderr(acc_norm),
+        "n": len(docs),
+    }
 
 
-def run_suite(model, tokenizer, tasks: list[str], sources: dict[str, str] | None = None, limit: int | None = None,
-              batch_size: int = 16) -> dict[str, dict]:
-    """score_task for each task (documents from sources[task], else the hub / the toy generator); a progress bar
-    per task."""
+def run_suite(
+    model,
+    tokenizer,
+    tasks: list[str],
+    sources: dict[str, str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, dict]:
+    """score_task for each task (documents from sources[task], else the hub / the toy generator); a
+    progress bar per task."""
     sources = sources or {}
-    return {t: score_task(t, load_task(t, sources.get(t), limit), model, tokenizer, batch_size=batch_size)
-            for t in tasks}
+    return {
+        t: score_task(
+            t, load_task(t, sources.get(t), limit), model, tokenizer, batch_size=batch_size
+        )
+        for t in tasks
+    }
+
+
+# ---- A style reward for GRPO: the likelihood of a completion under a proxy model -----------------
+
+
+class ProxyNLLReward:
+    """Style reward: the mean per-token log-likelihood (= -mean NLL, <= 0) of each completion under
+    a small causal LM, batched. The model card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher
+    fitted style with SmolLM2-360M as the proxy; here the default is "toy".
+
+    The sequence is [start] + completion + [eos], start = BOS or else EOS (a document boundary for
+    models without a BOS, as Qwen's); every completion token and the closing EOS are scored. Scoring
+    the EOS gives an empty completion a defined (and usually low) value, so "" is not a free 0. Only
+    the first max_length tokens of a completion are scored.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "toy",
+        device: str | None = None,
+        batch_size: int = 16,
+        max_length: int = 512,
+        model=None,
+        tokenizer=None,
+    ):
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else loading.load_tokenizer(model_name_or_path)
+        )
+        self.model = (
+            model if model is not None else loading.load_model(model_name_or_path, device=device)
+        )
+        self.model.eval()
+        self.batch_size, self.max_length = batch_size, max_length
+        self.__name__ = "proxy_nll"
+
+    def __call__(self, completions: list, **_) -> list[float | None]:
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        start = tok.bos_token_id if tok.bos_token_id is not None else eos
+        if eos is None:
+            raise ValueError("ProxyNLLReward needs a tokenizer with an EOS token")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        ids = tok([answers.strip_think(c) for c in completions], add_special_tokens=False)[
+            "input_ids"
+        ]
+        seqs = [[start] + list(x[: self.max_length]) + [eos] for x in ids]
+        device = next(self.model.parameters()).device
+        out: list[float | None] = [None] * len(seqs)
+        order = sorted(
+            range(len(seqs)), key=lambda i: len(seqs[i])
+        )  # similar lengths together: less padding
+        with torch.inference_mode():
+            for s in range(0, len(order), self.batch_size):
+                rows = order[s : s + self.batch_size]
+                width = max(len(seqs[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, i in enumerate(
+                    rows
+                ):  # right padding: real positions are 0..L-1 as without padding
+                    input_ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[r, : len(seqs[i])] = 1
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                logp = sampling.sequence_logprobs(
+                    self.model, input_ids, mask, logits_to_keep=width - 1
+                )
+                target_mask = mask[:, 1:].to(logp.dtype)
+                mean = (logp * target_mask).sum(-1) / target_mask.sum(-1)
+                for r, i in enumerate(rows):
+                    out[i] = float(mean[r])
+        return out

@@ -8,16 +8,19 @@ A starts Kaiming-uniform (a = sqrt(5), the nn.Linear default, as in PEFT) and B 
 wrapped model starts equal to the base. rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) scales by
 alpha / sqrt(r), which keeps the update's size stable as r grows. QLoRA (Dettmers et al. 2023,
 arXiv 2305.14314) puts the same adapters over a frozen 4-bit NF4 base (bitsandbytes Linear4bit).
-`hub_defaults` picks that setup for a real model on CUDA and a lighter one (no 4-bit, r 16) on a CPU.
+`hub_defaults` picks that setup for a real model on CUDA and a lighter one (no 4-bit, r 16) on a
+CPU.
 
 Dtype: A and B are fp32 (fp32 masters, so small optimizer steps are not rounded away) and are cast
 to the input's dtype in forward, so a bf16 model computes in bf16. Dropout acts on the adapter's
 input only. Gradient checkpointing: transformers' default (use_reentrant=False) needs nothing; with
-reentrant checkpointing call `model.enable_input_require_grads()` (common.load_model does).
+reentrant checkpointing call `model.enable_input_require_grads()` (loading.load_model does).
 
-Adapters use PEFT's format (`adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`,
-and `adapter_config.json`): PEFT loads ours, and adapters saved by PEFT load here.
+Adapters use PEFT's format (`adapter_model.safetensors`, keys
+`base_model.model.<module>.lora_A.weight`, and `adapter_config.json`): PEFT loads ours, and adapters
+saved by PEFT load here.
 """
+
 import contextlib
 import json
 import math
@@ -30,8 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import loading
+from errors import MissingError
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
+PREFIX = (
+    "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
+)
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -43,18 +51,37 @@ def _is_4bit(module: nn.Module) -> bool:
 class LoraLinear(nn.Module):
     """A frozen `base` layer (nn.Linear or bitsandbytes Linear4bit) plus (alpha/r) B A."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, target: str = "", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        target: str = "",
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
-        self.base, self.r, self.alpha, self.use_rslora, self.target = base, r, alpha, use_rslora, target
+        self.base, self.r, self.alpha, self.use_rslora, self.target = (
+            base,
+            r,
+            alpha,
+            use_rslora,
+            target,
+        )
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         kw = dict(bias=False, device=base.weight.device, dtype=dtype)
-        self.lora_A, self.lora_B = nn.Linear(base.in_features, r, **kw), nn.Linear(r, base.out_features, **kw)
+        self.lora_A, self.lora_B = (
+            nn.Linear(base.in_features, r, **kw),
+            nn.Linear(r, base.out_features, **kw),
+        )
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
-        self.merged_weight: torch.Tensor | None = None  # set inside merged(): W + (alpha/r) B A, no-grad use only
+        self.merged_weight: torch.Tensor | None = (
+            None  # set inside merged(): W + (alpha/r) B A, no-grad use only
+        )
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `proj.weight` (dtype, shape) keeps working
@@ -62,7 +89,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_weight is not None and self.enabled and not torch.is_grad_enabled():
-            return F.linear(x, self.merged_weight, self.base.bias)  # inside merged(): one GEMM instead of three
+            return F.linear(
+                x, self.merged_weight, self.base.bias
+            )  # inside merged(): one GEMM instead of three
         out = self.base(x)
         if not self.enabled:
             return out
@@ -96,21 +125,33 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
 
 
 def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)  # PEFT's list form: full name or dotted suffix
+    return name == target or name.endswith(
+        "." + target
+    )  # PEFT's list form: full name or dotted suffix
 
 
-def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-             targets: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
-             dtype: torch.dtype = torch.float32) -> nn.Module:
+def add_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    use_rslora: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Wrap each nn.Linear / Linear4bit whose name ends in a target; freeze every other parameter."""
     if lora_layers(model):
         raise ValueError("add_lora: the model already has LoRA layers")
     targets = [targets] if isinstance(targets, str) else list(targets)
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # Linear4bit is one
+    linear = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    ]  # Linear4bit is one
     unknown = [t for t in targets if not any(_matches(n, t) for n, _ in linear)]
     if unknown:
-        raise ValueError(f"add_lora: LoRA target(s) {unknown} match no Linear module; Linear modules "
-                         f"in this model: {sorted({n.rsplit('.', 1)[-1] for n, _ in linear})}")
+        raise ValueError(
+            f"add_lora: LoRA target(s) {unknown} match no Linear module; Linear modules "
+            f"in this model: {sorted({n.rsplit('.', 1)[-1] for n, _ in linear})}"
+        )
     model.requires_grad_(False)
     for name, module in linear:
         if _is_4bit(module):
@@ -128,23 +169,37 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-# Off CUDA: bitsandbytes' fast 4-bit kernels are CUDA's; a 135M-1B model's activations fit in a CPU's memory, so
-# recomputing them (gradient checkpointing) only costs time; rank 16 and lr 1e-4 let a small model learn in tens of
-# steps, where a model card's QLoRA learning rate (1e-5 and below, for a 4B model and hundreds of steps) barely moves.
-SMALL_DEVICE_SETUP = {"lr": 1e-4, "lora_r": 16, "load_in_4bit": False, "gradient_checkpointing": False}
-_SETUP_NAMES = {"lora_r": "lora r", "load_in_4bit": "4-bit", "gradient_checkpointing": "checkpointing"}
+# Off CUDA: bitsandbytes' fast 4-bit kernels are CUDA's; a 135M-1B model's activations fit in a
+# CPU's memory, so recomputing them (gradient checkpointing) only costs time; rank 16 and lr 1e-4
+# let a small model learn in tens of steps, where a model card's QLoRA learning rate (1e-5 and
+# below, for a 4B model and hundreds of steps) barely moves.
+SMALL_DEVICE_SETUP = {
+    "lr": 1e-4,
+    "lora_r": 16,
+    "load_in_4bit": False,
+    "gradient_checkpointing": False,
+}
+_SETUP_NAMES = {
+    "lora_r": "lora r",
+    "load_in_4bit": "4-bit",
+    "gradient_checkpointing": "checkpointing",
+}
 
 
 def hub_defaults(model: str, device: torch.device | str, card: dict, given: dict) -> dict:
-    """The training setup of a real model (any --model but the toy): each key of `card` (the script's values for one
-    CUDA GPU, from its model card) takes the user's value in `given` when set (not None), else the card's on CUDA,
-    else SMALL_DEVICE_SETUP's. Prints the result in one line (rank 0 of torchrun only)."""
+    """The training setup of a real model (any --model but the toy): each key of `card` (the
+    script's values for one CUDA GPU, from its model card) takes the user's value in `given` when
+    set (not None), else the card's on CUDA, else SMALL_DEVICE_SETUP's. Prints the result in one
+    line (rank 0 of torchrun only)."""
     kind = torch.device(device).type
     setup = card if kind == "cuda" else {k: SMALL_DEVICE_SETUP.get(k, v) for k, v in card.items()}
     out = {k: v if given.get(k) is None else given[k] for k, v in setup.items()}
     if os.environ.get("RANK", "0") == "0":
-        shown = [f"{_SETUP_NAMES.get(k, k)} {('on' if v else 'off') if isinstance(v, bool) else f'{v:g}'}"
-                 for k, v in out.items()]
+        shown = [
+            f"{_SETUP_NAMES.get(k, k)} "
+            f"{('on' if v else 'off') if isinstance(v, bool) else f'{v:g}'}"
+            for k, v in out.items()
+        ]
         print(f"defaults for {model} on {kind}: {', '.join(shown)}", flush=True)
     return out
 
@@ -165,11 +220,12 @@ def disabled(model: nn.Module):
 
 @contextlib.contextmanager
 def merged(model: nn.Module):
-    """Inside this block, forwards without gradients use one weight W + (alpha/r) B A per adapted layer: one GEMM
-    instead of three (the base's and A's and B's), which is what dominates token-by-token sampling with a small
-    batch. The base weights are not touched (the merged copy is separate and dropped on exit), forwards with
-    gradients keep the adapter path, and 4-bit layers keep it too. Costs one copy of each adapted weight while
-    inside; logits match the adapter path up to float rounding."""
+    """Inside this block, forwards without gradients use one weight W + (alpha/r) B A per adapted
+    layer: one GEMM instead of three (the base's and A's and B's), which is what dominates
+    token-by-token sampling with a small batch. The base weights are not touched (the merged copy is
+    separate and dropped on exit), forwards with gradients keep the adapter path, and 4-bit layers
+    keep it too. Costs one copy of each adapted weight while inside; logits match the adapter path
+    up to float rounding."""
     layers = [m for _, m in lora_layers(model) if not _is_4bit(m.base)]
     try:
         with torch.no_grad():
@@ -184,7 +240,8 @@ def merged(model: nn.Module):
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """W += (alpha/r) B A in every wrapped layer, then put the plain layer back in the wrapper's place.
+    """W += (alpha/r) B A in every wrapped layer, then put the plain layer back in the wrapper's
+    place.
 
     A 4-bit base is dequantized and kept as a dense nn.Linear in the dtype the weight had before
     quantization (re-quantizing would round most of the small update away); it costs that memory.
@@ -198,8 +255,13 @@ def merge(model: nn.Module) -> nn.Module:
             _keep_4bit_differentiable(base)
             state = base.weight.quant_state
             w = dequantize_4bit(base.weight.data, state).float()
-            base = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None,
-                             device=w.device, dtype=state.dtype).requires_grad_(False)
+            base = nn.Linear(
+                m.base.in_features,
+                m.base.out_features,
+                bias=m.base.bias is not None,
+                device=w.device,
+                dtype=state.dtype,
+            ).requires_grad_(False)
             if m.base.bias is not None:
                 base.bias.copy_(m.base.bias)
         else:
@@ -212,23 +274,33 @@ def merge(model: nn.Module) -> nn.Module:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights under PEFT's key names (`base_model.model.<module>.lora_A.weight`)."""
-    return {f"{PREFIX}{name}.{ab}.weight": getattr(m, ab).weight.detach()
-            for name, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+    return {
+        f"{PREFIX}{name}.{ab}.weight": getattr(m, ab).weight.detach()
+        for name, m in lora_layers(model)
+        for ab in ("lora_A", "lora_B")
+    }
 
 
 @torch.no_grad()
-def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy adapter weights in (keys with or without PEFT's prefix); errors name `source` and the key."""
+def load_lora_state_dict(
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """Copy adapter weights in (keys with or without PEFT's prefix); errors name `source` and the
+    key."""
     own = lora_state_dict(model)
     given = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in sd.items()}
     missing, unexpected = sorted(own.keys() - given.keys()), sorted(given.keys() - own.keys())
     if missing or unexpected:  # a few of each by name: enough to see which modules differ
-        raise ValueError(f"{source}: LoRA keys do not match the model: {len(missing)} missing {missing[:3]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"{source}: LoRA keys do not match the model: {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}"
+        )
     for k, v in given.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"{source}: key '{k}' has shape {tuple(v.shape)}, "
-                             f"the model expects {tuple(own[k].shape)}")
+            raise ValueError(
+                f"{source}: key '{k}' has shape {tuple(v.shape)}, "
+                f"the model expects {tuple(own[k].shape)}"
+            )
         own[k].copy_(v)
 
 
@@ -243,16 +315,41 @@ def _atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
-def _peft_config(r: int, alpha: float, dropout: float, rslora: bool, targets: Iterable[str],
-                 base_model_name_or_path: str | None) -> dict:
+def _peft_config(
+    r: int,
+    alpha: float,
+    dropout: float,
+    rslora: bool,
+    targets: Iterable[str],
+    base_model_name_or_path: str | None,
+) -> dict:
     alpha = int(alpha) if float(alpha).is_integer() else alpha  # PEFT types lora_alpha as int
     # The fields PEFT's LoraConfig has written for many versions; PEFT fills the rest with defaults.
     return dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-        target_modules=sorted(set(targets)), bias="none", fan_in_fan_out=False, use_dora=False,
-        base_model_name_or_path=base_model_name_or_path, inference_mode=True, init_lora_weights=True,
-        modules_to_save=None, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
-        auto_mapping=None, revision=None, loftq_config={}, megatron_config=None, megatron_core="megatron.core")
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_rslora=rslora,
+        target_modules=sorted(set(targets)),
+        bias="none",
+        fan_in_fan_out=False,
+        use_dora=False,
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+        init_lora_weights=True,
+        modules_to_save=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        rank_pattern={},
+        alpha_pattern={},
+        auto_mapping=None,
+        revision=None,
+        loftq_config={},
+        megatron_config=None,
+        megatron_core="megatron.core",
+    )
 
 
 def _write_peft(path: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -260,9 +357,13 @@ def _write_peft(path: str, tensors: dict[str, torch.Tensor], config: dict) -> No
 
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    _atomic_write(
+        os.path.join(path, WEIGHTS_NAME), lambda f: save_file(tensors, f, metadata={"format": "pt"})
+    )
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(path, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8"))
+    _atomic_write(
+        os.path.join(path, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8")
+    )
 
 
 def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | None = None) -> None:
@@ -270,18 +371,30 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | Non
     layers = [m for _, m in lora_layers(model)]
     settings = {(m.r, m.alpha, getattr(m.lora_dropout, "p", 0.0), m.use_rslora) for m in layers}
     if len(settings) != 1:
-        raise ValueError(f"save_adapter: need LoRA layers that share (r, alpha, dropout, rslora); got {settings}")
+        raise ValueError(
+            f"save_adapter: need LoRA layers that share (r, alpha, dropout, rslora); got {settings}"
+        )
     r, alpha, dropout, rslora = settings.pop()
-    config = _peft_config(r, alpha, dropout, rslora, [m.target for m in layers],
-                          base_model_name_or_path or getattr(model, "name_or_path", None) or None)
+    config = _peft_config(
+        r,
+        alpha,
+        dropout,
+        rslora,
+        [m.target for m in layers],
+        base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+    )
     _write_peft(path, lora_state_dict(model), config)
 
 
-def write_adapter(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float | None = None,
-                  base_model_name_or_path: str | None = None) -> None:
-    """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA adapter. Every module must have the same r (pad a
-    smaller one with zero rows of A and zero columns of B: exact). alpha defaults to r, so the scale is 1 and
-    B A is the whole update."""
+def write_adapter(
+    path: str,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    alpha: float | None = None,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA adapter. Every module must have the
+    same r (pad a smaller one with zero rows of A and zero columns of B: exact). alpha defaults to
+    r, so the scale is 1 and B A is the whole update."""
     ranks = {a.shape[0] for a, _ in factors.values()}
     if len(ranks) != 1:
         raise ValueError(f"write_adapter: every module needs the same rank; got {sorted(ranks)}")
@@ -290,18 +403,35 @@ def write_adapter(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     for name, (a, b) in factors.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
     targets = [name.rpartition(".")[2] for name in factors]
-    _write_peft(path, tensors, _peft_config(r, r if alpha is None else alpha, 0.0, False, targets,
-                                            base_model_name_or_path))
+    _write_peft(
+        path,
+        tensors,
+        _peft_config(
+            r, r if alpha is None else alpha, 0.0, False, targets, base_model_name_or_path
+        ),
+    )
 
 
 # PEFT features this file does not implement; an adapter that uses one is refused, not misread.
-_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "rank_pattern",
-                "alpha_pattern", "layer_replication", "exclude_modules", "trainable_token_indices",
-                "target_parameters", "use_qalora")
+_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "exclude_modules",
+    "trainable_token_indices",
+    "target_parameters",
+    "use_qalora",
+)
 
 
 def _truncate(u, s, vh, rank: int):
-    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and the relative Frobenius error of dropping the rest."""
+    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and the relative Frobenius error of dropping the
+    rest."""
     total = float((s * s).sum())
     err = math.sqrt(float((s[rank:] ** 2).sum()) / total) if total > 0 else 0.0
     root = s[:rank].sqrt()
@@ -309,8 +439,8 @@ def _truncate(u, s, vh, rank: int):
 
 
 def low_rank(a: torch.Tensor, b: torch.Tensor, rank: int):
-    """B A truncated to `rank` (A_r, B_r, relative error) by the SVD of the factors' QR cores: exact up to the
-    truncation, and never builds [out, in]."""
+    """B A truncated to `rank` (A_r, B_r, relative error) by the SVD of the factors' QR cores: exact
+    up to the truncation, and never builds [out, in]."""
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -319,37 +449,49 @@ def low_rank(a: torch.Tensor, b: torch.Tensor, rank: int):
 
 
 def svd_factors(delta: torch.Tensor, rank: int):
-    """A dense update [out, in] as LoRA factors (A [rank, in], B [out, rank]) by truncated SVD, and the relative error."""
+    """A dense update [out, in] as LoRA factors (A [rank, in], B [out, rank]) by truncated SVD, and
+    the relative error."""
     return _truncate(*torch.linalg.svd(delta, full_matrices=False), rank)
 
 
 def read_adapter_config(path: str) -> dict:
-    """`path/adapter_config.json`, checked: a plain LoRA / rsLoRA adapter this file can read, or a ValueError
-    that names the file and the fields it cannot."""
+    """`path/adapter_config.json`, checked: a plain LoRA / rsLoRA adapter this file can read, or a
+    ValueError that names the file and the fields it cannot."""
     cfg_path = os.path.join(path, CONFIG_NAME)
     try:
         cfg = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{cfg_path}: no adapter config (is {path!r} a PEFT adapter directory?)") from e
+        raise FileNotFoundError(
+            f"{cfg_path}: no adapter config (is {path!r} a PEFT adapter directory?)"
+        ) from e
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: field 'peft_type' is {cfg.get('peft_type')!r}, expected 'LORA'")
+        raise ValueError(
+            f"{cfg_path}: field 'peft_type' is {cfg.get('peft_type')!r}, expected 'LORA'"
+        )
     bad = [k for k in _UNSUPPORTED if cfg.get(k) not in (None, False, {}, [])]
     bad += ["bias"] * (cfg.get("bias", "none") != "none")
     bad += ["target_modules"] * (not isinstance(cfg.get("target_modules"), list))  # a regex string
     if bad:
-        raise ValueError(f"{cfg_path}: unsupported field(s) {bad}; this LoRA reads plain LoRA / rsLoRA "
-                         "adapters with target_modules given as a list")
+        raise ValueError(
+            f"{cfg_path}: unsupported field(s) {bad}; this LoRA reads plain LoRA / rsLoRA "
+            "adapters with target_modules given as a list"
+        )
     return cfg
 
 
 def adapter_scaling(cfg: dict) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return cfg["lora_alpha"] / math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["lora_alpha"] / cfg["r"]
+    return (
+        cfg["lora_alpha"] / math.sqrt(cfg["r"])
+        if cfg.get("use_rslora")
+        else cfg["lora_alpha"] / cfg["r"]
+    )
 
 
 def read_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """A PEFT LoRA adapter without a model: (config, {module name: (A [r, in], B [out, r])}), fp32; the update of
-    a module is adapter_scaling(config) * B A. Module names are the model's (`model.layers.0.self_attn.q_proj`)."""
+    """A PEFT LoRA adapter without a model: (config, {module name: (A [r, in], B [out, r])}), fp32;
+    the update of a module is adapter_scaling(config) * B A. Module names are the model's
+    (`model.layers.0.self_attn.q_proj`)."""
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(path)
@@ -357,29 +499,40 @@ def read_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.T
     sd = load_file(weights_path)
     factors: dict[str, list] = {}
     for key, v in sd.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         stem, dot, ab = name.rpartition(".lora_")
         if not dot or ab not in ("A.weight", "B.weight"):
             raise ValueError(f"{weights_path}: key '{key}' is not a LoRA A/B weight")
         factors.setdefault(stem, [None, None])["AB".index(ab[0])] = v.float()
     for stem, (a, b) in factors.items():
         if a is None or b is None or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{weights_path}: module '{stem}' needs lora_A [r, in] and lora_B [out, r], got "
-                             f"{None if a is None else tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
+            raise ValueError(
+                f"{weights_path}: module '{stem}' needs lora_A [r, in] and lora_B [out, r], got "
+                f"{None if a is None else tuple(a.shape)} and "
+                f"{None if b is None else tuple(b.shape)}"
+            )
     return cfg, {k: (a, b) for k, (a, b) in factors.items()}
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load a PEFT-format LoRA adapter, adding LoRA layers from its config when the model has none.
 
-    If the model has LoRA layers, keys and shapes must match the file; the file's alpha and rsLoRA win.
+    If the model has LoRA layers, keys and shapes must match the file; the file's alpha and rsLoRA
+    win.
     """
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(path)
     rslora = bool(cfg.get("use_rslora", False))
     if not lora_layers(model):
-        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"], rslora)
+        add_lora(
+            model,
+            cfg["r"],
+            cfg["lora_alpha"],
+            cfg.get("lora_dropout", 0.0),
+            cfg["target_modules"],
+            rslora,
+        )
     for _, m in lora_layers(model):
         m.alpha, m.use_rslora = cfg["lora_alpha"], rslora
         m.scaling = m.alpha / math.sqrt(m.r) if rslora else m.alpha / m.r
@@ -392,19 +545,20 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
 # Lineages: an adapter trained on top of other adapters (--init-adapter) is applied after them
 # ---------------------------------------------------------------------------------------------
 
+
 def lineage(path: str) -> list[str]:
-    """`path` and the adapters it was trained on top of, oldest first. A run directory of this repo records its
-    starting adapters in args.json (`init_adapter`, adapters joined by '+'); an adapter without an args.json (PEFT's,
-    or one of the shipped toy adapters) starts a lineage. A recorded start that is no longer there is an error:
-    applying the adapter without it would evaluate a model that was never trained."""
-    import common  # a sibling building block, imported here so lora stays importable on its own
+    """`path` and the adapters it was trained on top of, oldest first. A run directory of this repo
+    records its starting adapters in args.json (`init_adapter`, adapters joined by '+'); an adapter
+    without an args.json (PEFT's, or one of the shipped toy adapters) starts a lineage. A recorded
+    start that is no longer there is an error: applying the adapter without it would evaluate a
+    model that was never trained."""
 
     chain: list[str] = []
 
     def visit(p: str, child: str | None) -> None:
         if not os.path.isfile(os.path.join(p, WEIGHTS_NAME)):
             where = f" (the init_adapter in {os.path.join(child, 'args.json')})" if child else ""
-            raise common.MissingError(f"{p}{where}: no {WEIGHTS_NAME} there")
+            raise MissingError(f"{p}{where}: no {WEIGHTS_NAME} there")
         args_path = os.path.join(p, "args.json")
         if os.path.isfile(args_path):
             init = json.loads(Path(args_path).read_text(encoding="utf-8")).get("init_adapter") or ""
@@ -428,24 +582,58 @@ def expand(spec: str) -> list[str]:
 
 
 def expand_arm(spec: str, init_adapter: str = "") -> str:
-    """A model spec ('' = the base, adapter dirs joined by '+', or a model dir) with `init_adapter` put first and
-    every adapter's lineage written out; a spec that is not all adapter dirs comes back as it is."""
+    """A model spec ('' = the base, adapter dirs joined by '+', or a model dir) with `init_adapter`
+    put first and every adapter's lineage written out; a spec that is not all adapter dirs comes
+    back as it is."""
     spec = "+".join(p for p in (init_adapter, spec) if p)
     parts = [p for p in spec.split("+") if p]
-    return "+".join(expand(spec)) if parts and all(os.path.isfile(os.path.join(p, WEIGHTS_NAME)) for p in parts) \
+    return (
+        "+".join(expand(spec))
+        if parts and all(os.path.isfile(os.path.join(p, WEIGHTS_NAME)) for p in parts)
         else spec
+    )
 
 
 def merge_adapters(model: nn.Module, spec: str, flag: str = "--init-adapter") -> list[str]:
-    """Merge the adapters of `spec` ('a+b', each with its lineage) into the model's weights, in order; returns them.
-    A missing adapter is a MissingError that names `flag`."""
-    import common  # a sibling building block, imported here so lora stays importable on its own
+    """Merge the adapters of `spec` ('a+b', each with its lineage) into the model's weights, in
+    order; returns them. A missing adapter is a MissingError that names `flag`."""
 
     try:
         chain = expand(spec)
     except FileNotFoundError as e:
-        raise common.MissingError(f"{flag} {e}. Pass directories a script of this repo wrote (--out), joined by "
-                                  f"'+' to apply several in order.") from None
+        raise MissingError(
+            f"{flag} {e}. Pass directories a script of this repo wrote (--out), joined by "
+            f"'+' to apply several in order."
+        ) from None
     for p in chain:
         merge(load_adapter(model, p))
     return chain
+
+
+# ---- Adapters and evaluation arms as a user names them on the command line -----------------------
+
+
+def require_adapter(path: str | os.PathLike, flag: str = "--init-adapter", hint: str = "") -> str:
+    """`path` if it holds a PEFT adapter (adapter_model.safetensors), else a MissingError naming the
+    flag."""
+    if not (Path(path) / WEIGHTS_NAME).is_file():
+        raise MissingError(f"{flag} {path}: no {WEIGHTS_NAME} there. {hint}".strip())
+    return str(path)
+
+
+def load_arm(spec: str, base: str, device=None, load_in_4bit: bool = False, flag: str = "--arms"):
+    """A model to evaluate from a spec: '' = `base`; adapter dirs joined by '+' = `base` with each
+    merged in turn, each after the adapters it was trained on (lora.lineage: an RL adapter brings
+    its SFT adapter); else a model dir or hub id. Returns (model, where its tokenizer is)."""
+    parts = [p for p in spec.split("+") if p]
+    if parts and not all((Path(p) / WEIGHTS_NAME).is_file() for p in parts):
+        if len(parts) > 1:
+            raise MissingError(
+                f"{flag} {spec!r}: joined with '+' but {parts} are not all adapter dirs"
+            )
+        return loading.load_model(parts[0], device=device, load_in_4bit=load_in_4bit), parts[0]
+    model = loading.load_model(base, device=device, load_in_4bit=load_in_4bit)
+    merge_adapters(
+        model, spec, flag=flag
+    )  # each adapter after the ones it was trained on (its args.json)
+    return model, base

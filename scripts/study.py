@@ -5,8 +5,8 @@ Jarrodbarnes/qwen3-0.6B-interleaved-thinking chains its study, then the card's t
     python scripts/study.py --quick      # the short tour: thinking SFT, then GRPO from its adapter
     python scripts/study.py --dry-run    # print the commands only
 
-The question the card asks: does self-improving continued pretraining (Phase 3, online DPO) make the base a
-better substrate for thinking SFT and RLMT? The stages:
+The question the card asks: does self-improving continued pretraining (Phase 3, online DPO) make the
+base a better substrate for thinking SFT and RLMT? The stages:
 
   phase3              dpo_online.py from the toy base (toy documents, the toy continuation judge)
   sft_raw_base        sft_think.py --no-think on the base          (toy arithmetic, three answer formats)
@@ -18,10 +18,12 @@ better substrate for thinking SFT and RLMT? The stages:
   eval                eval_reasoning.py over the four arms         (toy GSM8K / MATH / GPQA / OlympiadBench)
   grpo, grpo_continuation, gkd, karcher_merge                      (the other methods, one row each)
 
-Adapters record what they were trained on (args.json's init_adapter), so `rlmt_think_phase3` is the base with the
-Phase-3, SFT and RLMT adapters merged in that order wherever it is loaded. Stages use shorter budgets than the
-scripts' standalone defaults. Every command is printed before it runs; the tables go to <runs>/study.md.
+Adapters record what they were trained on (args.json's init_adapter), so `rlmt_think_phase3` is the
+base with the Phase-3, SFT and RLMT adapters merged in that order wherever it is loaded. Stages use
+shorter budgets than the scripts' standalone defaults. Every command is printed before it runs; the
+tables go to <runs>/study.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,25 +37,52 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import dataio  # noqa: E402
+import errors  # noqa: E402
 
 SFT = ["--toy-styles", "gsm8k,math,mc", "--max-steps", "250", "--eval-every", "0"]
-# RLMT: 8 prompts x 8 samples at T 0.5 (grpo.py's toy setting); at lr 3e-4 it undid the SFT models' arithmetic
-RLMT = ["--data", "toy-arithmetic", "--max-steps", "30", "--thought-tokens", "128", "--temperature", "0.5",
-        "--batch-size", "8", "--num-generations", "8", "--lr", "1e-4", "--no-gate-after"]
+# RLMT: 8 prompts x 8 samples at T 0.5 (grpo.py's toy setting); at lr 3e-4 it undid the SFT models'
+# arithmetic
+RLMT = [
+    "--data",
+    "toy-arithmetic",
+    "--max-steps",
+    "30",
+    "--thought-tokens",
+    "128",
+    "--temperature",
+    "0.5",
+    "--batch-size",
+    "8",
+    "--num-generations",
+    "8",
+    "--lr",
+    "1e-4",
+    "--no-gate-after",
+]
 ARMS = ("think_base", "think_phase3", "think_base_rlmt", "think_phase3_rlmt")
 # the card's comparisons: (left, right) = right minus left
-COMPARE = [("think_base", "think_phase3"), ("think_base_rlmt", "think_phase3_rlmt"), ("think_base", "think_base_rlmt"),
-           ("think_phase3", "think_phase3_rlmt")]
+COMPARE = [
+    ("think_base", "think_phase3"),
+    ("think_base_rlmt", "think_phase3_rlmt"),
+    ("think_base", "think_base_rlmt"),
+    ("think_phase3", "think_phase3_rlmt"),
+]
 
 
 def stages(r: Path, quick: bool) -> list[tuple[str, list[str]]]:
     """(name, argv after `python`) for each stage; the run directory of stage `name` is r / name."""
     if quick:
-        return [("sft_think", ["sft_think.py"]),
-                ("grpo", ["grpo.py", "--init-adapter", str(r / "sft_think")])]
-    arm_dirs = {"think_base": r / "sft_think_base", "think_phase3": r / "sft_think_phase3",
-                "think_base_rlmt": r / "rlmt_think_base", "think_phase3_rlmt": r / "rlmt_think_phase3"}
+        return [
+            ("sft_think", ["sft_think.py"]),
+            ("grpo", ["grpo.py", "--init-adapter", str(r / "sft_think")]),
+        ]
+    arm_dirs = {
+        "think_base": r / "sft_think_base",
+        "think_phase3": r / "sft_think_phase3",
+        "think_base_rlmt": r / "rlmt_think_base",
+        "think_phase3_rlmt": r / "rlmt_think_phase3",
+    }
     arms = ",".join(f"{name}={d}" for name, d in arm_dirs.items())
     return [
         ("phase3", ["dpo_online.py", "--max-steps", "80"]),
@@ -62,9 +91,22 @@ def stages(r: Path, quick: bool) -> list[tuple[str, list[str]]]:
         ("sft_think_phase3", ["sft_think.py", "--init-adapter", str(r / "phase3"), *SFT]),
         ("rlmt_think_base", ["rlmt.py", "--init-adapter", str(r / "sft_think_base"), *RLMT]),
         ("rlmt_think_phase3", ["rlmt.py", "--init-adapter", str(r / "sft_think_phase3"), *RLMT]),
-        ("gate", ["rlmt.py", "--data", "toy-arithmetic", "--thought-tokens", "128", "--gate", arms]),
-        ("eval", ["eval_reasoning.py", "--arms", arms, "--limit", "32",
-                  "--compare", ",".join(f"{b}-{a}" for a, b in COMPARE)]),
+        (
+            "gate",
+            ["rlmt.py", "--data", "toy-arithmetic", "--thought-tokens", "128", "--gate", arms],
+        ),
+        (
+            "eval",
+            [
+                "eval_reasoning.py",
+                "--arms",
+                arms,
+                "--limit",
+                "32",
+                "--compare",
+                ",".join(f"{b}-{a}" for a, b in COMPARE),
+            ],
+        ),
         ("grpo", ["grpo.py", "--max-steps", "60"]),
         ("grpo_continuation", ["grpo.py", "--task", "continuation", "--max-steps", "25"]),
         ("gkd", ["gkd.py", "--max-steps", "150"]),
@@ -75,7 +117,7 @@ def stages(r: Path, quick: bool) -> list[tuple[str, list[str]]]:
 def load(d: Path, name: str = "summary.json") -> dict:
     path = d / name
     if not path.is_file():
-        raise common.MissingError(f"{path}: not there (did the stage finish?)")
+        raise errors.MissingError(f"{path}: not there (did the stage finish?)")
     return json.loads(path.read_text())
 
 
@@ -96,70 +138,146 @@ def tables(r: Path, quick: bool, walls: dict[str, float]) -> str:
     out = []
 
     def section(title: str, rows: list[dict], note: str = "") -> None:
-        out.append(f"### {title}\n\n{common.markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
+        out.append(
+            f"### {title}\n\n{dataio.markdown_table(rows)}\n" + (f"\n{note}\n" if note else "")
+        )
 
     if quick:
         rows = []
         for name in ("sft_think", "grpo"):
             s = load(r / name)
             h = s["heldout"]
-            rows.append({"stage": f"{name}.py", "held-out metric": f"{h['metric']} ({h.get('note', '')})",
-                         "before": f3(h["before"]), "after": f3(h["after"])})
+            rows.append(
+                {
+                    "stage": f"{name}.py",
+                    "held-out metric": f"{h['metric']} ({h.get('note', '')})",
+                    "before": f3(h["before"]),
+                    "after": f3(h["after"]),
+                }
+            )
         section("The tour: thinking SFT, then GRPO from its adapter", rows)
         return "\n".join(out)
 
     p3 = load(r / "phase3")["after"]
-    section("Phase 3: online DPO from the toy base", [{
-        "model": "phase3 vs toy base", "win rate": f3(p3["win_rate_vs_base"]),
-        "95% interval": f"[{p3['interval_low']:.3f}, {p3['interval_high']:.3f}]",
-        "W / T / L": f"{p3['wins']} / {p3['ties']} / {p3['losses']}", "prefixes": p3["compared"]}],
-        "One continuation per held-out prefix from each model, judged in both orders by the toy continuation judge; "
-        "a tie counts half.")
+    section(
+        "Phase 3: online DPO from the toy base",
+        [
+            {
+                "model": "phase3 vs toy base",
+                "win rate": f3(p3["win_rate_vs_base"]),
+                "95% interval": f"[{p3['interval_low']:.3f}, {p3['interval_high']:.3f}]",
+                "W / T / L": f"{p3['wins']} / {p3['ties']} / {p3['losses']}",
+                "prefixes": p3["compared"],
+            }
+        ],
+        "One continuation per held-out prefix from each model, judged in both orders by the toy "
+        "continuation judge; "
+        "a tie counts half.",
+    )
 
     rows = []
     for arm in ("raw_base", "think_base", "think_phase3"):
         s = load(r / f"sft_{arm}")
         a, b = s["after"], s["before"]
-        rows.append({"arm": arm, "val loss": f3(a["val_loss"]), "raw val loss": f3(a["raw_val_loss"]),
-                     "rep 4-gram": f3(a.get("repetition_4gram")), "tokens seen": s["tokens_seen"],
-                     "tok/s": round(s["tokens_per_s"]), "peak MB": round(s["peak_memory_mb"]),
-                     "accuracy": f"{b['accuracy']:.3f} -> {a['accuracy']:.3f}"})
-    section("SFT arms", rows, "Val loss: the held-out traces with their thoughts; raw val loss: the same answers "
-            "without them. Accuracy: greedy, 200 held-out problems of levels 1-3 in the three answer formats "
-            "(before -> after). Peak MB: the process's peak resident memory.")
+        rows.append(
+            {
+                "arm": arm,
+                "val loss": f3(a["val_loss"]),
+                "raw val loss": f3(a["raw_val_loss"]),
+                "rep 4-gram": f3(a.get("repetition_4gram")),
+                "tokens seen": s["tokens_seen"],
+                "tok/s": round(s["tokens_per_s"]),
+                "peak MB": round(s["peak_memory_mb"]),
+                "accuracy": f"{b['accuracy']:.3f} -> {a['accuracy']:.3f}",
+            }
+        )
+    section(
+        "SFT arms",
+        rows,
+        "Val loss: the held-out traces with their thoughts; raw val loss: the same answers "
+        "without them. Accuracy: greedy, 200 held-out problems of levels 1-3 in the three answer "
+        "formats "
+        "(before -> after). Peak MB: the process's peak resident memory.",
+    )
 
     rows = []
     for arm in ("think_base", "think_phase3"):
         d = r / f"rlmt_{arm}"
-        s, steps = load(d), [m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                             if "reward" in m]
-        rows.append({"arm": f"{arm} RLMT", "steps": len(steps), "avg reward": f3(mean_of(steps, "reward")),
-                     "final reward": f3(steps[-1]["reward"] if steps else None),
-                     **{f"avg {k.replace('_', '-')}": f3(mean_of(steps, f"gate/{k}_groups"))
-                        for k in ("mixed", "near_zero", "all_zero", "all_one")},
-                     "invalid judge": f3(mean_of(steps, "judge/invalid_rate")),
-                     "length drift": f3(steps[-1].get("length_drift") if steps else None),
-                     "artifact rate": f3(mean_of(steps, "artifact_rate")), "train s": round(s["train_seconds"])})
-    section("RLMT training", rows, "Per-step averages over the run; length drift: the mean response length of the "
-            "last 5 steps against the first 5.")
+        s, steps = (
+            load(d),
+            [
+                m
+                for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "reward" in m
+            ],
+        )
+        rows.append(
+            {
+                "arm": f"{arm} RLMT",
+                "steps": len(steps),
+                "avg reward": f3(mean_of(steps, "reward")),
+                "final reward": f3(steps[-1]["reward"] if steps else None),
+                **{
+                    f"avg {k.replace('_', '-')}": f3(mean_of(steps, f"gate/{k}_groups"))
+                    for k in ("mixed", "near_zero", "all_zero", "all_one")
+                },
+                "invalid judge": f3(mean_of(steps, "judge/invalid_rate")),
+                "length drift": f3(steps[-1].get("length_drift") if steps else None),
+                "artifact rate": f3(mean_of(steps, "artifact_rate")),
+                "train s": round(s["train_seconds"]),
+            }
+        )
+    section(
+        "RLMT training",
+        rows,
+        "Per-step averages over the run; length drift: the mean response length of the "
+        "last 5 steps against the first 5.",
+    )
 
     g = load(r / "gate", "gate.json")
-    section("Reward gate over the four arms", [
-        {"arm": k, "reward mean": f3(v["reward_mean"]), "reward std": f3(v["reward_std"]),
-         "invalid": f3(v["invalid_rate"]), "mixed": f3(v["mixed_groups"]), "near-zero": f3(v["near_zero_groups"]),
-         "any-success": f3(v["any_success_groups"]), "all-success": f3(v["all_success_groups"]),
-         "new tokens": f"{v['avg_total_new_tokens']:.1f}", "closed think": f3(v["closed_think_rate"])}
-        for k, v in g["arms"].items()])
+    section(
+        "Reward gate over the four arms",
+        [
+            {
+                "arm": k,
+                "reward mean": f3(v["reward_mean"]),
+                "reward std": f3(v["reward_std"]),
+                "invalid": f3(v["invalid_rate"]),
+                "mixed": f3(v["mixed_groups"]),
+                "near-zero": f3(v["near_zero_groups"]),
+                "any-success": f3(v["any_success_groups"]),
+                "all-success": f3(v["all_success_groups"]),
+                "new tokens": f"{v['avg_total_new_tokens']:.1f}",
+                "closed think": f3(v["closed_think_rate"]),
+            }
+            for k, v in g["arms"].items()
+        ],
+    )
     rows = []
     for left, right in COMPARE:
         c = g["comparisons"][f"{right}_minus_{left}"]
-        rows.append({"comparison": f"{right} - {left}", "reward delta": f"{c['mean_reward_delta']:+.4f}",
-                     "paired 95% interval": interval(*c["delta_ci"]), "right better": f3(c["right_better"]),
-                     "left better": f3(c["left_better"]), "even": f3(c["tie"]), "prompts": c["shared_prefixes"]})
-    section("Reward-gate comparisons", rows, "Go/no-go: " + ", ".join(
-        f"{k} {g[k]}" for k in ("reward_validity_ok", "variance_ok", "separable")) + ".")
+        rows.append(
+            {
+                "comparison": f"{right} - {left}",
+                "reward delta": f"{c['mean_reward_delta']:+.4f}",
+                "paired 95% interval": interval(*c["delta_ci"]),
+                "right better": f3(c["right_better"]),
+                "left better": f3(c["left_better"]),
+                "even": f3(c["tie"]),
+                "prompts": c["shared_prefixes"],
+            }
+        )
+    section(
+        "Reward-gate comparisons",
+        rows,
+        "Go/no-go: "
+        + ", ".join(f"{k} {g[k]}" for k in ("reward_validity_ok", "variance_ok", "separable"))
+        + ".",
+    )
 
-    out.append("### Reasoning evaluation over the four arms\n\n" + (r / "eval" / "tables.md").read_text())
+    out.append(
+        "### Reasoning evaluation over the four arms\n\n" + (r / "eval" / "tables.md").read_text()
+    )
 
     rows = []
     for name in ("grpo", "grpo_continuation", "gkd", "karcher_merge"):
@@ -168,26 +286,58 @@ def tables(r: Path, quick: bool, walls: dict[str, float]) -> str:
             ev = {e["arm"]: e for e in s["eval"]}
             domains = [k.removesuffix("/nll") for k in ev["base"] if k.endswith("/nll")]
             nll = lambda arm: sum(ev[arm][f"{d}/nll"] for d in domains) / len(domains)  # noqa: E731
-            rows.append({"stage": name, "held-out metric": f"mean NLL over {', '.join(domains)} (lower is better)",
-                         "before": f3(nll("base")), "after": f3(nll("karcher"))})
+            rows.append(
+                {
+                    "stage": name,
+                    "held-out metric": f"mean NLL over {', '.join(domains)} (lower is better)",
+                    "before": f3(nll("base")),
+                    "after": f3(nll("karcher")),
+                }
+            )
             continue
         h = s["heldout"]
-        extra = f"; teacher {h['teacher']:.3f}, gap closed {h['gap_closed']:.2f}" if "teacher" in h else ""
-        rows.append({"stage": name, "held-out metric": f"{h['metric']} ({h.get('note', '')}{extra})",
-                     "before": f3(h["before"]), "after": f3(h["after"])})
+        extra = (
+            f"; teacher {h['teacher']:.3f}, gap closed {h['gap_closed']:.2f}"
+            if "teacher" in h
+            else ""
+        )
+        rows.append(
+            {
+                "stage": name,
+                "held-out metric": f"{h['metric']} ({h.get('note', '')}{extra})",
+                "before": f3(h["before"]),
+                "after": f3(h["after"]),
+            }
+        )
         if name == "gkd":  # the divergence moves long before greedy accuracy does
-            rows.append({"stage": name, "held-out metric": "JSD to the teacher on the student's own samples "
-                         "(lower is better)", "before": f3(s["before"]["own/jsd"]), "after": f3(s["after"]["own/jsd"])})
-    section("The other methods, one row each", rows, "Before: the starting model; karcher_merge: the toy base "
-            "against the Karcher mean of the story, news and code adapters.")
-    section("Wall time per stage", [{"stage": k, "seconds": round(v)} for k, v in walls.items()] +
-            [{"stage": "total", "seconds": round(sum(walls.values()))}])
+            rows.append(
+                {
+                    "stage": name,
+                    "held-out metric": "JSD to the teacher on the student's own samples "
+                    "(lower is better)",
+                    "before": f3(s["before"]["own/jsd"]),
+                    "after": f3(s["after"]["own/jsd"]),
+                }
+            )
+    section(
+        "The other methods, one row each",
+        rows,
+        "Before: the starting model; karcher_merge: the toy base "
+        "against the Karcher mean of the story, news and code adapters.",
+    )
+    section(
+        "Wall time per stage",
+        [{"stage": k, "seconds": round(v)} for k, v in walls.items()]
+        + [{"stage": "total", "seconds": round(sum(walls.values()))}],
+    )
     return "\n".join(out)
 
 
-def run_stages(todo: list[tuple[str, list[str]]], r: Path, dry_run: bool = False, who: str = "study") -> dict:
-    """Run each stage's command (`python <argv> --out r/<name>`) in the repo root, printing it first; a failed stage
-    ends the run. Returns each stage's wall seconds."""
+def run_stages(
+    todo: list[tuple[str, list[str]]], r: Path, dry_run: bool = False, who: str = "study"
+) -> dict:
+    """Run each stage's command (`python <argv> --out r/<name>`) in the repo root, printing it
+    first; a failed stage ends the run. Returns each stage's wall seconds."""
     walls: dict[str, float] = {}
     for k, (name, argv_) in enumerate(todo, 1):
         cmd = [sys.executable, *argv_, "--out", str(r / name)]
@@ -203,20 +353,38 @@ def run_stages(todo: list[tuple[str, list[str]]], r: Path, dry_run: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the short tour: thinking SFT, then GRPO from its adapter")
-    p.add_argument("--runs", default="", help="where the stages write (default runs/study, or runs with --quick)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the short tour: thinking SFT, then GRPO from its adapter",
+    )
+    p.add_argument(
+        "--runs",
+        default="",
+        help="where the stages write (default runs/study, or runs with --quick)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--tables-only", action="store_true", help="print the tables of finished stages, run nothing")
+    p.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="print the tables of finished stages, run nothing",
+    )
     a = p.parse_args(argv)
     r = Path(a.runs or ("runs" if a.quick else "runs/study"))
     walls = run_stages([] if a.tables_only else stages(r, a.quick), r, a.dry_run)
     if a.dry_run:
         return
     if a.tables_only:
-        walls = {n: load(r / n).get("wall_seconds", 0.0) for n, _ in stages(r, a.quick) if (r / n / "summary.json").is_file()}
+        walls = {
+            n: load(r / n).get("wall_seconds", 0.0)
+            for n, _ in stages(r, a.quick)
+            if (r / n / "summary.json").is_file()
+        }
     text = tables(r, a.quick, walls)
-    common.atomic_write_text(r / ("tour.md" if a.quick else "study.md"), text + "\n")
+    dataio.atomic_write_text(r / ("tour.md" if a.quick else "study.md"), text + "\n")
     print("\n" + text, flush=True)
 
 

@@ -1,7 +1,9 @@
-"""Worker of tests/test_distributed.py: data-parallel optimiser steps with common's torchrun helpers.
+"""Worker of tests/test_distributed.py: data-parallel optimiser steps with distributed.py's helpers.
 
-torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR  writes OUT_DIR/rank{r}.pt; train() also runs alone.
+torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR  writes OUT_DIR/rank{r}.pt; train() also
+runs alone.
 """
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-import common  # noqa: E402
+import distributed  # noqa: E402
+import lifecycle  # noqa: E402
 
 GLOBAL_BATCH, STEPS, SEQ = 4, 3, 12
 HAVE_LORA = importlib.util.find_spec("lora") is not None
@@ -19,8 +22,16 @@ HAVE_LORA = importlib.util.find_spec("lora") is not None
 
 def build(use_lora: bool):
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     model = Qwen3ForCausalLM(cfg)
     if not use_lora:
         return model, list(model.parameters())
@@ -37,15 +48,17 @@ def train(rank: int, world: int, use_lora: bool):
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn_like(p))
-    common.broadcast_parameters(params)
-    data = torch.randint(0, 64, (STEPS * GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    distributed.broadcast_parameters(params)
+    data = torch.randint(
+        0, 64, (STEPS * GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1)
+    )
     opt = torch.optim.AdamW(params, lr=1e-2)
     model.train()
     for step in range(STEPS):
-        batch = data[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH][rank::world]
+        batch = data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH][rank::world]
         # equal-length rows: the mean of the per-rank means is the global-batch mean
         model(batch, labels=batch).loss.backward()
-        common.all_reduce_gradients(params)
+        distributed.all_reduce_gradients(params)
         opt.step()
         opt.zero_grad(set_to_none=True)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -53,20 +66,20 @@ def train(rank: int, world: int, use_lora: bool):
 
 
 def main(out: Path):
-    rank, world, _ = common.init_distributed()
+    rank, world, _ = distributed.init_distributed()
     results = {"world": world, "plain": train(rank, world, False)[2]}
     if HAVE_LORA:
         model, opt, results["lora"] = train(rank, world, True)
     else:
         model, opt, _ = train(rank, world, False)
-    results["sum_of_ranks"] = common.all_reduce_sum(rank)
-    results["sum_tensor"] = common.all_reduce_sum(torch.tensor([float(rank)]))
-    common.MetricsLogger(out).log(1, {"rank": rank})  # rank 0 only
-    common.save_checkpoint(out, STEPS, model, opt, data_state={"rank": rank})
-    results["loaded"] = common.load_checkpoint(out, model, opt)
+    results["sum_of_ranks"] = distributed.all_reduce_sum(rank)
+    results["sum_tensor"] = distributed.all_reduce_sum(torch.tensor([float(rank)]))
+    lifecycle.MetricsLogger(out).log(1, {"rank": rank})  # rank 0 only
+    lifecycle.save_checkpoint(out, STEPS, model, opt, data_state={"rank": rank})
+    results["loaded"] = lifecycle.load_checkpoint(out, model, opt)
     torch.save(results, out / f"rank{rank}.pt")
-    common.barrier()
-    common.cleanup_distributed()
+    distributed.barrier()
+    distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

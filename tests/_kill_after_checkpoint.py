@@ -1,8 +1,10 @@
-"""Run a training script and die like a SIGKILLed process right after its checkpoint at step N (no cleanup, no
-final outputs), so that "killed, then resumed == uninterrupted" is tested deterministically:
+"""Run a training script and die like a SIGKILLed process right after its checkpoint at step N (no
+cleanup, no final outputs), so that "killed, then resumed == uninterrupted" is tested
+deterministically:
 
     python tests/_kill_after_checkpoint.py N script.py [flags...]
 """
+
 import os
 import runpy
 import sys
@@ -11,10 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import lifecycle  # noqa: E402
 
 kill_at, script = int(sys.argv[1]), sys.argv[2]
-save = common.save_checkpoint
+save = lifecycle.save_checkpoint
 
 
 def save_then_die(out_dir, step, *args, **kwargs):
@@ -24,6 +26,6 @@ def save_then_die(out_dir, step, *args, **kwargs):
     return path
 
 
-common.save_checkpoint = save_then_die
+lifecycle.save_checkpoint = save_then_die
 sys.argv = sys.argv[2:]
 runpy.run_path(str(ROOT / script), run_name="__main__")

@@ -1,9 +1,10 @@
-"""Run a script and die like a SIGKILLed process when it calls sampling.sample for the N-th time (0: never), writing
-one line per call to the file $SAMPLE_CALLS_LOG, so that "killed, then rerun == uninterrupted" and "nothing drawn
-twice" are tested deterministically:
+"""Run a script and die like a SIGKILLed process when it calls sampling.sample for the N-th time (0:
+never), writing one line per call to the file $SAMPLE_CALLS_LOG, so that "killed, then rerun ==
+uninterrupted" and "nothing drawn twice" are tested deterministically:
 
     python tests/_kill_after_samples.py N script.py [flags...]
 """
+
 import os
 import runpy
 import sys

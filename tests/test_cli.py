@@ -1,4 +1,6 @@
-"""What a user sees when something is wrong: one line `error: ...`, exit status 2, no traceback; and --help."""
+"""What a user sees when something is wrong: one line `error: ...`, exit status 2, no traceback; and
+--help."""
+
 import json
 import os
 import socket
@@ -9,18 +11,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 ENV.pop("POSTTRAIN_TRACEBACK", None)
-SCRIPTS = ["sft_think.py", "grpo.py", "dpo_online.py", "rlmt.py", "eval_reasoning.py", "gkd.py", "karcher_merge.py"]
+SCRIPTS = [
+    "sft_think.py",
+    "grpo.py",
+    "dpo_online.py",
+    "rlmt.py",
+    "eval_reasoning.py",
+    "gkd.py",
+    "karcher_merge.py",
+]
 
 
 def run(*argv, env=None):
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *map(str, argv)],
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_line_error(proc) -> str:
-    """The run failed as a user error: status 2, no traceback, and its last stderr line is `error: ...`."""
+    """The run failed as a user error: status 2, no traceback, and its last stderr line is `error:
+    ...`."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -31,20 +53,30 @@ def one_line_error(proc) -> str:
 def test_grpo_bad_jsonl_names_file_and_line(tmp_path):
     data = tmp_path / "math.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
-    line = one_line_error(run("grpo.py", "--data", data, "--init-adapter", "", "--out", tmp_path / "run"))
+    line = one_line_error(
+        run("grpo.py", "--data", data, "--init-adapter", "", "--out", tmp_path / "run")
+    )
     assert line.startswith(f"error: {data}:2: malformed JSON"), line
 
 
 def test_grpo_wrong_field_type_names_file_line_and_field(tmp_path):
     data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n" for p in ["1+1=", 7] + ["3+3="] * 20))
-    line = one_line_error(run("grpo.py", "--data", data, "--init-adapter", "", "--out", tmp_path / "run"))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p, "answer": "2"}) + "\n" for p in ["1+1=", 7] + ["3+3="] * 20
+        )
+    )
+    line = one_line_error(
+        run("grpo.py", "--data", data, "--init-adapter", "", "--out", tmp_path / "run")
+    )
     assert line.startswith(f"error: {data}:2: field 'prompt': expected a string"), line
 
 
 def test_sft_wrong_field_type_names_file_line_and_field(tmp_path):
     data = tmp_path / "sft.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 30
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ] * 30
     rows[4] = {"messages": "hi there"}
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     line = one_line_error(run("sft_think.py", "--data", data, "--out", tmp_path / "run"))
@@ -52,14 +84,25 @@ def test_sft_wrong_field_type_names_file_line_and_field(tmp_path):
 
 
 def test_missing_init_adapter_is_one_line(tmp_path):
-    line = one_line_error(run("grpo.py", "--init-adapter", tmp_path / "nothing", "--out", tmp_path / "run"))
-    assert line.startswith(f"error: --init-adapter {tmp_path / 'nothing'}: no adapter_model.safetensors"), line
+    line = one_line_error(
+        run("grpo.py", "--init-adapter", tmp_path / "nothing", "--out", tmp_path / "run")
+    )
+    assert line.startswith(
+        f"error: --init-adapter {tmp_path / 'nothing'}: no adapter_model.safetensors"
+    ), line
 
 
 def test_bad_flag_value_is_one_line_and_traceback_on_request(tmp_path):
     line = one_line_error(run("grpo.py", "--num-generations", "1", "--out", tmp_path / "run"))
     assert "--num-generations" in line
-    proc = run("grpo.py", "--num-generations", "1", "--out", tmp_path / "run", env={"POSTTRAIN_TRACEBACK": "1"})
+    proc = run(
+        "grpo.py",
+        "--num-generations",
+        "1",
+        "--out",
+        tmp_path / "run",
+        env={"POSTTRAIN_TRACEBACK": "1"},
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
@@ -71,15 +114,19 @@ def _closed_port() -> int:
 
 def test_unreachable_judge_is_one_line_naming_the_url():
     port = _closed_port()
-    code = ("import dataclasses, common, judges\n"
-            "@dataclasses.dataclass\n"
-            "class Args:\n"
-            "    pass\n"
-            "def main(args):\n"
-            f"    judges.HTTPJudge('http://127.0.0.1:{port}', 'm', retries=1, backoff=0.01, timeout=2)"
-            ".score(['q'], ['a'])\n"
-            "common.run_cli(main, Args, [])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    code = (
+        "import dataclasses, cli, judges\n"
+        "@dataclasses.dataclass\n"
+        "class Args:\n"
+        "    pass\n"
+        "def main(args):\n"
+        f"    judges.HTTPJudge('http://127.0.0.1:{port}', 'm', retries=1, backoff=0.01, timeout=2)"
+        ".score(['q'], ['a'])\n"
+        "cli.run_cli(main, Args, [])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )
     line = one_line_error(proc)
     assert line.startswith(f"error: judge http://127.0.0.1:{port}/v1/chat/completions: "), line
     assert "refused" in line or "connect" in line, line
@@ -94,27 +141,37 @@ def test_help_is_clean(script):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_hub_model_defaults_follow_the_device(device, capsys):
-    # the model cards' QLoRA setup (4-bit base, checkpointing, large rank, small lr) is for a CUDA GPU; on a CPU a
-    # small real model trains in fp32 with a small rank and an lr that moves it in tens of steps
+    # the model cards' QLoRA setup (4-bit base, checkpointing, large rank, small lr) is for a CUDA
+    # GPU; on a CPU a small real model trains in fp32 with a small rank and an lr that moves it in
+    # tens of steps
     import dpo_online
     import gkd
     import grpo
     import rlmt
+
     cuda = device == "cuda"
     g = grpo.resolve_defaults(grpo.Args(model="smollm2", device=device))
     assert (g.lr, g.lora_r, g.lora_alpha) == ((1e-5, 128, 256.0) if cuda else (1e-4, 16, 32.0))
     assert g.load_in_4bit is g.gradient_checkpointing is cuda
     d = dpo_online.resolve_defaults(dpo_online.Args(model="smollm2", device=device))
-    assert (d.lr, d.lora_r, d.gradient_checkpointing) == ((5e-6, 64, True) if cuda else (1e-4, 16, False))
+    assert (d.lr, d.lora_r, d.gradient_checkpointing) == (
+        (5e-6, 64, True) if cuda else (1e-4, 16, False)
+    )
     r = rlmt.resolve_defaults(rlmt.Args(model="smollm2", device=device))
-    assert (r.lr, r.lora_r, r.load_in_4bit, r.gradient_checkpointing) == ((1e-7, 64, True, True) if cuda else
-                                                                          (1e-4, 16, False, False))
-    assert (r.max_steps, r.max_grad_norm) == (200, 0.1)  # the card's other settings stay on either device
+    assert (r.lr, r.lora_r, r.load_in_4bit, r.gradient_checkpointing) == (
+        (1e-7, 64, True, True) if cuda else (1e-4, 16, False, False)
+    )
+    assert (r.max_steps, r.max_grad_norm) == (
+        200,
+        0.1,
+    )  # the card's other settings stay on either device
     k = gkd.resolve_defaults(gkd.Args(model="smollm2", teacher="smollm2", device=device))
     assert (k.lr, k.lora_r, k.full) == (1e-4, 128 if cuda else 16, False)
     assert f"defaults for smollm2 on {device}: lr " in capsys.readouterr().out
     # a flag wins on either device; the toy keeps its own setup
-    g = grpo.resolve_defaults(grpo.Args(model="smollm2", device=device, lr=3e-5, lora_r=8, load_in_4bit=False))
+    g = grpo.resolve_defaults(
+        grpo.Args(model="smollm2", device=device, lr=3e-5, lora_r=8, load_in_4bit=False)
+    )
     assert (g.lr, g.lora_r, g.load_in_4bit, g.gradient_checkpointing) == (3e-5, 8, False, cuda)
     t = grpo.resolve_defaults(grpo.Args(device=device))
     assert (t.lr, t.lora_r, t.load_in_4bit, t.gradient_checkpointing) == (3e-4, 16, False, False)

@@ -1,4 +1,5 @@
 """common.py alone: loading, sampling, log-probs, JSONL, metrics, checkpoints, CLI helpers."""
+
 import dataclasses
 import importlib.util
 import json
@@ -13,28 +14,44 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-import common
+import cli
+import dataio
+import distributed
+import errors
+import lifecycle
+import loading
 import sampling
-from common import DataError
+from errors import DataError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (ids 3..), Qwen3-style specials; EOS <|im_end|> = 2, pad <|endoftext|> = 0."""
+    """One token per character (ids 3..), Qwen3-style specials; EOS <|im_end|> = 2, pad
+    <|endoftext|> = 0."""
     vocab = {t: i for i, t in enumerate(SPECIALS + [chr(i) for i in range(32, 127)] + ["\n"])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
 
 
 def tiny_qwen3(vocab_size: int = 99, seed: int = 0, hidden: int = 32) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                      max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     return Qwen3ForCausalLM(cfg).eval()
 
 
@@ -61,24 +78,25 @@ def model_dir(tmp_path_factory, tok):
     return d
 
 
-# ---------------------------------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------------------------------
+# loading
 
 
 def test_load_model_and_tokenizer_from_dir(model_dir):
-    m = common.load_model(model_dir, device="cpu")
+    m = loading.load_model(model_dir, device="cpu")
     assert m.dtype == torch.float32 and m.device.type == "cpu"
     ref = Qwen3ForCausalLM.from_pretrained(model_dir)
     for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
-    t = common.load_tokenizer(model_dir)
+    t = loading.load_tokenizer(model_dir)
     assert t.eos_token == "<|im_end|>" and t.pad_token_id == 0
-    assert common.load_model(model_dir, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert loading.load_model(model_dir, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_gradient_checkpointing_gives_same_grads_to_a_frozen_base_adapter(model_dir):
     grads = []
     for ckpt in (False, True):
-        m = common.load_model(model_dir, gradient_checkpointing=ckpt)
+        m = loading.load_model(model_dir, gradient_checkpointing=ckpt)
         m.train()
         for p in m.parameters():
             p.requires_grad_(False)
@@ -94,99 +112,111 @@ def test_gradient_checkpointing_gives_same_grads_to_a_frozen_base_adapter(model_
 def test_load_in_4bit_on_cpu(model_dir):
     import bitsandbytes as bnb
 
-    m = common.load_model(model_dir, device="cpu", load_in_4bit=True)
+    m = loading.load_model(model_dir, device="cpu", load_in_4bit=True)
     assert isinstance(m.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     q = m.model.layers[0].self_attn.q_proj.weight.quant_state
     assert q.quant_type == "nf4" and q.nested  # NF4 with double quantisation
     with torch.no_grad():
         logits = m(torch.tensor([[5, 6, 7, 8]])).logits
     assert torch.isfinite(logits).all()
-    r = sampling.sample(m, common.load_tokenizer(model_dir), ["ab", "c"], max_new_tokens=3, greedy=True)
+    r = sampling.sample(
+        m, loading.load_tokenizer(model_dir), ["ab", "c"], max_new_tokens=3, greedy=True
+    )
     lp = sampling.sequence_logprobs(m, r.input_ids, r.attention_mask, 3)
     assert r.completion_ids.shape == (2, 3) and torch.isfinite(lp).all()
 
 
 def test_missing_model_says_what_was_tried(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_model.*not found"):
-        common.load_model(tmp_path / "no_such_model")
+        loading.load_model(tmp_path / "no_such_model")
     with pytest.raises(FileNotFoundError, match="offline"):
-        common.load_tokenizer("someorg/some-model")  # conftest sets HF_HUB_OFFLINE=1
+        loading.load_tokenizer("someorg/some-model")  # conftest sets HF_HUB_OFFLINE=1
 
 
 def test_toy_resolves_to_the_toy_base():
     toy = pytest.importorskip("toy")
-    if not (Path(getattr(toy, "BASE_DIR", "/nonexistent")) / "model.safetensors").exists():  # never pretrain here
+    if not (
+        Path(getattr(toy, "BASE_DIR", "/nonexistent")) / "model.safetensors"
+    ).exists():  # never pretrain here
         pytest.skip("toy base model not built yet")
-    m = common.load_model("toy")
-    t = common.load_tokenizer("toy")
+    m = loading.load_model("toy")
+    t = loading.load_tokenizer("toy")
     r = sampling.sample(m, t, ["1+1="], max_new_tokens=4, greedy=True)
     assert r.completion_ids.shape == (1, 4) or r.finished.all()
 
 
-# ---------------------------------------------------------------------------------------------------- JSONL, files
+# --------------------------------------------------------------------------------------------------
+# JSONL, files
 
 
 def test_read_jsonl_validates_with_file_line_field(tmp_path):
     good = tmp_path / "good.jsonl"
-    common.write_jsonl(good, [{"prompt": "a", "answer": 1}, {"prompt": "b", "answer": 2.5}])
+    dataio.write_jsonl(good, [{"prompt": "a", "answer": 1}, {"prompt": "b", "answer": 2.5}])
     good.write_text(good.read_text() + "\n")  # a blank line is not a row
-    rows = common.read_jsonl(good, required=["prompt"], types={"prompt": str, "answer": (int, float)})
+    rows = dataio.read_jsonl(
+        good, required=["prompt"], types={"prompt": str, "answer": (int, float)}
+    )
     assert [r["prompt"] for r in rows] == ["a", "b"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",}\n')
     with pytest.raises(DataError) as e:
-        common.read_jsonl(bad)
+        dataio.read_jsonl(bad)
     assert str(e.value).startswith(f"{bad}:3: malformed JSON")
 
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     with pytest.raises(DataError, match=rf"^{bad}:2: field 'prompt': missing"):
-        common.read_jsonl(bad, required=["prompt"])
+        dataio.read_jsonl(bad, required=["prompt"])
 
     bad.write_text('{"prompt": "a", "answer": true}\n')
     with pytest.raises(DataError, match=rf"^{bad}:1: field 'answer': expected int, got bool"):
-        common.read_jsonl(bad, types={"answer": int})
+        dataio.read_jsonl(bad, types={"answer": int})
 
     bad.write_text('["prompt"]\n')
     with pytest.raises(DataError, match=rf"^{bad}:1: expected a JSON object, got list"):
-        common.read_jsonl(bad)
+        dataio.read_jsonl(bad)
 
     bad.write_text("\n")
     with pytest.raises(DataError, match="empty file"):
-        common.read_jsonl(bad)
+        dataio.read_jsonl(bad)
     with pytest.raises(DataError, match="no such file"):
-        common.read_jsonl(tmp_path / "missing.jsonl")
-    assert common.load_rows(good, required=["prompt"]) == rows
+        dataio.read_jsonl(tmp_path / "missing.jsonl")
+    assert dataio.load_rows(good, required=["prompt"]) == rows
     with pytest.raises(DataError, match="no such file"):
-        common.load_rows(tmp_path / "typo.jsonl")
-    with pytest.raises(DataError, match="no such file, and (loading it as a dataset failed|it cannot be loaded)"):
-        common.load_rows("someorg/no-such-dataset")  # offline
+        dataio.load_rows(tmp_path / "typo.jsonl")
+    with pytest.raises(
+        DataError, match="no such file, and (loading it as a dataset failed|it cannot be loaded)"
+    ):
+        dataio.load_rows("someorg/no-such-dataset")  # offline
 
 
 def test_atomic_writes_never_leave_a_torn_file(tmp_path):
     p = tmp_path / "sub" / "a.json"
-    common.atomic_write_json(p, {"x": torch.tensor([1, 2]), "p": Path("/a")})
+    dataio.atomic_write_json(p, {"x": torch.tensor([1, 2]), "p": Path("/a")})
     assert json.loads(p.read_text()) == {"x": [1, 2], "p": "/a"}
     with pytest.raises(TypeError):
-        common.atomic_write_json(p, {"x": object()})  # fails midway
+        dataio.atomic_write_json(p, {"x": object()})  # fails midway
     assert json.loads(p.read_text())["x"] == [1, 2]
     assert [f.name for f in p.parent.iterdir()] == ["a.json"]  # no temp file left behind
-    common.append_jsonl(tmp_path / "log.jsonl", {"a": 1})
-    common.append_jsonl(tmp_path / "log.jsonl", {"a": 2})
-    assert [r["a"] for r in common.iter_jsonl(tmp_path / "log.jsonl")] == [1, 2]
+    dataio.append_jsonl(tmp_path / "log.jsonl", {"a": 1})
+    dataio.append_jsonl(tmp_path / "log.jsonl", {"a": 2})
+    assert [r["a"] for r in dataio.iter_jsonl(tmp_path / "log.jsonl")] == [1, 2]
 
 
 def test_metrics_logger(tmp_path):
-    log = common.MetricsLogger(tmp_path)
+    log = lifecycle.MetricsLogger(tmp_path)
     log.log(1, {"reward": torch.tensor(0.5), "clip_ratio/low_mean": 0.0, "n": np.int64(3)})
     log.log(2, {"reward": 0.75})
-    rows = common.read_jsonl(tmp_path / "metrics.jsonl")
-    assert rows == [{"step": 1, "reward": 0.5, "clip_ratio/low_mean": 0.0, "n": 3}, {"step": 2, "reward": 0.75}]
+    rows = dataio.read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows == [
+        {"step": 1, "reward": 0.5, "clip_ratio/low_mean": 0.0, "n": 3},
+        {"step": 2, "reward": 0.75},
+    ]
     with pytest.raises(ValueError, match="unknown tracker"):
-        common.MetricsLogger(tmp_path, report_to="tensorboard")
+        lifecycle.MetricsLogger(tmp_path, report_to="tensorboard")
     if importlib.util.find_spec("wandb") is None:
-        with pytest.raises(common.ConfigError, match="pip install wandb"):
-            common.MetricsLogger(tmp_path, report_to="wandb")
+        with pytest.raises(errors.ConfigError, match="pip install wandb"):
+            lifecycle.MetricsLogger(tmp_path, report_to="wandb")
 
 
 def test_json_files_are_strict_json(tmp_path):
@@ -196,19 +226,41 @@ def test_json_files_are_strict_json(tmp_path):
 
     def lines(path):
         return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
-    log = common.MetricsLogger(tmp_path)
-    log.log(1, {"kl": float("nan"), "loss": float("inf"), "t": torch.tensor([1.0, float("-inf")]),
-                "a": np.float32("nan"), "nested": {"x": [float("nan"), 2.0]}, "ok": 0.5})
+
+    log = lifecycle.MetricsLogger(tmp_path)
+    log.log(
+        1,
+        {
+            "kl": float("nan"),
+            "loss": float("inf"),
+            "t": torch.tensor([1.0, float("-inf")]),
+            "a": np.float32("nan"),
+            "nested": {"x": [float("nan"), 2.0]},
+            "ok": 0.5,
+        },
+    )
     assert lines(tmp_path / "metrics.jsonl") == [
-        {"step": 1, "kl": None, "loss": None, "t": [1.0, None], "a": None, "nested": {"x": [None, 2.0]}, "ok": 0.5}]
-    common.atomic_write_json(tmp_path / "summary.json", {"heldout": {"before": float("nan"), "after": 1.0}})
+        {
+            "step": 1,
+            "kl": None,
+            "loss": None,
+            "t": [1.0, None],
+            "a": None,
+            "nested": {"x": [None, 2.0]},
+            "ok": 0.5,
+        }
+    ]
+    dataio.atomic_write_json(
+        tmp_path / "summary.json", {"heldout": {"before": float("nan"), "after": 1.0}}
+    )
     summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
     assert summary == {"heldout": {"before": None, "after": 1.0}}
-    common.write_jsonl(tmp_path / "s.jsonl", [{"r": float("inf")}])
+    dataio.write_jsonl(tmp_path / "s.jsonl", [{"r": float("inf")}])
     assert lines(tmp_path / "s.jsonl") == [{"r": None}]
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------------------------------
+# checkpoints
 
 
 def _trained(seed=0):
@@ -216,7 +268,7 @@ def _trained(seed=0):
     for p in m.model.embed_tokens.parameters():
         p.requires_grad_(False)  # frozen weights are not saved
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    sched = common.cosine_schedule(opt, 2, 10)
+    sched = lifecycle.cosine_schedule(opt, 2, 10)
     ids = torch.randint(3, 99, (2, 6))
     for _ in range(2):
         m(ids, labels=ids).loss.backward()
@@ -228,15 +280,15 @@ def _trained(seed=0):
 
 def test_checkpoint_round_trip_restores_weights_optimizer_rng(tmp_path):
     m, opt, sched = _trained()
-    common.set_seed(123)
-    common.save_checkpoint(tmp_path, 7, m, opt, sched, data_state={"epoch": 1, "index": 5})
+    lifecycle.set_seed(123)
+    lifecycle.save_checkpoint(tmp_path, 7, m, opt, sched, data_state={"epoch": 1, "index": 5})
     saved = torch.load(tmp_path / "checkpoint" / "trainable.pt")
     assert "model.embed_tokens.weight" not in saved and "lm_head.weight" in saved
     expect = (random.random(), np.random.rand(), torch.rand(3))
 
     m2, opt2, sched2 = _trained(seed=1)  # different weights, optimiser moments and LR
     random.random(), torch.rand(5)
-    state = common.load_checkpoint(tmp_path, m2, opt2, sched2)
+    state = lifecycle.load_checkpoint(tmp_path, m2, opt2, sched2)
     assert state == {"step": 7, "data_state": {"epoch": 1, "index": 5}}
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expect[0] and got[1] == expect[1] and torch.equal(got[2], expect[2])
@@ -246,12 +298,12 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng(tmp_path):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
     assert sched2.get_last_lr() == sched.get_last_lr() and sched2.last_epoch == sched.last_epoch
-    assert common.load_checkpoint(tmp_path / "nothing", m2) is None
+    assert lifecycle.load_checkpoint(tmp_path / "nothing", m2) is None
 
 
 def test_checkpoint_killed_midway_keeps_the_previous_one(tmp_path, monkeypatch):
     m, opt, _ = _trained()
-    common.save_checkpoint(tmp_path, 1, m, opt)
+    lifecycle.save_checkpoint(tmp_path, 1, m, opt)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     with torch.no_grad():
         for p in m.parameters():
@@ -264,115 +316,144 @@ def test_checkpoint_killed_midway_keeps_the_previous_one(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")  # the process dies after the first file
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(common.torch, "save", dying_save)
+    monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(tmp_path, 2, m, opt)
-    monkeypatch.setattr(common.torch, "save", real_save)
+        lifecycle.save_checkpoint(tmp_path, 2, m, opt)
+    monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "checkpoint.tmp").exists()  # torn, and ignored
     m3, opt3, _ = _trained(seed=2)
-    assert common.load_checkpoint(tmp_path, m3, opt3)["step"] == 1
+    assert lifecycle.load_checkpoint(tmp_path, m3, opt3)["step"] == 1
     for n, p in m3.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, before[n]), n
 
     # killed between the two renames: only checkpoint.old is complete
     os.rename(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
-    assert common.load_checkpoint(tmp_path, m3, opt3)["step"] == 1
-    common.save_checkpoint(tmp_path, 3, m, opt)  # the next save cleans up
+    assert lifecycle.load_checkpoint(tmp_path, m3, opt3)["step"] == 1
+    lifecycle.save_checkpoint(tmp_path, 3, m, opt)  # the next save cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    assert common.load_checkpoint(tmp_path, m3, opt3)["step"] == 3
+    assert lifecycle.load_checkpoint(tmp_path, m3, opt3)["step"] == 3
 
 
 def test_resume_keeps_the_run_and_trims_metrics_after_the_checkpoint(tmp_path):
     m, opt, _ = _trained()
-    out = common.prepare_out_dir(tmp_path, Args())
-    log = common.MetricsLogger(out)
+    out = lifecycle.prepare_out_dir(tmp_path, Args())
+    log = lifecycle.MetricsLogger(out)
     for step in (1, 2):
         log.log(step, {"loss": 1.0 / step})
-    common.save_checkpoint(out, 2, m, opt)
+    lifecycle.save_checkpoint(out, 2, m, opt)
     log.log(3, {"loss": 0.3})
-    for row in ({"step": 2, "completion": "a"}, {"note": "no step"}, {"step": 3, "completion": "b"}):
-        common.append_jsonl(out / "samples.jsonl", row)
+    for row in (
+        {"step": 2, "completion": "a"},
+        {"note": "no step"},
+        {"step": 3, "completion": "b"},
+    ):
+        dataio.append_jsonl(out / "samples.jsonl", row)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # killed mid-write
-    common.prepare_out_dir(out, Args(), resume=True)
-    assert common.load_checkpoint(out, m, opt)["step"] == 2
-    assert [r["step"] for r in common.read_jsonl(out / "metrics.jsonl")] == [1, 2]
-    assert [r.get("step") for r in common.read_jsonl(out / "samples.jsonl")] == [2, None]
-    common.prepare_out_dir(out, Args(), resume=False)  # a fresh run in the same directory starts clean
+    lifecycle.prepare_out_dir(out, Args(), resume=True)
+    assert lifecycle.load_checkpoint(out, m, opt)["step"] == 2
+    assert [r["step"] for r in dataio.read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert [r.get("step") for r in dataio.read_jsonl(out / "samples.jsonl")] == [2, None]
+    lifecycle.prepare_out_dir(
+        out, Args(), resume=False
+    )  # a fresh run in the same directory starts clean
     assert not (out / "metrics.jsonl").exists() and not (out / "samples.jsonl").exists()
-    assert common.load_checkpoint(out, m, opt) is None
+    assert lifecycle.load_checkpoint(out, m, opt) is None
 
 
 def test_checkpoint_refuses_a_different_model(tmp_path):
     m, opt, _ = _trained()
-    common.save_checkpoint(tmp_path, 1, m, opt)
+    lifecycle.save_checkpoint(tmp_path, 1, m, opt)
     other = tiny_qwen3(hidden=64)
     other.model.embed_tokens.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="does not match"):
-        common.load_checkpoint(tmp_path, tiny_qwen3(vocab_size=99).model)
+        lifecycle.load_checkpoint(tmp_path, tiny_qwen3(vocab_size=99).model)
     with pytest.raises(ValueError, match="shape"):
-        common.load_checkpoint(tmp_path, other)
+        lifecycle.load_checkpoint(tmp_path, other)
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------------------
+# helpers
 
 
 @dataclasses.dataclass
 class Args:
     model: str = dataclasses.field(default="toy", metadata={"help": "model id or directory"})
-    max_steps: int = dataclasses.field(default=10, metadata={"help": "optimizer steps (100% of them)"})
+    max_steps: int = dataclasses.field(
+        default=10, metadata={"help": "optimizer steps (100% of them)"}
+    )
     lr: float = dataclasses.field(default=1e-5, metadata={"help": "peak learning rate"})
     load_in_4bit: bool = dataclasses.field(default=False, metadata={"help": "NF4 base"})
     lora: bool = dataclasses.field(default=True, metadata={"help": "train adapters"})
     out: str | None = dataclasses.field(default=None, metadata={"help": "run directory"})
-    loss: Literal["grpo", "dapo"] = dataclasses.field(default="grpo", metadata={"help": "aggregation"})
+    loss: Literal["grpo", "dapo"] = dataclasses.field(
+        default="grpo", metadata={"help": "aggregation"}
+    )
     stop: list[str] = dataclasses.field(default_factory=list, metadata={"help": "stop strings"})
 
 
 def test_parse_args_kebab_flags(capsys):
-    a = common.parse_args(Args, ["--max-steps", "3", "--load-in-4bit", "--no-lora", "--out", "x", "--loss", "dapo",
-                                 "--stop", "A", "B", "--lr", "2e-5"])
-    assert a == Args(max_steps=3, load_in_4bit=True, lora=False, out="x", loss="dapo", stop=["A", "B"], lr=2e-5)
-    assert common.parse_args(Args, []) == Args()
+    a = cli.parse_args(
+        Args,
+        [
+            "--max-steps",
+            "3",
+            "--load-in-4bit",
+            "--no-lora",
+            "--out",
+            "x",
+            "--loss",
+            "dapo",
+            "--stop",
+            "A",
+            "B",
+            "--lr",
+            "2e-5",
+        ],
+    )
+    assert a == Args(
+        max_steps=3, load_in_4bit=True, lora=False, out="x", loss="dapo", stop=["A", "B"], lr=2e-5
+    )
+    assert cli.parse_args(Args, []) == Args()
     with pytest.raises(SystemExit):
-        common.parse_args(Args, ["--loss", "ppo"])
+        cli.parse_args(Args, ["--loss", "ppo"])
     with pytest.raises(SystemExit):
-        common.parse_args(Args, ["--help"], description="the method")
+        cli.parse_args(Args, ["--help"], description="the method")
     help_text = capsys.readouterr().out
     assert "--max-steps" in help_text and "optimizer steps (100% of them)" in help_text
     assert "--no-load-in-4bit" in help_text and "the method" in help_text
 
 
 def test_out_dir_schedule_memory_seed(tmp_path):
-    out = common.prepare_out_dir(tmp_path / "run", Args(max_steps=4))
+    out = lifecycle.prepare_out_dir(tmp_path / "run", Args(max_steps=4))
     assert json.loads((out / "args.json").read_text())["max_steps"] == 4
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = common.cosine_schedule(opt, warmup_steps=2, total_steps=6)
+    sched = lifecycle.cosine_schedule(opt, warmup_steps=2, total_steps=6)
     lrs = []
     for _ in range(7):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     assert lrs[:3] == [0.0, 0.5, 1.0] and abs(lrs[4] - 0.5) < 1e-9 and lrs[6] == 0.0
-    assert common.peak_memory_mb() > 10
-    common.set_seed(5)
+    assert lifecycle.peak_memory_mb() > 10
+    lifecycle.set_seed(5)
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    common.set_seed(5)
+    lifecycle.set_seed(5)
     assert a == (random.random(), np.random.rand(), torch.rand(1).item())
 
 
 def test_single_process_distributed_helpers_are_no_ops(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert common.init_distributed() == (0, 1, 0) and common.is_main()
+    assert distributed.init_distributed() == (0, 1, 0) and distributed.is_main()
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.full((2,), 3.0)
-    common.all_reduce_gradients([p])
-    common.broadcast_parameters([p])
-    common.barrier()
-    assert p.grad.tolist() == [3.0, 3.0] and common.all_reduce_sum(2) == 2
-    assert common.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.all_reduce_gradients([p])
+    distributed.broadcast_parameters([p])
+    distributed.barrier()
+    assert p.grad.tolist() == [3.0, 3.0] and distributed.all_reduce_sum(2) == 2
+    assert distributed.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclasses.dataclass
@@ -382,24 +463,29 @@ class NegArgs:
 
 def test_parse_args_field_named_no_x_is_a_switch():
     # argparse's BooleanOptionalAction would read --no-think as False
-    assert common.parse_args(NegArgs, ["--no-think"]).no_think is True
-    assert common.parse_args(NegArgs, []).no_think is False
+    assert cli.parse_args(NegArgs, ["--no-think"]).no_think is True
+    assert cli.parse_args(NegArgs, []).no_think is False
 
 
-# ---------------------------------------------------------------------------------------------------- run plumbing
+# --------------------------------------------------------------------------------------------------
+# run plumbing
 
 
 def test_optimizer_step_skips_non_finite_updates_and_stops_after_a_streak():
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 1)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
-    sched = common.cosine_schedule(opt, 0, 10)
-    step = common.OptimizerStep(list(layer.parameters()), opt, sched, max_grad_norm=1.0, max_bad_steps=2)
+    sched = lifecycle.cosine_schedule(opt, 0, 10)
+    step = lifecycle.OptimizerStep(
+        list(layer.parameters()), opt, sched, max_grad_norm=1.0, max_bad_steps=2
+    )
     x = torch.ones(4, 3)
     layer(x).sum().backward()
     assert step(1.0)["skipped_steps"] == 0
     good = [p.detach().clone() for p in layer.parameters()]
-    (layer(x).sum() * float("nan")).backward()  # a NaN gradient: skipped, weights and Adam state untouched
+    (
+        layer(x).sum() * float("nan")
+    ).backward()  # a NaN gradient: skipped, weights and Adam state untouched
     adam_steps = [opt.state[p]["step"].item() for p in layer.parameters()]
     assert step(float("nan"))["skipped_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(good, layer.parameters()))
@@ -412,17 +498,20 @@ def test_optimizer_step_skips_non_finite_updates_and_stops_after_a_streak():
     layer(x).sum().backward()
     step(float("inf"))
     layer(x).sum().backward()
-    with pytest.raises(common.NonFiniteError, match="2 steps in a row"):
+    with pytest.raises(errors.NonFiniteError, match="2 steps in a row"):
         step(float("inf"), step=5)
 
 
 def test_epoch_indices_cover_an_epoch_once_and_split_ranks():
-    seen = [i for s in range(5) for i in common.epoch_indices(20, 4, s, seed=3)]
+    seen = [i for s in range(5) for i in dataio.epoch_indices(20, 4, s, seed=3)]
     assert sorted(seen[:20]) == list(range(20))  # 5 steps of 4 = one epoch, every item once
-    assert common.epoch_indices(20, 4, 5, seed=3) != common.epoch_indices(20, 4, 0, seed=3)  # a new order next epoch
-    both = common.epoch_indices(20, 4, 2, seed=3, rank=0, world=2) + common.epoch_indices(20, 4, 2, seed=3, rank=1,
-                                                                                         world=2)
-    assert sorted(both) == sorted(common.epoch_indices(20, 4, 2, seed=3))
+    assert dataio.epoch_indices(20, 4, 5, seed=3) != dataio.epoch_indices(
+        20, 4, 0, seed=3
+    )  # a new order next epoch
+    both = dataio.epoch_indices(20, 4, 2, seed=3, rank=0, world=2) + dataio.epoch_indices(
+        20, 4, 2, seed=3, rank=1, world=2
+    )
+    assert sorted(both) == sorted(dataio.epoch_indices(20, 4, 2, seed=3))
 
 
 def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys, monkeypatch):
@@ -431,27 +520,36 @@ def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys, monkeypatc
         x: int = 1
 
     def main(args):
-        raise common.DataError("data.jsonl:3: field 'prompt': missing\n(present: text)")
+        raise errors.DataError("data.jsonl:3: field 'prompt': missing\n(present: text)")
 
-    monkeypatch.delenv(common.TRACEBACK_ENV, raising=False)
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
     with pytest.raises(SystemExit) as e:
-        common.run_cli(main, A, [])
+        cli.run_cli(main, A, [])
     assert e.value.code == 2
-    assert capsys.readouterr().err == "error: data.jsonl:3: field 'prompt': missing (present: text)\n"
-    monkeypatch.setenv(common.TRACEBACK_ENV, "1")
-    with pytest.raises(common.DataError):
-        common.run_cli(main, A, [])
+    assert (
+        capsys.readouterr().err == "error: data.jsonl:3: field 'prompt': missing (present: text)\n"
+    )
+    monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
+    with pytest.raises(errors.DataError):
+        cli.run_cli(main, A, [])
     with pytest.raises(ZeroDivisionError):  # a bug is not a user error: its traceback stays
-        common.run_cli(lambda args: 1 / 0, A, [])
+        cli.run_cli(lambda args: 1 / 0, A, [])
 
 
 def test_help_spells_out_model_dependent_defaults(capsys):
     @dataclasses.dataclass
     class A:
-        lr: float | None = dataclasses.field(default=None, metadata={"help": "default 3e-4 toy, 1e-5 hub model"})
+        lr: float | None = dataclasses.field(
+            default=None, metadata={"help": "default 3e-4 toy, 1e-5 hub model"}
+        )
         steps: int = dataclasses.field(default=5, metadata={"help": "steps, 5% of them warmup"})
 
     with pytest.raises(SystemExit):
-        common.parse_args(A, ["--help"])
+        cli.parse_args(A, ["--help"])
     out = capsys.readouterr().out
-    assert "(default: None)" not in out and "(default: 5)" in out and "5% of them" in out and "%%" not in out
+    assert (
+        "(default: None)" not in out
+        and "(default: 5)" in out
+        and "5% of them" in out
+        and "%%" not in out
+    )

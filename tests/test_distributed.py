@@ -1,4 +1,6 @@
-"""torchrun --nproc_per_node 2 (gloo, CPU): common's hand-written data parallelism equals one process."""
+"""torchrun --nproc_per_node 2 (gloo, CPU): distributed.py's hand-written data parallelism equals
+one process."""
+
 import importlib.util
 import os
 import socket
@@ -27,8 +29,19 @@ def _worker_module():
 
 def test_two_ranks_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -58,5 +71,9 @@ def test_two_ranks_match_one_process(tmp_path):
 
     # rank-0-only logging; per-rank RNG streams in the checkpoint; every rank loads it
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
-    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "state.json"}
+    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} >= {
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "state.json",
+    }
     assert r0["loaded"] == r1["loaded"] == {"step": worker.STEPS, "data_state": {"rank": 0}}

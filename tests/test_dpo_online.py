@@ -1,5 +1,7 @@
-"""dpo_online.py: the DPO losses by hand, pair selection, one pass per candidate (counted, and the same gradient as
-a forward per pair), short runs as subprocesses, --resume, the HTTP judge end to end (cache, a killed server)."""
+"""dpo_online.py: the DPO losses by hand, pair selection, one pass per candidate (counted, and the
+same gradient as a forward per pair), short runs as subprocesses, --resume, the HTTP judge end to
+end (cache, a killed server)."""
+
 import json
 import math
 import os
@@ -12,21 +14,44 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, start_transformers_serve, stop_server
 
 import dpo_online
 import judges
 import lora
-import sampling
 import toy
-from conftest import free_port, start_transformers_serve, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-TINY = ["--max-steps", "2", "--batch-size", "2", "--num-rollouts", "3", "--prefix-tokens", "128", "--suffix-tokens",
-        "16", "--eval-size", "6", "--save-every", "0", "--log-completions", "1", "--include-original"]
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+TINY = [
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--num-rollouts",
+    "3",
+    "--prefix-tokens",
+    "128",
+    "--suffix-tokens",
+    "16",
+    "--eval-size",
+    "6",
+    "--save-every",
+    "0",
+    "--log-completions",
+    "1",
+    "--include-original",
+]
 
 
-def run_dpo(out: Path, *flags: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_dpo(
+    out: Path, *flags: str, expect: int = 0, timeout: int = 600
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "dpo_online.py"), "--out", str(out), *TINY, *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,6 +66,7 @@ def metrics(out: Path) -> list[dict]:
 # The losses and the pairs, by hand
 # ---------------------------------------------------------------------------------------------
 
+
 def test_dpo_losses_by_hand():
     pc, pr = torch.tensor([-10.0, -4.0, -7.0]), torch.tensor([-12.0, -3.0, -7.0])
     rc, rr = torch.tensor([-11.0, -4.0, -6.0]), torch.tensor([-11.0, -4.0, -8.0])
@@ -49,7 +75,9 @@ def test_dpo_losses_by_hand():
     sig = dpo_online.dpo_loss(pc, pr, rc, rr, beta, "sigmoid")
     assert sig.tolist() == pytest.approx([math.log1p(math.exp(-beta * x)) for x in h], rel=1e-6)
     ipo = dpo_online.dpo_loss(pc, pr, rc, rr, beta, "ipo")
-    assert ipo.tolist() == pytest.approx([(x - 1 / (2 * beta)) ** 2 for x in h], rel=1e-6)  # (2-1)^2, (-2)^2, (-3)^2
+    assert ipo.tolist() == pytest.approx(
+        [(x - 1 / (2 * beta)) ** 2 for x in h], rel=1e-6
+    )  # (2-1)^2, (-2)^2, (-3)^2
     assert ipo.tolist() == pytest.approx([1.0, 4.0, 9.0])
     with pytest.raises(ValueError, match="unknown DPO loss"):
         dpo_online.dpo_loss(pc, pr, rc, rr, beta, "hinge")
@@ -60,8 +88,12 @@ def test_select_pairs():
     assert dpo_online.select_pairs([0.5, 0.5, 0.5], "best-worst", rng) == []  # all tied: no pair
     assert dpo_online.select_pairs([0.9, None], "all", rng) == []  # one scored candidate
     assert dpo_online.select_pairs([0.2, 0.9, None, 0.1], "best-worst", rng) == [(1, 3, 1.0)]
-    # ties at the top are broken at random, so the original suffix (candidate 0) is not always the chosen one
-    chosen = {dpo_online.select_pairs([1.0, 1.0, 0.0], "best-worst", random.Random(s))[0][0] for s in range(20)}
+    # ties at the top are broken at random, so the original suffix (candidate 0) is not always the
+    # chosen one
+    chosen = {
+        dpo_online.select_pairs([1.0, 1.0, 0.0], "best-worst", random.Random(s))[0][0]
+        for s in range(20)
+    }
     assert chosen == {0, 1}
     pairs = dpo_online.select_pairs([0.75, 0.25, 0.25, 1.0], "all", rng)
     assert sorted((c, r) for c, r, _ in pairs) == [(0, 1), (0, 2), (3, 0), (3, 1), (3, 2)]
@@ -74,16 +106,24 @@ def test_cut_windows_checks_and_skips():
     windows, skipped = dpo_online.cut_windows(rows, tok, "docs.jsonl", 20, 8, skip_short=True)
     assert skipped == 1 and len(windows) == 1
     w = windows[0]
-    assert (w["prefix"], w["suffix"], len(w["ids"]), len(w["suffix_ids"])) == ("a" * 20, "a" * 8, 20, 8)
-    with pytest.raises(dpo_online.common.DataError, match=r"^docs\.jsonl:4: field 'text': 10 tokens, shorter"):
+    assert (w["prefix"], w["suffix"], len(w["ids"]), len(w["suffix_ids"])) == (
+        "a" * 20,
+        "a" * 8,
+        20,
+        8,
+    )
+    with pytest.raises(
+        dpo_online.errors.DataError, match=r"^docs\.jsonl:4: field 'text': 10 tokens, shorter"
+    ):
         dpo_online.cut_windows(rows, tok, "docs.jsonl", 20, 8, skip_short=False)
-    with pytest.raises(dpo_online.common.DataError, match=r"^docs\.jsonl:1: field 'text': missing"):
+    with pytest.raises(dpo_online.errors.DataError, match=r"^docs\.jsonl:1: field 'text': missing"):
         dpo_online.cut_windows([{"body": "x"}], tok, "docs.jsonl", 20, 8, skip_short=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # One reference and one policy pass per candidate; the same gradient as a forward per pair
 # ---------------------------------------------------------------------------------------------
+
 
 def _tiny_policy(seed=0):
     import transformers
@@ -102,13 +142,23 @@ def _judged(K: int, pairs: str) -> dpo_online.Judged:
     windows, candidates, chosen = [], [], []
     for b in range(3):
         ids = torch.randint(6, 100, (10 + 3 * b,), generator=g).tolist()
-        cands = [torch.randint(6, 100, (4 + (i * 3 + b) % 7,), generator=g).tolist() for i in range(K + 1)]
+        cands = [
+            torch.randint(6, 100, (4 + (i * 3 + b) % 7,), generator=g).tolist()
+            for i in range(K + 1)
+        ]
         windows.append({"ids": ids})
         candidates.append(cands)
         scores = torch.rand(K + 1, generator=g).tolist()
         chosen.append(dpo_online.select_pairs(scores, pairs, random.Random(b)))
-    return dpo_online.Judged(windows=windows, candidates=candidates, texts=[], pairs=chosen, metrics={}, samples=[],
-                             num_tokens=0)
+    return dpo_online.Judged(
+        windows=windows,
+        candidates=candidates,
+        texts=[],
+        pairs=chosen,
+        metrics={},
+        samples=[],
+        num_tokens=0,
+    )
 
 
 def _naive_loss(model, judged, beta, loss_type):
@@ -116,9 +166,11 @@ def _naive_loss(model, judged, beta, loss_type):
     total, n = 0.0, sum(1 for p in judged.pairs if p)
     for w, cands, pairs in zip(judged.windows, judged.candidates, judged.pairs):
         for c, r, weight in pairs:
+
             def s(i):
                 roll = dpo_online.pack([w["ids"]], [cands[i]], 0, "cpu")
                 return dpo_online.summed_logprobs(model, roll)[0]
+
             with torch.no_grad(), lora.disabled(model):
                 ref_c, ref_r = s(c), s(r)
             total = total + weight * dpo_online.dpo_loss(s(c), s(r), ref_c, ref_r, beta, loss_type)
@@ -132,12 +184,22 @@ def test_update_one_pass_per_candidate_and_the_naive_gradient(pairs, loss_type):
     judged = _judged(K, pairs)
     params = lora.lora_parameters(model)
     counter = {}
-    stats = dpo_online.update(model, judged, beta=0.2, loss_type=loss_type, micro_batch_size=6, pad_id=0, world=1,
-                              counter=counter)
+    stats = dpo_online.update(
+        model,
+        judged,
+        beta=0.2,
+        loss_type=loss_type,
+        micro_batch_size=6,
+        pad_id=0,
+        world=1,
+        counter=counter,
+    )
     ours = [p.grad.clone() for p in params]
     in_pairs = sum(len({i for c, r, _ in p for i in (c, r)}) for p in judged.pairs)
     assert counter == {"reference": in_pairs, "policy": in_pairs}
-    if pairs == "all":  # every candidate is in some pair: K + 1 sequence passes per prefix, not two per pair
+    if (
+        pairs == "all"
+    ):  # every candidate is in some pair: K + 1 sequence passes per prefix, not two per pair
         assert in_pairs == 3 * (K + 1) and sum(len(p) for p in judged.pairs) > 3 * (K + 1)
     else:
         assert in_pairs == 3 * 2
@@ -149,7 +211,9 @@ def test_update_one_pass_per_candidate_and_the_naive_gradient(pairs, loss_type):
     for a, p in zip(ours, params):
         torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-3 * float(p.grad.abs().max()))
     assert 0.0 <= stats["rewards/accuracies"] <= 1.0
-    assert stats["rewards/margins"] == pytest.approx(stats["rewards/chosen"] - stats["rewards/rejected"])
+    assert stats["rewards/margins"] == pytest.approx(
+        stats["rewards/chosen"] - stats["rewards/rejected"]
+    )
 
 
 def test_evaluate_with_a_judge_that_never_parses_is_an_error():
@@ -165,18 +229,42 @@ def test_evaluate_with_a_judge_that_never_parses_is_an_error():
 
     model = _tiny_policy()
     tok = toy.load_tokenizer()
-    held = [{"ids": tok("Milo the fox", add_special_tokens=False)["input_ids"], "prefix": "Milo the fox"}]
-    with pytest.raises(judges.JudgeError, match=r"no held-out comparison got a valid verdict .*2 of 2 verdicts invalid"):
-        dpo_online.evaluate(model, tok, held, Mute(), max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0)
+    held = [
+        {
+            "ids": tok("Milo the fox", add_special_tokens=False)["input_ids"],
+            "prefix": "Milo the fox",
+        }
+    ]
+    with pytest.raises(
+        judges.JudgeError,
+        match=r"no held-out comparison got a valid verdict .*2 of 2 verdicts invalid",
+    ):
+        dpo_online.evaluate(
+            model, tok, held, Mute(), max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Script runs
 # ---------------------------------------------------------------------------------------------
 
-EXPECTED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "chosen/original_share", "chosen/rollout_share", "judge/tie_rate",
-            "judge/invalid_rate", "judge/position_consistency", "judge/calls", "grad_norm", "step_time"]
+EXPECTED = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "chosen/original_share",
+    "chosen/rollout_share",
+    "judge/tie_rate",
+    "judge/invalid_rate",
+    "judge/position_consistency",
+    "judge/calls",
+    "grad_norm",
+    "step_time",
+]
 
 
 def test_tiny_run_outputs(tmp_path):
@@ -205,8 +293,16 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     flags = ["--max-steps", "3", "--save-every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_dpo(full, *flags)
-    cmd = [sys.executable, str(ROOT / "tests" / "_kill_after_checkpoint.py"), "2", "dpo_online.py", "--out", str(cut),
-           *TINY, *flags]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "_kill_after_checkpoint.py"),
+        "2",
+        "dpo_online.py",
+        "--out",
+        str(cut),
+        *TINY,
+        *flags,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 137 and not (cut / "summary.json").exists()
     run_dpo(cut, *flags, "--resume")
@@ -214,7 +310,9 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
 
     a, b = load_file(full / lora.WEIGHTS_NAME), load_file(cut / lora.WEIGHTS_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in metrics(full) if "loss" in r] == [r["loss"] for r in metrics(cut) if "loss" in r]
+    assert [r["loss"] for r in metrics(full) if "loss" in r] == [
+        r["loss"] for r in metrics(cut) if "loss" in r
+    ]
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -223,7 +321,9 @@ def test_bad_input_is_one_line(tmp_path):
     rows[6] = {"text": "short"}
     docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = run_dpo(tmp_path / "a", "--data", str(docs), "--judge", "toy", expect=2)
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {docs}:7: field 'text': 5 tokens"), proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith(f"error: {docs}:7: field 'text': 5 tokens")
+    ), proc.stderr
     proc = run_dpo(tmp_path / "b", "--data", str(docs), expect=2)
     assert "--judge: documents other than the toy ones need a judge" in proc.stderr
 
@@ -232,10 +332,11 @@ def test_bad_input_is_one_line(tmp_path):
 # The HTTP judge end to end: a judge server on 127.0.0.1 speaking the OpenAI chat API
 # ---------------------------------------------------------------------------------------------
 
+
 class ToyJudgeServer:
-    """/v1/chat/completions answering the paper's quality prompt with the toy continuation judge's verdict, in
-    words ending "Conclusion: Option N", as an LLM judge would; counts the requests it answered. After
-    `answers_before_garbage` requests (if given) it answers no verdict at all."""
+    """/v1/chat/completions answering the paper's quality prompt with the toy continuation judge's
+    verdict, in words ending "Conclusion: Option N", as an LLM judge would; counts the requests it
+    answered. After `answers_before_garbage` requests (if given) it answers no verdict at all."""
 
     def __init__(self, answers_before_garbage: int | None = None):
         self.requests = 0
@@ -248,14 +349,20 @@ class ToyJudgeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 user = body["messages"][-1]["content"]
-                prefix, _, rest = user.partition("Original text fragment:\n")[2].partition("\n\nOption 1:\n")
+                prefix, _, rest = user.partition("Original text fragment:\n")[2].partition(
+                    "\n\nOption 1:\n"
+                )
                 first, _, rest = rest.partition("\n\nOption 2:\n")
                 second = rest.rpartition("\n\nJudge which continuation")[0]
                 p = judge.prefer([prefix], [first], [second])[0]
-                text = "I compared the two.\n\nConclusion: Option " + ("1" if p is not None and p >= 0.5 else "2")
+                text = "I compared the two.\n\nConclusion: Option " + (
+                    "1" if p is not None and p >= 0.5 else "2"
+                )
                 if answers_before_garbage is not None and outer.requests >= answers_before_garbage:
                     text = "Both are fine, I think."
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                payload = json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": text}}]}
+                ).encode()
                 with threading.Lock():
                     outer.requests += 1
                 self.send_response(200)
@@ -266,7 +373,9 @@ class ToyJudgeServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self.thread.start()
 
     def close(self):
@@ -277,29 +386,60 @@ class ToyJudgeServer:
 def test_http_judge_run_cache_and_dead_server(tmp_path):
     server = ToyJudgeServer()
     out = tmp_path / "run"
-    flags = ["--judge", server.url, "--judge-model", "toy-judge", "--judge-retries", "1", "--max-steps", "1"]
+    flags = [
+        "--judge",
+        server.url,
+        "--judge-model",
+        "toy-judge",
+        "--judge-retries",
+        "1",
+        "--max-steps",
+        "1",
+    ]
     try:
         run_dpo(out, *flags)
         first = server.requests
         row = [r for r in metrics(out) if "loss" in r][0]
-        assert row["judge/calls"] == 2 * 6 * 2 and row["judge/invalid_rate"] == 0.0  # every verdict parsed
-        assert first == row["judge/calls"] + 6 * 2  # training pairs + the held-out comparisons, both orders
+        assert (
+            row["judge/calls"] == 2 * 6 * 2 and row["judge/invalid_rate"] == 0.0
+        )  # every verdict parsed
+        assert (
+            first == row["judge/calls"] + 6 * 2
+        )  # training pairs + the held-out comparisons, both orders
         assert len((out / "judge_cache.jsonl").read_text().splitlines()) == first
-        run_dpo(out, *flags)  # the same run again: same rollouts (fixed seed), every verdict from the cache
+        run_dpo(
+            out, *flags
+        )  # the same run again: same rollouts (fixed seed), every verdict from the cache
         assert server.requests == first
     finally:
         server.close()
-    proc = run_dpo(tmp_path / "dead", *flags, expect=2)  # a fresh run dir (no cache) against the closed port
+    proc = run_dpo(
+        tmp_path / "dead", *flags, expect=2
+    )  # a fresh run dir (no cache) against the closed port
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: judge {server.url}/v1/chat/completions: connection refused (after 2 tries)"), line
+    assert line.startswith(
+        f"error: judge {server.url}/v1/chat/completions: connection refused (after 2 tries)"
+    ), line
 
 
 def test_a_failed_final_evaluation_keeps_the_trained_adapter(tmp_path):
-    server = ToyJudgeServer(answers_before_garbage=2 * 6 * 2)  # the training step's verdicts, then none
+    server = ToyJudgeServer(
+        answers_before_garbage=2 * 6 * 2
+    )  # the training step's verdicts, then none
     out = tmp_path / "run"
     try:
-        proc = run_dpo(out, "--judge", server.url, "--judge-model", "toy-judge", "--judge-retries", "0",
-                       "--max-steps", "1", expect=2)
+        proc = run_dpo(
+            out,
+            "--judge",
+            server.url,
+            "--judge-model",
+            "toy-judge",
+            "--judge-retries",
+            "0",
+            "--max-steps",
+            "1",
+            expect=2,
+        )
     finally:
         server.close()
     assert "no held-out comparison got a valid verdict" in proc.stderr.strip().splitlines()[-1]
@@ -312,27 +452,36 @@ _free_port = free_port
 
 @pytest.mark.slow
 def test_http_judge_against_transformers_serve(tmp_path):
-    """A real OpenAI-compatible server (`transformers serve` on the toy base): the toy base is no judge, so its
-    verdicts are mostly unparsable: each one is parsed or counted invalid, never guessed; a rerun is served from
-    the cache; a killed server is a one-line JudgeError."""
+    """A real OpenAI-compatible server (`transformers serve` on the toy base): the toy base is no
+    judge, so its verdicts are mostly unparsable: each one is parsed or counted invalid, never
+    guessed; a rerun is served from the cache; a killed server is a one-line JudgeError."""
     port = free_port()
     model_dir = str(toy.base_model_dir())
     proc = start_transformers_serve(port, model_dir, env=ENV)
     try:
         url = f"http://127.0.0.1:{port}"
         cache = judges.VerdictCache(tmp_path / "cache.jsonl")
-        judge = judges.HTTPJudge(url, model=model_dir, max_tokens=24, timeout=120, retries=1, backoff=0.1,
-                                 cache=cache)
+        judge = judges.HTTPJudge(
+            url, model=model_dir, max_tokens=24, timeout=120, retries=1, backoff=0.1, cache=cache
+        )
         cont = toy.continuations("test", 2, seed=0)
         prefixes, a, b = [c["prompt"] for c in cont], [c["reference"] for c in cont], ["x y z", "q"]
         votes = judge.prefer_ordered(prefixes, a, b)
         assert len(votes) == 2 and all(v in (None, 0.0, 1.0) for v in votes)
         assert (judge.calls, judge.invalid, judge.requests) == (2, sum(v is None for v in votes), 2)
-        again = judges.HTTPJudge(url, model=model_dir, max_tokens=24, cache=judges.VerdictCache(tmp_path / "cache.jsonl"))
-        assert again.prefer_ordered(prefixes, a, b) == votes and again.requests == 0 and again.cache.hits == 2
+        again = judges.HTTPJudge(
+            url, model=model_dir, max_tokens=24, cache=judges.VerdictCache(tmp_path / "cache.jsonl")
+        )
+        assert (
+            again.prefer_ordered(prefixes, a, b) == votes
+            and again.requests == 0
+            and again.cache.hits == 2
+        )
     finally:
         stop_server(proc)
-    with pytest.raises(judges.JudgeError, match=rf"^judge {url}/v1/chat/completions: connection refused"):
+    with pytest.raises(
+        judges.JudgeError, match=rf"^judge {url}/v1/chat/completions: connection refused"
+    ):
         judge.prefer_ordered(["new prefix"], ["a"], ["b"])
 
 
@@ -340,18 +489,42 @@ def test_http_judge_against_transformers_serve(tmp_path):
 # The real Qwen3 tokenizer and vocabulary, documents from a JSONL file, a judge over HTTP
 # ---------------------------------------------------------------------------------------------
 
+
 def test_tiny_qwen3_real_vocab_one_step(tmp_path):
     from conftest import save_tiny_qwen3
 
     model = save_tiny_qwen3(tmp_path / "qwen")
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"Document {i}: " + "the river runs past the mill " * 8}) + "\n"
-                            for i in range(12)))
-    server = ToyJudgeServer()  # not a toy document: every verdict is Option 2, so every pair is a tie
+    docs.write_text(
+        "".join(
+            json.dumps({"text": f"Document {i}: " + "the river runs past the mill " * 8}) + "\n"
+            for i in range(12)
+        )
+    )
+    server = (
+        ToyJudgeServer()
+    )  # not a toy document: every verdict is Option 2, so every pair is a tie
     try:
         out = tmp_path / "run"
-        run_dpo(out, "--model", str(model), "--data", str(docs), "--judge", server.url, "--max-steps", "1",
-                "--prefix-tokens", "24", "--suffix-tokens", "8", "--eval-size", "2", "--lora-r", "4")
+        run_dpo(
+            out,
+            "--model",
+            str(model),
+            "--data",
+            str(docs),
+            "--judge",
+            server.url,
+            "--max-steps",
+            "1",
+            "--prefix-tokens",
+            "24",
+            "--suffix-tokens",
+            "8",
+            "--eval-size",
+            "2",
+            "--lora-r",
+            "4",
+        )
     finally:
         server.close()
     row = [r for r in metrics(out) if "loss" in r][0]
@@ -362,24 +535,41 @@ def test_tiny_qwen3_real_vocab_one_step(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_stay_in_sync(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "dpo_online.py"), "--out", str(tmp_path), *TINY,
-           "--pairs", "all"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "dpo_online.py"),
+        "--out",
+        str(tmp_path),
+        *TINY,
+        "--pairs",
+        "all",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rank_param_max_diff"] == 0.0
     rows = [r for r in metrics(tmp_path) if "loss" in r]
     assert len(rows) == 2 and rows[-1]["grad_norm"] > 0  # it trained
-    assert rows[0]["judge/calls"] == 2 * 6 * 2  # rank 0's prefixes (2 of the global 4), its own judge calls
+    assert (
+        rows[0]["judge/calls"] == 2 * 6 * 2
+    )  # rank 0's prefixes (2 of the global 4), its own judge calls
 
 
 @pytest.mark.slow
 def test_learning_beats_the_base(tmp_path):
-    """`python dpo_online.py` with its defaults (150 steps, 128 held-out prefixes; shorter runs did not separate
-    from a coin flip: 100 steps of a 100-step schedule measured 0.557, interval [0.492, 0.622]): on a fixed seed the
-    trained policy beats the toy base in held-out pairwise comparisons and the 95% interval excludes a coin flip.
-    It measured 0.657, interval [0.601, 0.714] (README); the margin below allows for another CPU's roundings."""
+    """`python dpo_online.py` with its defaults (150 steps, 128 held-out prefixes; shorter runs did
+    not separate from a coin flip: 100 steps of a 100-step schedule measured 0.557, interval [0.492,
+    0.622]): on a fixed seed the trained policy beats the toy base in held-out pairwise comparisons
+    and the 95% interval excludes a coin flip. It measured 0.657, interval [0.601, 0.714] (README);
+    the margin below allows for another CPU's roundings."""
     out = tmp_path / "learn"
     cmd = [sys.executable, str(ROOT / "dpo_online.py"), "--out", str(out), "--save-every", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
@@ -387,4 +577,6 @@ def test_learning_beats_the_base(tmp_path):
     held = json.loads((out / "summary.json").read_text())["heldout"]
     assert held["after"] >= 0.57 and held["interval"][0] > 0.5, held
     rows = [r for r in metrics(out) if "loss" in r]
-    assert all(r["completions/mean_length"] == 128 for r in rows)  # fixed-length rollouts: no winning by stopping
+    assert all(
+        r["completions/mean_length"] == 128 for r in rows
+    )  # fixed-length rollouts: no winning by stopping

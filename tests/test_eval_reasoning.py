@@ -1,5 +1,6 @@
-"""eval_reasoning.py: pass@k, answer checking, intervals, the benchmark loaders, a toy run, a kill and a rerun, and the
-server backend against a real `transformers serve`."""
+"""eval_reasoning.py: pass@k, answer checking, intervals, the benchmark loaders, a toy run, a kill
+and a rerun, and the server backend against a real `transformers serve`."""
+
 import json
 import math
 import os
@@ -11,28 +12,56 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-
-import answers
-import common
-import eval_reasoning as ev
-import toy
 from conftest import ROOT, free_port, start_transformers_serve, stop_server
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-SMALL = ["--limit", "6", "--num-samples", "4", "--max-new-tokens", "48", "--batch-size", "2",
-         "--arms", f"base=,think={toy.sft_adapter_dir()}", "--benchmarks", "toy_gsm8k,toy_gpqa"]
+import answers
+import dataio
+import errors
+import eval_reasoning as ev
+import toy
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "2",
+}
+SMALL = [
+    "--limit",
+    "6",
+    "--num-samples",
+    "4",
+    "--max-new-tokens",
+    "48",
+    "--batch-size",
+    "2",
+    "--arms",
+    f"base=,think={toy.sft_adapter_dir()}",
+    "--benchmarks",
+    "toy_gsm8k,toy_gpqa",
+]
 
 
 def run_eval(out, *flags, kill_at=0, calls_log=None, expect=0):
-    cmd = [sys.executable, "tests/_kill_after_samples.py", str(kill_at), "eval_reasoning.py", "--out", str(out),
-           *map(str, flags)]
-    env = {**ENV, "SAMPLE_CALLS_LOG": str(calls_log or Path(out).parent / f"{Path(out).name}.calls")}
+    cmd = [
+        sys.executable,
+        "tests/_kill_after_samples.py",
+        str(kill_at),
+        "eval_reasoning.py",
+        "--out",
+        str(out),
+        *map(str, flags),
+    ]
+    env = {
+        **ENV,
+        "SAMPLE_CALLS_LOG": str(calls_log or Path(out).parent / f"{Path(out).name}.calls"),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-# ---- pass@k and answers ----------------------------------------------------------------------------------------
+# ---- pass@k and answers --------------------------------------------------------------------------
 def test_pass_at_k_is_the_unbiased_estimator():
     rng = random.Random(0)
     for _ in range(500):
@@ -40,7 +69,11 @@ def test_pass_at_k_is_the_unbiased_estimator():
         c, k = rng.randint(0, n), rng.randint(1, n)
         exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
         assert ev.pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12), (n, c, k)
-    assert ev.pass_at_k(8, 0, 8) == 0.0 and ev.pass_at_k(8, 1, 8) == 1.0 and ev.pass_at_k(8, 2, 1) == 0.25
+    assert (
+        ev.pass_at_k(8, 0, 8) == 0.0
+        and ev.pass_at_k(8, 1, 8) == 1.0
+        and ev.pass_at_k(8, 2, 1) == 0.25
+    )
     with pytest.raises(ValueError):
         ev.pass_at_k(4, 5, 1)
 
@@ -67,8 +100,8 @@ DIFFERENT = [
     ("math500", "\\boxed{(1,2]}", "[1,2]"),
     ("math500", "\\boxed{2x}", "2"),
     ("math500", "no box: 0.5", "\\frac12"),
-    ("math500", "<think>\\boxed{4}", "4"),           # a thought never closed shows no answer
-    ("math500", "\\boxed{__import__('os')}", "0"),   # untrusted text is parsed, never run
+    ("math500", "<think>\\boxed{4}", "4"),  # a thought never closed shows no answer
+    ("math500", "\\boxed{__import__('os')}", "0"),  # untrusted text is parsed, never run
     ("gpqa", "Answer: A", "B"),
 ]
 
@@ -101,10 +134,18 @@ def _answer_after(gold, pred, seconds):  # stands in for Math-Verify in the work
 
 def test_math_verifier_counts_timeouts_and_kills_a_stuck_worker():
     with answers.MathVerifier(workers=1, timeout=1, worker=_answer_after) as v:
-        assert v.check([("a", "same"), ("a", "hard"), ("a", "other"), ("7", "7")]) == [True, False, False, True]
+        assert v.check([("a", "same"), ("a", "hard"), ("a", "other"), ("7", "7")]) == [
+            True,
+            False,
+            False,
+            True,
+        ]
         assert v.timeouts == 1
         t0 = time.perf_counter()
-        assert v.check([("a", "slow"), ("a", "same")]) == [False, False]  # the pool went with the stuck worker
+        assert v.check([("a", "slow"), ("a", "same")]) == [
+            False,
+            False,
+        ]  # the pool went with the stuck worker
         assert time.perf_counter() - t0 < 30 and v.timeouts == 3
         assert v.check([("a", "same")]) == [True]  # a new pool
 
@@ -112,8 +153,9 @@ def test_math_verifier_counts_timeouts_and_kills_a_stuck_worker():
 def test_real_math_verify_in_worker_processes():
     pytest.importorskip("math_verify")
     with answers.MathVerifier(workers=1, timeout=5) as v:
-        assert v.check([("1+x^2", "x^2+1"), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("\\pi", "3.14")]) \
-            == [True, True, False]
+        assert v.check(
+            [("1+x^2", "x^2+1"), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("\\pi", "3.14")]
+        ) == [True, True, False]
         assert v.timeouts == 0
 
 
@@ -126,10 +168,13 @@ def test_intervals_wilson_for_small_binary_sets_and_paired_deltas():
     assert (lo, hi) == pytest.approx((0.625 - half, 0.625 + half))
     mean, se, ci = ev.paired([1.0, 0.5, 0.75], [0.5, 0.5, 0.25])
     assert mean == pytest.approx(1 / 3) and ci[0] < mean < ci[1]
-    # a rate's interval stays in [0, 1] and a difference of rates' in [-1, 1], however wide the normal one is
+    # a rate's interval stays in [0, 1] and a difference of rates' in [-1, 1], however wide the
+    # normal one is
     lo, hi = ev.interval([1.0, 1.0, 1.0, 0.5])
     assert lo == pytest.approx(0.875 - 1.96 * 0.25 / 2) and hi == 1.0
-    assert ev.interval([0.0, 0.0, 0.5])[0] == 0.0 and ev.interval([0.0] * 400 + [1.0])[0] == 0.0  # normal, n > 300
+    assert (
+        ev.interval([0.0, 0.0, 0.5])[0] == 0.0 and ev.interval([0.0] * 400 + [1.0])[0] == 0.0
+    )  # normal, n > 300
     _, _, ci = ev.paired([1.0, 1.0, 0.0], [0.0, 0.0, 1.0])
     assert ci[1] == 1.0 and ci[0] > -1.0
     _, _, ci = ev.paired([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])
@@ -140,54 +185,105 @@ def test_intervals_wilson_for_small_binary_sets_and_paired_deltas():
 def test_score_benchmark_counts_per_question():
     def sample(ok, tokens=10, finish="stop"):
         return {"correct": ok, "tokens": tokens, "finish_reason": finish}
-    row = ev.score_benchmark({"q1": [sample(True), sample(False)], "q2": [sample(False), sample(False, 30, "length")],
-                              "q3": []}, k=2)
+
+    row = ev.score_benchmark(
+        {
+            "q1": [sample(True), sample(False)],
+            "q2": [sample(False), sample(False, 30, "length")],
+            "q3": [],
+        },
+        k=2,
+    )
     assert row["mean_at_k"] == 0.25 and row["pass_at_1"] == 0.25 and row["pass_at_2"] == 0.5
-    assert (row["problems"], row["missing_problems"], row["samples"], row["correct"], row["any_pass"]) == (2, 1, 4, 1, 1)
+    assert (
+        row["problems"],
+        row["missing_problems"],
+        row["samples"],
+        row["correct"],
+        row["any_pass"],
+    ) == (2, 1, 4, 1, 1)
     assert row["avg_completion_tokens"] == 15 and row["truncation_rate"] == 0.25
-    empty = ev.score_benchmark({"q1": [], "q2": []}, k=2)  # every request failed: counted, not scored
-    assert (empty["problems"], empty["missing_problems"]) == (0, 2) and math.isnan(empty["mean_at_k"])
+    empty = ev.score_benchmark(
+        {"q1": [], "q2": []}, k=2
+    )  # every request failed: counted, not scored
+    assert (empty["problems"], empty["missing_problems"]) == (0, 2) and math.isnan(
+        empty["mean_at_k"]
+    )
 
 
-# ---- loaders ---------------------------------------------------------------------------------------------------
+# ---- loaders -------------------------------------------------------------------------------------
 def test_gpqa_choices_seeded_recorded_and_gold_follows_them(tmp_path):
     path = tmp_path / "gpqa.jsonl"
-    rows = [{"Record ID": f"r{i}", "Question": f"Q{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": "w1",
-             "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"} for i in range(20)]
-    common.write_jsonl(path, rows)
+    rows = [
+        {
+            "Record ID": f"r{i}",
+            "Question": f"Q{i}?",
+            "Correct Answer": f"right{i}",
+            "Incorrect Answer 1": "w1",
+            "Incorrect Answer 2": "w2",
+            "Incorrect Answer 3": "w3",
+        }
+        for i in range(20)
+    ]
+    dataio.write_jsonl(path, rows)
     probs = ev.load_benchmark("gpqa", str(path), seed=0)
-    assert [p["choices"]["ABCD".index(p["gold"])] for p in probs] == [f"right{i}" for i in range(20)]
+    assert [p["choices"]["ABCD".index(p["gold"])] for p in probs] == [
+        f"right{i}" for i in range(20)
+    ]
     assert len({p["gold"] for p in probs}) > 1 and all("D) " in p["prompt"] for p in probs)
     assert ev.load_benchmark("gpqa", str(path), seed=0) == probs
-    assert [p["choices"] for p in ev.load_benchmark("gpqa", str(path), seed=1)] != [p["choices"] for p in probs]
+    assert [p["choices"] for p in ev.load_benchmark("gpqa", str(path), seed=1)] != [
+        p["choices"] for p in probs
+    ]
     rows[3].pop("Incorrect Answer 2")
-    common.write_jsonl(path, rows)
-    with pytest.raises(common.DataError, match=rf"^{path}:4: field 'Incorrect Answer 2': missing"):
+    dataio.write_jsonl(path, rows)
+    with pytest.raises(errors.DataError, match=rf"^{path}:4: field 'Incorrect Answer 2': missing"):
         ev.load_benchmark("gpqa", str(path))
 
 
 def test_gsm8k_math500_olympiadbench_local_files(tmp_path):
-    common.write_jsonl(tmp_path / "g.jsonl", [{"question": "2+3?", "answer": "2+3=5\n#### 5"}])
-    common.write_jsonl(tmp_path / "m.jsonl", [{"problem": "Half?", "solution": "...", "answer": "\\frac12",
-                                               "unique_id": "test/x/1.json"}])
-    common.write_jsonl(tmp_path / "o.jsonl", [{"id": 7, "question": "Find x.", "final_answer": ["$3$"]}])
-    (g,), (m,), (o,) = (ev.load_benchmark(b, str(tmp_path / f)) for b, f in
-                        (("gsm8k", "g.jsonl"), ("math500", "m.jsonl"), ("olympiadbench", "o.jsonl")))
-    assert (g["gold"], m["gold"], m["id"], o["gold"], o["id"]) == ("5", "\\frac12", "test/x/1.json", "$3$", "7")
+    dataio.write_jsonl(tmp_path / "g.jsonl", [{"question": "2+3?", "answer": "2+3=5\n#### 5"}])
+    dataio.write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "problem": "Half?",
+                "solution": "...",
+                "answer": "\\frac12",
+                "unique_id": "test/x/1.json",
+            }
+        ],
+    )
+    dataio.write_jsonl(
+        tmp_path / "o.jsonl", [{"id": 7, "question": "Find x.", "final_answer": ["$3$"]}]
+    )
+    (g,), (m,), (o,) = (
+        ev.load_benchmark(b, str(tmp_path / f))
+        for b, f in (("gsm8k", "g.jsonl"), ("math500", "m.jsonl"), ("olympiadbench", "o.jsonl"))
+    )
+    assert (g["gold"], m["gold"], m["id"], o["gold"], o["id"]) == (
+        "5",
+        "\\frac12",
+        "test/x/1.json",
+        "$3$",
+        "7",
+    )
     assert "\\boxed{}" in m["prompt"] and "####" in g["prompt"]
     assert ev.is_correct("olympiadbench", "\\boxed{3}", o["gold"])
-    with pytest.raises(common.ConfigError, match="unknown benchmark 'aime'"):
+    with pytest.raises(errors.ConfigError, match="unknown benchmark 'aime'"):
         ev.load_benchmark("aime")
 
 
-# ---- runs ------------------------------------------------------------------------------------------------------
+# ---- runs ----------------------------------------------------------------------------------------
 def _summary(out):
     return json.loads((Path(out) / "summary.json").read_text())
 
 
 def test_toy_run_writes_tables_summary_and_samples(tmp_path):
     proc = run_eval(tmp_path / "run", *SMALL)
-    assert "| Arm | Benchmark | Mean@4 |" in proc.stdout and "| think vs base | Macro |" in proc.stdout
+    assert (
+        "| Arm | Benchmark | Mean@4 |" in proc.stdout and "| think vs base | Macro |" in proc.stdout
+    )
     s = _summary(tmp_path / "run")
     r = s["results"]["think"]["benchmarks"]["toy_gsm8k"]
     assert r["problems"] == 6 and r["samples"] == 24 and 0 <= r["mean_at_k"] <= r["pass_at_4"] <= 1
@@ -195,7 +291,9 @@ def test_toy_run_writes_tables_summary_and_samples(tmp_path):
     # the thinking-SFT adapter solves toy GSM8K problems the base does not
     assert r["mean_at_k"] > s["results"]["base"]["benchmarks"]["toy_gsm8k"]["mean_at_k"] + 0.3
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 * 2 * 6 * 4 and all({"extracted", "correct", "finish_reason"} <= set(x) for x in samples)
+    assert len(samples) == 2 * 2 * 6 * 4 and all(
+        {"extracted", "correct", "finish_reason"} <= set(x) for x in samples
+    )
     assert (tmp_path / "run" / "tables.md").is_file()
 
 
@@ -207,38 +305,70 @@ def test_killed_run_reruns_to_the_same_results_without_redrawing(tmp_path):
     assert len(before) == 4 * 2 * 4  # 4 chunks of 2 problems x 4 samples
     run_eval(tmp_path / "cut", *SMALL, calls_log=tmp_path / "cut2.calls")
     after = (tmp_path / "cut" / "generations.jsonl").read_text().splitlines()
-    assert after[:len(before)] == before and len({json.loads(x)["key"] for x in after}) == len(after) == 2 * 2 * 6 * 4
-    assert len((tmp_path / "cut2.calls").read_text().split()) == total_calls - 4  # finished chunks not drawn again
+    assert (
+        after[: len(before)] == before
+        and len({json.loads(x)["key"] for x in after}) == len(after) == 2 * 2 * 6 * 4
+    )
+    assert (
+        len((tmp_path / "cut2.calls").read_text().split()) == total_calls - 4
+    )  # finished chunks not drawn again
     a, b = _summary(tmp_path / "full"), _summary(tmp_path / "cut")
     for arm in ("base", "think"):
         for bench in ("toy_gsm8k", "toy_gpqa"):
             ra, rb = a["results"][arm]["benchmarks"][bench], b["results"][arm]["benchmarks"][bench]
             assert {k: v for k, v in ra.items()} == {k: v for k, v in rb.items()}, (arm, bench)
     first_table = lambda out: (out / "tables.md").read_text().split("\n\n")[0]  # noqa: E731
-    assert first_table(tmp_path / "full") == first_table(tmp_path / "cut") and "| Arm |" in full.stdout
+    assert (
+        first_table(tmp_path / "full") == first_table(tmp_path / "cut") and "| Arm |" in full.stdout
+    )
 
 
 @pytest.mark.slow
 def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp_path):
     port = free_port()
-    flags = ["--arms", f"served=http://127.0.0.1:{port}", "--server-model", str(toy.base_model_dir()),
-             "--benchmarks", "toy_gsm8k", "--limit", "12", "--num-samples", "2", "--max-new-tokens", "24",
-             "--temperature", "1.0", "--concurrency", "1", "--retries", "1", "--timeout", "60"]
+    flags = [
+        "--arms",
+        f"served=http://127.0.0.1:{port}",
+        "--server-model",
+        str(toy.base_model_dir()),
+        "--benchmarks",
+        "toy_gsm8k",
+        "--limit",
+        "12",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "1.0",
+        "--concurrency",
+        "1",
+        "--retries",
+        "1",
+        "--timeout",
+        "60",
+    ]
     out = tmp_path / "srv"
     proc = start_transformers_serve(port)
     try:
         cmd = [sys.executable, "eval_reasoning.py", "--out", str(out), *flags]
-        ev_proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ev_proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         cache = out / "generations.jsonl"
         deadline = time.time() + 240
         while not (cache.is_file() and len(cache.read_text().splitlines()) >= 4):
-            assert ev_proc.poll() is None and time.time() < deadline, ev_proc.communicate()[0][-3000:]
+            assert ev_proc.poll() is None and time.time() < deadline, ev_proc.communicate()[0][
+                -3000:
+            ]
             time.sleep(0.2)
     finally:
         stop_server(proc)
     log = ev_proc.communicate(timeout=300)[0]
     assert ev_proc.returncode == 2, log[-3000:]
-    assert "request(s) failed after their retries" in log and "connection refused" in log, log[-3000:]
+    assert "request(s) failed after their retries" in log and "connection refused" in log, log[
+        -3000:
+    ]
     kept = cache.read_text().splitlines()
     assert 4 <= len(kept) < 24
     rows = [json.loads(x) for x in kept]
@@ -250,13 +380,18 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
         stop_server(proc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     final = cache.read_text().splitlines()
-    assert final[:len(kept)] == kept and len({json.loads(x)["key"] for x in final}) == len(final) == 24
+    assert (
+        final[: len(kept)] == kept
+        and len({json.loads(x)["key"] for x in final}) == len(final) == 24
+    )
     r = _summary(out)["results"]["served"]["benchmarks"]["toy_gsm8k"]
     assert r["samples"] == 24 and r["problems"] == 12
     texts = {}
     for x in map(json.loads, final):
         texts.setdefault(x["problem"], set()).add(x["text"])
-    assert any(len(t) > 1 for t in texts.values())  # samples at T=1 differ: the server did not decode greedily
+    assert any(
+        len(t) > 1 for t in texts.values()
+    )  # samples at T=1 differ: the server did not decode greedily
 
 
 def test_likelihood_suite_from_the_cli(tmp_path):
@@ -267,12 +402,18 @@ def test_likelihood_suite_from_the_cli(tmp_path):
     assert math.isfinite(lik["toy_lambada"]["perplexity"])
 
 
-@pytest.mark.parametrize("flags,start", [
-    (["--benchmarks", "aime"], "error: --benchmarks: unknown benchmark 'aime'"),
-    (["--arms", "justaname"], "error: --arms 'justaname': each arm is name=spec"),
-    (["--compare", "x-base"], "error: --compare 'x-base': arms are base, think"),
-    (["--benchmarks", "gsm8k", "--data", "gsm8k=missing.jsonl"], "error: missing.jsonl: no such file"),
-])
+@pytest.mark.parametrize(
+    "flags,start",
+    [
+        (["--benchmarks", "aime"], "error: --benchmarks: unknown benchmark 'aime'"),
+        (["--arms", "justaname"], "error: --arms 'justaname': each arm is name=spec"),
+        (["--compare", "x-base"], "error: --compare 'x-base': arms are base, think"),
+        (
+            ["--benchmarks", "gsm8k", "--data", "gsm8k=missing.jsonl"],
+            "error: missing.jsonl: no such file",
+        ),
+    ],
+)
 def test_bad_flags_are_one_line(tmp_path, flags, start):
     proc = run_eval(tmp_path / "bad", *flags, expect=2)
     lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("error:")]
@@ -290,10 +431,10 @@ def test_arms_are_written_out_with_their_lineage_and_the_init_adapter(tmp_path):
     assert arms == {"base": "", "rl": f"{sft}+{rl}", "both": f"{sft}+{rl}"}
     arms = ev.with_lineages({"base": "", "rl": str(rl)}, fmt)
     assert arms == {"base": fmt, "rl": f"{fmt}+{sft}+{rl}"}
-    with pytest.raises(common.ConfigError, match="server"):
+    with pytest.raises(errors.ConfigError, match="server"):
         ev.with_lineages({"srv": "http://127.0.0.1:1"}, fmt)
     (rl / "args.json").write_text(json.dumps({"init_adapter": str(tmp_path / "gone")}))
-    with pytest.raises(common.MissingError, match="gone"):
+    with pytest.raises(errors.MissingError, match="gone"):
         ev.with_lineages({"rl": str(rl)}, "")
 
 
@@ -301,7 +442,9 @@ def test_auto_arms_take_toy_runs_that_have_their_args(tmp_path, monkeypatch):
     import shutil
 
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(toy.SFT_FORMATS_DIR, tmp_path / "runs" / "sft_think")  # adapter weights, no args.json
+    shutil.copytree(
+        toy.SFT_FORMATS_DIR, tmp_path / "runs" / "sft_think"
+    )  # adapter weights, no args.json
     shutil.copytree(toy.SFT_FORMATS_DIR, tmp_path / "runs" / "grpo")
     (tmp_path / "runs" / "grpo" / "args.json").write_text(json.dumps({"model": "toy"}))
     arms = ev.resolve_arms("auto", "toy")

@@ -1,22 +1,29 @@
-"""judges.py's logprob verdicts: the answer token in each vocabulary (toy characters, Qwen3, SmolLM2), the verdict
-math, one batched forward per prompt on a tiny random model, both orders, invalid counting, the cache, and a real
-pretrained judge (SmolLM2-135M-Instruct) in process: every verdict on ordinary text is a probability."""
+"""judges.py's logprob verdicts: the answer token in each vocabulary (toy characters, Qwen3,
+SmolLM2), the verdict math, one batched forward per prompt on a tiny random model, both orders,
+invalid counting, the cache, and a real pretrained judge (SmolLM2-135M-Instruct) in process: every
+verdict on ordinary text is a probability."""
+
 import pytest
 import torch
+from conftest import qwen3_tokenizer_dir
 from transformers import AutoTokenizer
 
-import common
+import errors
 import judges
+import loading
 import toy
-from conftest import qwen3_tokenizer_dir
 
 CHAT = [{"role": "user", "content": "Which continuation is better?"}]
 
 
 def _smollm2(what: str):
     try:
-        return common.load_tokenizer("smollm2") if what == "tokenizer" else common.load_model("smollm2")
-    except common.MissingError as e:
+        return (
+            loading.load_tokenizer("smollm2")
+            if what == "tokenizer"
+            else loading.load_model("smollm2")
+        )
+    except errors.MissingError as e:
         pytest.skip(str(e))
 
 
@@ -31,36 +38,56 @@ def tiny():
 
 @pytest.mark.parametrize("vocab", ["toy", "qwen3", "smollm2"])
 def test_the_answer_is_one_token_read_right_after_the_prefix(vocab):
-    tok = {"toy": toy.load_tokenizer, "qwen3": lambda: AutoTokenizer.from_pretrained(qwen3_tokenizer_dir()),
-           "smollm2": lambda: _smollm2("tokenizer")}[vocab]()
+    tok = {
+        "toy": toy.load_tokenizer,
+        "qwen3": lambda: AutoTokenizer.from_pretrained(qwen3_tokenizer_dir()),
+        "smollm2": lambda: _smollm2("tokenizer"),
+    }[vocab]()
     text = judges.LocalJudge(None, tok)._text(CHAT)
-    for prefix, choices in ((judges.PAIRWISE_ANSWER_PREFIX, ["1", "2"]),
-                            (judges.POINTWISE_ANSWER_PREFIX, [str(s) for s in range(1, 10)])):
+    for prefix, choices in (
+        (judges.PAIRWISE_ANSWER_PREFIX, ["1", "2"]),
+        (judges.POINTWISE_ANSWER_PREFIX, [str(s) for s in range(1, 10)]),
+    ):
         (read,), (options,) = judges._answer_split(tok, [text], prefix, choices)
         assert len(set(options)) == len(choices)
-        for c, o in zip(choices, options):  # the read ids and the option token spell text + prefix + choice
+        for c, o in zip(
+            choices, options
+        ):  # the read ids and the option token spell text + prefix + choice
             assert tok.decode(read + [o]) == text + prefix + c
             assert tok.decode([o]).strip() == c
 
 
 def test_an_answer_of_several_tokens_is_a_clear_error():
     tok = toy.load_tokenizer()  # characters: "10" is two tokens
-    with pytest.raises(common.ConfigError, match=r"^--judge-verdict logprobs: .* not one token each"):
+    with pytest.raises(
+        errors.ConfigError, match=r"^--judge-verdict logprobs: .* not one token each"
+    ):
         judges._answer_split(tok, ["x"], "Score: ", ["1", "10"])
 
 
 def test_verdict_math_and_the_mass_floor():
     assert judges.option_probability([0.3, 0.1]) == pytest.approx(0.75)
-    assert judges.option_probability([4e-4, 5e-4]) is None  # "1" and "2" carry < 1e-3: invalid, never 1/2
-    assert judges.expected_score([0.0] * 8 + [0.5]) == 1.0 and judges.expected_score([0.2] + [0.0] * 8) == 0.0
+    assert (
+        judges.option_probability([4e-4, 5e-4]) is None
+    )  # "1" and "2" carry < 1e-3: invalid, never 1/2
+    assert (
+        judges.expected_score([0.0] * 8 + [0.5]) == 1.0
+        and judges.expected_score([0.2] + [0.0] * 8) == 0.0
+    )
     assert judges.expected_score([0.1] * 9) == pytest.approx(0.5)
-    assert judges.expected_score([0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0]) == pytest.approx((3.25 - 1) / 8)  # E = (2 x .3 + 7 x .1) / .4
+    assert judges.expected_score([0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0]) == pytest.approx(
+        (3.25 - 1) / 8
+    )  # E = (2 x .3 + 7 x .1) / .4
     assert judges.expected_score([1e-4] * 9) is None
 
 
 def test_next_token_probs_batched_equals_one_by_one(tiny):
     model, tok = tiny
-    rows = [tok("Hello there, Option ")["input_ids"], tok("Hi")["input_ids"], tok("A longer text, Score: ")["input_ids"]]
+    rows = [
+        tok("Hello there, Option ")["input_ids"],
+        tok("Hi")["input_ids"],
+        tok("A longer text, Score: ")["input_ids"],
+    ]
     options = [[tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")]] * 3
     batched = judges.next_token_probs(model, rows, options, tok.pad_token_id, batch_size=2)
     for row, opts, got in zip(rows, options, batched):
@@ -71,50 +98,81 @@ def test_next_token_probs_batched_equals_one_by_one(tiny):
 
 def test_logprob_judge_on_a_tiny_model_both_orders_counts_and_cache(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    judge = judges.LocalJudge(model, tok, batch_size=3, verdict="logprobs",
-                              cache=judges.VerdictCache(tmp_path / "cache.jsonl"))
+    judge = judges.LocalJudge(
+        model,
+        tok,
+        batch_size=3,
+        verdict="logprobs",
+        cache=judges.VerdictCache(tmp_path / "cache.jsonl"),
+    )
     seen = []
     ask = judge.choice_probs
-    monkeypatch.setattr(judge, "choice_probs", lambda convs, *a: seen.extend(convs) or ask(convs, *a))
-    prefixes, a, b = ["The fox ran.", "Rain fell."], ["It was fast.", "It was wet."], ["zzzz", "qq q"]
+    monkeypatch.setattr(
+        judge, "choice_probs", lambda convs, *a: seen.extend(convs) or ask(convs, *a)
+    )
+    prefixes, a, b = (
+        ["The fox ran.", "Rain fell."],
+        ["It was fast.", "It was wet."],
+        ["zzzz", "qq q"],
+    )
     ordered = judge.prefer_ordered(prefixes * 2, a + b, b + a)
     assert all(0.0 <= v <= 1.0 for v in ordered) and (judge.calls, judge.invalid) == (4, 0)
     both = judge.prefer(prefixes, a, b)  # both orders, averaged: position bias cancels
     assert both == pytest.approx([(ordered[i] + 1 - ordered[i + 2]) / 2 for i in range(2)])
-    assert seen[4][0]["content"].index("It was fast.") < seen[4][0]["content"].index("zzzz")  # (a, b) first ...
-    assert seen[6][0]["content"].index("zzzz") < seen[6][0]["content"].index("It was fast.")  # ... then (b, a)
+    assert seen[4][0]["content"].index("It was fast.") < seen[4][0]["content"].index(
+        "zzzz"
+    )  # (a, b) first ...
+    assert seen[6][0]["content"].index("zzzz") < seen[6][0]["content"].index(
+        "It was fast."
+    )  # ... then (b, a)
     scores = judge.score(["Reverse the letters of: abc", "Sort: 3 1 2"], ["cba", "1 2 3"])
     assert all(0.0 <= s <= 1.0 for s in scores) and (judge.calls, judge.invalid) == (10, 0)
-    assert "an integer from 1 to 9" in seen[-1][-1]["content"]  # the scale the logprob verdict can read
+    assert (
+        "an integer from 1 to 9" in seen[-1][-1]["content"]
+    )  # the scale the logprob verdict can read
     # the cache replays every verdict without a forward pass
-    again = judges.LocalJudge(None, tok, verdict="logprobs", cache=judges.VerdictCache(tmp_path / "cache.jsonl"))
+    again = judges.LocalJudge(
+        None, tok, verdict="logprobs", cache=judges.VerdictCache(tmp_path / "cache.jsonl")
+    )
     assert again.prefer(prefixes, a, b) == pytest.approx(both) and again.cache.hits == 4
     # answer tokens with almost no probability: invalid, counted, never guessed
     monkeypatch.setattr(judges, "MIN_VERDICT_MASS", 2.0)
     fresh = judges.LocalJudge(model, tok, verdict="logprobs")
-    assert fresh.prefer_ordered(prefixes, a, b) == [None, None] and (fresh.calls, fresh.invalid) == (2, 2)
+    assert fresh.prefer_ordered(prefixes, a, b) == [None, None] and (
+        fresh.calls,
+        fresh.invalid,
+    ) == (2, 2)
     assert fresh.score(prefixes, a) == [None, None] and fresh.invalid == 4
 
 
 def test_make_judge_verdict_modes():
-    assert isinstance(judges.make_judge("toy", verdict="logprobs"), judges.CountedJudge)  # a program: no verdict mode
-    with pytest.raises(common.ConfigError, match=r"^--judge-verdict logprobs: a server judge"):
+    assert isinstance(
+        judges.make_judge("toy", verdict="logprobs"), judges.CountedJudge
+    )  # a program: no verdict mode
+    with pytest.raises(errors.ConfigError, match=r"^--judge-verdict logprobs: a server judge"):
         judges.make_judge("http://127.0.0.1:9", verdict="logprobs")
-    assert isinstance(judges.make_judge("http://127.0.0.1:9"), judges.HTTPJudge)  # auto: a server generates
-    with pytest.raises(common.ConfigError, match=r"^--judge-verdict 'maybe'"):
+    assert isinstance(
+        judges.make_judge("http://127.0.0.1:9"), judges.HTTPJudge
+    )  # auto: a server generates
+    with pytest.raises(errors.ConfigError, match=r"^--judge-verdict 'maybe'"):
         judges.make_judge("toy", verdict="maybe")
 
 
 def test_smollm2_in_process_judge_always_gives_a_verdict():
-    """SmolLM2-135M-Instruct mostly fails to end a generated verdict as asked; read from logprobs, every verdict on
-    ordinary text is a valid probability."""
+    """SmolLM2-135M-Instruct mostly fails to end a generated verdict as asked; read from logprobs,
+    every verdict on ordinary text is a valid probability."""
     _smollm2("tokenizer")
     judge = judges.make_judge("smollm2", pairwise=True, device="cpu")
     assert isinstance(judge, judges.LocalJudge) and judge.verdict == "logprobs"
     prefixes = ["The river runs past the old mill.", "Ada opened the shop at nine."]
-    firsts, seconds = [" Its wheel turns all day.", " She sold bread."], [" Purple sleeps loudly.", " zzz qqq"]
+    firsts, seconds = (
+        [" Its wheel turns all day.", " She sold bread."],
+        [" Purple sleeps loudly.", " zzz qqq"],
+    )
     res = judges.full_pairwise(judge, prefixes, [[x, y] for x, y in zip(firsts, seconds)])
     assert (judge.calls, judge.invalid) == (4, 0)  # 2 pairs x both orders
     assert all(r.invalid_pairs == 0 and all(0.0 <= s <= 1.0 for s in r.scores) for r in res)
-    scores = judge.score(["What is the capital of France?", "Name a fruit."], ["Paris.", "An apple."])
+    scores = judge.score(
+        ["What is the capital of France?", "Name a fruit."], ["Paris.", "An apple."]
+    )
     assert all(s is not None and 0.0 <= s <= 1.0 for s in scores) and judge.invalid == 0

@@ -13,6 +13,7 @@ Tolerances (|got - want| <= rtol * |want| + atol * max|want|, elementwise):
 - gradients, fp32 inputs: rtol 1e-4, atol 1e-5; gradients stored in bf16 (the input dtype):
   rtol 1e-2, atol 4e-3 (bf16 keeps 8 bits: 2^-8 = 3.9e-3 relative).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ TOL_VALUE = (2e-5, 2e-5)
 TOL_GRAD = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1e-2, 4e-3)}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # float64 oracles: the textbook formulas on the whole [N, V], autograd for gradients
 
 
@@ -61,7 +62,7 @@ def oracle_gjsd(zs, zt, beta, temperature):
     return beta * (p * (lt - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # cases
 
 
@@ -72,37 +73,106 @@ def _cases():
             for t in (1.0, 0.7):
                 for ent in (False, True):
                     cases.append(dict(op="token", v=v, shape=(2, 3), dtype=dtype, t=t, ent=ent))
-    cases.append(dict(op="token", v=1000, shape=(7,), dtype="float32", t=1.0, ent=True, special=True))
-    cases.append(dict(op="token", v=1000, shape=(5,), dtype="float32", t=0.7, ent=True, ent_only=True))
+    cases.append(
+        dict(op="token", v=1000, shape=(7,), dtype="float32", t=1.0, ent=True, special=True)
+    )
+    cases.append(
+        dict(op="token", v=1000, shape=(5,), dtype="float32", t=0.7, ent=True, ent_only=True)
+    )
     for dtype in ("float32", "bfloat16"):
         cases.append(dict(op="token", v=QWEN_V, shape=(2,), dtype=dtype, t=0.7, ent=True))
-    for v, dtype, t, ent, wgrad in [(37, "float32", 1.0, True, True), (1000, "float32", 0.7, False, True),
-                                    (5000, "float32", 0.7, True, False), (1000, "bfloat16", 1.0, True, True),
-                                    (5000, "bfloat16", 0.7, False, False), (37, "float32", 0.7, False, False),
-                                    (QWEN_V, "float32", 0.7, True, True)]:
+    for v, dtype, t, ent, wgrad in [
+        (37, "float32", 1.0, True, True),
+        (1000, "float32", 0.7, False, True),
+        (5000, "float32", 0.7, True, False),
+        (1000, "bfloat16", 1.0, True, True),
+        (5000, "bfloat16", 0.7, False, False),
+        (37, "float32", 0.7, False, False),
+        (QWEN_V, "float32", 0.7, True, True),
+    ]:
         n = 3 if v == QWEN_V else 10
-        cases.append(dict(op="linear", v=v, n=n, h=8, chunk=2 if v == QWEN_V else 4, dtype=dtype, t=t, ent=ent,
-                          wgrad=wgrad))
-    for wgrad in (True, False):  # only the entropy reaches the loss: logp's incoming gradient is None
-        cases.append(dict(op="linear", v=1000, n=7, h=8, chunk=3, dtype="float32", t=0.7, ent=True, wgrad=wgrad,
-                          ent_only=True))
-    # weight_grad_rows: k <= H rows (gradient kept from forward) and k > H rows (recomputed in backward)
+        cases.append(
+            dict(
+                op="linear",
+                v=v,
+                n=n,
+                h=8,
+                chunk=2 if v == QWEN_V else 4,
+                dtype=dtype,
+                t=t,
+                ent=ent,
+                wgrad=wgrad,
+            )
+        )
+    for wgrad in (
+        True,
+        False,
+    ):  # only the entropy reaches the loss: logp's incoming gradient is None
+        cases.append(
+            dict(
+                op="linear",
+                v=1000,
+                n=7,
+                h=8,
+                chunk=3,
+                dtype="float32",
+                t=0.7,
+                ent=True,
+                wgrad=wgrad,
+                ent_only=True,
+            )
+        )
+    # weight_grad_rows: k <= H rows (gradient kept from forward) and k > H rows (recomputed in
+    # backward)
     for v, dtype, t, ent, k, ent_only in [
-            (1000, "float32", 0.7, False, 3, False), (1000, "float32", 1.0, True, 3, False),
-            (1000, "bfloat16", 0.7, True, 12, False), (5000, "float32", 0.7, False, 12, False),
-            (1000, "float32", 0.7, True, 3, True), (QWEN_V, "float32", 0.7, False, 4, False)]:
+        (1000, "float32", 0.7, False, 3, False),
+        (1000, "float32", 1.0, True, 3, False),
+        (1000, "bfloat16", 0.7, True, 12, False),
+        (5000, "float32", 0.7, False, 12, False),
+        (1000, "float32", 0.7, True, 3, True),
+        (QWEN_V, "float32", 0.7, False, 4, False),
+    ]:
         n = 3 if v == QWEN_V else 10
-        cases.append(dict(op="linear", v=v, n=n, h=8, chunk=2 if v == QWEN_V else 4, dtype=dtype, t=t, ent=ent,
-                          wgrad=True, rows=k, **({"ent_only": True} if ent_only else {})))
+        cases.append(
+            dict(
+                op="linear",
+                v=v,
+                n=n,
+                h=8,
+                chunk=2 if v == QWEN_V else 4,
+                dtype=dtype,
+                t=t,
+                ent=ent,
+                wgrad=True,
+                rows=k,
+                **({"ent_only": True} if ent_only else {}),
+            )
+        )
     for v in (37, 1000, 5000):
         for beta in (0.0, 0.5, 1.0, 0.1):
             for dtype, t in (("float32", 1.0), ("bfloat16", 0.7)):
                 cases.append(dict(op="jsd", v=v, n=5, beta=beta, dtype=dtype, t=t))
     cases.append(dict(op="jsd", v=QWEN_V, n=2, beta=0.5, dtype="bfloat16", t=0.9))
-    for v, beta, dtype, wgrad in [(1000, 0.5, "float32", True), (5000, 0.0, "float32", False),
-                                  (37, 1.0, "bfloat16", True), (1000, 0.3, "bfloat16", False)]:
-        cases.append(dict(op="linear_jsd", v=v, n=9, hs=8, ht=12, chunk=4, beta=beta, dtype=dtype, t=0.8,
-                          wgrad=wgrad))
+    for v, beta, dtype, wgrad in [
+        (1000, 0.5, "float32", True),
+        (5000, 0.0, "float32", False),
+        (37, 1.0, "bfloat16", True),
+        (1000, 0.3, "bfloat16", False),
+    ]:
+        cases.append(
+            dict(
+                op="linear_jsd",
+                v=v,
+                n=9,
+                hs=8,
+                ht=12,
+                chunk=4,
+                beta=beta,
+                dtype=dtype,
+                t=0.8,
+                wgrad=wgrad,
+            )
+        )
     for c in cases:
         c["id"] = "-".join(f"{k}={v}" for k, v in c.items())
     return cases
@@ -119,8 +189,10 @@ def _close(name, got, want, tol):
     err = (got - want).abs()
     bound = rtol * want.abs() + atol * max(scale, 1e-12)
     bad = ~(err <= bound)
-    assert not bad.any(), (f"{name}: max error {err.max().item():.3g} (bound {bound[bad].min().item():.3g} "
-                           f"at a failing element, scale {scale:.3g})")
+    assert not bad.any(), (
+        f"{name}: max error {err.max().item():.3g} (bound {bound[bad].min().item():.3g} "
+        f"at a failing element, scale {scale:.3g})"
+    )
 
 
 def check_case(case, api):
@@ -145,7 +217,9 @@ def check_case(case, api):
         o_logp, o_ent = oracle_token_logprobs(zz, tgt, case["t"])
         assert logp.dtype == torch.float32
         _close("logp", logp, o_logp, TOL_VALUE)
-        g = torch.randn(shape, generator=gen, dtype=torch.float64) * (0.0 if case.get("ent_only") else 1.0)
+        g = torch.randn(shape, generator=gen, dtype=torch.float64) * (
+            0.0 if case.get("ent_only") else 1.0
+        )
         loss, o_loss = (logp.double() * g).sum(), (o_logp * g).sum()
         if case.get("ent_only"):
             loss = 0.0
@@ -167,13 +241,25 @@ def check_case(case, api):
             k = case["rows"]
             rows = torch.cat([tgt[:2], torch.randint(0, v, (k - 2,), generator=gen)])
             rows[-1] = rows[0]
-        out = api.linear_token_logprobs(hid, w, tgt, temperature=case["t"], return_entropy=case["ent"],
-                                        chunk_size=case["chunk"], weight_grad_rows=rows)
+        out = api.linear_token_logprobs(
+            hid,
+            w,
+            tgt,
+            temperature=case["t"],
+            return_entropy=case["ent"],
+            chunk_size=case["chunk"],
+            weight_grad_rows=rows,
+        )
         logp, ent = out if case["ent"] else (out, None)
-        hh, ww = hid.detach().double().requires_grad_(True), w.detach().double().requires_grad_(case["wgrad"])
+        hh, ww = (
+            hid.detach().double().requires_grad_(True),
+            w.detach().double().requires_grad_(case["wgrad"]),
+        )
         o_logp, o_ent = oracle_token_logprobs(hh @ ww.T, tgt, case["t"])
         _close("logp", logp, o_logp, TOL_VALUE)
-        g = torch.randn(n, generator=gen, dtype=torch.float64) * (0.0 if case.get("ent_only") else 1.0)
+        g = torch.randn(n, generator=gen, dtype=torch.float64) * (
+            0.0 if case.get("ent_only") else 1.0
+        )
         loss, o_loss = (logp.double() * g).sum(), (o_logp * g).sum()
         if case.get("ent_only"):
             loss = 0.0
@@ -186,7 +272,9 @@ def check_case(case, api):
         _close("dhidden", hid.grad, hh.grad, grad_tol)
         if case["wgrad"] and rows is None:
             _close("dweight", w.grad, ww.grad, grad_tol)
-        elif case["wgrad"]:  # the full gradient on the selected rows, exactly zero on every other row
+        elif case[
+            "wgrad"
+        ]:  # the full gradient on the selected rows, exactly zero on every other row
             assert w.grad.dtype == dtype and w.grad.shape == w.shape
             _close("dweight[rows]", w.grad[rows], ww.grad[rows], grad_tol)
             others = torch.ones(v, dtype=torch.bool)
@@ -207,12 +295,20 @@ def check_case(case, api):
     elif op == "linear_jsd":
         n, v = case["n"], case["v"]
         hs = torch.randn(n, case["hs"], generator=gen).to(dtype).requires_grad_(True)
-        ws = (torch.randn(v, case["hs"], generator=gen) * 0.5).to(dtype).requires_grad_(case["wgrad"])
+        ws = (
+            (torch.randn(v, case["hs"], generator=gen) * 0.5)
+            .to(dtype)
+            .requires_grad_(case["wgrad"])
+        )
         ht = torch.randn(n, case["ht"], generator=gen).to(dtype)
         wt = (torch.randn(v, case["ht"], generator=gen) * 0.5).to(dtype)
-        jsd = api.linear_generalized_jsd(hs, ws, ht, wt, beta=case["beta"], temperature=case["t"],
-                                         chunk_size=case["chunk"])
-        h2, w2 = hs.detach().double().requires_grad_(True), ws.detach().double().requires_grad_(case["wgrad"])
+        jsd = api.linear_generalized_jsd(
+            hs, ws, ht, wt, beta=case["beta"], temperature=case["t"], chunk_size=case["chunk"]
+        )
+        h2, w2 = (
+            hs.detach().double().requires_grad_(True),
+            ws.detach().double().requires_grad_(case["wgrad"]),
+        )
         o_jsd = oracle_gjsd(h2 @ w2.T, ht.double() @ wt.double().T, case["beta"], case["t"])
         _close("jsd", jsd, o_jsd, TOL_VALUE)
         g = torch.randn(n, generator=gen, dtype=torch.float64)
@@ -225,7 +321,7 @@ def check_case(case, api):
         raise ValueError(op)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the PyTorch reference (this process)
 
 
@@ -241,8 +337,8 @@ SLICED = [c for c in CASES if c["op"] in ("token", "jsd", "linear_jsd") and c.ge
 
 @pytest.mark.parametrize("case", SLICED, ids=[c["id"] for c in SLICED])
 def test_reference_row_slicing(case, monkeypatch):
-    # The reference walks given logits in slices of ROW_CHUNK_ELEMS elements (2^24 by default, more than
-    # these small cases ever reach): force 3-row slices with a ragged last slice.
+    # The reference walks given logits in slices of ROW_CHUNK_ELEMS elements (2^24 by default, more
+    # than these small cases ever reach): force 3-row slices with a ragged last slice.
     from vocab_kernels import reference
 
     monkeypatch.setattr(reference, "ROW_CHUNK_ELEMS", 3 * case["v"])
@@ -258,22 +354,35 @@ def test_dispatch_uses_reference_for_cpu_without_interpreter():
 
 
 def test_import_is_cheap_and_shadows_nothing():
-    # Importing our package must not import triton. And it must not shadow a PyPI package: transformers
-    # (5.25+) imports the PyPI `kernels` package whenever a model module loads, with the repo root on
-    # sys.path as it is for every script here (a package of ours called `kernels` broke that).
-    code = ("import sys, vocab_kernels\nassert 'triton' not in sys.modules, 'triton imported eagerly'\n"
-            "from transformers import Qwen3ForCausalLM\nprint('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Importing our package must not import triton. And it must not shadow a PyPI package:
+    # transformers (5.25+) imports the PyPI `kernels` package whenever a model module loads, with
+    # the repo root on sys.path as it is for every script here (a package of ours called `kernels`
+    # broke that).
+    code = (
+        "import sys, vocab_kernels\nassert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "from transformers import Qwen3ForCausalLM\nprint('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpreter-worker"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interpreter-worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    assert out.returncode == 0 and lines, f"interpreter worker failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0 and lines, (
+        f"interpreter worker failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return json.loads(lines[-1])
 
 
@@ -282,7 +391,8 @@ def test_interpreter_dispatches_to_triton(interpreter_results):
 
 
 def test_interpreter_warns_once_for_cuda_tensors(interpreter_results):
-    # TRITON_INTERPRET=1 with CUDA tensors: the kernels run on the host, far slower; said once per process
+    # TRITON_INTERPRET=1 with CUDA tensors: the kernels run on the host, far slower; said once per
+    # process
     warned = interpreter_results["__cuda_warnings__"]
     assert len(warned) == 1 and "interpreter" in warned[0], warned
 
@@ -310,7 +420,9 @@ def _interpreter_worker():
         warnings.simplefilter("always")
         for _ in range(3):
             vocab_kernels._backend(_CudaLike(), None)
-    results["__cuda_warnings__"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    results["__cuda_warnings__"] = [
+        str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
+    ]
     for case in CASES:
         try:
             check_case(case, vocab_kernels)  # the public API, which dispatches to Triton here
@@ -320,28 +432,36 @@ def _interpreter_worker():
     print(json.dumps(results))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the compiler: every kernel variant compiles for an H100 (sm_90), no GPU needed. The interpreter
 # accepts code the compiler rejects (a non-constexpr global, for one), so this runs here too.
 #
-# It compiles the specialisations that run at Qwen's vocabulary, not a hand-written signature: Triton
-# specialises each launch on its arguments (triton/runtime/jit.py): an int is i32 when it fits in 32 bits
-# (else i64), becomes a constant when it equals 1, and is marked divisible by 16 (tt.divisibility) when it
-# is; a pointer is marked when its address is 16-byte aligned. V = 151,936 = 16 x 9,496, so the vocab
-# size and every row stride there are i32 with the divisibility hint (vectorised loads), unlike a toy V.
-# The worker records the launches the public functions make (kernels replaced by recorders, inputs at
-# V = 151,936 on the host, the GEMM dtype as on CUDA), specialises each argument with Triton's own rule
-# and compiles each distinct specialisation.
+# It compiles the specialisations that run at Qwen's vocabulary, not a hand-written signature:
+# Triton specialises each launch on its arguments (triton/runtime/jit.py): an int is i32 when it
+# fits in 32 bits (else i64), becomes a constant when it equals 1, and is marked divisible by 16
+# (tt.divisibility) when it is; a pointer is marked when its address is 16-byte aligned. V = 151,936
+# = 16 x 9,496, so the vocab size and every row stride there are i32 with the divisibility hint
+# (vectorised loads), unlike a toy V. The worker records the launches the public functions make
+# (kernels replaced by recorders, inputs at V = 151,936 on the host, the GEMM dtype as on CUDA),
+# specialises each argument with Triton's own rule and compiles each distinct specialisation.
 
 
 def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--compile-worker"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--compile-worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if "SKIP:" in out.stdout:
         pytest.skip(out.stdout.split("SKIP:", 1)[1].strip())
-    assert out.returncode == 0 and "compiled" in out.stdout, f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert out.returncode == 0 and "compiled" in out.stdout, (
+        f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    )
 
 
 def _record_qwen_launches(tk):
@@ -363,11 +483,17 @@ def _record_qwen_launches(tk):
     try:
         for n in names:
             setattr(tk, n, Recorder(saved[n]))
-        # the fused-linear ops' logits buffer in the inputs' dtype, as on CUDA (fp32 on the host otherwise)
+        # the fused-linear ops' logits buffer in the inputs' dtype, as on CUDA (fp32 on the host
+        # otherwise)
         chunked._mm_dtype = lambda h, w: torch.promote_types(h.dtype, w.dtype)
         gen = torch.Generator().manual_seed(0)
-        v, n, hid = QWEN_V, 8, 16  # 2 chunks of 4 rows: the second chunk's per-row slices start off row 0
+        v, n, hid = (
+            QWEN_V,
+            8,
+            16,
+        )  # 2 chunks of 4 rows: the second chunk's per-row slices start off row 0
         for dt in (torch.bfloat16, torch.float32):
+
             def randn(*shape, grad=True):
                 return torch.randn(*shape, generator=gen).to(dt).requires_grad_(grad)
 
@@ -380,9 +506,15 @@ def _record_qwen_launches(tk):
             h, w = randn(n, hid), randn(v, hid)
             lp, ent = tk.linear_token_logprobs(h, w, tgt, 0.7, True, chunk_size=4)
             (lp.sum() + ent.sum()).backward()
-            tk.linear_token_logprobs(h, w, tgt, chunk_size=4, weight_grad_rows=tgt[:3]).sum().backward()
+            tk.linear_token_logprobs(
+                h, w, tgt, chunk_size=4, weight_grad_rows=tgt[:3]
+            ).sum().backward()
             tk.linear_token_logprobs(h, w.detach(), tgt, chunk_size=4).sum().backward()
-            zt, ht, wt = randn(n, v, grad=False), randn(n, hid, grad=False), randn(v, hid, grad=False)
+            zt, ht, wt = (
+                randn(n, v, grad=False),
+                randn(n, hid, grad=False),
+                randn(v, hid, grad=False),
+            )
             for beta, t in ((0.0, 1.0), (1.0, 0.9), (0.5, 1.0)):
                 tk.generalized_jsd(z, zt, beta, t).sum().backward()
                 tk.linear_generalized_jsd(h, w, ht, wt, beta, t, chunk_size=4).sum().backward()
@@ -410,7 +542,9 @@ def _compile_worker():
     backend = make_backend(target)
     variants = {}
     for fn, args, kwargs in _record_qwen_launches(tk):
-        bound = dict(zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k in fn.arg_names})
+        bound = dict(
+            zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k in fn.arg_names}
+        )
         options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
         signature, constexprs, attrs = {}, {}, {}
         for i, param in enumerate(fn.params):  # what JITFunction.run does for a launch (Triton 3.x)
@@ -418,8 +552,13 @@ def _compile_worker():
             if param.is_constexpr:
                 ty, spec = "constexpr", ""
             else:
-                ty, spec = native_specialize_impl(backend, value, param.is_const, not param.do_not_specialize,
-                                                  not param.do_not_specialize_on_alignment)
+                ty, spec = native_specialize_impl(
+                    backend,
+                    value,
+                    param.is_const,
+                    not param.do_not_specialize,
+                    not param.do_not_specialize_on_alignment,
+                )
             signature[param.name] = ty
             if ty == "constexpr":
                 constexprs[param.name], spec = value, ""
@@ -428,8 +567,13 @@ def _compile_worker():
         hinted = {name for i, name in enumerate(fn.arg_names) if attrs.get((i,))}
         assert signature["V"] == "i32" and "V" in hinted, (fn.__name__, signature, attrs)
         assert {a for a in fn.arg_names if a.endswith("stride")} <= hinted, (fn.__name__, hinted)
-        key = (fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
-               repr(sorted(options.items())))
+        key = (
+            fn.__name__,
+            tuple(signature.items()),
+            repr(sorted(constexprs.items())),
+            repr(sorted(attrs.items())),
+            repr(sorted(options.items())),
+        )
         variants[key] = (fn, signature, constexprs, attrs, options)
     for fn, signature, constexprs, attrs, options in variants.values():
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -443,19 +587,39 @@ def _compile_worker():
     print("compiled", len(variants), "kernel specialisations for sm_90 at V =", QWEN_V)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the benchmark script
 
 
 def test_kernels_bench_runs_as_a_script_from_anywhere(tmp_path):
-    # bench/kernels_bench.py puts the repository root on sys.path itself; each measurement is a subprocess of it
+    # bench/kernels_bench.py puts the repository root on sys.path itself; each measurement is a
+    # subprocess of it
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels_bench.py"), "--only", "generalized_jsd",
-                           "--vocab", "64", "--jsd-rows", "8", "--device", "cpu", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "kernels_bench.py"),
+            "--only",
+            "generalized_jsd",
+            "--vocab",
+            "64",
+            "--jsd-rows",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert [r["spec"]["impl"] for r in rows] == ["naive", "ours"] and not any("error" in r for r in rows)
+    assert [r["spec"]["impl"] for r in rows] == ["naive", "ours"] and not any(
+        "error" in r for r in rows
+    )
     assert rows[1]["max_abs_err"] < 1e-2 and rows[1]["wrong"] == [] and "check_error" not in rows[1]
     assert "python bench/kernels_bench.py" in (out / "bench.md").read_text()
 
@@ -466,8 +630,19 @@ def test_kernels_bench_checks_each_side_and_looks_peaks_up_by_exact_name():
         import kernels_bench as kb
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    spec = dict(op="linear_token_logprobs", impl="ours", v=64, n=6, h=8, dtype="float32", grad=True, wgrad=True,
-                entropy=False, device="cpu", repeat=1)
+    spec = dict(
+        op="linear_token_logprobs",
+        impl="ours",
+        v=64,
+        n=6,
+        h=8,
+        dtype="float32",
+        grad=True,
+        wgrad=True,
+        entropy=False,
+        device="cpu",
+        repeat=1,
+    )
     x = kb._inputs(spec, torch.device("cpu"))
     got = kb._results(spec, x, kb._run(spec, x))
     assert sorted(got) == ["dhidden", "dweight", "out0"]
@@ -481,12 +656,14 @@ def test_kernels_bench_checks_each_side_and_looks_peaks_up_by_exact_name():
     assert kb.peak_for("Some Future GPU") == (None, None)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GPU: the compiled kernels (skipped without CUDA by tests/conftest.py)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in CASES if c.get("dtype") == "bfloat16"], ids=lambda c: c["id"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.get("dtype") == "bfloat16"], ids=lambda c: c["id"]
+)
 def test_gpu_triton_matches_oracle_bf16(case):
     import vocab_kernels
 
@@ -504,7 +681,9 @@ def _check_on_cuda(case, api):
     class _Cuda:
         def __getattr__(self, name):
             fn = getattr(api, name)
-            return lambda *args, **kwargs: move(fn(*[move(a, "cuda") for a in args], **kwargs), "cpu")
+            return lambda *args, **kwargs: move(
+                fn(*[move(a, "cuda") for a in args], **kwargs), "cpu"
+            )
 
     check_case(case, _Cuda())
 
@@ -518,7 +697,7 @@ def test_gpu_triton_matches_reference_large_bf16():
     n, v = 16_384, QWEN_V
     z = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)
     tgt = torch.randint(0, v, (n,), device="cuda")
-    got, got_h = triton_vocab_kernels.token_logprobs(z, tgt, 0.7, True)
+    got, got_h = triton_kernels.token_logprobs(z, tgt, 0.7, True)
     rows = torch.arange(n - 8, n, device="cuda")  # the last rows sit beyond the int32 range
     want, want_h = oracle_token_logprobs(z[rows].double(), tgt[rows], 0.7)
     _close("logp", got[rows], want, (1e-5, 1e-5))
@@ -527,9 +706,10 @@ def test_gpu_triton_matches_reference_large_bf16():
     _close("logp vs reference", got[:64], ref, (1e-5, 1e-5))
 
 
-# Qwen3 sizes: V = 151,936, H = 1,024 (Qwen3-0.6B) and 2,560 (Qwen3-4B), bf16. The compiled kernels against
-# the PyTorch reference on the same CUDA tensors: both run the same chunk GEMMs (vocab_kernels/chunked.py), so any
-# difference is the row ops'. Values are fp32 from the same bf16 logits; gradients are bf16.
+# Qwen3 sizes: V = 151,936, H = 1,024 (Qwen3-0.6B) and 2,560 (Qwen3-4B), bf16. The compiled kernels
+# against the PyTorch reference on the same CUDA tensors: both run the same chunk GEMMs
+# (vocab_kernels/chunked.py), so any difference is the row ops'. Values are fp32 from the same bf16
+# logits; gradients are bf16.
 QWEN3_HIDDEN = (1024, 2560)
 GPU_TOL = {"value": (1e-4, 1e-5), "grad": (2e-2, 1e-2)}
 
@@ -537,7 +717,9 @@ GPU_TOL = {"value": (1e-4, 1e-5), "grad": (2e-2, 1e-2)}
 def _qwen_inputs(n, hidden, seed=0, device="cuda"):
     gen = torch.Generator(device=device).manual_seed(seed)
     h = torch.randn(n, hidden, device=device, generator=gen).to(torch.bfloat16)
-    w = (torch.randn(QWEN_V, hidden, device=device, generator=gen) * hidden ** -0.5 * 4).to(torch.bfloat16)
+    w = (torch.randn(QWEN_V, hidden, device=device, generator=gen) * hidden**-0.5 * 4).to(
+        torch.bfloat16
+    )
     tgt = torch.randint(0, QWEN_V, (n,), device=device, generator=gen)
     tgt[1] = -100  # an ignored position
     g = torch.randn(n, device=device, generator=gen)
@@ -555,7 +737,10 @@ def test_gpu_logits_ops_match_reference_qwen_vocab():
     zt = (torch.randn(n, QWEN_V, device="cuda", generator=gen) * 3).to(torch.bfloat16)
     tgt = torch.randint(0, QWEN_V, (n,), device="cuda", generator=gen)
     tgt[1] = -100
-    g, ge = torch.randn(n, device="cuda", generator=gen), torch.randn(n, device="cuda", generator=gen)
+    g, ge = (
+        torch.randn(n, device="cuda", generator=gen),
+        torch.randn(n, device="cuda", generator=gen),
+    )
 
     def token(api):
         x = z.clone().requires_grad_(True)
@@ -566,6 +751,7 @@ def test_gpu_logits_ops_match_reference_qwen_vocab():
     for name, a, b in zip(("logp", "entropy", "dlogits"), token(triton_kernels), token(reference)):
         _close(name, a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
     for beta in (0.0, 0.5, 1.0):
+
         def jsd(api):
             x = z.clone().requires_grad_(True)
             j = api.generalized_jsd(x, zt, beta, 0.9)
@@ -573,15 +759,17 @@ def test_gpu_logits_ops_match_reference_qwen_vocab():
             return j, x.grad
 
         for name, a, b in zip(("jsd", "dstudent"), jsd(triton_kernels), jsd(reference)):
-            _close(f"{name} (beta {beta})", a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
+            _close(
+                f"{name} (beta {beta})", a, b, GPU_TOL["grad" if name.startswith("d") else "value"]
+            )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", QWEN3_HIDDEN)
 @pytest.mark.parametrize("mode", ("head trained", "head frozen", "rows <= H", "rows > H"))
 def test_gpu_linear_token_logprobs_match_reference_qwen3(hidden, mode):
-    # 1,280 rows: two full 512-row chunks (the CUDA default at this vocab) and a ragged one; entropy too, so
-    # both backward paths run (kept from forward, recomputed).
+    # 1,280 rows: two full 512-row chunks (the CUDA default at this vocab) and a ragged one; entropy
+    # too, so both backward paths run (kept from forward, recomputed).
     from vocab_kernels import reference, triton_kernels
 
     n = 1280
@@ -594,7 +782,9 @@ def test_gpu_linear_token_logprobs_match_reference_qwen3(hidden, mode):
     def run(api, weight_grad_rows=rows):
         x = h.clone().requires_grad_(True)
         ww = w.clone().requires_grad_(mode != "head frozen")
-        lp, ent = api.linear_token_logprobs(x, ww, tgt, 0.7, True, weight_grad_rows=weight_grad_rows)
+        lp, ent = api.linear_token_logprobs(
+            x, ww, tgt, 0.7, True, weight_grad_rows=weight_grad_rows
+        )
         (lp * g + ent * ge).sum().backward()
         return lp, ent, x.grad, ww.grad
 
@@ -640,12 +830,15 @@ def test_gpu_linear_generalized_jsd_match_reference_qwen3(hidden, head_trained):
 
 @pytest.mark.gpu
 def test_gpu_weight_grad_accumulates_in_fp32():
-    # bf16 chunks into the fp32 weight gradient: addmm with out_dtype fp32 (no bf16 [V, H] temporary, no
-    # rounding of each chunk's sum to bf16). 16 chunks: bf16 rounding per chunk would be off by ~1e-3 relative.
+    # bf16 chunks into the fp32 weight gradient: addmm with out_dtype fp32 (no bf16 [V, H]
+    # temporary, no rounding of each chunk's sum to bf16). 16 chunks: bf16 rounding per chunk would
+    # be off by ~1e-3 relative.
     from vocab_kernels import chunked
 
     dev = torch.device("cuda", torch.cuda.current_device())
-    assert chunked._fp32_out_addmm_works(dev), f"torch {torch.__version__}: addmm out_dtype=fp32 unavailable"
+    assert chunked._fp32_out_addmm_works(dev), (
+        f"torch {torch.__version__}: addmm out_dtype=fp32 unavailable"
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
     acc = torch.zeros(QWEN_V // 8, 256, device="cuda")
     want = torch.zeros(acc.shape, dtype=torch.float64, device="cuda")
@@ -661,10 +854,11 @@ def test_gpu_weight_grad_accumulates_in_fp32():
 
 @pytest.mark.gpu
 def test_gpu_kernels_run_on_a_device_that_is_not_current():
-    # Triton launches on the current device: the kernels make the tensors' device current for each launch.
+    # Triton launches on the current device: the kernels make the tensors' device current for each
+    # launch.
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    import common
+    import distributed
     from vocab_kernels import reference, triton_kernels
 
     prev = torch.cuda.current_device()
@@ -689,7 +883,7 @@ def test_gpu_kernels_run_on_a_device_that_is_not_current():
         for name, a, b in zip(names, got, want):
             assert a.device == dev
             _close(name, a, b, GPU_TOL["grad" if name.startswith("d") else "value"])
-        assert common.pick_device("cuda:1") == dev and torch.cuda.current_device() == 1
+        assert distributed.pick_device("cuda:1") == dev and torch.cuda.current_device() == 1
     finally:
         torch.cuda.set_device(prev)
 

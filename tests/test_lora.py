@@ -1,4 +1,5 @@
 """LoRA against PEFT (the oracle), the base switch, merge, QLoRA training, errors, gradients."""
+
 import json
 import os
 
@@ -12,8 +13,15 @@ SUBSET = ["q_proj", "v_proj", "down_proj"]
 
 
 def tiny(seed=0, dtype=torch.float32):
-    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, vocab_size=300)
+    cfg = Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+    )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(cfg).to(dtype).eval()
 
@@ -48,7 +56,9 @@ def test_round_trip_with_peft(tmp_path, targets, rslora):
     theirs = PeftModel.from_pretrained(tiny(), str(tmp_path / "ours")).eval()
     d1 = (logits(ours, x) - logits(theirs, x)).abs().max().item()
     # PEFT -> ours
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), use_rslora=rslora, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(targets), use_rslora=rslora, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(tiny(), cfg)
     with torch.no_grad():
         for i, p in enumerate(p for n, p in peft_model.named_parameters() if "lora_" in n):
@@ -68,7 +78,12 @@ def test_saved_config_and_keys(tmp_path):
     lora.save_adapter(m, str(tmp_path))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
-    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (4, 16, 0.05, True)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (
+        4,
+        16,
+        0.05,
+        True,
+    )
     assert cfg["target_modules"] == sorted(SUBSET)
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -82,8 +97,13 @@ def test_init_scaling_and_repr():
     m = lora.add_lora(tiny(), r=4, alpha=8)
     layer = m.model.layers[0].self_attn.q_proj
     assert isinstance(layer, lora.LoraLinear) and layer.scaling == 2.0
-    assert torch.all(layer.lora_B.weight == 0) and layer.lora_A.weight.abs().max() <= 1 / 8  # bound 1/sqrt(in)
-    assert lora.add_lora(tiny(), r=4, alpha=8, use_rslora=True).model.layers[0].mlp.up_proj.scaling == 4.0
+    assert (
+        torch.all(layer.lora_B.weight == 0) and layer.lora_A.weight.abs().max() <= 1 / 8
+    )  # bound 1/sqrt(in)
+    assert (
+        lora.add_lora(tiny(), r=4, alpha=8, use_rslora=True).model.layers[0].mlp.up_proj.scaling
+        == 4.0
+    )
     assert not isinstance(m.lm_head, lora.LoraLinear) and len(lora.lora_layers(m)) == 2 * 7
     assert "r=4, alpha=8" in repr(layer)
     x = ids()
@@ -126,14 +146,18 @@ def test_merged_block_for_sampling():
     with lora.merged(m):
         layer = m.model.layers[0].self_attn.q_proj
         assert layer.merged_weight is not None
-        assert (logits(m, x) - before).abs().max().item() <= 1e-5      # no-grad forward: the merged weight
+        assert (
+            logits(m, x) - before
+        ).abs().max().item() <= 1e-5  # no-grad forward: the merged weight
         with lora.disabled(m):
-            assert torch.equal(logits(m, x), logits(tiny(), x))         # disabled still means the base
-        loss = m(input_ids=x).logits.float().pow(2).mean()               # with gradients: the adapter path
+            assert torch.equal(logits(m, x), logits(tiny(), x))  # disabled still means the base
+        loss = m(input_ids=x).logits.float().pow(2).mean()  # with gradients: the adapter path
         loss.backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_parameters(m))
     assert all(layer.merged_weight is None for _, layer in lora.lora_layers(m))
-    assert torch.equal(m.model.layers[0].self_attn.q_proj.base.weight, base_w)  # the base is untouched
+    assert torch.equal(
+        m.model.layers[0].self_attn.q_proj.base.weight, base_w
+    )  # the base is untouched
     assert torch.equal(logits(m, x), before)
 
 
@@ -151,7 +175,9 @@ def test_only_lora_trains_and_gradients_flow():
     m.train()
     m(input_ids=x, labels=x).loss.backward()
     q = m.model.layers[0].self_attn.q_proj
-    assert q.lora_B.weight.grad.abs().sum() > 0 and torch.all(q.lora_A.weight.grad == 0)  # B = 0 at init
+    assert q.lora_B.weight.grad.abs().sum() > 0 and torch.all(
+        q.lora_A.weight.grad == 0
+    )  # B = 0 at init
     assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
     randomize(m)
     m.zero_grad()
@@ -183,22 +209,35 @@ def test_bf16_base_keeps_fp32_adapters():
     out = m(input_ids=ids(), labels=ids())
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
-    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in lora.lora_parameters(m))
+    assert all(
+        p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in lora.lora_parameters(m)
+    )
 
 
 def test_load_adapter_errors(tmp_path):
     m = lora.add_lora(tiny(), r=4, alpha=8, targets=SUBSET)
     lora.save_adapter(m, str(tmp_path))
-    with pytest.raises(ValueError, match=r"safetensors: LoRA keys .*16 missing \['base_model.*mlp.gate"):
+    with pytest.raises(
+        ValueError, match=r"safetensors: LoRA keys .*16 missing \['base_model.*mlp.gate"
+    ):
         lora.load_adapter(lora.add_lora(tiny(), r=4, alpha=8), str(tmp_path))
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: .* 0 missing .*4 unexpected .*down_proj"):
-        lora.load_adapter(lora.add_lora(tiny(), r=4, alpha=8, targets=["q_proj", "v_proj"]), str(tmp_path))
-    with pytest.raises(ValueError, match=r"safetensors: key .*' has shape \(4, \d+\), the model expects \(8"):
+    with pytest.raises(
+        ValueError, match=r"adapter_model.safetensors: .* 0 missing .*4 unexpected .*down_proj"
+    ):
+        lora.load_adapter(
+            lora.add_lora(tiny(), r=4, alpha=8, targets=["q_proj", "v_proj"]), str(tmp_path)
+        )
+    with pytest.raises(
+        ValueError, match=r"safetensors: key .*' has shape \(4, \d+\), the model expects \(8"
+    ):
         lora.load_adapter(lora.add_lora(tiny(), r=8, alpha=8, targets=SUBSET), str(tmp_path))
     sd = lora.lora_state_dict(m)
     with pytest.raises(ValueError, match="ckpt: .*missing"):
-        lora.load_lora_state_dict(lora.add_lora(tiny(), r=4, alpha=8, targets=SUBSET), dict(list(sd.items())[1:]),
-                                  source="ckpt")
+        lora.load_lora_state_dict(
+            lora.add_lora(tiny(), r=4, alpha=8, targets=SUBSET),
+            dict(list(sd.items())[1:]),
+            source="ckpt",
+        )
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match=r"adapter_config.json.*use_dora"):
@@ -218,23 +257,33 @@ def _qwen3_4bit(tmp_path):
     from transformers import BitsAndBytesConfig
 
     tiny().save_pretrained(str(tmp_path / "base"))
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    return Qwen3ForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=q, device_map="cpu")
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return Qwen3ForCausalLM.from_pretrained(
+        str(tmp_path / "base"), quantization_config=q, device_map="cpu"
+    )
 
 
 def test_qlora_trains_and_merges(tmp_path):
     pytest.importorskip("bitsandbytes")
     m = lora.add_lora(_qwen3_4bit(tmp_path), r=8, alpha=16)
     assert type(m.model.layers[0].self_attn.q_proj.base).__name__ == "Linear4bit"
-    assert {id(p) for p in m.parameters() if p.requires_grad} == {id(p) for p in lora.lora_parameters(m)}
+    assert {id(p) for p in m.parameters() if p.requires_grad} == {
+        id(p) for p in lora.lora_parameters(m)
+    }
     opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-2)
     x = ids(b=4, t=16)
     with torch.no_grad():  # an eval forward first, as sampling does: must not break later backward
         m.eval()(input_ids=x)
     m.train()
     m(input_ids=x, labels=x).loss.backward()
-    assert all(p.grad.abs().sum() > 0 for p in lora.lora_parameters(m)[1::2])  # every B, down to layer 0
+    assert all(
+        p.grad.abs().sum() > 0 for p in lora.lora_parameters(m)[1::2]
+    )  # every B, down to layer 0
     losses = []
     for _ in range(20):
         loss = m(input_ids=x, labels=x).loss
@@ -252,7 +301,9 @@ def test_qlora_trains_and_merges(tmp_path):
     from peft import PeftModel
 
     theirs = PeftModel.from_pretrained(_qwen3_4bit(tmp_path), str(tmp_path / "adapter")).eval()
-    for mod in theirs.modules():  # the same bitsandbytes CPU kernel as ours (see lora._keep_4bit_differentiable)
+    for mod in (
+        theirs.modules()
+    ):  # the same bitsandbytes CPU kernel as ours (see lora._keep_4bit_differentiable)
         if type(mod).__name__ == "Linear4bit":
             mod.support_avx512bf16_for_cpu = False
     peft_diff = (logits(theirs, x) - before).abs().max().item()
@@ -261,12 +312,15 @@ def test_qlora_trains_and_merges(tmp_path):
     lora.merge(m)  # 4-bit base: dequantized and kept dense
     assert type(m.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     diff = (logits(m, x) - before).abs().max().item()
-    print(f"QLoRA merge max diff {diff:.2e} (base moved by {(before - base).abs().max().item():.2f})")
+    print(
+        f"QLoRA merge max diff {diff:.2e} (base moved by {(before - base).abs().max().item():.2f})"
+    )
     assert diff < 0.05 * (before - base).abs().max().item()  # bf16 compute in the 4-bit path
 
 
 def test_qlora_after_an_eval_forward_of_the_base(tmp_path):
-    """bitsandbytes may repack 4-bit weights for a CPU inference kernel with no backward; add_lora undoes it."""
+    """bitsandbytes may repack 4-bit weights for a CPU inference kernel with no backward; add_lora
+    undoes it."""
     pytest.importorskip("bitsandbytes")
     x = ids()
     q = _qwen3_4bit(tmp_path).eval()
@@ -279,7 +333,8 @@ def test_qlora_after_an_eval_forward_of_the_base(tmp_path):
 
 
 def _adapter(tmp_path, name, seed, init_adapter=None):
-    """A random adapter for tiny(); with init_adapter, an args.json that records it as a run of this repo would."""
+    """A random adapter for tiny(); with init_adapter, an args.json that records it as a run of this
+    repo would."""
     m = tiny()
     lora.add_lora(m, r=4, alpha=8, targets=SUBSET)
     randomize(m, seed=seed)
@@ -292,10 +347,10 @@ def _adapter(tmp_path, name, seed, init_adapter=None):
 
 def test_lineage_order_dedupe_and_merge(tmp_path):
     a = _adapter(tmp_path, "a", 3)
-    b = _adapter(tmp_path, "b", 4, init_adapter=a)       # trained on base + a
-    c = _adapter(tmp_path, "c", 5, init_adapter=b)       # trained on base + a + b
+    b = _adapter(tmp_path, "b", 4, init_adapter=a)  # trained on base + a
+    c = _adapter(tmp_path, "c", 5, init_adapter=b)  # trained on base + a + b
     assert lora.lineage(c) == [a, b, c]
-    assert lora.expand(f"{a}+{c}") == [a, b, c]          # a given twice is applied once
+    assert lora.expand(f"{a}+{c}") == [a, b, c]  # a given twice is applied once
     assert lora.lineage(a) == [a]
     by_hand = tiny()
     for p in (a, b, c):
@@ -305,18 +360,20 @@ def test_lineage_order_dedupe_and_merge(tmp_path):
     assert not lora.lora_layers(chained)
     x = ids()
     torch.testing.assert_close(logits(chained, x), logits(by_hand, x), rtol=0, atol=0)
-    assert logits(chained, x).sub(logits(tiny(), x)).abs().max() > 1e-3  # the adapters did something
+    assert (
+        logits(chained, x).sub(logits(tiny(), x)).abs().max() > 1e-3
+    )  # the adapters did something
     plain = tiny()
     assert lora.merge_adapters(plain, "") == []
 
 
 def test_lineage_with_a_missing_start_is_an_error(tmp_path):
-    import common
+    import errors
 
     b = _adapter(tmp_path, "b", 4, init_adapter=str(tmp_path / "gone"))
-    with pytest.raises(common.MissingError, match="gone.*init_adapter in .*args.json"):
+    with pytest.raises(errors.MissingError, match="gone.*init_adapter in .*args.json"):
         lora.lineage(b)
-    with pytest.raises(common.MissingError, match="--init-adapter"):
+    with pytest.raises(errors.MissingError, match="--init-adapter"):
         lora.merge_adapters(tiny(), b)
-    with pytest.raises(common.MissingError, match="--arms"):
+    with pytest.raises(errors.MissingError, match="--arms"):
         lora.merge_adapters(tiny(), str(tmp_path / "nothing"), flag="--arms")

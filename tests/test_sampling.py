@@ -1,13 +1,16 @@
-"""sampling.py: the decoding loop (masks, EOS, stop strings, padding, the KV cache) and sequence log-probs."""
+"""sampling.py: the decoding loop (masks, EOS, stop strings, padding, the KV cache) and sequence
+log-probs."""
+
 import types
 
 import pytest
 import torch
+from test_common import char_tokenizer, model, qwen3_tokenizer, tiny_qwen3, tok  # noqa: F401 (fixtures)
 
-import common
+import errors
+import loading
 import sampling
 from sampling import Rollout
-from test_common import char_tokenizer, model, qwen3_tokenizer, tiny_qwen3, tok  # noqa: F401 (fixtures)
 
 
 class _ScriptCache:
@@ -21,25 +24,45 @@ class _DroppableScriptCache(_ScriptCache):
 
 
 class ScriptedLM(torch.nn.Module):
-    """Emits a fixed token script per prompt (keyed by the prompt's last token); mimics the HF call signature."""
+    """Emits a fixed token script per prompt (keyed by the prompt's last token); mimics the HF call
+    signature."""
 
     def __init__(self, scripts: dict, vocab_size: int, eos=None, droppable: bool = True):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.scripts, self.vocab_size, self.calls, self.droppable = scripts, vocab_size, 0, droppable
+        self.scripts, self.vocab_size, self.calls, self.droppable = (
+            scripts,
+            vocab_size,
+            0,
+            droppable,
+        )
         self.generation_config = types.SimpleNamespace(eos_token_id=eos)
         self.batch_rows = []  # rows of every call's input
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
-                logits_to_keep=0):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=True,
+        logits_to_keep=0,
+    ):
         self.calls += 1
         self.batch_rows.append(input_ids.shape[0])
         cache = past_key_values
         if cache is None:
-            cache = (_DroppableScriptCache if self.droppable else _ScriptCache)(input_ids[:, -1].tolist())
+            cache = (_DroppableScriptCache if self.droppable else _ScriptCache)(
+                input_ids[:, -1].tolist()
+            )
         else:
             cache.step += 1
-        assert len(cache.keys) == input_ids.shape[0] == attention_mask.shape[0] == position_ids.shape[0]
+        assert (
+            len(cache.keys)
+            == input_ids.shape[0]
+            == attention_mask.shape[0]
+            == position_ids.shape[0]
+        )
         logits = torch.full((len(cache.keys), 1, self.vocab_size), -1e4)
         for i, k in enumerate(cache.keys):
             script = self.scripts[k]
@@ -47,14 +70,16 @@ class ScriptedLM(torch.nn.Module):
         return types.SimpleNamespace(logits=logits, past_key_values=cache)
 
 
-
-# ---------------------------------------------------------------------------------------------------- sampling
+# --------------------------------------------------------------------------------------------------
+# sampling
 
 
 def test_completion_mask_eos_and_pad_equal_eos(tok):
     eos = tok.eos_token_id
     tok_pad_eos = char_tokenizer()
-    tok_pad_eos.pad_token = tok_pad_eos.eos_token  # pad id == eos id: the mask must still find the first EOS
+    tok_pad_eos.pad_token = (
+        tok_pad_eos.eos_token
+    )  # pad id == eos id: the mask must still find the first EOS
     a, b, c = tok.convert_tokens_to_ids(["a", "b", "c"])
     x, y = tok.convert_tokens_to_ids(["x", "y"])
     scripts = {x: [a, b, eos, c, c, c], y: [a, a, a, a, a, a, a, a]}
@@ -92,7 +117,11 @@ def test_stop_strings_char_level(tok):
     x, y, z = tok.convert_tokens_to_ids(["x", "y", "z"])
     # "##" in the prompt must not count; the stop "\n\n" spans two tokens; row z never stops
     for droppable in (True, False):
-        m = ScriptedLM({x: ids("ab\n\ncd"), y: ids("Q: 7\nA:xx"), z: ids("aaaaaaaa")}, len(tok), droppable=droppable)
+        m = ScriptedLM(
+            {x: ids("ab\n\ncd"), y: ids("Q: 7\nA:xx"), z: ids("aaaaaaaa")},
+            len(tok),
+            droppable=droppable,
+        )
         r = sampling.sample(m, tok, ["##\n\nx", "y", "z"], max_new_tokens=8, stop=["\n\n", "A:"])
         assert r.completion_mask.sum(1).tolist() == [4, 7, 8]
         assert r.finished.tolist() == [True, True, False]
@@ -104,7 +133,9 @@ def test_stop_string_inside_a_multi_char_token():
     target = qtok("Let me think.\n\nSo the answer is 4", add_special_tokens=False)["input_ids"]
     prompt = qtok("Question:", add_special_tokens=False)["input_ids"]
     m = ScriptedLM({prompt[-1]: target}, len(qtok))
-    r = sampling.sample(m, qtok, [prompt], max_new_tokens=len(target), stop="\n\n", eos_token_ids=[])
+    r = sampling.sample(
+        m, qtok, [prompt], max_new_tokens=len(target), stop="\n\n", eos_token_ids=[]
+    )
     kept = r.completion_ids[0][r.completion_mask[0].bool()].tolist()
     # the mask ends with the token that completed "\n\n", whatever it holds besides
     assert "\n\n" in qtok.decode(kept) and "\n\n" not in qtok.decode(kept[:-1])
@@ -118,25 +149,48 @@ def test_n_samples_ordering_and_groups(model, tok):
     assert r.completion_ids.shape == (6, 6) and r.prompt_ids.shape == (6, 3)
     assert all(r.prompt_ids[i].tolist() == r.prompt_ids[0].tolist() for i in range(3))
     assert r.prompt_ids[3].tolist() == [0] + tok("de", add_special_tokens=False)["input_ids"]
-    assert len({tuple(x) for x in r.completion_ids[:3].tolist()}) > 1  # sampling differs within a group
+    assert (
+        len({tuple(x) for x in r.completion_ids[:3].tolist()}) > 1
+    )  # sampling differs within a group
 
 
 def test_seeded_generator_is_deterministic_and_batch_size_invariant(model, tok):
     def run(seed, **kw):
-        return sampling.sample(model, tok, ["hello", "a"], n=2, max_new_tokens=8, temperature=1.3, top_p=0.9,
-                             generator=torch.Generator().manual_seed(seed), **kw).completion_ids
+        return sampling.sample(
+            model,
+            tok,
+            ["hello", "a"],
+            n=2,
+            max_new_tokens=8,
+            temperature=1.3,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        ).completion_ids
+
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
-    greedy = [sampling.sample(model, tok, ["hello", "a", "xyz"], max_new_tokens=8, greedy=True, batch_size=bs)
-              for bs in (None, 1, 2)]
+    greedy = [
+        sampling.sample(
+            model, tok, ["hello", "a", "xyz"], max_new_tokens=8, greedy=True, batch_size=bs
+        )
+        for bs in (None, 1, 2)
+    ]
     assert all(torch.equal(greedy[0].completion_ids, g.completion_ids) for g in greedy[1:])
     assert torch.equal(greedy[0].prompt_ids, greedy[1].prompt_ids)
 
 
 def test_tiny_top_p_is_greedy(model, tok):
     g = sampling.sample(model, tok, ["hello"], max_new_tokens=8, greedy=True).completion_ids
-    s = sampling.sample(model, tok, ["hello"], n=3, max_new_tokens=8, top_p=1e-6,
-                      generator=torch.Generator().manual_seed(0)).completion_ids
+    s = sampling.sample(
+        model,
+        tok,
+        ["hello"],
+        n=3,
+        max_new_tokens=8,
+        top_p=1e-6,
+        generator=torch.Generator().manual_seed(0),
+    ).completion_ids
     assert all(torch.equal(g[0], row) for row in s)
 
 
@@ -146,7 +200,9 @@ def test_left_padding_logits_equal_unpadded(model):
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
     with torch.no_grad():
         ref = model(ids).logits
-        out = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        out = model(
+            padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
     torch.testing.assert_close(out[:, 3:], ref, rtol=0, atol=1e-5)
 
 
@@ -165,9 +221,12 @@ def test_rows_leaving_the_kv_cache_do_not_disturb_the_others(model, tok):
     prompts = ["a", "hello world", "xyz", "q"]
     free = sampling.sample(model, tok, prompts, max_new_tokens=12, greedy=True, eos_token_ids=[])
     assert not free.finished.any()
-    # make a token the model does emit an EOS: rows now end at different steps and leave the cache midway
+    # make a token the model does emit an EOS: rows now end at different steps and leave the cache
+    # midway
     stop_id = free.completion_ids[0, 2].item()
-    r = sampling.sample(model, tok, prompts, max_new_tokens=12, greedy=True, eos_token_ids=[stop_id])
+    r = sampling.sample(
+        model, tok, prompts, max_new_tokens=12, greedy=True, eos_token_ids=[stop_id]
+    )
     ends = []
     for i in range(len(prompts)):
         row = free.completion_ids[i].tolist()
@@ -184,7 +243,9 @@ def test_sample_restores_training_mode_and_outputs_are_autograd_safe(tok):
     r = sampling.sample(m, tok, ["abc", "d"], n=2, max_new_tokens=5)
     assert m.training
     logp = sampling.sequence_logprobs(m, r.input_ids, r.attention_mask, r.completion_ids.shape[1])
-    (logp * r.completion_mask).sum().backward()  # inference tensors would refuse to be saved for backward
+    (
+        logp * r.completion_mask
+    ).sum().backward()  # inference tensors would refuse to be saved for backward
     assert m.lm_head.weight.grad is not None
     assert isinstance(r, Rollout)
 
@@ -194,16 +255,21 @@ def test_empty_prompt_is_an_error(model, tok):
         sampling.sample(model, tok, ["a", ""], max_new_tokens=2)
 
 
-# ------------------------------------------------------------------------- the previous sampler, kept as a reference
+# ------------------------------------------------------------------------- the previous sampler,
+# kept as a reference
 
 
 def _legacy_sample(model, tokenizer, prompts, **kw) -> dict:
-    """The previous implementation of sampling.sample (every row prefilled, finished rows dropped from the KV cache
-    at once, torch.multinomial; kept in the sampling benchmark), for the token-for-token comparisons below."""
+    """The previous implementation of sampling.sample (every row prefilled, finished rows dropped
+    from the KV cache at once, torch.multinomial; kept in the sampling benchmark), for the
+    token-for-token comparisons below."""
     from bench.sampling_bench import legacy_sample
 
     r = legacy_sample(model, tokenizer, prompts, **kw)
-    return {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "finished")}
+    return {
+        f: getattr(r, f)
+        for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "finished")
+    }
 
 
 def _assert_same_rollout(r: Rollout, ref: dict, what=""):
@@ -221,15 +287,23 @@ def _toy_prompts(tokenizer, lengths=(40, 29, 47)):
     import toy
 
     docs = toy.documents("train", len(lengths), seed=0)
-    return [tokenizer(d["text"], add_special_tokens=False)["input_ids"][:k] for d, k in zip(docs, lengths)]
+    return [
+        tokenizer(d["text"], add_special_tokens=False)["input_ids"][:k]
+        for d, k in zip(docs, lengths)
+    ]
 
 
-@pytest.mark.parametrize("case", [
-    dict(n=4, eos="e", temperature=1.5),                     # rows end at different steps and leave the cache
-    dict(n=4, eos="\n", temperature=1.3, top_p=0.9, batch_size=6),  # chunks that split a prompt's samples
-    dict(n=3, eos="", temperature=1.5, stop=["e ", "."]),    # stop strings
-    dict(n=2, eos="e", greedy=True, batch_size=4),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(n=4, eos="e", temperature=1.5),  # rows end at different steps and leave the cache
+        dict(
+            n=4, eos="\n", temperature=1.3, top_p=0.9, batch_size=6
+        ),  # chunks that split a prompt's samples
+        dict(n=3, eos="", temperature=1.5, stop=["e ", "."]),  # stop strings
+        dict(n=2, eos="e", greedy=True, batch_size=4),
+    ],
+)
 def test_samples_equal_the_previous_sampler_token_for_token(toy_base, case):
     m, t = toy_base
     case = dict(case)
@@ -253,19 +327,39 @@ def test_how_often_the_loop_checks_does_not_change_samples(toy_base, monkeypatch
         for every in (1, 3):
             monkeypatch.setattr(sampling, "CHECK_EVERY", every)
             r = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(3), **kw)
-            _assert_same_rollout(r, {f: getattr(base, f) for f in ("completion_ids", "completion_mask", "finished")})
+            _assert_same_rollout(
+                r, {f: getattr(base, f) for f in ("completion_ids", "completion_mask", "finished")}
+            )
 
 
 def test_static_cache_equals_dynamic_cache(toy_base):
     m, t = toy_base
     prompts = _toy_prompts(t)
     eos = [t.convert_tokens_to_ids("."), t.eos_token_id]
-    for kw in (dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, stop=[". "])):
+    for kw in (
+        dict(greedy=True),
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_p=0.9, stop=[". "]),
+    ):
         kw = dict(n=3, max_new_tokens=20, eos_token_ids=eos, batch_size=6, **kw)
         dyn = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(0), **kw)
-        static = sampling.sample(m, t, prompts, generator=torch.Generator().manual_seed(0), static_cache=True, **kw)
-        _assert_same_rollout(static, {f: getattr(dyn, f) for f in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                                    "completion_mask", "finished")}, str(kw))
+        static = sampling.sample(
+            m, t, prompts, generator=torch.Generator().manual_seed(0), static_cache=True, **kw
+        )
+        _assert_same_rollout(
+            static,
+            {
+                f: getattr(dyn, f)
+                for f in (
+                    "prompt_ids",
+                    "prompt_mask",
+                    "completion_ids",
+                    "completion_mask",
+                    "finished",
+                )
+            },
+            str(kw),
+        )
 
 
 def test_static_cache_refuses_what_it_cannot_hold(model, tok):
@@ -283,13 +377,30 @@ class _LegacyTupleLM(torch.nn.Module):
         super().__init__()
         self.inner, self.generation_config = inner, inner.generation_config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
-                logits_to_keep=0):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=True,
+        logits_to_keep=0,
+    ):
         from transformers import DynamicCache
 
-        cache = DynamicCache(past_key_values, config=self.inner.config) if past_key_values is not None else None
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         use_cache=True, logits_to_keep=logits_to_keep)
+        cache = (
+            DynamicCache(past_key_values, config=self.inner.config)
+            if past_key_values is not None
+            else None
+        )
+        out = self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         legacy = tuple((layer.keys, layer.values) for layer in out.cache.layers)
         return types.SimpleNamespace(logits=out.logits, past_key_values=legacy)
 
@@ -297,22 +408,46 @@ class _LegacyTupleLM(torch.nn.Module):
 def test_legacy_tuple_cache(model, tok):
     wrapped = _LegacyTupleLM(model)
     prompts = ["hello", "a", "xyz"]
-    stop_id = sampling.sample(model, tok, prompts, max_new_tokens=4, greedy=True).completion_ids[0, 1].item()
+    stop_id = (
+        sampling.sample(model, tok, prompts, max_new_tokens=4, greedy=True)
+        .completion_ids[0, 1]
+        .item()
+    )
     for kw in (dict(greedy=True, eos_token_ids=[stop_id]), dict(temperature=1.2, eos_token_ids=[])):
-        a = sampling.sample(model, tok, prompts, n=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0),
-                            **kw)
-        b = sampling.sample(wrapped, tok, prompts, n=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0),
-                            **kw)
-        _assert_same_rollout(b, {f: getattr(a, f) for f in ("completion_ids", "completion_mask", "finished")}, str(kw))
+        a = sampling.sample(
+            model,
+            tok,
+            prompts,
+            n=3,
+            max_new_tokens=10,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
+        b = sampling.sample(
+            wrapped,
+            tok,
+            prompts,
+            n=3,
+            max_new_tokens=10,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
+        _assert_same_rollout(
+            b,
+            {f: getattr(a, f) for f in ("completion_ids", "completion_mask", "finished")},
+            str(kw),
+        )
     # a tuple cache never drops rows: the previous sampler drew for every row there too
     kw = dict(n=3, max_new_tokens=10, temperature=1.2, eos_token_ids=[stop_id])
-    _assert_same_rollout(sampling.sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw),
-                         _legacy_sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw))
+    _assert_same_rollout(
+        sampling.sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw),
+        _legacy_sample(wrapped, tok, prompts, generator=torch.Generator().manual_seed(1), **kw),
+    )
 
 
 def test_draws_equal_torch_multinomial():
-    # _next_tokens draws what torch.multinomial(probs, 1) draws, without its host sync; this pins the equivalence
-    # for the installed torch (the previous sampler called torch.multinomial)
+    # _next_tokens draws what torch.multinomial(probs, 1) draws, without its host sync; this pins
+    # the equivalence for the installed torch (the previous sampler called torch.multinomial)
     torch.manual_seed(0)
     for V in (7, 1000):
         logits = torch.randn(5, V) * 3
@@ -340,19 +475,29 @@ def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch(tok):
     a, b, x, y = tok.convert_tokens_to_ids(["a", "b", "x", "y"])
     scripts = {x: [a, b, eos], y: [b, b, b, b]}
     results = []
-    for droppable, greedy, rows in ((True, True, [2, 6, 6, 6]), (True, False, [2, 6, 6, 3, 3]),
-                                    (False, True, [2, 6, 6, 6, 6])):
+    for droppable, greedy, rows in (
+        (True, True, [2, 6, 6, 6]),
+        (True, False, [2, 6, 6, 3, 3]),
+        (False, True, [2, 6, 6, 6, 6]),
+    ):
         m = ScriptedLM(scripts, len(tok), droppable=droppable)
-        results.append(sampling.sample(m, tok, ["x", "ay"], n=3, max_new_tokens=4 + (not greedy), greedy=greedy))
-        # one prefill row per prompt, then 3 rows each; ended rows ride along until the loop checks (greedy: every
-        # CHECK_EVERY steps; sampling: every step, dropping them once a quarter of the batch ended); a cache that
-        # cannot repeat rows gets every row prefilled
+        results.append(
+            sampling.sample(
+                m, tok, ["x", "ay"], n=3, max_new_tokens=4 + (not greedy), greedy=greedy
+            )
+        )
+        # one prefill row per prompt, then 3 rows each; ended rows ride along until the loop checks
+        # (greedy: every CHECK_EVERY steps; sampling: every step, dropping them once a quarter of
+        # the batch ended); a cache that cannot repeat rows gets every row prefilled
         assert m.batch_rows == rows, (droppable, greedy)
     for r in results:
         C = r.completion_ids.shape[1]
         assert r.completion_ids.tolist() == [[a, b, eos] + [0] * (C - 3)] * 3 + [[b] * C] * 3
         assert r.completion_mask.tolist() == [[1, 1, 1] + [0] * (C - 3)] * 3 + [[1] * C] * 3
-        assert r.prompt_ids.tolist() == [[0, x]] * 3 + [[a, y]] * 3 and r.finished.tolist() == [True] * 3 + [False] * 3
+        assert (
+            r.prompt_ids.tolist() == [[0, x]] * 3 + [[a, y]] * 3
+            and r.finished.tolist() == [True] * 3 + [False] * 3
+        )
 
 
 def test_preallocated_cache_layer_grows_in_place_and_drops_rows(model):
@@ -378,7 +523,9 @@ def test_preallocated_cache_layer_grows_in_place_and_drops_rows(model):
 
 def test_zero_new_tokens(model, tok):
     r = sampling.sample(model, tok, ["ab", "c"], n=2, max_new_tokens=0)
-    assert r.completion_ids.shape == (4, 0) and r.prompt_ids.shape == (4, 2) and not r.finished.any()
+    assert (
+        r.completion_ids.shape == (4, 0) and r.prompt_ids.shape == (4, 2) and not r.finished.any()
+    )
 
 
 @pytest.mark.gpu
@@ -387,7 +534,12 @@ def test_cuda_static_cache_and_compiled_decode_equal_dynamic_greedy(toy_base):
     m = m.to("cuda")
     try:
         prompts = _toy_prompts(t)
-        kw = dict(n=2, max_new_tokens=24, greedy=True, eos_token_ids=[t.convert_tokens_to_ids("."), t.eos_token_id])
+        kw = dict(
+            n=2,
+            max_new_tokens=24,
+            greedy=True,
+            eos_token_ids=[t.convert_tokens_to_ids("."), t.eos_token_id],
+        )
         dyn = sampling.sample(m, t, prompts, **kw)
         for extra in (dict(static_cache=True), dict(static_cache=True, compile_decode=True)):
             r = sampling.sample(m, t, prompts, **kw, **extra)
@@ -397,12 +549,16 @@ def test_cuda_static_cache_and_compiled_decode_equal_dynamic_greedy(toy_base):
         m.to("cpu")
 
 
-# ---------------------------------------------------------------------------------------------------- log-probs
+# --------------------------------------------------------------------------------------------------
+# log-probs
 
 
 def naive_logprobs(model, ids, mask, k, temperature=1.0):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(ids, attention_mask=mask, position_ids=pos).logits[:, -k - 1:-1].float() / temperature
+    logits = (
+        model(ids, attention_mask=mask, position_ids=pos).logits[:, -k - 1 : -1].float()
+        / temperature
+    )
     lp = torch.log_softmax(logits, -1)
     return lp.gather(-1, ids[:, -k:, None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
 
@@ -415,7 +571,9 @@ def test_sequence_logprobs_equals_naive(model, temperature):
     mask[0, :4] = 0  # left padding
     mask[1, -2:] = 0  # after EOS
     with torch.no_grad():
-        lp, ent = sampling.sequence_logprobs(model, ids, mask, 6, temperature=temperature, return_entropy=True)
+        lp, ent = sampling.sequence_logprobs(
+            model, ids, mask, 6, temperature=temperature, return_entropy=True
+        )
         ref_lp, ref_ent = naive_logprobs(model, ids, mask, 6, temperature)
     assert lp.shape == (3, 6) and lp.dtype == torch.float32
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
@@ -428,8 +586,10 @@ def test_sequence_logprobs_gradients_match_naive():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     grads = []
-    for fn in (lambda m: sampling.sequence_logprobs(m, ids, mask, 5, temperature=0.7),
-               lambda m: naive_logprobs(m, ids, mask, 5, 0.7)[0]):
+    for fn in (
+        lambda m: sampling.sequence_logprobs(m, ids, mask, 5, temperature=0.7),
+        lambda m: naive_logprobs(m, ids, mask, 5, 0.7)[0],
+    ):
         m = tiny_qwen3(seed=3)
         fn(m).sum().backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
@@ -442,7 +602,9 @@ def test_sampling_and_gradients_with_lora(tok):
     lora = pytest.importorskip("lora")
     m = lora.add_lora(tiny_qwen3(seed=4), r=4, alpha=8)
     params = lora.lora_parameters(m)
-    r = sampling.sample(m, tok, ["abc", "de"], n=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    r = sampling.sample(
+        m, tok, ["abc", "de"], n=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0)
+    )
     logp = sampling.sequence_logprobs(m, r.input_ids, r.attention_mask, r.completion_ids.shape[1])
     (logp * r.completion_mask).sum().backward()
     # B starts at zero, so dL/dA = 0 on the first step while dL/dB is not
@@ -453,8 +615,15 @@ def test_sampling_and_gradients_with_lora(tok):
 def test_real_qwen3_vocab_sampling_and_logprobs():
     qtok = qwen3_tokenizer()
     m = tiny_qwen3(vocab_size=151936, hidden=16)
-    r = sampling.sample(m, qtok, ["Hello", "What is 2+2?"], n=2, max_new_tokens=5, stop=["\n"],
-                      generator=torch.Generator().manual_seed(0))
+    r = sampling.sample(
+        m,
+        qtok,
+        ["Hello", "What is 2+2?"],
+        n=2,
+        max_new_tokens=5,
+        stop=["\n"],
+        generator=torch.Generator().manual_seed(0),
+    )
     k = r.completion_ids.shape[1]
     with torch.no_grad():
         lp = sampling.sequence_logprobs(m, r.input_ids, r.attention_mask, k, temperature=0.7)
@@ -466,30 +635,43 @@ def test_real_qwen3_vocab_sampling_and_logprobs():
 @pytest.mark.gpu
 def test_cuda_bf16_sampling_and_logprobs(tok):
     m = tiny_qwen3().to("cuda", torch.bfloat16)
-    r = sampling.sample(m, tok, ["hello", "a"], n=2, max_new_tokens=8, generator=torch.Generator("cuda").manual_seed(0))
+    r = sampling.sample(
+        m,
+        tok,
+        ["hello", "a"],
+        n=2,
+        max_new_tokens=8,
+        generator=torch.Generator("cuda").manual_seed(0),
+    )
     assert r.completion_ids.device.type == "cuda"
-    lp = sampling.sequence_logprobs(m, r.input_ids, r.attention_mask, r.completion_ids.shape[1], temperature=0.7)
+    lp = sampling.sequence_logprobs(
+        m, r.input_ids, r.attention_mask, r.completion_ids.shape[1], temperature=0.7
+    )
     ref, _ = naive_logprobs(m, r.input_ids, r.attention_mask, r.completion_ids.shape[1], 0.7)
     torch.testing.assert_close(lp, ref, rtol=0, atol=5e-2)  # bf16 hidden states
 
 
-
-
 def test_nucleus_from_a_top_k_equals_the_full_sort():
-    """The CPU shortcut (cut peaked rows from a top-k, sort only the rest) keeps exactly the tokens the full sort
-    keeps, with their probabilities, for peaked rows, flat rows and a mix, at the real vocabulary size."""
+    """The CPU shortcut (cut peaked rows from a top-k, sort only the rest) keeps exactly the tokens
+    the full sort keeps, with their probabilities, for peaked rows, flat rows and a mix, at the real
+    vocabulary size."""
+
     def by_sort(probs, top_p):
         sp, order = probs.sort(-1, descending=True)
-        return torch.zeros_like(probs).scatter_(-1, order, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0))
+        return torch.zeros_like(probs).scatter_(
+            -1, order, sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0)
+        )
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(12, 151_936, generator=g)
-    logits[:7] *= 8.0    # peaked: the nucleus is a few tokens
-    logits[7:] *= 0.02   # nearly flat: the nucleus is most of the vocabulary
+    logits[:7] *= 8.0  # peaked: the nucleus is a few tokens
+    logits[7:] *= 0.02  # nearly flat: the nucleus is most of the vocabulary
     probs = torch.softmax(logits, -1)
     for top_p in (0.3, 0.9, 0.95, 0.999):
         for rows in (slice(0, 7), slice(7, 12), slice(0, 12)):
-            assert torch.equal(sampling._nucleus(probs[rows], top_p), by_sort(probs[rows], top_p)), (top_p, rows)
+            assert torch.equal(
+                sampling._nucleus(probs[rows], top_p), by_sort(probs[rows], top_p)
+            ), (top_p, rows)
 
 
 def test_stop_ids_are_eos_generation_config_and_the_templates_end_of_turn():
@@ -497,17 +679,26 @@ def test_stop_ids_are_eos_generation_config_and_the_templates_end_of_turn():
 
     model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=None))
     tok = toy.load_tokenizer()
-    tok.eos_token = "<|endoftext|>"  # a base model's EOS: the chat template still ends turns with <|im_end|>
-    assert sampling.stop_token_ids(model, tok) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
-    # a template of other strings (Llama 3 style: the end of turn straight after the content, no newline)
-    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_start|>{% endfor %}"
-    assert sampling.stop_token_ids(model, tok) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>"]))
+    tok.eos_token = (
+        "<|endoftext|>"  # a base model's EOS: the chat template still ends turns with <|im_end|>
+    )
+    assert sampling.stop_token_ids(model, tok) == sorted(
+        tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    )
+    # a template of other strings (Llama 3 style: the end of turn straight after the content, no
+    # newline)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_start|>{% endfor %}"
+    )
+    assert sampling.stop_token_ids(model, tok) == sorted(
+        tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>"])
+    )
     tok.chat_template = None  # no template: EOS and the generation config only
     model.generation_config.eos_token_id = [7, 8]
     assert sampling.stop_token_ids(model, tok) == sorted({tok.eos_token_id, 7, 8})
     try:
-        smol = common.load_tokenizer("smollm2")
-    except common.MissingError as e:
+        smol = loading.load_tokenizer("smollm2")
+    except errors.MissingError as e:
         pytest.skip(str(e))
     model.generation_config.eos_token_id = None
     assert smol.convert_ids_to_tokens(sampling.stop_token_ids(model, smol)) == ["<|im_end|>"]

@@ -1,19 +1,33 @@
 """sft_think.py: masks with the real Qwen3 tokenizer, think-token tuning, resume, realism, learning."""
+
 import json
 
 import pytest
 import torch
+from conftest import qwen3_tokenizer_dir, run_script, save_tiny_qwen3
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-import common
+import cli
+import dataio
+import errors
+import loading
 import lora
 import sft_think
 import toy
-from conftest import qwen3_tokenizer_dir, run_script, save_tiny_qwen3
 
-SMALL = ["--toy-train-size", "64", "--eval-size", "8", "--batch-size", "4", "--max-new-tokens", "32",
-         "--eval-every", "0"]
+SMALL = [
+    "--toy-train-size",
+    "64",
+    "--eval-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--max-new-tokens",
+    "32",
+    "--eval-every",
+    "0",
+]
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -41,16 +55,23 @@ def masked_spans(tokenizer, ids, mask):
 @pytest.mark.parametrize("no_think", [False, True])
 def test_real_qwen3_mask_is_exactly_each_assistant_turn(no_think):
     tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
-    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), no_think)
+    ids, mask = sft_think.encode_row(
+        {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), no_think
+    )
     spans = masked_spans(tok, ids, mask)
     if no_think:
         assert spans == ["<think>\n\n</think>\n\n5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
     else:  # interleaved: the first turn keeps its reasoning too (the stock template would drop it)
-        assert spans == ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
-                         "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>"]
+        assert spans == [
+            "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
+        ]
     # the unmasked rest is the system, the users and the role headers
     text = tok.decode(ids)
-    assert text.count("<|im_start|>assistant\n") == 2 and "<|im_start|>user\nAnd 4+4?<|im_end|>" in text
+    assert (
+        text.count("<|im_start|>assistant\n") == 2
+        and "<|im_start|>user\nAnd 4+4?<|im_end|>" in text
+    )
 
 
 def test_toy_and_real_tokenizers_mask_the_same_text():
@@ -58,16 +79,22 @@ def test_toy_and_real_tokenizers_mask_the_same_text():
     small = toy.load_tokenizer()
     spans = []
     for tok in (real, small):
-        ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False)
+        ids, mask = sft_think.encode_row(
+            {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False
+        )
         spans.append(masked_spans(tok, ids, mask))
     assert spans[0] == spans[1]
 
 
 def test_template_that_cannot_be_masked_is_a_clear_error():
-    # a template that rewrites earlier turns (here: a running count in front) has no turn-by-turn mask
-    tok = toy.load_tokenizer(chat_template="{{ messages|length }}{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    # a template that rewrites earlier turns (here: a running count in front) has no turn-by-turn
+    # mask
+    tok = toy.load_tokenizer(
+        chat_template="{{ messages|length }}{% for m in messages %}{{ m.content }}<|im_end|>{% "
+        "endfor %}"
+    )
     template = sft_think.training_template(tok)
-    with pytest.raises(common.ConfigError, match="generation"):
+    with pytest.raises(errors.ConfigError, match="generation"):
         sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, template, False)
 
 
@@ -79,42 +106,58 @@ def test_rows_without_messages_need_no_template_and_any_template_is_masked_turn_
     assert tok.decode(ids) == "ab<|im_end|>" and mask == [1, 1, 1]
     ids, mask = sft_think.encode_row({"prompt": "Q", "completion": "A"}, "x:2", tok, None, False)
     assert mask == [0, 1, 1] and tok.decode(ids) == "QA<|im_end|>"
-    with pytest.raises(common.ConfigError, match="x:3: chat messages need a chat template"):
+    with pytest.raises(errors.ConfigError, match="x:3: chat messages need a chat template"):
         sft_think.encode_row({"messages": CONVERSATION}, "x:3", tok, None, False)
-    # a ChatML template that knows nothing of reasoning_content: the thought goes into the content, masked turn by turn
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    # a ChatML template that knows nothing of reasoning_content: the thought goes into the content,
+    # masked turn by turn
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     template = sft_think.training_template(tok)
     assert template == tok.chat_template
     ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:4", tok, template, False)
-    assert masked_spans(tok, ids, mask) == ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
-                                            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>"]
+    assert masked_spans(tok, ids, mask) == [
+        "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+        "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
+    ]
 
 
 def test_smollm2_messages_mask_and_new_think_tokens():
     try:
-        tok = common.load_tokenizer("smollm2")
-    except common.MissingError as e:
+        tok = loading.load_tokenizer("smollm2")
+    except errors.MissingError as e:
         pytest.skip(str(e))
-    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False)
-    assert masked_spans(tok, ids, mask) == ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
-                                            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>"]
+    ids, mask = sft_think.encode_row(
+        {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False
+    )
+    assert masked_spans(tok, ids, mask) == [
+        "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+        "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
+    ]
     old_pieces = {t: tok(t, add_special_tokens=False)["input_ids"] for t in ("<think>", "</think>")}
     added = sft_think.add_train_tokens(tok, "<think>, </think>")
     assert added == old_pieces and all(len(p) > 1 for p in added.values())
     new_ids = [tok.convert_tokens_to_ids(t) for t in added]
-    assert new_ids == [49152, 49153] and all(tok(t, add_special_tokens=False)["input_ids"] == [i]
-                                             for t, i in zip(added, new_ids))
-    assert tok.decode(new_ids, skip_special_tokens=True) == "<think></think>"  # ordinary tokens: text keeps them
-    model = common.load_model("smollm2", device="cpu")
+    assert new_ids == [49152, 49153] and all(
+        tok(t, add_special_tokens=False)["input_ids"] == [i] for t, i in zip(added, new_ids)
+    )
+    assert (
+        tok.decode(new_ids, skip_special_tokens=True) == "<think></think>"
+    )  # ordinary tokens: text keeps them
+    model = loading.load_model("smollm2", device="cpu")
     before = model.get_input_embeddings().weight.detach().clone()
-    params, rows = sft_think.setup_trainable(model, tok, "<think>,</think>", False, False, 8, 16.0, 0.0, added)
+    params, rows = sft_think.setup_trainable(
+        model, tok, "<think>,</think>", False, False, 8, 16.0, 0.0, added
+    )
     w = model.get_input_embeddings().weight
     assert w.shape[0] == 49154 and model.get_output_embeddings().weight is w and len(params) == 1
     assert rows.tolist() == new_ids and torch.equal(w[:49152], before)
     for i, pieces in zip(new_ids, added.values()):
         assert torch.allclose(w[i], before[pieces].mean(0))
-    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False)
+    ids, mask = sft_think.encode_row(
+        {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False
+    )
     assert ids.count(new_ids[0]) == 2 and ids.count(new_ids[1]) == 2
     x, attn, loss_mask, _ = sft_think.collate([(ids, mask)], tok.pad_token_id, "cpu")
     nll, _ = sft_think.masked_nll_sum(model, x, attn, loss_mask, None, rows)
@@ -126,10 +169,12 @@ def test_smollm2_messages_mask_and_new_think_tokens():
 def test_bad_rows_name_file_and_line():
     tok = toy.load_tokenizer()
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}]
-    with pytest.raises(common.DataError, match=r"data.jsonl:2"):
+    with pytest.raises(errors.DataError, match=r"data.jsonl:2"):
         sft_think.encode_all(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "data.jsonl")
-    with pytest.raises(common.DataError, match=r"data.jsonl:1: .*max-length"):
-        sft_think.encode_all([{"text": "x" * 100}], tok, toy.TRAINING_CHAT_TEMPLATE, False, 50, "data.jsonl")
+    with pytest.raises(errors.DataError, match=r"data.jsonl:1: .*max-length"):
+        sft_think.encode_all(
+            [{"text": "x" * 100}], tok, toy.TRAINING_CHAT_TEMPLATE, False, 50, "data.jsonl"
+        )
 
 
 def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_path):
@@ -138,7 +183,9 @@ def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_pat
     killed = tmp_path / "killed"
     with pytest.raises(AssertionError, match="exited 137"):
         run_script("tests/_kill_after_checkpoint.py", "4", *args, "--out", killed)
-    assert not (killed / "summary.json").exists() and (killed / "checkpoint" / "state.json").exists()
+    assert (
+        not (killed / "summary.json").exists() and (killed / "checkpoint" / "state.json").exists()
+    )
     run_script(*args, "--out", killed, "--resume")
 
     a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", killed))
@@ -155,8 +202,8 @@ def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_pat
     # the adapter loads in PEFT and gives the logits this repo gives
     from peft import PeftModel
 
-    ours = lora.load_adapter(common.load_model("toy"), killed)
-    theirs = PeftModel.from_pretrained(common.load_model("toy"), str(killed))
+    ours = lora.load_adapter(loading.load_model("toy"), killed)
+    theirs = PeftModel.from_pretrained(loading.load_model("toy"), str(killed))
     x = toy.load_tokenizer()("Ann has 12 apples.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert (ours(x).logits - theirs(x).logits).abs().max() < 1e-5
@@ -164,8 +211,18 @@ def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_pat
 
 def test_train_tokens_lowers_loss_and_freezes_everything_else(tmp_path):
     out = tmp_path / "tt"
-    run_script("sft_think.py", *SMALL, "--max-steps", "15", "--lr", "0.05", "--train-tokens", "<think>,</think>",
-               "--out", out)
+    run_script(
+        "sft_think.py",
+        *SMALL,
+        "--max-steps",
+        "15",
+        "--lr",
+        "0.05",
+        "--train-tokens",
+        "<think>,</think>",
+        "--out",
+        out,
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["after"]["val_loss"] < s["before"]["val_loss"] - 0.01, (s["before"], s["after"])
     base = load_file(toy.base_model_dir() / "model.safetensors")
@@ -175,7 +232,9 @@ def test_train_tokens_lowers_loss_and_freezes_everything_else(tmp_path):
     changed = []
     for name, w in base.items():
         if name in tuned and not torch.equal(w, tuned[name]):
-            diff_rows = (w != tuned[name]).reshape(w.shape[0], -1).any(-1).nonzero().flatten().tolist()
+            diff_rows = (
+                (w != tuned[name]).reshape(w.shape[0], -1).any(-1).nonzero().flatten().tolist()
+            )
             changed.append((name, diff_rows))
     assert changed, "nothing trained"
     assert all(sorted(r) and set(r) <= set(rows) for _, r in changed), changed
@@ -186,24 +245,67 @@ def test_init_adapter_is_merged_first_and_recorded_for_the_lineage(tmp_path):
 
     plain, chained = tmp_path / "plain", tmp_path / "chained"
     run_script("sft_think.py", *SMALL, "--max-steps", "1", "--out", plain)
-    run_script("sft_think.py", *SMALL, "--max-steps", "1", "--init-adapter", toy.SFT_ADAPTER_DIR, "--out", chained)
-    before = {d.name: json.loads((d / "summary.json").read_text())["before"]["val_loss"] for d in (plain, chained)}
-    assert before["chained"] < 0.5 * before["plain"], before  # the thinking-SFT adapter was in from step 0
+    run_script(
+        "sft_think.py",
+        *SMALL,
+        "--max-steps",
+        "1",
+        "--init-adapter",
+        toy.SFT_ADAPTER_DIR,
+        "--out",
+        chained,
+    )
+    before = {
+        d.name: json.loads((d / "summary.json").read_text())["before"]["val_loss"]
+        for d in (plain, chained)
+    }
+    assert before["chained"] < 0.5 * before["plain"], (
+        before
+    )  # the thinking-SFT adapter was in from step 0
     assert lora.lineage(str(chained)) == [str(toy.SFT_ADAPTER_DIR), str(chained)]
 
 
 def test_one_step_on_a_real_vocabulary_qwen3(tmp_path):
     model_dir = save_tiny_qwen3(tmp_path / "tiny")
     data = tmp_path / "data.jsonl"
-    common.write_jsonl(data, [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
-                                            {"role": "assistant", "reasoning_content": f"{i} and {i} make {2 * i}.",
-                                             "content": str(2 * i)}]} for i in range(24)])
+    dataio.write_jsonl(
+        data,
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {i}+{i}?"},
+                    {
+                        "role": "assistant",
+                        "reasoning_content": f"{i} and {i} make {2 * i}.",
+                        "content": str(2 * i),
+                    },
+                ]
+            }
+            for i in range(24)
+        ],
+    )
     out = tmp_path / "run"
-    run_script("sft_think.py", "--model", model_dir, "--data", data, "--max-steps", "1", "--batch-size", "4",
-               "--eval-every", "0", "--out", out)
+    run_script(
+        "sft_think.py",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "--out",
+        out,
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["heldout"]["metric"] == "val_loss" and s["heldout"]["after"] > 0
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == model_dir
+    assert (
+        json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == model_dir
+    )
 
 
 @pytest.mark.slow
@@ -215,25 +317,38 @@ def test_default_run_learns_to_think(sft_toy_run):
 
 
 def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
-    # toy/sft_think (grpo.py's default start) is `python sft_think.py` with its defaults (scripts/make_toy_adapters.py)
+    # toy/sft_think (grpo.py's default start) is `python sft_think.py` with its defaults
+    # (scripts/make_toy_adapters.py)
     made_by = json.loads((toy.SFT_ADAPTER_DIR / "made_by.json").read_text())
     assert made_by["command"] == "python sft_think.py"
-    shipped, fresh = (load_file(d / "adapter_model.safetensors") for d in (toy.SFT_ADAPTER_DIR, sft_toy_run))
+    shipped, fresh = (
+        load_file(d / "adapter_model.safetensors") for d in (toy.SFT_ADAPTER_DIR, sft_toy_run)
+    )
     assert shipped.keys() == fresh.keys()
     assert all(shipped[k].shape == fresh[k].shape for k in shipped)
-    # The same held-out accuracy from the command (within 10 problems of 200: an AVX2 CPU measured 0.91 against
-    # the shipped 0.93), and from the shipped adapter itself, on any CPU.
+    # The same held-out accuracy from the command (within 10 problems of 200: an AVX2 CPU measured
+    # 0.91 against the shipped 0.93), and from the shipped adapter itself, on any CPU.
     s = json.loads((sft_toy_run / "summary.json").read_text())
-    assert abs(s["heldout"]["after"] - made_by["heldout"]["after"]) <= 0.05, (s["heldout"], made_by["heldout"])
+    assert abs(s["heldout"]["after"] - made_by["heldout"]["after"]) <= 0.05, (
+        s["heldout"],
+        made_by["heldout"],
+    )
     args = sft_think.Args()
-    _, _, problems = sft_think.load_rows("toy", "", args.seed, args.eval_size, args.toy_difficulty, args.toy_train_size)
-    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    _, _, problems = sft_think.load_rows(
+        "toy", "", args.seed, args.eval_size, args.toy_difficulty, args.toy_train_size
+    )
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
     lora.load_adapter(model, str(toy.SFT_ADAPTER_DIR))
     accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
-    # (greedy decoding of a fixed model: another CPU's rounding may flip a near-tie, hence 3 problems of 200)
-    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (accuracy, made_by["heldout"])
-    # The same weights on the same kind of CPU: the B @ A deltas (A and B alone could drift together). 500 steps
-    # amplify the different roundings of other CPU kernels (AVX2 vs AVX-512 matmuls) far beyond this tolerance.
+    # (greedy decoding of a fixed model: another CPU's rounding may flip a near-tie, hence 3
+    # problems of 200)
+    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (
+        accuracy,
+        made_by["heldout"],
+    )
+    # The same weights on the same kind of CPU: the B @ A deltas (A and B alone could drift
+    # together). 500 steps amplify the different roundings of other CPU kernels (AVX2 vs AVX-512
+    # matmuls) far beyond this tolerance.
     if made_by.get("cpu_capability") != torch.backends.cpu.get_cpu_capability():
         return
     for a_key in [k for k in shipped if "lora_A" in k]:
@@ -244,32 +359,44 @@ def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
 
 
 def test_packing_gives_the_unpacked_loss():
-    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
     rows = toy.arithmetic("test", 6, seed=0, difficulty=[1, 2])
     examples = sft_think.encode_all(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "toy")
     packed_rows = sft_think.pack(examples, 512)
     assert any(len(r) > 1 for r in packed_rows), "nothing was packed"
     with torch.no_grad():
-        alone = sum(float(sft_think.masked_nll_sum(model, *sft_think.collate([e], tok.pad_token_id, "cpu"))[0])
-                    for e in examples)
+        alone = sum(
+            float(
+                sft_think.masked_nll_sum(model, *sft_think.collate([e], tok.pad_token_id, "cpu"))[0]
+            )
+            for e in examples
+        )
         ids, attn, loss_mask, pos = sft_think.collate(packed_rows, tok.pad_token_id, "cpu")
         packed = float(sft_think.masked_nll_sum(model, ids, attn, loss_mask, pos)[0])
-        # what packing did before: one causal mask over the whole row, positions running on across examples
-        crossing = float(sft_think.masked_nll_sum(model, ids, (loss_mask >= 0).long() * (pos >= 0).long(),
-                                                  loss_mask)[0])
+        # what packing did before: one causal mask over the whole row, positions running on across
+        # examples
+        crossing = float(
+            sft_think.masked_nll_sum(
+                model, ids, (loss_mask >= 0).long() * (pos >= 0).long(), loss_mask
+            )[0]
+        )
     assert packed == pytest.approx(alone, rel=1e-4)
     assert abs(crossing - alone) > 1e-3 * alone  # the test would catch attention across examples
 
 
 def test_held_out_split_keeps_file_line_numbers(tmp_path):
     data = tmp_path / "d.jsonl"
-    common.write_jsonl(data, [{"text": f"row {i}"} for i in range(40)])
-    train, held, _ = sft_think.load_rows(str(data), "", seed=0, eval_size=200, toy_difficulty="1", toy_train_size=1)
+    dataio.write_jsonl(data, [{"text": f"row {i}"} for i in range(40)])
+    train, held, _ = sft_think.load_rows(
+        str(data), "", seed=0, eval_size=200, toy_difficulty="1", toy_train_size=1
+    )
     assert sorted(r["_line"] for r in train + held) == list(range(1, 41))
     assert all(r["text"] == f"row {r['_line'] - 1}" for r in train + held)
 
 
-def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(
+    tmp_path, monkeypatch
+):
     real, calls = sft_think.masked_nll_sum, {"train": 0}
 
     def poisoned(model, ids, attn, loss_mask, position_ids=None, head_grad_rows=None):
@@ -281,34 +408,68 @@ def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(
         return nll, n
 
     monkeypatch.setattr(sft_think, "masked_nll_sum", poisoned)
-    args = common.parse_args(sft_think.Args, ["--toy-train-size", "64", "--eval-size", "4", "--batch-size", "4",
-                                              "--max-new-tokens", "8", "--eval-every", "0", "--max-steps", "10",
-                                              "--save-every", "2", "--out", str(tmp_path)])
-    with pytest.raises(common.NonFiniteError, match="3 steps in a row"):
+    args = cli.parse_args(
+        sft_think.Args,
+        [
+            "--toy-train-size",
+            "64",
+            "--eval-size",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--eval-every",
+            "0",
+            "--max-steps",
+            "10",
+            "--save-every",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    with pytest.raises(errors.NonFiniteError, match="3 steps in a row"):
         sft_think.main(args)
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2  # step 4 came in the bad run: no checkpoint there
     saved = torch.load(tmp_path / "checkpoint" / "trainable.pt", weights_only=True)
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2]  # step 5 raised before it was logged
 
 
 def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
-    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
     rows = torch.tensor(tok.convert_tokens_to_ids(["<think>", "</think>"]))
-    examples = sft_think.encode_all(toy.arithmetic("test", 4, seed=0, difficulty=[1]), tok,
-                                    toy.TRAINING_CHAT_TEMPLATE, False, 512, "toy")
+    examples = sft_think.encode_all(
+        toy.arithmetic("test", 4, seed=0, difficulty=[1]),
+        tok,
+        toy.TRAINING_CHAT_TEMPLATE,
+        False,
+        512,
+        "toy",
+    )
     batch = sft_think.collate(examples, tok.pad_token_id, "cpu")[:3]
     head = model.get_output_embeddings()
     grads = []
     for head_rows in (None, rows):
         model.zero_grad(set_to_none=True)
-        hidden = model.get_decoder()(input_ids=batch[0], attention_mask=batch[1]).last_hidden_state.detach()
+        hidden = model.get_decoder()(
+            input_ids=batch[0], attention_mask=batch[1]
+        ).last_hidden_state.detach()
         sel = batch[2][:, 1:].bool()
         from vocab_kernels import linear_token_logprobs
-        (-linear_token_logprobs(hidden[:, :-1][sel], head.weight, batch[0][:, 1:][sel],
-                                weight_grad_rows=head_rows).sum()).backward()
+
+        (
+            -linear_token_logprobs(
+                hidden[:, :-1][sel], head.weight, batch[0][:, 1:][sel], weight_grad_rows=head_rows
+            ).sum()
+        ).backward()
         grads.append(head.weight.grad.clone())
     full, only = grads
     assert torch.allclose(only[rows], full[rows], atol=1e-5) and full[rows].abs().sum() > 0
@@ -318,50 +479,78 @@ def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
 
 
 def test_shipped_instruct_adapter_scores_what_made_by_says():
-    # toy/sft_instruct (rlmt.py's default start): `python sft_think.py --data toy-instructions --max-steps 300`
+    # toy/sft_instruct (rlmt.py's default start): `python sft_think.py --data toy-instructions
+    # --max-steps 300`
     made_by = json.loads((toy.SFT_INSTRUCT_DIR / "made_by.json").read_text())
     assert made_by["command"] == "python sft_think.py --data toy-instructions --max-steps 300"
     args = sft_think.Args()
-    _, _, problems = sft_think.load_rows("toy-instructions", "", args.seed, args.eval_size, "1", args.toy_train_size)
-    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    _, _, problems = sft_think.load_rows(
+        "toy-instructions", "", args.seed, args.eval_size, "1", args.toy_train_size
+    )
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
     base_accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
     lora.load_adapter(model, str(toy.SFT_INSTRUCT_DIR))
-    accuracy, _, texts, per_kind = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)
-    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (accuracy, made_by["heldout"])
+    accuracy, _, texts, per_kind = sft_think.generate_eval(
+        model, tok, problems, args.max_new_tokens
+    )
+    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (
+        accuracy,
+        made_by["heldout"],
+    )
     assert base_accuracy == pytest.approx(made_by["heldout"]["before"], abs=0.015)
-    assert set(per_kind) == {f"accuracy_{k}" for k in ("count", "initials", "max", "reverse", "sort", "upper", "vowels")}
-    assert sum(t.startswith("<think>\n") and "</think>" in t for t in texts) >= 0.9 * len(texts)  # it thinks first
+    assert set(per_kind) == {
+        f"accuracy_{k}" for k in ("count", "initials", "max", "reverse", "sort", "upper", "vowels")
+    }
+    assert sum(t.startswith("<think>\n") and "</think>" in t for t in texts) >= 0.9 * len(
+        texts
+    )  # it thinks first
 
 
 def test_shipped_formats_adapter_scores_what_made_by_says():
-    # toy/sft_formats (an arm of eval_reasoning.py): the default SFT over the three toy answer formats
+    # toy/sft_formats (an arm of eval_reasoning.py): the default SFT over the three toy answer
+    # formats
     made_by = json.loads((toy.SFT_FORMATS_DIR / "made_by.json").read_text())
     assert made_by["command"] == "python sft_think.py --toy-styles gsm8k,math,mc"
     args = sft_think.Args()
-    _, _, problems = sft_think.load_rows("toy", "", args.seed, args.eval_size, args.toy_difficulty,
-                                         args.toy_train_size, "gsm8k,math,mc")
+    _, _, problems = sft_think.load_rows(
+        "toy",
+        "",
+        args.seed,
+        args.eval_size,
+        args.toy_difficulty,
+        args.toy_train_size,
+        "gsm8k,math,mc",
+    )
     assert {p["style"] for p in problems} == {"gsm8k", "math", "mc"}
-    tok, model = toy.load_tokenizer(), common.load_model("toy")
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
     lora.load_adapter(model, str(toy.SFT_FORMATS_DIR))
     accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
-    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (accuracy, made_by["heldout"])
+    assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (
+        accuracy,
+        made_by["heldout"],
+    )
 
 
 def test_shipped_domain_adapters_score_what_made_by_says():
-    # toy/<domain> (karcher_merge.py's inputs): language-model SFT on one domain's documents, every token in the loss.
-    # The held-out loss is re-measured for code (the shortest documents); tests/test_karcher_merge.py checks that
-    # every specialist beats the base on its own domain.
+    # toy/<domain> (karcher_merge.py's inputs): language-model SFT on one domain's documents, every
+    # token in the loss. The held-out loss is re-measured for code (the shortest documents);
+    # tests/test_karcher_merge.py checks that every specialist beats the base on its own domain.
     for d in toy.DOMAIN_ADAPTERS:
         made_by = json.loads((toy.TOY_DIR / d / "made_by.json").read_text())
-        assert made_by["command"] == (f"python sft_think.py --data toy-documents --toy-domains {d} --max-steps 200 "
-                                      "--batch-size 8 --micro-batch-size 8 --max-length 1024")
+        assert made_by["command"] == (
+            f"python sft_think.py --data toy-documents --toy-domains {d} --max-steps 200 "
+            "--batch-size 8 --micro-batch-size 8 --max-length 1024"
+        )
     domain, path = "code", toy.TOY_DIR / "code"
     args = sft_think.Args()
-    train, val, problems = sft_think.load_rows("toy-documents", "", args.seed, args.eval_size, "1", 50,
-                                               toy_domains=domain)
+    train, val, problems = sft_think.load_rows(
+        "toy-documents", "", args.seed, args.eval_size, "1", 50, toy_domains=domain
+    )
     assert problems is None and all(set(r) == {"text"} for r in train + val)
-    tok, model = toy.load_tokenizer(), common.load_model("toy")
-    examples = sft_think.encode_all(val, tok, sft_think.training_template(tok), False, 1024, "toy-documents")
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
+    examples = sft_think.encode_all(
+        val, tok, sft_think.training_template(tok), False, 1024, "toy-documents"
+    )
     assert all(sum(m) >= len(ids) - 1 for ids, m in examples)  # the whole text is trained
     before = sft_think.eval_loss(model, examples, 16, tok.pad_token_id, "cpu")
     lora.load_adapter(model, str(path))
@@ -371,5 +560,5 @@ def test_shipped_domain_adapters_score_what_made_by_says():
 
 
 def test_toy_documents_rejects_an_unknown_domain():
-    with pytest.raises(common.ConfigError, match="--toy-domains"):
+    with pytest.raises(errors.ConfigError, match="--toy-domains"):
         sft_think.load_rows("toy-documents", "", 0, 10, "1", 10, toy_domains="story,poetry")

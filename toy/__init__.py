@@ -17,7 +17,8 @@ shows its metric move.
   with a digit-by-digit scratchpad, GSM8K / MATH / multiple-choice styles, levels 1..5),
   `documents` (story, news, code grammars with checkable facts), `continuations` (prefix / true
   continuation pairs), `instructions` (answers a program computes).
-- `toy.judges`: `AnswerJudge.score` grades an instruction's or a word problem's final answer; `ContinuationJudge.prefer`
+- `toy.judges`: `AnswerJudge.score` grades an instruction's or a word problem's final answer;
+  `ContinuationJudge.prefer`
   says which of two continuations of a document prefix is consistent with it.
 
 Arithmetic answers are graded by `rewards.correct`, as in every training script.
@@ -39,22 +40,103 @@ Commands::
     python -m toy export --out data/           # every task as JSONL in the repo's data schemas
     python -m toy show                         # print one example of every task
 """
-from toy.judges import (AnswerJudge, ContinuationJudge, check_document, detect_domain, facts_thought, parse_arithmetic,
-                        parse_instruction, prompt_text, thinking_continuations)
-from toy.model import (BASE_DIR, CHAT_TEMPLATE, DOMAIN_ADAPTERS, END_THINK_ID, IM_END_ID, IM_START_ID, MODEL_VOCAB_SIZE,
-                       PAD_ID, SFT_ADAPTER_DIR, SFT_FORMATS_DIR, SFT_INSTRUCT_DIR, SPECIAL_TOKENS, STUDENT_DIR, THINK_ID,
-                       TOY_DIR, TRAINING_CHAT_TEMPLATE, VOCAB, base_model_dir, domain_adapter_dirs, load_model,
-                       load_tokenizer, sft_adapter_dir, student_config, student_model_dir, tiny_config)
-from toy.tasks import (DIFFICULTIES, DOMAINS, SPLITS, STYLES, arithmetic, continuations, documents, export,
-                       instructions, parse_levels, scratchpad)
+
+from toy.judges import (
+    AnswerJudge,
+    ContinuationJudge,
+    check_document,
+    detect_domain,
+    facts_thought,
+    parse_arithmetic,
+    parse_instruction,
+    prompt_text,
+    thinking_continuations,
+)
+from toy.model import (
+    BASE_DIR,
+    CHAT_TEMPLATE,
+    DOMAIN_ADAPTERS,
+    END_THINK_ID,
+    IM_END_ID,
+    IM_START_ID,
+    MODEL_VOCAB_SIZE,
+    PAD_ID,
+    SFT_ADAPTER_DIR,
+    SFT_FORMATS_DIR,
+    SFT_INSTRUCT_DIR,
+    SPECIAL_TOKENS,
+    STUDENT_DIR,
+    THINK_ID,
+    TOY_DIR,
+    TRAINING_CHAT_TEMPLATE,
+    VOCAB,
+    base_model_dir,
+    domain_adapter_dirs,
+    load_model,
+    load_tokenizer,
+    sft_adapter_dir,
+    student_config,
+    student_model_dir,
+    tiny_config,
+)
+from toy.tasks import (
+    DIFFICULTIES,
+    DOMAINS,
+    SPLITS,
+    STYLES,
+    arithmetic,
+    continuations,
+    documents,
+    export,
+    instructions,
+    parse_levels,
+    scratchpad,
+)
 
 __all__ = [
-    "AnswerJudge", "ContinuationJudge", "check_document", "detect_domain", "facts_thought", "parse_instruction", "prompt_text",
-    "parse_arithmetic", "thinking_continuations",
-    "BASE_DIR", "CHAT_TEMPLATE", "DOMAIN_ADAPTERS", "END_THINK_ID", "IM_END_ID", "IM_START_ID", "MODEL_VOCAB_SIZE", "PAD_ID",
-    "SFT_ADAPTER_DIR", "SFT_FORMATS_DIR", "SFT_INSTRUCT_DIR", "SPECIAL_TOKENS", "STUDENT_DIR", "THINK_ID", "TOY_DIR", "TRAINING_CHAT_TEMPLATE", "VOCAB",
-    "base_model_dir", "domain_adapter_dirs", "load_model", "load_tokenizer", "sft_adapter_dir", "student_config",
-    "student_model_dir", "tiny_config",
-    "DIFFICULTIES", "DOMAINS", "SPLITS", "STYLES", "arithmetic", "continuations", "documents", "export",
-    "instructions", "parse_levels", "scratchpad",
+    "AnswerJudge",
+    "ContinuationJudge",
+    "check_document",
+    "detect_domain",
+    "facts_thought",
+    "parse_instruction",
+    "prompt_text",
+    "parse_arithmetic",
+    "thinking_continuations",
+    "BASE_DIR",
+    "CHAT_TEMPLATE",
+    "DOMAIN_ADAPTERS",
+    "END_THINK_ID",
+    "IM_END_ID",
+    "IM_START_ID",
+    "MODEL_VOCAB_SIZE",
+    "PAD_ID",
+    "SFT_ADAPTER_DIR",
+    "SFT_FORMATS_DIR",
+    "SFT_INSTRUCT_DIR",
+    "SPECIAL_TOKENS",
+    "STUDENT_DIR",
+    "THINK_ID",
+    "TOY_DIR",
+    "TRAINING_CHAT_TEMPLATE",
+    "VOCAB",
+    "base_model_dir",
+    "domain_adapter_dirs",
+    "load_model",
+    "load_tokenizer",
+    "sft_adapter_dir",
+    "student_config",
+    "student_model_dir",
+    "tiny_config",
+    "DIFFICULTIES",
+    "DOMAINS",
+    "SPLITS",
+    "STYLES",
+    "arithmetic",
+    "continuations",
+    "documents",
+    "export",
+    "instructions",
+    "parse_levels",
+    "scratchpad",
 ]

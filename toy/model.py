@@ -1,5 +1,6 @@
-"""The toy model: character tokenizer with Qwen3's special tokens and chat templates, the Qwen3 configs,
-and the shipped checkpoints (base, distillation student, thinking-SFT adapter)."""
+"""The toy model: character tokenizer with Qwen3's special tokens and chat templates, the Qwen3
+configs, and the shipped checkpoints (base, distillation student, thinking-SFT adapter)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,17 @@ TOY_DIR = Path(__file__).resolve().parent
 BASE_DIR = TOY_DIR / "base"
 STUDENT_DIR = TOY_DIR / "student"
 SFT_ADAPTER_DIR = TOY_DIR / "sft_think"
-SFT_INSTRUCT_DIR = TOY_DIR / "sft_instruct"  # thinking SFT on toy instructions: rlmt.py starts from it
-SFT_FORMATS_DIR = TOY_DIR / "sft_formats"  # thinking SFT over the three answer formats: an evaluation arm
-DOMAIN_ADAPTERS = ("story", "news", "code")  # toy/<domain>: language-model SFT on one domain; karcher_merge.py merges them
+SFT_INSTRUCT_DIR = (
+    TOY_DIR / "sft_instruct"
+)  # thinking SFT on toy instructions: rlmt.py starts from it
+SFT_FORMATS_DIR = (
+    TOY_DIR / "sft_formats"
+)  # thinking SFT over the three answer formats: an evaluation arm
+DOMAIN_ADAPTERS = (
+    "story",
+    "news",
+    "code",
+)  # toy/<domain>: language-model SFT on one domain; karcher_merge.py merges them
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -18,8 +27,13 @@ DOMAIN_ADAPTERS = ("story", "news", "code")  # toy/<domain>: language-model SFT 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # Qwen3 marks <think> and </think> as non-special (they survive skip_special_tokens=True).
-_SPECIAL_FLAG = {"<|endoftext|>": True, "<|im_start|>": True, "<|im_end|>": True,
-                 "<think>": False, "</think>": False}
+_SPECIAL_FLAG = {
+    "<|endoftext|>": True,
+    "<|im_start|>": True,
+    "<|im_end|>": True,
+    "<think>": False,
+    "</think>": False,
+}
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
 VOCAB = SPECIAL_TOKENS + CHARS  # id = position; fixed forever (the shipped base depends on it)
 PAD_ID, IM_START_ID, IM_END_ID, THINK_ID, END_THINK_ID = range(5)
@@ -28,14 +42,16 @@ MODEL_VOCAB_SIZE = 128  # embedding rows: len(VOCAB) = 101 padded to a multiple 
 CHAT_TEMPLATE = (TOY_DIR / "chat_template.jinja").read_text()
 """Qwen3's chat template, byte for byte (from Qwen3's tokenizer_config.json)."""
 TRAINING_CHAT_TEMPLATE = (TOY_DIR / "chat_template_training.jinja").read_text()
-"""Qwen3's template for training: every assistant turn renders `<think>\\n{reasoning}\\n</think>\\n\\n`
-(empty reasoning gives the empty block Qwen3 writes when thinking is off) and its output, from
-`<think>` through `<|im_end|>`, sits in `{% generation %}`; the role header and the newline after
-`<|im_end|>` stay outside (the model never generates them: it stops at `<|im_end|>`)."""
+"""Qwen3's template for training: every assistant turn renders
+`<think>\\n{reasoning}\\n</think>\\n\\n` (empty reasoning gives the empty block Qwen3 writes when
+thinking is off) and its output, from `<think>` through `<|im_end|>`, sits in `{% generation %}`;
+the role header and the newline after `<|im_end|>` stay outside (the model never generates them: it
+stops at `<|im_end|>`)."""
 
 
 def load_tokenizer(chat_template: str | None = None):
-    """The toy character tokenizer as a `PreTrainedTokenizerFast` (eos `<|im_end|>`, pad `<|endoftext|>`)."""
+    """The toy character tokenizer as a `PreTrainedTokenizerFast` (eos `<|im_end|>`, pad
+    `<|endoftext|>`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -43,8 +59,16 @@ def load_tokenizer(chat_template: str | None = None):
     # so spaces and newlines are ordinary characters. Characters outside the vocabulary are dropped.
     core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(VOCAB)}, merges=[]))
     core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS if _SPECIAL_FLAG[t]])
-    core.add_tokens([AddedToken(t, special=False, normalized=False) for t in SPECIAL_TOKENS if not _SPECIAL_FLAG[t]])
+    core.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS if _SPECIAL_FLAG[t]]
+    )
+    core.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t in SPECIAL_TOKENS
+            if not _SPECIAL_FLAG[t]
+        ]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
@@ -67,11 +91,22 @@ def tiny_config(vocab_size: int | None = None):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=vocab_size or MODEL_VOCAB_SIZE, hidden_size=128, intermediate_size=384,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=PAD_ID, eos_token_id=IM_END_ID, pad_token_id=PAD_ID,
-        initializer_range=0.02, use_cache=True,
+        vocab_size=vocab_size or MODEL_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=PAD_ID,
+        eos_token_id=IM_END_ID,
+        pad_token_id=PAD_ID,
+        initializer_range=0.02,
+        use_cache=True,
     )
 
 
@@ -80,11 +115,22 @@ def student_config(vocab_size: int | None = None):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=vocab_size or MODEL_VOCAB_SIZE, hidden_size=64, intermediate_size=192,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=PAD_ID, eos_token_id=IM_END_ID, pad_token_id=PAD_ID,
-        initializer_range=0.02, use_cache=True,
+        vocab_size=vocab_size or MODEL_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=PAD_ID,
+        eos_token_id=IM_END_ID,
+        pad_token_id=PAD_ID,
+        initializer_range=0.02,
+        use_cache=True,
     )
 
 
@@ -95,7 +141,9 @@ def student_config(vocab_size: int | None = None):
 
 def _shipped(path: Path, weights: str, command: str) -> Path:
     if not (path / weights).exists():
-        raise FileNotFoundError(f"{path / weights} is missing; rebuild it with `{command}` from the repo root")
+        raise FileNotFoundError(
+            f"{path / weights} is missing; rebuild it with `{command}` from the repo root"
+        )
     return path
 
 
@@ -111,13 +159,20 @@ def student_model_dir() -> Path:
 
 def sft_adapter_dir() -> Path:
     """The toy base's thinking-SFT LoRA adapter (PEFT format), the starting point of the RL scripts."""
-    return _shipped(SFT_ADAPTER_DIR, "adapter_model.safetensors", "python sft_think.py --out toy/sft_think")
+    return _shipped(
+        SFT_ADAPTER_DIR, "adapter_model.safetensors", "python sft_think.py --out toy/sft_think"
+    )
 
 
 def domain_adapter_dirs() -> list[Path]:
-    """The toy base's per-domain adapters (toy/story, toy/news, toy/code), the inputs of karcher_merge.py."""
-    return [_shipped(TOY_DIR / d, "adapter_model.safetensors", f"python scripts/make_toy_adapters.py {d}")
-            for d in DOMAIN_ADAPTERS]
+    """The toy base's per-domain adapters (toy/story, toy/news, toy/code), the inputs of
+    karcher_merge.py."""
+    return [
+        _shipped(
+            TOY_DIR / d, "adapter_model.safetensors", f"python scripts/make_toy_adapters.py {d}"
+        )
+        for d in DOMAIN_ADAPTERS
+    ]
 
 
 def load_model(path: str | Path | None = None):

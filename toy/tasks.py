@@ -11,6 +11,7 @@ problem's split is a hash of its content, see `_split_of`).
 
 `export` writes every task as JSONL in the repo's data schemas.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,8 @@ TEST_SHARE = 10  # one bucket in ten is held out
 
 
 def _split_of(key: str) -> str:
-    """A problem's split is a function of its content (stable hash), so train and test never share one."""
+    """A problem's split is a function of its content (stable hash), so train and test never share
+    one."""
     bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big") % TEST_SHARE
     return "test" if bucket == 0 else "train"
 
@@ -40,7 +42,8 @@ def _check_split(split: str) -> str:
 
 
 def _rng(task: str, split: str, seed: int) -> random.Random:
-    # one independent stream per (task, split, seed); string seeds hash with sha512, not Python's salted hash
+    # one independent stream per (task, split, seed); string seeds hash with sha512, not Python's
+    # salted hash
     return random.Random(f"{task}/{split}/{seed}")
 
 
@@ -64,15 +67,25 @@ def _generate(task: str, split: str, n: int, seed: int, make, key) -> list[dict]
 
 # level -> (digits of every operand, number of operations, allowed operations)
 DIFFICULTIES = {
-    1: dict(digits=2, steps=1, ops="+"),    # 47+85
-    2: dict(digits=3, steps=1, ops="+-"),   # 347+285, 632-285
-    3: dict(digits=3, steps=2, ops="+-"),   # 347+285-120
-    4: dict(digits=4, steps=2, ops="+-"),   # 4347+2855-1200
-    5: dict(digits=4, steps=3, ops="+-"),   # three operations on 4-digit numbers
+    1: dict(digits=2, steps=1, ops="+"),  # 47+85
+    2: dict(digits=3, steps=1, ops="+-"),  # 347+285, 632-285
+    3: dict(digits=3, steps=2, ops="+-"),  # 347+285-120
+    4: dict(digits=4, steps=2, ops="+-"),  # 4347+2855-1200
+    5: dict(digits=4, steps=3, ops="+-"),  # three operations on 4-digit numbers
 }
 STYLES = ("gsm8k", "math", "mc")
-_PEOPLE = [("Ann", "She"), ("Ben", "He"), ("Kim", "She"), ("Raj", "He"), ("Eva", "She"),
-           ("Tom", "He"), ("Mia", "She"), ("Sam", "He"), ("Zoe", "She"), ("Max", "He")]
+_PEOPLE = [
+    ("Ann", "She"),
+    ("Ben", "He"),
+    ("Kim", "She"),
+    ("Raj", "He"),
+    ("Eva", "She"),
+    ("Tom", "He"),
+    ("Mia", "She"),
+    ("Sam", "He"),
+    ("Zoe", "She"),
+    ("Max", "He"),
+]
 _THINGS = ["apples", "coins", "pens", "books", "shells", "cards", "stamps", "beads", "eggs", "nuts"]
 _ADD = ["gets {} more", "buys {} more", "finds {} more", "wins {} more"]
 _SUB = ["gives away {}", "sells {}", "loses {}", "uses {}"]
@@ -90,7 +103,8 @@ def _column_add(a: int, b: int) -> tuple[list[str], int]:
 
 
 def _column_sub(a: int, b: int) -> tuple[list[str], int]:
-    """Right-to-left columns for a-b (a >= b): `x-y-borrow=d`, or `1x-y-borrow=d` when the column borrows."""
+    """Right-to-left columns for a-b (a >= b): `x-y-borrow=d`, or `1x-y-borrow=d` when the column
+    borrows."""
     da, db, lines, borrow = str(a)[::-1], str(b)[::-1], [], 0
     for i in range(len(da)):
         x, y = int(da[i]), int(db[i]) if i < len(db) else 0
@@ -152,7 +166,15 @@ def _question(rng: random.Random, start: int, ops: list[tuple[str, int]]) -> str
 
 def _distractors(rng: random.Random, answer: int) -> list[int]:
     """Three wrong options that look like slips: a dropped carry, a swapped digit, an off-by-ten."""
-    cands = [answer + 10, answer - 10, answer + 100, answer - 100, answer + 1, answer - 1, answer + 9]
+    cands = [
+        answer + 10,
+        answer - 10,
+        answer + 100,
+        answer - 100,
+        answer + 1,
+        answer - 1,
+        answer + 9,
+    ]
     s = str(answer)
     if len(s) > 1:
         cands.append(int(s[:-2] + s[-1] + s[-2]))  # last two digits swapped
@@ -170,7 +192,9 @@ def parse_levels(text: str | int) -> list[int]:
     try:
         levels = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"difficulty: expected comma-separated levels such as '1,2,3', got {text!r}") from None
+        raise ValueError(
+            f"difficulty: expected comma-separated levels such as '1,2,3', got {text!r}"
+        ) from None
     if not levels:
         raise ValueError(f"difficulty: expected at least one level, got {text!r}")
     return _levels(levels)
@@ -180,12 +204,19 @@ def _levels(difficulty) -> list[int]:
     levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
     for d in levels:
         if d not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be in {sorted(DIFFICULTIES)} (or a list of them), got {d!r}")
+            raise ValueError(
+                f"difficulty must be in {sorted(DIFFICULTIES)} (or a list of them), got {d!r}"
+            )
     return levels
 
 
-def arithmetic(split: str = "train", n: int = 1000, seed: int = 0, difficulty: int | Sequence[int] = 2,
-               style: str = "gsm8k") -> list[dict]:
+def arithmetic(
+    split: str = "train",
+    n: int = 1000,
+    seed: int = 0,
+    difficulty: int | Sequence[int] = 2,
+    style: str = "gsm8k",
+) -> list[dict]:
     """Arithmetic word problems with a digit-by-digit scratchpad.
 
     difficulty: a level of `DIFFICULTIES` or a list of levels (drawn uniformly).
@@ -204,22 +235,35 @@ def arithmetic(split: str = "train", n: int = 1000, seed: int = 0, difficulty: i
         start, ops = _draw_problem(rng, level)
         question = _question(rng, start, ops)
         reasoning, value = scratchpad(start, ops)
-        rec = {"prompt": question, "answer": str(value), "value": str(value), "reasoning": reasoning,
-               "difficulty": level, "style": style, "key": f"{start}" + "".join(f"{o}{x}" for o, x in ops)}
+        rec = {
+            "prompt": question,
+            "answer": str(value),
+            "value": str(value),
+            "reasoning": reasoning,
+            "difficulty": level,
+            "style": style,
+            "key": f"{start}" + "".join(f"{o}{x}" for o, x in ops),
+        }
         if style == "gsm8k":
             final = f"#### {value}"
-        elif style == "math":  # the prompt says so, as MATH-style evaluation prompts do (a model can tell the styles)
+        elif (
+            style == "math"
+        ):  # the prompt says so, as MATH-style evaluation prompts do (a model can tell the styles)
             final = f"\\boxed{{{value}}}"
             rec["prompt"] = question + "\nPut the final answer in \\boxed{}."
         else:
             options = _distractors(rng, value) + [value]
             rng.shuffle(options)
             letter = "ABCD"[options.index(value)]
-            rec["prompt"] = question + "\n" + "\n".join(f"{L}) {o}" for L, o in zip("ABCD", options))
+            rec["prompt"] = (
+                question + "\n" + "\n".join(f"{L}) {o}" for L, o in zip("ABCD", options))
+            )
             rec["answer"], rec["choices"] = letter, [str(o) for o in options]
             final = f"Answer: {letter}"
-        rec["messages"] = [{"role": "user", "content": rec["prompt"]},
-                           {"role": "assistant", "reasoning_content": reasoning, "content": final}]
+        rec["messages"] = [
+            {"role": "user", "content": rec["prompt"]},
+            {"role": "assistant", "reasoning_content": reasoning, "content": final},
+        ]
         return rec
 
     return _generate(f"arithmetic{levels}{style}", split, n, seed, make, key=lambda r: r["key"])
@@ -232,27 +276,117 @@ def arithmetic(split: str = "train", n: int = 1000, seed: int = 0, difficulty: i
 DOMAINS = ("story", "news", "code")
 
 # story: animals count their things; every event is dated and states the counts it leads to
-_S_NAMES = ["Milo", "Lily", "Ruby", "Otto", "Nina", "Finn", "Rosa", "Hugo", "Ivy", "Leo", "Maya", "Theo"]
+_S_NAMES = [
+    "Milo",
+    "Lily",
+    "Ruby",
+    "Otto",
+    "Nina",
+    "Finn",
+    "Rosa",
+    "Hugo",
+    "Ivy",
+    "Leo",
+    "Maya",
+    "Theo",
+]
 _S_ANIMALS = ["fox", "owl", "rabbit", "bear", "mouse", "duck", "frog", "deer", "crow", "hare"]
-_S_PLACES = ["by the river", "in the old forest", "on a green hill", "near the lake", "under a big oak",
-             "at the edge of the meadow"]
-_S_ITEMS = [("acorn", "acorns"), ("apple", "apples"), ("shell", "shells"), ("berry", "berries"),
-            ("stone", "stones"), ("feather", "feathers"), ("nut", "nuts"), ("pebble", "pebbles")]
-_S_WHEN = [f"On {day} {part}" for day in ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
-           for part in ["morning", "afternoon", "evening"]]  # strictly increasing through a story
+_S_PLACES = [
+    "by the river",
+    "in the old forest",
+    "on a green hill",
+    "near the lake",
+    "under a big oak",
+    "at the edge of the meadow",
+]
+_S_ITEMS = [
+    ("acorn", "acorns"),
+    ("apple", "apples"),
+    ("shell", "shells"),
+    ("berry", "berries"),
+    ("stone", "stones"),
+    ("feather", "feathers"),
+    ("nut", "nuts"),
+    ("pebble", "pebbles"),
+]
+_S_WHEN = [
+    f"On {day} {part}"
+    for day in ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+    for part in ["morning", "afternoon", "evening"]
+]  # strictly increasing through a story
 _S_GAIN = ["found", "picked up", "dug up"]
 _S_LOSE = ["lost", "dropped", "ate"]
 # news: a council vote reported minute by minute with a running tally
-_N_CITIES = ["Harbor City", "Riverton", "Oakdale", "Lakeview", "Stonebridge", "Millbrook", "Westfield",
-             "Pine Falls", "Redwater", "Elmstead"]
-_N_PROJECTS = ["library", "bridge", "school", "park", "bus line", "stadium", "clinic", "market hall"]
-_N_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-             "October", "November", "December"]
-_N_FIRST = ["Ada", "Omar", "Grace", "Ivan", "Lena", "Marco", "Priya", "Sam", "Tara", "Victor", "Nora", "Felix"]
-_N_LAST = ["Reyes", "Hale", "Novak", "Okafor", "Brandt", "Chen", "Duarte", "Evans", "Kowal", "Moreau",
-           "Singh", "Larsen"]
-_N_OPINIONS = ["said the {p} was badly needed", "said the {p} would help local shops",
-               "warned that the {p} would take years to build", "asked for more time to study the {p}"]
+_N_CITIES = [
+    "Harbor City",
+    "Riverton",
+    "Oakdale",
+    "Lakeview",
+    "Stonebridge",
+    "Millbrook",
+    "Westfield",
+    "Pine Falls",
+    "Redwater",
+    "Elmstead",
+]
+_N_PROJECTS = [
+    "library",
+    "bridge",
+    "school",
+    "park",
+    "bus line",
+    "stadium",
+    "clinic",
+    "market hall",
+]
+_N_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+_N_FIRST = [
+    "Ada",
+    "Omar",
+    "Grace",
+    "Ivan",
+    "Lena",
+    "Marco",
+    "Priya",
+    "Sam",
+    "Tara",
+    "Victor",
+    "Nora",
+    "Felix",
+]
+_N_LAST = [
+    "Reyes",
+    "Hale",
+    "Novak",
+    "Okafor",
+    "Brandt",
+    "Chen",
+    "Duarte",
+    "Evans",
+    "Kowal",
+    "Moreau",
+    "Singh",
+    "Larsen",
+]
+_N_OPINIONS = [
+    "said the {p} was badly needed",
+    "said the {p} would help local shops",
+    "warned that the {p} would take years to build",
+    "asked for more time to study the {p}",
+]
 # code: small Python-like functions, each followed by a call whose printed value is a comment
 _C_VERBS = ["scale", "mix", "shift", "merge", "count", "blend", "step", "pack", "fold", "spin"]
 _C_NOUNS = ["total", "score", "value", "price", "size", "level", "rate", "sum"]
@@ -273,7 +407,9 @@ def _story_lines(rng: random.Random) -> list[str]:
     who = [f"{n} the {a}" for n, a in zip(names, animals)]
     lines = [f"{', '.join(who[:-1])} and {who[-1]} lived {rng.choice(_S_PLACES)}."]
     count = {n: rng.randint(1, 9) for n in names}
-    held = [f"{names[0]} had {_noun(count[names[0]], item)}"] + [f"{n} had {count[n]}" for n in names[1:]]
+    held = [f"{names[0]} had {_noun(count[names[0]], item)}"] + [
+        f"{n} had {count[n]}" for n in names[1:]
+    ]
     lines.append(f"{', '.join(held[:-1])} and {held[-1]}.")
     n_events = rng.randint(4, 7)
     for e, slot in enumerate(sorted(rng.sample(range(len(_S_WHEN)), n_events))):
@@ -284,20 +420,31 @@ def _story_lines(rng: random.Random) -> list[str]:
         if kind == "gain":
             q = rng.randint(1, 6)
             count[x] += q
-            lines.append(f"{when}, {x} {rng.choice(_S_GAIN)} {_noun(q, item)}, so {x} had {count[x]}.")
+            lines.append(
+                f"{when}, {x} {rng.choice(_S_GAIN)} {_noun(q, item)}, so {x} had {count[x]}."
+            )
         elif kind == "lose":
             q = rng.randint(1, count[x])
             count[x] -= q
-            lines.append(f"{when}, {x} {rng.choice(_S_LOSE)} {_noun(q, item)}, so {x} had {count[x]}.")
+            lines.append(
+                f"{when}, {x} {rng.choice(_S_LOSE)} {_noun(q, item)}, so {x} had {count[x]}."
+            )
         elif kind == "give":
             y = rng.choice([n for n in names if n != x])
             q = rng.randint(1, count[x])
             count[x] -= q
             count[y] += q
-            lines.append(f"{when}, {x} gave {_noun(q, item)} to {y}, so {x} had {count[x]} and {y} had {count[y]}.")
+            lines.append(
+                f"{when}, {x} gave {_noun(q, item)} to {y}, so {x} had {count[x]} and {y} had "
+                f"{count[y]}."
+            )
         else:
             lines.append(f"{when}, they counted {_noun(sum(count.values()), item)} in all.")
-    lines.append(rng.choice(["That night, everyone went to sleep.", f"That night, {names[0]} went to sleep."]))
+    lines.append(
+        rng.choice(
+            ["That night, everyone went to sleep.", f"That night, {names[0]} went to sleep."]
+        )
+    )
     return lines
 
 
@@ -310,10 +457,13 @@ def _news_lines(rng: random.Random) -> list[str]:
     members = rng.choice([5, 7, 9, 11])
     firsts, lasts = rng.sample(_N_FIRST, 3), rng.sample(_N_LAST, 3)
     minute, cost = 9 * 60 + rng.choice([0, 15, 30]), rng.randint(2, 90)
-    lines = [f"{city.upper()}, {rng.choice(_N_MONTHS)} {rng.randint(1, 28)} - "
-             f"The {city} council met to vote on a new {project} costing {cost} million dollars.",
-             f"The council has {members} members, and Mayor {firsts[0]} {lasts[0]} opened the meeting at {_clock(minute)}.",
-             f"Council members {firsts[1]} {lasts[1]} and {firsts[2]} {lasts[2]} spoke first."]
+    lines = [
+        f"{city.upper()}, {rng.choice(_N_MONTHS)} {rng.randint(1, 28)} - "
+        f"The {city} council met to vote on a new {project} costing {cost} million dollars.",
+        f"The council has {members} members, and Mayor {firsts[0]} {lasts[0]} opened the meeting "
+        f"at {_clock(minute)}.",
+        f"Council members {firsts[1]} {lasts[1]} and {firsts[2]} {lasts[2]} spoke first.",
+    ]
     voters = rng.randint(members // 2 + 1, members)
     yes = rng.randint(0, voters)
     events = []  # yes and no votes split into a few timed reports, remarks in between
@@ -339,8 +489,10 @@ def _news_lines(rng: random.Random) -> list[str]:
             y, n = (y + arg, n) if kind == "yes" else (y, n + arg)
             lines.append(f"{at}{_members(arg)} voted {kind}, making the tally {y} to {n}.")
     minute += rng.randint(3, 25)
-    lines.append(f"The vote ended at {_clock(minute)}, and the {project} plan "
-                 f"{'passed' if y > n else 'failed'} {y} to {n}.")
+    lines.append(
+        f"The vote ended at {_clock(minute)}, and the {project} plan "
+        f"{'passed' if y > n else 'failed'} {y} to {n}."
+    )
     return lines
 
 
@@ -364,11 +516,28 @@ def _code_blocks(rng: random.Random) -> list[str]:
         call_at = rng.randrange(len(local_names)) if funcs and rng.random() < 0.6 else -1
         for i, v in enumerate(local_names):
             if i == call_at:
-                body.append((v, rng.choice(sorted(funcs)), prev, unused.pop() if unused else str(rng.randint(1, 5))))
+                body.append(
+                    (
+                        v,
+                        rng.choice(sorted(funcs)),
+                        prev,
+                        unused.pop() if unused else str(rng.randint(1, 5)),
+                    )
+                )
             else:
-                must = len(unused) >= len(local_names) - i  # every parameter and the constant get used
-                other = unused.pop() if unused and (must or rng.random() < 0.5) else str(rng.randint(1, 9))
-                op = "*" if not used_mul and other.isdigit() and int(other) <= 4 and rng.random() < 0.4 else rng.choice("+-")
+                must = (
+                    len(unused) >= len(local_names) - i
+                )  # every parameter and the constant get used
+                other = (
+                    unused.pop()
+                    if unused and (must or rng.random() < 0.5)
+                    else str(rng.randint(1, 9))
+                )
+                op = (
+                    "*"
+                    if not used_mul and other.isdigit() and int(other) <= 4 and rng.random() < 0.4
+                    else rng.choice("+-")
+                )
                 used_mul |= op == "*"
                 body.append((v, prev, op, other))
             prev = v
@@ -410,8 +579,11 @@ def _document(rng: random.Random) -> dict:
     return {"text": sep.join(blocks), "domain": domain, "blocks": blocks, "sep": sep}
 
 
-def documents(split: str = "train", n: int = 1000, seed: int = 0, domains: Sequence[str] = DOMAINS) -> list[dict]:
-    """Documents `{"text", "domain"}` from the story, news and code grammars (uniform over `domains`)."""
+def documents(
+    split: str = "train", n: int = 1000, seed: int = 0, domains: Sequence[str] = DOMAINS
+) -> list[dict]:
+    """Documents `{"text", "domain"}` from the story, news and code grammars (uniform over
+    `domains`)."""
     for d in domains:
         if d not in DOMAINS:
             raise ValueError(f"domain must be in {DOMAINS}, got {d!r}")
@@ -422,13 +594,24 @@ def documents(split: str = "train", n: int = 1000, seed: int = 0, domains: Seque
             if doc["domain"] in domains:
                 return doc
 
-    docs = _generate("documents" + ("" if tuple(domains) == DOMAINS else str(list(domains))), split, n, seed,
-                     make, key=lambda d: d["text"])
+    docs = _generate(
+        "documents" + ("" if tuple(domains) == DOMAINS else str(list(domains))),
+        split,
+        n,
+        seed,
+        make,
+        key=lambda d: d["text"],
+    )
     return [{"text": d["text"], "domain": d["domain"]} for d in docs]
 
 
-def continuations(split: str = "train", n: int = 1000, seed: int = 0, domains: Sequence[str] = DOMAINS,
-                  max_reference_chars: int = 160) -> list[dict]:
+def continuations(
+    split: str = "train",
+    n: int = 1000,
+    seed: int = 0,
+    domains: Sequence[str] = DOMAINS,
+    max_reference_chars: int = 160,
+) -> list[dict]:
     """Prefix / true-continuation pairs `{"prompt", "reference", "domain"}` cut at block boundaries.
 
     The prefix holds at least the opening blocks (the cast, the council, the first function) and
@@ -441,12 +624,23 @@ def continuations(split: str = "train", n: int = 1000, seed: int = 0, domains: S
     for d in docs:
         sep = "\n\n" if d["domain"] == "code" else "\n"
         blocks = d["text"].split(sep)
-        lo = {"code": 2, "story": 2, "news": 3}[d["domain"]]  # the prefix holds the cast (code: the constant and a function)
+        lo = {"code": 2, "story": 2, "news": 3}[
+            d["domain"]
+        ]  # the prefix holds the cast (code: the constant and a function)
         cut = rng.randint(lo, len(blocks) - 1)
         ref = [blocks[cut]]
-        while cut + len(ref) < len(blocks) and len(sep.join(ref + [blocks[cut + len(ref)]])) <= max_reference_chars:
+        while (
+            cut + len(ref) < len(blocks)
+            and len(sep.join(ref + [blocks[cut + len(ref)]])) <= max_reference_chars
+        ):
             ref.append(blocks[cut + len(ref)])
-        out.append({"prompt": sep.join(blocks[:cut]) + sep, "reference": sep.join(ref), "domain": d["domain"]})
+        out.append(
+            {
+                "prompt": sep.join(blocks[:cut]) + sep,
+                "reference": sep.join(ref),
+                "domain": d["domain"],
+            }
+        )
     return out
 
 
@@ -454,9 +648,38 @@ def continuations(split: str = "train", n: int = 1000, seed: int = 0, domains: S
 # Instructions with programmatically checkable answers
 # ----------------------------------------------------------------------------------------------
 
-_WORDS = ["planet", "garden", "silver", "window", "rocket", "candle", "forest", "bridge", "pillow", "marble",
-          "orange", "jacket", "rabbit", "basket", "tunnel", "falcon", "island", "meadow", "copper", "lantern",
-          "river", "stone", "cloud", "apple", "tiger", "music", "paper", "smile", "ocean", "light"]
+_WORDS = [
+    "planet",
+    "garden",
+    "silver",
+    "window",
+    "rocket",
+    "candle",
+    "forest",
+    "bridge",
+    "pillow",
+    "marble",
+    "orange",
+    "jacket",
+    "rabbit",
+    "basket",
+    "tunnel",
+    "falcon",
+    "island",
+    "meadow",
+    "copper",
+    "lantern",
+    "river",
+    "stone",
+    "cloud",
+    "apple",
+    "tiger",
+    "music",
+    "paper",
+    "smile",
+    "ocean",
+    "light",
+]
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -488,7 +711,11 @@ _INSTRUCTIONS = [
     ("upper", "Write in capital letters: {}", r"Write in capital letters: ([a-z ]+)"),
     ("vowels", "Remove the vowels from: {}", r"Remove the vowels from: ([a-z]+)"),
     ("initials", "Join the first letters of: {}", r"Join the first letters of: ([a-z ]+)"),
-    ("count", "How many times does {} appear in {}?", r"How many times does ([a-z]) appear in ([a-z]+)\?"),
+    (
+        "count",
+        "How many times does {} appear in {}?",
+        r"How many times does ([a-z]) appear in ([a-z]+)\?",
+    ),
 ]
 
 
@@ -496,7 +723,12 @@ def _instruction_reasoning(kind: str, arg: str, answer: str) -> str:
     if kind == "reverse":
         return " ".join(arg) + "\nbackwards: " + " ".join(answer)
     if kind in ("sort", "max"):
-        return "numbers: " + ", ".join(arg.split()) + "\nin order: " + ", ".join(sorted(arg.split(), key=int))
+        return (
+            "numbers: "
+            + ", ".join(arg.split())
+            + "\nin order: "
+            + ", ".join(sorted(arg.split(), key=int))
+        )
     if kind == "upper":
         return " ".join(arg) + "\ncapitals: " + " ".join(answer)
     if kind == "vowels":
@@ -507,16 +739,25 @@ def _instruction_reasoning(kind: str, arg: str, answer: str) -> str:
     return " ".join(f"{c}*" if c == letter else c for c in word) + f"\ncount of {letter}: {answer}"
 
 
-def instructions(split: str = "train", n: int = 1000, seed: int = 0, kinds: Sequence[str] | None = None) -> list[dict]:
-    """Instructions `{"prompt", "answer", "kind", "reasoning", "messages"}` whose answer a program checks."""
+def instructions(
+    split: str = "train", n: int = 1000, seed: int = 0, kinds: Sequence[str] | None = None
+) -> list[dict]:
+    """Instructions `{"prompt", "answer", "kind", "reasoning", "messages"}` whose answer a program
+    checks."""
     table = [t for t in _INSTRUCTIONS if kinds is None or t[0] in kinds]
     if not table:
-        raise ValueError(f"no instruction kinds among {kinds}; known: {[t[0] for t in _INSTRUCTIONS]}")
+        raise ValueError(
+            f"no instruction kinds among {kinds}; known: {[t[0] for t in _INSTRUCTIONS]}"
+        )
 
     def make(rng):
         kind, template, _ = rng.choice(table)
         if kind in ("reverse", "vowels"):
-            arg = rng.choice(_WORDS) if rng.random() < 0.5 else "".join(rng.choices(_LETTERS, k=rng.randint(3, 7)))
+            arg = (
+                rng.choice(_WORDS)
+                if rng.random() < 0.5
+                else "".join(rng.choices(_LETTERS, k=rng.randint(3, 7)))
+            )
             prompt = template.format(arg)
         elif kind in ("sort", "max"):
             arg = " ".join(str(rng.randint(1, 99)) for _ in range(rng.randint(3, 6)))
@@ -531,13 +772,25 @@ def instructions(split: str = "train", n: int = 1000, seed: int = 0, kinds: Sequ
             prompt = template.format(letter, word)
         answer = _solve_instruction(kind, arg)
         reasoning = _instruction_reasoning(kind, arg, answer)
-        return {"prompt": prompt, "answer": answer, "kind": kind, "reasoning": reasoning,
-                "messages": [{"role": "user", "content": prompt},
-                             {"role": "assistant", "reasoning_content": reasoning, "content": answer}]}
+        return {
+            "prompt": prompt,
+            "answer": answer,
+            "kind": kind,
+            "reasoning": reasoning,
+            "messages": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "reasoning_content": reasoning, "content": answer},
+            ],
+        }
 
-    return _generate("instructions" + ("" if kinds is None else str(list(kinds))), split, n, seed, make,
-                     key=lambda r: r["prompt"])
-
+    return _generate(
+        "instructions" + ("" if kinds is None else str(list(kinds))),
+        split,
+        n,
+        seed,
+        make,
+        key=lambda r: r["prompt"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,8 +804,13 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     tmp.replace(path)  # atomic: a killed export never leaves a torn file
 
 
-def export(out: str | Path, n_train: int = 5000, n_test: int = 500, seed: int = 0,
-           difficulty: int | Sequence[int] = 2) -> list[Path]:
+def export(
+    out: str | Path,
+    n_train: int = 5000,
+    n_test: int = 500,
+    seed: int = 0,
+    difficulty: int | Sequence[int] = 2,
+) -> list[Path]:
     """Write every task as JSONL in the repo's data schemas; returns the files written.
 
     arithmetic_{train,test}.jsonl (GSM8K style at `difficulty`), arithmetic_d{L}_test.jsonl per
@@ -579,4 +837,3 @@ def export(out: str | Path, n_train: int = 5000, n_test: int = 500, seed: int = 
         paths.append(out / f"{name}.jsonl")
         _write_jsonl(paths[-1], rows)
     return paths
-

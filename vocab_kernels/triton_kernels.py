@@ -1,7 +1,7 @@
 """Triton kernels: one program per row walks the vocabulary in BLOCK-wide slices.
 
-Imported lazily by `vocab_kernels/__init__.py` (only for CUDA tensors or when TRITON_INTERPRET=1, which must be
-set before triton is first imported: `triton.jit` reads it when a kernel is defined).
+Imported lazily by `vocab_kernels/__init__.py` (only for CUDA tensors or when TRITON_INTERPRET=1,
+which must be set before triton is first imported: `triton.jit` reads it when a kernel is defined).
 
 Conservative Triton on purpose, so the same source runs on an H100 and under the CPU interpreter:
 every load is cast to fp32 at once (the interpreter mishandles bf16 arithmetic), row offsets are
@@ -11,6 +11,7 @@ runtime argument may be typed fp64 on some compile paths), and there is no autot
 
 The five row ops follow the contract in `vocab_kernels/chunked.py`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,19 +38,29 @@ def _warps(block: int) -> int:
 
 
 def _on_device_of(t: torch.Tensor):
-    """Triton launches on the *current* CUDA device and stream, not the tensor's: make the tensor's device
-    current for the launch (a tensor on cuda:1 while cuda:0 is current would otherwise be read from the
-    wrong device). Host tensors (the interpreter) need nothing."""
+    """Triton launches on the *current* CUDA device and stream, not the tensor's: make the tensor's
+    device current for the launch (a tensor on cuda:1 while cuda:0 is current would otherwise be
+    read from the wrong device). Host tensors (the interpreter) need nothing."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # token log-probs
 
 
 @triton.jit
-def _logprob_fwd_kernel(z_ptr, z_stride, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V,
-                        INV_T: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr):
+def _logprob_fwd_kernel(
+    z_ptr,
+    z_stride,
+    tgt_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    V,
+    INV_T: tl.constexpr,
+    WANT_ENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Online log-sum-exp (Milakov & Gimelshein 2018): m = running max, d = sum exp(u - m),
     # t = sum (u - m) exp(u - m); lse = m + log d, entropy H = lse - E_p[u] = log d - t / d.
     row = tl.program_id(0).to(tl.int64)
@@ -72,7 +83,9 @@ def _logprob_fwd_kernel(z_ptr, z_stride, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V,
         m = m_new
     lse = m + tl.log(d)
     tgt = tl.load(tgt_ptr + row).to(tl.int64)
-    ok = (tgt >= 0) & (tgt < V)  # an ignore index (e.g. -100) gives logp 0 and never reads out of bounds
+    ok = (tgt >= 0) & (
+        tgt < V
+    )  # an ignore index (e.g. -100) gives logp 0 and never reads out of bounds
     u_t = tl.load(z_row + tl.where(ok, tgt, 0)).to(tl.float32) * INV_T
     tl.store(logp_ptr + row, tl.where(ok, u_t - lse, 0.0))
     tl.store(lse_ptr + row, lse)
@@ -81,10 +94,25 @@ def _logprob_fwd_kernel(z_ptr, z_stride, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V,
 
 
 @triton.jit
-def _logprob_bwd_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, out_ptr, out_stride, V,
-                        INV_T: tl.constexpr, HAS_G: tl.constexpr, HAS_GE: tl.constexpr, BLOCK: tl.constexpr):
+def _logprob_bwd_kernel(
+    z_ptr,
+    z_stride,
+    tgt_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_ptr,
+    ge_ptr,
+    out_ptr,
+    out_stride,
+    V,
+    INV_T: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # u = z / T, p = softmax(u): dlogp_y/du = onehot_y - p; dH/du = -p (log p + H) (from dp_j/du_k =
-    # p_j (1[j=k] - p_k)); both times 1/T for dz. out = g dlogp_y/dz + ge dH/dz (vocab_kernels/chunked.py contract).
+    # p_j (1[j=k] - p_k)); both times 1/T for dz. out = g dlogp_y/dz + ge dH/dz
+    # (vocab_kernels/chunked.py contract).
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     out_row = out_ptr + row * out_stride
@@ -121,8 +149,18 @@ def logprob_stats(z, targets, temperature, want_entropy):
         block = _block(v)
         with _on_device_of(z):
             _logprob_fwd_kernel[(n,)](
-                z, z.stride(0), targets.contiguous(), logp, lse, ent if want_entropy else lse, v,
-                INV_T=1.0 / temperature, WANT_ENT=bool(want_entropy), BLOCK=block, num_warps=_warps(block))
+                z,
+                z.stride(0),
+                targets.contiguous(),
+                logp,
+                lse,
+                ent if want_entropy else lse,
+                v,
+                INV_T=1.0 / temperature,
+                WANT_ENT=bool(want_entropy),
+                BLOCK=block,
+                num_warps=_warps(block),
+            )
     return logp, lse, ent
 
 
@@ -136,10 +174,22 @@ def logprob_grad(z, targets, lse, ent, g, ge, temperature, out):
     dummy = lse
     with _on_device_of(z):
         _logprob_bwd_kernel[(n,)](
-            z, z.stride(0), targets.contiguous(), lse, dummy if ent is None else ent,
-            dummy if g is None else g.contiguous(), dummy if ge is None else ge.contiguous(), out, out.stride(0), v,
-            INV_T=1.0 / temperature, HAS_G=g is not None, HAS_GE=ge is not None, BLOCK=block,
-            num_warps=_warps(block))
+            z,
+            z.stride(0),
+            targets.contiguous(),
+            lse,
+            dummy if ent is None else ent,
+            dummy if g is None else g.contiguous(),
+            dummy if ge is None else ge.contiguous(),
+            out,
+            out.stride(0),
+            v,
+            INV_T=1.0 / temperature,
+            HAS_G=g is not None,
+            HAS_GE=ge is not None,
+            BLOCK=block,
+            num_warps=_warps(block),
+        )
 
 
 def ce_grad(z, targets, lse, out):
@@ -148,7 +198,7 @@ def ce_grad(z, targets, lse, out):
     logprob_grad(z, targets, lse, None, minus_one, None, 1.0, out)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generalized JSD
 
 
@@ -163,12 +213,26 @@ def _log_mix(ls, lt, LOG_BETA: tl.constexpr, LOG_1MBETA: tl.constexpr):
 
 
 @triton.jit
-def _jsd_fwd_kernel(zs_ptr, zs_stride, zt_ptr, zt_stride, jsd_ptr, lse_s_ptr, lse_t_ptr, sq_ptr, V,
-                    INV_T: tl.constexpr, MODE: tl.constexpr, BETA: tl.constexpr, LOG_BETA: tl.constexpr,
-                    LOG_1MBETA: tl.constexpr, BLOCK: tl.constexpr):
+def _jsd_fwd_kernel(
+    zs_ptr,
+    zs_stride,
+    zt_ptr,
+    zt_stride,
+    jsd_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    sq_ptr,
+    V,
+    INV_T: tl.constexpr,
+    MODE: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_1MBETA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # MODE 0: KL(P||Q) (beta 0), 1: KL(Q||P) (beta 1), 2: beta KL(P||M) + (1-beta) KL(Q||M),
-    # P = teacher, Q = student, M = beta P + (1-beta) Q (GKD, arXiv 2306.13649). Two passes: the lse's
-    # first (online, as in _logprob_fwd_kernel), then the divergence sum with log-probs known.
+    # P = teacher, Q = student, M = beta P + (1-beta) Q (GKD, arXiv 2306.13649). Two passes: the
+    # lse's first (online, as in _logprob_fwd_kernel), then the divergence sum with log-probs known.
     row = tl.program_id(0).to(tl.int64)
     s_row = zs_ptr + row * zs_stride
     t_row = zt_ptr + row * zt_stride
@@ -222,9 +286,25 @@ def _jsd_fwd_kernel(zs_ptr, zs_stride, zt_ptr, zt_stride, jsd_ptr, lse_s_ptr, ls
 
 
 @triton.jit
-def _jsd_bwd_kernel(zs_ptr, zs_stride, zt_ptr, zt_stride, lse_s_ptr, lse_t_ptr, sq_ptr, g_ptr, out_ptr, out_stride,
-                    V, INV_T: tl.constexpr, MODE: tl.constexpr, BETA: tl.constexpr, LOG_BETA: tl.constexpr,
-                    LOG_1MBETA: tl.constexpr, BLOCK: tl.constexpr):
+def _jsd_bwd_kernel(
+    zs_ptr,
+    zs_stride,
+    zt_ptr,
+    zt_stride,
+    lse_s_ptr,
+    lse_t_ptr,
+    sq_ptr,
+    g_ptr,
+    out_ptr,
+    out_stride,
+    V,
+    INV_T: tl.constexpr,
+    MODE: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_1MBETA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # dJ/du_j (u = zs / T): MODE 0: q_j - p_j; MODE 1: q_j (log q_j - log p_j - KL(Q||P));
     # MODE 2: (1 - beta) q_j (log q_j - log m_j - KL(Q||M)). Times g / T.
     row = tl.program_id(0).to(tl.int64)
@@ -253,9 +333,13 @@ def _jsd_bwd_kernel(zs_ptr, zs_stride, zt_ptr, zt_stride, lse_s_ptr, lse_t_ptr, 
 
 def _jsd_consts(beta: float, temperature: float) -> dict:
     mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
-    return dict(INV_T=1.0 / temperature, MODE=mode, BETA=float(beta),
-                LOG_BETA=math.log(beta) if mode == 2 else 0.0,
-                LOG_1MBETA=math.log1p(-beta) if mode == 2 else 0.0)
+    return dict(
+        INV_T=1.0 / temperature,
+        MODE=mode,
+        BETA=float(beta),
+        LOG_BETA=math.log(beta) if mode == 2 else 0.0,
+        LOG_1MBETA=math.log1p(-beta) if mode == 2 else 0.0,
+    )
 
 
 def jsd_stats(zs, zt, beta, temperature):
@@ -265,8 +349,20 @@ def jsd_stats(zs, zt, beta, temperature):
     if n:
         block = _block(v)
         with _on_device_of(zs):
-            _jsd_fwd_kernel[(n,)](zs, zs.stride(0), zt, zt.stride(0), jsd, lse_s, lse_t, sq, v,
-                                  BLOCK=block, num_warps=_warps(block), **_jsd_consts(beta, temperature))
+            _jsd_fwd_kernel[(n,)](
+                zs,
+                zs.stride(0),
+                zt,
+                zt.stride(0),
+                jsd,
+                lse_s,
+                lse_t,
+                sq,
+                v,
+                BLOCK=block,
+                num_warps=_warps(block),
+                **_jsd_consts(beta, temperature),
+            )
     return jsd, (lse_s, lse_t, sq)
 
 
@@ -279,12 +375,27 @@ def jsd_grad(zs, zt, stats, g, beta, temperature, out):
     lse_s, lse_t, sq = stats
     block = _block(v)
     with _on_device_of(zs):
-        _jsd_bwd_kernel[(n,)](zs, zs.stride(0), zt, zt.stride(0), lse_s, lse_t, sq, g.contiguous(), out,
-                              out.stride(0), v, BLOCK=block, num_warps=_warps(block), **_jsd_consts(beta, temperature))
+        _jsd_bwd_kernel[(n,)](
+            zs,
+            zs.stride(0),
+            zt,
+            zt.stride(0),
+            lse_s,
+            lse_t,
+            sq,
+            g.contiguous(),
+            out,
+            out.stride(0),
+            v,
+            BLOCK=block,
+            num_warps=_warps(block),
+            **_jsd_consts(beta, temperature),
+        )
 
 
-# ----------------------------------------------------------------------------------------------------
-# public functions (same signatures as vocab_kernels/__init__.py; the chunk drivers are shared with the reference)
+# --------------------------------------------------------------------------------------------------
+# public functions (same signatures as vocab_kernels/__init__.py; the chunk drivers are shared with
+# the reference)
 
 _OPS = sys.modules[__name__]
 
@@ -293,17 +404,40 @@ def token_logprobs(logits, targets, temperature=1.0, return_entropy=False):
     return chunked.token_logprobs(_OPS, logits, targets, temperature, return_entropy)
 
 
-def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, chunk_size=None,
-                          weight_grad_rows=None):
-    return chunked.linear_token_logprobs(_OPS, hidden, weight, targets, temperature, return_entropy, chunk_size,
-                                         weight_grad_rows)
+def linear_token_logprobs(
+    hidden,
+    weight,
+    targets,
+    temperature=1.0,
+    return_entropy=False,
+    chunk_size=None,
+    weight_grad_rows=None,
+):
+    return chunked.linear_token_logprobs(
+        _OPS, hidden, weight, targets, temperature, return_entropy, chunk_size, weight_grad_rows
+    )
 
 
 def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     return chunked.generalized_jsd(_OPS, student_logits, teacher_logits, beta, temperature)
 
 
-def linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.5,
-                           temperature=1.0, chunk_size=None):
-    return chunked.linear_generalized_jsd(_OPS, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                          beta, temperature, chunk_size)
+def linear_generalized_jsd(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    beta=0.5,
+    temperature=1.0,
+    chunk_size=None,
+):
+    return chunked.linear_generalized_jsd(
+        _OPS,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        beta,
+        temperature,
+        chunk_size,
+    )

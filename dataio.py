@@ -1,0 +1,223 @@
+"""Data on disk: JSONL rows checked field by field (errors name file:line and field), strict JSON
+written atomically, the held-out rule every script shares, and the order in which a run visits its
+rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from errors import DataError
+
+
+def _type_ok(value, expected) -> bool:
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in expected:
+        return False  # JSON true is not a number
+    if isinstance(value, int) and float in expected:
+        return True  # JSON 3 is a valid float
+    return isinstance(value, expected)
+
+
+def _check_row(row, where: str, required: Iterable[str], types: dict | None) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field in required:
+        if field not in row:
+            raise DataError(
+                f"{where}: field {field!r}: missing (present: {', '.join(row) or 'none'})"
+            )
+    for field, expected in (types or {}).items():
+        if field in row and not _type_ok(row[field], expected):
+            names = "|".join(
+                t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,))
+            )
+            raise DataError(
+                f"{where}: field {field!r}: expected {names}, got {type(row[field]).__name__}"
+            )
+    return row
+
+
+def iter_jsonl(
+    path: str | os.PathLike, required: Iterable[str] = (), types: dict | None = None
+) -> Iterator[dict]:
+    """Yield one dict per non-blank line, validating required fields and their types (field -> type
+    or tuple)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+                ) from None
+            yield _check_row(row, f"{path}:{lineno}", required, types)
+
+
+def read_jsonl(
+    path: str | os.PathLike, required: Iterable[str] = (), types: dict | None = None
+) -> list[dict]:
+    """All rows of a JSONL file (see iter_jsonl); an empty file is an error, not an empty dataset."""
+    rows = list(iter_jsonl(path, required, types))
+    if not rows:
+        raise DataError(f"{path}: empty file (no JSON lines)")
+    return rows
+
+
+def load_rows(
+    source: str | os.PathLike,
+    split: str = "train",
+    required: Iterable[str] = (),
+    types: dict | None = None,
+) -> list[dict]:
+    """Rows of `--data`: a JSONL file, or a Hugging Face dataset id ("org/name") when `datasets` is
+    installed."""
+    name = str(source)
+    is_hub_id = (
+        not Path(name).exists()
+        and name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and not name.endswith((".jsonl", ".json"))
+    )
+    if not is_hub_id:
+        return read_jsonl(source, required, types)
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(
+            f"{name}: no such file, and it cannot be loaded as a dataset id: `datasets` is not "
+            "installed"
+        )
+    import datasets
+
+    try:
+        rows = [dict(r) for r in datasets.load_dataset(name, split=split)]
+    except Exception as e:  # datasets raises many types; say both things that were tried
+        raise DataError(f"{name}: no such file, and loading it as a dataset failed: {e}") from e
+    return [_check_row(r, f"{name}[{split}] row {i}", required, types) for i, r in enumerate(rows)]
+
+
+def train_and_heldout(data: str, eval_data: str, eval_size: int) -> list[tuple[str, list[dict]]]:
+    """[(source, training rows), (source, held-out rows)] of a user's dataset, each row with its
+    '_line' (for file:line errors): `eval_data` when given (its first `eval_size` rows), else the
+    last tenth of `data` (at most `eval_size` rows, at least one)."""
+    rows = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(data))]
+    if eval_data:
+        held = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(eval_data, split="test"))]
+        return [(data, rows), (eval_data, held[:eval_size])]
+    n_eval = max(1, min(eval_size, len(rows) // 10))
+    if len(rows) <= n_eval:
+        raise DataError(
+            f"{data}: {len(rows)} rows; need more than {n_eval} to hold some out (or pass "
+            "--eval-data)"
+        )
+    return [(data, rows[: len(rows) - n_eval]), (data, rows[len(rows) - n_eval :])]
+
+
+def _finite(x):
+    """`x` with NaN / Infinity floats (in dicts, lists) as None: JSON has none (RFC 8259); strict
+    readers fail."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return [_finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _json_default(x):
+    if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
+        return _finite(x.tolist())
+    if isinstance(x, Path):
+        return str(x)
+    if dataclasses.is_dataclass(x):
+        return _finite(dataclasses.asdict(x))
+    if isinstance(x, torch.dtype):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def _dumps(obj, **kw) -> str:
+    """Strict JSON: non-finite floats written as null (see _finite); allow_nan=False guards the
+    rule."""
+    return json.dumps(
+        _finite(obj), ensure_ascii=False, default=_json_default, allow_nan=False, **kw
+    )
+
+
+_UMASK = os.umask(0)
+
+
+os.umask(_UMASK)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a temp file beside `path`, fsync, then os.replace: readers see the old or the new file,
+    never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(
+            tmp, 0o666 & ~_UMASK
+        )  # mkstemp makes 0600 files; give the usual permissions of a new file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Indented strict JSON (tensors, arrays, paths and dataclasses converted; NaN / Infinity as
+    null), atomically."""
+    atomic_write_text(path, _dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """One JSON object a line, written atomically (the whole file at once)."""
+    atomic_write_text(path, "".join(_dumps(r) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """One line per call, flushed, for logs that grow during a run (a kill can at worst tear the
+    last line)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_dumps(row) + "\n")
+        f.flush()
+
+
+def epoch_indices(
+    n: int, per_step: int, step: int, seed: int, rank: int = 0, world: int = 1
+) -> list[int]:
+    """This rank's share of global batch `step` over n items: one seeded permutation per epoch (so
+    an epoch sees every item once and a resumed run draws the same batches), the step's slice of
+    `per_step` items of it, and of that every world-th item from `rank`."""
+    epoch_len = max(1, n // per_step)
+    epoch, pos = divmod(step, epoch_len)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return order[pos * per_step : (pos + 1) * per_step][rank::world]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of {column: value} as a Markdown table (floats with 4 significant digits)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,405 @@
+"""The life of a training run, shared by every trainer: start (seed, device, run directory),
+evaluate before training or resume from a checkpoint, the optimizer step, metrics, atomic
+checkpoints, and the finish (summary.json and the results table)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dataio import append_jsonl, atomic_write_json, markdown_table, write_jsonl
+from distributed import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    is_distributed,
+    is_main,
+    pick_device,
+)
+from errors import ConfigError, NonFiniteError
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class MetricsLogger:
+    """metrics.jsonl rows {"step", name: value} on rank 0, mirrored to wandb / trackio when asked
+    for. The file is strict JSON: a NaN or infinite metric is written as null (trackers get the
+    float itself)."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        report_to: str | list[str] | None = None,
+        project: str = "post-training",
+        run_name: str | None = None,
+        config: dict | None = None,
+    ):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = is_main()
+        targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        self.backends = []
+        for name in [t for t in targets if t not in ("none", "")] if self.enabled else []:
+            if name not in ("wandb", "trackio"):
+                raise ConfigError(
+                    f"--report-to: unknown tracker {name!r} (choose wandb, trackio or none)"
+                )
+            try:
+                module = __import__(name)
+            except ImportError:
+                raise ConfigError(
+                    f"--report-to {name}: needs the {name} package: pip install {name}"
+                ) from None
+            module.init(project=project, name=run_name, config=config)
+            self.backends.append(module)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {k: _plain(v) for k, v in metrics.items()}
+        append_jsonl(self.path, {"step": step, **row})
+        for module in self.backends:
+            module.log(row, step=step)
+
+    def close(self) -> None:
+        for module in self.backends:
+            module.finish()
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        # numpy's key array as a tensor, so the file loads with torch.load(weights_only=True)
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike, step: int, model, optimizer, scheduler=None, data_state: Any = None
+) -> Path:
+    """Save trainable weights, optimiser, scheduler, RNG and position to out_dir/checkpoint; call on
+    every rank.
+
+    Crash safety: everything goes to checkpoint.tmp; then checkpoint -> checkpoint.old, tmp ->
+    checkpoint, and .old is deleted. At every instant either checkpoint or checkpoint.old is
+    complete (load_checkpoint tries both).
+    """
+    out_dir = Path(out_dir)
+    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
+    rank = dist.get_rank() if is_distributed() else 0
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(
+        _rng_state(), tmp / f"rng_rank{rank}.pt"
+    )  # each rank has its own sampling / dropout streams
+    if is_main():
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(trainable, tmp / "trainable.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    barrier()
+    if is_main():
+        # state.json last: its presence marks a complete checkpoint
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "data_state": data_state,
+                "world_size": dist.get_world_size() if is_distributed() else 1,
+            },
+        )
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    out_dir: str | os.PathLike, model, optimizer=None, scheduler=None
+) -> dict | None:
+    """Restore what save_checkpoint wrote; returns {"step", "data_state"} or None when there is
+    none.
+
+    Also trims out_dir/metrics.jsonl and samples.jsonl to rows with "step" up to the restored step,
+    so a resumed run logs each step once.
+    """
+    out_dir = Path(out_dir)
+    ckpt = next(
+        (
+            d
+            for d in (out_dir / "checkpoint", out_dir / "checkpoint.old")
+            if (d / "state.json").is_file()
+        ),
+        None,
+    )
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    unknown = [n for n in saved if n not in params]
+    if missing or unknown:
+        raise ConfigError(
+            f"{ckpt}: checkpoint does not match the model: missing {missing[:5]}, unknown "
+            f"{unknown[:5]}"
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            if params[name].shape != value.shape:
+                raise ConfigError(
+                    f"{ckpt}: {name}: shape {tuple(value.shape)} != model "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(value)
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+    if scheduler is not None and (ckpt / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    for log in (out_dir / "metrics.jsonl", out_dir / "samples.jsonl"):
+        if is_main() and log.is_file():
+            # rows logged after this checkpoint will be logged again; a torn last line (killed
+            # mid-write) goes too
+            rows = []
+            for line in log.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            write_jsonl(
+                log,
+                [
+                    r
+                    for r in rows
+                    if not isinstance(r, dict)
+                    or not isinstance(r.get("step"), int)
+                    or r["step"] <= state["step"]
+                ],
+            )
+    rank = dist.get_rank() if is_distributed() else 0
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    _set_rng_state(
+        torch.load(rng_file if rng_file.is_file() else ckpt / "rng_rank0.pt", weights_only=True)
+    )
+    return {"step": state["step"], "data_state": state["data_state"]}
+
+
+def prepare_out_dir(out: str | os.PathLike, args: Any = None, resume: bool = False) -> Path:
+    """Create the run directory and record the arguments in args.json (rank 0).
+
+    A fresh run (resume=False) removes the logs and checkpoint an earlier run left there, so
+    metrics.jsonl and samples.jsonl never mix two runs; with resume=True they stay for
+    load_checkpoint and the appends.
+    """
+    out = Path(out)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            (out / "samples.jsonl").unlink(missing_ok=True)
+            for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        if args is not None:
+            atomic_write_json(out / "args.json", args)  # a dataclass is written as its fields
+    barrier()
+    return out
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """Linear warmup to the peak LR, then cosine decay to min_ratio * peak at total_steps
+    (Loshchilov & Hutter)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_mb(device: str | torch.device | None = None) -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU device, else the peak resident set
+    size."""
+    device = torch.device(device) if device is not None else None
+    on_cuda = (
+        device.type == "cuda"
+        if device is not None
+        else torch.cuda.is_available() and torch.cuda.is_initialized()
+    )
+    if on_cuda:
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (
+        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    )  # bytes on macOS, KiB on Linux
+
+
+@dataclass
+class Run:
+    """Where a run is: this process's rank, the world size, its device, the run directory, the start
+    time."""
+
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    t_start: float
+
+
+def start_run(
+    out: str | os.PathLike, args: Any, seed: int, device: str = "auto", resume: bool = False
+) -> Run:
+    """Join torchrun's group (if launched by it), seed everything, pick this rank's device, prepare
+    the run directory (args.json; a fresh run clears the old logs and checkpoint)."""
+
+    t_start = time.perf_counter()
+    rank, world, local_rank = init_distributed()
+    set_seed(seed)
+    dev = pick_device(device, local_rank)
+    return Run(
+        rank=rank,
+        world=world,
+        device=dev,
+        out=prepare_out_dir(out, args, resume=resume),
+        t_start=t_start,
+    )
+
+
+def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: dict) -> dict:
+    """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to samples.jsonl."""
+    samples = metrics.pop("_samples", [])
+    if is_main():
+        for s in samples:
+            append_jsonl(
+                run.out / "samples.jsonl", {"split": "heldout", "stage": stage, "step": step, **s}
+            )
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+    return metrics
+
+
+def resume_or_evaluate(
+    run: Run, resume: bool, model, optimizer, scheduler, evaluate, logger
+) -> tuple[int, dict]:
+    """(first step, data_state). A resumed run continues from its checkpoint, whose data_state keeps
+    the held-out metrics measured before training under "before"; a fresh run measures them now
+    (rank 0), at step 0."""
+    state = load_checkpoint(run.out, model, optimizer, scheduler) if resume else None
+    if state is not None:
+        return state["step"], dict(state["data_state"] or {})
+    before = log_eval(run, logger, 0, "before", evaluate()) if is_main() else None
+    return 0, {"before": before}
+
+
+class OptimizerStep:
+    """The end of every training step: average gradients over ranks, clip, check they are finite,
+    step.
+
+    A non-finite loss or gradient norm skips the update (gradients dropped, optimizer untouched, LR
+    schedule advanced so it stays a function of the step) and is counted in `skipped`;
+    `max_bad_steps` of them in a row
+    raise NonFiniteError. A caller that checkpoints only after good steps keeps its last good checkpoint."""
+
+    def __init__(
+        self, params, optimizer, scheduler=None, max_grad_norm: float = 1.0, max_bad_steps: int = 3
+    ):
+        self.params, self.optimizer, self.scheduler = list(params), optimizer, scheduler
+        self.max_grad_norm, self.max_bad_steps = max_grad_norm, max_bad_steps
+        self.skipped, self.streak = 0, 0
+
+    def __call__(self, loss: float, step: int | None = None) -> dict:
+        for p in (
+            self.params
+        ):  # a parameter no row reached: a zero gradient, so Adam's moments step as they would
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_gradients(self.params)
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        bad = float(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+        ok = all_reduce_sum(bad) == 0  # every rank takes the same decision
+        if ok:
+            self.optimizer.step()
+            self.streak = 0
+        else:
+            self.skipped += 1
+            self.streak += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.streak >= self.max_bad_steps:
+            where = f" (up to step {step})" if step is not None else ""
+            raise NonFiniteError(
+                f"loss or gradient not finite on {self.streak} steps in a row{where}: the run "
+                "stops; "
+                f"the last checkpoint is intact. Lower --lr or check the data, then --resume."
+            )
+        return {"grad_norm": grad_norm, "skipped_steps": self.skipped}
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+
+def finish_run(run: Run, summary: dict, table: dict | None = None) -> dict:
+    """Write summary.json atomically (with wall time and peak memory) and print the run's results
+    table."""
+
+    summary = {
+        **summary,
+        "wall_seconds": time.perf_counter() - run.t_start,
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "world_size": run.world,
+    }
+    atomic_write_json(run.out / "summary.json", summary)
+    if table:
+        print("\n" + markdown_table([table]), flush=True)
+    return summary

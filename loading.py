@@ -1,0 +1,120 @@
+"""Devices, tokenizers and models: a hub id, a local directory, 'toy' (the embedded toy base) or
+'smollm2' (the offline real model, offline.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distributed import pick_device
+from errors import MissingError
+
+
+def _resolve_source(name_or_path: str | os.PathLike) -> str:
+    """ "toy" is the embedded toy base, "smollm2" the offline real model (offline.py); a local
+    directory wins; anything else is a hub id (if online)."""
+    name = str(name_or_path)
+    if name == "toy":
+        import toy  # lazily: scripts pointed at a real model never pay for the toy world
+
+        return str(toy.base_model_dir())
+    if name == "smollm2":
+        import offline
+
+        try:
+            return str(offline.smollm2_dir())
+        except FileNotFoundError as e:
+            raise MissingError(f"cannot load 'smollm2': {e}") from e
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_local = (
+        name.startswith((".", "/", "~")) or name.count("/") > 1
+    )  # hub ids are "name" or "org/name"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if looks_local or offline:
+        tried = f"local directory {str(path.resolve())!r}: not found"
+        hub = (
+            "not a hub id (expected 'org/name')"
+            if looks_local
+            else "hub is offline (HF_HUB_OFFLINE=1)"
+        )
+        raise MissingError(
+            f"cannot load {name!r}: tried {tried}; {hub}. Pass an existing model directory."
+        )
+    return name
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """Tokenizer of a model; "toy" gives the toy char-level tokenizer. Pad falls back to EOS (masks
+    never use it)."""
+    if str(name_or_path) == "toy":
+        import toy
+
+        tok = toy.load_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(
+            _resolve_source(name_or_path), trust_remote_code=trust_remote_code
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+):
+    """A causal LM on `device` (bf16 on CUDA, fp32 on CPU by default); optional 4-bit NF4 base
+    (QLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA (Dettmers et al. 2023, arXiv 2305.14314): NF4 weights, double-quantised scales, bf16
+        # matmuls.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    source = _resolve_source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise MissingError(
+            f"cannot load model {str(name_or_path)!r} (tried {source!r}): {e}"
+        ) from e
+    if not load_in_4bit:
+        model.to(device)
+    if gradient_checkpointing:
+        # use_reentrant=False backpropagates into checkpointed blocks even when their inputs do not
+        # require grad; enable_input_require_grads also covers models whose checkpointing ignores
+        # the flag. LoRA over a frozen base would otherwise get no gradient.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+    return model
