@@ -4,11 +4,15 @@ the docstring under the field), and a UserError becomes one line and exit status
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import textwrap
 import os
 import sys
 import types
 import typing
+from dataclasses import dataclass
 
 from errors import TRACEBACK_ENV, UserError
 
@@ -54,8 +58,9 @@ def _flag_kwargs(tp) -> dict:
 
 def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
     """An instance of dataclass `cls` from the command line: field foo_bar -> --foo-bar, help from
-    metadata."""
+    the docstring under the field (field_docs)."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     doc = description if description is not None else sys.modules[cls.__module__].__doc__
     parser = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
@@ -70,8 +75,80 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
             kwargs["default"] = f.default_factory()
         else:
             kwargs["required"] = True
-        help_text = f.metadata.get("help", " ").replace(
-            "%", "%%"
-        )  # argparse %-formats help strings
+        help_text = docs.get(f.name, " ").replace("%", "%%")  # argparse %-formats help strings
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **kwargs)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` and of the classes it extends (the
+    nearest definition wins): the help text of its flag."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # a class without source (defined in a string): no help
+            continue
+        for field, doc in zip(body, body[1:]):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+@dataclass
+class TrainArgs:
+    """The flags every trainer shares, with the same names and meaning in each. A script's `Args`
+    extends it with the method's own flags, and may redeclare a field here to change its default.
+    None means "filled by the script's DEFAULTS table" (toy world, or a real model on the device)."""
+
+    model: str = "toy"
+    """hub id or local dir of a causal LM; 'toy' = the toy base, 'smollm2' = the offline real model"""
+    data: str = "toy"
+    """training data (JSONL or a hub dataset id); 'toy' = the method's toy task"""
+    init_adapter: str = ""
+    """PEFT adapter(s) merged into the model before a fresh LoRA is added ('' = none)"""
+    out: str = "runs/run"
+    """run directory: args.json, metrics.jsonl, samples.jsonl, the adapter, checkpoint/, summary.json"""
+    seed: int = 0
+    """random seed (data order, LoRA init, sampling)"""
+    lr: float | None = None
+    """peak learning rate (AdamW)"""
+    warmup_ratio: float = 0.1
+    """share of the steps with a linear warmup from 0"""
+    min_lr_ratio: float = 0.1
+    """after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant)"""
+    max_steps: int = 100
+    """optimizer steps"""
+    batch_size: int = 8
+    """prompts or examples per optimizer step per device"""
+    micro_batch_size: int = 32
+    """rows per forward/backward; gradients accumulate over the micro-batches of a step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    lora_r: int | None = None
+    """LoRA rank"""
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 x rank)"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    load_in_4bit: bool | None = None
+    """QLoRA: NF4 base weights (default: on for a real model on CUDA where the card used it)"""
+    gradient_checkpointing: bool | None = None
+    """recompute activations in backward (default: on for a real model on CUDA)"""
+    toy_train_size: int = 4000
+    """toy training rows"""
+    log_completions: int = 2
+    """groups or examples per step written to samples.jsonl"""
+    save_every: int = 50
+    """checkpoint every N steps (for --resume)"""
+    resume: bool = False
+    """continue from <out>/checkpoint"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    report_to: str = ""
+    """also log to wandb or trackio"""

@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -75,178 +75,110 @@ import toy
 
 @dataclass
 class Args:
-    model: str = field(
-        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
-    )
-    data: str = field(
-        default="toy",
-        metadata={
-            "help": "documents: JSONL {'text', 'domain'?} or a dataset id; 'toy' = "
-            "the toy story / news / code documents"
-        },
-    )
-    eval_data: str = field(
-        default="",
-        metadata={
-            "help": "held-out documents (default: the toy test split, or the "
-            "last --eval-size documents of --data)"
-        },
-    )
-    init_adapter: str = field(
-        default="",
-        metadata={
-            "help": "PEFT adapter merged into the model first (the starting "
-            "model, and so the reference and the evaluation's base)"
-        },
-    )
-    out: str = field(default="runs/dpo_online", metadata={"help": "run directory"})
-    seed: int = field(
-        default=0, metadata={"help": "random seed (data order, LoRA init, sampling, ties)"}
-    )
-    prefix_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "tokens of a document shown as the prefix (default 192 toy, 384 hub model)"
-        },
-    )
-    suffix_tokens: int = field(
-        default=128,
-        metadata={
-            "help": "tokens of the original suffix, and new tokens per rollout (the paper: 128)"
-        },
-    )
-    skip_short_documents: bool = field(
-        default=False,
-        metadata={
-            "help": "skip (and count) documents shorter than "
-            "prefix + suffix instead of stopping (always "
-            "on for the toy documents)"
-        },
-    )
-    num_rollouts: int | None = field(
-        default=None,
-        metadata={
-            "help": "K: policy rollouts per prefix, besides the "
-            "original suffix (default 8 toy, 16 hub model)"
-        },
-    )
-    temperature: float = field(
-        default=1.0, metadata={"help": "rollout sampling temperature (the paper: 1.0)"}
-    )
-    stop_at_eos: bool = field(
-        default=False,
-        metadata={
-            "help": "end a rollout at an end-of-text token; by default every rollout is "
-            "--suffix-tokens long, the length "
-            "of the original suffix (on the toy, stopping early let the policy win by writing less)"
-        },
-    )
-    top_p: float = field(
-        default=1.0, metadata={"help": "rollout nucleus sampling (the paper: 1.0)"}
-    )
-    include_original: bool | None = field(
-        default=None,
-        metadata={
-            "help": "the original suffix is a candidate (default: on for a hub model, as in the "
-            "paper; off for the toy, "
-            "whose original suffix is consistent by construction and so is always the chosen one: "
-            "every pair "
-            "is then original-vs-rollout, which moved the toy's win rate far less (README))"
-        },
-    )
-    pairs: Literal["best-worst", "all"] = field(
-        default="best-worst",
-        metadata={
-            "help": "best-worst: one pair per prefix, highest vs lowest score (the paper); all: "
-            "every pair with "
-            "different scores, weighted 1 / pairs per prefix"
-        },
-    )
-    loss: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={"help": "DPO loss"})
-    beta: float = field(
-        default=0.1, metadata={"help": "DPO beta (the paper does not state it; TRL's default 0.1)"}
-    )
-    judge: str = field(
-        default="",
-        metadata={
-            "help": "'toy', an OpenAI-compatible URL, or a model dir / hub id "
-            "(default: toy for toy documents; required otherwise)"
-        },
-    )
-    judge_model: str = field(default="", metadata={"help": "model name sent to the judge server"})
-    judge_concurrency: int = field(default=16, metadata={"help": "judge requests in flight"})
-    judge_timeout: float = field(
-        default=120.0, metadata={"help": "seconds per judge request before a retry"}
-    )
-    judge_retries: int = field(default=3, metadata={"help": "retries of a failed judge request"})
-    judge_max_tokens: int = field(default=512, metadata={"help": "verdict length limit"})
-    judge_verdict: Literal["auto", "logprobs", "generate"] = field(
-        default="auto", metadata={"help": judges.VERDICT_HELP}
-    )
-    judge_temperature: float = field(
-        default=0.0,
-        metadata={
-            "help": "judge sampling temperature (the paper sampled at 1.0; 0 is reproducible)"
-        },
-    )
-    judge_cache: str = field(
-        default="auto",
-        metadata={
-            "help": "JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"
-        },
-    )
-    lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "peak learning rate (AdamW); default 1e-3 toy; hub model "
-            "5e-6 on CUDA, 1e-4 on a CPU"
-        },
-    )
-    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
-    max_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps (default 150 toy, 500 hub model)"}
-    )
-    batch_size: int = field(default=4, metadata={"help": "prefixes per optimizer step per device"})
-    micro_batch_size: int = field(
-        default=32,
-        metadata={"help": "candidate sequences per forward/backward (whole prefixes at a time)"},
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(
-        default=None, metadata={"help": "LoRA rank (default 16 toy or CPU, 64 hub model on CUDA)"}
-    )
-    lora_alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha (default 2 x rank)"}
-    )
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA NF4 base"})
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "recompute activations in backward (default: on for a hub model on CUDA)"
-        },
-    )
-    toy_train_size: int = field(default=4000, metadata={"help": "toy training documents"})
-    eval_size: int = field(default=128, metadata={"help": "held-out prefixes for the win rate"})
-    eval_every: int = field(
-        default=0, metadata={"help": "evaluate every N steps (0 = at the end only)"}
-    )
-    eval_only: str = field(
-        default="",
-        metadata={
-            "help": "evaluate this adapter (or full model dir) against "
-            "--model (+ --init-adapter) and exit"
-        },
-    )
-    log_completions: int = field(
-        default=1, metadata={"help": "prefixes per step written to samples.jsonl"}
-    )
-    save_every: int = field(
-        default=50, metadata={"help": "checkpoint every N steps (for --resume)"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
+    model: str = "toy"
+    """hub id or local dir of a causal LM; 'toy' = the toy base"""
+    data: str = "toy"
+    """documents: JSONL {'text', 'domain'?} or a dataset id; 'toy' = the toy story / news / code
+    documents"""
+    eval_data: str = ""
+    """held-out documents (default: the toy test split, or the last --eval-size documents of --data)
+    """
+    init_adapter: str = ""
+    """PEFT adapter merged into the model first (the starting model, and so the reference and the
+    evaluation's base)"""
+    out: str = "runs/dpo_online"
+    """run directory"""
+    seed: int = 0
+    """random seed (data order, LoRA init, sampling, ties)"""
+    prefix_tokens: int | None = None
+    """tokens of a document shown as the prefix (default 192 toy, 384 hub model)"""
+    suffix_tokens: int = 128
+    """tokens of the original suffix, and new tokens per rollout (the paper: 128)"""
+    skip_short_documents: bool = False
+    """skip (and count) documents shorter than prefix + suffix instead of stopping (always on for
+    the toy documents)"""
+    num_rollouts: int | None = None
+    """K: policy rollouts per prefix, besides the original suffix (default 8 toy, 16 hub model)"""
+    temperature: float = 1.0
+    """rollout sampling temperature (the paper: 1.0)"""
+    stop_at_eos: bool = False
+    """end a rollout at an end-of-text token; by default every rollout is --suffix-tokens long, the
+    length of the original suffix (on the toy, stopping early let the policy win by writing less)"""
+    top_p: float = 1.0
+    """rollout nucleus sampling (the paper: 1.0)"""
+    include_original: bool | None = None
+    """the original suffix is a candidate (default: on for a hub model, as in the paper; off for the
+    toy, whose original suffix is consistent by construction and so is always the chosen one: every
+    pair is then original-vs-rollout, which moved the toy's win rate far less (README))"""
+    pairs: Literal["best-worst", "all"] = "best-worst"
+    """best-worst: one pair per prefix, highest vs lowest score (the paper); all: every pair with
+    different scores, weighted 1 / pairs per prefix"""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO loss"""
+    beta: float = 0.1
+    """DPO beta (the paper does not state it; TRL's default 0.1)"""
+    judge: str = ""
+    """'toy', an OpenAI-compatible URL, or a model dir / hub id (default: toy for toy documents;
+    required otherwise)"""
+    judge_model: str = ""
+    """model name sent to the judge server"""
+    judge_concurrency: int = 16
+    """judge requests in flight"""
+    judge_timeout: float = 120.0
+    """seconds per judge request before a retry"""
+    judge_retries: int = 3
+    """retries of a failed judge request"""
+    judge_max_tokens: int = 512
+    """verdict length limit"""
+    judge_verdict: Literal["auto", "logprobs", "generate"] = "auto"
+    """how a model judge run in this process gives its verdict: logprobs (read from the next-token
+    probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or
+    generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate
+    for a server"""
+    judge_temperature: float = 0.0
+    """judge sampling temperature (the paper sampled at 1.0; 0 is reproducible)"""
+    judge_cache: str = "auto"
+    """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
+    lr: float | None = None
+    """peak learning rate (AdamW); default 1e-3 toy; hub model 5e-6 on CUDA, 1e-4 on a CPU"""
+    warmup_ratio: float = 0.1
+    """share of steps with linear warmup"""
+    max_steps: int | None = None
+    """optimizer steps (default 150 toy, 500 hub model)"""
+    batch_size: int = 4
+    """prefixes per optimizer step per device"""
+    micro_batch_size: int = 32
+    """candidate sequences per forward/backward (whole prefixes at a time)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    lora_r: int | None = None
+    """LoRA rank (default 16 toy or CPU, 64 hub model on CUDA)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 x rank)"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    load_in_4bit: bool = False
+    """QLoRA NF4 base"""
+    gradient_checkpointing: bool | None = None
+    """recompute activations in backward (default: on for a hub model on CUDA)"""
+    toy_train_size: int = 4000
+    """toy training documents"""
+    eval_size: int = 128
+    """held-out prefixes for the win rate"""
+    eval_every: int = 0
+    """evaluate every N steps (0 = at the end only)"""
+    eval_only: str = ""
+    """evaluate this adapter (or full model dir) against --model (+ --init-adapter) and exit"""
+    log_completions: int = 1
+    """prefixes per step written to samples.jsonl"""
+    save_every: int = 50
+    """checkpoint every N steps (for --resume)"""
+    resume: bool = False
+    """continue from <out>/checkpoint"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    report_to: str = ""
+    """also log to wandb or trackio"""
 
 
 def resolve_defaults(args: Args) -> Args:

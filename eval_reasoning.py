@@ -45,7 +45,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -59,9 +59,9 @@ import lifecycle
 import likelihood
 import loading
 import lora
-import rewards
 import sampling
 import serving
+import stats
 import toy
 
 # name -> (hub id, config, split, answer rule); the toy counterparts are toy arithmetic in each
@@ -95,111 +95,65 @@ INSTRUCTION = {
 
 @dataclass
 class Args:
-    model: str = field(
-        default="toy",
-        metadata={"help": "base model: 'toy', a hub id or a local dir (arms build on it)"},
-    )
-    init_adapter: str = field(
-        default="", metadata={"help": "adapter dir(s) 'a+b' under every in-process arm"}
-    )
-    arms: str = field(
-        default="auto",
-        metadata={
-            "help": "name=spec,...; spec '' = the model itself, an adapter dir "
-            "(or dirs joined by '+', merged in order), a model dir, or an http:// URL of an OpenAI-"
-            "compatible server; 'auto' = toy: the base, the shipped thinking-SFT adapters and the "
-            "runs/ "
-            "adapters found; hub: the model alone"
-        },
-    )
-    compare: str = field(
-        default="auto",
-        metadata={"help": "a-b,... arm deltas (a minus b); 'auto' = every arm minus the first"},
-    )
-    benchmarks: str = field(
-        default="auto",
-        metadata={
-            "help": f"comma-separated, of {', '.join(BENCHMARKS)}; "
-            "'auto' = the four toy ones (toy) or the four real ones"
-        },
-    )
-    data: str = field(
-        default="",
-        metadata={
-            "help": "bench=file,...: local JSONL or Parquet in the hub schema "
-            "instead of the hub dataset"
-        },
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={
-            "help": "first N problems (or documents) per benchmark (toy reasoning default 64)"
-        },
-    )
-    num_samples: int = field(default=8, metadata={"help": "k: samples per problem (the card: 8)"})
-    max_new_tokens: int | None = field(
-        default=None, metadata={"help": "per sample (default 512, the card's; toy 160)"}
-    )
-    temperature: float = field(
-        default=0.6, metadata={"help": "sampling temperature (the card: 0.6)"}
-    )
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling (the card: 0.95)"})
-    batch_size: int = field(
-        default=32, metadata={"help": "in-process: problems sampled together (x k rows)"}
-    )
-    server_model: str = field(
-        default="", metadata={"help": "the model name a server arm is asked for (default --model)"}
-    )
-    chat: bool = field(
-        default=False,
-        metadata={
-            "help": "server arms: /v1/chat/completions with the messages instead "
-            "of /v1/completions with the locally rendered prompt"
-        },
-    )
-    concurrency: int = field(default=16, metadata={"help": "server arms: requests in flight"})
-    timeout: float = field(
-        default=600.0, metadata={"help": "server arms: seconds per request before a retry"}
-    )
-    retries: int = field(
-        default=3, metadata={"help": "server arms: retries per request, with exponential backoff"}
-    )
-    use_n: str = field(
-        default="auto",
-        metadata={
-            "help": "server arms: 'auto' (ask for k choices per request, fall "
-            "back to k requests if the server ignores n), 'yes', 'no'"
-        },
-    )
-    answer_timeout: int = field(
-        default=5, metadata={"help": "seconds Math-Verify may spend on one answer"}
-    )
-    answer_workers: int = field(default=2, metadata={"help": "worker processes for Math-Verify"})
-    suite: str = field(
-        default="reasoning",
-        metadata={
-            "help": "'reasoning' or 'likelihood' (lambada_openai, arc_easy, "
-            "piqa scored as lm-evaluation-harness scores them)"
-        },
-    )
-    likelihood_tasks: str = field(
-        default="auto",
-        metadata={
-            "help": "comma-separated; 'auto' = toy_lambada,toy_arc,"
-            "toy_piqa (toy) or lambada_openai,arc_easy,piqa"
-        },
-    )
-    load_in_4bit: bool = field(
-        default=False, metadata={"help": "load in-process arms in 4-bit NF4 (bitsandbytes)"}
-    )
-    out: str = field(
-        default="runs/eval",
-        metadata={"help": "run directory (generations.jsonl is the resumable cache)"},
-    )
-    seed: int = field(
-        default=0, metadata={"help": "seed of the samples, and of GPQA's choice order"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    model: str = "toy"
+    """base model: 'toy', a hub id or a local dir (arms build on it)"""
+    init_adapter: str = ""
+    """adapter dir(s) 'a+b' under every in-process arm"""
+    arms: str = "auto"
+    """name=spec,...; spec '' = the model itself, an adapter dir (or dirs joined by '+', merged in
+    order), a model dir, or an http:// URL of an OpenAI-compatible server; 'auto' = toy: the base,
+    the shipped thinking-SFT adapters and the runs/ adapters found; hub: the model alone"""
+    compare: str = "auto"
+    """a-b,... arm deltas (a minus b); 'auto' = every arm minus the first"""
+    benchmarks: str = "auto"
+    """comma-separated, of gsm8k, math500, gpqa, olympiadbench, toy_gsm8k, toy_math, toy_gpqa,
+    toy_olympiad; 'auto' = the four toy ones (toy) or the four real ones"""
+    data: str = ""
+    """bench=file,...: local JSONL or Parquet in the hub schema instead of the hub dataset"""
+    limit: int | None = None
+    """first N problems (or documents) per benchmark (toy reasoning default 64)"""
+    num_samples: int = 8
+    """k: samples per problem (the card: 8)"""
+    max_new_tokens: int | None = None
+    """per sample (default 512, the card's; toy 160)"""
+    temperature: float = 0.6
+    """sampling temperature (the card: 0.6)"""
+    top_p: float = 0.95
+    """nucleus sampling (the card: 0.95)"""
+    batch_size: int = 32
+    """in-process: problems sampled together (x k rows)"""
+    server_model: str = ""
+    """the model name a server arm is asked for (default --model)"""
+    chat: bool = False
+    """server arms: /v1/chat/completions with the messages instead of /v1/completions with the
+    locally rendered prompt"""
+    concurrency: int = 16
+    """server arms: requests in flight"""
+    timeout: float = 600.0
+    """server arms: seconds per request before a retry"""
+    retries: int = 3
+    """server arms: retries per request, with exponential backoff"""
+    use_n: str = "auto"
+    """server arms: 'auto' (ask for k choices per request, fall back to k requests if the server
+    ignores n), 'yes', 'no'"""
+    answer_timeout: int = 5
+    """seconds Math-Verify may spend on one answer"""
+    answer_workers: int = 2
+    """worker processes for Math-Verify"""
+    suite: str = "reasoning"
+    """'reasoning' or 'likelihood' (lambada_openai, arc_easy, piqa scored as lm-evaluation-harness
+    scores them)"""
+    likelihood_tasks: str = "auto"
+    """comma-separated; 'auto' = toy_lambada,toy_arc,toy_piqa (toy) or lambada_openai,arc_easy,piqa
+    """
+    load_in_4bit: bool = False
+    """load in-process arms in 4-bit NF4 (bitsandbytes)"""
+    out: str = "runs/eval"
+    """run directory (generations.jsonl is the resumable cache)"""
+    seed: int = 0
+    """seed of the samples, and of GPQA's choice order"""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N"""
 
 
 # ---- benchmarks ----------------------------------------------------------------------------------
@@ -362,7 +316,7 @@ def interval(values: list[float]) -> list[float]:
             z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n),
         )
         return [centre - half, centre + half]
-    return rewards.bounded_interval(mean, 1.96 * statistics.stdev(values) / math.sqrt(n))
+    return stats.bounded_interval(mean, 1.96 * statistics.stdev(values) / math.sqrt(n))
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, list[float]]:
@@ -371,7 +325,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float, list[float]]:
     d = [x - y for x, y in zip(a, b)]
     mean = statistics.fmean(d)
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return mean, se, rewards.bounded_interval(mean, 1.96 * se, -1.0, 1.0)
+    return mean, se, stats.bounded_interval(mean, 1.96 * se, -1.0, 1.0)
 
 
 def score_benchmark(samples: dict[str, list[dict]], k: int) -> dict:
@@ -800,10 +754,10 @@ def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> di
                 for key in ("mean_at_k_delta", f"{pk}_delta", "token_delta")
             }
             half = {s: 1.96 * math.sqrt(sum(x * x for x in ses[s])) / B for s in ses}
-            macro["mean_at_k_ci"] = rewards.bounded_interval(
+            macro["mean_at_k_ci"] = stats.bounded_interval(
                 macro["mean_at_k_delta"], half["m"], -1.0, 1.0
             )
-            macro[f"{pk}_ci"] = rewards.bounded_interval(macro[f"{pk}_delta"], half["p"], -1.0, 1.0)
+            macro[f"{pk}_ci"] = stats.bounded_interval(macro[f"{pk}_delta"], half["p"], -1.0, 1.0)
             rows["macro"] = macro
         comparisons[label] = rows
         for bench, r in rows.items():

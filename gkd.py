@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -67,159 +67,99 @@ from vocab_kernels import linear_generalized_jsd, linear_token_logprobs
 
 @dataclass
 class Args:
-    model: str = field(
-        default="toy", metadata={"help": "the student: hub id or local dir; 'toy' = toy/student"}
-    )
-    teacher: str = field(
-        default="auto",
-        metadata={
-            "help": "the teacher: hub id or local dir ('auto' = the toy base for the toy student; "
-            "required otherwise)"
-        },
-    )
-    teacher_adapter: str = field(
-        default="auto",
-        metadata={
-            "help": "PEFT adapter dir(s), joined by '+', merged into the teacher; 'auto' = "
-            "toy/sft_think for the toy "
-            "teacher, none otherwise"
-        },
-    )
-    init_adapter: str = field(
-        default="",
-        metadata={
-            "help": "PEFT adapter dir(s), joined by '+', merged into the student before its fresh "
-            "LoRA (an SFT'd student)"
-        },
-    )
-    data: str = field(
-        default="toy",
-        metadata={
-            "help": "JSONL: {'messages': [...]} (the last turn, the assistant's, is the target), "
-            "{'prompt', "
-            "'completion'?}, optional 'answer' for accuracy; 'toy' = toy arithmetic with its "
-            "scratchpads"
-        },
-    )
-    eval_data: str = field(
-        default="",
-        metadata={
-            "help": "held-out JSONL of the same schema (default: toy test split, "
-            "or the last --eval-size rows of --data)"
-        },
-    )
-    out: str = field(default="runs/gkd", metadata={"help": "run directory"})
-    seed: int = field(
-        default=0, metadata={"help": "random seed (data order, on-policy rows, sampling)"}
-    )
-    loss: Literal["jsd", "sft", "reverse-kl-pg"] = field(
-        default="jsd",
-        metadata={
-            "help": "jsd: generalized JSD (GKD); sft: cross-entropy on the targets; reverse-kl-pg: "
-            "on-policy "
-            "distillation, reverse KL as a per-token reward (every row on-policy)"
-        },
-    )
-    beta: float = field(
-        default=0.5,
-        metadata={
-            "help": "JSD interpolation: 0 = forward KL(teacher||student), "
-            "1 = reverse KL(student||teacher) (TRL's default 0.5)"
-        },
-    )
-    lmbda: float = field(
-        default=0.5,
-        metadata={"help": "share of rows the student writes itself (on-policy); TRL's default 0.5"},
-    )
-    seq_kd: bool = field(
-        default=False,
-        metadata={"help": "off-policy rows use teacher-written targets instead of the data's"},
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={
-            "help": "sampling temperature of the student (and the teacher "
-            "with --seq-kd); TRL's GKD trainer: 0.9"
-        },
-    )
-    loss_temperature: float = field(
-        default=1.0, metadata={"help": "softmax temperature of both models in the loss"}
-    )
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    max_new_tokens: int = field(
-        default=160, metadata={"help": "longest sampled completion (also for evaluation)"}
-    )
-    max_prompt_length: int = field(
-        default=1024, metadata={"help": "longest prompt in tokens; longer is an error"}
-    )
-    max_length: int = field(
-        default=2048, metadata={"help": "longest data target in tokens; longer is an error"}
-    )
-    lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "peak learning rate (AdamW); default 1.5e-3 toy (full), "
-            "1e-4 hub model (LoRA, as tinker-cookbook; also on a CPU)"
-        },
-    )
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "share of steps with linear warmup"}
-    )
-    min_lr_ratio: float = field(
-        default=0.1, metadata={"help": "after warmup, cosine decay to this share of the peak"}
-    )
-    max_steps: int = field(default=1400, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per optimizer step per device"})
-    micro_batch_size: int = field(
-        default=16, metadata={"help": "rows per forward/backward (gradients accumulate)"}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    full: bool | None = field(
-        default=None,
-        metadata={
-            "help": "full fine-tuning of the student instead of LoRA "
-            "(default: on for the toy, off for a hub model)"
-        },
-    )
-    lora_r: int | None = field(
-        default=None,
-        metadata={
-            "help": "LoRA rank (default 128, tinker-cookbook's "
-            "distillation recipe; 16 for a hub model on a CPU)"
-        },
-    )
-    lora_alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha (default 2 x rank)"}
-    )
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the student's base in NF4"})
-    teacher_load_in_4bit: bool = field(
-        default=False,
-        metadata={"help": "the frozen teacher in NF4 (else bf16 on CUDA, fp32 on CPU)"},
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute the student's activations"}
-    )
-    toy_difficulty: str = field(
-        default="1,2,3",
-        metadata={
-            "help": "toy arithmetic level(s), comma-separated, for training and held-out accuracy"
-        },
-    )
-    toy_train_size: int = field(default=4000, metadata={"help": "toy training prompts"})
-    eval_size: int = field(default=200, metadata={"help": "held-out prompts"})
-    eval_every: int = field(
-        default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"}
-    )
-    log_completions: int = field(
-        default=2, metadata={"help": "on-policy rows per step written to samples.jsonl"}
-    )
-    save_every: int = field(
-        default=100, metadata={"help": "checkpoint every N steps (for --resume)"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
+    model: str = "toy"
+    """the student: hub id or local dir; 'toy' = toy/student"""
+    teacher: str = "auto"
+    """the teacher: hub id or local dir ('auto' = the toy base for the toy student; required
+    otherwise)"""
+    teacher_adapter: str = "auto"
+    """PEFT adapter dir(s), joined by '+', merged into the teacher; 'auto' = toy/sft_think for the
+    toy teacher, none otherwise"""
+    init_adapter: str = ""
+    """PEFT adapter dir(s), joined by '+', merged into the student before its fresh LoRA (an SFT'd
+    student)"""
+    data: str = "toy"
+    """JSONL: {'messages': [...]} (the last turn, the assistant's, is the target), {'prompt',
+    'completion'?}, optional 'answer' for accuracy; 'toy' = toy arithmetic with its scratchpads"""
+    eval_data: str = ""
+    """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
+    --data)"""
+    out: str = "runs/gkd"
+    """run directory"""
+    seed: int = 0
+    """random seed (data order, on-policy rows, sampling)"""
+    loss: Literal["jsd", "sft", "reverse-kl-pg"] = "jsd"
+    """jsd: generalized JSD (GKD); sft: cross-entropy on the targets; reverse-kl-pg: on-policy
+    distillation, reverse KL as a per-token reward (every row on-policy)"""
+    beta: float = 0.5
+    """JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher) (TRL's
+    default 0.5)"""
+    lmbda: float = 0.5
+    """share of rows the student writes itself (on-policy); TRL's default 0.5"""
+    seq_kd: bool = False
+    """off-policy rows use teacher-written targets instead of the data's"""
+    temperature: float = 1.0
+    """sampling temperature of the student (and the teacher with --seq-kd); TRL's GKD trainer: 0.9
+    """
+    loss_temperature: float = 1.0
+    """softmax temperature of both models in the loss"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    max_new_tokens: int = 160
+    """longest sampled completion (also for evaluation)"""
+    max_prompt_length: int = 1024
+    """longest prompt in tokens; longer is an error"""
+    max_length: int = 2048
+    """longest data target in tokens; longer is an error"""
+    lr: float | None = None
+    """peak learning rate (AdamW); default 1.5e-3 toy (full), 1e-4 hub model (LoRA, as
+    tinker-cookbook; also on a CPU)"""
+    warmup_ratio: float = 0.05
+    """share of steps with linear warmup"""
+    min_lr_ratio: float = 0.1
+    """after warmup, cosine decay to this share of the peak"""
+    max_steps: int = 1400
+    """optimizer steps"""
+    batch_size: int = 16
+    """prompts per optimizer step per device"""
+    micro_batch_size: int = 16
+    """rows per forward/backward (gradients accumulate)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    full: bool | None = None
+    """full fine-tuning of the student instead of LoRA (default: on for the toy, off for a hub
+    model)"""
+    lora_r: int | None = None
+    """LoRA rank (default 128, tinker-cookbook's distillation recipe; 16 for a hub model on a CPU)
+    """
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 x rank)"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    load_in_4bit: bool = False
+    """QLoRA: the student's base in NF4"""
+    teacher_load_in_4bit: bool = False
+    """the frozen teacher in NF4 (else bf16 on CUDA, fp32 on CPU)"""
+    gradient_checkpointing: bool = False
+    """recompute the student's activations"""
+    toy_difficulty: str = "1,2,3"
+    """toy arithmetic level(s), comma-separated, for training and held-out accuracy"""
+    toy_train_size: int = 4000
+    """toy training prompts"""
+    eval_size: int = 200
+    """held-out prompts"""
+    eval_every: int = 0
+    """evaluate every N steps (0 = before and after only)"""
+    log_completions: int = 2
+    """on-policy rows per step written to samples.jsonl"""
+    save_every: int = 100
+    """checkpoint every N steps (for --resume)"""
+    resume: bool = False
+    """continue from <out>/checkpoint"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    report_to: str = ""
+    """also log to wandb or trackio"""
 
 
 def resolve_defaults(args: Args) -> Args:

@@ -46,7 +46,7 @@ Run:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -66,215 +66,115 @@ import toy
 
 @dataclass
 class Args:
-    model: str = field(
-        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
-    )
-    task: Literal["verifiable", "continuation"] = field(
-        default="verifiable",
-        metadata={
-            "help": "verifiable: prompts with answers; continuation: document prefixes, similarity "
-            "to the true continuation"
-        },
-    )
-    data: str = field(
-        default="toy",
-        metadata={
-            "help": "JSONL: {'prompt': str|messages, 'answer'?, 'reference'?, 'domain'?} or "
-            "documents {'text', 'domain'?}; "
-            "'toy' = toy arithmetic (verifiable) or toy documents (continuation)"
-        },
-    )
-    eval_data: str = field(
-        default="",
-        metadata={
-            "help": "held-out JSONL of the same schema (default: toy test split, "
-            "or the last --eval-size rows of --data)"
-        },
-    )
-    init_adapter: str = field(
-        default="auto",
-        metadata={
-            "help": "PEFT adapter merged into the model before a fresh LoRA is added (the "
-            "reference policy is then the "
-            "merged model); 'auto' = the shipped toy thinking-SFT adapter (toy/sft_think) for the "
-            "toy "
-            "verifiable task, none otherwise; '' = none"
-        },
-    )
-    reward: str = field(
-        default="",
-        metadata={
-            "help": "reward spec 'name:weight,...' from rewards.py (default: verifiable "
-            "'correct:1.0,format:0.1'; "
-            "continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"
-        },
-    )
-    out: str = field(default="runs/grpo", metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "peak learning rate (AdamW); default 3e-4 toy; hub model "
-            "1e-5 on CUDA, 1e-4 on a CPU"
-        },
-    )
-    warmup_ratio: float = field(
-        default=0.1,
-        metadata={
-            "help": "share of steps with linear warmup from 0 (Adam's first steps move every LoRA "
-            "weight by about lr "
-            "whatever its gradient: without warmup they undid the SFT model on the toy)"
-        },
-    )
-    min_lr_ratio: float = field(
-        default=0.1,
-        metadata={
-            "help": "after warmup, cosine decay to this share of the peak LR (1.0 keeps it "
-            "constant, as DAPO and verl do)"
-        },
-    )
-    max_steps: int = field(
-        default=300,
-        metadata={"help": "optimizer steps (a generation batch lasts --num-iterations steps)"},
-    )
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "prompts per optimizer step per device (x num-generations completions)"},
-    )
-    num_generations: int = field(
-        default=8, metadata={"help": "G: completions per prompt (a group)"}
-    )
-    micro_batch_size: int = field(
-        default=32,
-        metadata={
-            "help": "rows per forward/backward; gradients accumulate over "
-            "the generation batch's micro-batches"
-        },
-    )
-    max_completion_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "new tokens per completion, also dr_grpo's constant (default: 128 verifiable, "
-            "--continuation-tokens "
-            "for continuation, so completion and reference are windows of the same length)"
-        },
-    )
-    max_prompt_length: int = field(
-        default=1024, metadata={"help": "longest prompt in tokens; longer is an error"}
-    )
-    temperature: float | None = field(
-        default=None,
-        metadata={
-            "help": "sampling temperature; log-probs use the same T "
-            "(default 0.5 toy, 1.0 hub model)"
-        },
-    )
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    scale_rewards: Literal["group", "batch", "none"] = field(
-        default="group",
-        metadata={
-            "help": "divide advantages by the group std, the batch std, or not at all (Dr. GRPO)"
-        },
-    )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(
-        default="dapo",
-        metadata={
-            "help": "token aggregation: grpo per-sequence mean; bnpo micro-batch token mean; "
-            "dr_grpo / (rows x "
-            "max-completion-length); dapo / tokens of the whole generation batch"
-        },
-    )
-    epsilon: float = field(default=0.2, metadata={"help": "clip range below: rho >= 1 - epsilon"})
-    epsilon_high: float | None = field(
-        default=None,
-        metadata={"help": "clip range above (DAPO clip-higher: 0.28); default = --epsilon"},
-    )
-    beta: float = field(
-        default=0.0,
-        metadata={
-            "help": "k3 KL coefficient against the reference (LoRA off); 0 skips the reference pass"
-        },
-    )
-    num_iterations: int = field(
-        default=1,
-        metadata={
-            "help": "optimizer steps per generation batch (mu); > 1 stores "
-            "old log-probs and makes the ratio and clipping matter"
-        },
-    )
-    mask_truncated_completions: bool = field(
-        default=False,
-        metadata={"help": "drop completions that hit --max-completion-length from the loss"},
-    )
-    update_all_rows: bool = field(
-        default=False,
-        metadata={
-            "help": "forward/backward every completion in the update, also those with advantage 0 "
-            "(without --beta they add "
-            "exactly 0 to the gradient, so by default they are skipped except for bnpo; set it for "
-            "like-for-like "
-            "timings, or to log entropy over all completions)"
-        },
-    )
-    mara_tau: float | None = field(
-        default=None,
-        metadata={"help": "MARA reward threshold tau (needs --beta > 0); default: off"},
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    lora_r: int | None = field(
-        default=None,
-        metadata={
-            "help": "LoRA rank (default 16 toy or CPU, 128 hub model on "
-            "CUDA as in Lambent/Qwen3-4B-Base-Continued-GRPO)"
-        },
-    )
-    lora_alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha (default 2 x rank)"}
-    )
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    load_in_4bit: bool | None = field(
-        default=None,
-        metadata={"help": "QLoRA NF4 base (default: on for a hub model on CUDA, else off)"},
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "recompute activations in backward (default: on for a hub model on CUDA)"
-        },
-    )
-    prefix_tokens: int = field(
-        default=96,
-        metadata={"help": "continuation on documents ({'text'} rows, toy): prefix tokens"},
-    )
-    continuation_tokens: int = field(
-        default=64, metadata={"help": "continuation on documents: reference tokens"}
-    )
-    toy_difficulty: str = field(
-        default="3",
-        metadata={
-            "help": "toy arithmetic level(s), comma-separated, for training and held-out accuracy"
-        },
-    )
-    toy_train_size: int = field(default=4000, metadata={"help": "toy training prompts"})
-    eval_size: int = field(default=200, metadata={"help": "held-out prompts"})
-    eval_samples: int = field(
-        default=4, metadata={"help": "k: samples per held-out prompt at --temperature (Mean@k)"}
-    )
-    eval_every: int = field(
-        default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"}
-    )
-    log_completions: int = field(
-        default=2, metadata={"help": "groups per step written to samples.jsonl"}
-    )
-    save_every: int = field(
-        default=50, metadata={"help": "checkpoint every N steps (for --resume)"}
-    )
-    save_merged: bool = field(
-        default=False, metadata={"help": "also save the merged full model to <out>/model"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
+    model: str = "toy"
+    """hub id or local dir of a causal LM; 'toy' = the toy base"""
+    task: Literal["verifiable", "continuation"] = "verifiable"
+    """verifiable: prompts with answers; continuation: document prefixes, similarity to the true
+    continuation"""
+    data: str = "toy"
+    """JSONL: {'prompt': str|messages, 'answer'?, 'reference'?, 'domain'?} or documents {'text',
+    'domain'?}; 'toy' = toy arithmetic (verifiable) or toy documents (continuation)"""
+    eval_data: str = ""
+    """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
+    --data)"""
+    init_adapter: str = "auto"
+    """PEFT adapter merged into the model before a fresh LoRA is added (the reference policy is then
+    the merged model); 'auto' = the shipped toy thinking-SFT adapter (toy/sft_think) for the toy
+    verifiable task, none otherwise; '' = none"""
+    reward: str = ""
+    """reward spec 'name:weight,...' from rewards.py (default: verifiable 'correct:1.0,format:0.1';
+    continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"""
+    out: str = "runs/grpo"
+    """run directory"""
+    seed: int = 0
+    """random seed (data order, LoRA init, sampling)"""
+    lr: float | None = None
+    """peak learning rate (AdamW); default 3e-4 toy; hub model 1e-5 on CUDA, 1e-4 on a CPU"""
+    warmup_ratio: float = 0.1
+    """share of steps with linear warmup from 0 (Adam's first steps move every LoRA weight by about
+    lr whatever its gradient: without warmup they undid the SFT model on the toy)"""
+    min_lr_ratio: float = 0.1
+    """after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant, as DAPO and
+    verl do)"""
+    max_steps: int = 300
+    """optimizer steps (a generation batch lasts --num-iterations steps)"""
+    batch_size: int = 8
+    """prompts per optimizer step per device (x num-generations completions)"""
+    num_generations: int = 8
+    """G: completions per prompt (a group)"""
+    micro_batch_size: int = 32
+    """rows per forward/backward; gradients accumulate over the generation batch's micro-batches"""
+    max_completion_length: int | None = None
+    """new tokens per completion, also dr_grpo's constant (default: 128 verifiable,
+    --continuation-tokens for continuation, so completion and reference are windows of the same
+    length)"""
+    max_prompt_length: int = 1024
+    """longest prompt in tokens; longer is an error"""
+    temperature: float | None = None
+    """sampling temperature; log-probs use the same T (default 0.5 toy, 1.0 hub model)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group std, the batch std, or not at all (Dr. GRPO)"""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """token aggregation: grpo per-sequence mean; bnpo micro-batch token mean; dr_grpo / (rows x
+    max-completion-length); dapo / tokens of the whole generation batch"""
+    epsilon: float = 0.2
+    """clip range below: rho >= 1 - epsilon"""
+    epsilon_high: float | None = None
+    """clip range above (DAPO clip-higher: 0.28); default = --epsilon"""
+    beta: float = 0.0
+    """k3 KL coefficient against the reference (LoRA off); 0 skips the reference pass"""
+    num_iterations: int = 1
+    """optimizer steps per generation batch (mu); > 1 stores old log-probs and makes the ratio and
+    clipping matter"""
+    mask_truncated_completions: bool = False
+    """drop completions that hit --max-completion-length from the loss"""
+    update_all_rows: bool = False
+    """forward/backward every completion in the update, also those with advantage 0 (without --beta
+    they add exactly 0 to the gradient, so by default they are skipped except for bnpo; set it for
+    like-for-like timings, or to log entropy over all completions)"""
+    mara_tau: float | None = None
+    """MARA reward threshold tau (needs --beta > 0); default: off"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    lora_r: int | None = None
+    """LoRA rank (default 16 toy or CPU, 128 hub model on CUDA as in
+    Lambent/Qwen3-4B-Base-Continued-GRPO)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 x rank)"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    load_in_4bit: bool | None = None
+    """QLoRA NF4 base (default: on for a hub model on CUDA, else off)"""
+    gradient_checkpointing: bool | None = None
+    """recompute activations in backward (default: on for a hub model on CUDA)"""
+    prefix_tokens: int = 96
+    """continuation on documents ({'text'} rows, toy): prefix tokens"""
+    continuation_tokens: int = 64
+    """continuation on documents: reference tokens"""
+    toy_difficulty: str = "3"
+    """toy arithmetic level(s), comma-separated, for training and held-out accuracy"""
+    toy_train_size: int = 4000
+    """toy training prompts"""
+    eval_size: int = 200
+    """held-out prompts"""
+    eval_samples: int = 4
+    """k: samples per held-out prompt at --temperature (Mean@k)"""
+    eval_every: int = 0
+    """evaluate every N steps (0 = before and after only)"""
+    log_completions: int = 2
+    """groups per step written to samples.jsonl"""
+    save_every: int = 50
+    """checkpoint every N steps (for --resume)"""
+    save_merged: bool = False
+    """also save the merged full model to <out>/model"""
+    resume: bool = False
+    """continue from <out>/checkpoint"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    report_to: str = ""
+    """also log to wandb or trackio"""
 
 
 def resolve_defaults(args: Args) -> Args:

@@ -141,12 +141,6 @@ MIN_VERDICT_MASS = (
     1e-3  # answer tokens with less of the next-token probability than this: invalid, never guessed
 )
 VERDICT_MODES = ("auto", "logprobs", "generate")
-VERDICT_HELP = (
-    "how a model judge run in this process gives its verdict: logprobs (read from the next-token "
-    "probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or "
-    "generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate "
-    "for a server"
-)
 _SCORE_LINE = re.compile(r"score\s*:\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?", re.IGNORECASE)
 _CONCLUSION = re.compile(r"conclusion\W*option\W*([12])\b", re.IGNORECASE)
 

@@ -78,96 +78,55 @@ import toy
 
 @dataclass
 class Args:
-    base: str = field(
-        default="toy",
-        metadata={
-            "help": "hub id or local dir of the model the --adapters were trained "
-            "on; 'toy' = the toy base"
-        },
-    )
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "PEFT LoRA adapter dirs (this repo's or PEFT's) to merge onto --base (default "
-            "with the toy base: "
-            "toy/story toy/news toy/code)"
-        },
-    )
-    init_adapter: str = field(
-        default="",
-        metadata={
-            "help": "PEFT adapter dir(s), joined by '+', merged into --base "
-            "first: the model the --adapters were trained on"
-        },
-    )
-    models: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "full models (hub ids or dirs, same architecture) to merge instead of "
-            "adapters; output: a full model"
-        },
-    )
-    weights: list[float] = field(
-        default_factory=list,
-        metadata={
-            "help": "one weight per input, normalised to sum to 1 (default: equal, as MergeKit)"
-        },
-    )
-    method: Literal["karcher", "linear"] = field(
-        default="karcher", metadata={"help": "what is written to --out"}
-    )
-    space: Literal["factor", "dense"] = field(
-        default="factor",
-        metadata={
-            "help": "adapters: factor = the Gram-matrix iteration, exact, no dense update built; "
-            "dense = MergeKit's "
-            "algorithm on W0 + B A"
-        },
-    )
-    output: Literal["auto", "adapter", "model"] = field(
-        default="auto",
-        metadata={
-            "help": "adapter (PEFT format) or model (safetensors, loads with from_pretrained); "
-            "auto = adapter for "
-            "--adapters, model for --models"
-        },
-    )
-    rank: int = field(
-        default=0,
-        metadata={
-            "help": "adapter output: 0 = exact concatenated adapter (dense space: "
-            "SVD at the summed rank); r > 0 = truncated SVD to rank r"
-        },
-    )
-    max_iter: int = field(
-        default=10, metadata={"help": "Karcher iterations at most (MergeKit's default)"}
-    )
-    tol: float = field(
-        default=1e-5,
-        metadata={"help": "stop when the tangent norm is below it (MergeKit's default)"},
-    )
-    out: str = field(default="runs/karcher_merge", metadata={"help": "run directory"})
-    no_eval: bool = field(default=False, metadata={"help": "merge only: no NLL or diversity table"})
-    eval_data: str = field(
-        default="",
-        metadata={
-            "help": "held-out JSONL {'text', 'domain'?} for NLL per domain "
-            "(default with the toy base: toy documents)"
-        },
-    )
-    eval_size: int = field(default=100, metadata={"help": "held-out documents per domain (toy)"})
-    prompts: int = field(
-        default=16, metadata={"help": "prompts per domain for the diversity samples (0 = none)"}
-    )
-    samples: int = field(
-        default=4, metadata={"help": "samples per prompt (k) for distinct-1 and pairwise diversity"}
-    )
-    max_new_tokens: int = field(default=128, metadata={"help": "length of the diversity samples"})
-    temperature: float = field(
-        default=1.0, metadata={"help": "sampling temperature of the diversity samples"}
-    )
-    seed: int = field(default=0, metadata={"help": "random seed (samples)"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    base: str = "toy"
+    """hub id or local dir of the model the --adapters were trained on; 'toy' = the toy base"""
+    adapters: list[str] = field(default_factory=list)
+    """PEFT LoRA adapter dirs (this repo's or PEFT's) to merge onto --base (default with the toy
+    base: toy/story toy/news toy/code)"""
+    init_adapter: str = ""
+    """PEFT adapter dir(s), joined by '+', merged into --base first: the model the --adapters were
+    trained on"""
+    models: list[str] = field(default_factory=list)
+    """full models (hub ids or dirs, same architecture) to merge instead of adapters; output: a full
+    model"""
+    weights: list[float] = field(default_factory=list)
+    """one weight per input, normalised to sum to 1 (default: equal, as MergeKit)"""
+    method: Literal["karcher", "linear"] = "karcher"
+    """what is written to --out"""
+    space: Literal["factor", "dense"] = "factor"
+    """adapters: factor = the Gram-matrix iteration, exact, no dense update built; dense =
+    MergeKit's algorithm on W0 + B A"""
+    output: Literal["auto", "adapter", "model"] = "auto"
+    """adapter (PEFT format) or model (safetensors, loads with from_pretrained); auto = adapter for
+    --adapters, model for --models"""
+    rank: int = 0
+    """adapter output: 0 = exact concatenated adapter (dense space: SVD at the summed rank); r > 0 =
+    truncated SVD to rank r"""
+    max_iter: int = 10
+    """Karcher iterations at most (MergeKit's default)"""
+    tol: float = 1e-5
+    """stop when the tangent norm is below it (MergeKit's default)"""
+    out: str = "runs/karcher_merge"
+    """run directory"""
+    no_eval: bool = False
+    """merge only: no NLL or diversity table"""
+    eval_data: str = ""
+    """held-out JSONL {'text', 'domain'?} for NLL per domain (default with the toy base: toy
+    documents)"""
+    eval_size: int = 100
+    """held-out documents per domain (toy)"""
+    prompts: int = 16
+    """prompts per domain for the diversity samples (0 = none)"""
+    samples: int = 4
+    """samples per prompt (k) for distinct-1 and pairwise diversity"""
+    max_new_tokens: int = 128
+    """length of the diversity samples"""
+    temperature: float = 1.0
+    """sampling temperature of the diversity samples"""
+    seed: int = 0
+    """random seed (samples)"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
 
 
 # ---------------------------------------------------------------------------------------------

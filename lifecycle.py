@@ -25,6 +25,8 @@ from distributed import (
     all_reduce_gradients,
     all_reduce_sum,
     barrier,
+    broadcast_parameters,
+    cleanup_distributed,
     init_distributed,
     is_distributed,
     is_main,
@@ -291,10 +293,20 @@ class Run:
     device: torch.device
     out: Path
     t_start: float
+    logger: MetricsLogger | None = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One row of metrics.jsonl (rank 0), mirrored to the trackers of --report-to."""
+        self.logger.log(step, metrics)
 
 
 def start_run(
-    out: str | os.PathLike, args: Any, seed: int, device: str = "auto", resume: bool = False
+    out: str | os.PathLike,
+    args: Any,
+    seed: int,
+    device: str = "auto",
+    resume: bool = False,
+    report_to: str = "",
 ) -> Run:
     """Join torchrun's group (if launched by it), seed everything, pick this rank's device, prepare
     the run directory (args.json; a fresh run clears the old logs and checkpoint)."""
@@ -309,6 +321,7 @@ def start_run(
         device=dev,
         out=prepare_out_dir(out, args, resume=resume),
         t_start=t_start,
+        logger=MetricsLogger(out, report_to=report_to or None),
     )
 
 
@@ -335,6 +348,70 @@ def resume_or_evaluate(
         return state["step"], dict(state["data_state"] or {})
     before = log_eval(run, logger, 0, "before", evaluate()) if is_main() else None
     return 0, {"before": before}
+
+
+def adamw(
+    params,
+    *,
+    lr: float,
+    max_steps: int,
+    warmup_ratio: float,
+    min_lr_ratio: float,
+    max_grad_norm: float,
+    weight_decay: float = 0.0,
+) -> "OptimizerStep":
+    """AdamW over `params`, linear warmup over warmup_ratio x max_steps then cosine decay to
+    min_lr_ratio x lr, clipping at max_grad_norm: the optimizer step of every trainer. Every rank
+    starts from rank 0's values of `params` (a fresh LoRA is random)."""
+    params = list(params)
+    broadcast_parameters(params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = int(warmup_ratio * max_steps)
+    scheduler = cosine_schedule(optimizer, warmup, max_steps, min_ratio=min_lr_ratio)
+    return OptimizerStep(params, optimizer, scheduler, max_grad_norm)
+
+
+def begin_training(run: Run, model, opt: "OptimizerStep", evaluate, resume: bool):
+    """(first step, state). With --resume the run continues from its checkpoint, whose state keeps
+    the held-out metrics measured before training ("before"); a fresh run measures them now, at
+    step 0 (rank 0). `state` is what the checkpoints carry; a script adds its own counters."""
+    ckpt = load_checkpoint(run.out, model, opt.optimizer, opt.scheduler) if resume else None
+    if ckpt is not None:
+        state = dict(ckpt["data_state"] or {})
+        opt.load_state_dict(state)
+        return ckpt["step"], state
+    before = log_eval(run, run.logger, 0, "before", evaluate()) if is_main() else None
+    return 0, {"before": before}
+
+
+def end_step(
+    run: Run,
+    step: int,
+    metrics: dict,
+    model,
+    opt: "OptimizerStep",
+    state: dict,
+    *,
+    save_every: int,
+    max_steps: int,
+    can_save: bool = True,
+) -> None:
+    """The tail of every training step: log `metrics` at `step`, and every `save_every` steps (not
+    the last, which saves the adapter instead) write an atomic checkpoint carrying `state`. Never
+    inside a run of non-finite steps, so the last checkpoint is a good one; `can_save` False defers
+    it (e.g. in the middle of a generation batch)."""
+    run.log(step, metrics)
+    due = save_every and step % save_every == 0 and step < max_steps
+    if due and can_save and opt.streak == 0:
+        save_checkpoint(
+            run.out, step, model, opt.optimizer, opt.scheduler, {**state, **opt.state_dict()}
+        )
+
+
+def end_run(run: Run) -> None:
+    """Close the trackers and leave torchrun's group: the last call of every rank."""
+    run.logger.close()
+    cleanup_distributed()
 
 
 class OptimizerStep:

@@ -204,6 +204,21 @@ def hub_defaults(model: str, device: torch.device | str, card: dict, given: dict
     return out
 
 
+def fill_defaults(args, table: dict[str, tuple], device) -> None:
+    """Set each field of `args` that is None from a script's DEFAULTS table, {field: (toy value,
+    real-model value on one CUDA GPU as in the method's model card)}: the toy value for --model toy;
+    for a real model the card's on CUDA, else SMALL_DEVICE_SETUP's (hub_defaults). A value the user
+    gave is kept."""
+    if args.model == "toy":
+        chosen = {name: toy for name, (toy, _) in table.items()}
+    else:
+        card = {name: real for name, (_, real) in table.items()}
+        chosen = hub_defaults(args.model, device, card, vars(args))
+    for name, value in chosen.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Inside this block the model is exactly the base: the reference policy with no second copy."""

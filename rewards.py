@@ -22,7 +22,7 @@ What is here:
 - combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
 - group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; evaluation
   diversity:
-  distinct_n, pairwise_diversity; bounded_interval (a 95% interval kept inside the range of a rate)
+  distinct_n, pairwise_diversity
 
 LLM judges (a judge as a reward: judges.judge_reward) are in judges.py. Every text reward reads the
 visible answer: the text after the last `</think>` when the completion has a think block (an
@@ -796,15 +796,6 @@ def reward_gate(primary, G: int, success: float = 0.5, near_zero: float = 0.05) 
         "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
         "gate/any_success_groups": ok.any(1).float().mean().item(),
     }
-
-
-def bounded_interval(mean: float, half: float, low: float = 0.0, high: float = 1.0) -> list[float]:
-    """[mean - half, mean + half] clipped to [low, high], the values the quantity can take: a normal
-    95% interval of a rate near 0 or 1 otherwise reaches below 0 or above 1 (a difference of two
-    rates: low=-1, high=1). NaN (too few samples) stays NaN."""
-    if math.isnan(mean) or math.isnan(half):
-        return [math.nan, math.nan]
-    return [max(low, mean - half), min(high, mean + half)]
 
 
 def distinct_n(texts: Iterable[str], n: int = 2) -> float:

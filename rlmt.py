@@ -52,7 +52,7 @@ import contextlib
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +70,7 @@ import loading
 import lora
 import rewards
 import sampling
+import stats
 import toy
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -78,187 +79,113 @@ ARTIFACTS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext
 
 @dataclass
 class Args:
-    model: str = field(
-        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
-    )
-    task: Literal["chat", "continuation"] = field(
-        default="chat",
-        metadata={
-            "help": "chat: requests, the judge scores the response; continuation: document "
-            "prefixes, the response is "
-            "judged against the original continuation"
-        },
-    )
-    boundary: Literal["external", "model"] = field(
-        default="external",
-        metadata={
-            "help": "external: sample the thought, insert </think>, sample the response (two "
-            "stages); model: the policy "
-            "writes </think> itself"
-        },
-    )
-    data: str = field(
-        default="toy",
-        metadata={
-            "help": "JSONL {'prompt': str|messages} (chat) or {'prompt', 'reference'} "
-            "(continuation); 'toy' = toy "
-            "instructions / toy document prefixes; 'toy-arithmetic' = toy word problems (chat) in "
-            "three answer "
-            "formats, judged on the final answer"
-        },
-    )
-    toy_styles: str = field(
-        default="gsm8k,math,mc",
-        metadata={
-            "help": "toy-arithmetic: answer formats, comma-"
-            "separated, of gsm8k, math, mc (taken in turn)"
-        },
-    )
-    eval_data: str = field(
-        default="",
-        metadata={
-            "help": "held-out JSONL of the same schema, the gate's prompts "
-            "(default: the toy test split, or the last rows of --data)"
-        },
-    )
-    init_adapter: str = field(
-        default="auto",
-        metadata={
-            "help": "PEFT adapter merged into the model before a fresh LoRA (the reference and the "
-            "gate's starting arm "
-            "are then the merged model); 'auto' = toy/sft_instruct (the shipped toy thinking SFT "
-            "on toy "
-            "instructions) for toy chat, toy/sft_formats for toy-arithmetic, none otherwise; '' = "
-            "none"
-        },
-    )
-    judge: str = field(
-        default="toy", metadata={"help": "'toy', an OpenAI-compatible URL, or a model dir / hub id"}
-    )
-    judge_model: str = field(default="", metadata={"help": "model name sent to the judge server"})
-    judge_concurrency: int = field(default=16, metadata={"help": "judge requests in flight"})
-    judge_timeout: float = field(
-        default=120.0, metadata={"help": "seconds per judge request before a retry"}
-    )
-    judge_retries: int = field(
-        default=3, metadata={"help": "retries of a failed judge request (with backoff)"}
-    )
-    judge_max_tokens: int = field(default=512, metadata={"help": "verdict length limit"})
-    judge_verdict: Literal["auto", "logprobs", "generate"] = field(
-        default="auto", metadata={"help": judges.VERDICT_HELP}
-    )
-    judge_cache: str = field(
-        default="auto",
-        metadata={
-            "help": "JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"
-        },
-    )
-    judging: Literal["pairwise", "pointwise"] = field(
-        default="pairwise",
-        metadata={
-            "help": "continuation: against the original continuation in both orders, or the "
-            "response rated alone "
-            "with the original as the judge's reference"
-        },
-    )
-    out: str = field(default="runs/rlmt", metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "AdamW learning rate; default 1e-7 hub model on CUDA (the "
-            "card; the paper 1e-6), 1e-4 on a CPU, 3e-4 toy"
-        },
-    )
-    max_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps (default 200, the card's; toy 150)"}
-    )
-    batch_size: int | None = field(
-        default=None, metadata={"help": "prompts per step per device (default 2, the card; 4 toy)"}
-    )
-    num_generations: int = field(
-        default=16, metadata={"help": "G: samples per prompt (the card's K=16; paper 8)"}
-    )
-    micro_batch_size: int = field(default=32, metadata={"help": "rows per forward/backward"})
-    thought_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "thought budget (default 48, the card; 96 toy, whose tokens are characters)"
-        },
-    )
-    answer_tokens: int | None = field(
-        default=None, metadata={"help": "response budget (default 128; 32 toy)"}
-    )
-    temperature: float = field(
-        default=0.7,
-        metadata={"help": "sampling temperature (the paper's 0.7); log-probs use the same T"},
-    )
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    beta: float = field(
-        default=0.02,
-        metadata={
-            "help": "k3 KL coefficient to the reference (the card 0.02, the "
-            "paper 0.001); 0 skips the reference pass"
-        },
-    )
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
-    max_grad_norm: float | None = field(
-        default=None, metadata={"help": "gradient clipping (default 0.1, the card; 1.0 toy)"}
-    )
-    missing_reward: float = field(
-        default=0.0,
-        metadata={"help": "--boundary model: reward of a sample that never writes </think>"},
-    )
-    lora_r: int | None = field(
-        default=None, metadata={"help": "LoRA rank (default 64 hub model on CUDA, else 16)"}
-    )
-    lora_alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha (default 2 x rank)"}
-    )
-    load_in_4bit: bool | None = field(
-        default=None, metadata={"help": "QLoRA NF4 base (default: hub model on CUDA)"}
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "default: on for a hub model on CUDA"}
-    )
-    max_prompt_length: int = field(
-        default=1024, metadata={"help": "longest prompt in tokens; longer is an error"}
-    )
-    toy_train_size: int = field(default=4000, metadata={"help": "toy training prompts"})
-    gate: str = field(
-        default="",
-        metadata={
-            "help": "only run the reward gate over arms 'name=spec,...': spec '' = --model alone, "
-            "a model dir / hub id, "
-            "or adapters merged onto --model in order ('a+b')"
-        },
-    )
-    gate_prefixes: int = field(
-        default=64, metadata={"help": "held-out prompts of the gate (the card's 64)"}
-    )
-    gate_after: bool = field(
-        default=True,
-        metadata={
-            "help": "after training, gate the starting model against the "
-            "trained one (summary.json 'heldout')"
-        },
-    )
-    drift_alert: float = field(
-        default=0.5,
-        metadata={
-            "help": "alert when the mean response length moves by more "
-            "than this share: mean of the last 5 steps against the first 5"
-        },
-    )
-    log_completions: int = field(
-        default=1, metadata={"help": "groups per step written to samples.jsonl"}
-    )
-    save_every: int = field(
-        default=25, metadata={"help": "checkpoint every N steps (for --resume)"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
+    model: str = "toy"
+    """hub id or local dir of a causal LM; 'toy' = the toy base"""
+    task: Literal["chat", "continuation"] = "chat"
+    """chat: requests, the judge scores the response; continuation: document prefixes, the response
+    is judged against the original continuation"""
+    boundary: Literal["external", "model"] = "external"
+    """external: sample the thought, insert </think>, sample the response (two stages); model: the
+    policy writes </think> itself"""
+    data: str = "toy"
+    """JSONL {'prompt': str|messages} (chat) or {'prompt', 'reference'} (continuation); 'toy' = toy
+    instructions / toy document prefixes; 'toy-arithmetic' = toy word problems (chat) in three
+    answer formats, judged on the final answer"""
+    toy_styles: str = "gsm8k,math,mc"
+    """toy-arithmetic: answer formats, comma-separated, of gsm8k, math, mc (taken in turn)"""
+    eval_data: str = ""
+    """held-out JSONL of the same schema, the gate's prompts (default: the toy test split, or the
+    last rows of --data)"""
+    init_adapter: str = "auto"
+    """PEFT adapter merged into the model before a fresh LoRA (the reference and the gate's starting
+    arm are then the merged model); 'auto' = toy/sft_instruct (the shipped toy thinking SFT on toy
+    instructions) for toy chat, toy/sft_formats for toy-arithmetic, none otherwise; '' = none"""
+    judge: str = "toy"
+    """'toy', an OpenAI-compatible URL, or a model dir / hub id"""
+    judge_model: str = ""
+    """model name sent to the judge server"""
+    judge_concurrency: int = 16
+    """judge requests in flight"""
+    judge_timeout: float = 120.0
+    """seconds per judge request before a retry"""
+    judge_retries: int = 3
+    """retries of a failed judge request (with backoff)"""
+    judge_max_tokens: int = 512
+    """verdict length limit"""
+    judge_verdict: Literal["auto", "logprobs", "generate"] = "auto"
+    """how a model judge run in this process gives its verdict: logprobs (read from the next-token
+    probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or
+    generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate
+    for a server"""
+    judge_cache: str = "auto"
+    """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
+    judging: Literal["pairwise", "pointwise"] = "pairwise"
+    """continuation: against the original continuation in both orders, or the response rated alone
+    with the original as the judge's reference"""
+    out: str = "runs/rlmt"
+    """run directory"""
+    seed: int = 0
+    """random seed (data order, LoRA init, sampling)"""
+    lr: float | None = None
+    """AdamW learning rate; default 1e-7 hub model on CUDA (the card; the paper 1e-6), 1e-4 on a
+    CPU, 3e-4 toy"""
+    max_steps: int | None = None
+    """optimizer steps (default 200, the card's; toy 150)"""
+    batch_size: int | None = None
+    """prompts per step per device (default 2, the card; 4 toy)"""
+    num_generations: int = 16
+    """G: samples per prompt (the card's K=16; paper 8)"""
+    micro_batch_size: int = 32
+    """rows per forward/backward"""
+    thought_tokens: int | None = None
+    """thought budget (default 48, the card; 96 toy, whose tokens are characters)"""
+    answer_tokens: int | None = None
+    """response budget (default 128; 32 toy)"""
+    temperature: float = 0.7
+    """sampling temperature (the paper's 0.7); log-probs use the same T"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    beta: float = 0.02
+    """k3 KL coefficient to the reference (the card 0.02, the paper 0.001); 0 skips the reference
+    pass"""
+    epsilon: float = 0.2
+    """PPO clip range"""
+    max_grad_norm: float | None = None
+    """gradient clipping (default 0.1, the card; 1.0 toy)"""
+    missing_reward: float = 0.0
+    """--boundary model: reward of a sample that never writes </think>"""
+    lora_r: int | None = None
+    """LoRA rank (default 64 hub model on CUDA, else 16)"""
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 x rank)"""
+    load_in_4bit: bool | None = None
+    """QLoRA NF4 base (default: hub model on CUDA)"""
+    gradient_checkpointing: bool | None = None
+    """default: on for a hub model on CUDA"""
+    max_prompt_length: int = 1024
+    """longest prompt in tokens; longer is an error"""
+    toy_train_size: int = 4000
+    """toy training prompts"""
+    gate: str = ""
+    """only run the reward gate over arms 'name=spec,...': spec '' = --model alone, a model dir /
+    hub id, or adapters merged onto --model in order ('a+b')"""
+    gate_prefixes: int = 64
+    """held-out prompts of the gate (the card's 64)"""
+    gate_after: bool = True
+    """after training, gate the starting model against the trained one (summary.json 'heldout')"""
+    drift_alert: float = 0.5
+    """alert when the mean response length moves by more than this share: mean of the last 5 steps
+    against the first 5"""
+    log_completions: int = 1
+    """groups per step written to samples.jsonl"""
+    save_every: int = 25
+    """checkpoint every N steps (for --resume)"""
+    resume: bool = False
+    """continue from <out>/checkpoint"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    report_to: str = ""
+    """also log to wandb or trackio"""
 
 
 def resolve_defaults(args: Args) -> Args:
@@ -777,7 +704,7 @@ def compare(left: dict, right: dict, span: float = 1.0) -> dict:
     n = len(d)
     return {
         "mean_reward_delta": mean,
-        "delta_ci": rewards.bounded_interval(mean, half, -span, span),
+        "delta_ci": stats.bounded_interval(mean, half, -span, span),
         "right_better": sum(x > 1e-9 for x in d) / n,
         "left_better": sum(x < -1e-9 for x in d) / n,
         "tie": sum(abs(x) <= 1e-9 for x in d) / n,

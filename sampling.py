@@ -115,6 +115,38 @@ class Rollout:
         return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
 
 
+def rollout_from_tokens(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device,
+    finished: list[bool] | None = None,
+    group: torch.Tensor | None = None,
+) -> Rollout:
+    """Given prompt and completion token lists in the sampler's layout (prompts left-padded,
+    completions right-padded, masks 1 on real tokens), so sequence_logprobs scores them as it scores
+    samples. Every completion counts as finished unless `finished` says otherwise; row i is its own
+    group unless `group` is given."""
+    P, C = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
+
+    def left(rows, width, value):
+        return torch.tensor([[value] * (width - len(r)) + r for r in rows], device=device)
+
+    def right(rows, width, value):
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
+
+    return Rollout(
+        prompt_ids=left(prompts, P, pad_id),
+        prompt_mask=left([[1] * len(p) for p in prompts], P, 0),
+        completion_ids=right(completions, C, pad_id),
+        completion_mask=right([[1] * len(c) for c in completions], C, 0),
+        finished=torch.tensor(
+            [True] * len(prompts) if finished is None else finished, device=device
+        ),
+        group=torch.arange(len(prompts), device=device) if group is None else group,
+    )
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The ids that end a completion: the tokenizer's EOS, the model's generation_config EOS ids,
     and the chat template's end-of-turn token (a base model's generation config names its

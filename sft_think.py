@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -56,119 +56,83 @@ from vocab_kernels import linear_token_logprobs
 
 @dataclass
 class Args:
-    model: str = field(
-        default="toy", metadata={"help": "hub id or local dir of a causal LM; 'toy' = the toy base"}
-    )
-    data: str = field(
-        default="toy",
-        metadata={
-            "help": "JSONL file or hub dataset id; 'toy' = toy arithmetic, "
-            "'toy-instructions' = toy instructions (reverse, sort, count...), 'toy-continuations' "
-            "= toy "
-            "documents with thoughts that restate their facts, 'toy-documents' = plain toy "
-            "documents of --toy-domains (language modelling on the whole text)"
-        },
-    )
-    eval_data: str = field(
-        default="",
-        metadata={
-            "help": "held-out JSONL (default: toy held-out split, or 5% of --data, "
-            "at most --eval-size rows)"
-        },
-    )
-    init_adapter: str = field(
-        default="",
-        metadata={
-            "help": "PEFT adapter dir(s), joined by '+', merged into the model before training "
-            "(e.g. dpo_online.py's "
-            "adapter: thinking SFT on the Phase-3 model); the saved adapter records it, so later "
-            "scripts apply both"
-        },
-    )
-    out: str = field(default="runs/sft_think", metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, init, sampling)"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "share of steps with linear warmup, then cosine decay"}
-    )
-    max_steps: int = field(default=500, metadata={"help": "optimizer steps"})
-    batch_size: int = field(
-        default=16, metadata={"help": "examples (or packed rows) per optimizer step per device"}
-    )
-    micro_batch_size: int = field(
-        default=16,
-        metadata={
-            "help": "rows per forward/backward; gradients accumulate over the step's micro-batches"
-        },
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    max_length: int = field(
-        default=512, metadata={"help": "longest tokenized example; longer ones are an error"}
-    )
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "concatenate examples into rows of --max-length; positions restart and "
-            "attention stays within each "
-            "example (a 4D mask: eager or sdpa attention, not flash-attention)"
-        },
-    )
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA"})
-    load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: NF4 base weights (bitsandbytes)"}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in backward"}
-    )
-    no_think: bool = field(
-        default=False, metadata={"help": "remove the thoughts from the training data (raw arm)"}
-    )
-    train_tokens: str = field(
-        default="",
-        metadata={
-            "help": "comma list, e.g. '<think>,</think>': train only these embedding rows; ones "
-            "the tokenizer splits "
-            "are added as new tokens, and <out>/model holds the model with its tokenizer (--model "
-            "<out>/model)"
-        },
-    )
-    toy_difficulty: str = field(
-        default="1,2,3",
-        metadata={
-            "help": "toy arithmetic level(s), comma-separated; train and held-out draw from them"
-        },
-    )
-    toy_styles: str = field(
-        default="gsm8k",
-        metadata={
-            "help": "toy arithmetic answer formats, comma-separated, of "
-            "gsm8k (#### N), math (\\boxed{N}), mc (Answer: X)"
-        },
-    )
-    toy_domains: str = field(
-        default="story,news,code",
-        metadata={"help": "toy document domains, comma-separated, of --data toy-documents"},
-    )
-    toy_train_size: int = field(default=4000, metadata={"help": "toy training examples"})
-    eval_size: int = field(
-        default=200, metadata={"help": "held-out examples for loss and accuracy"}
-    )
-    eval_every: int = field(
-        default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"}
-    )
-    max_new_tokens: int = field(
-        default=160, metadata={"help": "generation length for accuracy and repetition"}
-    )
-    save_every: int = field(
-        default=50, metadata={"help": "checkpoint every N steps (for --resume)"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    report_to: str = field(default="", metadata={"help": "also log to wandb or trackio"})
+    model: str = "toy"
+    """hub id or local dir of a causal LM; 'toy' = the toy base"""
+    data: str = "toy"
+    """JSONL file or hub dataset id; 'toy' = toy arithmetic, 'toy-instructions' = toy instructions
+    (reverse, sort, count...), 'toy-continuations' = toy documents with thoughts that restate their
+    facts, 'toy-documents' = plain toy documents of --toy-domains (language modelling on the whole
+    text)"""
+    eval_data: str = ""
+    """held-out JSONL (default: toy held-out split, or 5% of --data, at most --eval-size rows)"""
+    init_adapter: str = ""
+    """PEFT adapter dir(s), joined by '+', merged into the model before training (e.g.
+    dpo_online.py's adapter: thinking SFT on the Phase-3 model); the saved adapter records it, so
+    later scripts apply both"""
+    out: str = "runs/sft_think"
+    """run directory"""
+    seed: int = 0
+    """random seed (data order, init, sampling)"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_ratio: float = 0.05
+    """share of steps with linear warmup, then cosine decay"""
+    max_steps: int = 500
+    """optimizer steps"""
+    batch_size: int = 16
+    """examples (or packed rows) per optimizer step per device"""
+    micro_batch_size: int = 16
+    """rows per forward/backward; gradients accumulate over the step's micro-batches"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 = off)"""
+    max_length: int = 512
+    """longest tokenized example; longer ones are an error"""
+    packing: bool = False
+    """concatenate examples into rows of --max-length; positions restart and attention stays within
+    each example (a 4D mask: eager or sdpa attention, not flash-attention)"""
+    lora_r: int = 32
+    """LoRA rank"""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale alpha/r)"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    full: bool = False
+    """full fine-tuning instead of LoRA"""
+    load_in_4bit: bool = False
+    """QLoRA: NF4 base weights (bitsandbytes)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    no_think: bool = False
+    """remove the thoughts from the training data (raw arm)"""
+    train_tokens: str = ""
+    """comma list, e.g. '<think>,</think>': train only these embedding rows; ones the tokenizer
+    splits are added as new tokens, and <out>/model holds the model with its tokenizer (--model
+    <out>/model)"""
+    toy_difficulty: str = "1,2,3"
+    """toy arithmetic level(s), comma-separated; train and held-out draw from them"""
+    toy_styles: str = "gsm8k"
+    """toy arithmetic answer formats, comma-separated, of gsm8k (#### N), math (\\boxed{N}), mc
+    (Answer: X)"""
+    toy_domains: str = "story,news,code"
+    """toy document domains, comma-separated, of --data toy-documents"""
+    toy_train_size: int = 4000
+    """toy training examples"""
+    eval_size: int = 200
+    """held-out examples for loss and accuracy"""
+    eval_every: int = 250
+    """evaluate every N steps (0 = only at the end)"""
+    max_new_tokens: int = 160
+    """generation length for accuracy and repetition"""
+    save_every: int = 50
+    """checkpoint every N steps (for --resume)"""
+    resume: bool = False
+    """continue from <out>/checkpoint"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    report_to: str = ""
+    """also log to wandb or trackio"""
 
 
 # ---------------------------------------------------------------------------------------------

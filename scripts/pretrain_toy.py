@@ -22,7 +22,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -57,38 +57,31 @@ from toy.tasks import (
 
 @dataclass
 class Args:
-    out: str | None = field(
-        default=None,
-        metadata={"help": "output directory (default toy/base, or toy/student with --student)"},
-    )
-    student: bool = field(
-        default=False, metadata={"help": "pretrain the smaller distillation student instead"}
-    )
-    max_steps: int = field(default=1600, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=4, metadata={"help": "rows of --seq-len tokens per step"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per packed row"})
-    lr: float = field(
-        default=1e-3,
-        metadata={
-            "help": "peak learning rate (AdamW, cosine to 10%); at 3e-3 this model never learns to "
-            "copy a number"
-        },
-    )
-    warmup_steps: int = field(default=50, metadata={"help": "steps of linear warmup"})
-    seed: int = field(default=0, metadata={"help": "seed of the corpus and the initialisation"})
-    threads: int = field(
-        default=2,
-        metadata={
-            "help": "torch CPU threads (speed only: 1 and 2 threads gave bit-identical weights)"
-        },
-    )
-    eval: bool = field(default=False, metadata={"help": "evaluate --model instead of pretraining"})
-    model: str | None = field(
-        default=None, metadata={"help": "model directory for --eval (default: the toy base)"}
-    )
-    eval_size: int = field(
-        default=200, metadata={"help": "held-out problems per difficulty for --eval"}
-    )
+    out: str | None = None
+    """output directory (default toy/base, or toy/student with --student)"""
+    student: bool = False
+    """pretrain the smaller distillation student instead"""
+    max_steps: int = 1600
+    """optimizer steps"""
+    batch_size: int = 4
+    """rows of --seq-len tokens per step"""
+    seq_len: int = 512
+    """tokens per packed row"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW, cosine to 10%); at 3e-3 this model never learns to copy a number
+    """
+    warmup_steps: int = 50
+    """steps of linear warmup"""
+    seed: int = 0
+    """seed of the corpus and the initialisation"""
+    threads: int = 2
+    """torch CPU threads (speed only: 1 and 2 threads gave bit-identical weights)"""
+    eval: bool = False
+    """evaluate --model instead of pretraining"""
+    model: str | None = None
+    """model directory for --eval (default: the toy base)"""
+    eval_size: int = 200
+    """held-out problems per difficulty for --eval"""
 
 
 # Share of each kind of text in the pretraining stream (by number of samples).

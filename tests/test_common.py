@@ -379,18 +379,22 @@ def test_checkpoint_refuses_a_different_model(tmp_path):
 
 @dataclasses.dataclass
 class Args:
-    model: str = dataclasses.field(default="toy", metadata={"help": "model id or directory"})
-    max_steps: int = dataclasses.field(
-        default=10, metadata={"help": "optimizer steps (100% of them)"}
-    )
-    lr: float = dataclasses.field(default=1e-5, metadata={"help": "peak learning rate"})
-    load_in_4bit: bool = dataclasses.field(default=False, metadata={"help": "NF4 base"})
-    lora: bool = dataclasses.field(default=True, metadata={"help": "train adapters"})
-    out: str | None = dataclasses.field(default=None, metadata={"help": "run directory"})
-    loss: Literal["grpo", "dapo"] = dataclasses.field(
-        default="grpo", metadata={"help": "aggregation"}
-    )
-    stop: list[str] = dataclasses.field(default_factory=list, metadata={"help": "stop strings"})
+    model: str = "toy"
+    """model id or directory"""
+    max_steps: int = 10
+    """optimizer steps (100% of them)"""
+    lr: float = 1e-5
+    """peak learning rate"""
+    load_in_4bit: bool = False
+    """NF4 base"""
+    lora: bool = True
+    """train adapters"""
+    out: str | None = None
+    """run directory"""
+    loss: Literal["grpo", "dapo"] = "grpo"
+    """aggregation"""
+    stop: list[str] = dataclasses.field(default_factory=list)
+    """stop strings"""
 
 
 def test_parse_args_kebab_flags(capsys):
@@ -458,7 +462,8 @@ def test_single_process_distributed_helpers_are_no_ops(monkeypatch):
 
 @dataclasses.dataclass
 class NegArgs:
-    no_think: bool = dataclasses.field(default=False, metadata={"help": "remove the thoughts"})
+    no_think: bool = False
+    """remove the thoughts"""
 
 
 def test_parse_args_field_named_no_x_is_a_switch():
@@ -539,10 +544,10 @@ def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys, monkeypatc
 def test_help_spells_out_model_dependent_defaults(capsys):
     @dataclasses.dataclass
     class A:
-        lr: float | None = dataclasses.field(
-            default=None, metadata={"help": "default 3e-4 toy, 1e-5 hub model"}
-        )
-        steps: int = dataclasses.field(default=5, metadata={"help": "steps, 5% of them warmup"})
+        lr: float | None = None
+        """default 3e-4 toy, 1e-5 hub model"""
+        steps: int = 5
+        """steps, 5% of them warmup"""
 
     with pytest.raises(SystemExit):
         cli.parse_args(A, ["--help"])

@@ -21,6 +21,7 @@ import errors
 import judges
 import likelihood
 import rewards
+import stats
 from judges import JudgeError
 from rewards import RewardError
 
@@ -973,13 +974,13 @@ def test_reward_gate_group_statistics():
 
 
 def test_bounded_interval_stays_in_range():
-    assert rewards.bounded_interval(0.5, 0.1) == pytest.approx([0.4, 0.6])
-    assert rewards.bounded_interval(0.95, 0.1) == pytest.approx([0.85, 1.0])
-    assert rewards.bounded_interval(0.02, 0.1) == pytest.approx([0.0, 0.12])
-    assert rewards.bounded_interval(-0.9, 0.5, -1.0, 1.0) == pytest.approx([-1.0, -0.4])
-    assert rewards.bounded_interval(0.5, float("inf")) == [0.0, 1.0]
-    assert all(math.isnan(x) for x in rewards.bounded_interval(float("nan"), 0.1))
-    assert all(math.isnan(x) for x in rewards.bounded_interval(0.5, float("nan")))
+    assert stats.bounded_interval(0.5, 0.1) == pytest.approx([0.4, 0.6])
+    assert stats.bounded_interval(0.95, 0.1) == pytest.approx([0.85, 1.0])
+    assert stats.bounded_interval(0.02, 0.1) == pytest.approx([0.0, 0.12])
+    assert stats.bounded_interval(-0.9, 0.5, -1.0, 1.0) == pytest.approx([-1.0, -0.4])
+    assert stats.bounded_interval(0.5, float("inf")) == [0.0, 1.0]
+    assert all(math.isnan(x) for x in stats.bounded_interval(float("nan"), 0.1))
+    assert all(math.isnan(x) for x in stats.bounded_interval(0.5, float("nan")))
 
 
 def test_distinct_n_within_groups():
