@@ -4,9 +4,9 @@ equivalence.
 - `strip_think`: what the reader sees, the text after the last `</think>` (an unclosed `<think>`
   leaves "");
 - extraction: `extract_gsm8k` (lm-evaluation-harness's order: `####`, "The answer is", the last
-  number),
-  `extract_boxed` (the last \\boxed{}, as MATH solutions end), `extract_choice` (a letter A-J), `extract_answer`
-  (picks one from the gold's form), `gold_answer` (a raw GSM8K / MATH solution to its final answer);
+  number), `extract_boxed` (the last \\boxed{}, as MATH solutions end), `extract_choice` (a letter
+  A-J), `extract_answer` (picks one from the gold's form), `gold_answer` (a raw GSM8K / MATH
+  solution to its final answer);
 - equivalence: `answers_match` (exact numbers, then a LaTeX normal form, then Math-Verify when
   installed).
 
@@ -251,14 +251,15 @@ def fast_match(gold, pred) -> bool | None:
         return g != ""
     gn, pn = _to_fraction(_strip_unit(g)), _to_fraction(_strip_unit(p))
     if gn is not None and pn is not None:
-        # "10%" is 1/10, and also the answer "10" to "what percent...": MATH's normaliser drops the
-        # sign
+        # "10%" is 1/10, and also the answer "10" to "what percent...": MATH's normaliser drops
+        # the sign
         return gn == pn or (
             "%" in g + p and _to_fraction(g.rstrip("%")) == _to_fraction(p.rstrip("%"))
         )
-    brackets = lambda t: (
-        (t[:1], t[-1:]) if len(t) > 1 and t[0] in "([{" and t[-1] in ")]}" else None
-    )  # noqa: E731
+
+    def brackets(t):
+        return (t[:1], t[-1:]) if len(t) > 1 and t[0] in "([{" and t[-1] in ")]}" else None
+
     if brackets(g) and brackets(g) == brackets(p):
         gi, pi = _split_top(g[1:-1]), _split_top(p[1:-1])
         if len(gi) == len(pi) > 1:

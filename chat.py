@@ -2,12 +2,12 @@
 markers.
 
 - `assistant_mask`: token ids of a conversation and a mask that is 1 on what each assistant turn
-  writes (its
-  content and its end-of-turn token, not the role header). From `{% generation %}` tags where the template has
-  them; otherwise turn by turn with the template itself: the tokens that `messages[:i+1]` adds to
-  `messages[:i]` + generation prompt belong to assistant turn i. That needs every rendering to be a token prefix
-  of the next one, which is checked (a template that rewrites earlier turns as the conversation grows, as Qwen3's
-  stock template drops earlier thoughts, is a `ConfigError`);
+  writes (its content and its end-of-turn token, not the role header). From `{% generation %}` tags
+  where the template has them; otherwise turn by turn with the template itself: the tokens that
+  `messages[:i+1]` adds to `messages[:i]` + generation prompt belong to assistant turn i. That needs
+  every rendering to be a token prefix of the next one, which is checked (a template that rewrites
+  earlier turns as the conversation grows, as Qwen3's stock template drops earlier thoughts, is a
+  `ConfigError`);
 - `end_of_turn_id`: the token a template writes right after assistant content (Qwen3's and SmolLM2's
   `<|im_end|>`, Llama 3's `<|eot_id|>`), found by rendering a one-turn conversation;
 - `marker_ids` / `find_ids` / `marker_span`: a text marker such as `</think>` in a list of token
@@ -157,7 +157,8 @@ def marker_ids(tokenizer, marker: str, warn: str = "") -> list[int]:
 
 
 def find_ids(ids: list[int], sub: list[int], last: bool = False) -> int | None:
-    """Index of the first (or last) occurrence of the id sequence `sub` in `ids`; None when absent."""
+    """Index of the first (or last) occurrence of the id sequence `sub` in `ids`; None when
+    absent."""
     n = len(sub)
     if not n:
         return None
@@ -171,8 +172,8 @@ def marker_span(tokenizer, ids: list[int], marker: str) -> tuple[int, int] | Non
 
     The marker's own ids are looked up first; a model may also write a marker in other pieces (a
     token that joins `>` with the next characters, or Qwen3's `</think>` spelt in characters), so
-    the decoded text decides:
-    `end` is the shortest prefix whose text holds the marker, `start` the longest one whose text ends before it."""
+    the decoded text decides: `end` is the shortest prefix whose text holds the marker, `start` the
+    longest one whose text ends before it."""
     sub = marker_ids(tokenizer, marker)
     at = find_ids(ids, sub)
     if at is not None and marker not in tokenizer.decode(ids[:at], skip_special_tokens=False):

@@ -7,9 +7,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import textwrap
 import os
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -104,20 +104,23 @@ def field_docs(cls) -> dict[str, str]:
 class TrainArgs:
     """The flags every trainer shares, with the same names and meaning in each. A script's `Args`
     extends it with the method's own flags, and may redeclare a field here to change its default.
-    None means "filled by the script's DEFAULTS table" (toy world, or a real model on the device)."""
+    None means "filled by the script's DEFAULTS table" (toy world, or a real model on the
+    device)."""
 
     model: str = "toy"
-    """hub id or local dir of a causal LM; 'toy' = the toy base, 'smollm2' = the offline real model"""
+    """hub id or local dir of a causal LM; 'toy' = the toy base, 'smollm2' = the offline real
+    model"""
     data: str = "toy"
     """training data (JSONL or a hub dataset id); 'toy' = the method's toy task"""
     init_adapter: str = ""
     """PEFT adapter(s) merged into the model before a fresh LoRA is added ('' = none)"""
     out: str = "runs/run"
-    """run directory: args.json, metrics.jsonl, samples.jsonl, the adapter, checkpoint/, summary.json"""
+    """run directory: args.json, metrics.jsonl, samples.jsonl, the adapter, checkpoint/,
+    summary.json"""
     seed: int = 0
     """random seed (data order, LoRA init, sampling)"""
     lr: float | None = None
-    """peak learning rate (AdamW)"""
+    """peak learning rate (AdamW; unset: the script's default for the model and device)"""
     warmup_ratio: float = 0.1
     """share of the steps with a linear warmup from 0"""
     min_lr_ratio: float = 0.1
@@ -131,15 +134,15 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     """gradient clipping norm (0 = off)"""
     lora_r: int | None = None
-    """LoRA rank"""
+    """LoRA rank (unset: the script's default for the model and device)"""
     lora_alpha: float | None = None
     """LoRA alpha (default 2 x rank)"""
     lora_dropout: float = 0.0
     """dropout on the LoRA input"""
     load_in_4bit: bool | None = None
-    """QLoRA: NF4 base weights (default: on for a real model on CUDA where the card used it)"""
+    """QLoRA: NF4 base weights (unset: the script's default for the model and device)"""
     gradient_checkpointing: bool | None = None
-    """recompute activations in backward (default: on for a real model on CUDA)"""
+    """recompute activations in backward (unset: the script's default for the model and device)"""
     toy_train_size: int = 4000
     """toy training rows"""
     log_completions: int = 2

@@ -71,7 +71,8 @@ def iter_jsonl(
 def read_jsonl(
     path: str | os.PathLike, required: Iterable[str] = (), types: dict | None = None
 ) -> list[dict]:
-    """All rows of a JSONL file (see iter_jsonl); an empty file is an error, not an empty dataset."""
+    """All rows of a JSONL file (see iter_jsonl); an empty file is an error, not an empty
+    dataset."""
     rows = list(iter_jsonl(path, required, types))
     if not rows:
         raise DataError(f"{path}: empty file (no JSON lines)")
@@ -217,7 +218,10 @@ def epoch_indices(
 def markdown_table(rows: list[dict]) -> str:
     """Rows of {column: value} as a Markdown table (floats with 4 significant digits)."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -115,12 +115,12 @@ def all_reduce_sum(x):
 def pick_device(
     device: str | torch.device | None = "auto", local_rank: int | None = None
 ) -> torch.device:
-    """ "auto"/None: this rank's GPU when CUDA is present (local_rank, default $LOCAL_RANK), else the
-    CPU.
+    """ "auto"/None: this rank's GPU when CUDA is present (local_rank, default $LOCAL_RANK), else
+    the CPU.
 
     A CUDA device with an index also becomes the current device: Triton kernels (vocab_kernels/) and
-    any
-    allocation without an explicit device go to the current one, so `--device cuda:1` must make it current."""
+    any allocation without an explicit device go to the current one, so `--device cuda:1` must make
+    it current."""
     if device is None or str(device) == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")

@@ -6,13 +6,14 @@ cut into a prefix x and the suffix that follows it. For every prefix the policy 
 continuations at T = 1.0, top-p 1.0 (sec. 1.1.1); with the original suffix they are K + 1
 candidates. A judge compares every pair of candidates, each pair in both orders so position bias
 cancels, and a candidate's score is its mean win rate (sec. 1.1.2: all pairs did better than judging
-against one pivot). The update is DPO (Rafailov et al., arXiv 2305.18290) on pairs of candidates,
-chosen y_c = the best scored and rejected y_r = the worst (the paper's choice; `--pairs all` trains
-on every score-ordered pair, each prefix weighted equally):
+against one pivot; judges.full_pairwise). The update is DPO (Rafailov et al., arXiv 2305.18290) on
+pairs of candidates, chosen y_c = the best scored and rejected y_r = the worst (the paper's choice;
+`--pairs all` trains on every score-ordered pair, each prefix weighted equally):
 
-    h     = [log pi(y_c|x) - log pi(y_r|x)] - [log pi_ref(y_c|x) - log pi_ref(y_r|x)]    (summed token log-probs)
-    L     = -log sigmoid(beta h)                                    --loss sigmoid (DPO, eq. 7)
-            (h - 1 / (2 beta))^2                                    --loss ipo (IPO, arXiv 2310.12036, eq. 17)
+    h = [log pi(y_c|x) - log pi(y_r|x)] - [log pi_ref(y_c|x) - log pi_ref(y_r|x)]
+        (summed token log-probs)
+    L = -log sigmoid(beta h)          --loss sigmoid (DPO, eq. 7)
+        (h - 1 / (2 beta))^2          --loss ipo (IPO, arXiv 2310.12036, eq. 17)
 
 pi_ref is the starting model: the same weights with LoRA switched off. Each candidate's policy and
 reference log-probs are computed once (one sequence pass each) and indexed into its pairs. A prefix
@@ -22,6 +23,10 @@ model beat the base on 81/128 held-out pairwise continuation comparisons (63.28%
 here is that comparison: on held-out prefixes the trained policy and the starting model each write a
 continuation, the judge compares the two in both orders (a tie counts 1/2), and the win rate comes
 with a 95% interval.
+
+Documents (`--data`): JSONL rows {"text", "domain"?} or a dataset id; 'toy' = the toy story / news /
+code documents. Held out: --eval-data (its first --eval-size documents), else the last fifth of
+--data capped at --eval-size.
 
 Judges (`--judge`): "toy" (the toy world's continuation judge, which checks every continuation line
 against the facts of the prefix), an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`) or a
@@ -39,9 +44,9 @@ rollout-vs-rollout pairs) the trained policy beat the toy base on 0.657 of 128 h
 toy judge before they were closed).
 
 Run:
-    python dpo_online.py                                   # toy documents, toy judge, from the toy base
-    python dpo_online.py --eval-only runs/dpo_online       # win rate of an adapter against its base
-    vllm serve Qwen/Qwen3-8B --port 8001                   # (or SGLang / `transformers serve`) a judge, then:
+    python dpo_online.py                              # toy documents, toy judge, from the toy base
+    python dpo_online.py --eval-only runs/dpo_online  # win rate of an adapter against its base
+    vllm serve Qwen/Qwen3-8B --port 8001              # (or SGLang / `transformers serve`), then:
     python dpo_online.py --model Qwen/Qwen3-0.6B-Base --data docs.jsonl \\
         --judge http://127.0.0.1:8001 --judge-model Qwen/Qwen3-8B
     torchrun --nproc_per_node 4 dpo_online.py --model Qwen/Qwen3-1.7B-Base --data docs.jsonl \\
@@ -50,6 +55,7 @@ Run:
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -70,26 +76,454 @@ import lifecycle
 import loading
 import lora
 import sampling
+import stats
 import toy
+
+# ---------------------------------------------------------------------------------------------
+# The DPO pieces with a formula each (tests import them)
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str
+) -> torch.Tensor:
+    """Per pair, from summed sequence log-probs [P]: h = (pi_c - pi_r) - (ref_c - ref_r);
+    sigmoid: -log sigmoid(beta h) (DPO, arXiv 2305.18290, eq. 7); ipo: (h - 1/(2 beta))^2 (arXiv
+    2310.12036, eq. 17; TRL divides the log-probs by the length first, the paper and this repo do
+    not)."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss {loss!r}: choose sigmoid or ipo")
+
+
+def select_pairs(
+    scores: list[float | None], mode: str, rng: random.Random
+) -> list[tuple[int, int, float]]:
+    """(chosen, rejected, weight) pairs from one prefix's candidate scores; weights sum to 1 (or no
+    pair).
+
+    best-worst: the highest score against the lowest, ties broken at random (so the original suffix,
+    candidate 0, is not favoured); all: every (i, j) with score_i > score_j. Candidates without a
+    score (no valid verdict) are left out; a prefix whose scores are all equal has no pair."""
+    valid = [(s, i) for i, s in enumerate(scores) if s is not None]
+    if len(valid) < 2 or max(valid)[0] == min(valid)[0]:
+        return []
+    if mode == "best-worst":
+        top, bottom = max(valid)[0], min(valid)[0]
+        chosen = rng.choice([i for s, i in valid if s == top])
+        rejected = rng.choice([i for s, i in valid if s == bottom])
+        return [(chosen, rejected, 1.0)]
+    pairs = [(i, j) for si, i in valid for sj, j in valid if si > sj]
+    return [(i, j, 1.0 / len(pairs)) for i, j in pairs]
+
+
+def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
+    """[R] log pi(completion | prompt): the completion's token log-probs summed (T = 1), one pass
+    over the rows."""
+    ids, attn, K = sampling.micro_batch(roll, slice(None))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        logp = sampling.sequence_logprobs(model, ids, attn, K)
+    return (logp * roll.completion_mask[:, :K]).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream: documents cut by tokens into prefix / suffix windows
+# ---------------------------------------------------------------------------------------------
+
+
+def cut_windows(
+    rows: list[dict],
+    tokenizer,
+    source: str,
+    prefix_tokens: int,
+    suffix_tokens: int,
+    skip_short: bool,
+) -> tuple[list[dict], int]:
+    """Each document's first prefix_tokens tokens (the prompt) and the suffix_tokens after them (the
+    original continuation): [{"ids", "suffix_ids", "prefix", "suffix", "domain"}], and how many
+    short documents were skipped. A document shorter than prefix + suffix is an error naming
+    file:line, unless `skip_short`."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source}:{row.get('_line', i + 1)}"
+        text = row.get("text")
+        if not isinstance(text, str):
+            got = "missing" if text is None else f"expected str, got {type(text).__name__}"
+            raise errors.DataError(f"{where}: field 'text': {got}")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < prefix_tokens + suffix_tokens:
+            if skip_short:
+                skipped += 1
+                continue
+            raise errors.DataError(
+                f"{where}: field 'text': {len(ids)} tokens, shorter than --prefix-tokens "
+                f"{prefix_tokens} + --suffix-tokens {suffix_tokens} (or pass "
+                "--skip-short-documents)"
+            )
+        pre, suf = ids[:prefix_tokens], ids[prefix_tokens : prefix_tokens + suffix_tokens]
+        out.append(
+            {
+                "ids": pre,
+                "suffix_ids": suf,
+                "prefix": tokenizer.decode(pre),
+                "suffix": tokenizer.decode(suf),
+                "domain": row.get("domain"),
+            }
+        )
+    return out, skipped
+
+
+def _numbered(rows: list[dict]) -> list[dict]:
+    """Rows with their line number, for file:line errors."""
+    return [{**r, "_line": i + 1} for i, r in enumerate(rows)]
+
+
+def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
+    """Training and held-out windows (toy documents by default), and the number of short documents
+    skipped."""
+    if args.data == "toy":
+        # twice the documents asked for: the ones shorter than prefix + suffix are skipped, then the
+        # rest is cut to size
+        parts = [
+            ("toy train", toy.documents("train", 2 * args.toy_train_size, seed=args.seed)),
+            ("toy test", toy.documents("test", 2 * args.eval_size, seed=args.seed)),
+        ]
+    else:
+        rows = _numbered(dataio.load_rows(args.data, required=("text",)))
+        if args.eval_data:
+            held = _numbered(dataio.load_rows(args.eval_data, split="test", required=("text",)))
+            parts = [(args.data, rows), (args.eval_data, held[: args.eval_size])]
+        else:
+            n_eval = min(args.eval_size, len(rows) // 5)
+            if n_eval < 1:
+                raise errors.DataError(
+                    f"{args.data}: {len(rows)} documents; too few to hold some out (or pass "
+                    "--eval-data)"
+                )
+            parts = [(args.data, rows[:-n_eval]), (args.data, rows[-n_eval:])]
+    lengths = (args.prefix_tokens, args.suffix_tokens, args.skip_short_documents)
+    cut = [cut_windows(rows, tokenizer, source, *lengths) for source, rows in parts]
+    for (source, _), (windows, _) in zip(parts, cut):
+        if not windows:
+            raise errors.DataError(
+                f"{source}: no document has --prefix-tokens + --suffix-tokens "
+                f"{args.prefix_tokens + args.suffix_tokens} tokens"
+            )
+    if args.data == "toy":
+        return cut[0][0][: args.toy_train_size], cut[1][0][: args.eval_size], 0
+    return cut[0][0], cut[1][0], cut[0][1] + cut[1][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Rollout and judging: K + 1 candidates per prefix, full-pairwise scores, the training pairs
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Args:
-    model: str = "toy"
-    """hub id or local dir of a causal LM; 'toy' = the toy base"""
-    data: str = "toy"
-    """documents: JSONL {'text', 'domain'?} or a dataset id; 'toy' = the toy story / news / code
-    documents"""
-    eval_data: str = ""
-    """held-out documents (default: the toy test split, or the last --eval-size documents of --data)
-    """
-    init_adapter: str = ""
-    """PEFT adapter merged into the model first (the starting model, and so the reference and the
-    evaluation's base)"""
+class Judged:
+    """One step's prefixes, their candidates (token ids and texts), and the pairs it trains on."""
+
+    windows: list[dict]
+    candidates: list[list[list[int]]]  # per prefix, per candidate: token ids
+    texts: list[list[str]]
+    pairs: list[list[tuple[int, int, float]]]
+    metrics: dict
+    samples: list[dict]
+    num_tokens: int
+
+
+def rollout_and_judge(
+    model, tokenizer, windows: list[dict], judge, generator, rng: random.Random, args: Args
+) -> Judged:
+    """K = --num-rollouts rollouts per prefix (plus the original suffix as candidate 0 with
+    --include-original), every pair of candidates judged in both orders (judges.full_pairwise:
+    score = mean win rate), and each prefix's training pairs (select_pairs, ties broken by `rng`);
+    the first --log-completions prefixes as samples."""
+    K, include_original = args.num_rollouts, args.include_original
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        [w["ids"] for w in windows],
+        n=K,
+        max_new_tokens=args.suffix_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=generator,
+        eos_token_ids=None if args.stop_at_eos else [],
+    )
+    t_judge = time.perf_counter()
+    rows = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    texts = roll.texts(tokenizer)
+    first = 1 if include_original else 0  # candidate 0 is the original suffix when it is included
+    cands = [
+        ([w["suffix_ids"]] if include_original else []) + rows[b * K : (b + 1) * K]
+        for b, w in enumerate(windows)
+    ]
+    cand_texts = [
+        ([w["suffix"]] if include_original else []) + texts[b * K : (b + 1) * K]
+        for b, w in enumerate(windows)
+    ]
+    calls, invalid = judge.calls, judge.invalid
+    results = judges.full_pairwise(judge, [w["prefix"] for w in windows], cand_texts)
+    chosen = [select_pairs(r.scores, args.pairs, rng) for r in results]
+    valid_pairs = sum(r.pairs - r.invalid_pairs for r in results)
+    with_pairs = [(r, p) for r, p in zip(results, chosen) if p]
+    best = [_best_candidate(r.scores) for r, _ in with_pairs]
+    lengths = roll.completion_mask.sum(1).float()
+    metrics = {
+        "judge/calls": judge.calls - calls,
+        "judge/invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
+        "judge/position_consistency": (
+            sum(r.consistent_pairs for r in results) / max(valid_pairs, 1)
+        ),
+        "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid_pairs, 1),
+        "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
+        "pairs/prefixes_dropped": len(windows) - len(with_pairs),
+        "pairs/count": sum(len(p) for p in chosen),
+        "score/spread": sum(_spread(r.scores) for r, _ in with_pairs) / max(len(with_pairs), 1),
+        "score/rollouts": _mean([s for r in results for s in r.scores[first:] if s is not None]),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
+        "timing/judge": time.perf_counter() - t_judge,
+    }
+    if include_original:
+        # the paper's fig. 8: the share of chosen candidates that are rollouts grows as the policy
+        # improves
+        metrics["chosen/original_share"] = sum(b == 0 for b in best) / max(len(best), 1)
+        metrics["chosen/rollout_share"] = sum(b != 0 for b in best) / max(len(best), 1)
+        metrics["score/original"] = _mean([r.scores[0] for r in results if r.scores[0] is not None])
+    samples = [
+        {
+            "prefix": w["prefix"],
+            "candidates": [
+                {"text": t, "score": s, "original": include_original and i == 0}
+                for i, (t, s) in enumerate(zip(ct, r.scores))
+            ],
+            "pairs": [[c, rj] for c, rj, _ in p],
+        }
+        for w, ct, r, p in list(zip(windows, cand_texts, results, chosen))[: args.log_completions]
+    ]
+    return Judged(
+        windows=windows,
+        candidates=cands,
+        texts=cand_texts,
+        pairs=chosen,
+        metrics=metrics,
+        samples=samples,
+        num_tokens=int(roll.attention_mask.sum()),
+    )
+
+
+def _best_candidate(scores: list[float | None]) -> int:
+    """The highest-scored candidate (unscored ones count -1), the first one on a tie."""
+    return -max((s if s is not None else -1.0, -i) for i, s in enumerate(scores))[1]
+
+
+def _spread(scores: list[float | None]) -> float:
+    """Highest minus lowest score of one prefix's scored candidates."""
+    valid = [s for s in scores if s is not None]
+    return max(valid) - min(valid)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Update: DPO over micro-batches of whole prefixes (the optimizer step is the caller's)
+# ---------------------------------------------------------------------------------------------
+
+
+def _micro_batches(pairs: list[list[tuple[int, int, float]]], size: int) -> list[list[int]]:
+    """Prefixes with pairs, grouped whole: at most `size` candidate rows per group (at least one
+    prefix)."""
+    groups, cur, rows = [], [], 0
+    for b in [b for b, p in enumerate(pairs) if p]:
+        need = len({i for c, r, _ in pairs[b] for i in (c, r)})
+        if cur and rows + need > size:
+            groups.append(cur)
+            cur, rows = [], 0
+        cur.append(b)
+        rows += need
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def update(
+    model,
+    judged: Judged,
+    *,
+    beta: float,
+    loss_type: str,
+    micro_batch_size: int,
+    pad_id: int,
+    world: int,
+    counter: dict | None = None,
+) -> dict:
+    """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L. Only
+    candidates in a pair are scored: one reference pass (LoRA off, no gradient) and one policy pass
+    each, whatever the number of pairs they are in. A prefix's candidates share a micro-batch, so
+    its loss is complete there and backward runs at once; `counter` (if given) counts the sequence
+    passes."""
+    device = next(model.parameters()).device
+    jobs = sum(1 for p in judged.pairs if p)
+    n_global = float(distributed.all_reduce_sum(torch.tensor(float(jobs), dtype=torch.float64)))
+    sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logp_c", "logp_r", "n"), 0.0)
+    for group in _micro_batches(judged.pairs, micro_batch_size):
+        index, prompts, comps = {}, [], []
+        for b in group:
+            for i in sorted({i for c, r, _ in judged.pairs[b] for i in (c, r)}):
+                index[(b, i)] = len(prompts)
+                prompts.append(judged.windows[b]["ids"])
+                comps.append(judged.candidates[b][i])
+        roll = sampling.rollout_from_tokens(prompts, comps, pad_id, device)
+        with torch.no_grad(), lora.disabled(model):
+            ref = summed_logprobs(model, roll)
+        pol = summed_logprobs(model, roll)
+        if counter is not None:
+            counter["reference"] = counter.get("reference", 0) + len(prompts)
+            counter["policy"] = counter.get("policy", 0) + len(prompts)
+        flat = [(index[(b, c)], index[(b, r)], w) for b in group for c, r, w in judged.pairs[b]]
+        ci, ri = (torch.tensor([f[k] for f in flat], device=device) for k in (0, 1))
+        w = torch.tensor([f[2] for f in flat], device=device)
+        per_pair = dpo_loss(pol[ci], pol[ri], ref[ci], ref[ri], beta, loss_type)
+        # the gradient all-reduce averages over ranks: x world makes it the mean over every rank's
+        # prefixes
+        loss = (w * per_pair).sum() * world / max(n_global, 1.0)
+        loss.backward()
+        with torch.no_grad():
+            # DPO's implicit rewards: beta (log pi - log pi_ref)
+            r_c, r_r = beta * (pol[ci] - ref[ci]), beta * (pol[ri] - ref[ri])
+            for key, value in (
+                ("loss", (w * per_pair).sum()),
+                ("chosen", r_c.sum()),
+                ("rejected", r_r.sum()),
+                ("acc", (r_c > r_r).float().sum()),
+                ("logp_c", pol[ci].sum()),
+                ("logp_r", pol[ri].sum()),
+                ("n", torch.tensor(float(len(flat)))),
+            ):
+                sums[key] += float(value)
+    reduced = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+    total = dict(zip(sums, reduced.tolist()))
+    n = max(total["n"], 1.0)
+    return {
+        "loss": total["loss"] / max(n_global, 1.0),
+        "rewards/chosen": total["chosen"] / n,
+        "rewards/rejected": total["rejected"] / n,
+        "rewards/margins": (total["chosen"] - total["rejected"]) / n,
+        "rewards/accuracies": total["acc"] / n,
+        "logps/chosen": total["logp_c"] / n,
+        "logps/rejected": total["logp_r"] / n,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Held-out evaluation: the win rate against the starting model
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    heldout: list[dict],
+    judge,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop_at_eos: bool = False,
+    baseline=None,
+) -> dict:
+    """The policy and the starting model (`baseline`, or the policy with LoRA off) each continue
+    every held-out prefix once (fixed generators, T = --temperature); the judge compares each pair
+    in both orders. Win rate = mean over prefixes of 1 (win), 1/2 (tie, or orders that disagree), 0
+    (loss); a pair with an invalid verdict is left out and counted. 95% interval: mean +- 1.96 sd /
+    sqrt(n) over the prefixes."""
+    device = next(model.parameters()).device
+    ids = [w["ids"] for w in heldout]
+    kw = dict(
+        n=1,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=64,
+        eos_token_ids=None if stop_at_eos else [],
+    )
+    policy = sampling.sample(
+        model, tokenizer, ids, generator=torch.Generator(device=device).manual_seed(seed + 1), **kw
+    )
+    with lora.disabled(model):  # the starting model: `baseline`, else the policy with LoRA off
+        base = sampling.sample(
+            model if baseline is None else baseline,
+            tokenizer,
+            ids,
+            generator=torch.Generator(device=device).manual_seed(seed + 2),
+            **kw,
+        )
+    p_texts, b_texts = policy.texts(tokenizer), base.texts(tokenizer)
+    calls, invalid = judge.calls, judge.invalid
+    results = judges.full_pairwise(
+        judge, [w["prefix"] for w in heldout], [[p, b] for p, b in zip(p_texts, b_texts)]
+    )
+    outcomes = [r.scores[0] for r in results if r.scores[0] is not None]
+    n = len(outcomes)
+    if n == 0:
+        raise judges.JudgeError(
+            f"judge {getattr(judge, 'url', '')}: no held-out comparison got a valid verdict in "
+            f"both orders ({judge.invalid - invalid} of {judge.calls - calls} verdicts invalid)"
+        )
+    mean = sum(outcomes) / n
+    # one prefix: sd 0 (an interval of width 0), as the toy's tiny runs have measured it
+    sd = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / max(n - 1, 1))
+    low, high = stats.bounded_interval(mean, stats.Z95 * sd / math.sqrt(n))
+    return {
+        "win_rate_vs_base": mean,
+        "interval_low": low,
+        "interval_high": high,
+        "wins": sum(x > 0.5 for x in outcomes),
+        "ties": sum(x == 0.5 for x in outcomes),
+        "losses": sum(x < 0.5 for x in outcomes),
+        "compared": n,
+        "invalid_pairs": len(results) - n,
+        "judge_invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
+        "policy_mean_length": float(policy.completion_mask.sum(1).float().mean()),
+        "base_mean_length": float(base.completion_mask.sum(1).float().mean()),
+        "_samples": [
+            {"prompt": w["prefix"], "completion": p, "base": b, "win": r.scores[0]}
+            for w, p, b, r in list(zip(heldout, p_texts, b_texts, results))[:10]
+        ],
+    }
+
+
+def starting_win_rate() -> dict:
+    """Before training the policy is the starting model (LoRA B = 0): its win rate against it is
+    1/2 by construction, so there is nothing to measure."""
+    return {"win_rate_vs_base": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, defaults, main
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(cli.TrainArgs):
     out: str = "runs/dpo_online"
-    """run directory"""
-    seed: int = 0
-    """random seed (data order, LoRA init, sampling, ties)"""
+    max_steps: int | None = None
+    batch_size: int = 4
+    load_in_4bit: bool = False
+    log_completions: int = 1
+    eval_data: str = ""
+    """held-out documents (default: the toy test split, or the last fifth of --data, at most
+    --eval-size documents)"""
     prefix_tokens: int | None = None
     """tokens of a document shown as the prefix (default 192 toy, 384 hub model)"""
     suffix_tokens: int = 128
@@ -139,65 +573,31 @@ class Args:
     """judge sampling temperature (the paper sampled at 1.0; 0 is reproducible)"""
     judge_cache: str = "auto"
     """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
-    lr: float | None = None
-    """peak learning rate (AdamW); default 1e-3 toy; hub model 5e-6 on CUDA, 1e-4 on a CPU"""
-    warmup_ratio: float = 0.1
-    """share of steps with linear warmup"""
-    max_steps: int | None = None
-    """optimizer steps (default 150 toy, 500 hub model)"""
-    batch_size: int = 4
-    """prefixes per optimizer step per device"""
-    micro_batch_size: int = 32
-    """candidate sequences per forward/backward (whole prefixes at a time)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm (0 = off)"""
-    lora_r: int | None = None
-    """LoRA rank (default 16 toy or CPU, 64 hub model on CUDA)"""
-    lora_alpha: float | None = None
-    """LoRA alpha (default 2 x rank)"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA input"""
-    load_in_4bit: bool = False
-    """QLoRA NF4 base"""
-    gradient_checkpointing: bool | None = None
-    """recompute activations in backward (default: on for a hub model on CUDA)"""
-    toy_train_size: int = 4000
-    """toy training documents"""
     eval_size: int = 128
     """held-out prefixes for the win rate"""
     eval_every: int = 0
     """evaluate every N steps (0 = at the end only)"""
     eval_only: str = ""
     """evaluate this adapter (or full model dir) against --model (+ --init-adapter) and exit"""
-    log_completions: int = 1
-    """prefixes per step written to samples.jsonl"""
-    save_every: int = 50
-    """checkpoint every N steps (for --resume)"""
-    resume: bool = False
-    """continue from <out>/checkpoint"""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto"""
-    report_to: str = ""
-    """also log to wandb or trackio"""
+
+
+# {field: (toy, real model on one CUDA GPU)}. K = 16 is the model card's
+# (Jarrodbarnes/qwen3-0.6B-interleaved-thinking), 128-token suffixes the paper's (sec. 1.1.1); on a
+# CPU a real model gets lora.SMALL_DEVICE_SETUP's lr, rank and checkpointing.
+DEFAULTS = {
+    "lr": (1e-3, 5e-6),
+    "lora_r": (16, 64),
+    "gradient_checkpointing": (False, True),
+    "prefix_tokens": (192, 384),
+    "num_rollouts": (8, 16),
+    "max_steps": (150, 500),
+}
 
 
 def resolve_defaults(args: Args) -> Args:
+    """DEFAULTS for the fields left unset, then the settings derived from them, checked."""
+    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
     hub = args.model != "toy"
-    for name, toy_value, hub_value in (
-        ("prefix_tokens", 192, 384),
-        ("num_rollouts", 8, 16),
-        ("max_steps", 150, 500),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, hub_value if hub else toy_value)
-    if hub:  # this setup on CUDA, a lighter one on a CPU (lora.hub_defaults)
-        card = {"lr": 5e-6, "lora_r": 64, "gradient_checkpointing": True}
-        vars(args).update(
-            lora.hub_defaults(args.model, distributed.pick_device(args.device), card, vars(args))
-        )
-    for name, toy_value in (("lr", 1e-3), ("lora_r", 16), ("gradient_checkpointing", False)):
-        if getattr(args, name) is None:
-            setattr(args, name, toy_value)
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
     if args.include_original is None:
@@ -209,10 +609,8 @@ def resolve_defaults(args: Args) -> Args:
                 "URL (vLLM, SGLang, transformers serve) or a model directory / hub id"
             )
         args.judge = "toy"
-    if args.data == "toy":
-        args.skip_short_documents = (
-            True  # toy documents run 200-840 characters: keep those long enough
-        )
+    if args.data == "toy":  # toy documents run 200-840 characters: keep those long enough
+        args.skip_short_documents = True
     if args.num_rollouts + args.include_original < 2:
         raise errors.ConfigError(
             "--num-rollouts: at least two candidates per prefix are needed for a pair"
@@ -236,496 +634,6 @@ def resolve_defaults(args: Args) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# The stream: documents cut by tokens into prefix / suffix windows
-# ---------------------------------------------------------------------------------------------
-
-
-def cut_windows(
-    rows: list[dict],
-    tokenizer,
-    source: str,
-    prefix_tokens: int,
-    suffix_tokens: int,
-    skip_short: bool,
-) -> tuple[list[dict], int]:
-    """Each document's first prefix_tokens tokens (the prompt) and the suffix_tokens after them (the
-    original continuation): [{"ids", "suffix_ids", "prefix", "suffix", "domain"}], and how many
-    short documents were skipped. A document shorter than prefix + suffix is an error naming
-    file:line, unless `skip_short`."""
-    out, skipped = [], 0
-    for i, row in enumerate(rows):
-        where = f"{source}:{row.get('_line', i + 1)}"
-        text = row.get("text")
-        if not isinstance(text, str):
-            raise errors.DataError(
-                f"{where}: field 'text': "
-                + ("missing" if text is None else f"expected str, got {type(text).__name__}")
-            )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < prefix_tokens + suffix_tokens:
-            if skip_short:
-                skipped += 1
-                continue
-            raise errors.DataError(
-                f"{where}: field 'text': {len(ids)} tokens, shorter than --prefix-tokens "
-                f"{prefix_tokens} + --suffix-tokens {suffix_tokens} (or pass "
-                "--skip-short-documents)"
-            )
-        pre, suf = ids[:prefix_tokens], ids[prefix_tokens : prefix_tokens + suffix_tokens]
-        out.append(
-            {
-                "ids": pre,
-                "suffix_ids": suf,
-                "prefix": tokenizer.decode(pre),
-                "suffix": tokenizer.decode(suf),
-                "domain": row.get("domain"),
-            }
-        )
-    return out, skipped
-
-
-def load_windows(
-    tokenizer,
-    *,
-    data: str,
-    eval_data: str,
-    seed: int,
-    eval_size: int,
-    toy_train_size: int,
-    prefix_tokens: int,
-    suffix_tokens: int,
-    skip_short: bool,
-) -> tuple[list[dict], list[dict], int]:
-    """Training and held-out windows (toy documents by default), and the number of short documents
-    skipped."""
-    if data == "toy":
-        # twice the documents asked for: the ones shorter than prefix + suffix are skipped, then the
-        # rest is cut to size
-        parts = [
-            ("toy train", toy.documents("train", 2 * toy_train_size, seed=seed)),
-            ("toy test", toy.documents("test", 2 * eval_size, seed=seed)),
-        ]
-    else:
-        rows = [
-            {**r, "_line": i + 1} for i, r in enumerate(dataio.load_rows(data, required=("text",)))
-        ]
-        if eval_data:
-            held = [
-                {**r, "_line": i + 1}
-                for i, r in enumerate(dataio.load_rows(eval_data, split="test", required=("text",)))
-            ]
-            parts = [(data, rows), (eval_data, held[:eval_size])]
-        else:
-            n_eval = min(eval_size, len(rows) // 5)
-            if n_eval < 1:
-                raise errors.DataError(
-                    f"{data}: {len(rows)} documents; too few to hold some out (or pass --eval-data)"
-                )
-            parts = [(data, rows[:-n_eval]), (data, rows[-n_eval:])]
-    cut = [
-        cut_windows(rows, tokenizer, source, prefix_tokens, suffix_tokens, skip_short)
-        for source, rows in parts
-    ]
-    for (source, _), (windows, _) in zip(parts, cut):
-        if not windows:
-            raise errors.DataError(
-                f"{source}: no document has --prefix-tokens + --suffix-tokens "
-                f"{prefix_tokens + suffix_tokens} tokens"
-            )
-    if data == "toy":
-        return cut[0][0][:toy_train_size], cut[1][0][:eval_size], 0
-    return cut[0][0], cut[1][0], cut[0][1] + cut[1][1]
-
-
-# ---------------------------------------------------------------------------------------------
-# The DPO pieces with a formula each (tests import them)
-# ---------------------------------------------------------------------------------------------
-
-
-def dpo_loss(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss: str
-) -> torch.Tensor:
-    """Per pair, from summed sequence log-probs [P]: h = (pi_c - pi_r) - (ref_c - ref_r);
-    sigmoid: -log sigmoid(beta h) (DPO, arXiv 2305.18290, eq. 7); ipo: (h - 1/(2 beta))^2 (arXiv
-    2310.12036, eq. 17;
-    TRL divides the log-probs by the length first, the paper and this repo do not)."""
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    if loss == "sigmoid":
-        return -F.logsigmoid(beta * h)
-    if loss == "ipo":
-        return (h - 1.0 / (2.0 * beta)) ** 2
-    raise ValueError(f"unknown DPO loss {loss!r}: choose sigmoid or ipo")
-
-
-def select_pairs(
-    scores: list[float | None], mode: str, rng: random.Random
-) -> list[tuple[int, int, float]]:
-    """(chosen, rejected, weight) pairs from one prefix's candidate scores; weights sum to 1 (or no
-    pair).
-
-    best-worst: the highest score against the lowest, ties broken at random (so the original suffix,
-    candidate 0, is not favoured); all: every (i, j) with score_i > score_j. Candidates without a
-    score (no valid verdict) are
-    left out; a prefix whose scores are all equal has no pair."""
-    valid = [(s, i) for i, s in enumerate(scores) if s is not None]
-    if len(valid) < 2 or max(valid)[0] == min(valid)[0]:
-        return []
-    if mode == "best-worst":
-        top, bottom = max(valid)[0], min(valid)[0]
-        return [
-            (
-                rng.choice([i for s, i in valid if s == top]),
-                rng.choice([i for s, i in valid if s == bottom]),
-                1.0,
-            )
-        ]
-    pairs = [(i, j) for si, i in valid for sj, j in valid if si > sj]
-    return [(i, j, 1.0 / len(pairs)) for i, j in pairs]
-
-
-def pack(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device
-) -> sampling.Rollout:
-    """Prompt + completion token lists as a Rollout (prompts left-padded, completions right-padded),
-    the input of sampling.micro_batch / sequence_logprobs."""
-    P, C = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
-    t = lambda rows, w, left, v: torch.tensor(
-        [
-            ([v] * (w - len(r)) + r) if left else (r + [v] * (w - len(r)))  # noqa
-            for r in rows
-        ],
-        dtype=torch.long,
-        device=device,
-    )
-    ones = lambda rows: [[1] * len(r) for r in rows]  # noqa: E731
-    return sampling.Rollout(
-        prompt_ids=t(prompts, P, True, pad_id),
-        prompt_mask=t(ones(prompts), P, True, 0),
-        completion_ids=t(completions, C, False, pad_id),
-        completion_mask=t(ones(completions), C, False, 0),
-        finished=torch.ones(len(prompts), dtype=torch.bool, device=device),
-        group=torch.arange(len(prompts), device=device),
-    )
-
-
-def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
-    """[R] log pi(completion | prompt): the completion's token log-probs summed (T = 1), one pass
-    over the rows."""
-    ids, attn, K = sampling.micro_batch(roll, slice(None))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-        logp = sampling.sequence_logprobs(model, ids, attn, K)
-    return (logp * roll.completion_mask[:, :K]).sum(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Rollout and judging: K + 1 candidates per prefix, full-pairwise scores, the training pairs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Judged:
-    windows: list[dict]
-    candidates: list[list[list[int]]]  # per prefix, per candidate: token ids
-    texts: list[list[str]]
-    pairs: list[list[tuple[int, int, float]]]
-    metrics: dict
-    samples: list[dict]
-    num_tokens: int
-
-
-def rollout_and_judge(
-    model,
-    tokenizer,
-    windows: list[dict],
-    judge,
-    generator,
-    rng: random.Random,
-    *,
-    K: int,
-    include_original: bool,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    pairs: str,
-    stop_at_eos: bool,
-    log_prefixes: int,
-) -> Judged:
-    roll = sampling.sample(
-        model,
-        tokenizer,
-        [w["ids"] for w in windows],
-        n=K,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        generator=generator,
-        eos_token_ids=None if stop_at_eos else [],
-    )
-    t_judge = time.perf_counter()
-    rows = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-    texts = roll.texts(tokenizer)
-    first = 1 if include_original else 0  # candidate 0 is the original suffix when it is included
-    cands = [
-        ([w["suffix_ids"]] if include_original else []) + rows[b * K : (b + 1) * K]
-        for b, w in enumerate(windows)
-    ]
-    cand_texts = [
-        ([w["suffix"]] if include_original else []) + texts[b * K : (b + 1) * K]
-        for b, w in enumerate(windows)
-    ]
-    calls, invalid = judge.calls, judge.invalid
-    results = judges.full_pairwise(judge, [w["prefix"] for w in windows], cand_texts)
-    chosen = [select_pairs(r.scores, pairs, rng) for r in results]
-    valid_pairs = sum(r.pairs - r.invalid_pairs for r in results)
-    with_pairs = [(r, p) for r, p in zip(results, chosen) if p]
-    best = [
-        max(
-            range(len(r.scores)),
-            key=lambda i: (r.scores[i] if r.scores[i] is not None else -1.0, -i),
-        )
-        for r, _ in with_pairs
-    ]  # the best-scored candidate of each trained prefix
-    lengths = roll.completion_mask.sum(1).float()
-    metrics = {
-        "judge/calls": judge.calls - calls,
-        "judge/invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
-        "judge/position_consistency": sum(r.consistent_pairs for r in results)
-        / max(valid_pairs, 1),
-        "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid_pairs, 1),
-        "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
-        "pairs/prefixes_dropped": len(windows) - len(with_pairs),
-        "pairs/count": sum(len(p) for p in chosen),
-        "score/spread": sum(
-            max(s for s in r.scores if s is not None) - min(s for s in r.scores if s is not None)
-            for r, _ in with_pairs
-        )
-        / max(len(with_pairs), 1),
-        "score/rollouts": _mean([s for r in results for s in r.scores[first:] if s is not None]),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
-        "timing/judge": time.perf_counter() - t_judge,
-    }
-    if include_original:
-        # the paper's fig. 8: the share of chosen candidates that are rollouts grows as the policy
-        # improves
-        metrics["chosen/original_share"] = sum(b == 0 for b in best) / max(len(best), 1)
-        metrics["chosen/rollout_share"] = sum(b != 0 for b in best) / max(len(best), 1)
-        metrics["score/original"] = _mean([r.scores[0] for r in results if r.scores[0] is not None])
-    samples = [
-        {
-            "prefix": w["prefix"],
-            "candidates": [
-                {"text": t, "score": s, "original": include_original and i == 0}
-                for i, (t, s) in enumerate(zip(ct, r.scores))
-            ],
-            "pairs": [[c, rj] for c, rj, _ in p],
-        }
-        for w, ct, r, p in list(zip(windows, cand_texts, results, chosen))[:log_prefixes]
-    ]
-    return Judged(
-        windows=windows,
-        candidates=cands,
-        texts=cand_texts,
-        pairs=chosen,
-        metrics=metrics,
-        samples=samples,
-        num_tokens=int(roll.attention_mask.sum()),
-    )
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Update: DPO over micro-batches of whole prefixes (the optimizer step is the caller's)
-# ---------------------------------------------------------------------------------------------
-
-
-def update(
-    model,
-    judged: Judged,
-    *,
-    beta: float,
-    loss_type: str,
-    micro_batch_size: int,
-    pad_id: int,
-    world: int,
-    counter: dict | None = None,
-) -> dict:
-    """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L. Only
-    candidates in a pair are scored: one reference pass (LoRA off, no gradient) and one policy pass
-    each, whatever the number of pairs they are in. A prefix's candidates share a micro-batch, so
-    its loss is complete there and backward runs at once; `counter` (if given) counts the sequence
-    passes."""
-    device = next(model.parameters()).device
-    jobs = [b for b, p in enumerate(judged.pairs) if p]
-    n_global = float(
-        distributed.all_reduce_sum(torch.tensor(float(len(jobs)), dtype=torch.float64))
-    )
-    groups, cur, rows = [], [], 0
-    # whole prefixes per micro-batch, at most micro_batch_size candidate rows (at least one prefix)
-    for b in jobs:
-        need = len({i for c, r, _ in judged.pairs[b] for i in (c, r)})
-        if cur and rows + need > micro_batch_size:
-            groups.append(cur)
-            cur, rows = [], 0
-        cur.append(b)
-        rows += need
-    groups += [cur] if cur else []
-    sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logp_c", "logp_r", "n"), 0.0)
-    for group in groups:
-        index, prompts, comps = {}, [], []
-        for b in group:
-            for i in sorted({i for c, r, _ in judged.pairs[b] for i in (c, r)}):
-                index[(b, i)] = len(prompts)
-                prompts.append(judged.windows[b]["ids"])
-                comps.append(judged.candidates[b][i])
-        roll = pack(prompts, comps, pad_id, device)
-        with torch.no_grad(), lora.disabled(model):
-            ref = summed_logprobs(model, roll)
-        pol = summed_logprobs(model, roll)
-        if counter is not None:
-            counter["reference"] = counter.get("reference", 0) + len(prompts)
-            counter["policy"] = counter.get("policy", 0) + len(prompts)
-        flat = [(index[(b, c)], index[(b, r)], w) for b in group for c, r, w in judged.pairs[b]]
-        ci, ri = (torch.tensor([f[k] for f in flat], device=device) for k in (0, 1))
-        w = torch.tensor([f[2] for f in flat], device=device)
-        per_pair = dpo_loss(pol[ci], pol[ri], ref[ci], ref[ri], beta, loss_type)
-        # the gradient all-reduce averages over ranks: x world makes it the mean over every rank's
-        # prefixes
-        loss = (w * per_pair).sum() * world / max(n_global, 1.0)
-        loss.backward()
-        with torch.no_grad():
-            r_c, r_r = (
-                beta * (pol[ci] - ref[ci]),
-                beta * (pol[ri] - ref[ri]),
-            )  # DPO's implicit rewards
-            for key, value in (
-                ("loss", (w * per_pair).sum()),
-                ("chosen", r_c.sum()),
-                ("rejected", r_r.sum()),
-                ("acc", (r_c > r_r).float().sum()),
-                ("logp_c", pol[ci].sum()),
-                ("logp_r", pol[ri].sum()),
-                ("n", torch.tensor(float(len(flat)))),
-            ):
-                sums[key] += float(value)
-    total = dict(
-        zip(
-            sums,
-            distributed.all_reduce_sum(
-                torch.tensor(list(sums.values()), dtype=torch.float64)
-            ).tolist(),
-        )
-    )
-    n = max(total["n"], 1.0)
-    return {
-        "loss": total["loss"] / max(n_global, 1.0),
-        "rewards/chosen": total["chosen"] / n,
-        "rewards/rejected": total["rejected"] / n,
-        "rewards/margins": (total["chosen"] - total["rejected"]) / n,
-        "rewards/accuracies": total["acc"] / n,
-        "logps/chosen": total["logp_c"] / n,
-        "logps/rejected": total["logp_r"] / n,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out evaluation: the win rate against the starting model
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    heldout: list[dict],
-    judge,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    stop_at_eos: bool = False,
-    baseline=None,
-) -> dict:
-    """The policy and the starting model (`baseline`, or the policy with LoRA off) each continue
-    every held-out prefix once (fixed generators, T = --temperature); the judge compares each pair
-    in both orders. Win rate = mean over prefixes of 1 (win), 1/2 (tie, or orders that disagree), 0
-    (loss); a pair with an invalid verdict is left out and counted. 95% interval: mean +- 1.96 sd /
-    sqrt(n) over the prefixes."""
-    device = next(model.parameters()).device
-    ids = [w["ids"] for w in heldout]
-    kw = dict(
-        n=1,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=64,
-        eos_token_ids=None if stop_at_eos else [],
-    )
-    policy = sampling.sample(
-        model, tokenizer, ids, generator=torch.Generator(device=device).manual_seed(seed + 1), **kw
-    )
-    if baseline is None:
-        with lora.disabled(model):
-            base = sampling.sample(
-                model,
-                tokenizer,
-                ids,
-                generator=torch.Generator(device=device).manual_seed(seed + 2),
-                **kw,
-            )
-    else:
-        base = sampling.sample(
-            baseline,
-            tokenizer,
-            ids,
-            generator=torch.Generator(device=device).manual_seed(seed + 2),
-            **kw,
-        )
-    p_texts, b_texts = policy.texts(tokenizer), base.texts(tokenizer)
-    calls, invalid = judge.calls, judge.invalid
-    results = judges.full_pairwise(
-        judge, [w["prefix"] for w in heldout], [[p, b] for p, b in zip(p_texts, b_texts)]
-    )
-    outcomes = [r.scores[0] for r in results if r.scores[0] is not None]
-    n = len(outcomes)
-    if n == 0:
-        raise judges.JudgeError(
-            f"judge {getattr(judge, 'url', '')}: no held-out comparison got a valid verdict in "
-            f"both orders ({judge.invalid - invalid} of {judge.calls - calls} verdicts invalid)"
-        )
-    mean = sum(outcomes) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / max(n - 1, 1))
-    half = 1.96 * sd / math.sqrt(n)
-    return {
-        "win_rate_vs_base": mean,
-        "interval_low": max(0.0, mean - half),
-        "interval_high": min(1.0, mean + half),
-        "wins": sum(x > 0.5 for x in outcomes),
-        "ties": sum(x == 0.5 for x in outcomes),
-        "losses": sum(x < 0.5 for x in outcomes),
-        "compared": n,
-        "invalid_pairs": len(results) - n,
-        "judge_invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
-        "policy_mean_length": float(policy.completion_mask.sum(1).float().mean()),
-        "base_mean_length": float(base.completion_mask.sum(1).float().mean()),
-        "_samples": [
-            {"prompt": w["prefix"], "completion": p, "base": b, "win": r.scores[0]}
-            for w, p, b, r in list(zip(heldout, p_texts, b_texts, results))[:10]
-        ],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
 def load_start(
     name: str, device, init_adapter: str, load_in_4bit: bool, gradient_checkpointing: bool
 ):
@@ -741,7 +649,28 @@ def load_start(
     return model
 
 
-def build_judge(args: Args, device):
+def load_policy(args: Args, device):
+    """The starting model with a fresh LoRA on top: with LoRA off it is the reference."""
+    model = load_start(
+        args.model, device, args.init_adapter, args.load_in_4bit, args.gradient_checkpointing
+    )
+    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    return model
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads prompts and completions (EOS when the tokenizer names no pad token)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id
+
+
+def build_judge(args: Args, device, train: list[dict]):
+    """The pairwise judge of --judge; the toy one only for toy documents."""
+    if args.judge == "toy" and all(toy.detect_domain(w["prefix"]) is None for w in train[:16]):
+        raise errors.ConfigError(
+            f"--judge toy judges toy documents only; {args.data} is not one (pass --judge)"
+        )
     return judges.make_judge(
         args.judge,
         pairwise=True,
@@ -757,6 +686,88 @@ def build_judge(args: Args, device):
     )
 
 
+def eval_settings(args: Args) -> dict:
+    """evaluate's sampling, the rollouts' (length, temperature, top-p, stopping), and the seed."""
+    return dict(
+        max_new_tokens=args.suffix_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_eos=args.stop_at_eos,
+    )
+
+
+def rollout_step(model, tokenizer, judge, train, args: Args, run, step: int) -> Judged:
+    """Step `step` on this rank: its share of the epoch's shuffled prefixes, rolled out with a
+    generator seeded by (seed, step, rank) and paired with one seeded by (seed, step), so that a
+    resumed run draws the same; its first prefixes go to samples.jsonl."""
+    indices = dataio.epoch_indices(
+        len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
+    )
+    seed = args.seed * 100003 + step * run.world + run.rank
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    rng = random.Random(args.seed * 7919 + step)
+    judged = rollout_and_judge(
+        model, tokenizer, [train[i] for i in indices], judge, generator, rng, args
+    )
+    if distributed.is_main():
+        for s in judged.samples:
+            dataio.append_jsonl(
+                run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
+            )
+    return judged
+
+
+def step_metrics(judged: Judged, losses: dict, lr: float, tokens_seen: int, t0, t1) -> dict:
+    """A row of metrics.jsonl; t0 / t1: when the step / the update began."""
+    return {
+        **judged.metrics,
+        **losses,
+        "learning_rate": lr,
+        "num_tokens": tokens_seen,
+        "step_time": time.perf_counter() - t0,
+        "timing/rollout_and_judge": t1 - t0,
+        "timing/update": time.perf_counter() - t1,
+    }
+
+
+def eval_due(args: Args, step: int) -> bool:
+    """--eval-every: a held-out evaluation after `step` (rank 0; the last step has its own)."""
+    every = args.eval_every
+    return bool(every) and step % every == 0 and step < args.max_steps and distributed.is_main()
+
+
+def progress_bar(start: int, max_steps: int):
+    """tqdm over the steps left (rank 0 only)."""
+    steps = range(start, max_steps)
+    return tqdm(
+        steps, initial=start, total=max_steps, desc="dpo_online", disable=not distributed.is_main()
+    )
+
+
+def progress(last: dict) -> dict:
+    """The progress bar's reward margin, pair accuracy and rollout share of the chosen."""
+    return {
+        "margin": f"{last['rewards/margins']:.3f}",
+        "acc": f"{last['rewards/accuracies']:.2f}",
+        "rollout_share": f"{last.get('chosen/rollout_share', float('nan')):.2f}",
+    }
+
+
+def heldout_summary(after: dict) -> dict:
+    """summary.json's "heldout": the win rate against the starting model, 1/2 before training."""
+    return {
+        "metric": "win_rate_vs_base",
+        "before": 0.5,
+        "after": after["win_rate_vs_base"],
+        "interval": [after["interval_low"], after["interval_high"]],
+    }
+
+
+def interval_text(after: dict) -> str:
+    return f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]"
+
+
 def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
     """--eval-only PATH: an adapter on top of the starting model, or a full model against it."""
     model = load_start(args.model, run.device, args.init_adapter, args.load_in_4bit, False)
@@ -764,244 +775,142 @@ def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
     if (path / lora.WEIGHTS_NAME).is_file():
         lora.load_adapter(model, str(path))
     elif (path / "config.json").is_file():
-        baseline, model = (
-            model,
-            loading.load_model(str(path), device=run.device, load_in_4bit=args.load_in_4bit),
-        )
+        baseline = model
+        model = loading.load_model(str(path), device=run.device, load_in_4bit=args.load_in_4bit)
     else:
         raise errors.MissingError(
             f"--eval-only {path}: neither an adapter ({lora.WEIGHTS_NAME}) nor a model "
             f"(config.json) there"
         )
-    after = evaluate(
-        model,
-        tokenizer,
-        heldout,
-        judge,
-        max_new_tokens=args.suffix_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_at_eos=args.stop_at_eos,
-        baseline=baseline,
-    )
+    after = evaluate(model, tokenizer, heldout, judge, baseline=baseline, **eval_settings(args))
     after.pop("_samples")
-    return lifecycle.finish_run(
-        run,
-        {
-            "method": "dpo_online",
-            "eval_only": str(path),
-            "after": after,
-            "heldout": {
-                "metric": "win_rate_vs_base",
-                "before": 0.5,
-                "after": after["win_rate_vs_base"],
-                "interval": [after["interval_low"], after["interval_high"]],
-            },
-            "args": asdict(args),
-        },
-        table={
-            "evaluated": str(path),
-            "win rate vs base": after["win_rate_vs_base"],
-            "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
-            "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
-        },
-    )
+    summary = {
+        "method": "dpo_online",
+        "eval_only": str(path),
+        "after": after,
+        "heldout": heldout_summary(after),
+        "args": asdict(args),
+    }
+    table = {
+        "evaluated": str(path),
+        "win rate vs base": after["win_rate_vs_base"],
+        "95% interval": interval_text(after),
+        "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
+    }
+    return lifecycle.finish_run(run, summary, table)
+
+
+def results(
+    args: Args,
+    state: dict,
+    after: dict,
+    last: dict,
+    t_train: float,
+    skipped: int,
+    opt,
+    rank_diff: float,
+):
+    """(summary.json, results table): the held-out win rate against the starting model, the last
+    step's metrics, the run's totals."""
+    heldout = heldout_summary(after)
+    heldout["note"] = f"{after['compared']} held-out prefixes, one continuation each, both orders"
+    summary = {
+        "method": "dpo_online",
+        "judge": args.judge,
+        "init_adapter": args.init_adapter or None,
+        "heldout": heldout,
+        "after": after,
+        "final": last,
+        "train_seconds": t_train,
+        "num_tokens": state["tokens_seen"],
+        "short_documents_skipped": skipped,
+        "skipped_steps": opt.skipped,
+        "rank_param_max_diff": rank_diff,
+        "args": asdict(args),
+    }
+    table = {
+        "win rate vs base": round(after["win_rate_vs_base"], 3),
+        "95% interval": interval_text(after),
+        "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
+        "rollout share of chosen (last step)": last.get("chosen/rollout_share"),
+        "train s": round(t_train),
+    }
+    return summary, table
 
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
+    run = lifecycle.start_run(
+        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
+    )
     tokenizer = loading.load_tokenizer(args.model)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    train, heldout, skipped = load_windows(
-        tokenizer,
-        data=args.data,
-        eval_data=args.eval_data,
-        seed=args.seed,
-        eval_size=args.eval_size,
-        toy_train_size=args.toy_train_size,
-        prefix_tokens=args.prefix_tokens,
-        suffix_tokens=args.suffix_tokens,
-        skip_short=args.skip_short_documents,
-    )
-    if args.judge == "toy" and all(toy.detect_domain(w["prefix"]) is None for w in train[:16]):
-        raise errors.ConfigError(
-            f"--judge toy judges toy documents only; {args.data} is not one (pass --judge)"
-        )
-    judge = build_judge(args, run.device)
+    train, heldout, skipped = load_windows(tokenizer, args)
+    judge = build_judge(args, run.device, train)
     if args.eval_only:
         summary = eval_only(args, run, tokenizer, heldout, judge)
-        distributed.cleanup_distributed()
+        lifecycle.end_run(run)
         return summary
-    model = load_start(
-        args.model, run.device, args.init_adapter, args.load_in_4bit, args.gradient_checkpointing
+    model = load_policy(args, run.device)
+    opt = lifecycle.adamw(
+        lora.lora_parameters(model),
+        lr=args.lr,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_grad_norm=args.max_grad_norm,
     )
-    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    params = lora.lora_parameters(model)
-    distributed.broadcast_parameters(params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = lifecycle.cosine_schedule(
-        optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps, min_ratio=0.1
+    heldout_eval = functools.partial(
+        evaluate, model, tokenizer, heldout, judge, **eval_settings(args)
     )
-    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda: evaluate(
-        model,
-        tokenizer,
-        heldout,
-        judge,
-        max_new_tokens=args.suffix_tokens,  # noqa: E731
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_at_eos=args.stop_at_eos,
-    )
-    # Before training the policy is the starting model (LoRA B = 0): its win rate against it is 1/2
-    # by construction.
-    start, data_state = lifecycle.resume_or_evaluate(
-        run, args.resume, model, optimizer, scheduler, lambda: {"win_rate_vs_base": 0.5}, logger
-    )
-    optimizer_step.load_state_dict(data_state)
-    tokens_seen = data_state.get("tokens_seen", 0)
-
+    start, state = lifecycle.begin_training(run, model, opt, starting_win_rate, args.resume)
+    state.setdefault("tokens_seen", 0)
     model.train()
     t_train, last = 0.0, {}
-    bar = tqdm(
-        range(start, args.max_steps),
-        initial=start,
-        total=args.max_steps,
-        desc="dpo_online",
-        disable=not distributed.is_main(),
-    )
+    bar = progress_bar(start, args.max_steps)
     for step in bar:
         t0 = time.perf_counter()
-        windows = [
-            train[i]
-            for i in dataio.epoch_indices(
-                len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
-            )
-        ]
-        gen = torch.Generator(device=run.device).manual_seed(
-            args.seed * 100003 + step * run.world + run.rank
-        )
-        judged = rollout_and_judge(
-            model,
-            tokenizer,
-            windows,
-            judge,
-            gen,
-            random.Random(args.seed * 7919 + step),
-            K=args.num_rollouts,
-            include_original=args.include_original,
-            max_new_tokens=args.suffix_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            pairs=args.pairs,
-            stop_at_eos=args.stop_at_eos,
-            log_prefixes=args.log_completions,
-        )
-        tokens_seen += judged.num_tokens * run.world
-        for s in judged.samples if distributed.is_main() else []:
-            dataio.append_jsonl(
-                run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
-            )
+        judged = rollout_step(model, tokenizer, judge, train, args, run, step)
+        state["tokens_seen"] += judged.num_tokens * run.world
         t1 = time.perf_counter()
-        stats = update(
+        losses = update(
             model,
             judged,
             beta=args.beta,
             loss_type=args.loss,
             micro_batch_size=args.micro_batch_size,
-            pad_id=pad_id,
+            pad_id=pad_token_id(tokenizer),
             world=run.world,
         )
-        stats.update(optimizer_step(stats["loss"], step + 1))
+        losses.update(opt(losses["loss"], step + 1))
         t_train += time.perf_counter() - t0
-        last = {
-            **judged.metrics,
-            **stats,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "num_tokens": tokens_seen,
-            "step_time": time.perf_counter() - t0,
-            "timing/rollout_and_judge": t1 - t0,
-            "timing/update": time.perf_counter() - t1,
-        }
-        if (
-            args.eval_every
-            and (step + 1) % args.eval_every == 0
-            and step + 1 < args.max_steps
-            and distributed.is_main()
-        ):
+        lr = opt.scheduler.get_last_lr()[0]
+        last = step_metrics(judged, losses, lr, state["tokens_seen"], t0, t1)
+        if eval_due(args, step + 1):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        logger.log(step + 1, last)
-        bar.set_postfix(
-            margin=f"{last['rewards/margins']:.3f}",
-            acc=f"{last['rewards/accuracies']:.2f}",
-            rollout_share=f"{last.get('chosen/rollout_share', float('nan')):.2f}",
+        bar.set_postfix(progress(last))
+        lifecycle.end_step(
+            run,
+            step + 1,
+            last,
+            model,
+            opt,
+            state,
+            save_every=args.save_every,
+            max_steps=args.max_steps,
         )
-        if (
-            args.save_every
-            and (step + 1) % args.save_every == 0
-            and step + 1 < args.max_steps
-            and optimizer_step.streak == 0
-        ):
-            lifecycle.save_checkpoint(
-                run.out,
-                step + 1,
-                model,
-                optimizer,
-                scheduler,
-                data_state={
-                    **data_state,
-                    **optimizer_step.state_dict(),
-                    "tokens_seen": tokens_seen,
-                },
-            )
 
-    rank_diff = distributed.max_param_difference_across_ranks(params)
+    # Ranks hold the same adapter (same start, same averaged gradients): rank_diff checks it.
+    rank_diff = distributed.max_param_difference_across_ranks(opt.params)
     summary = {}
     if distributed.is_main():
         # the adapter first: a final evaluation that fails (a judge error) then loses no training
-        lora.save_adapter(
-            model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model
-        )
-        after = lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval())
+        base_name = None if args.model == "toy" else args.model
+        lora.save_adapter(model, str(run.out), base_model_name_or_path=base_name)
+        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
         summary = lifecycle.finish_run(
-            run,
-            {
-                "method": "dpo_online",
-                "judge": args.judge,
-                "init_adapter": args.init_adapter or None,
-                "heldout": {
-                    "metric": "win_rate_vs_base",
-                    "before": 0.5,
-                    "after": after["win_rate_vs_base"],
-                    "interval": [after["interval_low"], after["interval_high"]],
-                    "note": f"{after['compared']} held-out prefixes, one continuation each, both "
-                    "orders",
-                },
-                "after": after,
-                "final": last,
-                "train_seconds": t_train,
-                "num_tokens": tokens_seen,
-                "short_documents_skipped": skipped,
-                "skipped_steps": optimizer_step.skipped,
-                "rank_param_max_diff": rank_diff,
-                "args": asdict(args),
-            },
-            table={
-                "win rate vs base": round(after["win_rate_vs_base"], 3),
-                "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
-                "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
-                "rollout share of chosen (last step)": last.get("chosen/rollout_share"),
-                "train s": round(t_train),
-            },
+            run, *results(args, state, after, last, t_train, skipped, opt, rank_diff)
         )
-    logger.close()
-    distributed.cleanup_distributed()
+    lifecycle.end_run(run)
     return summary
 
 

@@ -1,44 +1,48 @@
-"""GKD: generalized knowledge distillation, on-policy (Agarwal et al., ICLR 2024, arXiv 2306.13649).
+"""GKD: generalized knowledge distillation, on-policy (Agarwal et al., "On-Policy Distillation of
+Language Models: Learning from Self-Generated Mistakes", ICLR 2024, arXiv 2306.13649).
 
 A frozen teacher pi_T and a student pi_S that share a tokenizer. On every completion token the
 student's next-token distribution Q is pulled towards the teacher's P, on a mix of sequences from
-the data and sequences the student writes itself (the student learns where its own mistakes take it:
-no train/test mismatch):
+the data and sequences the student writes itself (the student learns where its own mistakes take
+it: no train/test mismatch):
 
-    L(theta) = (1 - lambda) E_{(x, y) ~ data}[ D(x, y) ] + lambda E_{x ~ data, y ~ pi_S(.|x)}[ D(x, y) ]
-    D(x, y)  = 1/|y| sum_t JSD_beta( pi_T(.|x, y_<t) || pi_S(.|x, y_<t) )                  (paper, eq. 2 and 4)
+    L(theta) = (1 - lambda) E_{(x,y) ~ data}[D(x, y)] + lambda E_{x ~ data, y ~ pi_S(.|x)}[D(x, y)]
+    D(x, y)  = 1/|y| sum_t JSD_beta(pi_T(.|x, y_<t) || pi_S(.|x, y_<t))         (paper, eq. 2 and 4)
     JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
 
 beta 0 is the forward KL(P || Q) and beta 1 the reverse KL(Q || P), exactly (as TRL's GKD trainer
 special-cases them). No gradient flows through the student's sampling. A step holds --batch-size
-prompts, a lambda share of which the student answers (stochastically rounded, seeded: the mixture is
-exact in expectation, not a coin per batch); every row counts with the mean of D over its tokens,
-rows with equal weight.
+prompts, a lambda share of which the student answers (stochastically rounded, seeded: the mixture
+is exact in expectation, not a coin per batch); every row counts with the mean of D over its
+tokens, rows with equal weight.
 
-- `--seq-kd`: the data targets y are written by the teacher instead (sequence-level KD, Kim and Rush
-  2016,
-  arXiv 1606.07947); `--seq-kd --loss sft --lmbda 0` is plain SFT on the teacher's outputs.
+- `--seq-kd`: the data targets y are written by the teacher instead (sequence-level KD, Kim and
+  Rush 2016, arXiv 1606.07947); `--seq-kd --loss sft --lmbda 0` is plain SFT on the teacher's
+  outputs.
 - `--loss reverse-kl-pg`: on-policy distillation as policy gradient (the Thinking Machines
-  "On-Policy
-  Distillation" post, tinker-cookbook): the student samples, each sampled token gets the advantage
-  A_t = -(log pi_S(y_t) - log pi_T(y_t)) (a per-token reward, discount 0) and the loss is -A_t log pi_S(y_t).
+  "On-Policy Distillation" post, tinker-cookbook): the student samples, each sampled token gets the
+  advantage A_t = -(log pi_S(y_t) - log pi_T(y_t)) (a per-token reward, discount 0) and the loss is
+  -A_t log pi_S(y_t).
 - `--temperature` is the sampling temperature, `--loss-temperature` the one both softmaxes take in
-  the loss.
-  Both are 1.0 by default (as in TRL's newer distillation trainer and tinker-cookbook); TRL's GKD trainer samples
-  at 0.9 and computes the loss at 1.0 (`--temperature 0.9` does the same here); a warning says when they differ.
+  the loss. Both are 1.0 by default (as in TRL's newer distillation trainer and tinker-cookbook);
+  TRL's GKD trainer samples at 0.9 and computes the loss at 1.0 (`--temperature 0.9` does the same
+  here); a warning says when they differ.
 
-Both models' final hidden states go through `vocab_kernels.linear_generalized_jsd`, which never
-holds [N, V] logits of either model. Heads are cut to the tokenizer's rows: Qwen3 checkpoints differ
-in embedding rows (151,936 vs 152,064) while sharing one tokenizer of 151,669 tokens, and a row past
-the tokenizer must get probability 0 (-inf logit), not a padded 0 logit.
+`generalized_jsd` below is JSD_beta on full logits, as the paper writes it. Training computes the
+same numbers with `vocab_kernels.linear_generalized_jsd` from both models' final hidden states,
+which never holds [N, V] logits of either model (tests/test_gkd.py checks one against the other).
+Heads are cut to the tokenizer's rows: Qwen3 checkpoints differ in embedding rows (151,936 vs
+152,064) while sharing one tokenizer of 151,669 tokens, and a row past the tokenizer must get
+probability 0 (-inf logit), not a padded 0 logit.
 
 Run:
-    python gkd.py                       # toy: teacher = toy base + toy/sft_think, student = toy/student
+    python gkd.py                       # toy: teacher toy base + toy/sft_think, student toy/student
     python gkd.py --lmbda 0             # supervised KD on the data; --lmbda 1: fully on-policy
     python gkd.py --seq-kd --lmbda 0 --loss sft        # SFT on the teacher's outputs
-    python gkd.py --loss reverse-kl-pg  # on-policy distillation with the reverse KL as a per-token reward
-    python gkd.py --model Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data chats.jsonl   # one GPU, LoRA r=128
-    torchrun --nproc_per_node 4 gkd.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-4B --data chats.jsonl
+    python gkd.py --loss reverse-kl-pg  # on-policy distillation, reverse KL as a per-token reward
+    python gkd.py --model Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data chats.jsonl  # 1 GPU
+    torchrun --nproc_per_node 4 gkd.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-4B \
+        --data chats.jsonl
 """
 
 from __future__ import annotations
@@ -64,168 +68,265 @@ import sampling
 import toy
 from vocab_kernels import linear_generalized_jsd, linear_token_logprobs
 
-
-@dataclass
-class Args:
-    model: str = "toy"
-    """the student: hub id or local dir; 'toy' = toy/student"""
-    teacher: str = "auto"
-    """the teacher: hub id or local dir ('auto' = the toy base for the toy student; required
-    otherwise)"""
-    teacher_adapter: str = "auto"
-    """PEFT adapter dir(s), joined by '+', merged into the teacher; 'auto' = toy/sft_think for the
-    toy teacher, none otherwise"""
-    init_adapter: str = ""
-    """PEFT adapter dir(s), joined by '+', merged into the student before its fresh LoRA (an SFT'd
-    student)"""
-    data: str = "toy"
-    """JSONL: {'messages': [...]} (the last turn, the assistant's, is the target), {'prompt',
-    'completion'?}, optional 'answer' for accuracy; 'toy' = toy arithmetic with its scratchpads"""
-    eval_data: str = ""
-    """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
-    --data)"""
-    out: str = "runs/gkd"
-    """run directory"""
-    seed: int = 0
-    """random seed (data order, on-policy rows, sampling)"""
-    loss: Literal["jsd", "sft", "reverse-kl-pg"] = "jsd"
-    """jsd: generalized JSD (GKD); sft: cross-entropy on the targets; reverse-kl-pg: on-policy
-    distillation, reverse KL as a per-token reward (every row on-policy)"""
-    beta: float = 0.5
-    """JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher) (TRL's
-    default 0.5)"""
-    lmbda: float = 0.5
-    """share of rows the student writes itself (on-policy); TRL's default 0.5"""
-    seq_kd: bool = False
-    """off-policy rows use teacher-written targets instead of the data's"""
-    temperature: float = 1.0
-    """sampling temperature of the student (and the teacher with --seq-kd); TRL's GKD trainer: 0.9
-    """
-    loss_temperature: float = 1.0
-    """softmax temperature of both models in the loss"""
-    top_p: float = 1.0
-    """nucleus sampling"""
-    max_new_tokens: int = 160
-    """longest sampled completion (also for evaluation)"""
-    max_prompt_length: int = 1024
-    """longest prompt in tokens; longer is an error"""
-    max_length: int = 2048
-    """longest data target in tokens; longer is an error"""
-    lr: float | None = None
-    """peak learning rate (AdamW); default 1.5e-3 toy (full), 1e-4 hub model (LoRA, as
-    tinker-cookbook; also on a CPU)"""
-    warmup_ratio: float = 0.05
-    """share of steps with linear warmup"""
-    min_lr_ratio: float = 0.1
-    """after warmup, cosine decay to this share of the peak"""
-    max_steps: int = 1400
-    """optimizer steps"""
-    batch_size: int = 16
-    """prompts per optimizer step per device"""
-    micro_batch_size: int = 16
-    """rows per forward/backward (gradients accumulate)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm (0 = off)"""
-    full: bool | None = None
-    """full fine-tuning of the student instead of LoRA (default: on for the toy, off for a hub
-    model)"""
-    lora_r: int | None = None
-    """LoRA rank (default 128, tinker-cookbook's distillation recipe; 16 for a hub model on a CPU)
-    """
-    lora_alpha: float | None = None
-    """LoRA alpha (default 2 x rank)"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA input"""
-    load_in_4bit: bool = False
-    """QLoRA: the student's base in NF4"""
-    teacher_load_in_4bit: bool = False
-    """the frozen teacher in NF4 (else bf16 on CUDA, fp32 on CPU)"""
-    gradient_checkpointing: bool = False
-    """recompute the student's activations"""
-    toy_difficulty: str = "1,2,3"
-    """toy arithmetic level(s), comma-separated, for training and held-out accuracy"""
-    toy_train_size: int = 4000
-    """toy training prompts"""
-    eval_size: int = 200
-    """held-out prompts"""
-    eval_every: int = 0
-    """evaluate every N steps (0 = before and after only)"""
-    log_completions: int = 2
-    """on-policy rows per step written to samples.jsonl"""
-    save_every: int = 100
-    """checkpoint every N steps (for --resume)"""
-    resume: bool = False
-    """continue from <out>/checkpoint"""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto"""
-    report_to: str = ""
-    """also log to wandb or trackio"""
+# ---------------------------------------------------------------------------------------------
+# The method: the generalized JSD, the per-token loss terms, the on-policy share
+# ---------------------------------------------------------------------------------------------
 
 
-def resolve_defaults(args: Args) -> Args:
-    toy_student = args.model == "toy"
-    if args.teacher == "auto":
-        if not toy_student:
-            raise errors.ConfigError(
-                "--teacher: required with a --model other than 'toy' (a larger model with the "
-                "same tokenizer, e.g. --teacher Qwen/Qwen3-4B)"
-            )
-        args.teacher = "toy"
-    if args.teacher_adapter == "auto":
-        args.teacher_adapter = str(toy.SFT_ADAPTER_DIR) if args.teacher == "toy" else ""
-    if args.full is None:
-        args.full = toy_student
-    if not toy_student:  # the recipe's LoRA on CUDA, a smaller rank on a CPU (lora.hub_defaults)
-        card = {"lr": 1e-4, "lora_r": 128}
-        vars(args).update(
-            lora.hub_defaults(args.model, distributed.pick_device(args.device), card, vars(args))
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per row of [N, V] logits, JSD_beta(P || Q) between the teacher's P = softmax(z_T / tau) and
+    the student's Q = softmax(z_S / tau), as in the objective above:
+
+        beta = 0:  KL(P || Q) = sum_v P (log P - log Q)                          (forward KL)
+        beta = 1:  KL(Q || P) = sum_v Q (log Q - log P)                          (reverse KL)
+        else:      beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q,
+                   log M = logsumexp(log P + log beta, log Q + log(1 - beta))
+
+    The textbook form on full logits (finite ones), the oracle of the fused kernel that training
+    calls (`token_losses`), which computes the same from hidden states without [N, V] logits."""
+    log_q = torch.log_softmax(student_logits / temperature, -1)
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if beta == 0.0:
+        return (p * (log_p - log_q)).sum(-1)
+    if beta == 1.0:
+        return (q * (log_q - log_p)).sum(-1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)
+    return beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+
+
+def token_losses(
+    student,
+    teacher,
+    roll: sampling.Rollout,
+    rows,
+    vocab: int,
+    *,
+    loss: str,
+    beta: float,
+    temperature: float,
+    chunk_size: int | None = None,
+):
+    """Per completion token of some rollout rows: (the loss term, the divergence to log, row
+    index), flat [N].
+
+    jsd: JSD_beta(P_T || Q_S) at `temperature` (`generalized_jsd`, computed by the fused kernel);
+    sft: -log Q_S(y_t); reverse-kl-pg: -A_t log Q_S(y_t) with A_t = -(log Q_S(y_t) - log P_T(y_t))
+    detached (the logged divergence is that sample's log-ratio, an unbiased estimate of the reverse
+    KL). The heads are cut to `vocab` rows; no [N, V] logits are ever held."""
+    ids, attn, K = sampling.micro_batch(roll, rows)
+    m = roll.completion_mask[rows, :K].bool()
+    targets = ids[:, -K:][m]
+    with torch.no_grad():
+        h_t, head_t = sampling.completion_hidden(teacher, ids, attn, K)
+        h_t = h_t[m]
+    h_s, head_s = sampling.completion_hidden(student, ids, attn, K)
+    h_s, w_s, w_t = h_s[m], head_s.weight[:vocab], head_t.weight[:vocab]
+    row = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(m)[m]
+    if loss == "jsd":
+        d = linear_generalized_jsd(
+            h_s, w_s, h_t, w_t, beta=beta, temperature=temperature, chunk_size=chunk_size
         )
-    if args.lr is None:
-        args.lr = 1.5e-3
-    if args.lora_r is None:
-        args.lora_r = 128
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_r
-    if not 0.0 <= args.beta <= 1.0:
-        raise errors.ConfigError(
-            f"--beta {args.beta}: must lie in [0, 1] (0 forward KL, 1 reverse KL)"
+        return d, d.detach(), row
+    logp_s = linear_token_logprobs(
+        h_s, w_s, targets, temperature=temperature, chunk_size=chunk_size
+    )
+    if loss == "sft":
+        return -logp_s, -logp_s.detach(), row
+    with torch.no_grad():
+        logp_t = linear_token_logprobs(
+            h_t, w_t, targets, temperature=temperature, chunk_size=chunk_size
         )
-    if not 0.0 <= args.lmbda <= 1.0:
-        raise errors.ConfigError(f"--lmbda {args.lmbda}: the on-policy share must lie in [0, 1]")
-    if args.loss == "reverse-kl-pg" and (args.lmbda != 1.0 or args.seq_kd):
-        if args.lmbda != Args.lmbda or args.seq_kd:
-            raise errors.ConfigError(
-                "--loss reverse-kl-pg trains on the student's own samples only: drop --lmbda "
-                "and --seq-kd"
-            )
-        args.lmbda = 1.0
-    for name in ("temperature", "loss_temperature"):
-        if getattr(args, name) <= 0:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0"
-            )
-    for name in ("batch_size", "micro_batch_size", "max_steps", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
-            )
-    samples = args.lmbda > 0 or args.seq_kd
-    if samples and args.temperature != args.loss_temperature:
-        warnings.warn(
-            f"gkd: sampling at --temperature {args.temperature} but the loss compares the models "
-            "at "
-            f"--loss-temperature {args.loss_temperature} (as TRL's GKD trainer does); pass both "
-            "equal to "
-            f"distill the distribution you sample from",
-            UserWarning,
-            stacklevel=2,
-        )
-    return args
+    log_ratio = logp_s.detach() - logp_t
+    return log_ratio * logp_s, log_ratio, row  # -A_t log Q_S(y_t) with A_t = -log_ratio
+
+
+def per_row_mean(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[n_rows]: the mean of `values` over each row's tokens (D averaged over the sequence)."""
+    sums = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, values)
+    counts = torch.zeros(n_rows, device=values.device).index_add(0, row, torch.ones_like(values))
+    return sums / counts.clamp(min=1.0)
+
+
+def on_policy_rows(batch_size: int, lmbda: float, step: int, seed: int) -> int:
+    """How many of the step's rows the student writes: lambda x batch, stochastically rounded with
+    a seeded draw (exact in expectation, the same on a resumed run)."""
+    whole, frac = divmod(lmbda * batch_size, 1.0)
+    draw = torch.rand((), generator=torch.Generator().manual_seed(seed * 7919 + step)).item()
+    return int(whole) + int(draw < frac)
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: each row becomes {"ids": prompt ids, "target": completion ids or None, "prompt": text, +
-# columns}
+# Rollout, update, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def sample(model, tokenizer, batch: list[dict], args, generator) -> sampling.Rollout:
+    """One completion per prompt of `batch` at --temperature / --top-p."""
+    return sampling.sample(
+        model,
+        tokenizer,
+        [b["ids"] for b in batch],
+        n=1,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=generator,
+    )
+
+
+def rollout(student, teacher, tokenizer, batch: list[dict], args, run, step: int):
+    """(n_on, [(part name, Rollout)]): the targets of a step. The first n_on = lambda x batch rows
+    the student writes (on-policy); the rest are the data's, or the teacher's with --seq-kd.
+    Sampling runs without gradients (none flows through it)."""
+    gen = torch.Generator(device=run.device).manual_seed(
+        args.seed * 100003 + step * run.world + run.rank
+    )
+    n_on = on_policy_rows(len(batch), args.lmbda, step, args.seed + run.rank)
+    parts = []
+    if n_on:
+        parts.append(("policy", sample(student, tokenizer, batch[:n_on], args, gen)))
+    off = batch[n_on:]
+    if off and args.seq_kd:
+        parts.append(("teacher", sample(teacher, tokenizer, off, args, gen)))
+    elif off:
+        prompts, targets = [b["ids"] for b in off], [b["target"] for b in off]
+        data = sampling.rollout_from_tokens(prompts, targets, tokenizer.pad_token_id, run.device)
+        parts.append(("data", data))
+    return n_on, parts
+
+
+def update(student, teacher, parts, vocab: int, batch_size: int, args, device):
+    """Backward of L = 1/B sum_rows D(x, y) in micro-batches (the optimizer step is the caller's).
+    Returns (L, per part the mean loss and divergence of its rows, completion tokens)."""
+    loss_total, sums, n_tok = 0.0, {}, 0
+    for name, roll in parts:
+        R = roll.completion_ids.shape[0]
+        for s in range(0, R, args.micro_batch_size):
+            rows = slice(s, s + args.micro_batch_size)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                term, div, row = token_losses(
+                    student,
+                    teacher,
+                    roll,
+                    rows,
+                    vocab,
+                    loss=args.loss,
+                    beta=args.beta,
+                    temperature=args.loss_temperature,
+                )
+            n_rows = roll.completion_ids[rows].shape[0]
+            per_row = per_row_mean(term.float(), row, n_rows)
+            (per_row.sum() / batch_size).backward()
+            # logged only from here: a float() of a tensor that needs grad warns
+            per_row = per_row.detach()
+            loss_total += float(per_row.sum()) / batch_size
+            div_rows = per_row_mean(div.float(), row, n_rows)
+            loss_key, div_key = f"loss/{name}", f"divergence/{name}"  # means over the part's rows
+            sums[loss_key] = sums.get(loss_key, 0.0) + float(per_row.sum()) / R
+            sums[div_key] = sums.get(div_key, 0.0) + float(div_rows.sum()) / R
+            n_tok += int(row.numel())
+    return loss_total, sums, n_tok
+
+
+def policy_metrics(run, step: int, batch: list[dict], roll, tokenizer, args) -> dict:
+    """Accuracy (rows with an 'answer'), length and clipped share of the completions the student
+    wrote for `batch`; the first --log-completions go to samples.jsonl."""
+    texts = roll.texts(tokenizer)
+    out = {}
+    cols = rewards.reward_columns(batch, 1)
+    if "answer" in cols:
+        graded = rewards.correct(texts, cols["answer"], cols.get("style"))
+        graded = [v for v in graded if v is not None]
+        out["policy/accuracy"] = sum(graded) / max(len(graded), 1)
+    out["completions/mean_length"] = float(roll.completion_mask.sum(1).float().mean())
+    out["completions/clipped_ratio"] = float((~roll.finished).float().mean())
+    if distributed.is_main():
+        for b, t in list(zip(batch, texts))[: args.log_completions]:
+            row = {"split": "train", "step": step, "prompt": b["prompt"], "completion": t}
+            dataio.append_jsonl(run.out / "samples.jsonl", row)
+    return out
+
+
+@torch.no_grad()
+def divergences(student, teacher, roll: sampling.Rollout, vocab: int, args) -> dict:
+    """Mean per-token forward KL(P||Q), reverse KL(Q||P) and JSD_0.5 between teacher P and student
+    Q on a rollout's completion tokens, at --loss-temperature."""
+    sums, n = {"fkl": 0.0, "rkl": 0.0, "jsd": 0.0}, 0
+    for s in range(0, roll.completion_ids.shape[0], args.micro_batch_size):
+        rows = slice(s, s + args.micro_batch_size)
+        for key, beta in (("fkl", 0.0), ("rkl", 1.0), ("jsd", 0.5)):
+            d, _, _ = token_losses(
+                student,
+                teacher,
+                roll,
+                rows,
+                vocab,
+                loss="jsd",
+                beta=beta,
+                temperature=args.loss_temperature,
+            )
+            sums[key] += float(d.sum())
+        n += int(roll.completion_mask[rows].sum())
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, heldout: list[dict], args, teacher=None, vocab=None) -> dict:
+    """Greedy completions of the held-out prompts: accuracy (rows with an 'answer'), mean length;
+    with a teacher, the per-token divergences on the data targets (`data/...`) and on these greedy
+    completions (`own/...`), at --loss-temperature."""
+    was_training = model.training
+    model.eval()
+    prompts = [p["ids"] for p in heldout]
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        prompts,
+        n=1,
+        max_new_tokens=args.max_new_tokens,
+        greedy=True,
+        batch_size=128,
+    )
+    texts = roll.texts(tokenizer)
+    row = {
+        "mean_length": float(roll.completion_mask.sum(1).float().mean()),
+        "clipped_ratio": float((~roll.finished).float().mean()),
+    }
+    cols = rewards.reward_columns(heldout, 1)
+    if "answer" in cols:
+        graded = rewards.correct(texts, cols["answer"], cols.get("style"))
+        graded = [v for v in graded if v is not None]
+        if graded:
+            row["accuracy"] = sum(graded) / len(graded)
+    if teacher is not None:
+        with_target = [p for p in heldout if p["target"] is not None]
+        if with_target:
+            data = sampling.rollout_from_tokens(
+                [p["ids"] for p in with_target],
+                [p["target"] for p in with_target],
+                tokenizer.pad_token_id,
+                roll.prompt_ids.device,
+            )
+            for k, v in divergences(model, teacher, data, vocab, args).items():
+                row[f"data/{k}"] = v
+        for k, v in divergences(model, teacher, roll, vocab, args).items():
+            row[f"own/{k}"] = v
+    row["_samples"] = [
+        {"prompt": p["prompt"], "completion": t} for p, t in zip(heldout[:10], texts[:10])
+    ]
+    model.train(was_training)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: each row becomes {"ids": prompt ids, "target": completion ids or None, "prompt": text,
+# + columns}
 # ---------------------------------------------------------------------------------------------
 
 
@@ -301,37 +402,46 @@ def encode_examples(
     return out
 
 
-def load_examples(
-    tokenizer,
-    *,
-    data: str,
-    eval_data: str,
-    seed: int,
-    eval_size: int,
-    toy_difficulty: str,
-    toy_train_size: int,
-    max_prompt_length: int,
-    max_length: int,
-):
-    if data == "toy":
-        levels = toy.parse_levels(toy_difficulty)
-        parts = [
-            ("toy", toy.arithmetic("train", toy_train_size, seed=seed, difficulty=levels)),
-            ("toy", toy.arithmetic("test", eval_size, seed=seed, difficulty=levels)),
-        ]
-        parts = [
-            (
-                s,
-                [
-                    {"messages": r["messages"], "answer": r["answer"], "style": r["style"]}
-                    for r in rows
-                ],
-            )
-            for s, rows in parts
-        ]
+def load_examples(tokenizer, args) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows: toy arithmetic with its scratchpads, or --data and the held-out rule
+    of dataio.train_and_heldout. Every training row needs a target unless the student writes all
+    of them (--lmbda 1, or --loss reverse-kl-pg) or the teacher does (--seq-kd)."""
+    if args.data == "toy":
+        levels = toy.parse_levels(args.toy_difficulty)
+        parts = []
+        for split, size in (("train", args.toy_train_size), ("test", args.eval_size)):
+            rows = toy.arithmetic(split, size, seed=args.seed, difficulty=levels)
+            keep = [
+                {"messages": r["messages"], "answer": r["answer"], "style": r["style"]}
+                for r in rows
+            ]
+            parts.append(("toy", keep))
     else:
-        parts = dataio.train_and_heldout(data, eval_data, eval_size)
-    return [encode_examples(r, tokenizer, s, max_prompt_length, max_length) for s, r in parts]
+        parts = dataio.train_and_heldout(args.data, args.eval_data, args.eval_size)
+    train, heldout = [
+        encode_examples(rows, tokenizer, source, args.max_prompt_length, args.max_length)
+        for source, rows in parts
+    ]
+    if args.lmbda < 1 and not args.seq_kd and args.loss != "reverse-kl-pg":
+        missing = next((i for i, r in enumerate(train) if r["target"] is None), None)
+        if missing is not None:
+            raise errors.DataError(
+                f"{args.data}:{missing + 1}: no target (field 'completion' or an assistant turn), "
+                f"which --lmbda {args.lmbda} < 1 trains on; pass --lmbda 1 or --seq-kd"
+            )
+    return train, heldout
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: a frozen teacher and a trainable student with one tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizers(args):
+    """The student's tokenizer, and the teacher's when the teacher is another model (else None)."""
+    tokenizer = loading.load_tokenizer(args.model)
+    teacher_tokenizer = loading.load_tokenizer(args.teacher) if args.teacher != args.model else None
+    return tokenizer, teacher_tokenizer
 
 
 def shared_vocab(tokenizer, teacher_tokenizer, student, teacher) -> int:
@@ -359,194 +469,6 @@ def shared_vocab(tokenizer, teacher_tokenizer, student, teacher) -> int:
                 f"{name}: its LM head has {rows} rows but the tokenizer {n} tokens"
             )
     return n
-
-
-def as_rollout(
-    prompt_ids: list[list[int]], targets: list[list[int]], pad_id: int, device
-) -> sampling.Rollout:
-    """Prompts with given completions in the sampler's layout (left-padded prompts, right-padded
-    completions)."""
-    P, C = max(map(len, prompt_ids)), max(map(len, targets))
-    t = lambda rows, w, left, v: torch.tensor(
-        [
-            ([v] * (w - len(r)) + r) if left else (r + [v] * (w - len(r)))  # noqa
-            for r in rows
-        ],
-        dtype=torch.long,
-        device=device,
-    )
-    return sampling.Rollout(
-        prompt_ids=t(prompt_ids, P, True, pad_id),
-        prompt_mask=t([[1] * len(r) for r in prompt_ids], P, True, 0),
-        completion_ids=t(targets, C, False, pad_id),
-        completion_mask=t([[1] * len(r) for r in targets], C, False, 0),
-        finished=torch.ones(len(targets), dtype=torch.bool, device=device),
-        group=torch.arange(len(targets), device=device),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss: per-token divergence from both models' hidden states, per-row mean, rows averaged
-# ---------------------------------------------------------------------------------------------
-
-
-def token_losses(
-    student,
-    teacher,
-    roll: sampling.Rollout,
-    rows,
-    vocab: int,
-    *,
-    loss: str,
-    beta: float,
-    temperature: float,
-    chunk_size: int | None = None,
-):
-    """Per completion token of some rollout rows: (the loss term, the divergence to log, row index),
-    flat [N].
-
-    jsd: generalized JSD_beta(P_T || Q_S) at `temperature`; sft: -log Q_S(y_t); reverse-kl-pg: -A_t
-    log Q_S(y_t) with A_t = -(log Q_S(y_t) - log P_T(y_t)) detached (the logged divergence is that
-    sample's log-ratio, an
-    unbiased estimate of the reverse KL). The heads are cut to `vocab` rows; no [N, V] logits are ever held."""
-    ids, attn, K = sampling.micro_batch(roll, rows)
-    m = roll.completion_mask[rows, :K].bool()
-    targets = ids[:, -K:][m]
-    with torch.no_grad():
-        h_t, head_t = sampling.completion_hidden(teacher, ids, attn, K)
-        h_t = h_t[m]
-    h_s, head_s = sampling.completion_hidden(student, ids, attn, K)
-    h_s, w_s, w_t = h_s[m], head_s.weight[:vocab], head_t.weight[:vocab]
-    row = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(m)[m]
-    if loss == "jsd":
-        d = linear_generalized_jsd(
-            h_s, w_s, h_t, w_t, beta=beta, temperature=temperature, chunk_size=chunk_size
-        )
-        return d, d.detach(), row
-    logp_s = linear_token_logprobs(
-        h_s, w_s, targets, temperature=temperature, chunk_size=chunk_size
-    )
-    if loss == "sft":
-        return -logp_s, -logp_s.detach(), row
-    with torch.no_grad():
-        logp_t = linear_token_logprobs(
-            h_t, w_t, targets, temperature=temperature, chunk_size=chunk_size
-        )
-    log_ratio = logp_s.detach() - logp_t
-    return log_ratio * logp_s, log_ratio, row  # -A_t log Q_S(y_t) with A_t = -log_ratio
-
-
-def per_row_mean(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """[n_rows]: the mean of `values` over each row's tokens (D averaged over the sequence)."""
-    sums = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, values)
-    counts = torch.zeros(n_rows, device=values.device).index_add(0, row, torch.ones_like(values))
-    return sums / counts.clamp(min=1.0)
-
-
-def on_policy_rows(batch_size: int, lmbda: float, step: int, seed: int) -> int:
-    """How many of the step's rows the student writes: lambda x batch, stochastically rounded with a
-    seeded draw (exact in expectation, the same on a resumed run)."""
-    whole, frac = divmod(lmbda * batch_size, 1.0)
-    draw = torch.rand((), generator=torch.Generator().manual_seed(seed * 7919 + step)).item()
-    return int(whole) + int(draw < frac)
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out evaluation: greedy accuracy and per-token divergences
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def divergences(
-    student, teacher, roll: sampling.Rollout, vocab: int, temperature: float, micro_batch_size: int
-):
-    """Mean per-token forward KL(P||Q), reverse KL(Q||P) and JSD_0.5 between teacher P and student Q
-    on a rollout's completion tokens."""
-    sums, n = {"fkl": 0.0, "rkl": 0.0, "jsd": 0.0}, 0
-    for s in range(0, roll.completion_ids.shape[0], micro_batch_size):
-        rows = slice(s, s + micro_batch_size)
-        for key, beta in (("fkl", 0.0), ("rkl", 1.0), ("jsd", 0.5)):
-            d, _, _ = token_losses(
-                student, teacher, roll, rows, vocab, loss="jsd", beta=beta, temperature=temperature
-            )
-            sums[key] += float(d.sum())
-        n += int(roll.completion_mask[rows].sum())
-    return {k: v / max(n, 1) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    heldout: list[dict],
-    *,
-    teacher=None,
-    vocab: int | None = None,
-    max_new_tokens: int,
-    temperature: float,
-    micro_batch_size: int,
-) -> dict:
-    """Greedy completions of the held-out prompts: accuracy (rows with an 'answer'), mean length;
-    with a teacher, the per-token divergences on the data targets (`data/...`) and on these greedy
-    completions (`own/...`)."""
-    was_training = model.training
-    model.eval()
-    roll = sampling.sample(
-        model,
-        tokenizer,
-        [p["ids"] for p in heldout],
-        n=1,
-        max_new_tokens=max_new_tokens,
-        greedy=True,
-        batch_size=128,
-    )
-    texts = roll.texts(tokenizer)
-    row = {
-        "mean_length": float(roll.completion_mask.sum(1).float().mean()),
-        "clipped_ratio": float((~roll.finished).float().mean()),
-    }
-    cols = rewards.reward_columns(heldout, 1)
-    if "answer" in cols:
-        graded = [
-            v for v in rewards.correct(texts, cols["answer"], cols.get("style")) if v is not None
-        ]
-        if graded:
-            row["accuracy"] = sum(graded) / len(graded)
-    if teacher is not None:
-        with_target = [p for p in heldout if p["target"] is not None]
-        if with_target:
-            data = as_rollout(
-                [p["ids"] for p in with_target],
-                [p["target"] for p in with_target],
-                tokenizer.pad_token_id,
-                roll.prompt_ids.device,
-            )
-            row.update(
-                {
-                    f"data/{k}": v
-                    for k, v in divergences(
-                        model, teacher, data, vocab, temperature, micro_batch_size
-                    ).items()
-                }
-            )
-        row.update(
-            {
-                f"own/{k}": v
-                for k, v in divergences(
-                    model, teacher, roll, vocab, temperature, micro_batch_size
-                ).items()
-            }
-        )
-    row["_samples"] = [
-        {"prompt": p["prompt"], "completion": t} for p, t in zip(heldout[:10], texts[:10])
-    ]
-    model.train(was_training)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
 
 
 def load_student(
@@ -580,10 +502,11 @@ def load_student(
 def load_teacher(name: str, adapters: str, device, load_in_4bit: bool):
     """The frozen teacher: `name` with each adapter of `adapters` ('a+b') merged in, in eval mode,
     no gradients."""
-    for a in (p for p in adapters.split("+") if p):
-        lora.require_adapter(
-            a, "--teacher-adapter", "Pass the directory `sft_think.py --out` wrote."
-        )
+    for adapter in adapters.split("+"):
+        if adapter:
+            lora.require_adapter(
+                adapter, "--teacher-adapter", "Pass the directory `sft_think.py --out` wrote."
+            )
     model, _ = lora.load_arm(
         adapters,
         str(toy.base_model_dir()) if name == "toy" else name,
@@ -594,35 +517,13 @@ def load_teacher(name: str, adapters: str, device, load_in_4bit: bool):
     return model.eval().requires_grad_(False)
 
 
-def main(args: Args):
-    args = resolve_defaults(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
-    tokenizer = loading.load_tokenizer(args.model)
-    teacher_tokenizer = loading.load_tokenizer(args.teacher) if args.teacher != args.model else None
-    train, heldout = load_examples(
-        tokenizer,
-        data=args.data,
-        eval_data=args.eval_data,
-        seed=args.seed,
-        eval_size=args.eval_size,
-        toy_difficulty=args.toy_difficulty,
-        toy_train_size=args.toy_train_size,
-        max_prompt_length=args.max_prompt_length,
-        max_length=args.max_length,
-    )
-    if args.lmbda < 1 and not args.seq_kd and args.loss != "reverse-kl-pg":
-        missing = next((i for i, r in enumerate(train) if r["target"] is None), None)
-        if missing is not None:
-            raise errors.DataError(
-                f"{args.data}:{missing + 1}: no target (field 'completion' or an assistant turn), "
-                f"which --lmbda {args.lmbda} < 1 trains on; pass --lmbda 1 or --seq-kd"
-            )
-    teacher = load_teacher(
-        args.teacher, args.teacher_adapter, run.device, args.teacher_load_in_4bit
-    )
+def load_models(args, device, tokenizer, teacher_tokenizer):
+    """(teacher, student, the student's trainable parameters, vocab = the shared tokenizer's
+    size)."""
+    teacher = load_teacher(args.teacher, args.teacher_adapter, device, args.teacher_load_in_4bit)
     student, params = load_student(
         args.model,
-        run.device,
+        device,
         args.full,
         args.lora_r,
         args.lora_alpha,
@@ -632,274 +533,288 @@ def main(args: Args):
         args.init_adapter,
     )
     vocab = shared_vocab(tokenizer, teacher_tokenizer, student, teacher)
-    pad_id = tokenizer.pad_token_id
-    distributed.broadcast_parameters(params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = lifecycle.cosine_schedule(
-        optimizer,
-        int(args.warmup_ratio * args.max_steps),
-        args.max_steps,
-        min_ratio=args.min_lr_ratio,
+    return teacher, student, params, vocab
+
+
+def save_student(student, tokenizer, args, out) -> None:
+    """The full model and tokenizer in <out>/model (--full), else the LoRA adapter in <out>."""
+    if args.full:
+        student.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    else:
+        base = None if args.model == "toy" else args.model
+        lora.save_adapter(student, str(out), base_model_name_or_path=base)
+
+
+def step_batch(train: list[dict], args, run, step: int) -> list[dict]:
+    """This rank's --batch-size rows of the step (dataio.epoch_indices: seeded epochs, the ranks'
+    rows disjoint)."""
+    world_batch = args.batch_size * run.world
+    indices = dataio.epoch_indices(len(train), world_batch, step, args.seed, run.rank, run.world)
+    return [train[i] for i in indices]
+
+
+def without_samples(metrics: dict) -> dict:
+    """Held-out metrics without the completions they carry for samples.jsonl."""
+    return {k: v for k, v in metrics.items() if k != "_samples"}
+
+
+def eval_due(args, step: int) -> bool:
+    """Whether step ends an --eval-every period (the last step is evaluated as "after" anyway)."""
+    return bool(args.eval_every) and step % args.eval_every == 0 and step < args.max_steps
+
+
+def progress(last: dict) -> dict:
+    """The progress bar's postfix: the loss, and the held-out accuracy when a step measured it."""
+    shown = {"loss": f"{last['loss']:.4f}"}
+    if "eval/accuracy" in last:
+        shown["acc"] = f"{last['eval/accuracy']:.3f}"
+    return shown
+
+
+def summarize(run, args, state: dict, after: dict, last: dict, t_train: float, opt, rank_diff):
+    """summary.json and the results table: the held-out metric (greedy accuracy, else the JSD on
+    the data targets, else the reverse KL on the student's own completions) of the student before
+    and after and of the teacher, and the share of the student-teacher gap closed (accuracy)."""
+    before, teach = state["before"], state["teacher"]
+    metric = "accuracy" if "accuracy" in after else "data/jsd" if "data/jsd" in after else "own/rkl"
+    gap = teach.get(metric, math.nan) - before.get(metric, math.nan)
+    closed = (after[metric] - before[metric]) / gap if metric == "accuracy" and gap > 0 else None
+    note = "greedy" + (f", toy level(s) {args.toy_difficulty}" if args.data == "toy" else "")
+    variant = ("seq-KD " if args.seq_kd else "") + args.loss
+    if args.loss != "reverse-kl-pg":
+        variant += f" lambda {args.lmbda:g}"
+    heldout = {
+        "metric": metric,
+        "before": before.get(metric),
+        "after": after.get(metric),
+        "teacher": teach.get(metric),
+        "gap_closed": closed,
+        "note": note,
+    }
+    summary = {
+        "method": "gkd",
+        "variant": variant,
+        "loss": args.loss,
+        "lmbda": args.lmbda,
+        "beta": args.beta,
+        "seq_kd": args.seq_kd,
+        "heldout": heldout,
+        "before": before,
+        "after": after,
+        "teacher": teach,
+        "final": last,
+        "train_seconds": t_train,
+        "num_tokens": state["tokens_seen"],
+        "skipped_steps": opt.skipped,
+        "rank_param_max_diff": rank_diff,
+        "args": asdict(args),
+    }
+    table = {
+        "variant": variant,
+        "metric": metric,
+        "student before": before.get(metric),
+        "student after": after.get(metric),
+        "teacher": teach.get(metric),
+        "gap closed": closed,
+        "held-out JSD before": before.get("data/jsd"),
+        "after": after.get("data/jsd"),
+        "train s": round(t_train),
+    }
+    return lifecycle.finish_run(run, summary, table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and defaults
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(cli.TrainArgs):
+    out: str = "runs/gkd"
+    warmup_ratio: float = 0.05
+    max_steps: int = 1400
+    batch_size: int = 16
+    micro_batch_size: int = 16
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 100
+    teacher: str = "auto"
+    """the teacher: hub id or local dir ('auto' = the toy base for the toy student; required
+    otherwise)"""
+    teacher_adapter: str = "auto"
+    """PEFT adapter dir(s), joined by '+', merged into the teacher; 'auto' = toy/sft_think for the
+    toy teacher, none otherwise"""
+    teacher_load_in_4bit: bool = False
+    """the frozen teacher in NF4 (else bf16 on CUDA, fp32 on CPU)"""
+    eval_data: str = ""
+    """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
+    --data)"""
+    eval_size: int = 200
+    """held-out prompts"""
+    eval_every: int = 0
+    """evaluate every N steps (0 = before and after only)"""
+    toy_difficulty: str = "1,2,3"
+    """toy arithmetic level(s), comma-separated, for training and held-out accuracy"""
+    loss: Literal["jsd", "sft", "reverse-kl-pg"] = "jsd"
+    """jsd: generalized JSD (GKD); sft: cross-entropy on the targets; reverse-kl-pg: on-policy
+    distillation, reverse KL as a per-token reward (every row on-policy)"""
+    beta: float = 0.5
+    """JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher) (TRL's
+    default 0.5)"""
+    lmbda: float = 0.5
+    """share of rows the student writes itself (on-policy); TRL's default 0.5"""
+    seq_kd: bool = False
+    """off-policy rows use teacher-written targets instead of the data's"""
+    temperature: float = 1.0
+    """sampling temperature of the student (and the teacher with --seq-kd); TRL's GKD trainer: 0.9
+    """
+    loss_temperature: float = 1.0
+    """softmax temperature of both models in the loss"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    max_new_tokens: int = 160
+    """longest sampled completion (also for evaluation)"""
+    max_prompt_length: int = 1024
+    """longest prompt in tokens; longer is an error"""
+    max_length: int = 2048
+    """longest data target in tokens; longer is an error"""
+    full: bool | None = None
+    """full fine-tuning of the student instead of LoRA (default: on for the toy, off for a hub
+    model)"""
+
+
+# {field: (toy student, real model on one CUDA GPU)}: the toy student trains in full at 1.5e-3;
+# a real one LoRA rank 128 at 1e-4 (tinker-cookbook's distillation recipe)
+DEFAULTS = {"lr": (1.5e-3, 1e-4), "lora_r": (128, 128)}
+
+
+def resolve_defaults(args: Args) -> Args:
+    """The teacher (the toy base and its SFT adapter for the toy student), full fine-tuning for the
+    toy, DEFAULTS, alpha = 2 x rank; then the checks of the flags."""
+    toy_student = args.model == "toy"
+    if args.teacher == "auto":
+        if not toy_student:
+            raise errors.ConfigError(
+                "--teacher: required with a --model other than 'toy' (a larger model with the "
+                "same tokenizer, e.g. --teacher Qwen/Qwen3-4B)"
+            )
+        args.teacher = "toy"
+    if args.teacher_adapter == "auto":
+        args.teacher_adapter = str(toy.SFT_ADAPTER_DIR) if args.teacher == "toy" else ""
+    if args.full is None:
+        args.full = toy_student
+    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_r
+    if not 0.0 <= args.beta <= 1.0:
+        raise errors.ConfigError(
+            f"--beta {args.beta}: must lie in [0, 1] (0 forward KL, 1 reverse KL)"
+        )
+    if not 0.0 <= args.lmbda <= 1.0:
+        raise errors.ConfigError(f"--lmbda {args.lmbda}: the on-policy share must lie in [0, 1]")
+    if args.loss == "reverse-kl-pg" and (args.lmbda != 1.0 or args.seq_kd):
+        if args.lmbda != Args.lmbda or args.seq_kd:
+            raise errors.ConfigError(
+                "--loss reverse-kl-pg trains on the student's own samples only: drop --lmbda "
+                "and --seq-kd"
+            )
+        args.lmbda = 1.0
+    for name in ("temperature", "loss_temperature"):
+        if getattr(args, name) <= 0:
+            raise errors.ConfigError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0"
+            )
+    for name in ("batch_size", "micro_batch_size", "max_steps", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise errors.ConfigError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+            )
+    samples = args.lmbda > 0 or args.seq_kd
+    if samples and args.temperature != args.loss_temperature:
+        warnings.warn(
+            f"gkd: sampling at --temperature {args.temperature} but the loss compares the models "
+            f"at --loss-temperature {args.loss_temperature} (as TRL's GKD trainer does); pass "
+            "both equal to distill the distribution you sample from",
+            UserWarning,
+            stacklevel=2,
+        )
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    args = resolve_defaults(args)
+    run = lifecycle.start_run(
+        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
     )
-    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda model, t=teacher: evaluate(  # noqa: E731
-        model,
-        tokenizer,
-        heldout,
-        teacher=t,
-        vocab=vocab,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.loss_temperature,
-        micro_batch_size=args.micro_batch_size,
+    tokenizer, teacher_tokenizer = load_tokenizers(args)
+    train, heldout = load_examples(tokenizer, args)
+    teacher, student, params, vocab = load_models(args, run.device, tokenizer, teacher_tokenizer)
+    opt = lifecycle.adamw(
+        params,
+        lr=args.lr,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_grad_norm=args.max_grad_norm,
     )
-    start, data_state = lifecycle.resume_or_evaluate(
-        run, args.resume, student, optimizer, scheduler, lambda: heldout_eval(student), logger
-    )
-    optimizer_step.load_state_dict(data_state)
-    if (
-        distributed.is_main() and "teacher" not in data_state
-    ):  # measured once; a resumed run reads it back
-        data_state["teacher"] = {
-            k: v for k, v in heldout_eval(teacher, None).items() if k != "_samples"
-        }
-    tokens_seen = data_state.get("tokens_seen", 0)
+
+    def evaluate_student():
+        return evaluate(student, tokenizer, heldout, args, teacher, vocab)
+
+    start, state = lifecycle.begin_training(run, student, opt, evaluate_student, args.resume)
+    if distributed.is_main() and "teacher" not in state:  # measured once; a resumed run reads it
+        state["teacher"] = without_samples(evaluate(teacher, tokenizer, heldout, args))
+    state.setdefault("tokens_seen", 0)
 
     student.train()
     t_train, last = 0.0, {}
+    steps = range(start, args.max_steps)
     bar = tqdm(
-        range(start, args.max_steps),
-        initial=start,
-        total=args.max_steps,
-        desc="gkd",
-        disable=not distributed.is_main(),
+        steps, initial=start, total=args.max_steps, desc="gkd", disable=not distributed.is_main()
     )
     for step in bar:
         t0 = time.perf_counter()
-        batch = [
-            train[i]
-            for i in dataio.epoch_indices(
-                len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
-            )
-        ]
-        gen = torch.Generator(device=run.device).manual_seed(
-            args.seed * 100003 + step * run.world + run.rank
-        )
-        # 1. Targets. The first n_on rows: the student writes them (on-policy); the rest: the
-        #    data's, or the teacher's with --seq-kd. Sampling runs without gradients (none flows
-        #    through it).
-        n_on = on_policy_rows(len(batch), args.lmbda, step, args.seed + run.rank)
-        parts = []
-        if n_on:
-            parts.append(
-                (
-                    "policy",
-                    sampling.sample(
-                        student,
-                        tokenizer,
-                        [b["ids"] for b in batch[:n_on]],
-                        n=1,
-                        max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature,
-                        top_p=args.top_p,
-                        generator=gen,
-                    ),
-                )
-            )
-        if n_on < len(batch):
-            off = batch[n_on:]
-            parts.append(
-                (
-                    "teacher" if args.seq_kd else "data",
-                    sampling.sample(
-                        teacher,
-                        tokenizer,
-                        [b["ids"] for b in off],
-                        n=1,
-                        max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature,
-                        top_p=args.top_p,
-                        generator=gen,
-                    )
-                    if args.seq_kd
-                    else as_rollout(
-                        [b["ids"] for b in off], [b["target"] for b in off], pad_id, run.device
-                    ),
-                )
-            )
+        batch = step_batch(train, args, run, step)
+        n_on, parts = rollout(student, teacher, tokenizer, batch, args, run, step)
         t_sample = time.perf_counter() - t0
-
-        # 2. Loss: every row counts with the mean of its per-token terms, the batch's rows averaged;
-        #    the gradient accumulates over micro-batches (the optimizer step is OptimizerStep's).
-        loss_total, sums, n_tok = 0.0, {}, 0
-        for name, roll in parts:
-            R = roll.completion_ids.shape[0]
-            for s in range(0, R, args.micro_batch_size):
-                rows = slice(s, s + args.micro_batch_size)
-                with torch.autocast(
-                    "cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"
-                ):
-                    term, div, row = token_losses(
-                        student,
-                        teacher,
-                        roll,
-                        rows,
-                        vocab,
-                        loss=args.loss,
-                        beta=args.beta,
-                        temperature=args.loss_temperature,
-                    )
-                n_rows = roll.completion_ids[rows].shape[0]
-                per_row = per_row_mean(term.float(), row, n_rows)
-                (per_row.sum() / len(batch)).backward()
-                per_row = (
-                    per_row.detach()
-                )  # logged only from here: a float() of a tensor that needs grad warns
-                loss_total += float(per_row.sum()) / len(batch)
-                for key, v in (
-                    (f"loss/{name}", per_row.sum()),
-                    (f"divergence/{name}", per_row_mean(div.float(), row, n_rows).sum()),
-                ):
-                    sums[key] = sums.get(key, 0.0) + float(v) / R  # means over the part's rows
-                n_tok += int(row.numel())
-        stats = optimizer_step(loss_total, step + 1)
+        loss, sums, n_tok = update(student, teacher, parts, vocab, len(batch), args, run.device)
+        stats = opt(loss, step + 1)
         t_train += time.perf_counter() - t0
-        tokens_seen += sum(int(r.attention_mask.sum()) for _, r in parts) * run.world
-
-        # 3. Log, evaluate, checkpoint.
-        last = {
-            "loss": loss_total,
-            **sums,
-            **stats,
-            "on_policy_rows": n_on,
-            "completion_tokens": n_tok,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "num_tokens": tokens_seen,
-            "step_time": time.perf_counter() - t0,
-            "timing/sample": t_sample,
-        }
+        state["tokens_seen"] += sum(int(r.attention_mask.sum()) for _, r in parts) * run.world
+        last = {"loss": loss, **sums, **stats, "on_policy_rows": n_on, "completion_tokens": n_tok}
+        last["learning_rate"] = opt.scheduler.get_last_lr()[0]
+        last["num_tokens"] = state["tokens_seen"]
+        last["step_time"] = time.perf_counter() - t0
+        last["timing/sample"] = t_sample
         if n_on:
-            roll = parts[0][1]
-            texts = roll.texts(tokenizer)
-            cols = rewards.reward_columns(batch[:n_on], 1)
-            if "answer" in cols:
-                graded = [
-                    v
-                    for v in rewards.correct(texts, cols["answer"], cols.get("style"))
-                    if v is not None
-                ]
-                last["policy/accuracy"] = sum(graded) / max(len(graded), 1)
-            last["completions/mean_length"] = float(roll.completion_mask.sum(1).float().mean())
-            last["completions/clipped_ratio"] = float((~roll.finished).float().mean())
-            for b, t in (
-                list(zip(batch, texts))[: args.log_completions] if distributed.is_main() else []
-            ):
-                dataio.append_jsonl(
-                    run.out / "samples.jsonl",
-                    {"split": "train", "step": step + 1, "prompt": b["prompt"], "completion": t},
-                )
-        if (
-            args.eval_every
-            and (step + 1) % args.eval_every == 0
-            and step + 1 < args.max_steps
-            and distributed.is_main()
-        ):
-            last.update(
-                {f"eval/{k}": v for k, v in heldout_eval(student).items() if k != "_samples"}
-            )
-        logger.log(step + 1, last)
-        bar.set_postfix(
-            loss=f"{loss_total:.4f}",
-            **({"acc": f"{last['eval/accuracy']:.3f}"} if "eval/accuracy" in last else {}),
+            last.update(policy_metrics(run, step + 1, batch[:n_on], parts[0][1], tokenizer, args))
+        if eval_due(args, step + 1) and distributed.is_main():
+            last.update({f"eval/{k}": v for k, v in without_samples(evaluate_student()).items()})
+        bar.set_postfix(progress(last))
+        lifecycle.end_step(
+            run,
+            step + 1,
+            last,
+            student,
+            opt,
+            state,
+            save_every=args.save_every,
+            max_steps=args.max_steps,
         )
-        if (
-            args.save_every
-            and (step + 1) % args.save_every == 0
-            and step + 1 < args.max_steps
-            and optimizer_step.streak == 0
-        ):
-            lifecycle.save_checkpoint(
-                run.out,
-                step + 1,
-                student,
-                optimizer,
-                scheduler,
-                data_state={
-                    **data_state,
-                    **optimizer_step.state_dict(),
-                    "tokens_seen": tokens_seen,
-                },
-            )
 
     rank_diff = distributed.max_param_difference_across_ranks(params)
     summary = {}
     if distributed.is_main():
-        before = data_state["before"]
-        after = lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval(student))
-        if args.full:
-            student.save_pretrained(run.out / "model")
-            tokenizer.save_pretrained(run.out / "model")
-        else:
-            lora.save_adapter(
-                student,
-                str(run.out),
-                base_model_name_or_path=None if args.model == "toy" else args.model,
-            )
-        teach = data_state["teacher"]
-        metric = (
-            "accuracy" if "accuracy" in after else "data/jsd" if "data/jsd" in after else "own/rkl"
-        )
-        gap = teach.get(metric, math.nan) - before.get(metric, math.nan)
-        closed = (
-            (after[metric] - before[metric]) / gap if metric == "accuracy" and gap > 0 else None
-        )
-        note = "greedy" + (f", toy level(s) {args.toy_difficulty}" if args.data == "toy" else "")
-        variant = (
-            ("seq-KD " if args.seq_kd else "")
-            + args.loss
-            + (f" lambda {args.lmbda:g}" if args.loss != "reverse-kl-pg" else "")
-        )
-        summary = lifecycle.finish_run(
-            run,
-            {
-                "method": "gkd",
-                "variant": variant,
-                "loss": args.loss,
-                "lmbda": args.lmbda,
-                "beta": args.beta,
-                "seq_kd": args.seq_kd,
-                "heldout": {
-                    "metric": metric,
-                    "before": before.get(metric),
-                    "after": after.get(metric),
-                    "teacher": teach.get(metric),
-                    "gap_closed": closed,
-                    "note": note,
-                },
-                "before": before,
-                "after": after,
-                "teacher": teach,
-                "final": last,
-                "train_seconds": t_train,
-                "num_tokens": tokens_seen,
-                "skipped_steps": optimizer_step.skipped,
-                "rank_param_max_diff": rank_diff,
-                "args": asdict(args),
-            },
-            table={
-                "variant": variant,
-                "metric": metric,
-                "student before": before.get(metric),
-                "student after": after.get(metric),
-                "teacher": teach.get(metric),
-                "gap closed": closed,
-                "held-out JSD before": before.get("data/jsd"),
-                "after": after.get("data/jsd"),
-                "train s": round(t_train),
-            },
-        )
-    logger.close()
-    distributed.cleanup_distributed()
+        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", evaluate_student())
+        save_student(student, tokenizer, args, run.out)
+        summary = summarize(run, args, state, after, last, t_train, opt, rank_diff)
+    lifecycle.end_run(run)
     return summary
 
 

@@ -5,9 +5,9 @@ gets a reward r_i: a weighted sum of the reward functions of `rewards.py` (`--re
 name:weight,...`). The advantage compares a completion with its own group (DeepSeekMath, arXiv
 2402.03300, sec. 4.1.2):
 
-    A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-4)     --scale-rewards group (Bessel-corrected std)
-                                                       batch: the std of the whole batch; none: no division
-                                                       (Dr. GRPO, arXiv 2503.20783, sec. 3.1)
+    A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-4)    --scale-rewards group (Bessel-corrected std);
+                                                      batch: the batch's std; none: no division
+                                                      (Dr. GRPO, arXiv 2503.20783, sec. 3.1)
 
 and every completion token t is trained with PPO's clipped surrogate plus a k3 KL estimate to the
 reference policy (the same model with LoRA switched off), written out in `clipped_surrogate`:
@@ -22,12 +22,18 @@ rho = 1 and the logged loss is about 0 while the gradient is not: watch `reward`
 Without a KL term (beta = 0, the default) a completion of a group with identical rewards has A = 0
 and adds exactly nothing, so the update skips it (`--update-all-rows` keeps it).
 
+Data (--data, --eval-data): JSONL rows {'prompt': str|messages, 'answer'?, 'reference'?,
+'domain'?} or documents {'text', 'domain'?}; 'toy' = toy arithmetic (verifiable) or toy documents
+(continuation). --init-adapter auto = the shipped toy thinking-SFT adapter (toy/sft_think) for the
+toy verifiable task, none otherwise; the adapter is merged, so the reference policy is the merged
+model.
+
 Continued pretraining (`--task continuation`, as in the model card
 Lambent/Qwen3-4B-Base-Continued-GRPO): the prompt is a document prefix, the completion the policy's
 continuation, and the reward its similarity to the true continuation (semantic similarity, chrF++,
 ROUGE-L, Levenshtein, a length penalty, mixed by content type: `rewards.similarity`). That card
-trained Qwen3-4B-Base this way with QLoRA r=128, alpha=256, the defaults here for a hub model on
-CUDA (on a CPU: no 4-bit, r=16).
+trained Qwen3-4B-Base this way with QLoRA r=128, alpha=256, lr 1e-5, the defaults here for a real
+model on CUDA (on a CPU: no 4-bit, r=16, lr 1e-4; the toy: r=16, lr 3e-4, T=0.5).
 
 MARA (`--mara-tau`, arXiv 2510.20817): the KL-regularised optimum pi_ref(y) exp(r(y)/beta) puts
 its mass on one mode. Within a group, every sample with r >= tau gets the reward of the anchor z
@@ -35,10 +41,10 @@ its mass on one mode. Within a group, every sample with r >= tau gets the reward
 makes the optimum give all high-reward samples the same mass, so several modes stay alive.
 
 Run:
-    python grpo.py                                 # toy arithmetic, from the shipped toy thinking-SFT adapter
-    python grpo.py --init-adapter runs/sft_think   # ... or from your own `python sft_think.py` run
-    python grpo.py --task continuation             # toy documents, similarity rewards, from the toy base
-    python grpo.py --model Qwen/Qwen3-4B-Base --task continuation --data docs.jsonl   # QLoRA r=128 a=256
+    python grpo.py                                # toy arithmetic, from the toy SFT adapter
+    python grpo.py --init-adapter runs/sft_think  # ... or from your own `python sft_think.py` run
+    python grpo.py --task continuation            # toy documents, similarity rewards, toy base
+    python grpo.py --model Qwen/Qwen3-4B-Base --task continuation --data docs.jsonl  # QLoRA r=128
     torchrun --nproc_per_node 4 grpo.py --model Qwen/Qwen3-1.7B-Base --data math.jsonl \\
         --reward correct:1.0,format:0.1 --init-adapter runs/sft_think_qwen
 """
@@ -63,47 +69,380 @@ import rewards
 import sampling
 import toy
 
+# ---------------------------------------------------------------------------------------------
+# The GRPO pieces with a formula each (tests import them)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards_: torch.Tensor, G: int, scale: str, batch_std: torch.Tensor | None = None
+):
+    """A_i = r_i - mean_group(r), divided by (std + 1e-4) per --scale-rewards; also the
+    zero-std-group flag per row. A group of identical rewards gets advantages of exactly 0 (not the
+    rounding residue of r - mean)."""
+    grouped = rewards_.view(-1, G)
+    mean = grouped.mean(1, keepdim=True)
+    std = grouped.std(1, keepdim=True)  # Bessel-corrected, as TRL
+    adv = (grouped - mean).masked_fill((grouped == grouped[:, :1]).all(1, keepdim=True), 0.0)
+    if scale == "group":
+        adv = adv / (std + 1e-4)
+    elif scale == "batch":
+        adv = adv / ((rewards_.std() if batch_std is None else batch_std) + 1e-4)
+    zero_std = torch.isclose(std, torch.zeros_like(std)).expand_as(grouped)
+    return adv.reshape(-1), zero_std.reshape(-1)
+
+
+def mara_rewards(
+    rewards_: torch.Tensor, seq_ref_logp: torch.Tensor, G: int, tau: float, beta: float
+):
+    """MARA (arXiv 2510.20817): per group, samples with r >= tau get R(z) + beta (log pi_ref(z) -
+    log pi_ref(y)), z = the sample with r >= tau of highest log pi_ref. Returns the new rewards and
+    which rows were anchored."""
+    r, lp = rewards_.view(-1, G), seq_ref_logp.view(-1, G)
+    high = r >= tau
+    z = lp.masked_fill(~high, float("-inf")).argmax(1, keepdim=True)
+    anchored = r.gather(1, z) + beta * (lp.gather(1, z) - lp)
+    return torch.where(high, anchored, r).reshape(-1), high.reshape(-1)
+
+
+def clipped_surrogate(
+    logp, old_logp, ref_logp, advantages, mask, eps_low: float, eps_high: float, beta: float
+):
+    """Per token: L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, rho = exp(logp
+    - old_logp), k3 = exp(ref - logp) - (ref - logp) - 1 (PPO, arXiv 1707.06347, eq. 7; DeepSeekMath
+    eq. 3 and 4).
+
+    Tensors [B, T]; advantages [B] or [B, T]; ref_logp None skips the KL term. Returns fp32 (loss,
+    kl, low, high) shaped like logp, 0 on masked tokens; low / high flag tokens held by the clip
+    (rho below 1 - eps_low with A < 0, above 1 + eps_high with A > 0: TRL's clip_ratio/low_mean and
+    high_mean). Only logp gets a gradient."""
+    m = mask.bool()
+    zero = torch.zeros((), device=logp.device)
+    # padding may hold anything: keep inf and nan out of the gradient
+    logp = torch.where(m, logp.float(), zero)
+    ratio = torch.exp(logp - torch.where(m, old_logp.detach().float(), zero))
+    A = advantages.detach().float()
+    A = A[:, None] if A.dim() == 1 else A
+    loss = -torch.minimum(ratio * A, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * A)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = torch.where(m, ref_logp.detach().float(), zero) - logp
+        kl = torch.exp(d) - d - 1.0
+        loss = loss + beta * kl
+    low = (ratio < 1.0 - eps_low) & (A < 0) & m
+    high = (ratio > 1.0 + eps_high) & (A > 0) & m
+    return torch.where(m, loss, zero), torch.where(m, kl, zero).detach(), low.float(), high.float()
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int,
+    batch_rows: int | None = None,
+    num_micro_batches: int = 1,
+    global_tokens: float | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """One micro-batch's share of the loss. Summed over the micro-batches of a generation batch of
+    `batch_rows` rows (and with gradients averaged over ranks) it is the objective of `loss_type`:
+
+        grpo    : mean over sequences of  sum_t L M / sum_t M            (DeepSeekMath, eq. 3)
+        bnpo    : sum L M / sum M over each micro-batch, mean over micro-batches
+        dr_grpo : sum L M / (rows x max_completion_length)               (Dr. GRPO: no length bias)
+        dapo    : sum L M / (completion tokens of the generation batch on all ranks)  (DAPO, eq. 8)
+    """
+    m = mask.to(per_token_loss.dtype)
+    lm = per_token_loss * m
+    rows = per_token_loss.shape[0] if batch_rows is None else batch_rows
+    if loss_type == "grpo":
+        return (lm.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / rows
+    if loss_type == "bnpo":
+        return lm.sum() / m.sum().clamp(min=1.0) / num_micro_batches
+    if loss_type == "dr_grpo":
+        return lm.sum() / (rows * max_completion_length)
+    if loss_type == "dapo":
+        tokens = float(m.sum()) if global_tokens is None else float(global_tokens)
+        # the gradient all-reduce averages over ranks, so x world_size makes the normaliser the
+        # global token count
+        return lm.sum() * world_size / max(tokens, 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}: choose grpo, bnpo, dr_grpo or dapo")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Rollout: G completions per prompt, rewards, advantages -> a Batch
+# ---------------------------------------------------------------------------------------------
+
 
 @dataclass
-class Args:
-    model: str = "toy"
-    """hub id or local dir of a causal LM; 'toy' = the toy base"""
+class Batch:
+    """One generation batch: what the update reads, and what was measured while making it."""
+
+    roll: sampling.Rollout
+    loss_mask: torch.Tensor  # [R, C'] 1 on the completion tokens the loss sees
+    advantages: torch.Tensor  # [R]
+    ref_logp: torch.Tensor | None  # [R, C'] reference (LoRA off) log-probs, when beta > 0 or MARA
+    # [R, C'] log-probs before the first update, when num_iterations > 1
+    old_logp: torch.Tensor | None
+    update_rows: list[torch.Tensor]  # micro-batches of the rows the update trains on
+    global_tokens: float  # completion tokens of the batch on all ranks (dapo's normaliser)
+    num_tokens: int  # prompt and completion tokens sampled on this rank
+    metrics: dict
+    samples: list[dict]
+
+
+def logprobs_no_grad(
+    model, roll: sampling.Rollout, micro_batch_size: int, temperature: float
+) -> torch.Tensor:
+    """[R, C'] log-probs of every completion token (C' = the rollout's width), in micro-batches,
+    without gradients."""
+    R, width = roll.completion_ids.shape
+    full = torch.zeros(R, width, device=roll.completion_ids.device)
+    with torch.no_grad():
+        for s in range(0, R, micro_batch_size):
+            ids, attn, K = sampling.micro_batch(roll, slice(s, s + micro_batch_size))
+            full[s : s + micro_batch_size, :K] = sampling.sequence_logprobs(
+                model, ids, attn, K, temperature=temperature
+            )
+    return full
+
+
+def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: Args) -> Batch:
+    """G = --num-generations completions per prompt, their rewards under `spec` (with MARA's anchor
+    when --mara-tau is set), group advantages, the loss mask, and the rows the update trains on."""
+    G, micro_batch_size, temperature = args.num_generations, args.micro_batch_size, args.temperature
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        [p["ids"] for p in prompts],
+        n=G,
+        max_new_tokens=args.max_completion_length,
+        temperature=temperature,
+        top_p=args.top_p,
+        generator=generator,
+    )
+    texts = roll.texts(tokenizer)
+    total, per_fn = rewards.compute_rewards(spec, texts, rewards.reward_columns(prompts, G))
+    r = torch.tensor(total, dtype=torch.float32)
+    # The loss mask: 1 up to and including the first EOS (from the sampler, never from the pad id);
+    # --mask-truncated-completions also drops completions that never ended (DAPO's overlong
+    # filtering).
+    truncated = args.mask_truncated_completions
+    mask = roll.completion_mask * (roll.finished[:, None].long() if truncated else 1)
+    # Reference (LoRA off) and old-policy log-probs, before any update on this batch.
+    ref_logp = old_logp = None
+    if args.beta > 0 or args.mara_tau is not None:
+        with lora.disabled(model):
+            ref_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
+    if args.num_iterations > 1:
+        old_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
+    extra = {}
+    if args.mara_tau is not None:
+        seq_ref_logp = (ref_logp * roll.completion_mask).sum(-1).cpu()
+        r, anchored = mara_rewards(r, seq_ref_logp, G, args.mara_tau, args.beta)
+        extra = {
+            "mara/anchored_frac": anchored.float().mean().item(),
+            "mara/reward": r.mean().item(),
+        }
+    batch_std = None
+    if args.scale_rewards == "batch":  # the std of the global batch: sums over ranks
+        s = distributed.all_reduce_sum(
+            torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64)
+        )
+        batch_std = torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
+    adv, zero_std = group_advantages(r, G, args.scale_rewards, batch_std)
+    # A completion whose advantage is 0 adds exactly 0 to the clipped objective, and the normalisers
+    # of grpo, dr_grpo and dapo do not depend on which rows share a micro-batch: skipping it gives
+    # the same gradient. bnpo's normaliser does, and a KL term is not 0.
+    skip_zero_advantage = not (args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo")
+    R = len(texts)
+    live = (adv != 0).nonzero().view(-1) if skip_zero_advantage else torch.arange(R)
+    tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    lengths = roll.completion_mask.sum(1).float()
+    names = [n for n, _ in rewards.parse_reward_spec(spec)]
+    metrics = {
+        **rewards.reward_metrics(total, per_fn),
+        **extra,
+        "frac_reward_zero_std": zero_std.float().mean().item(),
+        **rewards.reward_gate(per_fn[names[0]], G),
+        "diversity/distinct_2": rewards.distinct_n_within_groups(tokens, G, n=2),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
+    }
+    samples = [
+        {
+            "prompt": prompts[i // G]["prompt"],
+            "completion": texts[i],
+            "reward": total[i],
+            "rewards": {n: per_fn[n][i] for n in names},
+            "advantage": float(adv[i]),
+            "finished": bool(roll.finished[i]),
+        }
+        for i in range(min(R, args.log_completions * G))
+    ]
+    return Batch(
+        roll=roll,
+        loss_mask=mask,
+        advantages=adv.to(mask.device),
+        ref_logp=ref_logp,
+        old_logp=old_logp,
+        update_rows=[live[s : s + micro_batch_size] for s in range(0, len(live), micro_batch_size)],
+        global_tokens=float(distributed.all_reduce_sum(mask.sum().float().cpu())),
+        num_tokens=int(roll.attention_mask.sum()),
+        metrics=metrics,
+        samples=samples,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Update: the clipped surrogate over micro-batches, gradients accumulated (the optimizer step is
+#    the caller's)
+# ---------------------------------------------------------------------------------------------
+
+
+def update(model, batch: Batch, args: Args, world: int) -> dict:
+    """Forward/backward of `clipped_surrogate` summed by `aggregate_loss` over the batch's update
+    micro-batches, at --temperature, with --loss-type, --epsilon / --epsilon-high, --beta and
+    --max-completion-length; returns the loss and the token means of kl, entropy, clip and ratio
+    (summed over ranks)."""
+    sums = dict.fromkeys(("loss", "kl", "entropy", "low", "high", "ratio", "tokens"), 0.0)
+    ratio_min, ratio_max = float("inf"), float("-inf")
+    R = batch.roll.completion_ids.shape[0]
+    for rows in batch.update_rows:
+        ids, attn, K = sampling.micro_batch(batch.roll, rows)
+        m = batch.loss_mask[rows, :K]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+            logp, entropy = sampling.sequence_logprobs(
+                model, ids, attn, K, temperature=args.temperature, return_entropy=True
+            )
+        # one step per batch: logp_old = logp.detach(), so rho = 1
+        old = batch.old_logp[rows, :K] if batch.old_logp is not None else logp.detach()
+        ref = batch.ref_logp[rows, :K] if batch.ref_logp is not None else None
+        per_token, kl, low, high = clipped_surrogate(
+            logp, old, ref, batch.advantages[rows], m, args.epsilon, args.epsilon_high, args.beta
+        )
+        loss = aggregate_loss(
+            per_token,
+            m,
+            args.loss_type,
+            args.max_completion_length,
+            batch_rows=R,
+            num_micro_batches=len(batch.update_rows),
+            global_tokens=batch.global_tokens,
+            world_size=world,
+        )
+        loss.backward()
+        mf, ratio = m.float(), torch.exp(logp.detach() - old)
+        if mf.sum() > 0:
+            ratio_min = min(ratio_min, float(ratio[m.bool()].min()))
+            ratio_max = max(ratio_max, float(ratio[m.bool()].max()))
+        for key, value in (
+            ("loss", loss.detach()),
+            ("kl", (kl * mf).sum()),
+            ("entropy", (entropy.detach() * mf).sum()),
+            ("low", (low * mf).sum()),
+            ("high", (high * mf).sum()),
+            ("ratio", (ratio * mf).sum()),
+            ("tokens", mf.sum()),
+        ):
+            sums[key] += float(value)
+    summed = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+    total = dict(zip(sums, summed.tolist()))
+    n = max(total["tokens"], 1.0)
+    stats = {
+        "loss": total["loss"] / world,
+        "kl": total["kl"] / n,
+        "entropy": total["entropy"] / n,
+        "clip_ratio/low_mean": total["low"] / n,
+        "clip_ratio/high_mean": total["high"] / n,
+        "clip_ratio/region_mean": (total["low"] + total["high"]) / n,
+        "ratio/mean": total["ratio"] / n,
+    }
+    if ratio_min <= ratio_max:  # rank 0's extremes; absent when every completion was masked out
+        stats.update({"ratio/min": ratio_min, "ratio/max": ratio_max})
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Held-out evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args) -> dict:
+    """Mean reward of k = --eval-samples samples per held-out prompt at the training temperature,
+    with a fixed generator (the same draws before and after training). On the verifiable task
+    (prompts with gold answers) also `accuracy` (Mean@k: the share of correct samples), `pass_at_k`
+    and greedy accuracy; prompts without a gold answer are left out."""
+    k, max_new_tokens = args.eval_samples, args.max_completion_length
+    device = next(model.parameters()).device
+    ids = [p["ids"] for p in heldout]
+    roll = sampling.sample(
+        model,
+        tokenizer,
+        ids,
+        n=k,
+        max_new_tokens=max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=torch.Generator(device=device).manual_seed(args.seed + 12345),
+        batch_size=128,
+    )
+    texts = roll.texts(tokenizer)
+    cols = rewards.reward_columns(heldout, k)
+    total, _ = rewards.compute_rewards(spec, texts, cols)
+    row = {
+        "mean_reward": sum(total) / len(total),
+        "mean_length": float(roll.completion_mask.sum(1).float().mean()),
+        "distinct_2": rewards.distinct_n(texts, 2),
+    }
+    if args.task == "verifiable" and "answer" in cols:
+        res = rewards.correct(texts, cols["answer"], cols.get("style"))
+        graded = [g for g in (res[i : i + k] for i in range(0, len(res), k)) if g[0] is not None]
+        greedy = sampling.sample(
+            model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128
+        )
+        cols1 = rewards.reward_columns(heldout, 1)
+        res1 = [
+            v
+            for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style"))
+            if v is not None
+        ]
+        if graded:
+            row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * k)  # Mean@k
+            row["pass_at_k"] = sum(any(v > 0 for v in g) for g in graded) / len(graded)
+            row["greedy_accuracy"] = sum(res1) / len(res1)
+            row["graded_prompts"] = len(graded)
+    row["_samples"] = [
+        {"prompt": c, "completion": t, "reward": r}
+        for c, t, r in zip(cols["prompt"][::k][:10], texts[::k][:10], total[::k][:10])
+    ]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and defaults
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(cli.TrainArgs):
+    out: str = "runs/grpo"
+    init_adapter: str = "auto"
+    max_steps: int = 300
     task: Literal["verifiable", "continuation"] = "verifiable"
     """verifiable: prompts with answers; continuation: document prefixes, similarity to the true
     continuation"""
-    data: str = "toy"
-    """JSONL: {'prompt': str|messages, 'answer'?, 'reference'?, 'domain'?} or documents {'text',
-    'domain'?}; 'toy' = toy arithmetic (verifiable) or toy documents (continuation)"""
     eval_data: str = ""
     """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
     --data)"""
-    init_adapter: str = "auto"
-    """PEFT adapter merged into the model before a fresh LoRA is added (the reference policy is then
-    the merged model); 'auto' = the shipped toy thinking-SFT adapter (toy/sft_think) for the toy
-    verifiable task, none otherwise; '' = none"""
     reward: str = ""
     """reward spec 'name:weight,...' from rewards.py (default: verifiable 'correct:1.0,format:0.1';
     continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"""
-    out: str = "runs/grpo"
-    """run directory"""
-    seed: int = 0
-    """random seed (data order, LoRA init, sampling)"""
-    lr: float | None = None
-    """peak learning rate (AdamW); default 3e-4 toy; hub model 1e-5 on CUDA, 1e-4 on a CPU"""
-    warmup_ratio: float = 0.1
-    """share of steps with linear warmup from 0 (Adam's first steps move every LoRA weight by about
-    lr whatever its gradient: without warmup they undid the SFT model on the toy)"""
-    min_lr_ratio: float = 0.1
-    """after warmup, cosine decay to this share of the peak LR (1.0 keeps it constant, as DAPO and
-    verl do)"""
-    max_steps: int = 300
-    """optimizer steps (a generation batch lasts --num-iterations steps)"""
-    batch_size: int = 8
-    """prompts per optimizer step per device (x num-generations completions)"""
     num_generations: int = 8
-    """G: completions per prompt (a group)"""
-    micro_batch_size: int = 32
-    """rows per forward/backward; gradients accumulate over the generation batch's micro-batches"""
+    """G: completions per prompt (a group); a step trains on --batch-size x G completions"""
     max_completion_length: int | None = None
     """new tokens per completion, also dr_grpo's constant (default: 128 verifiable,
     --continuation-tokens for continuation, so completion and reference are windows of the same
@@ -136,67 +475,39 @@ class Args:
     like-for-like timings, or to log entropy over all completions)"""
     mara_tau: float | None = None
     """MARA reward threshold tau (needs --beta > 0); default: off"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm (0 = off)"""
-    lora_r: int | None = None
-    """LoRA rank (default 16 toy or CPU, 128 hub model on CUDA as in
-    Lambent/Qwen3-4B-Base-Continued-GRPO)"""
-    lora_alpha: float | None = None
-    """LoRA alpha (default 2 x rank)"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA input"""
-    load_in_4bit: bool | None = None
-    """QLoRA NF4 base (default: on for a hub model on CUDA, else off)"""
-    gradient_checkpointing: bool | None = None
-    """recompute activations in backward (default: on for a hub model on CUDA)"""
     prefix_tokens: int = 96
     """continuation on documents ({'text'} rows, toy): prefix tokens"""
     continuation_tokens: int = 64
     """continuation on documents: reference tokens"""
     toy_difficulty: str = "3"
     """toy arithmetic level(s), comma-separated, for training and held-out accuracy"""
-    toy_train_size: int = 4000
-    """toy training prompts"""
     eval_size: int = 200
     """held-out prompts"""
     eval_samples: int = 4
     """k: samples per held-out prompt at --temperature (Mean@k)"""
     eval_every: int = 0
     """evaluate every N steps (0 = before and after only)"""
-    log_completions: int = 2
-    """groups per step written to samples.jsonl"""
-    save_every: int = 50
-    """checkpoint every N steps (for --resume)"""
     save_merged: bool = False
     """also save the merged full model to <out>/model"""
-    resume: bool = False
-    """continue from <out>/checkpoint"""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto"""
-    report_to: str = ""
-    """also log to wandb or trackio"""
+
+
+# {field: (toy, real model on one CUDA GPU)}. The real column is the QLoRA setup of the model card
+# Lambent/Qwen3-4B-Base-Continued-GRPO (on a CPU lora.SMALL_DEVICE_SETUP replaces it); a warmup
+# (TrainArgs's 10%) matters here: Adam's first steps move every LoRA weight by about lr whatever its
+# gradient, and without warmup they undid the SFT model on the toy.
+DEFAULTS = {
+    "lr": (3e-4, 1e-5),
+    "lora_r": (16, 128),
+    "load_in_4bit": (False, True),
+    "gradient_checkpointing": (False, True),
+    "temperature": (0.5, 1.0),
+}
 
 
 def resolve_defaults(args: Args) -> Args:
-    """Fill the model-dependent defaults: the QLoRA setup of Lambent/Qwen3-4B-Base-Continued-GRPO
-    for a real model (any --model but 'toy': a hub id or a local directory) on CUDA, a lighter one
-    on a CPU (lora.hub_defaults), small and fast for the toy."""
-    hub = args.model != "toy"
-    card = {"lr": 1e-5, "lora_r": 128, "load_in_4bit": True, "gradient_checkpointing": True}
-    if hub:
-        vars(args).update(
-            lora.hub_defaults(args.model, distributed.pick_device(args.device), card, vars(args))
-        )
-    for name, toy_value in (
-        ("lr", 3e-4),
-        ("lora_r", 16),
-        ("load_in_4bit", False),
-        ("gradient_checkpointing", False),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, toy_value)
-    if args.temperature is None:
-        args.temperature = 1.0 if hub else 0.5
+    """Fill the defaults left None: DEFAULTS for the model and device, then those derived from
+    other flags; reject settings GRPO cannot train with."""
+    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
     if args.max_completion_length is None:
@@ -204,9 +515,8 @@ def resolve_defaults(args: Args) -> Args:
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     if args.init_adapter == "auto":
-        args.init_adapter = (
-            str(toy.SFT_ADAPTER_DIR) if args.model == "toy" and args.task == "verifiable" else ""
-        )
+        toy_verifiable = args.model == "toy" and args.task == "verifiable"
+        args.init_adapter = str(toy.SFT_ADAPTER_DIR) if toy_verifiable else ""
     if args.num_generations < 2:
         raise errors.ConfigError(
             "--num-generations must be >= 2: a group of one has no relative advantage"
@@ -267,63 +577,55 @@ def cut_documents(
     return out
 
 
-def load_prompts(
-    tokenizer,
-    *,
-    data: str,
-    eval_data: str,
-    task: str,
-    seed: int,
-    eval_size: int,
-    toy_difficulty: str,
-    toy_train_size: int,
-    prefix_tokens: int,
-    continuation_tokens: int,
-    max_prompt_length: int,
-):
-    """Training and held-out prompts, encoded (toy world by default)."""
-    if data == "toy":
-        levels = toy.parse_levels(toy_difficulty)
-        make = (
-            (
-                lambda split, n: [
-                    {
-                        "prompt": [{"role": "user", "content": r["prompt"]}],
-                        "answer": r["answer"],
-                        "style": r["style"],
-                    }
-                    for r in toy.arithmetic(split, n, seed=seed, difficulty=levels)
-                ]
-            )
-            if task == "verifiable"
-            else (lambda split, n: toy.documents(split, n, seed=seed))
-        )
-        parts = [("toy", make("train", toy_train_size)), ("toy", make("test", eval_size))]
+def toy_rows(task: str, split: str, n: int, seed: int, levels: list[int]) -> list[dict]:
+    """The toy world: arithmetic problems as a chat prompt with the gold answer (verifiable), or
+    documents (continuation)."""
+    if task != "verifiable":
+        return toy.documents(split, n, seed=seed)
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "answer": r["answer"],
+            "style": r["style"],
+        }
+        for r in toy.arithmetic(split, n, seed=seed, difficulty=levels)
+    ]
+
+
+def load_prompts(tokenizer, args: Args) -> tuple[list[dict], list[dict]]:
+    """Training and held-out prompts, encoded (toy world by default; user data split by
+    dataio.train_and_heldout)."""
+    if args.data == "toy":
+        levels = toy.parse_levels(args.toy_difficulty)
+        parts = [
+            ("toy", toy_rows(args.task, "train", args.toy_train_size, args.seed, levels)),
+            ("toy", toy_rows(args.task, "test", args.eval_size, args.seed, levels)),
+        ]
     else:
-        parts = dataio.train_and_heldout(data, eval_data, eval_size)
+        parts = dataio.train_and_heldout(args.data, args.eval_data, args.eval_size)
     encoded = []
     for source, rows in parts:
-        if task == "continuation":
-            rows = cut_documents(rows, tokenizer, source, prefix_tokens, continuation_tokens)
+        if args.task == "continuation":
+            rows = cut_documents(
+                rows, tokenizer, source, args.prefix_tokens, args.continuation_tokens
+            )
             for i, r in enumerate(rows):
                 if r.get("reference") is None:
                     raise errors.DataError(
                         f"{source}:{r.get('_line', i + 1)}: field 'reference': missing; the "
                         f"continuation task scores similarity to it"
                     )
-        encoded.append(sampling.encode_prompts(rows, tokenizer, source, max_prompt_length))
+        encoded.append(sampling.encode_prompts(rows, tokenizer, source, args.max_prompt_length))
     return encoded[0], encoded[1]
 
 
 def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
     """--reward, else the task's default; every name is checked here, before any model runs."""
-    spec = reward or (
-        "correct:1.0,format:0.1"
-        if task == "verifiable"
-        else "similarity"
-        if all(p.get("domain") is not None for p in prompts)
-        else "creative"
-    )
+    spec = reward
+    if not spec and task == "verifiable":
+        spec = "correct:1.0,format:0.1"
+    elif not spec:
+        spec = "similarity" if all(p.get("domain") is not None for p in prompts) else "creative"
     try:
         for name, _ in rewards.parse_reward_spec(spec):
             rewards.get_reward(name)
@@ -333,651 +635,205 @@ def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The GRPO pieces with a formula each (tests import them)
-# ---------------------------------------------------------------------------------------------
-
-
-def group_advantages(
-    rewards_: torch.Tensor, G: int, scale: str, batch_std: torch.Tensor | None = None
-):
-    """A_i = r_i - mean_group(r), divided by (std + 1e-4) per --scale-rewards; also the
-    zero-std-group flag per row. A group of identical rewards gets advantages of exactly 0 (not the
-    rounding residue of r - mean)."""
-    grouped = rewards_.view(-1, G)
-    mean = grouped.mean(1, keepdim=True)
-    std = grouped.std(1, keepdim=True)  # Bessel-corrected, as TRL
-    adv = (grouped - mean).masked_fill((grouped == grouped[:, :1]).all(1, keepdim=True), 0.0)
-    if scale == "group":
-        adv = adv / (std + 1e-4)
-    elif scale == "batch":
-        adv = adv / ((rewards_.std() if batch_std is None else batch_std) + 1e-4)
-    zero_std = torch.isclose(std, torch.zeros_like(std)).expand_as(grouped)
-    return adv.reshape(-1), zero_std.reshape(-1)
-
-
-def mara_rewards(
-    rewards_: torch.Tensor, seq_ref_logp: torch.Tensor, G: int, tau: float, beta: float
-):
-    """MARA (arXiv 2510.20817): per group, samples with r >= tau get R(z) + beta (log pi_ref(z) -
-    log pi_ref(y)), z = the sample with r >= tau of highest log pi_ref. Returns the new rewards and
-    which rows were anchored."""
-    r, lp = rewards_.view(-1, G), seq_ref_logp.view(-1, G)
-    high = r >= tau
-    z = lp.masked_fill(~high, float("-inf")).argmax(1, keepdim=True)
-    anchored = r.gather(1, z) + beta * (lp.gather(1, z) - lp)
-    return torch.where(high, anchored, r).reshape(-1), high.reshape(-1)
-
-
-def clipped_surrogate(
-    logp, old_logp, ref_logp, advantages, mask, eps_low: float, eps_high: float, beta: float
-):
-    """Per token: L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, rho = exp(logp
-    - old_logp), k3 = exp(ref - logp) - (ref - logp) - 1 (PPO, arXiv 1707.06347, eq. 7; DeepSeekMath
-    eq. 3 and 4).
-
-    Tensors [B, T]; advantages [B] or [B, T]; ref_logp None skips the KL term. Returns fp32 (loss,
-    kl, low, high) shaped like logp, 0 on masked tokens; low / high flag tokens held by the clip
-    (rho below 1 - eps_low with A < 0,
-    above 1 + eps_high with A > 0: TRL's clip_ratio/low_mean and high_mean). Only logp gets a gradient."""
-    m = mask.bool()
-    zero = torch.zeros((), device=logp.device)
-    logp = torch.where(
-        m, logp.float(), zero
-    )  # padding may hold anything: keep inf and nan out of the gradient
-    ratio = torch.exp(logp - torch.where(m, old_logp.detach().float(), zero))
-    A = advantages.detach().float()
-    A = A[:, None] if A.dim() == 1 else A
-    loss = -torch.minimum(ratio * A, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * A)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        d = torch.where(m, ref_logp.detach().float(), zero) - logp
-        kl = torch.exp(d) - d - 1.0
-        loss = loss + beta * kl
-    low = (ratio < 1.0 - eps_low) & (A < 0) & m
-    high = (ratio > 1.0 + eps_high) & (A > 0) & m
-    return torch.where(m, loss, zero), torch.where(m, kl, zero).detach(), low.float(), high.float()
-
-
-def aggregate_loss(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    loss_type: str,
-    max_completion_length: int,
-    batch_rows: int | None = None,
-    num_micro_batches: int = 1,
-    global_tokens: float | None = None,
-    world_size: int = 1,
-) -> torch.Tensor:
-    """One micro-batch's share of the loss. Summed over the micro-batches of a generation batch of
-    `batch_rows` rows (and with gradients averaged over ranks) it is the objective of `loss_type`:
-
-        grpo    : mean over sequences of  sum_t L M / sum_t M                 (DeepSeekMath, eq. 3)
-        bnpo    : sum L M / sum M over each micro-batch, mean over micro-batches
-        dr_grpo : sum L M / (rows x max_completion_length)                    (Dr. GRPO: no length bias)
-        dapo    : sum L M / (completion tokens of the generation batch on all ranks)   (DAPO, eq. 8)
-    """
-    m = mask.to(per_token_loss.dtype)
-    lm = per_token_loss * m
-    rows = per_token_loss.shape[0] if batch_rows is None else batch_rows
-    if loss_type == "grpo":
-        return (lm.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / rows
-    if loss_type == "bnpo":
-        return lm.sum() / m.sum().clamp(min=1.0) / num_micro_batches
-    if loss_type == "dr_grpo":
-        return lm.sum() / (rows * max_completion_length)
-    if loss_type == "dapo":
-        tokens = float(m.sum()) if global_tokens is None else float(global_tokens)
-        # the gradient all-reduce averages over ranks, so x world_size makes the normaliser the
-        # global token count
-        return lm.sum() * world_size / max(tokens, 1.0)
-    raise ValueError(f"unknown loss_type {loss_type!r}: choose grpo, bnpo, dr_grpo or dapo")
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Rollout: G completions per prompt, rewards, advantages -> a Batch
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """One generation batch: what the update reads, and what was measured while making it."""
-
-    roll: sampling.Rollout
-    loss_mask: torch.Tensor  # [R, C'] 1 on the completion tokens the loss sees
-    advantages: torch.Tensor  # [R]
-    ref_logp: torch.Tensor | None  # [R, C'] reference (LoRA off) log-probs, when beta > 0 or MARA
-    old_logp: (
-        torch.Tensor | None
-    )  # [R, C'] log-probs before the first update, when num_iterations > 1
-    update_rows: list[torch.Tensor]  # micro-batches of the rows the update trains on
-    global_tokens: float  # completion tokens of the batch on all ranks (dapo's normaliser)
-    num_tokens: int  # prompt and completion tokens sampled on this rank
-    metrics: dict
-    samples: list[dict]
-
-
-def logprobs_no_grad(
-    model, roll: sampling.Rollout, micro_batch_size: int, temperature: float
-) -> torch.Tensor:
-    """[R, C'] log-probs of every completion token (C' = the rollout's width), in micro-batches,
-    without gradients."""
-    R, width = roll.completion_ids.shape
-    full = torch.zeros(R, width, device=roll.completion_ids.device)
-    with torch.no_grad():
-        for s in range(0, R, micro_batch_size):
-            ids, attn, K = sampling.micro_batch(roll, slice(s, s + micro_batch_size))
-            full[s : s + micro_batch_size, :K] = sampling.sequence_logprobs(
-                model, ids, attn, K, temperature=temperature
-            )
-    return full
-
-
-def rollout(
-    model,
-    tokenizer,
-    prompts: list[dict],
-    spec: str,
-    generator,
-    *,
-    G: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    micro_batch_size: int,
-    beta: float,
-    mara_tau: float | None,
-    scale_rewards: str,
-    num_iterations: int,
-    mask_truncated: bool,
-    skip_zero_advantage: bool,
-    log_groups: int,
-) -> Batch:
-    roll = sampling.sample(
-        model,
-        tokenizer,
-        [p["ids"] for p in prompts],
-        n=G,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        generator=generator,
-    )
-    texts = roll.texts(tokenizer)
-    total, per_fn = rewards.compute_rewards(spec, texts, rewards.reward_columns(prompts, G))
-    r = torch.tensor(total, dtype=torch.float32)
-    # The loss mask: 1 up to and including the first EOS (from the sampler, never from the pad id);
-    # --mask-truncated-completions also drops completions that never ended (DAPO's overlong
-    # filtering).
-    mask = roll.completion_mask * (roll.finished[:, None].long() if mask_truncated else 1)
-    # Reference (LoRA off) and old-policy log-probs, before any update on this batch.
-    ref_logp = old_logp = None
-    if beta > 0 or mara_tau is not None:
-        with lora.disabled(model):
-            ref_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
-    if num_iterations > 1:
-        old_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
-    extra = {}
-    if mara_tau is not None:
-        r, anchored = mara_rewards(
-            r, (ref_logp * roll.completion_mask).sum(-1).cpu(), G, mara_tau, beta
-        )
-        extra = {
-            "mara/anchored_frac": anchored.float().mean().item(),
-            "mara/reward": r.mean().item(),
-        }
-    batch_std = None
-    if scale_rewards == "batch":  # the std of the global batch: sums over ranks
-        s = distributed.all_reduce_sum(
-            torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64)
-        )
-        batch_std = torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
-    adv, zero_std = group_advantages(r, G, scale_rewards, batch_std)
-    # A completion whose advantage is 0 adds exactly 0 to the clipped objective, and the normalisers
-    # of grpo, dr_grpo and dapo do not depend on which rows share a micro-batch: skipping it gives
-    # the same gradient.
-    R = len(texts)
-    live = (adv != 0).nonzero().view(-1) if skip_zero_advantage else torch.arange(R)
-    tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-    lengths = roll.completion_mask.sum(1).float()
-    names = [n for n, _ in rewards.parse_reward_spec(spec)]
-    metrics = {
-        **rewards.reward_metrics(total, per_fn),
-        **extra,
-        "frac_reward_zero_std": zero_std.float().mean().item(),
-        **rewards.reward_gate(per_fn[names[0]], G),
-        "diversity/distinct_2": rewards.distinct_n_within_groups(tokens, G, n=2),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
-    }
-    samples = [
-        {
-            "prompt": prompts[i // G]["prompt"],
-            "completion": texts[i],
-            "reward": total[i],
-            "rewards": {n: per_fn[n][i] for n in names},
-            "advantage": float(adv[i]),
-            "finished": bool(roll.finished[i]),
-        }
-        for i in range(min(R, log_groups * G))
-    ]
-    return Batch(
-        roll=roll,
-        loss_mask=mask,
-        advantages=adv.to(mask.device),
-        ref_logp=ref_logp,
-        old_logp=old_logp,
-        update_rows=[live[s : s + micro_batch_size] for s in range(0, len(live), micro_batch_size)],
-        global_tokens=float(distributed.all_reduce_sum(mask.sum().float().cpu())),
-        num_tokens=int(roll.attention_mask.sum()),
-        metrics=metrics,
-        samples=samples,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Update: the clipped surrogate over micro-batches, gradients accumulated (the optimizer step is
-#    the caller's)
-# ---------------------------------------------------------------------------------------------
-
-
-def update(
-    model,
-    batch: Batch,
-    *,
-    temperature: float,
-    loss_type: str,
-    eps_low: float,
-    eps_high: float,
-    beta: float,
-    max_completion_length: int,
-    world: int,
-) -> dict:
-    sums = dict.fromkeys(("loss", "kl", "entropy", "low", "high", "ratio", "tokens"), 0.0)
-    ratio_min, ratio_max = float("inf"), float("-inf")
-    R = batch.roll.completion_ids.shape[0]
-    for rows in batch.update_rows:
-        ids, attn, K = sampling.micro_batch(batch.roll, rows)
-        m = batch.loss_mask[rows, :K]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-            logp, entropy = sampling.sequence_logprobs(
-                model, ids, attn, K, temperature=temperature, return_entropy=True
-            )
-        old = (
-            batch.old_logp[rows, :K] if batch.old_logp is not None else logp.detach()
-        )  # one step per batch: rho = 1
-        ref = batch.ref_logp[rows, :K] if batch.ref_logp is not None else None
-        per_token, kl, low, high = clipped_surrogate(
-            logp, old, ref, batch.advantages[rows], m, eps_low, eps_high, beta
-        )
-        loss = aggregate_loss(
-            per_token,
-            m,
-            loss_type,
-            max_completion_length,
-            batch_rows=R,
-            num_micro_batches=len(batch.update_rows),
-            global_tokens=batch.global_tokens,
-            world_size=world,
-        )
-        loss.backward()
-        mf, ratio = m.float(), torch.exp(logp.detach() - old)
-        if mf.sum() > 0:
-            ratio_min = min(ratio_min, float(ratio[m.bool()].min()))
-            ratio_max = max(ratio_max, float(ratio[m.bool()].max()))
-        for key, value in (
-            ("loss", loss.detach()),
-            ("kl", (kl * mf).sum()),
-            ("entropy", (entropy.detach() * mf).sum()),
-            ("low", (low * mf).sum()),
-            ("high", (high * mf).sum()),
-            ("ratio", (ratio * mf).sum()),
-            ("tokens", mf.sum()),
-        ):
-            sums[key] += float(value)
-    total = dict(
-        zip(
-            sums,
-            distributed.all_reduce_sum(
-                torch.tensor(list(sums.values()), dtype=torch.float64)
-            ).tolist(),
-        )
-    )
-    n = max(total["tokens"], 1.0)
-    stats = {
-        "loss": total["loss"] / world,
-        "kl": total["kl"] / n,
-        "entropy": total["entropy"] / n,
-        "clip_ratio/low_mean": total["low"] / n,
-        "clip_ratio/high_mean": total["high"] / n,
-        "clip_ratio/region_mean": (total["low"] + total["high"]) / n,
-        "ratio/mean": total["ratio"] / n,
-    }
-    if ratio_min <= ratio_max:  # rank 0's extremes; absent when every completion was masked out
-        stats.update({"ratio/min": ratio_min, "ratio/max": ratio_max})
-    return stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    heldout: list[dict],
-    spec: str,
-    *,
-    k: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    accuracy: bool,
-) -> dict:
-    """Mean reward of k samples per held-out prompt at the training temperature, with a fixed
-    generator (the same draws before and after training). With `accuracy` (verifiable data with gold
-    answers) also `accuracy` (Mean@k: the share of correct samples), `pass_at_k` and greedy
-    accuracy; prompts without a gold answer are left out."""
-    device = next(model.parameters()).device
-    ids = [p["ids"] for p in heldout]
-    roll = sampling.sample(
-        model,
-        tokenizer,
-        ids,
-        n=k,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        generator=torch.Generator(device=device).manual_seed(seed + 12345),
-        batch_size=128,
-    )
-    texts = roll.texts(tokenizer)
-    cols = rewards.reward_columns(heldout, k)
-    total, _ = rewards.compute_rewards(spec, texts, cols)
-    row = {
-        "mean_reward": sum(total) / len(total),
-        "mean_length": float(roll.completion_mask.sum(1).float().mean()),
-        "distinct_2": rewards.distinct_n(texts, 2),
-    }
-    if accuracy and "answer" in cols:
-        res = rewards.correct(texts, cols["answer"], cols.get("style"))
-        graded = [g for g in (res[i : i + k] for i in range(0, len(res), k)) if g[0] is not None]
-        greedy = sampling.sample(
-            model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128
-        )
-        cols1 = rewards.reward_columns(heldout, 1)
-        res1 = [
-            v
-            for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style"))
-            if v is not None
-        ]
-        if graded:
-            row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * k)  # Mean@k
-            row["pass_at_k"] = sum(any(v > 0 for v in g) for g in graded) / len(graded)
-            row["greedy_accuracy"] = sum(res1) / len(res1)
-            row["graded_prompts"] = len(graded)
-    row["_samples"] = [
-        {"prompt": c, "completion": t, "reward": r}
-        for c, t, r in zip(cols["prompt"][::k][:10], texts[::k][:10], total[::k][:10])
-    ]
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
 
-def load_policy(
-    name: str,
-    device,
-    init_adapter: str,
-    lora_r: int,
-    lora_alpha: float,
-    lora_dropout: float,
-    load_in_4bit: bool,
-    gradient_checkpointing: bool,
-):
-    """The model with `init_adapter` merged into its weights (the reference policy is then the
+def load_policy(args: Args, device):
+    """The model with --init-adapter merged into its weights (the reference policy is then the
     merged model: LoRA off) and a fresh LoRA on top."""
     model = loading.load_model(
-        name,
+        args.model,
         device=device,
-        load_in_4bit=load_in_4bit,
-        gradient_checkpointing=gradient_checkpointing,
+        load_in_4bit=args.load_in_4bit,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
-    lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    # with the adapters it was trained on, oldest first
+    lora.merge_adapters(model, args.init_adapter)
+    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     return model
+
+
+def generation_batch(
+    model, tokenizer, train: list[dict], spec: str, args: Args, run: lifecycle.Run, step: int
+) -> Batch:
+    """The rollout for generation batch g = step // --num-iterations: this rank's share of the
+    epoch's shuffled prompts, sampled with a generator seeded by (seed, g, rank) so that a resumed
+    run draws the same completions; its first groups go to samples.jsonl."""
+    g = step // args.num_iterations
+    indices = dataio.epoch_indices(
+        len(train), args.batch_size * run.world, g, args.seed, run.rank, run.world
+    )
+    seed = args.seed * 100003 + g * run.world + run.rank
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    batch = rollout(model, tokenizer, [train[i] for i in indices], spec, generator, args)
+    if distributed.is_main():
+        for s in batch.samples:
+            dataio.append_jsonl(
+                run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
+            )
+    return batch
+
+
+def step_metrics(
+    batch: Batch, stats: dict, lr: float, tokens_seen: int, t0: float, t1: float, t_rollout: float
+) -> dict:
+    """A row of metrics.jsonl, with TRL's names; t0 / t1: when the step / the update began."""
+    return {
+        **batch.metrics,
+        **stats,
+        "learning_rate": lr,
+        "num_tokens": tokens_seen,
+        "step_time": time.perf_counter() - t0,
+        "timing/rollout": t_rollout,
+        "timing/update": time.perf_counter() - t1,
+    }
+
+
+def eval_due(args: Args, step: int) -> bool:
+    """--eval-every: a held-out evaluation after `step` (rank 0; the last step has its own)."""
+    every = args.eval_every
+    return bool(every) and step % every == 0 and step < args.max_steps and distributed.is_main()
+
+
+def progress_bar(start: int, max_steps: int):
+    """tqdm over the steps left (rank 0 only)."""
+    steps = range(start, max_steps)
+    return tqdm(
+        steps, initial=start, total=max_steps, desc="grpo", disable=not distributed.is_main()
+    )
+
+
+def progress(last: dict) -> dict:
+    """The progress bar's reward, kl and (when measured) held-out accuracy."""
+    shown = {"reward": f"{last['reward']:.3f}", "kl": f"{last['kl']:.3g}"}
+    if "eval/accuracy" in last:
+        shown["acc"] = f"{last['eval/accuracy']:.3f}"
+    return shown
+
+
+def save_model(model, tokenizer, args: Args, out) -> None:
+    """The adapter (PEFT format) in <out>; --save-merged adds the merged model in <out>/model."""
+    lora.save_adapter(
+        model, str(out), base_model_name_or_path=None if args.model == "toy" else args.model
+    )
+    if args.save_merged:
+        lora.merge(model).save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+
+
+def results(
+    args: Args,
+    spec: str,
+    state: dict,
+    after: dict,
+    last: dict,
+    t_train: float,
+    opt: lifecycle.OptimizerStep,
+    rank_diff: float,
+):
+    """(summary.json, results table): the held-out metric before and after training (accuracy when
+    the prompts have gold answers, else the mean reward), the last step's metrics, the run's
+    totals."""
+    before = state["before"]
+    metric = "accuracy" if "accuracy" in after else "mean_reward"
+    note = f"Mean@{args.eval_samples} at T={args.temperature}"
+    if args.data == "toy" and args.task == "verifiable":
+        note += f", toy level(s) {args.toy_difficulty}"
+    summary = {
+        "method": "grpo",
+        "task": args.task,
+        "reward": spec,
+        "init_adapter": args.init_adapter or None,
+        "heldout": {
+            "metric": metric,
+            "before": before.get(metric),
+            "after": after.get(metric),
+            "note": note,
+        },
+        "before": before,
+        "after": after,
+        "final": last,
+        "train_seconds": t_train,
+        "num_tokens": state["tokens_seen"],
+        "skipped_steps": opt.skipped,
+        "rank_param_max_diff": rank_diff,
+        "args": asdict(args),
+    }
+    table = {
+        "task": args.task,
+        "metric": metric,
+        "before": before.get(metric),
+        "after": after.get(metric),
+        "reward (last step)": last.get("reward"),
+        "train s": round(t_train),
+    }
+    return summary, table
 
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
+    run = lifecycle.start_run(
+        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
+    )
     tokenizer = loading.load_tokenizer(args.model)
-    train, heldout = load_prompts(
-        tokenizer,
-        data=args.data,
-        eval_data=args.eval_data,
-        task=args.task,
-        seed=args.seed,
-        eval_size=args.eval_size,
-        toy_difficulty=args.toy_difficulty,
-        toy_train_size=args.toy_train_size,
-        prefix_tokens=args.prefix_tokens,
-        continuation_tokens=args.continuation_tokens,
-        max_prompt_length=args.max_prompt_length,
-    )
+    train, heldout = load_prompts(tokenizer, args)
     spec = default_reward(args.task, args.reward, train)
-    model = load_policy(
-        args.model,
-        run.device,
-        args.init_adapter,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.load_in_4bit,
-        args.gradient_checkpointing,
+    model = load_policy(args, run.device)
+    opt = lifecycle.adamw(
+        lora.lora_parameters(model),
+        lr=args.lr,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_grad_norm=args.max_grad_norm,
     )
-    params = lora.lora_parameters(model)
-    distributed.broadcast_parameters(params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = lifecycle.cosine_schedule(
-        optimizer,
-        int(args.warmup_ratio * args.max_steps),
-        args.max_steps,
-        min_ratio=args.min_lr_ratio,
-    )
-    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda: evaluate(
-        model,
-        tokenizer,
-        heldout,
-        spec,
-        k=args.eval_samples,  # noqa: E731
-        max_new_tokens=args.max_completion_length,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        accuracy=args.task == "verifiable",
-    )
-    start, data_state = lifecycle.resume_or_evaluate(
-        run, args.resume, model, optimizer, scheduler, heldout_eval, logger
-    )
-    optimizer_step.load_state_dict(data_state)
-    tokens_seen = data_state.get("tokens_seen", 0)
 
+    def heldout_eval() -> dict:
+        return evaluate(model, tokenizer, heldout, spec, args)
+
+    start, state = lifecycle.begin_training(run, model, opt, heldout_eval, args.resume)
+    state.setdefault("tokens_seen", 0)
     model.train()
     batch, t_train, last = None, 0.0, {}
-    bar = tqdm(
-        range(start, args.max_steps),
-        initial=start,
-        total=args.max_steps,
-        desc="grpo",
-        disable=not distributed.is_main(),
-    )
+    bar = progress_bar(start, args.max_steps)
     for step in bar:
         t0, t_rollout = time.perf_counter(), 0.0
-        if (
-            step % args.num_iterations == 0 or batch is None
-        ):  # a generation batch lasts --num-iterations steps
-            g = step // args.num_iterations
-            prompts = [
-                train[i]
-                for i in dataio.epoch_indices(
-                    len(train), args.batch_size * run.world, g, args.seed, run.rank, run.world
-                )
-            ]
-            gen = torch.Generator(device=run.device).manual_seed(
-                args.seed * 100003 + g * run.world + run.rank
-            )
-            batch = rollout(
-                model,
-                tokenizer,
-                prompts,
-                spec,
-                gen,
-                G=args.num_generations,
-                max_new_tokens=args.max_completion_length,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                micro_batch_size=args.micro_batch_size,
-                beta=args.beta,
-                mara_tau=args.mara_tau,
-                scale_rewards=args.scale_rewards,
-                num_iterations=args.num_iterations,
-                mask_truncated=args.mask_truncated_completions,
-                skip_zero_advantage=not (
-                    args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo"
-                ),
-                log_groups=args.log_completions,
-            )
-            tokens_seen += batch.num_tokens * run.world
-            for s in batch.samples if distributed.is_main() else []:
-                dataio.append_jsonl(
-                    run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
-                )
+        if step % args.num_iterations == 0 or batch is None:  # a batch lasts --num-iterations steps
+            batch = generation_batch(model, tokenizer, train, spec, args, run, step)
+            state["tokens_seen"] += batch.num_tokens * run.world
             t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
-        stats = update(
-            model,
-            batch,
-            temperature=args.temperature,
-            loss_type=args.loss_type,
-            eps_low=args.epsilon,
-            eps_high=args.epsilon_high,
-            beta=args.beta,
-            max_completion_length=args.max_completion_length,
-            world=run.world,
-        )
-        stats.update(optimizer_step(stats["loss"], step + 1))
+        stats = update(model, batch, args, run.world)
+        stats.update(opt(stats["loss"], step + 1))
         t_train += time.perf_counter() - t0
-
-        # 3. Log (TRL's names), evaluate, checkpoint.
-        last = {
-            **batch.metrics,
-            **stats,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "num_tokens": tokens_seen,
-            "step_time": time.perf_counter() - t0,
-            "timing/rollout": t_rollout,
-            "timing/update": time.perf_counter() - t1,
-        }
-        if (
-            args.eval_every
-            and (step + 1) % args.eval_every == 0
-            and step + 1 < args.max_steps
-            and distributed.is_main()
-        ):
+        lr = opt.scheduler.get_last_lr()[0]
+        last = step_metrics(batch, stats, lr, state["tokens_seen"], t0, t1, t_rollout)
+        if eval_due(args, step + 1):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        logger.log(step + 1, last)
-        bar.set_postfix(
-            reward=f"{last['reward']:.3f}",
-            kl=f"{last['kl']:.3g}",
-            **({"acc": f"{last['eval/accuracy']:.3f}"} if "eval/accuracy" in last else {}),
+        bar.set_postfix(progress(last))
+        lifecycle.end_step(
+            run,
+            step + 1,
+            last,
+            model,
+            opt,
+            state,
+            save_every=args.save_every,
+            max_steps=args.max_steps,
+            can_save=(step + 1) % args.num_iterations == 0,  # never inside a generation batch
         )
-        at_boundary = (
-            step + 1
-        ) % args.num_iterations == 0  # a checkpoint never splits a generation batch
-        if (
-            args.save_every
-            and (step + 1) % args.save_every == 0
-            and at_boundary
-            and step + 1 < args.max_steps
-            and optimizer_step.streak == 0
-        ):  # never checkpoint in a run of non-finite steps
-            lifecycle.save_checkpoint(
-                run.out,
-                step + 1,
-                model,
-                optimizer,
-                scheduler,
-                data_state={
-                    **data_state,
-                    **optimizer_step.state_dict(),
-                    "tokens_seen": tokens_seen,
-                },
-            )
 
-    # Final evaluation, adapter, summary. Ranks hold the same adapter (same start, same averaged
-    # gradients).
-    rank_diff = distributed.max_param_difference_across_ranks(params)
+    # Ranks hold the same adapter (same start, same averaged gradients): rank_diff checks it.
+    rank_diff = distributed.max_param_difference_across_ranks(opt.params)
     summary = {}
     if distributed.is_main():
-        before, after = (
-            data_state["before"],
-            lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval()),
-        )
-        lora.save_adapter(
-            model, str(run.out), base_model_name_or_path=None if args.model == "toy" else args.model
-        )
-        if args.save_merged:
-            lora.merge(model).save_pretrained(run.out / "model")
-            tokenizer.save_pretrained(run.out / "model")
-        metric = "accuracy" if "accuracy" in after else "mean_reward"
-        note = f"Mean@{args.eval_samples} at T={args.temperature}" + (
-            f", toy level(s) {args.toy_difficulty}"
-            if args.data == "toy" and args.task == "verifiable"
-            else ""
-        )
+        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
+        save_model(model, tokenizer, args, run.out)
         summary = lifecycle.finish_run(
-            run,
-            {
-                "method": "grpo",
-                "task": args.task,
-                "reward": spec,
-                "init_adapter": args.init_adapter or None,
-                "heldout": {
-                    "metric": metric,
-                    "before": before.get(metric),
-                    "after": after.get(metric),
-                    "note": note,
-                },
-                "before": before,
-                "after": after,
-                "final": last,
-                "train_seconds": t_train,
-                "num_tokens": tokens_seen,
-                "skipped_steps": optimizer_step.skipped,
-                "rank_param_max_diff": rank_diff,
-                "args": asdict(args),
-            },
-            table={
-                "task": args.task,
-                "metric": metric,
-                "before": before.get(metric),
-                "after": after.get(metric),
-                "reward (last step)": last.get("reward"),
-                "train s": round(t_train),
-            },
+            run, *results(args, spec, state, after, last, t_train, opt, rank_diff)
         )
-    logger.close()
-    distributed.cleanup_distributed()
+    lifecycle.end_run(run)
     return summary
 
 

@@ -8,14 +8,15 @@ sphere, Buss & Fillmore 2001). MergeKit applies it to every weight tensor, flatt
 the unit sphere and a norm, averaged apart. With weights a_i that sum to 1 (MergeKit: all equal,
 1/N):
 
-    n_i = ||W_i||,  u_i = W_i / n_i                       (an input with n_i <= tol is left out)
-    m   = normalize(sum_i a_i u_i)                        (the linear mean's direction)
+    n_i = ||W_i||,  u_i = W_i / n_i                  (an input with n_i <= tol is left out)
+    m   = normalize(sum_i a_i u_i)                   (the linear mean's direction)
     repeat at most --max-iter times:
         c_i = clamp(<m, u_i>, -1, 1),  theta_i = arccos(c_i)
-        T   = sum_i a_i (theta_i / sin theta_i) (u_i - c_i m)     (mean of the log maps; theta_i < tol: skipped)
+        T   = sum_i a_i (theta_i / sin theta_i) (u_i - c_i m)
+              (the mean of the log maps; an input with theta_i < tol is skipped)
         stop if ||T|| < tol
-        m   = cos(||T||) m + sin(||T||) T / ||T||, renormalised  (the exp map)
-    W   = (sum_i a_i n_i) m                               (the weighted mean norm restored)
+        m   = cos(||T||) m + sin(||T||) T / ||T||, renormalised      (the exp map)
+    W   = (sum_i a_i n_i) m                          (the weighted mean norm restored)
 
 `--method linear` is W = sum_i a_i W_i, for comparison: on base + small-update weights the two are
 close.
@@ -35,7 +36,8 @@ no adapter can carry. It is reported per module (`unrepresented`, relative to th
 kept when the output is a full model (`--output model`). `--rank r` truncates the merged update to
 rank r by SVD (of the factors' QR cores: exact and small) with B = U_r sqrt(S_r), A = sqrt(S_r)
 V_r^T, and reports the relative error per module. `--space dense` runs MergeKit's dense algorithm on
-W0 + D_i instead; the two agree (tests/test_karcher_merge.py).
+W0 + D_i instead; the two agree (tests/test_karcher_merge.py; against MergeKit itself:
+bench/karcher_vs_mergekit.py).
 
 Every module's log (merge_log.jsonl): iterations, the first tangent norm ||T||, the angles theta_i
 to the mean, the widest angle between two inputs, the distance from the linear mean (relative to the
@@ -44,11 +46,13 @@ scores base, specialists and merges: held-out NLL and perplexity per domain, dis
 embedding diversity of sampled continuations.
 
 Run:
-    python karcher_merge.py                          # the toy story, news and code adapters onto the toy base
+    python karcher_merge.py            # the toy story, news and code adapters onto the toy base
     python karcher_merge.py --base Qwen/Qwen3-4B-Base --adapters runs/code runs/arxiv runs/news \\
-        --eval-data heldout_docs.jsonl --out runs/karcher           # an adapter out, exact; GPU or CPU
-    python karcher_merge.py --base Qwen/Qwen3-4B-Base --adapters runs/code runs/arxiv runs/news --output model
-    python karcher_merge.py --models org/model-a org/model-b org/model-c --out runs/karcher_models  # as MergeKit
+        --eval-data heldout_docs.jsonl --out runs/karcher    # an adapter out, exact; GPU or CPU
+    python karcher_merge.py --base Qwen/Qwen3-4B-Base --adapters runs/code runs/arxiv runs/news \\
+        --output model                                       # a full model, (c0 - 1) W0 kept
+    python karcher_merge.py --models org/model-a org/model-b org/model-c \\
+        --out runs/karcher_models                            # full models, as MergeKit
 """
 
 from __future__ import annotations
@@ -74,6 +78,360 @@ import lora
 import rewards
 import sampling
 import toy
+
+# the per-module log columns that summary.json sums up (mean and worst case)
+LOG_COLUMNS = ("iterations", "tangent0", "spread", "theta_max", "dist_linear", "c0")
+LOG_COLUMNS += ("unrepresented", "svd_error")
+
+
+# ---- the Karcher mean, dense (MergeKit's algorithm) and on the Gram matrix ----------------------
+
+
+def no_steps(theta: list[float], **extra) -> dict:
+    """The stats of a mean that needed no iteration (one input, all inputs ~0, or linear)."""
+    return {"iterations": 0, "tangent0": 0.0, "theta": theta, **extra}
+
+
+def angle(x: torch.Tensor, y: torch.Tensor) -> float:
+    """arccos <x, y> of two unit vectors."""
+    return float(torch.arccos(torch.clamp(x @ y, -1.0, 1.0)))
+
+
+def karcher_dense(
+    tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5
+):
+    """The weighted Karcher mean of `tensors` (flattened) in float64, step for step as MergeKit's
+    `karcher`: (mean, stats). `weights` sum to 1."""
+    if len(tensors) == 1:
+        return tensors[0].double(), no_steps([0.0], spread=0.0)
+    flat = [t.double().flatten() for t in tensors]
+    norms = [float(torch.linalg.vector_norm(f)) for f in flat]
+    keep = [i for i, n in enumerate(norms) if n > tol]
+    if not keep:
+        return torch.zeros_like(tensors[0], dtype=torch.float64), no_steps([], spread=0.0)
+    a = [weights[i] / sum(weights[i] for i in keep) for i in keep]
+    units = [flat[i] / norms[i] for i in keep]
+    m = sum(ai * u for ai, u in zip(a, units))
+    if float(torch.linalg.vector_norm(m)) < tol:
+        m = units[0].clone()
+    else:
+        m = m / torch.linalg.vector_norm(m)
+    it, tangent0 = 0, None
+    for it in range(1, max_iter + 1):
+        tangent = torch.zeros_like(m)
+        for ai, u in zip(a, units):
+            c = torch.clamp(m @ u, -1.0, 1.0)
+            theta = torch.arccos(c)
+            if theta < tol:
+                continue
+            # the log map of u_i at m, weighted
+            tangent += ai * (theta / torch.sin(theta)) * (u - c * m)
+        tn = torch.linalg.vector_norm(tangent)
+        tangent0 = float(tn) if tangent0 is None else tangent0
+        if tn < tol:
+            break
+        # the exp map: walk ||T|| along the sphere
+        m = torch.cos(tn) * m + torch.sin(tn) * (tangent / tn)
+        if torch.linalg.vector_norm(m) > tol:
+            m = m / torch.linalg.vector_norm(m)
+    theta = [angle(m, u) for u in units]
+    spread = max((angle(u, v) for i, u in enumerate(units) for v in units[:i]), default=0.0)
+    # MergeKit: every input's norm, the dropped ones are ~0
+    scale = sum(w * n for w, n in zip(weights, norms))
+    stats = {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta, "spread": spread}
+    return (scale * m).view_as(tensors[0]), stats
+
+
+def gram_norm(v: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """||sum_i v_i u_i|| = sqrt(v^T G v)."""
+    return (v @ G @ v).clamp_min(0).sqrt()
+
+
+def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, tol: float = 1e-5):
+    """The same iteration on coefficients: with K_ij = <W_i, W_j> (float64), every iterate is m =
+    sum_i x_i u_i, so <m, u_i> = (G x)_i and ||v||^2 = v^T G v with G_ij = K_ij / (n_i n_j). Returns
+    (w, stats): the mean is sum_i w_i W_i."""
+    n = len(weights)
+    norms = inner.diagonal().clamp_min(0).sqrt()
+    keep = [i for i in range(n) if norms[i] > tol]
+    w = torch.zeros(n, dtype=torch.float64)
+    if not keep:
+        return w, no_steps([])
+    idx = torch.tensor(keep)
+    G = inner[idx][:, idx] / (norms[idx][:, None] * norms[idx][None, :])
+    a = torch.tensor([weights[i] for i in keep], dtype=torch.float64)
+    a = a / a.sum()
+    eye = torch.eye(len(keep), dtype=torch.float64)  # the u_i themselves
+    x = a / gram_norm(a, G) if gram_norm(a, G) >= tol else eye[0].clone()
+    it, tangent0 = 0, None
+    for it in range(1, max_iter + 1):
+        c = (G @ x).clamp(-1.0, 1.0)  # <m, u_i>
+        theta = torch.arccos(c)
+        tangent = torch.zeros_like(x)
+        for i in range(len(keep)):
+            if theta[i] < tol:
+                continue
+            tangent += a[i] * (theta[i] / torch.sin(theta[i])) * (eye[i] - c[i] * x)
+        tn = gram_norm(tangent, G)
+        tangent0 = float(tn) if tangent0 is None else tangent0
+        if tn < tol:
+            break
+        x = torch.cos(tn) * x + torch.sin(tn) * (tangent / tn)
+        if gram_norm(x, G) > tol:
+            x = x / gram_norm(x, G)
+    theta = torch.arccos((G @ x).clamp(-1.0, 1.0)).tolist()
+    scale = sum(weights[i] * float(norms[i]) for i in range(n))
+    w[idx] = scale * x / norms[idx]  # m = sum x_i u_i = sum (x_i / n_i) W_i
+    return w, {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta}
+
+
+def widest_angle(inner: torch.Tensor) -> float:
+    """The largest angle between two inputs' directions (0 for one input)."""
+    norms = inner.diagonal().clamp_min(1e-300).sqrt()
+    cos = (inner / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
+    return float(torch.arccos(cos).max())
+
+
+# ---- one adapted module, all modules, and the adapter that carries the result -------------------
+
+
+def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor] | None]):
+    """K_ij = <W0 + D_i, W0 + D_j> and Q_ij = <D_i, D_j> from the factors (D_i = B A; None = no
+    update)."""
+    n = len(deltas)
+    p = torch.zeros(n, dtype=torch.float64)
+    Q = torch.zeros(n, n, dtype=torch.float64)
+    for i, d in enumerate(deltas):
+        if d is None:
+            continue
+        a, b = d
+        p[i] = ((w0 @ a.T) * b).sum()  # <W0, B A>
+        for j in range(i + 1):
+            if deltas[j] is not None:
+                aj, bj = deltas[j]
+                Q[i, j] = Q[j, i] = ((b.T @ bj) * (a @ aj.T)).sum()  # <B_i A_i, B_j A_j>
+    # ||W0||^2 as a dot product: no temporary copy of W0
+    return w0.flatten() @ w0.flatten() + p[:, None] + p[None, :] + Q, Q
+
+
+def merge_module(w0, deltas, weights, method, space, max_iter, tol):
+    """Merge one adapted module. Returns (c0, c, delta, stats): the mean is c0 W0 + sum c_i D_i
+    (factor space; delta is None) or W0 + delta (dense space; delta in fp32, so a merge of a large
+    model keeps one update per module)."""
+    K, Q = module_inner(w0, deltas)
+    a = torch.tensor(weights, dtype=torch.float64)
+    stats = {"spread": widest_angle(K)}
+    # ||sum a_i D_i||: the size of the linear merge's update
+    lin_norm = float((a @ Q @ a).clamp_min(0).sqrt())
+    if space == "dense":
+        full = [w0 + (d[1] @ d[0] if d is not None else 0) for d in deltas]
+        if method == "linear":
+            dense, it = sum(wi * f for wi, f in zip(weights, full)), no_steps([])
+        else:
+            dense, it = karcher_dense(full, weights, max_iter, tol)
+        lin = sum(wi * f for wi, f in zip(weights, full))
+        dist = float(torch.linalg.vector_norm(dense - lin)) / max(lin_norm, 1e-30)
+        stats.update(it, dist_linear=dist)
+        return None, None, (dense - w0).float(), stats
+    if method == "linear":
+        w, it = a.clone(), no_steps([])
+    else:
+        w, it = karcher_gram(K, weights, max_iter, tol)
+    diff = w - a  # the mean minus the linear mean, as a combination of the W_i
+    stats.update(
+        it, dist_linear=float((diff @ K @ diff).clamp_min(0).sqrt()) / max(lin_norm, 1e-30)
+    )
+    c = w.clone()
+    for i, d in enumerate(deltas):
+        if d is None:
+            c[i] = 0.0  # this input is W0 alone here: its coefficient lives in c0 only
+    return float(w.sum()), c, None, stats
+
+
+def merge_adapters(base: Weights, adapters, weights, method, space, max_iter, tol, desc="merge"):
+    """Every adapted module merged: {module: (c0, c, dense)} and the per-module log rows."""
+    modules = sorted({m for ad in adapters for m in ad})
+    results, log = {}, []
+    for name in tqdm(modules, desc=desc):
+        t0 = time.perf_counter()
+        w0 = base.get(name + ".weight").double()
+        deltas = [ad.get(name) for ad in adapters]
+        c0, c, dense, stats = merge_module(w0, deltas, weights, method, space, max_iter, tol)
+        results[name] = (c0, c, dense)
+        th = stats.pop("theta")
+        row = {"module": name, **stats, "theta_mean": sum(th) / len(th) if th else 0.0}
+        row["theta_max"] = max(th, default=0.0)
+        if c0 is not None:
+            row["c0"] = c0
+        row["seconds"] = time.perf_counter() - t0
+        log.append(row)
+    return results, log
+
+
+def merged_delta(w0, deltas, result) -> torch.Tensor:
+    """The merged weight minus W0, dense (for evaluation and full-model output)."""
+    c0, c, delta = result
+    if delta is not None:
+        return delta.double()
+    out = (c0 - 1.0) * w0
+    for ci, d in zip(c.tolist(), deltas):
+        if d is not None:
+            out = out + ci * (d[1] @ d[0])
+    return out
+
+
+def weights_of(base: Weights, adapters, results):
+    """weight_of(key): a tensor of the merged model, built when asked for (in the base's dtype)."""
+
+    def weight_of(key: str) -> torch.Tensor:
+        name, w0 = key.removesuffix(".weight"), base.get(key)
+        if name not in results:
+            return w0
+        delta = merged_delta(w0.double(), [ad.get(name) for ad in adapters], results[name])
+        return (w0.double() + delta).to(w0.dtype)
+
+    return weight_of
+
+
+def as_is(adapter) -> dict:
+    """Merge results that give one adapter back unchanged (W0 + D): to score an input or the written
+    adapter."""
+    return {m: (1.0, torch.ones(1, dtype=torch.float64), None) for m in adapter}
+
+
+def adapter_factors(base: Weights, adapters, results, log, rank: int):
+    """The output adapter {module: (A, B)} (scale 1), padded to one rank; fills the log's error
+    columns."""
+    factors = {}
+    for row in log:
+        name = row["module"]
+        w0 = base.get(name + ".weight").double()
+        deltas = [ad.get(name) for ad in adapters]
+        c0, c, delta = results[name]
+        if delta is not None:
+            # dense space: the update is full rank in principle; SVD at --rank or the summed rank
+            r = rank or sum(d[0].shape[0] for d in deltas if d is not None)
+            a, b, err = lora.svd_factors(delta.double(), r)
+            row["svd_error"] = err
+        else:
+            parts = [(d[0], ci * d[1]) for ci, d in zip(c.tolist(), deltas) if d is not None]
+            a, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
+            carried = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+            w0_norm = float(torch.linalg.vector_norm(w0))
+            row["unrepresented"] = abs(c0 - 1.0) * w0_norm / max(carried, 1e-30)
+            if rank:
+                a, b, row["svd_error"] = lora.low_rank(a, b, min(rank, a.shape[0]))
+        factors[name] = (a, b)
+    width = max(a.shape[0] for a, _ in factors.values())
+    return {k: pad_rank(a, b, width) for k, (a, b) in factors.items()}
+
+
+def merge_models(models: list[Weights], weights, method, max_iter, tol):
+    """Full models, tensor by tensor (dense): ({name: merged tensor in the input dtype}, log
+    rows)."""
+    keys = models[0].keys()
+    for m in models[1:]:
+        if set(m.keys()) != set(keys):
+            raise errors.ConfigError(
+                f"--models: {m.name} has other tensors than {models[0].name} "
+                f"({sorted(set(m.keys()) ^ set(keys))[:3]} ...)"
+            )
+    merged, log = {}, []
+    for key in tqdm(keys, desc="merge"):
+        t0 = time.perf_counter()
+        ts = [m.get(key) for m in models]
+        if any(t.shape != ts[0].shape for t in ts):
+            shapes = [tuple(t.shape) for t in ts]
+            raise errors.ConfigError(f"--models: tensor {key!r} has shapes {shapes}")
+        if not ts[0].is_floating_point():
+            merged[key] = ts[0]
+            continue
+        lin = sum(w * t.double() for w, t in zip(weights, ts))
+        # its angles go to the log, whichever the method
+        out, it = karcher_dense(ts, weights, max_iter, tol)
+        if method == "linear":
+            out, it["iterations"] = lin, 0
+        th = it.pop("theta")
+        # relative to the weight
+        dist = torch.linalg.vector_norm(out - lin) / torch.linalg.vector_norm(lin).clamp_min(1e-30)
+        row = {"module": key, **it, "theta_mean": sum(th) / max(len(th), 1)}
+        row.update(theta_max=max(th, default=0.0), dist_linear=float(dist))
+        row["seconds"] = time.perf_counter() - t0
+        log.append(row)
+        merged[key] = out.to(ts[0].dtype)
+    return merged, log
+
+
+def log_summary(log: list[dict]) -> dict:
+    """All modules in a few numbers: the means and the worst cases of the log's columns."""
+    out = {"modules": len(log)}
+    for col in LOG_COLUMNS:
+        vals = [r[col] for r in log if col in r]
+        if vals:
+            out[f"{col}_mean"], out[f"{col}_max"] = sum(vals) / len(vals), max(vals)
+    if any("c0" in r for r in log):
+        out["c0_min"] = min(r["c0"] for r in log)
+    return out
+
+
+# ---- evaluation: held-out NLL per domain, diversity of samples ----------------------------------
+
+
+@torch.no_grad()
+def score_arm(
+    model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int
+) -> dict:
+    """Per domain: held-out NLL per token and perplexity; distinct-1 (whitespace words) within each
+    prompt's k samples and their pairwise embedding diversity, both averaged over prompts."""
+    row = {}
+    for d, (texts, prompts) in sets.items():
+        reqs = [("", t) for t in texts]
+        lls = likelihood.loglikelihood(model, tokenizer, reqs, batch_size=16)
+        n_tok = sum(len(likelihood.encode_pair(tokenizer, c, t)[1]) for c, t in reqs)
+        nll = -sum(ll for ll, _ in lls) / n_tok
+        row[f"{d}/nll"], row[f"{d}/ppl"] = nll, math.exp(nll)
+        if prompts and samples > 1:
+            gen = torch.Generator(device=model.device).manual_seed(seed)
+            roll = sampling.sample(
+                model,
+                tokenizer,
+                prompts,
+                n=samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                generator=gen,
+            )
+            texts_out = roll.texts(tokenizer)
+            groups = [texts_out[i : i + samples] for i in range(0, len(texts_out), samples)]
+            row[f"{d}/distinct1"] = sum(rewards.distinct_n(g, 1) for g in groups) / len(groups)
+            row[f"{d}/pairwise"] = sum(rewards.pairwise_diversity(g) for g in groups) / len(groups)
+            row.setdefault("_samples", {})[d] = groups[:2]
+    return row
+
+
+@torch.no_grad()
+def evaluate_arms(
+    base_name: str, device, keys: list[str], arms: dict, sets, args: Args
+) -> list[dict]:
+    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by
+    tensor, built when needed: a large model never holds two arms at once), then scored."""
+    model = loading.load_model(base_name, device=str(device)).eval()
+    if args.init_adapter and not args.models:
+        # the modules no arm sets keep the starting model's weights
+        lora.merge_adapters(model, args.init_adapter)
+    tokenizer = loading.load_tokenizer(base_name)
+    params = dict(model.named_parameters())
+    keys = [k for k in keys if k in params]  # a tied head is one parameter
+    samples = args.samples if args.prompts else 0
+    rows = []
+    for name, weight_of in arms.items():
+        for k in keys:
+            params[k].copy_(weight_of(k).to(params[k].dtype))
+        scores = score_arm(
+            model, tokenizer, sets, samples, args.max_new_tokens, args.temperature, args.seed
+        )
+        rows.append({"arm": name, **scores})
+    return rows
 
 
 @dataclass
@@ -129,139 +487,119 @@ class Args:
     """cpu, cuda, cuda:N or auto"""
 
 
-# ---------------------------------------------------------------------------------------------
-# The Karcher mean, dense (MergeKit's algorithm) and in coefficient space (the Gram matrix)
-# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    adapter_paths = checked_inputs(args)
+    run = lifecycle.start_run(args.out, args, args.seed, args.device)
+    names = args.models or adapter_paths
+    weights = normalised(args.weights, len(names))
+    other = "linear" if args.method == "karcher" else "karcher"
+    iterate = (args.max_iter, args.tol)
+    t0 = time.perf_counter()
+    arms = {}
+    if args.models:
+        models = [Weights(m) for m in args.models]
+        tensors, log = merge_models(models, weights, args.method, *iterate)
+        merge_seconds = time.perf_counter() - t0
+        write_model(models[0], tensors, run.out)
+        base_name, keys = args.models[0], models[0].keys()
+        if not args.no_eval and args.eval_data:
+            arms = {Path(m).name or m: w.get for m, w in zip(args.models, models)}
+            arms[args.method] = tensors.__getitem__
+            arms[other] = merge_models(models, weights, other, *iterate)[0].__getitem__
+    else:
+        base = Weights(args.base, args.init_adapter)
+        adapters = read_adapters(adapter_paths, base)
+        merge = (base, adapters, weights)
+        results, log = merge_adapters(*merge, args.method, args.space, *iterate)
+        merge_seconds = time.perf_counter() - t0
+        if args.output == "adapter":
+            factors = adapter_factors(base, adapters, results, log, args.rank)
+            lora.write_adapter(str(run.out), factors, base_model_name_or_path=args.base)
+        merged = weights_of(base, adapters, results)
+        if args.output == "model":
+            write_model(base, {k: merged(k) for k in base.keys()}, run.out)
+        base_name, keys = args.base, [m + ".weight" for m in results]
+        if not args.no_eval:
+            arms["base"] = base.get
+            for p, ad in zip(adapter_paths, adapters):
+                arms[Path(p).name] = weights_of(base, [ad], as_is(ad))
+            arms[args.method] = merged
+            if args.output == "adapter":
+                # what the written adapter gives: without (c0 - 1) W0, truncated if --rank
+                written = {m: (a.double(), b.double()) for m, (a, b) in factors.items()}
+                arms[f"{args.method} adapter"] = weights_of(base, [written], as_is(written))
+            results_other = merge_adapters(*merge, other, args.space, *iterate, desc=other)[0]
+            arms[other] = weights_of(base, adapters, results_other)
+    dataio.write_jsonl(run.out / "merge_log.jsonl", log)
+    summary = {"inputs": names, "weights": weights, "method": args.method, "output": args.output}
+    summary["space"] = "dense" if args.models else args.space
+    summary.update(merge_seconds=merge_seconds, modules=log_summary(log))
+    print(json.dumps(summary["modules"], indent=1), flush=True)
+    sets = None
+    if not args.no_eval:
+        sets = eval_sets(args.eval_data, base_name, args.eval_size, args.prompts, args.seed)
+    if sets and arms:
+        rows = evaluate_arms(base_name, run.device, keys, arms, sets, args)
+        summary.update(report_eval(rows, sets, run.out))
+    lifecycle.finish_run(run, summary)
+    where = f"{run.out}{'/model' if args.output == 'model' else ''}"
+    print(f"\n{args.method} merge of {len(names)} inputs -> {where} ({merge_seconds:.1f} s)")
+    return summary
 
 
-def karcher_dense(
-    tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5
-):
-    """The weighted Karcher mean of `tensors` (flattened) in float64, step for step as MergeKit's
-    `karcher`: (mean, stats). `weights` sum to 1."""
-    if len(tensors) == 1:
-        return tensors[0].double(), {
-            "iterations": 0,
-            "tangent0": 0.0,
-            "theta": [0.0],
-            "spread": 0.0,
-        }
-    flat = [t.double().flatten() for t in tensors]
-    norms = [float(torch.linalg.vector_norm(f)) for f in flat]
-    keep = [i for i, n in enumerate(norms) if n > tol]
-    if not keep:
-        return torch.zeros_like(tensors[0], dtype=torch.float64), {
-            "iterations": 0,
-            "tangent0": 0.0,
-            "theta": [],
-            "spread": 0.0,
-        }
-    a = [weights[i] / sum(weights[i] for i in keep) for i in keep]
-    units = [flat[i] / norms[i] for i in keep]
-    m = sum(ai * u for ai, u in zip(a, units))
-    m = (
-        units[0].clone()
-        if float(torch.linalg.vector_norm(m)) < tol
-        else m / torch.linalg.vector_norm(m)
-    )
-    it, tangent0 = 0, None
-    for it in range(1, max_iter + 1):
-        tangent = torch.zeros_like(m)
-        for ai, u in zip(a, units):
-            c = torch.clamp(m @ u, -1.0, 1.0)
-            theta = torch.arccos(c)
-            if theta < tol:
-                continue
-            tangent += (
-                ai * (theta / torch.sin(theta)) * (u - c * m)
-            )  # log map of u_i at m, weighted
-        tn = torch.linalg.vector_norm(tangent)
-        tangent0 = float(tn) if tangent0 is None else tangent0
-        if tn < tol:
-            break
-        m = torch.cos(tn) * m + torch.sin(tn) * (
-            tangent / tn
-        )  # exp map: walk ||T|| along the sphere
-        if torch.linalg.vector_norm(m) > tol:
-            m = m / torch.linalg.vector_norm(m)
-    angle = lambda x, y: float(torch.arccos(torch.clamp(x @ y, -1.0, 1.0)))  # noqa: E731
-    theta = [angle(m, u) for u in units]
-    spread = max((angle(u, v) for i, u in enumerate(units) for v in units[:i]), default=0.0)
-    scale = sum(
-        w * n for w, n in zip(weights, norms)
-    )  # MergeKit: every input's norm, the dropped ones are ~0
-    return (scale * m).view_as(tensors[0]), {
-        "iterations": it,
-        "tangent0": tangent0 or 0.0,
-        "theta": theta,
-        "spread": spread,
-    }
+# ---- plumbing: flags, weights read tensor by tensor, adapters as factors, output files ----------
 
 
-def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, tol: float = 1e-5):
-    """The same iteration on coefficients: with K_ij = <W_i, W_j> (float64), every iterate is m =
-    sum_i x_i u_i, so <m, u_i> = (G x)_i and ||v||^2 = v^T G v with G_ij = K_ij / (n_i n_j). Returns
-    (w, stats): the mean is sum_i w_i W_i."""
-    n = len(weights)
-    norms = inner.diagonal().clamp_min(0).sqrt()
-    keep = [i for i in range(n) if norms[i] > tol]
-    w = torch.zeros(n, dtype=torch.float64)
-    if not keep:
-        return w, {"iterations": 0, "tangent0": 0.0, "theta": []}
-    idx = torch.tensor(keep)
-    G = inner[idx][:, idx] / (norms[idx][:, None] * norms[idx][None, :])
-    a = (lambda t: t / t.sum())(torch.tensor([weights[i] for i in keep], dtype=torch.float64))
-    gnorm = lambda v: (v @ G @ v).clamp_min(0).sqrt()  # noqa: E731  ||sum_i v_i u_i||
-    eye = torch.eye(len(keep), dtype=torch.float64)  # the u_i themselves
-    x = a / gnorm(a) if gnorm(a) >= tol else eye[0].clone()
-    it, tangent0 = 0, None
-    for it in range(1, max_iter + 1):
-        c = (G @ x).clamp(-1.0, 1.0)  # <m, u_i>
-        theta = torch.arccos(c)
-        tangent = torch.zeros_like(x)
-        for i in range(len(keep)):
-            if theta[i] < tol:
-                continue
-            tangent += a[i] * (theta[i] / torch.sin(theta[i])) * (eye[i] - c[i] * x)
-        tn = gnorm(tangent)
-        tangent0 = float(tn) if tangent0 is None else tangent0
-        if tn < tol:
-            break
-        x = torch.cos(tn) * x + torch.sin(tn) * (tangent / tn)
-        if gnorm(x) > tol:
-            x = x / gnorm(x)
-    theta = torch.arccos((G @ x).clamp(-1.0, 1.0)).tolist()
-    scale = sum(weights[i] * float(norms[i]) for i in range(n))
-    w[idx] = scale * x / norms[idx]  # m = sum x_i u_i = sum (x_i / n_i) W_i
-    return w, {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta}
+def checked_inputs(args: Args) -> list[str]:
+    """The adapter dirs to merge (none with --models), after the flags are checked; settles
+    --output auto."""
+    if args.models and args.adapters:
+        raise errors.ConfigError(
+            "give --models (full models) or --adapters (onto --base), not both"
+        )
+    if args.max_iter < 1 or args.rank < 0 or args.tol <= 0:
+        raise errors.ConfigError("--max-iter must be >= 1, --rank >= 0, --tol > 0")
+    adapter_paths = args.adapters
+    if not adapter_paths and not args.models and args.base == "toy":
+        adapter_paths = [str(p) for p in toy.domain_adapter_dirs()]
+    if not args.models and not adapter_paths:
+        raise errors.ConfigError("nothing to merge: pass --adapters (onto --base) or --models")
+    if args.models and args.init_adapter:
+        raise errors.ConfigError(
+            "--init-adapter goes with --adapters (onto --base); full --models merge as they are"
+        )
+    if args.models and args.output == "adapter":
+        raise errors.ConfigError(
+            "--output adapter needs --adapters: full models (--models) merge into a full model"
+        )
+    if args.output == "auto":
+        args.output = "model" if args.models else "adapter"
+    return adapter_paths
 
 
-def widest_angle(inner: torch.Tensor) -> float:
-    """The largest angle between two inputs' directions (0 for one input)."""
-    norms = inner.diagonal().clamp_min(1e-300).sqrt()
-    cos = (inner / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
-    return float(torch.arccos(cos).max())
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs: weights read tensor by tensor from safetensors files, adapters as factors
-# ---------------------------------------------------------------------------------------------
+def normalised(weights: list[float], n: int) -> list[float]:
+    """--weights scaled to sum to 1; none = all equal."""
+    if not weights:
+        return [1.0 / n] * n
+    if len(weights) != n or any(not (w > 0) for w in weights):
+        raise errors.ConfigError(
+            f"--weights: need {n} positive numbers (one per input), got {weights}"
+        )
+    return [w / sum(weights) for w in weights]
 
 
 def model_dir(name_or_path: str) -> Path:
-    """A local directory with the model's safetensors: 'toy', a directory, or a hub id (downloaded)."""
+    """A local directory with the model's safetensors: 'toy', a directory, or a hub id
+    (downloaded)."""
     source = loading._resolve_source(name_or_path)
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]
     try:
-        return Path(
-            snapshot_download(
-                source, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]
-            )
-        )
-    except Exception as e:  # noqa: BLE001  (no network, unknown id, gated repo: one line with the cause)
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except Exception as e:  # no network, unknown id, gated repo: one line with the cause
         raise errors.MissingError(f"cannot fetch {name_or_path!r} from the hub: {e}") from e
 
 
@@ -281,14 +619,12 @@ class Weights:
             )
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
-        self.init: dict[
-            str, list[tuple[torch.Tensor, torch.Tensor]]
-        ] = {}  # weight -> [(A, s B)], kept factored
+        # weight -> [(A, s B)], kept factored
+        self.init: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for cfg, factors in map(lora.read_adapter, lora.expand(init_adapter)):
             for name, (a, b) in factors.items():
-                self.init.setdefault(name + ".weight", []).append(
-                    (a, lora.adapter_scaling(cfg) * b)
-                )
+                scaled = (a, lora.adapter_scaling(cfg) * b)
+                self.init.setdefault(name + ".weight", []).append(scaled)
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -319,240 +655,19 @@ def read_adapters(
         for name, (a, b) in factors.items():
             w = base.get(name + ".weight") if name + ".weight" in base.where else None
             if w is None or tuple(w.shape) != (b.shape[0], a.shape[1]):
+                why = "not in" if w is None else "another shape than"
                 raise errors.ConfigError(
-                    f"--adapters {p}: module {name!r} "
-                    f"({'not in' if w is None else 'another shape than'} --base {base.name})"
+                    f"--adapters {p}: module {name!r} ({why} --base {base.name})"
                 )
             mods[name] = (a.double(), s * b.double())
         out.append(mods)
     return out
 
 
-def normalised(weights: list[float], n: int) -> list[float]:
-    if not weights:
-        return [1.0 / n] * n
-    if len(weights) != n or any(not (w > 0) for w in weights):
-        raise errors.ConfigError(
-            f"--weights: need {n} positive numbers (one per input), got {weights}"
-        )
-    return [w / sum(weights) for w in weights]
-
-
-# ---------------------------------------------------------------------------------------------
-# Merging one adapted module, and the adapter that carries the result
-# ---------------------------------------------------------------------------------------------
-
-
-def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor] | None]):
-    """K_ij = <W0 + D_i, W0 + D_j> and Q_ij = <D_i, D_j> from the factors (D_i = B A; None = no
-    update)."""
-    n = len(deltas)
-    p = torch.zeros(n, dtype=torch.float64)
-    Q = torch.zeros(n, n, dtype=torch.float64)
-    for i, d in enumerate(deltas):
-        if d is None:
-            continue
-        a, b = d
-        p[i] = ((w0 @ a.T) * b).sum()  # <W0, B A>
-        for j in range(i + 1):
-            if deltas[j] is not None:
-                aj, bj = deltas[j]
-                Q[i, j] = Q[j, i] = ((b.T @ bj) * (a @ aj.T)).sum()  # <B_i A_i, B_j A_j>
-    return w0.flatten() @ w0.flatten() + p[:, None] + p[
-        None, :
-    ] + Q, Q  # ||W0||^2 without a temporary copy
-
-
-def merge_module(w0, deltas, weights, method, space, max_iter, tol):
-    """Merge one adapted module. Returns (c0, c, delta, stats): the mean is c0 W0 + sum c_i D_i
-    (factor space; delta is None) or W0 + delta (dense space; delta in fp32, so a merge of a large
-    model keeps one update per module)."""
-    K, Q = module_inner(w0, deltas)
-    a = torch.tensor(weights, dtype=torch.float64)
-    stats = {"spread": widest_angle(K)}
-    lin_norm = float(
-        (a @ Q @ a).clamp_min(0).sqrt()
-    )  # ||sum a_i D_i||: the size of the linear merge's update
-    if space == "dense":
-        full = [w0 + (d[1] @ d[0] if d is not None else 0) for d in deltas]
-        if method == "linear":
-            dense, it = (
-                sum(wi * f for wi, f in zip(weights, full)),
-                {"iterations": 0, "tangent0": 0.0, "theta": []},
-            )
-        else:
-            dense, it = karcher_dense(full, weights, max_iter, tol)
-        lin = sum(wi * f for wi, f in zip(weights, full))
-        stats.update(
-            it, dist_linear=float(torch.linalg.vector_norm(dense - lin)) / max(lin_norm, 1e-30)
-        )
-        return None, None, (dense - w0).float(), stats
-    if method == "linear":
-        w, it = a.clone(), {"iterations": 0, "tangent0": 0.0, "theta": []}
-    else:
-        w, it = karcher_gram(K, weights, max_iter, tol)
-    diff = w - a  # the mean minus the linear mean, as a combination of the W_i
-    stats.update(
-        it, dist_linear=float((diff @ K @ diff).clamp_min(0).sqrt()) / max(lin_norm, 1e-30)
-    )
-    c = w.clone()
-    for i, d in enumerate(deltas):
-        if d is None:
-            c[i] = 0.0  # this input is W0 alone here: its coefficient lives in c0 only
-    return float(w.sum()), c, None, stats
-
-
-def merge_adapters(base: Weights, adapters, weights, method, space, max_iter, tol, desc="merge"):
-    """Every adapted module merged: {module: (c0, c, dense)} and the per-module log rows."""
-    modules = sorted({m for ad in adapters for m in ad})
-    results, log = {}, []
-    for name in tqdm(modules, desc=desc):
-        t0 = time.perf_counter()
-        w0 = base.get(name + ".weight").double()
-        deltas = [ad.get(name) for ad in adapters]
-        c0, c, dense, stats = merge_module(w0, deltas, weights, method, space, max_iter, tol)
-        results[name] = (c0, c, dense)
-        th = stats.pop("theta")
-        log.append(
-            {
-                "module": name,
-                **stats,
-                "theta_mean": sum(th) / len(th) if th else 0.0,
-                "theta_max": max(th, default=0.0),
-                **({"c0": c0} if c0 is not None else {}),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-    return results, log
-
-
-def merged_delta(w0, deltas, result) -> torch.Tensor:
-    """The merged weight minus W0, dense (for evaluation and full-model output)."""
-    c0, c, delta = result
-    if delta is not None:
-        return delta.double()
-    out = (c0 - 1.0) * w0
-    for ci, d in zip(c.tolist(), deltas):
-        if d is not None:
-            out = out + ci * (d[1] @ d[0])
-    return out
-
-
-def weights_of(base: Weights, adapters, results):
-    """weight_of(key): a tensor of the merged model, built when asked for (in the base's dtype)."""
-
-    def weight_of(key: str) -> torch.Tensor:
-        name, w0 = key.removesuffix(".weight"), base.get(key)
-        if name not in results:
-            return w0
-        delta = merged_delta(w0.double(), [ad.get(name) for ad in adapters], results[name])
-        return (w0.double() + delta).to(w0.dtype)
-
-    return weight_of
-
-
-def as_is(adapter) -> dict:
-    """Merge results that give one adapter back unchanged (W0 + D): to score an input or the written
-    adapter."""
-    return {m: (1.0, torch.ones(1, dtype=torch.float64), None) for m in adapter}
-
-
-def adapter_factors(base: Weights, adapters, results, log, rank: int):
-    """The output adapter {module: (A, B)} (scale 1), padded to one rank; fills the log's error
-    columns."""
-    factors = {}
-    for row in log:
-        name = row["module"]
-        w0 = base.get(name + ".weight").double()
-        deltas = [ad.get(name) for ad in adapters]
-        c0, c, delta = results[name]
-        if (
-            delta is not None
-        ):  # dense space: the update is full rank in principle; SVD at --rank or the summed rank
-            r = rank or sum(d[0].shape[0] for d in deltas if d is not None)
-            a, b, err = lora.svd_factors(delta.double(), r)
-            row["svd_error"] = err
-        else:
-            parts = [(d[0], ci * d[1]) for ci, d in zip(c.tolist(), deltas) if d is not None]
-            a, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
-            carried = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
-            row["unrepresented"] = (
-                abs(c0 - 1.0) * float(torch.linalg.vector_norm(w0)) / max(carried, 1e-30)
-            )
-            if rank:
-                a, b, row["svd_error"] = lora.low_rank(a, b, min(rank, a.shape[0]))
-        factors[name] = (a, b)
-    width = max(a.shape[0] for a, _ in factors.values())
-    return {
-        k: (
-            torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])]).float(),
-            torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float(),
-        )
-        for k, (a, b) in factors.items()
-    }
-
-
-def merge_models(models: list[Weights], weights, method, max_iter, tol):
-    """Full models, tensor by tensor (dense): ({name: merged tensor in the input dtype}, log rows)."""
-    keys = models[0].keys()
-    for m in models[1:]:
-        if set(m.keys()) != set(keys):
-            raise errors.ConfigError(
-                f"--models: {m.name} has other tensors than {models[0].name} "
-                f"({sorted(set(m.keys()) ^ set(keys))[:3]} ...)"
-            )
-    merged, log = {}, []
-    for key in tqdm(keys, desc="merge"):
-        t0 = time.perf_counter()
-        ts = [m.get(key) for m in models]
-        if any(t.shape != ts[0].shape for t in ts):
-            raise errors.ConfigError(
-                f"--models: tensor {key!r} has shapes {[tuple(t.shape) for t in ts]}"
-            )
-        if not ts[0].is_floating_point():
-            merged[key] = ts[0]
-            continue
-        lin = sum(w * t.double() for w, t in zip(weights, ts))
-        out, it = karcher_dense(
-            ts, weights, max_iter, tol
-        )  # its angles go to the log, whichever the method
-        if method == "linear":
-            out, it["iterations"] = lin, 0
-        th = it.pop("theta")
-        dist = torch.linalg.vector_norm(out - lin) / torch.linalg.vector_norm(lin).clamp_min(1e-30)
-        log.append(
-            {
-                "module": key,
-                **it,
-                "theta_mean": sum(th) / max(len(th), 1),
-                "theta_max": max(th, default=0.0),
-                "dist_linear": float(dist),
-                "seconds": time.perf_counter() - t0,
-            }
-        )  # relative to the weight
-        merged[key] = out.to(ts[0].dtype)
-    return merged, log
-
-
-def log_summary(log: list[dict]) -> dict:
-    """All modules in a few numbers: the means and the worst cases of the log's columns."""
-    out = {"modules": len(log)}
-    for col in (
-        "iterations",
-        "tangent0",
-        "spread",
-        "theta_max",
-        "dist_linear",
-        "c0",
-        "unrepresented",
-        "svd_error",
-    ):
-        vals = [r[col] for r in log if col in r]
-        if vals:
-            out[f"{col}_mean"], out[f"{col}_max"] = sum(vals) / len(vals), max(vals)
-    if any("c0" in r for r in log):
-        out["c0_min"] = min(r["c0"] for r in log)
-    return out
+def pad_rank(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) padded with zero rows of A and zero columns of B to rank `width`, in float32."""
+    a_pad = torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])]).float()
+    return a_pad, torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float()
 
 
 def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Path:
@@ -564,25 +679,19 @@ def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in src.dir.iterdir():
-        if (
-            f.is_file()
-            and f.suffix in (".json", ".txt", ".jinja", ".model")
-            and not f.name.endswith(".index.json")
-        ):
+        config_like = f.suffix in (".json", ".txt", ".jinja", ".model")
+        if f.is_file() and config_like and not f.name.endswith(".index.json"):
             shutil.copyfile(f, tmp / f.name)
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(tmp / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: held-out NLL per domain, diversity of samples
-# ---------------------------------------------------------------------------------------------
+def prompt_head(text: str) -> str:
+    """The first third of a text, cut after a space: a prompt to continue."""
+    return text[: max(1, text.rfind(" ", 0, len(text) // 3) + 1 or len(text) // 3)]
 
 
 def eval_sets(eval_data: str, base: str, eval_size: int, prompts: int, seed: int):
@@ -591,88 +700,42 @@ def eval_sets(eval_data: str, base: str, eval_size: int, prompts: int, seed: int
     if not eval_data:
         if base != "toy":
             return None
-        return {
-            d: (
-                [r["text"] for r in toy.documents("test", eval_size, seed=seed, domains=[d])],
-                [r["prompt"] for r in toy.continuations("test", prompts, seed=seed, domains=[d])],
-            )
-            for d in toy.DOMAINS
-        }
+        sets = {}
+        for d in toy.DOMAINS:
+            docs = toy.documents("test", eval_size, seed=seed, domains=[d])
+            starts = toy.continuations("test", prompts, seed=seed, domains=[d])
+            sets[d] = ([r["text"] for r in docs], [r["prompt"] for r in starts])
+        return sets
     sets: dict[str, list[str]] = {}
     for r in dataio.load_rows(eval_data, split="test", required=("text",), types={"text": str}):
         sets.setdefault(str(r.get("domain", "all")), []).append(r["text"])
-    cut = lambda t: t[: max(1, t.rfind(" ", 0, len(t) // 3) + 1 or len(t) // 3)]  # noqa: E731
-    return {d: (texts, [cut(t) for t in texts[:prompts]]) for d, texts in sorted(sets.items())}
+    return {
+        d: (texts, [prompt_head(t) for t in texts[:prompts]]) for d, texts in sorted(sets.items())
+    }
 
 
-@torch.no_grad()
-def score_arm(
-    model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int
-) -> dict:
-    """Per domain: held-out NLL per token and perplexity; distinct-1 (whitespace words) within each
-    prompt's k samples and their pairwise embedding diversity, both averaged over prompts."""
-    row = {}
-    for d, (texts, prompts) in sets.items():
-        reqs = [("", t) for t in texts]
-        lls = likelihood.loglikelihood(model, tokenizer, reqs, batch_size=16)
-        n_tok = sum(len(likelihood.encode_pair(tokenizer, c, t)[1]) for c, t in reqs)
-        nll = -sum(ll for ll, _ in lls) / n_tok
-        row[f"{d}/nll"], row[f"{d}/ppl"] = nll, math.exp(nll)
-        if prompts and samples > 1:
-            gen = torch.Generator(device=model.device).manual_seed(seed)
-            roll = sampling.sample(
-                model,
-                tokenizer,
-                prompts,
-                n=samples,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                generator=gen,
-            )
-            texts_out = roll.texts(tokenizer)
-            groups = [texts_out[i : i + samples] for i in range(0, len(texts_out), samples)]
-            row[f"{d}/distinct1"] = sum(rewards.distinct_n(g, 1) for g in groups) / len(groups)
-            row[f"{d}/pairwise"] = sum(rewards.pairwise_diversity(g) for g in groups) / len(groups)
-            row.setdefault("_samples", {})[d] = groups[:2]
-    return row
-
-
-@torch.no_grad()
-def evaluate_arms(
-    base_name: str, device, keys: list[str], arms: dict, sets, args: Args
-) -> list[dict]:
-    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by
-    tensor, built when needed: a large model never holds two arms at once), then scored."""
-    model = loading.load_model(base_name, device=str(device)).eval()
-    if args.init_adapter and not args.models:
-        lora.merge_adapters(
-            model, args.init_adapter
-        )  # the modules no arm sets keep the starting model's weights
-    tokenizer = loading.load_tokenizer(base_name)
-    params = dict(model.named_parameters())
-    keys = [k for k in keys if k in params]  # a tied head is one parameter
-    rows = []
-    for name, weight_of in arms.items():
-        for k in keys:
-            params[k].copy_(weight_of(k).to(params[k].dtype))
-        rows.append(
-            {
-                "arm": name,
-                **score_arm(
-                    model,
-                    tokenizer,
-                    sets,
-                    args.samples if args.prompts else 0,
-                    args.max_new_tokens,
-                    args.temperature,
-                    args.seed,
-                ),
-            }
-        )
-    return rows
+def report_eval(rows: list[dict], sets: dict, out: Path) -> dict:
+    """samples.jsonl and the printed table; returns summary.json's eval rows and, with a base arm,
+    whether the Karcher merge's NLL beats the base's per domain."""
+    samples = [
+        {"arm": r["arm"], "domain": d, "samples": g}
+        for r in rows
+        for d, g in r.get("_samples", {}).items()
+    ]
+    dataio.write_jsonl(out / "samples.jsonl", samples)
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    summary = {"eval": rows}
+    if "base" in {r["arm"] for r in rows}:
+        by = {r["arm"]: r for r in rows}
+        summary["karcher_beats_base_nll"] = {
+            d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets
+        }
+    print("\n" + dataio.markdown_table(table_rows(rows, list(sets))), flush=True)
+    return summary
 
 
 def table_rows(rows: list[dict], domains) -> list[dict]:
+    """The printed table: NLL and perplexity per domain, diversity averaged over domains."""
     out = []
     for r in rows:
         t = {"arm": r["arm"]}
@@ -684,122 +747,6 @@ def table_rows(rows: list[dict], domains) -> list[dict]:
                 t[label] = round(sum(vals) / len(vals), 3)
         out.append(t)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def main(args: Args):
-    if args.models and args.adapters:
-        raise errors.ConfigError(
-            "give --models (full models) or --adapters (onto --base), not both"
-        )
-    if args.max_iter < 1 or args.rank < 0 or args.tol <= 0:
-        raise errors.ConfigError("--max-iter must be >= 1, --rank >= 0, --tol > 0")
-    adapter_paths = args.adapters or (
-        [] if args.models or args.base != "toy" else [str(p) for p in toy.domain_adapter_dirs()]
-    )
-    if not args.models and not adapter_paths:
-        raise errors.ConfigError("nothing to merge: pass --adapters (onto --base) or --models")
-    if args.models and args.init_adapter:
-        raise errors.ConfigError(
-            "--init-adapter goes with --adapters (onto --base); full --models merge as they are"
-        )
-    if args.models and args.output == "adapter":
-        raise errors.ConfigError(
-            "--output adapter needs --adapters: full models (--models) merge into a full model"
-        )
-    args.output = args.output if args.output != "auto" else "model" if args.models else "adapter"
-    run = lifecycle.start_run(args.out, args, args.seed, args.device)
-    names = args.models or adapter_paths
-    weights = normalised(args.weights, len(names))
-    t0 = time.perf_counter()
-    if args.models:
-        models = [Weights(m) for m in args.models]
-        tensors, log = merge_models(models, weights, args.method, args.max_iter, args.tol)
-        merge_seconds = time.perf_counter() - t0
-        write_model(models[0], tensors, run.out)
-        base_name, keys, arms = args.models[0], models[0].keys(), {}
-        if not args.no_eval and args.eval_data:
-            other = "linear" if args.method == "karcher" else "karcher"
-            arms = {Path(m).name or m: w.get for m, w in zip(args.models, models)}
-            arms[args.method] = tensors.__getitem__
-            arms[other] = merge_models(models, weights, other, args.max_iter, args.tol)[
-                0
-            ].__getitem__
-    else:
-        base = Weights(args.base, args.init_adapter)
-        adapters = read_adapters(adapter_paths, base)
-        results, log = merge_adapters(
-            base, adapters, weights, args.method, args.space, args.max_iter, args.tol
-        )
-        merge_seconds = time.perf_counter() - t0
-        if args.output == "adapter":
-            factors = adapter_factors(base, adapters, results, log, args.rank)
-            lora.write_adapter(str(run.out), factors, base_model_name_or_path=args.base)
-        merged = weights_of(base, adapters, results)
-        if args.output == "model":
-            write_model(base, {k: merged(k) for k in base.keys()}, run.out)
-        base_name, keys, arms = args.base, [m + ".weight" for m in results], {}
-        if not args.no_eval:
-            other = "linear" if args.method == "karcher" else "karcher"
-            arms["base"] = base.get
-            for p, ad in zip(adapter_paths, adapters):
-                arms[Path(p).name] = weights_of(base, [ad], as_is(ad))
-            arms[args.method] = merged
-            if (
-                args.output == "adapter"
-            ):  # what the written adapter gives: without (c0 - 1) W0, truncated if --rank
-                written = {m: (a.double(), b.double()) for m, (a, b) in factors.items()}
-                arms[f"{args.method} adapter"] = weights_of(base, [written], as_is(written))
-            arms[other] = weights_of(
-                base,
-                adapters,
-                merge_adapters(
-                    base, adapters, weights, other, args.space, args.max_iter, args.tol, desc=other
-                )[0],
-            )
-    dataio.write_jsonl(run.out / "merge_log.jsonl", log)
-    summary = {
-        "inputs": names,
-        "weights": weights,
-        "method": args.method,
-        "output": args.output,
-        "space": "dense" if args.models else args.space,
-        "merge_seconds": merge_seconds,
-        "modules": log_summary(log),
-    }
-    print(json.dumps(summary["modules"], indent=1), flush=True)
-    sets = (
-        None
-        if args.no_eval
-        else eval_sets(args.eval_data, base_name, args.eval_size, args.prompts, args.seed)
-    )
-    if sets and arms:
-        rows = evaluate_arms(base_name, run.device, keys, arms, sets, args)
-        dataio.write_jsonl(
-            run.out / "samples.jsonl",
-            [
-                {"arm": r["arm"], "domain": d, "samples": g}
-                for r in rows
-                for d, g in r.get("_samples", {}).items()
-            ],
-        )
-        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-        summary["eval"] = rows
-        if "base" in {r["arm"] for r in rows}:
-            by = {r["arm"]: r for r in rows}
-            summary["karcher_beats_base_nll"] = {
-                d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets
-            }
-        print("\n" + dataio.markdown_table(table_rows(rows, list(sets))), flush=True)
-    lifecycle.finish_run(run, summary)
-    print(
-        f"\n{args.method} merge of {len(names)} inputs -> {run.out}"
-        f"{'/model' if args.output == 'model' else ''} ({merge_seconds:.1f} s)",
-        flush=True,
-    )
-    return summary
 
 
 if __name__ == "__main__":

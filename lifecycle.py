@@ -326,7 +326,8 @@ def start_run(
 
 
 def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: dict) -> dict:
-    """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to samples.jsonl."""
+    """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to
+    samples.jsonl."""
     samples = metrics.pop("_samples", [])
     if is_main():
         for s in samples:
@@ -420,8 +421,8 @@ class OptimizerStep:
 
     A non-finite loss or gradient norm skips the update (gradients dropped, optimizer untouched, LR
     schedule advanced so it stays a function of the step) and is counted in `skipped`;
-    `max_bad_steps` of them in a row
-    raise NonFiniteError. A caller that checkpoints only after good steps keeps its last good checkpoint."""
+    `max_bad_steps` of them in a row raise NonFiniteError. A caller that checkpoints only after good
+    steps keeps its last good checkpoint."""
 
     def __init__(
         self, params, optimizer, scheduler=None, max_grad_norm: float = 1.0, max_bad_steps: int = 3

@@ -6,9 +6,8 @@ benchmarks; this computes the same numbers in plain PyTorch on any causal LM (a 
 too):
 
 - `lambada_openai` (Paperno et al. 2016, arXiv 1606.06031; the OpenAI detokenised test set): context
-  =
-  the text up to its last space, target = " " + the last word; acc = every target token is the greedy
-  argmax; perplexity = exp(-mean over documents of the target's summed log-likelihood);
+  = the text up to its last space, target = " " + the last word; acc = every target token is the
+  greedy argmax; perplexity = exp(-mean over documents of the target's summed log-likelihood);
 - `arc_easy` (Clark et al. 2018, arXiv 1803.05457) and `piqa` (Bisk et al. 2020, arXiv 1911.11641):
   context "Question: {question}\\nAnswer:", each choice scored as " " + choice; acc = argmax of the
   summed log-likelihood; acc_norm = argmax of it divided by the choice's length in characters (the
@@ -387,7 +386,8 @@ def load_task(name: str, source: str | None = None, limit: int | None = None) ->
 
 
 def _requests(kind: str, doc: dict) -> tuple[list[tuple[str, str]], list[str]]:
-    """The harness's zero-shot prompts (its task YAMLs), and the choice strings acc_norm measures."""
+    """The harness's zero-shot prompts (its task YAMLs), and the choice strings acc_norm
+    measures."""
     if kind == "lambada":
         words = doc["text"].split(" ")
         return [(" ".join(words[:-1]), " " + words[-1])], []

@@ -139,7 +139,8 @@ def add_lora(
     use_rslora: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Wrap each nn.Linear / Linear4bit whose name ends in a target; freeze every other parameter."""
+    """Wrap each nn.Linear / Linear4bit whose name ends in a target; freeze every other
+    parameter."""
     if lora_layers(model):
         raise ValueError("add_lora: the model already has LoRA layers")
     targets = [targets] if isinstance(targets, str) else list(targets)

@@ -51,7 +51,8 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
     """The model directory (config, fp32 safetensors, tokenizer with the chat template), made on
     first use.
 
-    Written into a temporary directory and renamed into place, so a killed conversion never leaves half a model."""
+    Written into a temporary directory and renamed into place, so a killed conversion never leaves
+    half a model."""
     target = Path(cache or cache_root()) / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target

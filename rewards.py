@@ -9,16 +9,16 @@ One calling convention, the one TRL's GRPOTrainer uses for reward functions:
 applicable to this sample". Every function takes `**_`, so it ignores the columns it does not need.
 A script turns `--reward chrf_pp:0.5,semantic:0.5` into rewards with
 
-    total, per_fn = compute_rewards("chrf_pp:0.5,semantic:0.5", completions, reward_columns(rows, G))
+    columns = reward_columns(rows, G)
+    total, per_fn = compute_rewards("chrf_pp:0.5,semantic:0.5", completions, columns)
 
 What is here:
 - similarity to a reference: chrf_pp, rouge_l, levenshtein, semantic, length_penalty, the
-  per-content-type mixes
-  of continued-pretraining GRPO (creative, hybrid, exact_copy) and `similarity` (mix picked by a `domain` column)
+  per-content-type mixes of continued-pretraining GRPO (creative, hybrid, exact_copy) and
+  `similarity` (mix picked by a `domain` column)
 - correctness: `correct`, the one grader of final answers (GSM8K numbers, \\boxed{} answers,
-  multiple-choice
-  letters; extraction and equivalence in answers.py), its strict variants gsm8k / boxed / choice / exact_match,
-  and the <think> format
+  multiple-choice letters; extraction and equivalence in answers.py), its strict variants gsm8k /
+  boxed / choice / exact_match, and the <think> format
 - combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
 - group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; evaluation
   diversity:
@@ -251,7 +251,8 @@ def length_ratio_score(text: str, reference: str) -> float:
 
 
 def length_penalty(completions: list, reference: list, **_) -> list[float | None]:
-    """Length agreement with the `reference` in [0, 1] (see length_ratio_score); higher is better."""
+    """Length agreement with the `reference` in [0, 1] (see length_ratio_score); higher is
+    better."""
     return [
         None if ref is None else length_ratio_score(strip_think(c), ref)
         for c, ref in zip(completions, reference)
@@ -566,7 +567,8 @@ def get_reward(name: str) -> RewardFn:
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """ "chrf_pp:0.5,semantic:0.5" -> [("chrf_pp", 0.5), ("semantic", 0.5)]; a bare name weighs 1.0."""
+    """ "chrf_pp:0.5,semantic:0.5" -> [("chrf_pp", 0.5), ("semantic", 0.5)]; a bare name weighs
+    1.0."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
             f"reward spec {spec!r}: expected 'name[:weight],...', e.g. 'chrf_pp:0.5,semantic:0.5'"

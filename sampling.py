@@ -4,10 +4,9 @@
   token ids,
   with errors that name file:line and field;
 - `sample`: our own KV-cache decoding loop over left-padded prompts (n samples per prompt sharing
-  one prefill,
-  temperature, top-p, stop ids and stop strings; optionally a static KV cache and a compiled decode step)
-  returning a `Rollout`, whose completion mask is 1 up to and including the first stop token (never inferred
-  from the pad id, which may equal EOS);
+  one prefill, temperature, top-p, stop ids and stop strings; optionally a static KV cache and a
+  compiled decode step) returning a `Rollout`, whose completion mask is 1 up to and including the
+  first stop token (never inferred from the pad id, which may equal EOS);
 - `sequence_logprobs`: log pi(token) of the completion tokens (and the entropy) through the fused
   LM-head kernel,
   so [B, T, V] logits are never held;
@@ -321,7 +320,8 @@ def _preallocated_layer():
 
 
 def _preallocate(cache, capacity: int):
-    """The DynamicCache's layers with room for `capacity` positions each; any other cache as it is."""
+    """The DynamicCache's layers with room for `capacity` positions each; any other cache as it
+    is."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
@@ -594,8 +594,8 @@ def sample(
     static_cache: decode into a transformers StaticCache pre-allocated to prompt width +
     max_new_tokens: no copy of the whole cache per token (a DynamicCache concatenates), each step
     attends over the full width (masked). compile_decode (needs static_cache): the one-token decode
-    forward under torch.compile, with CUDA graphs on CUDA,
-    shapes fixed (finished rows stay in the batch): a GPU option (compiling takes a while; on CPU it rarely pays)."""
+    forward under torch.compile, with CUDA graphs on CUDA, shapes fixed (finished rows stay in the
+    batch): a GPU option (compiling takes a while; on CPU it rarely pays)."""
     if compile_decode and not static_cache:
         raise ValueError(
             "compile_decode=True needs static_cache=True (a growing cache recompiles every step)"

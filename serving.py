@@ -5,10 +5,10 @@ only.
   ServerError, one line
   naming the URL and the cause (a errors.UserError: scripts print it and exit 2);
 - `CompletionClient`: n samples of one prompt from /v1/completions (a text prompt) or
-  /v1/chat/completions (a list
-  of messages), in one request when the server honours `n`, else in n seeded requests; `map` keeps `concurrency`
-  requests in flight over many prompts and hands each finished one back in the caller's thread, so the caller can
-  save it at once and a killed run resumes where it stopped.
+  /v1/chat/completions (a list of messages), in one request when the server honours `n`, else in n
+  seeded requests; `map` keeps `concurrency` requests in flight over many prompts and hands each
+  finished one back in the caller's thread, so the caller can save it at once and a killed run
+  resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def post_json(
     Connection errors, timeouts (`timeout` seconds per attempt), 408, 429 and 5xx are retried
     `retries` times with exponential backoff (the k-th retry waits backoff * 2^(k-1) s): a server
     that is starting, overloaded or restarting gets time to recover. Another 4xx, or an answer that
-    is not a JSON object, raises at once: asking
-    again would get the same. on_attempt() is called before each HTTP attempt (a request counter)."""
+    is not a JSON object, raises at once: asking again would get the same. on_attempt() is called
+    before each HTTP attempt (a request counter)."""
     data = json.dumps(body).encode("utf-8")
     headers = {"Content-Type": "application/json"}
     if api_key:

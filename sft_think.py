@@ -1,8 +1,9 @@
-"""Supervised fine-tuning with interleaved thinking: teach a base model to think before it answers.
+"""Thinking SFT: supervised fine-tuning that teaches a base model to think before it answers.
 
-The model learns to write `<think> reasoning </think> answer` on every assistant turn. The loss is
-the usual next-token cross-entropy, but only on assistant output (Qwen3's chat format; the model
-cards dnotitia/Qwen3-4B-Base and Jarrodbarnes/qwen3-0.6B-interleaved-thinking train this way):
+The model learns to write `<think> reasoning </think> answer` on every assistant turn: the
+long-CoT cold start of the Qwen3 Technical Report (arXiv:2505.09388, section 4.1), as the model
+cards dnotitia/Qwen3-4B-Base and Jarrodbarnes/qwen3-0.6B-interleaved-thinking train it. The loss is
+next-token cross-entropy on assistant output only:
 
     L = - sum_t m_t log p(x_t | x_<t) / sum_t m_t,   m_t = 1 on `<think>` ... `<|im_end|>` of each
                                                           assistant turn, 0 on system/user turns
@@ -12,27 +13,31 @@ For Qwen3 the mask comes from a training variant of the chat template that wraps
 `{% generation %}` tags and, unlike the stock Qwen3 template, keeps the reasoning of earlier turns
 (interleaved thinking); any other model's template is used as it is, through its own tags or,
 without them, turn by turn (chat.assistant_mask). `--no-think` trains the same examples with the
-thoughts removed (the `raw` arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking). `--train-tokens
-"<think>,</think>"` trains only those rows of the embedding (as
-Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its think tokens), everything else frozen;
-a tokenizer that writes them in several pieces (SmolLM2) gets them as new tokens, whose rows start
-at the mean of those pieces, and the run saves the model with its tokenizer in <out>/model.
-Log-probs come from the final hidden states through `vocab_kernels.linear_token_logprobs`, so
-full-vocabulary logits are never held.
+thoughts removed (the `raw` arm of Jarrodbarnes/qwen3-0.6B-interleaved-thinking).
+
+Think-token embedding tuning: `--train-tokens "<think>,</think>"` trains only those rows of the
+embedding (as Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher tuned its think tokens), everything
+else frozen; a tokenizer that writes them in several pieces (SmolLM2) gets them as new tokens, whose
+rows start at the mean of those pieces, and the run saves the model with its tokenizer in
+<out>/model. Log-probs come from the final hidden states through
+`vocab_kernels.linear_token_logprobs`, so full-vocabulary logits are never held.
+
+Toy worlds (--data): toy (arithmetic with a scratchpad), toy-instructions (reverse, sort, count...:
+rlmt.py's start), toy-continuations (documents with thoughts that restate their facts),
+toy-documents (plain documents of --toy-domains, language modelling on the whole text).
+--init-adapter continues from an earlier adapter (e.g. dpo_online.py's); torchrun runs it
+data-parallel.
 
 Run:
     python sft_think.py                                  # toy world: arithmetic with a scratchpad
-    python sft_think.py --no-think                       # the same budget without thoughts
-    python sft_think.py --data toy-instructions --max-steps 300   # toy instructions (rlmt.py's start)
-    python sft_think.py --init-adapter runs/dpo_online   # thinking SFT on top of an online-DPO adapter
-    python sft_think.py --model Qwen/Qwen3-0.6B-Base --data traces.jsonl --load-in-4bit \
+    python sft_think.py --model Qwen/Qwen3-0.6B-Base --data traces.jsonl --load-in-4bit \\
         --lora-r 64 --lora-alpha 128 --max-length 2048 --gradient-checkpointing
-    torchrun --nproc_per_node 2 sft_think.py --model Qwen/Qwen3-1.7B-Base --data traces.jsonl
-    python sft_think.py --model smollm2 --data traces.jsonl --train-tokens "<think>,</think>"  # <out>/model
+    python sft_think.py --model smollm2 --data traces.jsonl --train-tokens "<think>,</think>"
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -53,93 +58,18 @@ import sampling
 import toy
 from vocab_kernels import linear_token_logprobs
 
-
-@dataclass
-class Args:
-    model: str = "toy"
-    """hub id or local dir of a causal LM; 'toy' = the toy base"""
-    data: str = "toy"
-    """JSONL file or hub dataset id; 'toy' = toy arithmetic, 'toy-instructions' = toy instructions
-    (reverse, sort, count...), 'toy-continuations' = toy documents with thoughts that restate their
-    facts, 'toy-documents' = plain toy documents of --toy-domains (language modelling on the whole
-    text)"""
-    eval_data: str = ""
-    """held-out JSONL (default: toy held-out split, or 5% of --data, at most --eval-size rows)"""
-    init_adapter: str = ""
-    """PEFT adapter dir(s), joined by '+', merged into the model before training (e.g.
-    dpo_online.py's adapter: thinking SFT on the Phase-3 model); the saved adapter records it, so
-    later scripts apply both"""
-    out: str = "runs/sft_think"
-    """run directory"""
-    seed: int = 0
-    """random seed (data order, init, sampling)"""
-    lr: float = 3e-3
-    """peak learning rate (AdamW)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    warmup_ratio: float = 0.05
-    """share of steps with linear warmup, then cosine decay"""
-    max_steps: int = 500
-    """optimizer steps"""
-    batch_size: int = 16
-    """examples (or packed rows) per optimizer step per device"""
-    micro_batch_size: int = 16
-    """rows per forward/backward; gradients accumulate over the step's micro-batches"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm (0 = off)"""
-    max_length: int = 512
-    """longest tokenized example; longer ones are an error"""
-    packing: bool = False
-    """concatenate examples into rows of --max-length; positions restart and attention stays within
-    each example (a 4D mask: eager or sdpa attention, not flash-attention)"""
-    lora_r: int = 32
-    """LoRA rank"""
-    lora_alpha: float = 64.0
-    """LoRA alpha (scale alpha/r)"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA input"""
-    full: bool = False
-    """full fine-tuning instead of LoRA"""
-    load_in_4bit: bool = False
-    """QLoRA: NF4 base weights (bitsandbytes)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward"""
-    no_think: bool = False
-    """remove the thoughts from the training data (raw arm)"""
-    train_tokens: str = ""
-    """comma list, e.g. '<think>,</think>': train only these embedding rows; ones the tokenizer
-    splits are added as new tokens, and <out>/model holds the model with its tokenizer (--model
-    <out>/model)"""
-    toy_difficulty: str = "1,2,3"
-    """toy arithmetic level(s), comma-separated; train and held-out draw from them"""
-    toy_styles: str = "gsm8k"
-    """toy arithmetic answer formats, comma-separated, of gsm8k (#### N), math (\\boxed{N}), mc
-    (Answer: X)"""
-    toy_domains: str = "story,news,code"
-    """toy document domains, comma-separated, of --data toy-documents"""
-    toy_train_size: int = 4000
-    """toy training examples"""
-    eval_size: int = 200
-    """held-out examples for loss and accuracy"""
-    eval_every: int = 250
-    """evaluate every N steps (0 = only at the end)"""
-    max_new_tokens: int = 160
-    """generation length for accuracy and repetition"""
-    save_every: int = 50
-    """checkpoint every N steps (for --resume)"""
-    resume: bool = False
-    """continue from <out>/checkpoint"""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto"""
-    report_to: str = ""
-    """also log to wandb or trackio"""
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: every accepted row becomes (input_ids, loss_mask)
 # ---------------------------------------------------------------------------------------------
 
 THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+ROW_FIELDS = {  # field: (accepted JSON types, what the error says is expected)
+    "messages": (list, "a list of {'role', 'content'} objects"),
+    "prompt": ((str, list), "a string or a list of messages"),
+    "completion": ((str, list), "a string or a list of messages"),
+    "text": (str, "a string"),
+}
 
 
 def strip_thoughts(messages: list[dict]) -> list[dict]:
@@ -158,18 +88,14 @@ def training_template(tokenizer) -> str | None:
     """The chat template that renders the training conversations: the tokenizer's own when it has
     {% generation %} tags; for Qwen3's stock template (which drops the thoughts of earlier turns)
     the training variant that keeps them; else the tokenizer's own, masked turn by turn
-    (chat.assistant_mask). None when the
-    tokenizer has no template (then only prompt/completion strings and text rows can be encoded)."""
+    (chat.assistant_mask). None when the tokenizer has no template (then only prompt/completion
+    strings and text rows can be encoded)."""
     template = tokenizer.chat_template or None
-    if (
-        template
-        and not chat.has_generation_tags(template)
-        and "<|im_start|>" in template
-        and "<think>" in template
-        and "reasoning_content" in template
-    ):  # Qwen3's template (real or toy)
-        return toy.TRAINING_CHAT_TEMPLATE
-    return template
+    if template is None or chat.has_generation_tags(template):
+        return template
+    # Qwen3's stock template (real or toy)
+    qwen3 = "<|im_start|>" in template and "<think>" in template and "reasoning_content" in template
+    return toy.TRAINING_CHAT_TEMPLATE if qwen3 else template
 
 
 def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
@@ -178,35 +104,35 @@ def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
     renders."""
     if "reasoning_content" in template:
         return messages
-    return [
-        {
-            **{k: v for k, v in m.items() if k != "reasoning_content"},
-            "content": f"<think>\n{m['reasoning_content'].strip()}\n</think>\n\n{m.get('content') or ''}",
-        }
-        if m.get("reasoning_content")
-        else m
-        for m in messages
-    ]
+    out = []
+    for m in messages:
+        if m.get("reasoning_content"):
+            thought = m["reasoning_content"].strip()
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"<think>\n{thought}\n</think>\n\n{m.get('content') or ''}"
+        out.append(m)
+    return out
+
+
+def check_fields(row: dict, where: str) -> None:
+    """Each field of ROW_FIELDS that the row has holds an accepted type (messages: objects)."""
+    for name, (types, expected) in ROW_FIELDS.items():
+        if name not in row:
+            continue
+        ok = isinstance(row[name], types)
+        if name == "messages":
+            ok = ok and all(isinstance(m, dict) for m in row[name])
+        if not ok:
+            raise errors.DataError(
+                f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}"
+            )
 
 
 def encode_row(
     row: dict, where: str, tokenizer, template: str | None, no_think: bool
 ) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 = trained) for one JSONL row of any accepted schema."""
-    for name, ok, expected in (
-        (
-            "messages",
-            lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
-            "a list of {'role', 'content'} objects",
-        ),
-        ("prompt", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
-        ("completion", lambda v: isinstance(v, (str, list)), "a string or a list of messages"),
-        ("text", lambda v: isinstance(v, str), "a string"),
-    ):
-        if name in row and not ok(row[name]):
-            raise errors.DataError(
-                f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}"
-            )
+    check_fields(row, where)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if "messages" in row:
         messages = strip_thoughts(row["messages"]) if no_think else row["messages"]
@@ -279,9 +205,8 @@ def collate(batch, pad_id, device, mask_dtype=torch.float32):
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((B, width), dtype=torch.long)
     pos = torch.zeros((B, width), dtype=torch.long)
-    seg = torch.full(
-        (B, width), -1, dtype=torch.long
-    )  # which example a token belongs to; -1 = padding
+    # which example a token belongs to; -1 = padding
+    seg = torch.full((B, width), -1, dtype=torch.long)
     for b, row in enumerate(rows):
         at = 0
         for j, (x, m) in enumerate(row):
@@ -295,13 +220,28 @@ def collate(batch, pad_id, device, mask_dtype=torch.float32):
         # query q sees key k when both are in the same example and k <= q; a padding query sees
         # itself (no NaN rows)
         same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-        allowed = (same & torch.ones(width, width, dtype=torch.bool).tril()) | torch.eye(
-            width, dtype=torch.bool
-        )
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
         attn = torch.zeros(B, 1, width, width, dtype=mask_dtype).masked_fill(
             ~allowed[:, None], torch.finfo(mask_dtype).min
         )
     return ids.to(device), attn.to(device), loss_mask.to(device), pos.to(device)
+
+
+@dataclass
+class SFTData:
+    """What a run trains and evaluates on, encoded."""
+
+    train: list  # (input_ids, loss_mask) examples; lists of them (packed rows) with --packing
+    val: list  # held-out examples as written
+    val_raw: list  # the same without their thoughts (raw_val_loss)
+    problems: list | None  # toy problems graded for accuracy, None otherwise
+    pad_id: int
+
+
+def text_only(rows: list[dict]) -> list[dict]:
+    """{"text"} rows: the loss covers every token (the domain adapters of karcher_merge.py)."""
+    return [{"text": r["text"]} for r in rows]
 
 
 def load_rows(
@@ -314,14 +254,12 @@ def load_rows(
     toy_styles: str = "gsm8k",
     toy_domains: str = "story,news,code",
 ):
-    """Training rows, held-out rows, and (toy only) held-out arithmetic problems for accuracy. Rows
-    read from a file carry their line number ("_line"), so errors name it even after the held-out
-    split is drawn."""
+    """Training rows, held-out rows, and (toy only) held-out problems for accuracy. A user's data is
+    split by dataio.train_and_heldout (--eval-data, else the last tenth of --data); its rows carry
+    their line number ("_line"), so errors name it."""
     if data == "toy":
-        levels, styles = (
-            toy.parse_levels(toy_difficulty),
-            [x.strip() for x in toy_styles.split(",") if x.strip()],
-        )
+        levels = toy.parse_levels(toy_difficulty)
+        styles = [x.strip() for x in toy_styles.split(",") if x.strip()]
 
         def mixed(split, n):  # the styles in turn, n in all
             per = [
@@ -332,26 +270,22 @@ def load_rows(
 
         train, heldout = mixed("train", toy_train_size), mixed("test", eval_size)
         return train, heldout, heldout
-    if (
-        data == "toy-continuations"
-    ):  # document prefixes, a thought restating their facts, the true continuation
+    if data == "toy-continuations":
+        # document prefixes, a thought restating their facts, the true continuation
         return (
             toy.thinking_continuations("train", toy_train_size, seed=seed),
             toy.thinking_continuations("test", eval_size, seed=seed),
             None,
         )
-    if (
-        data == "toy-documents"
-    ):  # {"text"} rows: the loss covers every token (the domain adapters of karcher_merge.py)
+    if data == "toy-documents":
         domains = [x.strip() for x in toy_domains.split(",") if x.strip()]
         if not domains or set(domains) - set(toy.DOMAINS):
             raise errors.ConfigError(
                 f"--toy-domains: {toy_domains!r}; choose from {', '.join(toy.DOMAINS)}"
             )
-        strip = lambda rows: [{"text": r["text"]} for r in rows]  # noqa: E731
         return (
-            strip(toy.documents("train", toy_train_size, seed=seed, domains=domains)),
-            strip(toy.documents("test", eval_size, seed=seed, domains=domains)),
+            text_only(toy.documents("train", toy_train_size, seed=seed, domains=domains)),
+            text_only(toy.documents("test", eval_size, seed=seed, domains=domains)),
             None,
         )
     if data == "toy-instructions":
@@ -360,18 +294,8 @@ def load_rows(
             toy.instructions("test", eval_size, seed=seed),
             toy.instructions("test", eval_size, seed=seed),
         )
-    numbered = lambda rows: [{**r, "_line": i + 1} for i, r in enumerate(rows)]  # noqa: E731
-    train = numbered(dataio.load_rows(data))
-    if eval_data:
-        return train, numbered(dataio.load_rows(eval_data, split="test")), None
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, min(eval_size, len(train) // 20))
-    if len(train) <= n_eval:
-        raise errors.DataError(
-            f"{data}: {len(train)} rows; need more than {n_eval} to hold some out "
-            f"(or pass --eval-data)"
-        )
-    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], None
+    (_, train), (_, heldout) = dataio.train_and_heldout(data, eval_data, eval_size)
+    return train, heldout, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +308,8 @@ def masked_nll_sum(model, ids, attn, loss_mask, position_ids=None, head_grad_row
 
     Hidden state t predicts token t+1, so the mask is read at the targets. Only the masked rows of
     the hidden states go through the LM head, in chunks inside the kernel. `head_grad_rows`: the
-    LM-head rows
-    that train (--train-tokens); the kernel computes the weight gradient of those rows only."""
+    LM-head rows that train (--train-tokens); the kernel computes the weight gradient of those rows
+    only."""
     hidden = model.get_decoder()(
         input_ids=ids, attention_mask=attn, position_ids=position_ids
     ).last_hidden_state
@@ -453,11 +377,14 @@ def generate_eval(model, tokenizer, problems, max_new_tokens):
     return sum(correct) / len(correct), repetition_rate(tokens), texts, per_level
 
 
-def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_tokens, pad_id, device):
+def evaluate(model, tokenizer, data: SFTData, batch_size, max_new_tokens, device):
+    """Held-out loss with and without the thoughts, and on toy problems greedy accuracy and 4-gram
+    repetition, with the first 20 samples (for samples.jsonl)."""
     row = {
-        "val_loss": eval_loss(model, val, batch_size, pad_id, device),
-        "raw_val_loss": eval_loss(model, val_raw, batch_size, pad_id, device),
+        "val_loss": eval_loss(model, data.val, batch_size, data.pad_id, device),
+        "raw_val_loss": eval_loss(model, data.val_raw, batch_size, data.pad_id, device),
     }
+    problems = data.problems
     if problems is not None:
         row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(
             model, tokenizer, problems, max_new_tokens
@@ -471,7 +398,7 @@ def evaluate(model, tokenizer, val, val_raw, problems, batch_size, max_new_token
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Trainable parameters: LoRA, full, or the think-token rows of the embedding
 # ---------------------------------------------------------------------------------------------
 
 
@@ -487,6 +414,36 @@ def add_train_tokens(tokenizer, train_tokens: str) -> dict[str, list[int]]:
     if new:
         tokenizer.add_tokens(list(new))
     return new
+
+
+def embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input embedding and the LM head, once when the head is tied to the embedding (SmolLM2,
+    Qwen3), so its hook and AdamW state are not doubled."""
+    heads = (model.get_input_embeddings(), model.get_output_embeddings())
+    return list({id(e.weight): e.weight for e in heads}.values())
+
+
+def grow_embeddings(model, tokenizer, added: dict[str, list[int]]) -> None:
+    """Rows for the tokens that add_train_tokens added, each starting at the mean of its former
+    pieces."""
+    new_ids = [tokenizer.convert_tokens_to_ids(n) for n in added]
+    if max(new_ids) >= model.get_input_embeddings().weight.shape[0]:
+        # resize keeps a tied head tied (SmolLM2, Qwen3); the new rows are set just below
+        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+    with torch.no_grad():
+        for w in embedding_weights(model):
+            for i, old in zip(new_ids, added.values()):
+                w[i] = w[old].mean(0)
+
+
+def keep_rows(keep: torch.Tensor):
+    """A gradient hook that zeroes every row where `keep` is 0: with no weight decay AdamW then
+    leaves those rows bit-identical."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * keep
+
+    return hook
 
 
 def setup_trainable(
@@ -513,33 +470,16 @@ def setup_trainable(
             )
         ids = [i[0] for i in ids]
         if added:
-            new_ids = [tokenizer.convert_tokens_to_ids(n) for n in added]
-            if max(new_ids) >= model.get_input_embeddings().weight.shape[0]:
-                # resize keeps a tied head tied (SmolLM2, Qwen3); the new rows are set just below
-                model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
-            with torch.no_grad():
-                for w in {
-                    id(e.weight): e.weight
-                    for e in (model.get_input_embeddings(), model.get_output_embeddings())
-                }.values():
-                    for i, old in zip(new_ids, added.values()):
-                        w[i] = w[old].mean(0)
+            grow_embeddings(model, tokenizer, added)
         for p in model.parameters():
             p.requires_grad_(False)
         rows = torch.tensor(ids)
         params = []
-        # one parameter when the head is tied to the embedding, so its hook and AdamW state are not
-        # doubled
-        for w in {
-            id(e.weight): e.weight
-            for e in (model.get_input_embeddings(), model.get_output_embeddings())
-        }.values():
+        for w in embedding_weights(model):
             w.requires_grad_(True)
             keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
             keep[rows] = 1
-            # Zero every other row's gradient: with no weight decay AdamW then leaves them
-            # bit-identical.
-            w.register_hook(lambda g, keep=keep: g * keep)
+            w.register_hook(keep_rows(keep))
             params.append(w)
         return params, rows.to(model.get_input_embeddings().weight.device)
     if full:
@@ -552,15 +492,60 @@ def setup_trainable(
     return lora.lora_parameters(model), None
 
 
-def main(args: Args):
-    if args.batch_size < 1 or args.micro_batch_size < 1:
-        raise errors.ConfigError("--batch-size and --micro-batch-size must be >= 1")
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume)
-    tokenizer = loading.load_tokenizer(args.model)
-    added = add_train_tokens(tokenizer, args.train_tokens)  # saved with the model in <out>/model
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+# ---------------------------------------------------------------------------------------------
+# Update: one optimizer step on L
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_tokens(rows: list, packed: bool) -> int:
+    """Tokens in a list of examples, or of packed rows (lists of examples)."""
+    if packed:
+        return sum(len(ids) for row in rows for ids, _ in row)
+    return sum(len(ids) for ids, _ in rows)
+
+
+def sft_step(model, data: SFTData, step, args, run, opt, head_rows):
+    """One optimizer step on L over a global batch of --batch-size x world examples (packed rows
+    with --packing), in the same seeded order on every rank. Returns (loss, tokens in the global
+    batch, optimizer stats)."""
+    mine = dataio.epoch_indices(
+        len(data.train), args.batch_size * run.world, step, args.seed, run.rank, run.world
     )
+    chunks = [
+        [data.train[i] for i in mine[s : s + args.micro_batch_size]]
+        for s in range(0, len(mine), args.micro_batch_size)
+    ]
+    # the packed 4D mask is added to the attention scores, so it takes their dtype
+    mask_dtype = model.get_input_embeddings().weight.dtype
+    micro = [collate(c, data.pad_id, run.device, mask_dtype) for c in chunks]
+    n_tokens = sum(batch_tokens(c, args.packing) for c in chunks) * run.world
+    # Normalise by the token count of the whole global batch, so every target token weighs the
+    # same whatever micro-batch or rank it lands on (the gradient all-reduce averages over ranks:
+    # x world).
+    n_global = distributed.all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro))
+    loss_sum = 0.0
+    for ids, attn, loss_mask, pos in micro:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+            nll, _ = masked_nll_sum(
+                model, ids, attn, loss_mask, pos if args.packing else None, head_rows
+            )
+        (nll * run.world / n_global).backward()
+        loss_sum += float(nll.detach())
+    loss = distributed.all_reduce_sum(loss_sum) / n_global
+    return loss, n_tokens, opt(loss, step + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run plumbing: data and model in, progress, results out
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(args, tokenizer) -> SFTData:
+    """The rows of --data encoded with the training template; the held-out rows twice, with and
+    without their thoughts."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
     template = training_template(tokenizer)
     train_rows, val_rows, problems = load_rows(
         args.data,
@@ -578,7 +563,12 @@ def main(args: Args):
     val_raw = encode_all(val_rows, tokenizer, template, True, args.max_length, val_source)
     if args.packing:
         train = pack(train, args.max_length)
+    return SFTData(train, val, val_raw, problems, pad_id)
 
+
+def prepare_model(args, run, tokenizer, added):
+    """The model with --init-adapter merged in, its trainable parameters, and their optimizer;
+    returns (model, optimizer step, the embedding rows that train with --train-tokens or None)."""
     model = loading.load_model(
         args.model,
         device=run.device,
@@ -588,9 +578,6 @@ def main(args: Args):
     lora.merge_adapters(
         model, args.init_adapter
     )  # with the adapters it was trained on, oldest first
-    mask_dtype = (
-        model.get_input_embeddings().weight.dtype
-    )  # the packed 4D mask is added to the attention scores
     params, head_rows = setup_trainable(
         model,
         tokenizer,
@@ -602,171 +589,227 @@ def main(args: Args):
         args.lora_dropout,
         added,
     )
-    optimizer = torch.optim.AdamW(
-        params, lr=args.lr, weight_decay=0.0 if args.train_tokens else args.weight_decay
+    opt = lifecycle.adamw(
+        params,
+        lr=args.lr,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_grad_norm=args.max_grad_norm,
+        # think-token rows: no decay, so AdamW leaves the zero-gradient rows bit-identical
+        weight_decay=0.0 if args.train_tokens else args.weight_decay,
     )
-    scheduler = lifecycle.cosine_schedule(
-        optimizer, int(args.warmup_ratio * args.max_steps), args.max_steps
-    )
-    optimizer_step = lifecycle.OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
-    logger = lifecycle.MetricsLogger(run.out, report_to=args.report_to or None)
-    heldout_eval = lambda: evaluate(
-        model,
-        tokenizer,
-        val,
-        val_raw,
-        problems,
-        args.micro_batch_size,  # noqa: E731
-        args.max_new_tokens,
-        pad_id,
-        run.device,
-    )
-    start, data_state = lifecycle.resume_or_evaluate(
-        run, args.resume, model, optimizer, scheduler, heldout_eval, logger
-    )
-    optimizer_step.load_state_dict(data_state)
-    tokens_seen = data_state.get("tokens_seen", 0)
+    return model, opt, head_rows
 
-    model.train()
-    t_train, tokens_run, last = 0.0, 0, {}
-    bar = tqdm(
-        range(start, args.max_steps),
+
+def interim_eval(args, step: int, heldout_eval) -> dict:
+    """eval/<name> metrics every --eval-every steps (rank 0), except at the last step, which is
+    evaluated after training."""
+    due = args.eval_every and step % args.eval_every == 0 and step < args.max_steps
+    if not (due and distributed.is_main()):
+        return {}
+    return {f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"}
+
+
+def progress_bar(start: int, max_steps: int) -> tqdm:
+    """The steps still to run, as a progress bar on rank 0."""
+    return tqdm(
+        range(start, max_steps),
         initial=start,
-        total=args.max_steps,
+        total=max_steps,
         desc="sft",
         disable=not distributed.is_main(),
     )
+
+
+def progress(metrics: dict) -> dict:
+    """The progress bar's postfix: the loss, and the accuracy when it was just measured."""
+    shown = {"loss": f"{metrics['loss']:.4f}"}
+    if "eval/accuracy" in metrics:
+        shown["acc"] = f"{metrics['eval/accuracy']:.2f}"
+    return shown
+
+
+def save_trained(run, args, model, tokenizer) -> None:
+    """The LoRA adapter, or (--full, --train-tokens) the model with its tokenizer in <out>/model."""
+    if args.full or args.train_tokens:
+        model.save_pretrained(run.out / "model")
+        tokenizer.save_pretrained(run.out / "model")
+    else:
+        base = None if args.model == "toy" else args.model
+        lora.save_adapter(model, run.out, base_model_name_or_path=base)
+
+
+def summarize(run, args, problems, before, after, counters: dict):
+    """summary.json and the results table: held-out accuracy on toy problems, else the held-out
+    loss, before and after training. `counters`: final_loss, tokens_seen, tokens_per_s,
+    train_seconds, skipped_steps."""
+    metric = "accuracy" if problems is not None else "val_loss"
+    arm = "no_think" if args.no_think else "think"
+    heldout = {
+        "metric": metric,
+        "before": before.get(metric) if before else None,
+        "after": after[metric],
+    }
+    if args.data == "toy":
+        heldout["note"] = f"greedy, toy level(s) {args.toy_difficulty}"
+    elif args.data == "toy-instructions":
+        heldout["note"] = "greedy, exact answer after the thought"
+    summary = {
+        "method": "sft_think",
+        "arm": arm,
+        "heldout": heldout,
+        "final_loss": counters["final_loss"],
+        "before": before,
+        "after": after,
+        "tokens_seen": counters["tokens_seen"],
+        "tokens_per_s": counters["tokens_per_s"],
+        "train_seconds": counters["train_seconds"],
+        "skipped_steps": counters["skipped_steps"],
+        "args": asdict(args),
+    }
+    table = {
+        "arm": arm,
+        "val loss": after["val_loss"],
+        "raw val loss": after["raw_val_loss"],
+        "rep 4-gram": after.get("repetition_4gram"),
+        "tokens seen": counters["tokens_seen"],
+        "tok/s": round(counters["tokens_per_s"]),
+        "memory MB": round(lifecycle.peak_memory_mb(run.device)),
+    }
+    if problems is not None and before:
+        table["accuracy before"] = before["accuracy"]
+        table["accuracy after"] = after["accuracy"]
+    return summary, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, defaults, and the run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args(cli.TrainArgs):
+    """Thinking SFT: the shared trainer flags and the method's own."""
+
+    out: str = "runs/sft_think"
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    max_steps: int = 500
+    batch_size: int = 16
+    micro_batch_size: int = 16
+    eval_data: str = ""
+    """held-out JSONL, its first --eval-size rows ('' = the toy held-out split, or the last tenth
+    of --data, at most --eval-size rows)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0 with --train-tokens, so the frozen rows stay bit-identical)"""
+    max_length: int = 512
+    """longest tokenized example; longer ones are an error"""
+    packing: bool = False
+    """concatenate examples into rows of --max-length; positions restart and attention stays within
+    each example (a 4D mask: eager or sdpa attention, not flash-attention)"""
+    full: bool = False
+    """full fine-tuning instead of LoRA"""
+    no_think: bool = False
+    """remove the thoughts from the training data (raw arm)"""
+    train_tokens: str = ""
+    """comma list, e.g. '<think>,</think>': train only these embedding rows; ones the tokenizer
+    splits are added as new tokens, and <out>/model holds the model with its tokenizer (--model
+    <out>/model)"""
+    toy_difficulty: str = "1,2,3"
+    """toy arithmetic level(s), comma-separated; train and held-out draw from them"""
+    toy_styles: str = "gsm8k"
+    """toy arithmetic answer formats, comma-separated, of gsm8k (#### N), math (\\boxed{N}), mc
+    (Answer: X)"""
+    toy_domains: str = "story,news,code"
+    """toy document domains, comma-separated, of --data toy-documents"""
+    eval_size: int = 200
+    """held-out examples for loss and accuracy"""
+    eval_every: int = 250
+    """evaluate every N steps (0 = only at the end)"""
+    max_new_tokens: int = 160
+    """generation length for accuracy and repetition"""
+
+
+# {field: (toy, real model on CUDA)}. The toy column made the shipped toy/sft_think adapter
+# (scripts/make_toy_adapters.py); the model cards of this recipe give no CUDA setup, so a real model
+# keeps the same one there (on a CPU, lora.SMALL_DEVICE_SETUP's).
+DEFAULTS = {
+    "lr": (3e-3, 3e-3),
+    "lora_r": (32, 32),
+    "load_in_4bit": (False, False),
+    "gradient_checkpointing": (False, False),
+}
+
+
+def resolve_defaults(args: Args) -> None:
+    """Check the batch sizes, fill the fields left None from DEFAULTS, and LoRA alpha = 2 x rank."""
+    if args.batch_size < 1 or args.micro_batch_size < 1:
+        raise errors.ConfigError("--batch-size and --micro-batch-size must be >= 1")
+    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_r
+
+
+def main(args: Args):
+    resolve_defaults(args)
+    run = lifecycle.start_run(
+        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
+    )
+    tokenizer = loading.load_tokenizer(args.model)
+    added = add_train_tokens(tokenizer, args.train_tokens)  # saved with the model in <out>/model
+    data = prepare_data(args, tokenizer)
+    model, opt, head_rows = prepare_model(args, run, tokenizer, added)
+    heldout_eval = functools.partial(
+        evaluate, model, tokenizer, data, args.micro_batch_size, args.max_new_tokens, run.device
+    )
+    start, state = lifecycle.begin_training(run, model, opt, heldout_eval, args.resume)
+    tokens_seen, tokens_run, t_train, last = state.get("tokens_seen", 0), 0, 0.0, {}
+
+    model.train()
+    bar = progress_bar(start, args.max_steps)
     for step in bar:
         t0 = time.perf_counter()
-        # One global batch of --batch-size x world examples per step, the same seeded order on every
-        # rank.
-        mine = dataio.epoch_indices(
-            len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
-        )
-        chunks = [
-            [train[i] for i in mine[s : s + args.micro_batch_size]]
-            for s in range(0, len(mine), args.micro_batch_size)
-        ]
-        micro = [collate(c, pad_id, run.device, mask_dtype) for c in chunks]
-        n_tokens = (
-            sum(
-                len(ids) for c in chunks for row in c for ids, _ in (row if args.packing else [row])
-            )
-            * run.world
-        )
-        tokens_seen, tokens_run = tokens_seen + n_tokens, tokens_run + n_tokens
-        # Normalise by the token count of the whole global batch, so every target token weighs the
-        # same whatever micro-batch or rank it lands on (the gradient all-reduce averages over
-        # ranks: x world).
-        n_global = distributed.all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro))
-        loss_sum = 0.0
-        for ids, attn, loss_mask, pos in micro:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-                nll, _ = masked_nll_sum(
-                    model, ids, attn, loss_mask, pos if args.packing else None, head_rows
-                )
-            (nll * run.world / n_global).backward()
-            loss_sum += float(nll.detach())
-        loss = distributed.all_reduce_sum(loss_sum) / n_global
-        stats = optimizer_step(loss, step + 1)
+        loss, n_tokens, stats = sft_step(model, data, step, args, run, opt, head_rows)
         t_train += time.perf_counter() - t0
-
+        tokens_seen, tokens_run = tokens_seen + n_tokens, tokens_run + n_tokens
         last = {
             "loss": loss,
             **stats,
-            "learning_rate": scheduler.get_last_lr()[0],
+            "learning_rate": opt.scheduler.get_last_lr()[0],
             "tokens_seen": tokens_seen,
             "tokens_per_s": tokens_run / max(t_train, 1e-9),
         }
-        if (
-            args.eval_every
-            and (step + 1) % args.eval_every == 0
-            and step + 1 < args.max_steps
-            and distributed.is_main()
-        ):
-            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        logger.log(step + 1, last)
-        bar.set_postfix(
-            loss=f"{loss:.4f}",
-            **({"acc": f"{last['eval/accuracy']:.2f}"} if "eval/accuracy" in last else {}),
+        last.update(interim_eval(args, step + 1, heldout_eval))
+        bar.set_postfix(**progress(last))
+        state["tokens_seen"] = tokens_seen  # carried by the checkpoints, for --resume
+        lifecycle.end_step(
+            run,
+            step + 1,
+            last,
+            model,
+            opt,
+            state,
+            save_every=args.save_every,
+            max_steps=args.max_steps,
         )
-        if (
-            args.save_every
-            and (step + 1) % args.save_every == 0
-            and step + 1 < args.max_steps
-            and optimizer_step.streak == 0
-        ):  # never checkpoint in a run of non-finite steps
-            lifecycle.save_checkpoint(
-                run.out,
-                step + 1,
-                model,
-                optimizer,
-                scheduler,
-                data_state={
-                    **data_state,
-                    **optimizer_step.state_dict(),
-                    "tokens_seen": tokens_seen,
-                },
-            )
 
     summary = {}
     if distributed.is_main():
-        before, after = (
-            data_state["before"],
-            lifecycle.log_eval(run, logger, args.max_steps, "after", heldout_eval()),
-        )
-        if args.full or args.train_tokens:
-            model.save_pretrained(run.out / "model")
-            tokenizer.save_pretrained(run.out / "model")
-        else:
-            lora.save_adapter(
-                model, run.out, base_model_name_or_path=None if args.model == "toy" else args.model
-            )
-        metric = "accuracy" if problems is not None else "val_loss"
-        arm = "no_think" if args.no_think else "think"
+        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
+        save_trained(run, args, model, tokenizer)
+        counters = {
+            "final_loss": last.get("loss"),
+            "tokens_seen": tokens_seen,
+            "tokens_per_s": tokens_run / max(t_train, 1e-9),
+            "train_seconds": t_train,
+            "skipped_steps": opt.skipped,
+        }
+        before = state["before"]
         summary = lifecycle.finish_run(
-            run,
-            {
-                "method": "sft_think",
-                "arm": arm,
-                "heldout": {
-                    "metric": metric,
-                    "before": before.get(metric) if before else None,
-                    "after": after[metric],
-                    **(
-                        {"note": f"greedy, toy level(s) {args.toy_difficulty}"}
-                        if args.data == "toy"
-                        else {"note": "greedy, exact answer after the thought"}
-                        if args.data == "toy-instructions"
-                        else {}
-                    ),
-                },
-                "final_loss": last.get("loss"),
-                "before": before,
-                "after": after,
-                "tokens_seen": tokens_seen,
-                "tokens_per_s": tokens_run / max(t_train, 1e-9),
-                "train_seconds": t_train,
-                "skipped_steps": optimizer_step.skipped,
-                "args": asdict(args),
-            },
-            table={
-                "arm": arm,
-                "val loss": after["val_loss"],
-                "raw val loss": after["raw_val_loss"],
-                "rep 4-gram": after.get("repetition_4gram"),
-                "tokens seen": tokens_seen,
-                "tok/s": round(tokens_run / max(t_train, 1e-9)),
-                "memory MB": round(lifecycle.peak_memory_mb(run.device)),
-                **(
-                    {"accuracy before": before["accuracy"], "accuracy after": after["accuracy"]}
-                    if problems is not None and before
-                    else {}
-                ),
-            },
+            run, *summarize(run, args, data.problems, before, after, counters)
         )
-    logger.close()
-    distributed.cleanup_distributed()
+    lifecycle.end_run(run)
     return summary
 
 

@@ -14,8 +14,10 @@ subprocess, so its peak memory is its own; a second subprocess per side stops ri
 - baseline" is the memory the training itself added.
 
     pip install -r requirements-bench.txt           # TRL is a benchmark-only dependency
-    python bench/gkd_vs_trl.py                      # toy: toy/student <- toy base + toy/sft_think merged
-    python bench/gkd_vs_trl.py --qwen-vocab         # tiny random Qwen3 pair, real 151,936 vocab + Qwen3 tokenizer
+    # toy: toy/student <- toy base + toy/sft_think merged
+    python bench/gkd_vs_trl.py
+    # tiny random Qwen3 pair, real 151,936 vocab + Qwen3 tokenizer
+    python bench/gkd_vs_trl.py --qwen-vocab
 
 Memory: CUDA max allocated on a GPU, else the process's peak resident set size (VmHWM). Step time:
 per optimizer step (sampling, both forwards, backward, optimizer step; our held-out evaluation
@@ -27,21 +29,19 @@ tens of times slower and the timings noise).
 
 Where the two sides cannot do the same work step for step:
 - lambda. Ours gives every step round(lambda x batch) on-policy rows (stochastically rounded; 4 of 8
-  at 0.5) and the
-  rest from the data; TRL flips one coin per batch: the whole batch is on-policy (sampled) or the whole batch is
-  data. Both sample lambda of the rows in expectation, but TRL's steps are of two kinds, and their median depends
-  on how the (seeded) coins fell. So TRL's steps are labelled (a wrapper counts its calls to
-  `generate_on_policy_outputs`) and its lambda-weighted step time, lambda x median(on-policy steps) + (1 - lambda)
-  x median(data steps), is the number compared with ours ("step time, lambda-weighted"); the plain medians are
-  reported too.
+  at 0.5) and the rest from the data; TRL flips one coin per batch: the whole batch is on-policy
+  (sampled) or the whole batch is data. Both sample lambda of the rows in expectation, but TRL's
+  steps are of two kinds, and their median depends on how the (seeded) coins fell. So TRL's steps
+  are labelled (a wrapper counts its calls to `generate_on_policy_outputs`) and its lambda-weighted
+  step time, lambda x median(on-policy steps) + (1 - lambda) x median(data steps), is the number
+  compared with ours ("step time, lambda-weighted"); the plain medians are reported too.
 - Loss weighting: ours averages D over each row's tokens, then over rows (the paper's 1/|y|); TRL
-  sums over the
-  batch's tokens and divides by their count. Same computation, different weights: the losses are printed only to
-  show both sides train (finite, moving), not to compare.
+  sums over the batch's tokens and divides by their count. Same computation, different weights: the
+  losses are printed only to show both sides train (finite, moving), not to compare.
 - Vocabulary: ours cuts both heads to the tokenizer's rows (101 of 128 toy rows; 151,669 of 151,936
-  Qwen3 rows),
-  TRL's softmax runs over every head row. Ours never holds [N, V] logits (fused-linear JSD over completion
-  positions); TRL materializes both models' logits over every position, prompt included, then masks.
+  Qwen3 rows), TRL's softmax runs over every head row. Ours never holds [N, V] logits (fused-linear
+  JSD over completion positions); TRL materializes both models' logits over every position, prompt
+  included, then masks.
 - Data targets: ours ends an assistant target at the EOS (<|im_end|>), TRL's collator keeps the
   template's trailing
   newline (one token more per data row).

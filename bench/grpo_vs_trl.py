@@ -8,9 +8,12 @@ subprocess, so its peak memory is its own; a second subprocess per side stops ri
 the memory the training itself added.
 
     pip install -r requirements-bench.txt           # TRL is a benchmark-only dependency
-    python bench/grpo_vs_trl.py                     # toy world: toy base (+ --init-adapter), toy arithmetic
-    python bench/grpo_vs_trl.py --qwen-vocab        # tiny random Qwen3, real 151,936 vocab + Qwen3 tokenizer
-    python bench/grpo_vs_trl.py --model smollm2 --max-completion-length 48   # a real model (or any model dir)
+    # toy world: toy base (+ --init-adapter), toy arithmetic
+    python bench/grpo_vs_trl.py
+    # tiny random Qwen3, real 151,936 vocab + Qwen3 tokenizer
+    python bench/grpo_vs_trl.py --qwen-vocab
+    # a real model (or any model dir)
+    python bench/grpo_vs_trl.py --model smollm2 --max-completion-length 48
 
 Memory: CUDA max allocated on a GPU, else the process's peak resident set size (VmHWM). Step time:
 median over steps 2..N (generation, log-probs, backward, optimizer step; the first step is warm-up),

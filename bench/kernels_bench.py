@@ -1,19 +1,23 @@
 """Time and peak extra memory of full-vocabulary ops: naive PyTorch vs a TRL-style loop vs this
 package.
 
-    python bench/kernels_bench.py                 # Qwen3's vocab (151,936); about 9 minutes on 2 busy CPU cores
+    # Qwen3's vocab (151,936); about 9 minutes on 2 busy CPU cores
+    python bench/kernels_bench.py
     python bench/kernels_bench.py --linear-rows 1024 --out bench_small --only linear_token_logprobs
-    python bench/kernels_bench.py --preset qwen3-4b --out bench_qwen3_4b   # N=16,384, H=2,560 (a GPU run)
+    # N=16,384, H=2,560 (a GPU run)
+    python bench/kernels_bench.py --preset qwen3-4b --out bench_qwen3_4b
 
 Every measurement runs in a fresh subprocess, so one never inherits another's allocations:
 - CPU: peak extra memory = RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the
-  inputs are built) minus the RSS before the op; the op runs once, after a small warm-up. On CPU this
-  package's numbers are its PyTorch references (vocab_kernels/reference.py), the path CPU tensors take.
+  inputs are built) minus the RSS before the op; the op runs once, after a small warm-up. On CPU
+  this package's numbers are its PyTorch references (vocab_kernels/reference.py), the path CPU
+  tensors take.
 - CUDA: peak = torch.cuda.max_memory_allocated minus the allocation before the op; time = median of
-  --repeat runs after one warm-up, as wall time and as device time between CUDA events; this package's
-  numbers are the Triton kernels. Achieved FLOP/s (GEMM-bound ops) or bytes/s (logits-bound ops) are
-  compared with the device's peak, looked up by its exact name (PEAKS: the vendor's dense bf16 tensor
-  FLOP/s and memory bandwidth; an H100 SXM, PCIe and NVL differ) or given with --peak-tflops/--peak-gbs.
+  --repeat runs after one warm-up, as wall time and as device time between CUDA events; this
+  package's numbers are the Triton kernels. Achieved FLOP/s (GEMM-bound ops) or bytes/s
+  (logits-bound ops) are compared with the device's peak, looked up by its exact name (PEAKS: the
+  vendor's dense bf16 tensor FLOP/s and memory bandwidth; an H100 SXM, PCIe and NVL differ) or given
+  with --peak-tflops/--peak-gbs.
 
 Every non-naive side is checked in its own process against the naive result on the same inputs
 (outputs and input gradients): the max abs error is a column, and an error above the tolerance
@@ -25,10 +29,9 @@ Implementations compared:
   generalized_jsd_loss
   formula for GKD), on the whole [N, V];
 - trl: the per-row pattern of TRL's `selective_log_softmax` (bf16/fp16: a log_softmax per row; fp32:
-  a
-  logsumexp per row) and its row-chunked `entropy_from_logits`; the fused-linear variants first build the
-  whole logits with `h @ W.T`, as TRL does (its fwd+bwd for the fused-linear op, autograd through one op per
-  row of 4096, takes many minutes on CPU: only with --trl-linear-backward);
+  a logsumexp per row) and its row-chunked `entropy_from_logits`; the fused-linear variants first
+  build the whole logits with `h @ W.T`, as TRL does (its fwd+bwd for the fused-linear op, autograd
+  through one op per row of 4096, takes many minutes on CPU: only with --trl-linear-backward);
 - ours: `vocab_kernels.token_logprobs`, `vocab_kernels.linear_token_logprobs`,
   `vocab_kernels.generalized_jsd`, ...
 
@@ -216,7 +219,8 @@ def _rss_kb(field: str) -> int:
 
 
 def _results(spec: dict, x: dict, out: list) -> dict:
-    """What a side must get right: its outputs, then the gradients of the inputs that require grad."""
+    """What a side must get right: its outputs, then the gradients of the inputs that require
+    grad."""
     got = {f"out{i}": o.detach() for i, o in enumerate(out)}
     for k, v in x.items():
         if spec["grad"] and v.requires_grad and v.grad is not None:

@@ -1,8 +1,10 @@
 """Every script on the offline real model (SmolLM2-135M-Instruct, `--model smollm2`) at a small
 budget: the command, its time per step, its peak memory and its metrics, as one table.
 
-    python bench/real_model_runs.py                  # about 10 minutes on 2 CPU cores; bench_results/real_model.md
-    python bench/real_model_runs.py --only grpo,gkd  # some of them
+    # about 10 minutes on 2 CPU cores; bench_results/real_model.md
+    python bench/real_model_runs.py
+    # some of them
+    python bench/real_model_runs.py --only grpo,gkd
 
 Step time: the median `step_time` of metrics.jsonl (sft_think: tokens per second instead); peak
 memory: the process's peak resident set (summary.json). Runs go to a temporary directory unless
@@ -44,6 +46,8 @@ def commands(r: Path, docs: Path) -> list[tuple[str, list[str]]]:
                 "8",
                 "--lr",
                 "2e-4",
+                "--lora-r",
+                "32",
                 "--eval-size",
                 "16",
             ],

@@ -1,8 +1,10 @@
 """chrF++ and ROUGE-L of rewards.py against their reference implementations: speed and agreement.
 
     pip install -r requirements-dev.txt     # sacrebleu and rouge-score are test-only dependencies
-    python bench/rewards_bench.py                   # 2000 pairs of 100-word texts
-    python bench/rewards_bench.py --shared-refs 8   # 8 hypotheses per reference, as a GRPO group shares one
+    # 2000 pairs of 100-word texts
+    python bench/rewards_bench.py
+    # 8 hypotheses per reference, as a GRPO group shares one
+    python bench/rewards_bench.py --shared-refs 8
 
 Prints the seconds of each side, the speed-up (theirs / ours) and the largest absolute difference.
 """

@@ -1,22 +1,25 @@
 """Rollout speed of sampling.sample: against transformers' generate, and against the previous
 sampler.
 
-    python bench/sampling_bench.py                      # toy base + tiny random Qwen3 (real vocab); minutes on 2 CPU cores
+    # toy base + tiny random Qwen3 (real vocab); minutes on 2 CPU cores
+    python bench/sampling_bench.py
     python bench/sampling_bench.py --repeat 3 --threads 1 --out /tmp/bench
-    python bench/sampling_bench.py --device cuda --compile-decode   # a GPU run: also the CUDA-graph decode
-    python bench/sampling_bench.py --model smollm2 --out bench_results/smollm2   # a real model (any model dir)
+    # a GPU run: also the CUDA-graph decode
+    python bench/sampling_bench.py --device cuda --compile-decode
+    # a real model (any model dir)
+    python bench/sampling_bench.py --model smollm2 --out bench_results/smollm2
 
 1. generate (greedy): the same left-padded prompts through `sampling.sample(..., greedy=True)`
-   (dynamic and static
-   KV cache) and `model.generate(do_sample=False)`, both without EOS so every row runs the full --new-tokens; the
-   outputs must be equal token for token. Models: the toy base (128-token vocabulary) and a tiny random Qwen3
-   (2 layers, hidden 128, the real 151,936 vocabulary, seeded), prompts cut from toy documents (Qwen3's tokenizer
-   for the real vocabulary). Tokens/s = rows x new tokens / wall time.
+   (dynamic and static KV cache) and `model.generate(do_sample=False)`, both without EOS so every
+   row runs the full --new-tokens; the outputs must be equal token for token. Models: the toy base
+   (128-token vocabulary) and a tiny random Qwen3 (2 layers, hidden 128, the real 151,936
+   vocabulary, seeded), prompts cut from toy documents (Qwen3's tokenizer for the real vocabulary).
+   Tokens/s = rows x new tokens / wall time.
 2. rollout (GRPO's shape): --prompts continuation prompts of --prompt-tokens+ tokens (toy
-   documents), --group
-   samples each at T=1.0 with the model's own EOS ids, seeded; `legacy_sample` (the previous implementation of
-   sampling.sample, kept below for comparison) against sampling.sample (dynamic, and static KV cache). Samples
-   must be equal for the same seed. The figure: new / old time (goal <= 0.7).
+   documents), --group samples each at T=1.0 with the model's own EOS ids, seeded; `legacy_sample`
+   (the previous implementation of sampling.sample, kept below for comparison) against
+   sampling.sample (dynamic, and static KV cache). Samples must be equal for the same seed. The
+   figure: new / old time (goal <= 0.7).
 
 Times: the median (and min) of --repeat runs after one warm-up per side; the sides alternate within
 a repetition, in reversed order every other one, so load from other processes falls on all of them

@@ -18,9 +18,8 @@ any.
   formats);
   an arm of `eval_reasoning.py`'s toy benchmarks.
 - toy/story, toy/news, toy/code: `python sft_think.py --data toy-documents --toy-domains <domain>
-  --max-steps 200
-  --batch-size 8 --micro-batch-size 8 --max-length 1024` (language-model SFT on one domain's documents, every
-  token in the loss); `karcher_merge.py` merges them.
+  --max-steps 200 --batch-size 8 --micro-batch-size 8 --max-length 1024` (language-model SFT on one
+  domain's documents, every token in the loss); `karcher_merge.py` merges them.
 """
 
 from __future__ import annotations

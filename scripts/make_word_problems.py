@@ -3,7 +3,8 @@ ending in `#### N`), for the real-model tour (scripts/real_tour.py). Made from t
 program, never copied from a dataset: one- and two-step problems with small numbers, which a 135M
 instruct model sometimes solves.
 
-    python scripts/make_word_problems.py       # writes data/word_problems/{train,test}.jsonl (deterministic)
+    # writes data/word_problems/{train,test}.jsonl (deterministic)
+    python scripts/make_word_problems.py
 
 Each row: {"question", "answer"} as GSM8K has them (eval_reasoning.py reads it as `--data
 gsm8k=...`), plus "messages" (the user turn asks as eval_reasoning.py asks; the assistant turn

@@ -8,9 +8,12 @@ seen a `<think>` block, and is weak at multi-digit word problems: it has much to
 SFT and from RL. Pretraining is deterministic for a fixed seed and torch build.
 
 Run (from the repo root):
-    python scripts/pretrain_toy.py                 # rebuild toy/base (5-15 minutes on a 2-core CPU)
-    python scripts/pretrain_toy.py --student       # rebuild toy/student, the distillation student
-    python scripts/pretrain_toy.py --eval          # the base's perplexity per domain and accuracy table
+    # rebuild toy/base (5-15 minutes on a 2-core CPU)
+    python scripts/pretrain_toy.py
+    # rebuild toy/student, the distillation student
+    python scripts/pretrain_toy.py --student
+    # the base's perplexity per domain and accuracy table
+    python scripts/pretrain_toy.py --eval
     python scripts/pretrain_toy.py --eval --model toy/student
 """
 

@@ -1,15 +1,20 @@
 """The real-model tour: thinking SFT, then GRPO, on a real pretrained chat model, on a CPU, offline.
 
-    python scripts/real_tour.py                  # SmolLM2-135M-Instruct (offline.py), runs in runs/real
-    python scripts/real_tour.py --model Qwen/Qwen3-0.6B-Base --runs runs/real_qwen   # any chat model (a GPU helps)
-    python scripts/real_tour.py --dry-run        # print the commands only
+    # SmolLM2-135M-Instruct (offline.py), runs in runs/real
+    python scripts/real_tour.py
+    # any chat model (a GPU helps)
+    python scripts/real_tour.py --model Qwen/Qwen3-0.6B-Base --runs runs/real_qwen
+    # print the commands only
+    python scripts/real_tour.py --dry-run
 
 The data are grade-school word problems written for this repo (data/word_problems, GSM8K's format;
 see scripts/make_word_problems.py). The stages:
 
-  sft_think   sft_think.py: the model learns to think in <think>...</think>, then answer with `#### N`
+  sft_think   sft_think.py: the model learns to think in <think>...</think>, then answer with
+              `#### N`
   grpo        grpo.py from the SFT adapter: correct answer (1.0) + format (0.1), groups of 8
-  eval        eval_reasoning.py over the arms base / sft / grpo (the held-out problems, k samples each)
+  eval        eval_reasoning.py over the arms base / sft / grpo (the held-out problems, k samples
+              each)
 
 Then, per arm on the held-out problems: the think-format rate (a closed `<think>...</think>`
 followed by a `#### N` line) and the accuracy (Mean@k), each with a 95% interval over problems (k
@@ -49,6 +54,8 @@ SFT = [
     "256",
     "--lr",
     "2e-4",
+    "--lora-r",
+    "32",
     "--eval-size",
     "16",
 ]

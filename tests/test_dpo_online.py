@@ -19,6 +19,7 @@ from conftest import free_port, start_transformers_serve, stop_server
 import dpo_online
 import judges
 import lora
+import sampling
 import toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,19 +163,24 @@ def _judged(K: int, pairs: str) -> dpo_online.Judged:
 
 
 def _naive_loss(model, judged, beta, loss_type):
-    """Two forwards per pair (and two more with LoRA off), the way it is often written."""
-    total, n = 0.0, sum(1 for p in judged.pairs if p)
+    """Two forwards per pair (and two more with LoRA off), the way it is often written: the loss,
+    and each pair's implicit rewards (beta (log pi - log pi_ref) of chosen and rejected)."""
+    total, n, rewards = 0.0, sum(1 for p in judged.pairs if p), []
     for w, cands, pairs in zip(judged.windows, judged.candidates, judged.pairs):
         for c, r, weight in pairs:
 
             def s(i):
-                roll = dpo_online.pack([w["ids"]], [cands[i]], 0, "cpu")
+                roll = sampling.rollout_from_tokens([w["ids"]], [cands[i]], 0, "cpu")
                 return dpo_online.summed_logprobs(model, roll)[0]
 
             with torch.no_grad(), lora.disabled(model):
                 ref_c, ref_r = s(c), s(r)
-            total = total + weight * dpo_online.dpo_loss(s(c), s(r), ref_c, ref_r, beta, loss_type)
-    return total / n
+            pol_c, pol_r = s(c), s(r)
+            total = total + weight * dpo_online.dpo_loss(
+                pol_c, pol_r, ref_c, ref_r, beta, loss_type
+            )
+            rewards.append((beta * (pol_c - ref_c).item(), beta * (pol_r - ref_r).item()))
+    return total / n, rewards
 
 
 @pytest.mark.parametrize("pairs, loss_type", [("all", "sigmoid"), ("best-worst", "ipo")])
@@ -205,12 +211,17 @@ def test_update_one_pass_per_candidate_and_the_naive_gradient(pairs, loss_type):
         assert in_pairs == 3 * 2
     for p in params:
         p.grad = None
-    naive = _naive_loss(model, judged, 0.2, loss_type)
+    naive, rewards = _naive_loss(model, judged, 0.2, loss_type)
     naive.backward()
     assert stats["loss"] == pytest.approx(naive.item(), rel=1e-5)
     for a, p in zip(ours, params):
         torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-3 * float(p.grad.abs().max()))
-    assert 0.0 <= stats["rewards/accuracies"] <= 1.0
+    # the logged rewards are plain means over the pairs (not weighted), as TRL logs them
+    chosen, rejected = (sum(x[k] for x in rewards) / len(rewards) for k in (0, 1))
+    assert stats["rewards/chosen"] == pytest.approx(chosen, rel=1e-4, abs=1e-6)
+    assert stats["rewards/rejected"] == pytest.approx(rejected, rel=1e-4, abs=1e-6)
+    accuracy = sum(c > r for c, r in rewards) / len(rewards)
+    assert 0.0 < accuracy < 1.0 and stats["rewards/accuracies"] == pytest.approx(accuracy)
     assert stats["rewards/margins"] == pytest.approx(
         stats["rewards/chosen"] - stats["rewards/rejected"]
     )
@@ -267,6 +278,7 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.slow
 def test_tiny_run_outputs(tmp_path):
     out = tmp_path / "run"
     run_dpo(out, "--save-every", "1")
@@ -279,16 +291,22 @@ def test_tiny_run_outputs(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     held = summary["heldout"]
     assert held["metric"] == "win_rate_vs_base" and held["before"] == 0.5
-    assert 0.0 <= held["interval"][0] <= held["after"] <= held["interval"][1] <= 1.0
     assert (out / lora.WEIGHTS_NAME).is_file() and (out / "checkpoint").is_dir()
-    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
-    assert len(sample["candidates"]) == 4 and sample["candidates"][0]["original"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples[0]["candidates"]) == 4 and samples[0]["candidates"][0]["original"]
+    # the win rate and its interval, recomputed from the 6 held-out comparisons it logged
+    wins = [s["win"] for s in samples if s.get("stage") == "after" and s["win"] is not None]
+    n, mean = len(wins), sum(wins) / len(wins)
+    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in wins) / (n - 1)) / math.sqrt(n)
+    assert n == summary["after"]["compared"] == 6 and held["after"] == pytest.approx(mean)
+    assert held["interval"] == pytest.approx([max(0.0, mean - half), min(1.0, mean + half)])
     # --eval-only on the adapter it wrote
     ev = tmp_path / "eval"
     run_dpo(ev, "--eval-only", str(out))
     assert json.loads((ev / "summary.json").read_text())["heldout"]["metric"] == "win_rate_vs_base"
 
 
+@pytest.mark.slow
 def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     flags = ["--max-steps", "3", "--save-every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -339,7 +357,7 @@ class ToyJudgeServer:
     answered. After `answers_before_garbage` requests (if given) it answers no verdict at all."""
 
     def __init__(self, answers_before_garbage: int | None = None):
-        self.requests = 0
+        self.requests, self.lock = 0, threading.Lock()  # one lock: the handlers run in threads
         judge, outer = toy.ContinuationJudge(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -358,13 +376,16 @@ class ToyJudgeServer:
                 text = "I compared the two.\n\nConclusion: Option " + (
                     "1" if p is not None and p >= 0.5 else "2"
                 )
-                if answers_before_garbage is not None and outer.requests >= answers_before_garbage:
-                    text = "Both are fine, I think."
+                with outer.lock:
+                    if (
+                        answers_before_garbage is not None
+                        and outer.requests >= answers_before_garbage
+                    ):
+                        text = "Both are fine, I think."
+                    outer.requests += 1
                 payload = json.dumps(
                     {"choices": [{"message": {"role": "assistant", "content": text}}]}
                 ).encode()
-                with threading.Lock():
-                    outer.requests += 1
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -383,6 +404,7 @@ class ToyJudgeServer:
         self.httpd.server_close()
 
 
+@pytest.mark.slow
 def test_http_judge_run_cache_and_dead_server(tmp_path):
     server = ToyJudgeServer()
     out = tmp_path / "run"
@@ -422,6 +444,7 @@ def test_http_judge_run_cache_and_dead_server(tmp_path):
     ), line
 
 
+@pytest.mark.slow
 def test_a_failed_final_evaluation_keeps_the_trained_adapter(tmp_path):
     server = ToyJudgeServer(
         answers_before_garbage=2 * 6 * 2

@@ -15,9 +15,11 @@ import pytest
 from conftest import ROOT, free_port, start_transformers_serve, stop_server
 
 import answers
+import benchmarks
 import dataio
 import errors
 import eval_reasoning as ev
+import stats
 import toy
 
 ENV = {
@@ -132,6 +134,7 @@ def _answer_after(gold, pred, seconds):  # stands in for Math-Verify in the work
     return "timeout" if pred == "hard" else ("yes" if pred == "same" else "no")
 
 
+@pytest.mark.slow
 def test_math_verifier_counts_timeouts_and_kills_a_stuck_worker():
     with answers.MathVerifier(workers=1, timeout=1, worker=_answer_after) as v:
         assert v.check([("a", "same"), ("a", "hard"), ("a", "other"), ("7", "7")]) == [
@@ -166,7 +169,7 @@ def test_intervals_wilson_for_small_binary_sets_and_paired_deltas():
     lo, hi = ev.interval(s)
     half = 1.96 * math.sqrt(sum((x - 0.625) ** 2 for x in s) / 3) / 2
     assert (lo, hi) == pytest.approx((0.625 - half, 0.625 + half))
-    mean, se, ci = ev.paired([1.0, 0.5, 0.75], [0.5, 0.5, 0.25])
+    mean, se, ci = stats.paired_interval([0.5, 0.5, 0.25], [1.0, 0.5, 0.75])
     assert mean == pytest.approx(1 / 3) and ci[0] < mean < ci[1]
     # a rate's interval stays in [0, 1] and a difference of rates' in [-1, 1], however wide the
     # normal one is
@@ -175,9 +178,9 @@ def test_intervals_wilson_for_small_binary_sets_and_paired_deltas():
     assert (
         ev.interval([0.0, 0.0, 0.5])[0] == 0.0 and ev.interval([0.0] * 400 + [1.0])[0] == 0.0
     )  # normal, n > 300
-    _, _, ci = ev.paired([1.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    _, _, ci = stats.paired_interval([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])
     assert ci[1] == 1.0 and ci[0] > -1.0
-    _, _, ci = ev.paired([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])
+    _, _, ci = stats.paired_interval([1.0, 1.0, 0.0], [0.0, 0.0, 1.0])
     assert ci[0] == -1.0
     assert all(math.isnan(x) for x in ev.interval([0.5]))
 
@@ -226,19 +229,19 @@ def test_gpqa_choices_seeded_recorded_and_gold_follows_them(tmp_path):
         for i in range(20)
     ]
     dataio.write_jsonl(path, rows)
-    probs = ev.load_benchmark("gpqa", str(path), seed=0)
+    probs = benchmarks.load_benchmark("gpqa", str(path), seed=0)
     assert [p["choices"]["ABCD".index(p["gold"])] for p in probs] == [
         f"right{i}" for i in range(20)
     ]
     assert len({p["gold"] for p in probs}) > 1 and all("D) " in p["prompt"] for p in probs)
-    assert ev.load_benchmark("gpqa", str(path), seed=0) == probs
-    assert [p["choices"] for p in ev.load_benchmark("gpqa", str(path), seed=1)] != [
+    assert benchmarks.load_benchmark("gpqa", str(path), seed=0) == probs
+    assert [p["choices"] for p in benchmarks.load_benchmark("gpqa", str(path), seed=1)] != [
         p["choices"] for p in probs
     ]
     rows[3].pop("Incorrect Answer 2")
     dataio.write_jsonl(path, rows)
     with pytest.raises(errors.DataError, match=rf"^{path}:4: field 'Incorrect Answer 2': missing"):
-        ev.load_benchmark("gpqa", str(path))
+        benchmarks.load_benchmark("gpqa", str(path))
 
 
 def test_gsm8k_math500_olympiadbench_local_files(tmp_path):
@@ -258,7 +261,7 @@ def test_gsm8k_math500_olympiadbench_local_files(tmp_path):
         tmp_path / "o.jsonl", [{"id": 7, "question": "Find x.", "final_answer": ["$3$"]}]
     )
     (g,), (m,), (o,) = (
-        ev.load_benchmark(b, str(tmp_path / f))
+        benchmarks.load_benchmark(b, str(tmp_path / f))
         for b, f in (("gsm8k", "g.jsonl"), ("math500", "m.jsonl"), ("olympiadbench", "o.jsonl"))
     )
     assert (g["gold"], m["gold"], m["id"], o["gold"], o["id"]) == (
@@ -271,7 +274,7 @@ def test_gsm8k_math500_olympiadbench_local_files(tmp_path):
     assert "\\boxed{}" in m["prompt"] and "####" in g["prompt"]
     assert ev.is_correct("olympiadbench", "\\boxed{3}", o["gold"])
     with pytest.raises(errors.ConfigError, match="unknown benchmark 'aime'"):
-        ev.load_benchmark("aime")
+        benchmarks.load_benchmark("aime")
 
 
 # ---- runs ----------------------------------------------------------------------------------------
@@ -279,6 +282,11 @@ def _summary(out):
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def _first_table(out):
+    return (out / "tables.md").read_text().split("\n\n")[0]
+
+
+@pytest.mark.slow
 def test_toy_run_writes_tables_summary_and_samples(tmp_path):
     proc = run_eval(tmp_path / "run", *SMALL)
     assert (
@@ -286,7 +294,8 @@ def test_toy_run_writes_tables_summary_and_samples(tmp_path):
     )
     s = _summary(tmp_path / "run")
     r = s["results"]["think"]["benchmarks"]["toy_gsm8k"]
-    assert r["problems"] == 6 and r["samples"] == 24 and 0 <= r["mean_at_k"] <= r["pass_at_4"] <= 1
+    assert r["problems"] == 6 and r["samples"] == 24 and r["mean_at_k"] <= r["pass_at_4"]
+    assert r["correct"] == round(r["mean_at_k"] * 24) and r["any_pass"] == round(r["pass_at_4"] * 6)
     assert s["results"]["think"]["generated_tokens_per_second"] > 0
     # the thinking-SFT adapter solves toy GSM8K problems the base does not
     assert r["mean_at_k"] > s["results"]["base"]["benchmarks"]["toy_gsm8k"]["mean_at_k"] + 0.3
@@ -297,6 +306,7 @@ def test_toy_run_writes_tables_summary_and_samples(tmp_path):
     assert (tmp_path / "run" / "tables.md").is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_reruns_to_the_same_results_without_redrawing(tmp_path):
     full = run_eval(tmp_path / "full", *SMALL, calls_log=tmp_path / "full.calls")
     total_calls = len((tmp_path / "full.calls").read_text().split())
@@ -317,10 +327,8 @@ def test_killed_run_reruns_to_the_same_results_without_redrawing(tmp_path):
         for bench in ("toy_gsm8k", "toy_gpqa"):
             ra, rb = a["results"][arm]["benchmarks"][bench], b["results"][arm]["benchmarks"][bench]
             assert {k: v for k, v in ra.items()} == {k: v for k, v in rb.items()}, (arm, bench)
-    first_table = lambda out: (out / "tables.md").read_text().split("\n\n")[0]  # noqa: E731
-    assert (
-        first_table(tmp_path / "full") == first_table(tmp_path / "cut") and "| Arm |" in full.stdout
-    )
+    assert _first_table(tmp_path / "full") == _first_table(tmp_path / "cut")
+    assert "| Arm |" in full.stdout
 
 
 @pytest.mark.slow
@@ -394,6 +402,7 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
     )  # samples at T=1 differ: the server did not decode greedily
 
 
+@pytest.mark.slow
 def test_likelihood_suite_from_the_cli(tmp_path):
     proc = run_eval(tmp_path / "lik", "--suite", "likelihood", "--limit", "24", "--arms", "base=")
     assert "| base | toy_arc | 24 |" in proc.stdout

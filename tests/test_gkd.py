@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -37,54 +38,60 @@ def toy_pair():
     tok = toy.load_tokenizer()
     teacher = gkd.load_teacher("toy", str(toy.SFT_ADAPTER_DIR), torch.device("cpu"), False)
     student, _ = gkd.load_student("toy", torch.device("cpu"), True, 8, 16.0, 0.0, False, False)
-    train, _ = gkd.load_examples(
-        tok,
-        data="toy",
-        eval_data="",
-        seed=0,
-        eval_size=4,
-        toy_difficulty="1,2",
-        toy_train_size=6,
-        max_prompt_length=512,
-        max_length=512,
+    args = gkd.Args(
+        eval_size=4, toy_difficulty="1,2", toy_train_size=6, max_prompt_length=512, max_length=512
     )
+    train, _ = gkd.load_examples(tok, args)
     return tok, teacher, student, train
 
 
-def textbook_jsd(
-    zs: torch.Tensor, zt: torch.Tensor, beta: float, temperature: float
-) -> torch.Tensor:
-    """Per-row generalized JSD in float64, by the definition (P = teacher, Q = student)."""
-    ls = torch.log_softmax(zs.double() / temperature, -1)
-    lt = torch.log_softmax(zt.double() / temperature, -1)
-    q, p = ls.exp(), lt.exp()
-    if beta == 0.0:
-        return (p * (lt - ls)).sum(-1)
-    if beta == 1.0:
-        return (q * (ls - lt)).sum(-1)
-    lm = torch.log(beta * p + (1 - beta) * q)
-    return beta * (p * (lt - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
+def data_rollout(train, tok):
+    return sampling.rollout_from_tokens(
+        [r["ids"] for r in train], [r["target"] for r in train], tok.pad_token_id, "cpu"
+    )
 
 
 def completion_logits(model, roll, rows, vocab):
     """The full [N, vocab] logits at the completion tokens (the thing token_losses must never
-    build)."""
+    build), in float64, and the completion tokens."""
     ids, attn, K = sampling.micro_batch(roll, rows)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         z = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -K - 1 : -1]
-    return z[roll.completion_mask[rows, :K].bool()][:, :vocab], ids[:, -K:][
-        roll.completion_mask[rows, :K].bool()
-    ]
+    m = roll.completion_mask[rows, :K].bool()
+    return z[m][:, :vocab].double(), ids[:, -K:][m]
+
+
+def test_textbook_jsd_by_definition():
+    """gkd.generalized_jsd, the oracle of the fused kernel, against KL divergences written
+    independently (torch's kl_div, the mixture M in probability space)."""
+    torch.manual_seed(0)
+    zs, zt = (
+        3 * torch.randn(4, 11, dtype=torch.float64),
+        3 * torch.randn(4, 11, dtype=torch.float64),
+    )
+    p, q = torch.softmax(zt / 0.7, -1), torch.softmax(zs / 0.7, -1)
+
+    def kl(a, b):
+        return torch.nn.functional.kl_div(b.log(), a, reduction="none").sum(-1)
+
+    assert torch.allclose(gkd.generalized_jsd(zs, zt, 0.0, 0.7), kl(p, q))
+    assert torch.allclose(gkd.generalized_jsd(zs, zt, 1.0, 0.7), kl(q, p))
+    for beta in (0.3, 0.5, 0.9):
+        m = beta * p + (1 - beta) * q
+        want = beta * kl(p, m) + (1 - beta) * kl(q, m)
+        assert torch.allclose(gkd.generalized_jsd(zs, zt, beta, 0.7), want)
+    half = gkd.generalized_jsd(zs, zt, 0.5, 1.0)
+    assert torch.allclose(half, gkd.generalized_jsd(zt, zs, 0.5, 1.0))  # symmetric at beta 0.5
+    assert (half > 0).all() and (half < math.log(2)).all()
+    assert gkd.generalized_jsd(zs, zs + 4.0, 0.5, 1.0).abs().max() < 1e-12  # same distribution
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_loss_is_the_textbook_jsd(toy_pair, beta, temperature):
     tok, teacher, student, train = toy_pair
-    roll = gkd.as_rollout(
-        [r["ids"] for r in train], [r["target"] for r in train], tok.pad_token_id, "cpu"
-    )
+    roll = data_rollout(train, tok)
     vocab = len(tok)
     d, logged, row = gkd.token_losses(
         student,
@@ -99,7 +106,7 @@ def test_loss_is_the_textbook_jsd(toy_pair, beta, temperature):
     )
     zs, _ = completion_logits(student, roll, slice(0, 6), vocab)
     zt, _ = completion_logits(teacher, roll, slice(0, 6), vocab)
-    want = textbook_jsd(zs, zt, beta, temperature)
+    want = gkd.generalized_jsd(zs, zt, beta, temperature)
     assert d.shape == want.shape == (int(roll.completion_mask.sum()),)
     assert torch.allclose(d.double(), want, rtol=1e-4, atol=1e-6), (d[:4], want[:4])
     assert torch.equal(logged, d.detach()) and row.max() == 5
@@ -113,14 +120,12 @@ def test_loss_is_the_textbook_jsd(toy_pair, beta, temperature):
 
 def test_sft_and_reverse_kl_pg_terms_by_hand(toy_pair):
     tok, teacher, student, train = toy_pair
-    roll = gkd.as_rollout(
-        [r["ids"] for r in train], [r["target"] for r in train], tok.pad_token_id, "cpu"
-    )
+    roll = data_rollout(train, tok)
     vocab = len(tok)
     zs, y = completion_logits(student, roll, slice(0, 6), vocab)
     zt, _ = completion_logits(teacher, roll, slice(0, 6), vocab)
-    logq = torch.log_softmax(zs.double(), -1).gather(1, y[:, None])[:, 0]
-    logp = torch.log_softmax(zt.double(), -1).gather(1, y[:, None])[:, 0]
+    logq = torch.log_softmax(zs, -1).gather(1, y[:, None])[:, 0]
+    logp = torch.log_softmax(zt, -1).gather(1, y[:, None])[:, 0]
     sft, nll, _ = gkd.token_losses(
         student, teacher, roll, slice(0, 6), vocab, loss="sft", beta=0.5, temperature=1.0
     )
@@ -164,10 +169,10 @@ def test_real_vocabulary_never_builds_logits_and_masks_padded_rows(tmp_path, mon
         tok(f" {2 * i} because {i} and {i}.", add_special_tokens=False)["input_ids"]
         for i in range(3)
     ]
-    roll = gkd.as_rollout(prompts, targets, tok.pad_token_id, "cpu")
+    roll = sampling.rollout_from_tokens(prompts, targets, tok.pad_token_id, "cpu")
     zs, _ = completion_logits(student, roll, slice(0, 3), vocab)
     zt, _ = completion_logits(teacher, roll, slice(0, 3), vocab)
-    want = textbook_jsd(zs, zt, 0.5, 1.0)
+    want = gkd.generalized_jsd(zs, zt, 0.5, 1.0)
 
     def no_logits(*a, **k):
         raise AssertionError("an LM head was called: [N, V] logits were built")
@@ -178,7 +183,12 @@ def test_real_vocabulary_never_builds_logits_and_masks_padded_rows(tmp_path, mon
     import vocab_kernels.chunked as chunked
 
     real_chunk = chunked._chunk
-    monkeypatch.setattr(chunked, "_chunk", lambda *a: calls.append(real_chunk(*a)) or calls[-1])
+
+    def counted_chunk(*args):
+        calls.append(real_chunk(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(chunked, "_chunk", counted_chunk)
     d, _, _ = gkd.token_losses(
         student,
         teacher,
@@ -243,6 +253,7 @@ def test_on_policy_share_is_exact_in_expectation():
     assert gkd.on_policy_rows(16, 0.0, 3, 0) == 0 and gkd.on_policy_rows(16, 1.0, 3, 0) == 16
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_student(tmp_path):
     args = ["gkd.py", *SMALL]
     run_script(*args, "--out", tmp_path / "full")
@@ -360,4 +371,6 @@ def test_init_adapter_is_merged_into_the_student_before_its_lora(tmp_path):
         assert torch.allclose(
             model(x).logits, by_hand(x).logits, atol=1e-5
         )  # the fresh LoRA starts at zero
+    # the fresh LoRA trains, the merged base stays frozen
     assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)

@@ -1,5 +1,5 @@
-"""grpo.py: the loss aggregations by hand, advantages, MARA, the reward gate; short runs as
-subprocesses."""
+"""grpo.py: the loss aggregations by hand, advantages, MARA, a rollout in process; short training
+runs as subprocesses (slow)."""
 
 import importlib.util
 import json
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import grpo
+import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {
@@ -64,18 +65,15 @@ def metrics(out: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 L = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
-M = torch.tensor(
-    [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
-)  # row 3: a completion masked out entirely
+# row 3: a completion masked out entirely
+M = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
 
 
 @pytest.mark.parametrize(
     "loss_type, expected",
     [
-        (
-            "grpo",
-            ((1 + 2 + 3) / 3 + 5 / 1 + 0) / 3,
-        ),  # mean over sequences of the per-sequence token mean
+        # mean over sequences of the per-sequence token mean
+        ("grpo", ((1 + 2 + 3) / 3 + 5 / 1 + 0) / 3),
         ("bnpo", (1 + 2 + 3 + 5) / 4),  # token mean over the (micro-)batch
         ("dr_grpo", (1 + 2 + 3 + 5) / (3 * 4)),  # / (rows x max_completion_length = 4)
         ("dapo", (1 + 2 + 3 + 5) / 4),  # / tokens of the generation batch (here the same 4)
@@ -212,18 +210,8 @@ def test_evaluate_leaves_prompts_without_gold_out_of_accuracy(monkeypatch):
         {"ids": [2], "prompt": "b", "answer": None},
         {"ids": [3], "prompt": "c", "answer": "7"},
     ]
-    row = grpo.evaluate(
-        torch.nn.Linear(1, 1),
-        None,
-        heldout,
-        "correct:1.0",
-        k=2,
-        max_new_tokens=8,
-        temperature=0.5,
-        top_p=1.0,
-        seed=0,
-        accuracy=True,
-    )
+    args = grpo.Args(eval_samples=2, max_completion_length=8, temperature=0.5, task="verifiable")
+    row = grpo.evaluate(torch.nn.Linear(1, 1), None, heldout, "correct:1.0", args)
     assert row["accuracy"] == pytest.approx(3 / 4)  # 1 + 2 right of the 4 graded samples
     assert row["pass_at_k"] == 1.0 and row["greedy_accuracy"] == 1.0 and row["graded_prompts"] == 2
 
@@ -253,13 +241,11 @@ def test_kl_term_is_k3_and_reference_equal_policy_gives_zero():
         logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 2), 0.2, 0.2, 0.5
     )
     assert kl.tolist()[0] == pytest.approx([0.0, math.exp(-1.0)])
-    assert loss.tolist()[0] == pytest.approx(
-        [0.0, 0.5 * math.exp(-1.0)]
-    )  # A = 0: only beta * k3 is left
+    # A = 0: only beta * k3 is left
+    assert loss.tolist()[0] == pytest.approx([0.0, 0.5 * math.exp(-1.0)])
     loss.sum().backward()
-    assert logp.grad.tolist()[0] == pytest.approx(
-        [0.0, 0.5 * (1 - math.exp(-1.0))]
-    )  # d k3 / d logp = 1 - e^(ref-logp)
+    # d k3 / d logp = 1 - e^(ref-logp)
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, 0.5 * (1 - math.exp(-1.0))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +298,12 @@ def test_script_verifiable_outputs(tmp_path):
     ):
         assert key in train[0], key
     assert all(_finite(r) for r in rows)
-    assert summary["heldout"]["metric"] == "accuracy"
-    assert 0.0 <= summary["heldout"]["before"] <= 1.0 and 0.0 <= summary["heldout"]["after"] <= 1.0
+    held = summary["heldout"]
+    assert held["metric"] == "accuracy"
+    # the headline numbers are the held-out evaluations logged at step 0 and after the last step
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert (held["before"], held["after"]) == (evals[0]["eval/accuracy"], evals[1]["eval/accuracy"])
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {s["split"] for s in samples} == {"train", "heldout"}
     assert all("completion" in s and "reward" in s for s in samples)
@@ -341,15 +331,17 @@ def test_kl_zero_at_step0_and_ratio_clips_with_two_iterations(tmp_path):
         "bnpo",
         "--mara-tau",
         "0.2",
+        "--save-every",
+        "1",
     )
     first, second = [r for r in metrics(tmp_path) if "reward" in r]
-    assert (
-        0.0 <= first["mara/anchored_frac"] <= 1.0
-    )  # MARA ran on the reference's sequence log-probs
+    # MARA ran on the reference's sequence log-probs: it anchored samples and moved their rewards
+    assert first["mara/anchored_frac"] > 0 and first["mara/reward"] != first["reward"]
+    # step 1 is in the middle of the generation batch and step 2 the last: no checkpoint
+    assert not (tmp_path / "checkpoint").exists()
     assert first["kl"] == 0.0  # policy == reference before any update (LoRA B starts at 0)
-    assert first["ratio/min"] == pytest.approx(1.0, abs=1e-5) and first[
-        "ratio/max"
-    ] == pytest.approx(1.0, abs=1e-5)
+    assert first["ratio/min"] == pytest.approx(1.0, abs=1e-5)
+    assert first["ratio/max"] == pytest.approx(1.0, abs=1e-5)
     assert first["clip_ratio/region_mean"] == 0.0
     # the second step reuses the batch with the stored old log-probs: the ratio moved and the clip
     # engaged
@@ -359,6 +351,36 @@ def test_kl_zero_at_step0_and_ratio_clips_with_two_iterations(tmp_path):
     assert second["reward"] == first["reward"]  # same generation batch
 
 
+def test_mara_rollout_narrower_than_the_limit():
+    # In process, no training: level-1 problems from the SFT adapter end well before 300 tokens, so
+    # the rollout is narrower than --max-completion-length, and the reference log-probs MARA reads
+    # must be as wide as the rollout, not as the limit.
+    args = grpo.Args(
+        toy_difficulty="1",
+        max_completion_length=300,
+        mara_tau=0.5,
+        beta=0.04,
+        num_generations=4,
+        micro_batch_size=4,
+        toy_train_size=2,
+        eval_size=1,
+        device="cpu",
+    )
+    args = grpo.resolve_defaults(args)
+    tokenizer = loading.load_tokenizer("toy")
+    model = grpo.load_policy(args, torch.device("cpu"))
+    train, _ = grpo.load_prompts(tokenizer, args)
+    generator = torch.Generator().manual_seed(0)
+    batch = grpo.rollout(model, tokenizer, train, "correct:1.0,format:0.1", generator, args)
+    width = batch.roll.completion_ids.shape[1]
+    assert width < 300 and batch.metrics["completions/clipped_ratio"] == 0.0, width
+    assert batch.ref_logp.shape == batch.roll.completion_ids.shape
+    # reward = correct + 0.1 format, so r >= tau = 0.5 exactly for the correct samples
+    m = batch.metrics
+    assert m["mara/anchored_frac"] == pytest.approx(m["rewards/correct/mean"]), m
+
+
+@pytest.mark.slow
 def test_mara_with_every_completion_shorter_than_the_limit(tmp_path):
     # Level-1 problems from the SFT adapter end well before 300 tokens, so the rollout is narrower
     # than --max-completion-length: the reference log-probs must be as wide as the rollout, not as
@@ -380,7 +402,9 @@ def test_mara_with_every_completion_shorter_than_the_limit(tmp_path):
     )
     row = [r for r in metrics(tmp_path) if "reward" in r][0]
     assert row["completions/clipped_ratio"] == 0.0 and row["completions/max_length"] < 300, row
-    assert 0.0 <= row["mara/anchored_frac"] <= 1.0 and row["kl"] == 0.0
+    # reward = correct + 0.1 format, so r >= tau = 0.5 exactly for the correct samples
+    assert row["mara/anchored_frac"] == pytest.approx(row["rewards/correct/mean"]), row
+    assert row["kl"] == 0.0
 
 
 @pytest.mark.slow
@@ -389,9 +413,8 @@ def test_resume_repeats_the_interrupted_step_exactly(tmp_path):
     run_grpo(tmp_path, *flags)  # two steps; the checkpoint holds step 1
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 1
     first = [r for r in metrics(tmp_path) if "reward" in r]
-    summary = run_grpo(
-        tmp_path, *flags, "--resume"
-    )  # redo step 2 from the checkpoint (the log is trimmed to step 1)
+    # redo step 2 from the checkpoint (the log is trimmed to step 1)
+    summary = run_grpo(tmp_path, *flags, "--resume")
     again = [r for r in metrics(tmp_path) if "reward" in r]
     assert [r["step"] for r in again] == [1, 2] and again[0] == first[0]
     # same prompts, same sampling stream, same weights and optimizer state: the same step again
@@ -444,6 +467,7 @@ def test_realism_real_qwen3_tokenizer_and_vocab(tmp_path):
         )
     )
     out = tmp_path / "run"
+    # --mask-truncated-completions: a random model never ends, so every row is masked out
     summary = run_grpo(
         out,
         "--model",
@@ -461,15 +485,14 @@ def test_realism_real_qwen3_tokenizer_and_vocab(tmp_path):
         "--load-in-4bit",
         "--gradient-checkpointing",
         "--mask-truncated-completions",
-    )  # a random model never ends: every row is masked out
+    )
     assert summary["args"]["load_in_4bit"] and summary["args"]["gradient_checkpointing"]
     rows = [r for r in metrics(out) if "reward" in r]
     assert len(rows) == 2 and all(_finite(r) for r in rows)
     assert rows[0]["kl"] == 0.0
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert any(
-        "<|im_start|>assistant" in s["prompt"] for s in samples
-    )  # the real chat template was applied
+    # the real chat template was applied
+    assert any("<|im_start|>assistant" in s["prompt"] for s in samples)
 
 
 def _free_port() -> int:
@@ -522,7 +545,6 @@ def test_learning_toy_verifiable(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     held = summary["heldout"]
-    assert held["metric"] == "accuracy" and 0.2 <= held["before"] <= 0.9, (
-        held
-    )  # a level the SFT model has not mastered
+    # a level the SFT model has not mastered
+    assert held["metric"] == "accuracy" and 0.2 <= held["before"] <= 0.9, held
     assert held["after"] >= held["before"] + LEARN_MARGIN, held

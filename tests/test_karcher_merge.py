@@ -2,7 +2,6 @@
 out, full models, errors, and the toy table (the merge beats the base on every domain)."""
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def rel(a, b) -> float:
 
 
 def reference_karcher(tensors, weights, max_iter=10, tol=1e-5):
-    """The textbook loop, written independently in numpy-like float64 torch, for the dense function."""
+    """The textbook loop, written independently in float64 torch, for the dense function."""
     u = [t.double().flatten() / t.double().norm() for t in tensors]
     m = sum(w * x for w, x in zip(weights, u))
     m = m / m.norm()
@@ -198,6 +197,7 @@ def test_adapters_on_different_modules_and_ranks(adapters, tmp_path):
     assert max(rel(d_d[k], d_f[k]) for k in d_f) < 1e-6  # the dense update is kept in fp32
 
 
+@pytest.mark.slow
 def test_cli_adapter_out_is_exact_and_peft_loads_it(adapters, tmp_path):
     from peft import PeftModel
 
@@ -293,6 +293,7 @@ def test_full_models_copies_come_back(tmp_path):
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_errors_name_the_flag(adapters, tmp_path):
     def fails(*argv):
         import subprocess
@@ -345,16 +346,15 @@ def test_toy_merge_beats_the_base_on_every_domain(tmp_path):
     assert set(by) == {"base", "story", "news", "code", "karcher", "linear", "karcher adapter"}
     for d in toy.DOMAINS:
         assert by["karcher"][f"{d}/nll"] < 0.985 * by["base"][f"{d}/nll"], d
-        assert by[d][f"{d}/nll"] < by["base"][f"{d}/nll"] - 0.02, (
-            d
-        )  # each specialist is better at its domain
-        assert (
-            math.isfinite(by["karcher"][f"{d}/distinct1"]) and by["karcher"][f"{d}/pairwise"] >= 0
-        )
+        # each specialist is better at its domain
+        assert by[d][f"{d}/nll"] < by["base"][f"{d}/nll"] - 0.02, d
+        # the samples have words, and a share of them unique
+        assert 0.0 < by["karcher"][f"{d}/distinct1"] <= 1.0, d
     assert all(s["karcher_beats_base_nll"].values())
     assert dataio.read_jsonl(tmp_path / "samples.jsonl")
 
 
+@pytest.mark.slow
 def test_equals_mergekit_karcher_on_dense_toy_models(tmp_path):
     """MergeKit as an oracle (installed by requirements-dev.txt): bench/karcher_vs_mergekit.py
     merges the toy base with each domain adapter baked in, with MergeKit and with ours (dense, and

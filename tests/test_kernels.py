@@ -3,13 +3,14 @@
 Two backends, one set of cases:
 - the PyTorch reference (`vocab_kernels.reference`), in this process;
 - the Triton kernels under the CPU interpreter, in ONE subprocess with TRITON_INTERPRET=1 set before
-  anything imports triton (`triton.jit` reads the variable when a kernel is defined, so setting it here
-  would be too late, and it must not leak into other test modules). The subprocess runs this file as a
-  script and reports one result per case as JSON.
+  anything imports triton (`triton.jit` reads the variable when a kernel is defined, so setting it
+  here would be too late, and it must not leak into other test modules). The subprocess runs this
+  file as a script and reports one result per case as JSON.
 
 Tolerances (|got - want| <= rtol * |want| + atol * max|want|, elementwise):
 - values (logp, entropy, jsd), any input dtype: rtol 2e-5, atol 2e-5. The oracle sees the same
-  bf16-rounded inputs in float64 and every kernel accumulates in fp32, so bf16 inputs are as exact here.
+  bf16-rounded inputs in float64 and every kernel accumulates in fp32, so bf16 inputs are as exact
+  here.
 - gradients, fp32 inputs: rtol 1e-4, atol 1e-5; gradients stored in bf16 (the input dtype):
   rtol 1e-2, atol 4e-3 (bf16 keeps 8 bits: 2^-8 = 3.9e-3 relative).
 """
@@ -196,7 +197,8 @@ def _close(name, got, want, tol):
 
 
 def check_case(case, api):
-    """Run one case through `api` (a module with the public functions) and compare with the oracle."""
+    """Run one case through `api` (a module with the public functions) and compare with the
+    oracle."""
     gen = torch.Generator().manual_seed(zlib.crc32(case["id"].encode()))
     dtype = getattr(torch, case.get("dtype", "float32"))
     grad_tol = TOL_GRAD[dtype]

@@ -4,17 +4,14 @@ reward; judges.py:
 the judges (toy, local model, HTTP); the chrF++ / ROUGE-L benchmark."""
 
 import importlib.util
-import json
 import math
 import random
-import socket
-import threading
 import time
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import free_port, run_script
 
 import answers
 import errors
@@ -364,8 +361,6 @@ def test_loading_the_embedder_prints_nothing_about_4bit_kernels():
     # sentence-transformers imports peft, which imports bitsandbytes; a plain run has no 4-bit
     # layer, so a failed download of bitsandbytes' optional CPU 4-bit kernel is nothing a user can
     # act on
-    from conftest import run_script
-
     proc = run_script(
         "-c", "import rewards; rewards.get_embedder()", env={"HF_HUB_OFFLINE": "1"}, timeout=300
     )
@@ -638,9 +633,11 @@ def test_local_judge_runs_on_the_toy_model():
     )
     assert len(scores) == 2 and all(s is None or 0.0 <= s <= 1.0 for s in scores)
     assert judge.calls == 2 and judge.invalid == sum(s is None for s in scores)
+    invalid = judge.invalid
     prefs = judge.prefer(["Once upon a time"], ["a fox ran."], ["zzzz"])
     assert len(prefs) == 1 and (prefs[0] is None or 0.0 <= prefs[0] <= 1.0)
-    assert judge.calls == 4 and judge.invalid >= 0
+    # both orders asked: None only when neither verdict parsed
+    assert judge.calls == 4 and judge.invalid - invalid in ({2} if prefs[0] is None else {0, 1})
     fn = judges.judge_reward(judge)
     with warnings.catch_warnings():
         warnings.simplefilter(
@@ -726,74 +723,20 @@ def test_full_pairwise_math():
 # --------------------------------------------------------------------------------------------------
 
 
-class _Server:
-    """A tiny /v1/chat/completions server. `plan` is a list of actions consumed per request: "ok",
-    "503", "400", "slow" (sleeps past the client timeout), "junk" (not JSON); when it runs out,
-    "ok"."""
-
-    def __init__(self):
-        self.plan, self.requests, self.lock = [], [], threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    action = outer.plan.pop(0) if outer.plan else "ok"
-                    outer.requests.append((self.path, dict(self.headers), body, action))
-                if (
-                    action == "slow"
-                ):  # the client gives up first; answering it would only hit a closed socket
-                    time.sleep(0.5)
-                    return
-                if action in ("503", "400"):
-                    self.send_response(int(action))
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "nope"}')
-                    return
-                user = body["messages"][-1]["content"]
-                if (
-                    "Conclusion: Option" in user
-                ):  # pairwise: prefer the continuation that mentions "good"
-                    first = user.split("Option 1:")[1].split("Option 2:")[0]
-                    text = "Option 1 reads better.\n\nConclusion: Option " + (
-                        "1" if "good" in first else "2"
-                    )
-                else:
-                    text = "Reasoning...\nScore: 8" if "right" in user else "I cannot say."
-                payload = (
-                    b"not json"
-                    if action == "junk"
-                    else json.dumps(
-                        {"choices": [{"message": {"role": "assistant", "content": text}}]}
-                    ).encode()
-                )
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _judge_reply(path: str, body: dict, index: int) -> str:
+    """A judge's reply: pairwise prefers the continuation that mentions "good"; a pointwise score
+    of 8 for an answer that says "right", no score otherwise."""
+    user = body["messages"][-1]["content"]
+    if "Conclusion: Option" in user:
+        first = user.split("Option 1:")[1].split("Option 2:")[0]
+        return "Option 1 reads better.\n\nConclusion: Option " + ("1" if "good" in first else "2")
+    return "Reasoning...\nScore: 8" if "right" in user else "I cannot say."
 
 
 @pytest.fixture
-def server():
-    s = _Server()
-    yield s
-    s.close()
+def server(openai_server):
+    # "slow" outlasts the client's timeout: the client gives up first
+    return openai_server(respond=_judge_reply, slow=0.5)
 
 
 def test_http_judge_scores_and_prefers(server):
@@ -848,15 +791,8 @@ def test_http_judge_retries_timeouts_and_5xx(server):
         judge.score(["q"], ["right"])
 
 
-def _closed_port() -> int:
-    """A local port nothing listens on: bound by the OS, then released."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_http_judge_down_is_one_line_naming_url_and_cause():
-    port = _closed_port()
+    port = free_port()
     judge = judges.HTTPJudge(
         f"http://127.0.0.1:{port}", model="m", timeout=0.5, retries=2, backoff=0.01
     )

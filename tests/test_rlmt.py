@@ -102,7 +102,10 @@ def test_model_boundary_takes_the_text_after_the_first_close():
     from test_sampling import ScriptedLM
 
     tok = toy.load_tokenizer()
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     x, y = enc("xy")
     model = ScriptedLM(
         {x: enc("ab</think>\n\nok</think>z<|im_end|>"), y: enc("abc<|im_end|>")}, len(tok)
@@ -130,7 +133,10 @@ def test_multi_token_close_on_smollm2(boundary, capsys):
     from test_sampling import ScriptedLM
 
     tok = _smollm2_tokenizer()
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     close = enc(rlmt.THINK_CLOSE)
     assert len(close) == 3 and tok.convert_tokens_to_ids(rlmt.THINK_CLOSE) in (
         None,
@@ -261,16 +267,19 @@ def test_pointwise_continuation_judging_shows_the_reference_and_never_the_though
         and "he had 3" not in text
     )
     assert "Ada Reyes voted yes." in seen[1][-1]["content"]
-    # the toy continuation judge takes the references too (it rebuilds the facts from the prefix)
+    # the toy continuation judge takes the references too (it rebuilds the facts from the prefix):
+    # the original continuation scores 1, a stock ending 0, every verdict valid
+    docs = toy.continuations("test", 3, seed=0)
+    rows = [{"judge_prompt": d["prompt"], "reference": d["reference"]} for d in docs]
     toy_judge = judges.CountedJudge(toy.ContinuationJudge())
-    assert (
-        len(
-            rlmt.judge_responses(
-                toy_judge, "continuation", "pointwise", rows, answers, [True, True], 0.0
-            )[0]
+
+    def judged(answers):
+        return rlmt.judge_responses(
+            toy_judge, "continuation", "pointwise", rows, answers, [True] * 3, 0.0
         )
-        == 2
-    )
+
+    assert judged([d["reference"] for d in docs]) == ([1.0] * 3, 0)
+    assert judged(["The end."] * 3) == ([0.0] * 3, 0)
 
 
 def test_continuation_judging_both_orders_win_tie_loss_and_missing():
@@ -289,15 +298,20 @@ def test_continuation_judging_both_orders_win_tie_loss_and_missing():
     assert judge.seen[3:] == [
         (f"prefix {i}", "ref", a) for i, a in enumerate(answers[:3])
     ]  # then second
+
+    def first_shown(prefixes, first, second):  # position bias: ours wins, then loses -> a tie
+        return [1.0] * len(first)
+
+    def unparsed(prefixes, first, second):
+        return [None] * len(first)
+
     flip = Recorder()
-    flip.prefer_ordered = lambda p, f, s: (
-        [1.0] * len(f)
-    )  # always the first shown: position bias -> a tie
+    flip.prefer_ordered = first_shown
     assert rlmt.judge_responses(flip, "continuation", "pairwise", rows[:1], ["x"], [True], 0.0)[
         0
     ] == [0.5]
     none = Recorder()
-    none.prefer_ordered = lambda p, f, s: [None] * len(f)
+    none.prefer_ordered = unparsed
     assert rlmt.judge_responses(none, "continuation", "pairwise", rows[:1], ["x"], [True], 0.0) == (
         [0.0],
         1,
@@ -460,6 +474,7 @@ def test_continuation_external_runs_and_logs_the_card_columns(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_learning_the_default_chat_run_shortened_raises_the_gate_reward(tmp_path):
     """`python rlmt.py` cut to 45 of its 150 steps (the shipped toy/sft_instruct start, seed 0): the
     reward gate of the trained arm against its start, 64 held-out prompts x 16 samples. Measured:
@@ -491,9 +506,11 @@ def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
     )
     run_rlmt(tmp_path, "--data", "toy-arithmetic", *SMALL)
     rows = [r for r in metrics(tmp_path) if "reward" in r]
-    assert len(rows) == 2 and all(r["judge/invalid_rate"] <= 1.0 for r in rows)
+    # some verdicts parse; an invalid one scores 0, so the mean reward stays under the valid share
+    assert len(rows) == 2 and all(r["judge/invalid_rate"] < 1.0 for r in rows)
+    assert all(r["reward"] <= 1.0 - r["judge/invalid_rate"] + 1e-9 for r in rows)
     train_samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert all(x["reward"] in (0.0, 1.0, None) for x in train_samples if x["split"] == "train")
+    assert all(x["reward"] in (0.0, 1.0) for x in train_samples if x["split"] == "train")
     with pytest.raises(errors.ConfigError, match="toy-arithmetic"):
         rlmt.load_prompts(
             tok,
@@ -530,7 +547,8 @@ def test_pointwise_continuation_run_uses_the_document_judge(tmp_path):
 
 
 def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
-    arms = f"base=,sft={toy.SFT_INSTRUCT_DIR},arith={toy.SFT_ADAPTER_DIR},both={toy.SFT_INSTRUCT_DIR}+{toy.SFT_ADAPTER_DIR}"
+    sft, arith = toy.SFT_INSTRUCT_DIR, toy.SFT_ADAPTER_DIR
+    arms = f"base=,sft={sft},arith={arith},both={sft}+{arith}"
     proc = run_rlmt(
         tmp_path,
         "--gate",
@@ -553,11 +571,9 @@ def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
     assert list(gate["arms"]) == ["base", "sft", "arith", "both"] and len(gate["comparisons"]) == 6
     assert "sft_minus_base" in gate["comparisons"] and "both_minus_arith" in gate["comparisons"]
     for a in gate["arms"].values():
-        assert (
-            0.0 <= a["reward_mean"] <= 1.0
-            and a["invalid_rate"] <= 1.0
-            and a["avg_total_new_tokens"] > 0
-        )
+        # every sample is judged and an invalid verdict scores 0
+        assert 0.0 <= a["reward_mean"] <= 1.0 - a["invalid_rate"] + 1e-9
+        assert a["avg_total_new_tokens"] > 0
     assert isinstance(gate["reward_validity_ok"], bool) and isinstance(gate["separable"], bool)
     # the same draws for every arm: the same arm twice gives the same per-prefix means
     again = run_rlmt(
@@ -578,6 +594,7 @@ def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
         again.stdout[-500:]
     )
     assert g2["comparisons"]["b_minus_a"]["tie"] == 1.0
+    assert g2["comparisons"]["b_minus_a"]["delta_ci"] == [0.0, 0.0] and not g2["separable"]
 
 
 def test_bad_gate_spec_is_one_line(tmp_path):
@@ -597,6 +614,7 @@ def test_bad_gate_spec_is_one_line(tmp_path):
 class AnswerJudgeServer:
     def __init__(self):
         self.requests = 0
+        self.lock = threading.Lock()  # the server answers each request on its own thread
         judge, outer = toy.AnswerJudge(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -616,7 +634,7 @@ class AnswerJudgeServer:
                 payload = json.dumps(
                     {"choices": [{"message": {"role": "assistant", "content": text}}]}
                 ).encode()
-                with threading.Lock():
+                with outer.lock:
                     outer.requests += 1
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

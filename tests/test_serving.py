@@ -9,101 +9,19 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_transformers_serve, stop_server
+from conftest import free_port, script_env, start_transformers_serve, stop_server
 
 import errors
 import serving
 import toy
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
-
-
-class FakeServer:
-    """/v1/completions and /v1/chat/completions on 127.0.0.1. Each choice's text names the seed and
-    index it was drawn with ("seed=S i=I"); `honour_n` False answers one choice whatever n is, as
-    `transformers serve` does. `plan`: actions consumed one per request ("503", "404", "junk",
-    "slow", "ok"; "ok" once it runs out); a prompt containing "fail" always gets a 404. max_tokens <
-    4 ends with finish_reason "length", else "stop"."""
-
-    def __init__(self, honour_n: bool = True, delay: float = 0.0):
-        self.honour_n, self.delay, self.plan, self.bodies = honour_n, delay, [], []
-        self.lock, self.in_flight, self.max_in_flight = threading.Lock(), 0, 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, code: int, payload: bytes):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    action = outer.plan.pop(0) if outer.plan else "ok"
-                    outer.bodies.append((self.path, body))
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                try:
-                    time.sleep(outer.delay)
-                    prompt = json.dumps(body.get("prompt", body.get("messages")))
-                    if action == "slow":
-                        time.sleep(1.0)
-                        return
-                    if action == "404" or "fail" in prompt:
-                        return self.reply(404, b'{"error": "no such model"}\n')
-                    if action == "503":
-                        return self.reply(503, b'{"error": "busy"}')
-                    if action == "junk":
-                        return self.reply(200, b"<html>not json</html>")
-                    chat = self.path.endswith("/chat/completions")
-                    finish = "length" if body["max_tokens"] < 4 else "stop"
-                    choices = []
-                    for i in range(body.get("n", 1) if outer.honour_n else 1):
-                        text = f"seed={body.get('seed')} i={i} STOP tail"
-                        choice = (
-                            {"message": {"role": "assistant", "content": text}}
-                            if chat
-                            else {"text": text}
-                        )
-                        choices.append({"index": i, "finish_reason": finish, **choice})
-                    self.reply(200, json.dumps({"choices": choices}).encode())
-                finally:
-                    with outer.lock:
-                        outer.in_flight -= 1
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        ).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 @pytest.fixture
-def server():
-    s = FakeServer()
-    yield s
-    s.close()
-
-
-_closed_port = free_port  # nothing listens there once the probing socket is closed
+def server(openai_server):
+    return openai_server()
 
 
 SAMPLE = {"max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
@@ -122,7 +40,7 @@ def test_n_honoured_is_one_request(server):
     assert [c.text for c in choices] == [f"seed=7 i={i} STOP tail" for i in range(3)]
     assert [c.finish_reason for c in choices] == ["stop"] * 3
     assert (client.requests, client.supports_n) == (1, True)
-    path, body = server.bodies[0]
+    path, body = server.bodies()[0]
     assert (
         path == "/v1/completions"
         and body["n"] == 3
@@ -137,49 +55,43 @@ def test_n_honoured_is_one_request(server):
         "top_k": 0,
     }
     client.complete("2+2=", n=2, seed=None, max_tokens=16, temperature=0.0, top_p=1.0)
-    _, greedy = server.bodies[-1]
+    _, greedy = server.bodies()[-1]
     assert (
         "generation_config" not in greedy and "seed" not in greedy and greedy["temperature"] == 0.0
     )
 
 
-def test_n_ignored_falls_back_to_seeded_requests():
-    server = FakeServer(honour_n=False)
-    try:
-        client = serving.CompletionClient(server.url + "/v1", "m", chat=True)
-        messages = [{"role": "user", "content": "hi"}]
-        choices = client.complete(messages, n=3, seed=10, **SAMPLE)
-        # the first answer (seed 10) is kept; the rest asked one by one with seed + j
-        assert [c.text for c in choices] == [
-            "seed=10 i=0 STOP tail",
-            "seed=11 i=0 STOP tail",
-            "seed=12 i=0 STOP tail",
-        ]
-        assert (client.requests, client.supports_n) == (3, False)
-        assert [b.get("n") for _, b in server.bodies] == [3, None, None]
-        assert all(
-            path == "/v1/chat/completions" and b["messages"] == messages
-            for path, b in server.bodies
-        )
-        server.bodies.clear()
-        assert (
-            len(client.complete(messages, n=2, seed=None, **SAMPLE)) == 2
-        )  # remembered: n never sent again
-        assert [("n" in b, "seed" in b) for _, b in server.bodies] == [(False, False)] * 2
+def test_n_ignored_falls_back_to_seeded_requests(openai_server):
+    server = openai_server(honour_n=False)
+    client = serving.CompletionClient(server.url + "/v1", "m", chat=True)
+    messages = [{"role": "user", "content": "hi"}]
+    choices = client.complete(messages, n=3, seed=10, **SAMPLE)
+    # the first answer (seed 10) is kept; the rest asked one by one with seed + j
+    assert [c.text for c in choices] == [
+        "seed=10 i=0 STOP tail",
+        "seed=11 i=0 STOP tail",
+        "seed=12 i=0 STOP tail",
+    ]
+    assert (client.requests, client.supports_n) == (3, False)
+    assert [b.get("n") for _, b in server.bodies()] == [3, None, None]
+    assert all(
+        path == "/v1/chat/completions" and b["messages"] == messages for path, b in server.bodies()
+    )
+    server.requests.clear()
+    assert (
+        len(client.complete(messages, n=2, seed=None, **SAMPLE)) == 2
+    )  # remembered: n never sent again
+    assert [("n" in b, "seed" in b) for _, b in server.bodies()] == [(False, False)] * 2
 
-        never = serving.CompletionClient(server.url, "m", use_n="no")
-        server.bodies.clear()
-        assert [c.text for c in never.complete("p", n=2, seed=0, **SAMPLE)] == [
-            "seed=0 i=0 STOP tail",
-            "seed=1 i=0 STOP tail",
-        ]
-        assert ["n" in b for _, b in server.bodies] == [False, False] and never.supports_n is None
-        with pytest.raises(serving.ServerError, match=r"asked for n=2 choices, got 1"):
-            serving.CompletionClient(server.url, "m", use_n="yes").complete(
-                "p", n=2, seed=0, **SAMPLE
-            )
-    finally:
-        server.close()
+    never = serving.CompletionClient(server.url, "m", use_n="no")
+    server.requests.clear()
+    assert [c.text for c in never.complete("p", n=2, seed=0, **SAMPLE)] == [
+        "seed=0 i=0 STOP tail",
+        "seed=1 i=0 STOP tail",
+    ]
+    assert ["n" in b for _, b in server.bodies()] == [False, False] and never.supports_n is None
+    with pytest.raises(serving.ServerError, match=r"asked for n=2 choices, got 1"):
+        serving.CompletionClient(server.url, "m", use_n="yes").complete("p", n=2, seed=0, **SAMPLE)
 
 
 def test_finish_reason_and_stop(server):
@@ -191,7 +103,7 @@ def test_finish_reason_and_stop(server):
         "seed=1 ",
         "stop",
     )  # cut before the first stop string
-    assert server.bodies[-1][1]["stop"] == ["STOP", "i="]
+    assert server.bodies()[-1][1]["stop"] == ["STOP", "i="]
 
 
 def test_retries_503_then_success(server):
@@ -244,7 +156,7 @@ def test_client_errors_raise_at_once(server):
 
 
 def test_dead_port_is_connection_refused():
-    port = _closed_port()
+    port = free_port()
     client = serving.CompletionClient(f"http://127.0.0.1:{port}", "m", retries=3, backoff=0.01)
     with pytest.raises(serving.ServerError) as e:
         client.complete("p", n=2, seed=0, **SAMPLE)
@@ -257,67 +169,58 @@ def test_dead_port_is_connection_refused():
     )  # nothing learnt from a server that never answered
 
 
-def test_map_delivers_every_job_in_the_callers_thread():
-    server = FakeServer(delay=0.3)  # long enough that requests overlap on a loaded machine
-    try:
-        client = serving.CompletionClient(server.url, "m", concurrency=3, retries=0)
-        jobs = [
-            {
-                "id": i,
-                "request": {
-                    "prompt": "fail" if i % 4 == 1 else f"p{i}",
-                    "n": 2,
-                    "seed": 100 * i,
-                    **SAMPLE,
-                },
-            }
-            for i in range(10)
-        ]
-        got, threads = {}, set()
+def test_map_delivers_every_job_in_the_callers_thread(openai_server):
+    # a delay long enough that requests overlap on a loaded machine
+    server = openai_server(delay=0.3, fail_marker="fail")
+    client = serving.CompletionClient(server.url, "m", concurrency=3, retries=0)
+    jobs = [
+        {
+            "id": i,
+            "request": {
+                "prompt": "fail" if i % 4 == 1 else f"p{i}",
+                "n": 2,
+                "seed": 100 * i,
+                **SAMPLE,
+            },
+        }
+        for i in range(10)
+    ]
+    got, threads = {}, set()
 
-        def on_done(job, result):
-            threads.add(threading.get_ident())
-            got[job["id"]] = result
+    def on_done(job, result):
+        threads.add(threading.get_ident())
+        got[job["id"]] = result
 
+    client.map(jobs, on_done)
+    assert sorted(got) == list(range(10)) and threads == {threading.get_ident()}
+    for i, result in got.items():
+        if i % 4 == 1:
+            assert isinstance(result, serving.ServerError) and "HTTP 404" in str(result)
+        else:
+            assert [c.text for c in result] == [f"seed={100 * i} i={j} STOP tail" for j in range(2)]
+    assert 1 < server.max_in_flight <= 3
+
+
+def test_map_interrupted_cancels_the_pending_jobs(openai_server):
+    server = openai_server(delay=0.1)
+    client = serving.CompletionClient(server.url, "m", concurrency=2, retries=0)
+    jobs = [{"request": {"prompt": f"p{i}", "n": 1, "seed": i, **SAMPLE}} for i in range(20)]
+
+    def on_done(job, result):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
         client.map(jobs, on_done)
-        assert sorted(got) == list(range(10)) and threads == {threading.get_ident()}
-        for i, result in got.items():
-            if i % 4 == 1:
-                assert isinstance(result, serving.ServerError) and "HTTP 404" in str(result)
-            else:
-                assert [c.text for c in result] == [
-                    f"seed={100 * i} i={j} STOP tail" for j in range(2)
-                ]
-        assert 1 < server.max_in_flight <= 3
-    finally:
-        server.close()
+    time.sleep(0.5)  # the requests in flight when it stopped finish; nothing new starts
+    assert len(server.requests) <= 4
+    with pytest.raises(TypeError):  # a malformed job is a bug in the caller: raised, not a result
+        client.map([{"request": {"prompt": "p", "n": 1}}], lambda job, result: None)
 
 
-def test_map_interrupted_cancels_the_pending_jobs():
-    server = FakeServer(delay=0.1)
-    try:
-        client = serving.CompletionClient(server.url, "m", concurrency=2, retries=0)
-        jobs = [{"request": {"prompt": f"p{i}", "n": 1, "seed": i, **SAMPLE}} for i in range(20)]
-
-        def on_done(job, result):
-            raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            client.map(jobs, on_done)
-        time.sleep(0.5)  # the requests in flight when it stopped finish; nothing new starts
-        assert len(server.bodies) <= 4
-        with pytest.raises(
-            TypeError
-        ):  # a malformed job is a bug in the caller: raised, not a result
-            client.map([{"request": {"prompt": "p", "n": 1}}], lambda job, result: None)
-    finally:
-        server.close()
-
-
-def test_ctrl_c_during_map_exits_at_once():
+def test_ctrl_c_during_map_exits_at_once(openai_server):
     """Ctrl-C while map() waits: KeyboardInterrupt at once, not after the requests in flight (5 s
     each) end."""
-    server = FakeServer(delay=5.0)
+    server = openai_server(delay=5.0)
     code = (
         "import serving\n"
         f"client = serving.CompletionClient({server.url!r}, 'm', concurrency=2, retries=0)\n"
@@ -331,7 +234,7 @@ def test_ctrl_c_during_map_exits_at_once():
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=Path(__file__).resolve().parents[1],
-        env=ENV,
+        env=script_env({"OMP_NUM_THREADS": "1"}),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -340,7 +243,7 @@ def test_ctrl_c_during_map_exits_at_once():
     try:
         assert proc.stdout.readline().strip() == "ready"
         deadline = time.time() + 10
-        while len(server.bodies) < 2 and time.time() < deadline:
+        while len(server.requests) < 2 and time.time() < deadline:
             time.sleep(0.05)
         t = time.perf_counter()
         proc.send_signal(signal.SIGINT)
@@ -348,7 +251,7 @@ def test_ctrl_c_during_map_exits_at_once():
         assert (
             time.perf_counter() - t < 3 and proc.returncode != 0 and "KeyboardInterrupt" in err
         ), err[-2000:]
-        assert len(server.bodies) == 2  # the pending jobs never started
+        assert len(server.requests) == 2  # the pending jobs never started
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -366,8 +269,8 @@ def test_against_transformers_serve():
     0 is greedy; seed, stop and max_tokens take effect, a cut by max_tokens is finish_reason
     "length"; a server killed during map() leaves one-line ServerErrors for the jobs left, not a
     hang."""
-    port, model_dir = _closed_port(), str(toy.base_model_dir())
-    proc = start_transformers_serve(port, model_dir, env=ENV)
+    port, model_dir = free_port(), str(toy.base_model_dir())
+    proc = start_transformers_serve(port, model_dir, env=script_env({"OMP_NUM_THREADS": "1"}))
     try:
         url = f"http://127.0.0.1:{port}"
         client = serving.CompletionClient(

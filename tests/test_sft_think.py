@@ -1,4 +1,5 @@
-"""sft_think.py: masks with the real Qwen3 tokenizer, think-token tuning, resume, realism, learning."""
+"""sft_think.py: masks with the real Qwen3 tokenizer, think-token tuning, resume, realism,
+learning."""
 
 import json
 
@@ -316,6 +317,7 @@ def test_default_run_learns_to_think(sft_toy_run):
     assert s["heldout"]["after"] >= s["heldout"]["before"] + 0.3, s["heldout"]
 
 
+@pytest.mark.slow
 def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
     # toy/sft_think (grpo.py's default start) is `python sft_think.py` with its defaults
     # (scripts/make_toy_adapters.py)
@@ -384,14 +386,22 @@ def test_packing_gives_the_unpacked_loss():
     assert abs(crossing - alone) > 1e-3 * alone  # the test would catch attention across examples
 
 
-def test_held_out_split_keeps_file_line_numbers(tmp_path):
-    data = tmp_path / "d.jsonl"
+def test_held_out_split_is_the_shared_rule_and_keeps_file_line_numbers(tmp_path):
+    data, extra = tmp_path / "d.jsonl", tmp_path / "e.jsonl"
     dataio.write_jsonl(data, [{"text": f"row {i}"} for i in range(40)])
     train, held, _ = sft_think.load_rows(
         str(data), "", seed=0, eval_size=200, toy_difficulty="1", toy_train_size=1
     )
-    assert sorted(r["_line"] for r in train + held) == list(range(1, 41))
+    # dataio.train_and_heldout: the last tenth of --data is held out, in file order
+    assert [r["_line"] for r in train] == list(range(1, 37))
+    assert [r["_line"] for r in held] == list(range(37, 41))
     assert all(r["text"] == f"row {r['_line'] - 1}" for r in train + held)
+    # --eval-data: all of --data trains, and the first --eval-size rows of --eval-data are held out
+    dataio.write_jsonl(extra, [{"text": f"extra {i}"} for i in range(10)])
+    train, held, _ = sft_think.load_rows(
+        str(data), str(extra), seed=0, eval_size=3, toy_difficulty="1", toy_train_size=1
+    )
+    assert len(train) == 40 and [r["text"] for r in held] == ["extra 0", "extra 1", "extra 2"]
 
 
 def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(

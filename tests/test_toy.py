@@ -295,7 +295,8 @@ def test_splits_are_disjoint():
 
 
 def _check_scratchpad(reasoning: str) -> int:
-    """Re-derive each column from its digits, so a wrong line in a generated scratchpad fails here."""
+    """Re-derive each column from its digits, so a wrong line in a generated scratchpad fails
+    here."""
     value = None
     for line in reasoning.split("\n"):
         if m := re.fullmatch(r"(\d+)([+-])(\d+)", line):

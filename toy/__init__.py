@@ -34,11 +34,16 @@ one domain's documents), the inputs of `karcher_merge.py`.
 
 Commands::
 
-    python scripts/pretrain_toy.py             # rebuild toy/base (deterministic; minutes on 2 cores)
-    python scripts/pretrain_toy.py --student   # rebuild toy/student
-    python scripts/pretrain_toy.py --eval      # the base's perplexity per domain and accuracy table
-    python -m toy export --out data/           # every task as JSONL in the repo's data schemas
-    python -m toy show                         # print one example of every task
+    # rebuild toy/base (deterministic; minutes on 2 cores)
+    python scripts/pretrain_toy.py
+    # rebuild toy/student
+    python scripts/pretrain_toy.py --student
+    # the base's perplexity per domain and accuracy table
+    python scripts/pretrain_toy.py --eval
+    # every task as JSONL in the repo's data schemas
+    python -m toy export --out data/
+    # print one example of every task
+    python -m toy show
 """
 
 from toy.judges import (

@@ -504,7 +504,8 @@ class ContinuationJudge:
 
 
 def prompt_text(prompt) -> str:
-    """The user's request from a prompt given as text, as a message list, or as rendered chat text."""
+    """The user's request from a prompt given as text, as a message list, or as rendered chat
+    text."""
     if isinstance(prompt, (list, tuple)):
         users = [m["content"] for m in prompt if m.get("role") == "user"]
         return users[-1] if users else ""

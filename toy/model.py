@@ -158,7 +158,8 @@ def student_model_dir() -> Path:
 
 
 def sft_adapter_dir() -> Path:
-    """The toy base's thinking-SFT LoRA adapter (PEFT format), the starting point of the RL scripts."""
+    """The toy base's thinking-SFT LoRA adapter (PEFT format), the starting point of the RL
+    scripts."""
     return _shipped(
         SFT_ADAPTER_DIR, "adapter_model.safetensors", "python sft_think.py --out toy/sft_think"
     )

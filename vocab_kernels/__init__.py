@@ -31,7 +31,8 @@ _warned_interpreter_on_cuda = False
 
 
 def _backend(*tensors: torch.Tensor | None):
-    """The Triton module for CUDA tensors or under TRITON_INTERPRET=1, else the PyTorch reference."""
+    """The Triton module for CUDA tensors or under TRITON_INTERPRET=1, else the PyTorch
+    reference."""
     global _warned_interpreter_on_cuda
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"

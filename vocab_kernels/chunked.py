@@ -5,12 +5,14 @@ backend supplies as functions on a slice of rows (`ops` is the backend module):
 
     ops.logprob_stats(z, targets, T, want_entropy) -> (logp, lse, entropy or None)
     ops.logprob_grad(z, targets, lse, entropy, g, ge, T, out)      out = dL/dz for L = g.logp + ge.H
-    ops.ce_grad(z, targets, lse, out)                              out = softmax(z) - onehot = -dlogp/dz
+    ops.ce_grad(z, targets, lse, out)                              out = softmax(z) - onehot
+                                                                   = -dlogp/dz
     ops.jsd_stats(zs, zt, beta, T) -> (jsd, (lse_s, lse_t, s))
-    ops.jsd_grad(zs, zt, stats, g, beta, T, out)                    out = dL/dzs for L = g.jsd
-    ops.ROW_CHUNK_ELEMS                                             rows * V per row-op call, on given
-                                                                    logits and within a fused-linear
-                                                                    chunk (None: all rows in one call)
+    ops.jsd_grad(zs, zt, stats, g, beta, T, out)                   out = dL/dzs for L = g.jsd
+    ops.ROW_CHUNK_ELEMS                                            rows * V per row-op call, on
+                                                                   given logits and within a
+                                                                   fused-linear chunk (None: all
+                                                                   rows in one call)
 
 `out` may be `z` itself: the fused-linear ops turn their logits buffer into the gradient in place.
 Backward recomputes the softmax from the saved per-row log-sum-exp (Liger-Kernel, verl), so the
