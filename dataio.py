@@ -110,13 +110,18 @@ def load_rows(
     return [_check_row(r, f"{name}[{split}] row {i}", required, types) for i, r in enumerate(rows)]
 
 
-def train_and_heldout(data: str, eval_data: str, eval_size: int) -> list[tuple[str, list[dict]]]:
+def train_and_heldout(
+    data: str, eval_data: str, eval_size: int, required: Iterable[str] = ()
+) -> list[tuple[str, list[dict]]]:
     """[(source, training rows), (source, held-out rows)] of a user's dataset, each row with its
     '_line' (for file:line errors): `eval_data` when given (its first `eval_size` rows), else the
-    last tenth of `data` (at most `eval_size` rows, at least one)."""
-    rows = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(data))]
+    last tenth of `data` (at most `eval_size` rows, at least one). The one held-out rule of every
+    script: a lineage (SFT, then GRPO, then an evaluation) on one file never trains on the rows
+    another stage held out. `required`: fields every row must have."""
+    rows = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(data, required=required))]
     if eval_data:
-        held = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(eval_data, split="test"))]
+        held = load_rows(eval_data, split="test", required=required)
+        held = [{**r, "_line": i + 1} for i, r in enumerate(held)]
         return [(data, rows), (eval_data, held[:eval_size])]
     n_eval = max(1, min(eval_size, len(rows) // 10))
     if len(rows) <= n_eval:

@@ -25,7 +25,7 @@ continuation, the judge compares the two in both orders (a tie counts 1/2), and 
 with a 95% interval.
 
 Documents (`--data`): JSONL rows {"text", "domain"?} or a dataset id; 'toy' = the toy story / news /
-code documents. Held out: --eval-data (its first --eval-size documents), else the last fifth of
+code documents. Held out: --eval-data (its first --eval-size documents), else the last tenth of
 --data capped at --eval-size.
 
 Judges (`--judge`): "toy" (the toy world's continuation judge, which checks every continuation line
@@ -176,11 +176,6 @@ def cut_windows(
     return out, skipped
 
 
-def _numbered(rows: list[dict]) -> list[dict]:
-    """Rows with their line number, for file:line errors."""
-    return [{**r, "_line": i + 1} for i, r in enumerate(rows)]
-
-
 def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
     """Training and held-out windows (toy documents by default), and the number of short documents
     skipped."""
@@ -192,18 +187,9 @@ def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
             ("toy test", toy.documents("test", 2 * args.eval_size, seed=args.seed)),
         ]
     else:
-        rows = _numbered(dataio.load_rows(args.data, required=("text",)))
-        if args.eval_data:
-            held = _numbered(dataio.load_rows(args.eval_data, split="test", required=("text",)))
-            parts = [(args.data, rows), (args.eval_data, held[: args.eval_size])]
-        else:
-            n_eval = min(args.eval_size, len(rows) // 5)
-            if n_eval < 1:
-                raise errors.DataError(
-                    f"{args.data}: {len(rows)} documents; too few to hold some out (or pass "
-                    "--eval-data)"
-                )
-            parts = [(args.data, rows[:-n_eval]), (args.data, rows[-n_eval:])]
+        parts = dataio.train_and_heldout(
+            args.data, args.eval_data, args.eval_size, required=("text",)
+        )
     lengths = (args.prefix_tokens, args.suffix_tokens, args.skip_short_documents)
     cut = [cut_windows(rows, tokenizer, source, *lengths) for source, rows in parts]
     for (source, _), (windows, _) in zip(parts, cut):
@@ -481,7 +467,8 @@ def evaluate(
             f"both orders ({judge.invalid - invalid} of {judge.calls - calls} verdicts invalid)"
         )
     mean = sum(outcomes) / n
-    # one prefix: sd 0 (an interval of width 0), as the toy's tiny runs have measured it
+    # sd with n - 1 (Bessel), and 0 for a single prefix: an interval of width 0 where
+    # stats.mean_interval would give NaN
     sd = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / max(n - 1, 1))
     low, high = stats.bounded_interval(mean, stats.Z95 * sd / math.sqrt(n))
     return {
@@ -522,7 +509,7 @@ class Args(cli.TrainArgs):
     load_in_4bit: bool = False
     log_completions: int = 1
     eval_data: str = ""
-    """held-out documents (default: the toy test split, or the last fifth of --data, at most
+    """held-out documents (default: the toy test split, or the last tenth of --data, at most
     --eval-size documents)"""
     prefix_tokens: int | None = None
     """tokens of a document shown as the prefix (default 192 toy, 384 hub model)"""

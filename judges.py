@@ -17,8 +17,8 @@ rate.
   visible answer only
   (RLMT, arXiv 2509.20357: the thought is not judged);
 - `full_pairwise`: every pair of K candidates judged in both orders, each candidate's mean win rate,
-  and what the
-  judge did (invalid pairs, position consistency, ties): Self-Improving Pretraining, arXiv 2601.21343.
+  and what the judge did (invalid pairs, position consistency, ties): Self-Improving Pretraining,
+  arXiv 2601.21343.
 
 The pairwise prompt is that paper's quality prompt (fig. 2), answered by "Conclusion: Option 1" or
 "Option 2".
@@ -92,13 +92,16 @@ POINTWISE_TEMPLATE = """Rate the response to the instruction below for correctne
 ### Response
 {response}
 
-Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
+Give a short justification, then end with a last line of exactly this form, with an integer from \
+{lo} to {hi}:
 Score: <integer>"""
 # pointwise with a reference (a document continuation against the document's own): the judge sees
 # the prefix, the original continuation as a reference, and the continuation to rate; never a
 # thought
-POINTWISE_REFERENCE_TEMPLATE = """Rate the continuation of the text below for coherence with the text, fluency and \
-consistency with everything the text states. The original continuation is given as a reference: a continuation \
+POINTWISE_REFERENCE_TEMPLATE = """Rate the continuation of the text below for coherence with the \
+text, fluency and \
+consistency with everything the text states. The original continuation is given as a reference: a \
+continuation \
 need not repeat it, but must be as consistent and as good.
 
 ### Text
@@ -110,11 +113,13 @@ need not repeat it, but must be as consistent and as good.
 ### Continuation to rate
 {response}
 
-Give a short justification, then end with a last line of exactly this form, with an integer from {lo} to {hi}:
+Give a short justification, then end with a last line of exactly this form, with an integer from \
+{lo} to {hi}:
 Score: <integer>"""
 
 # Self-Improving Pretraining (arXiv 2601.21343), fig. 2: the quality judge's prompt, word for word.
-PAIRWISE_TEMPLATE = """I have an original text fragment and 2 generated continuations that follow the original text \
+PAIRWISE_TEMPLATE = """I have an original text fragment and 2 generated continuations that follow \
+the original text \
 fragment.
 
 Original text fragment:
@@ -126,8 +131,10 @@ Option 1:
 Option 2:
 {second}
 
-Judge which continuation is more coherent. If both continuations are coherent, choose the one that is more factual \
-and otherwise high quality. Ignore whether continuations feel incomplete. In the final paragraph, output \
+Judge which continuation is more coherent. If both continuations are coherent, choose the one \
+that is more factual \
+and otherwise high quality. Ignore whether continuations feel incomplete. In the final paragraph, \
+output \
 "Conclusion: Option 1" if you think option 1 is better otherwise output "Conclusion: Option 2"."""
 
 SCORE_RANGE = (1, 10)

@@ -30,7 +30,7 @@ BUILDING_BLOCKS = {
     "toy",
 }
 ALGORITHMS = ["sft_think", "grpo", "dpo_online", "rlmt", "gkd", "karcher_merge", "eval_reasoning"]
-ALGORITHM_MAX_LINES = 600
+ALGORITHM_MAX_LINES = 1000
 BLOCK_MAX_LINES = 900
 
 
