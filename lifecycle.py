@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from dataio import append_jsonl, atomic_write_json, markdown_table, write_jsonl
 from distributed import (
@@ -407,6 +408,29 @@ def end_step(
         save_checkpoint(
             run.out, step, model, opt.optimizer, opt.scheduler, {**state, **opt.state_dict()}
         )
+
+
+def progress_bar(start: int, max_steps: int, desc: str) -> tqdm:
+    """The steps still to run (from `start`, a resumed run's first step) as a progress bar, shown
+    on rank 0 only."""
+    return tqdm(
+        range(start, max_steps), initial=start, total=max_steps, desc=desc, disable=not is_main()
+    )
+
+
+def show(bar: tqdm, metrics: dict, formats: dict[str, str]) -> None:
+    """Put the metrics named in `formats` ({name: format spec}) that this step has in the bar's
+    postfix, each under the last part of its name ("eval/accuracy" shows as "accuracy")."""
+    shown = {
+        k.rsplit("/", 1)[-1]: format(metrics[k], f) for k, f in formats.items() if k in metrics
+    }
+    bar.set_postfix(shown)
+
+
+def evaluation_due(step: int, every: int, max_steps: int) -> bool:
+    """Whether step `step` (1-based) ends with a held-out evaluation: every `every` steps (0 =
+    never), except the last, which the finish evaluates anyway."""
+    return bool(every) and step % every == 0 and step < max_steps
 
 
 def end_run(run: Run) -> None:
