@@ -1,10 +1,14 @@
 """The reasoning benchmarks eval_reasoning.py scores: where each lives on the hub, the rule that
 grades its answers, the instruction of its user turn, and its problems as {"id", "prompt", "gold",
-"rule"} from the hub, a local JSONL / Parquet file in the hub's schema, or the toy world."""
+"rule"} from the hub, a local JSONL / Parquet file in the hub's schema, or the toy world; and the
+tables (and a plot) the results are reported in, as the model card
+Jarrodbarnes/qwen3-0.6B-interleaved-thinking reports them."""
 
 from __future__ import annotations
 
+import math
 import random
+from pathlib import Path
 
 import answers
 import dataio
@@ -52,6 +56,13 @@ RULE = {name: rule for name, (*_, rule) in BENCHMARKS.items()} | {"math": "math"
 def data_sources(data: str) -> dict[str, str]:
     """--data bench=file,... as {bench: file}."""
     return dict(item.split("=", 1) for item in data.split(",") if "=" in item)
+
+
+def chosen(spec: str, model: str) -> list[str]:
+    """--benchmarks as a list; 'auto' = the toy ones for the toy model, else the four real ones."""
+    if spec != "auto":
+        return [b.strip() for b in spec.split(",") if b.strip()]
+    return [n for n in BENCHMARKS if n.startswith("toy_")] if model == "toy" else list(NAMES)
 
 
 def load_benchmark(
@@ -146,3 +157,95 @@ def _field(row: dict, key: str, where: str):
         present = ", ".join(row) or "none"
         raise errors.DataError(f"{where}: field {key!r}: missing (present: {present})")
     return row[key]
+
+
+# ---- the card's tables: per arm and benchmark, macro averages, deltas between arms ---------------
+
+
+def format_ci(lo_hi: list[float]) -> str:
+    """An interval as '[+lo, +hi]' to 3 decimals; 'n/a' when a bound is not finite."""
+    if all(map(math.isfinite, lo_hi)):
+        return f"[{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]"
+    return "n/a"
+
+
+def arm_table(results: dict, k: int) -> list[dict]:
+    """The card's first table: per arm and benchmark, Mean@k with its interval, Pass@k, tokens."""
+    rows = []
+    for arm, res in results.items():
+        for bench, r in res["benchmarks"].items():
+            rows.append(
+                {
+                    "Arm": arm,
+                    "Benchmark": NAMES.get(bench, bench),
+                    f"Mean@{k}": r["mean_at_k"],
+                    "95% CI": format_ci(r["mean_at_k_ci"]),
+                    "Correct / Samples": f"{r['correct']} / {r['samples']}",
+                    f"Pass@{k}": r.get(f"pass_at_{k}"),
+                    "Any Pass / Problems": f"{r['any_pass']} / {r['problems']}",
+                    "Avg Completion Tokens": round(r["avg_completion_tokens"], 1),
+                    "Truncated": round(r["truncation_rate"], 3),
+                }
+            )
+    return rows
+
+
+def macro_table(results: dict, k: int) -> list[dict]:
+    """The card's second table: per arm, the macro averages over its benchmarks."""
+    rows = []
+    for arm, res in results.items():
+        macro, tps = res["macro"], res["generated_tokens_per_second"]
+        row = {"Arm": arm, f"Macro Mean@{k}": macro["mean_at_k"]}
+        row[f"Macro Pass@{k}"] = macro[f"pass_at_{k}"]
+        row["Macro Avg Completion Tokens"] = round(macro["avg_completion_tokens"], 1)
+        row["generated tok/s"] = round(tps, 1) if tps else "cached"
+        rows.append(row)
+    return rows
+
+
+def delta_table(compared: list[tuple[str, dict]], k: int) -> list[dict]:
+    """The card's third table: per comparison (arm a minus arm b) and benchmark, the deltas with
+    their intervals."""
+    pk, out = f"pass_at_{k}", []
+    for label, rows in compared:
+        for bench, r in rows.items():
+            out.append(
+                {
+                    "Comparison": label,
+                    "Benchmark": "Macro" if bench == "macro" else NAMES.get(bench, bench),
+                    f"Mean@{k} Delta": f"{r['mean_at_k_delta']:+.4f}",
+                    "95% CI": format_ci(r["mean_at_k_ci"]),
+                    f"Pass@{k} Delta": f"{r[f'{pk}_delta']:+.4f}",
+                    f"Pass@{k} 95% CI": format_ci(r[f"{pk}_ci"]),
+                    "Avg Token Delta": f"{r['token_delta']:+.1f}",
+                }
+            )
+    return out
+
+
+def plot_arms(results: dict, k: int, out: Path) -> None:
+    """arms.png: Mean@k with its interval per arm and benchmark (only with matplotlib)."""
+    try:
+        import matplotlib  # optional
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    benches = list(next(iter(results.values()))["benchmarks"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(benches), 3.2))
+    width = 0.8 / len(results)
+    for n, (arm, res) in enumerate(results.items()):
+        rows = [res["benchmarks"][b] for b in benches]
+        ys = [r["mean_at_k"] for r in rows]
+        err = [[y - r["mean_at_k_ci"][0] for y, r in zip(ys, rows)]]
+        err.append([r["mean_at_k_ci"][1] - y for y, r in zip(ys, rows)])
+        xs = [i + n * width for i in range(len(benches))]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=arm)
+    ticks = [i + 0.4 - width / 2 for i in range(len(benches))]
+    ax.set_xticks(ticks, [NAMES.get(b, b) for b in benches])
+    ax.set_ylabel(f"Mean@{k} (95% CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "arms.png", dpi=120)
+    plt.close(fig)

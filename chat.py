@@ -12,14 +12,23 @@ markers.
   `<|im_end|>`, Llama 3's `<|eot_id|>`), found by rendering a one-turn conversation;
 - `marker_ids` / `find_ids` / `marker_span`: a text marker such as `</think>` in a list of token
   ids, whether the
-  tokenizer has it as one token (Qwen3) or splits it into several (SmolLM2: `</`, `think`, `>`).
+  tokenizer has it as one token (Qwen3) or splits it into several (SmolLM2: `</`, `think`, `>`);
+- training rows to token ids: `encode_row` / `encode_rows` turn a JSONL row of any accepted schema
+  ({'messages'}, {'prompt', 'completion'}, {'text'}) into (input_ids, loss mask) with the template
+  of `training_template` (`strip_thoughts` for a run without thoughts); `pack` and `collate` make
+  batches of them, packed or padded; `split_conversation` / `target_ids` give a row's prompt and
+  its target (the last assistant turn, or the completion) for methods that sample from the prompt.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
+import torch
+
 import errors
+from toy.model import TRAINING_CHAT_TEMPLATE
 
 GENERATION_TAGS = (
     "{% generation %}",
@@ -193,3 +202,236 @@ def marker_span(tokenizer, ids: list[int], marker: str) -> tuple[int, int] | Non
     while start > 0 and len(tokenizer.decode(ids[:start], skip_special_tokens=False)) > pos:
         start -= 1
     return start, hi
+
+
+# ---- training rows -> token ids -----------------------------------------------------------------
+
+THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+ROW_FIELDS = {  # field: (accepted JSON types, what the error says is expected)
+    "messages": (list, "a list of {'role', 'content'} objects"),
+    "prompt": ((str, list), "a string or a list of messages"),
+    "completion": ((str, list), "a string or a list of messages"),
+    "text": (str, "a string"),
+}
+
+
+def strip_thoughts(messages: list[dict]) -> list[dict]:
+    """The same conversation without reasoning: the `raw` arm of
+    Jarrodbarnes/qwen3-0.6B-interleaved-thinking."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if k != "reasoning_content"}
+        if m.get("role") == "assistant" and isinstance(m.get("content"), str):
+            m["content"] = THINK_RE.sub("", m["content"])
+        out.append(m)
+    return out
+
+
+def training_template(tokenizer) -> str | None:
+    """The chat template that renders the training conversations: the tokenizer's own when it has
+    {% generation %} tags; for Qwen3's stock template (which drops the thoughts of earlier turns)
+    the training variant that keeps them; else the tokenizer's own, masked turn by turn
+    (assistant_mask). None when the tokenizer has no template (then only prompt/completion
+    strings and text rows can be encoded)."""
+    template = tokenizer.chat_template or None
+    if template is None or has_generation_tags(template):
+        return template
+    # Qwen3's stock template (real or toy)
+    qwen3 = "<|im_start|>" in template and "<think>" in template and "reasoning_content" in template
+    return TRAINING_CHAT_TEMPLATE if qwen3 else template
+
+
+def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
+    """A template that never reads `reasoning_content` (SmolLM2's, most non-Qwen3 ones) would drop
+    the thought: write it into the content as `<think>...</think>`, the form Qwen3's template
+    renders."""
+    if "reasoning_content" in template:
+        return messages
+    out = []
+    for m in messages:
+        if m.get("reasoning_content"):
+            thought = m["reasoning_content"].strip()
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"<think>\n{thought}\n</think>\n\n{m.get('content') or ''}"
+        out.append(m)
+    return out
+
+
+def check_fields(row: dict, where: str) -> None:
+    """Each field of ROW_FIELDS that the row has holds an accepted type (messages: objects)."""
+    for name, (types, expected) in ROW_FIELDS.items():
+        if name not in row:
+            continue
+        ok = isinstance(row[name], types)
+        if name == "messages":
+            ok = ok and all(isinstance(m, dict) for m in row[name])
+        if not ok:
+            raise errors.DataError(
+                f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}"
+            )
+
+
+def encode_row(
+    row: dict, where: str, tokenizer, template: str | None, no_think: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 = trained) for one JSONL row of any accepted schema."""
+    check_fields(row, where)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if "messages" in row:
+        messages = strip_thoughts(row["messages"]) if no_think else row["messages"]
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise errors.DataError(f"{where}: field 'messages' has no assistant turn")
+        if not template:
+            raise errors.ConfigError(
+                f"{where}: chat messages need a chat template and the tokenizer has none; "
+                f"give it one, or write {{'prompt', 'completion'}} strings or {{'text'}} rows"
+            )
+        return assistant_mask(tokenizer, fold_reasoning(messages, template), template)
+    if "prompt" in row and "completion" in row:
+        if isinstance(row["prompt"], list):  # conversational prompt/completion
+            return encode_row(
+                {"messages": row["prompt"] + row["completion"]},
+                where,
+                tokenizer,
+                template,
+                no_think,
+            )
+        completion = THINK_RE.sub("", row["completion"]) if no_think else row["completion"]
+        p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        return p + c, [0] * len(p) + [1] * len(c)
+    if "text" in row:
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
+        return ids, [1] * len(ids)
+    raise errors.DataError(
+        f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' field, got {sorted(row)}"
+    )
+
+
+def encode_rows(rows, tokenizer, template, no_think, max_length, source):
+    """`encode_row` on every row of `source`, each at most `max_length` tokens with something to
+    train on; errors name `source`:line."""
+    examples = []
+    for i, row in enumerate(rows):
+        where = f"{source}:{row.get('_line', i + 1)}"
+        ids, mask = encode_row(row, where, tokenizer, template, no_think)
+        if len(ids) > max_length:
+            raise errors.DataError(f"{where}: {len(ids)} tokens > --max-length {max_length}")
+        if sum(mask) == 0:
+            raise errors.DataError(f"{where}: nothing to train on (empty loss mask)")
+        examples.append((ids, mask))
+    return examples
+
+
+def pack(examples, max_length):
+    """Greedy packing into rows of at most max_length tokens: each row is a list of examples, and
+    `collate` gives each its own positions (restarting at 0) and a block-diagonal causal mask, so no
+    token attends across an example boundary and the loss is exactly the unpacked one."""
+    rows, cur, used = [], [], 0
+    for ids, mask in examples:
+        if cur and used + len(ids) > max_length:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append((ids, mask))
+        used += len(ids)
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def collate(batch, pad_id, device, mask_dtype=torch.float32):
+    """Right-padded tensors (input_ids, attention_mask, loss_mask, position_ids) of a list of
+    examples, or of packed rows (lists of examples): then attention_mask is a 4D additive mask [B,
+    1, T, T] that keeps each example to itself, and position_ids restart at every example."""
+    packed = bool(batch) and isinstance(batch[0], list)
+    rows = batch if packed else [[ex] for ex in batch]
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, width), dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    # which example a token belongs to; -1 = padding
+    seg = torch.full((B, width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for j, (x, m) in enumerate(row):
+            ids[b, at : at + len(x)] = torch.tensor(x)
+            loss_mask[b, at : at + len(m)] = torch.tensor(m)
+            pos[b, at : at + len(x)] = torch.arange(len(x))
+            seg[b, at : at + len(x)] = j
+            at += len(x)
+    attn = (seg >= 0).long()
+    if packed:
+        # query q sees key k when both are in the same example and k <= q; a padding query sees
+        # itself (no NaN rows)
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
+        attn = torch.zeros(B, 1, width, width, dtype=mask_dtype).masked_fill(
+            ~allowed[:, None], torch.finfo(mask_dtype).min
+        )
+    return ids.to(device), attn.to(device), loss_mask.to(device), pos.to(device)
+
+
+def split_conversation(row: dict, tokenizer, where: str) -> tuple[list | str, str | None]:
+    """(prompt, target text) of a row: {'messages'} = the turns before the last (an assistant turn)
+    and that turn as the chat template renders it after the generation prompt (thought included);
+    {'prompt', 'completion'?}."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if (
+            not isinstance(msgs, list)
+            or len(msgs) < 2
+            or not isinstance(msgs[-1], dict)
+            or msgs[-1].get("role") != "assistant"
+        ):
+            raise errors.DataError(
+                f"{where}: field 'messages': expected a list ending with an assistant turn"
+            )
+        # the prompt as sampling.render_prompt writes it: the template with the generation prompt
+        prompt_text = tokenizer.apply_chat_template(
+            msgs[:-1], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise errors.DataError(
+                f"{where}: field 'messages': the chat template renders the conversation with a "
+                f"different start than its prompt; pass {{'prompt', 'completion'}} rows instead"
+            )
+        eos = tokenizer.eos_token or ""
+        target = full[len(prompt_text) :]
+        target = (
+            target[: target.rindex(eos) + len(eos)] if eos and eos in target else target.rstrip()
+        )
+        return msgs[:-1], target
+    if "prompt" not in row:
+        raise errors.DataError(
+            f"{where}: expected 'messages' or 'prompt' (present: "
+            f"{', '.join(sorted(row)) or 'none'})"
+        )
+    completion = row.get("completion")
+    if completion is not None and not isinstance(completion, str):
+        raise errors.DataError(
+            f"{where}: field 'completion': expected str, got {type(completion).__name__}"
+        )
+    if (
+        completion is not None
+        and tokenizer.eos_token
+        and not completion.endswith(tokenizer.eos_token)
+    ):
+        completion += tokenizer.eos_token  # the student learns to stop where the target stops
+    return row["prompt"], completion
+
+
+def target_ids(target: str | None, tokenizer, where: str, max_length: int) -> list[int] | None:
+    """The token ids of a target text from `split_conversation` (None stays None), 1 to
+    `max_length` of them."""
+    if target is None:
+        return None
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not 1 <= len(ids) <= max_length:
+        raise errors.DataError(
+            f"{where}: target: {len(ids)} tokens (allowed 1..{max_length}, --max-length)"
+        )
+    return ids

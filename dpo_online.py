@@ -65,7 +65,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import cli
 import dataio
@@ -134,48 +133,6 @@ def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def cut_windows(
-    rows: list[dict],
-    tokenizer,
-    source: str,
-    prefix_tokens: int,
-    suffix_tokens: int,
-    skip_short: bool,
-) -> tuple[list[dict], int]:
-    """Each document's first prefix_tokens tokens (the prompt) and the suffix_tokens after them (the
-    original continuation): [{"ids", "suffix_ids", "prefix", "suffix", "domain"}], and how many
-    short documents were skipped. A document shorter than prefix + suffix is an error naming
-    file:line, unless `skip_short`."""
-    out, skipped = [], 0
-    for i, row in enumerate(rows):
-        where = f"{source}:{row.get('_line', i + 1)}"
-        text = row.get("text")
-        if not isinstance(text, str):
-            got = "missing" if text is None else f"expected str, got {type(text).__name__}"
-            raise errors.DataError(f"{where}: field 'text': {got}")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < prefix_tokens + suffix_tokens:
-            if skip_short:
-                skipped += 1
-                continue
-            raise errors.DataError(
-                f"{where}: field 'text': {len(ids)} tokens, shorter than --prefix-tokens "
-                f"{prefix_tokens} + --suffix-tokens {suffix_tokens} (or pass "
-                "--skip-short-documents)"
-            )
-        pre, suf = ids[:prefix_tokens], ids[prefix_tokens : prefix_tokens + suffix_tokens]
-        out.append(
-            {
-                "ids": pre,
-                "suffix_ids": suf,
-                "prefix": tokenizer.decode(pre),
-                "suffix": tokenizer.decode(suf),
-                "domain": row.get("domain"),
-            }
-        )
-    return out, skipped
-
-
 def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
     """Training and held-out windows (toy documents by default), and the number of short documents
     skipped."""
@@ -190,8 +147,21 @@ def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
         parts = dataio.train_and_heldout(
             args.data, args.eval_data, args.eval_size, required=("text",)
         )
-    lengths = (args.prefix_tokens, args.suffix_tokens, args.skip_short_documents)
-    cut = [cut_windows(rows, tokenizer, source, *lengths) for source, rows in parts]
+    P, S = args.prefix_tokens, args.suffix_tokens
+    too_short = f", shorter than --prefix-tokens {P} + --suffix-tokens {S} (or pass "
+    too_short += "--skip-short-documents)"
+    cut = [
+        sampling.cut_documents(
+            rows,
+            tokenizer,
+            source,
+            P,
+            S,
+            min_tokens=P + S,
+            too_short=None if args.skip_short_documents else too_short,
+        )
+        for source, rows in parts
+    ]
     for (source, _), (windows, _) in zip(parts, cut):
         if not windows:
             raise errors.DataError(
@@ -232,7 +202,7 @@ def rollout_and_judge(
     roll = sampling.sample(
         model,
         tokenizer,
-        [w["ids"] for w in windows],
+        [w["prefix_ids"] for w in windows],
         n=K,
         max_new_tokens=args.suffix_tokens,
         temperature=args.temperature,
@@ -245,11 +215,11 @@ def rollout_and_judge(
     texts = roll.texts(tokenizer)
     first = 1 if include_original else 0  # candidate 0 is the original suffix when it is included
     cands = [
-        ([w["suffix_ids"]] if include_original else []) + rows[b * K : (b + 1) * K]
+        ([w["continuation_ids"]] if include_original else []) + rows[b * K : (b + 1) * K]
         for b, w in enumerate(windows)
     ]
     cand_texts = [
-        ([w["suffix"]] if include_original else []) + texts[b * K : (b + 1) * K]
+        ([w["continuation"]] if include_original else []) + texts[b * K : (b + 1) * K]
         for b, w in enumerate(windows)
     ]
     calls, invalid = judge.calls, judge.invalid
@@ -365,7 +335,7 @@ def update(
         for b in group:
             for i in sorted({i for c, r, _ in judged.pairs[b] for i in (c, r)}):
                 index[(b, i)] = len(prompts)
-                prompts.append(judged.windows[b]["ids"])
+                prompts.append(judged.windows[b]["prefix_ids"])
                 comps.append(judged.candidates[b][i])
         roll = sampling.rollout_from_tokens(prompts, comps, pad_id, device)
         with torch.no_grad(), lora.disabled(model):
@@ -434,7 +404,7 @@ def evaluate(
     (loss); a pair with an invalid verdict is left out and counted. 95% interval: mean +- 1.96 sd /
     sqrt(n) over the prefixes."""
     device = next(model.parameters()).device
-    ids = [w["ids"] for w in heldout]
+    ids = [w["prefix_ids"] for w in heldout]
     kw = dict(
         n=1,
         max_new_tokens=max_new_tokens,
@@ -658,19 +628,7 @@ def build_judge(args: Args, device, train: list[dict]):
         raise errors.ConfigError(
             f"--judge toy judges toy documents only; {args.data} is not one (pass --judge)"
         )
-    return judges.make_judge(
-        args.judge,
-        pairwise=True,
-        model=args.judge_model or None,
-        cache=args.judge_cache,
-        max_tokens=args.judge_max_tokens,
-        temperature=args.judge_temperature,
-        concurrency=args.judge_concurrency,
-        timeout=args.judge_timeout,
-        retries=args.judge_retries,
-        device=device,
-        verdict=args.judge_verdict,
-    )
+    return judges.from_args(args, pairwise=True, device=device)
 
 
 def eval_settings(args: Args) -> dict:
@@ -691,8 +649,7 @@ def rollout_step(model, tokenizer, judge, train, args: Args, run, step: int) -> 
     indices = dataio.epoch_indices(
         len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
     )
-    seed = args.seed * 100003 + step * run.world + run.rank
-    generator = torch.Generator(device=run.device).manual_seed(seed)
+    generator = sampling.step_generator(args.seed, step, run.rank, run.world, run.device)
     rng = random.Random(args.seed * 7919 + step)
     judged = rollout_and_judge(
         model, tokenizer, [train[i] for i in indices], judge, generator, rng, args
@@ -715,29 +672,6 @@ def step_metrics(judged: Judged, losses: dict, lr: float, tokens_seen: int, t0, 
         "step_time": time.perf_counter() - t0,
         "timing/rollout_and_judge": t1 - t0,
         "timing/update": time.perf_counter() - t1,
-    }
-
-
-def eval_due(args: Args, step: int) -> bool:
-    """--eval-every: a held-out evaluation after `step` (rank 0; the last step has its own)."""
-    every = args.eval_every
-    return bool(every) and step % every == 0 and step < args.max_steps and distributed.is_main()
-
-
-def progress_bar(start: int, max_steps: int):
-    """tqdm over the steps left (rank 0 only)."""
-    steps = range(start, max_steps)
-    return tqdm(
-        steps, initial=start, total=max_steps, desc="dpo_online", disable=not distributed.is_main()
-    )
-
-
-def progress(last: dict) -> dict:
-    """The progress bar's reward margin, pair accuracy and rollout share of the chosen."""
-    return {
-        "margin": f"{last['rewards/margins']:.3f}",
-        "acc": f"{last['rewards/accuracies']:.2f}",
-        "rollout_share": f"{last.get('chosen/rollout_share', float('nan')):.2f}",
     }
 
 
@@ -853,7 +787,7 @@ def main(args: Args):
     state.setdefault("tokens_seen", 0)
     model.train()
     t_train, last = 0.0, {}
-    bar = progress_bar(start, args.max_steps)
+    bar = lifecycle.progress_bar(start, args.max_steps, "dpo_online")
     for step in bar:
         t0 = time.perf_counter()
         judged = rollout_step(model, tokenizer, judge, train, args, run, step)
@@ -872,9 +806,16 @@ def main(args: Args):
         t_train += time.perf_counter() - t0
         lr = opt.scheduler.get_last_lr()[0]
         last = step_metrics(judged, losses, lr, state["tokens_seen"], t0, t1)
-        if eval_due(args, step + 1):
+        if (
+            lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
+            and distributed.is_main()
+        ):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        bar.set_postfix(progress(last))
+        lifecycle.show(
+            bar,
+            last,
+            {"rewards/margins": ".3f", "rewards/accuracies": ".2f", "chosen/rollout_share": ".2f"},
+        )
         lifecycle.end_step(
             run,
             step + 1,

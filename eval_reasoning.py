@@ -45,8 +45,6 @@ parallelism.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import statistics
 import time
@@ -65,10 +63,10 @@ import lifecycle
 import likelihood
 import loading
 import lora
+import samplecache
 import sampling
 import serving
 import stats
-import toy
 
 # ---- answers, Mean@k and Pass@k, intervals -------------------------------------------------------
 
@@ -225,7 +223,7 @@ def compare_arms(a: dict, b: dict, k: int) -> dict:
 
 
 def draw_in_process(
-    model, tokenizer, problems, keys, cache: Cache, a: Args, bench: str, bar
+    model, tokenizer, problems, keys, cache: samplecache.Cache, a: Args, bench: str, bar
 ) -> tuple[int, float]:
     """k samples of every problem with this repo's batched sampler, `batch_size` problems at a time;
     each chunk has its own seeded generator, so a rerun after a kill draws exactly what the first
@@ -237,7 +235,9 @@ def draw_in_process(
             continue
         prompts = [user_prompt(problems[i]["prompt"], tokenizer) for i in chunk]
         device = next(model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(int(_key(a.seed, bench, start)[:8], 16))
+        gen = torch.Generator(device=device).manual_seed(
+            int(samplecache.key(a.seed, bench, start)[:8], 16)
+        )
         t0 = time.perf_counter()
         roll = sampling.sample(
             model,
@@ -256,14 +256,23 @@ def draw_in_process(
             if keys[i][j] not in cache.rows:
                 finish = "stop" if roll.finished[r] else "length"
                 cache.add(
-                    sample_row(keys[i][j], bench, problems[i], j, texts[r], lengths[r], finish)
+                    samplecache.sample_row(
+                        keys[i][j], bench, problems[i], j, texts[r], lengths[r], finish
+                    )
                 )
         bar.update(len(chunk))
     return tokens, seconds
 
 
 def draw_from_server(
-    client: serving.CompletionClient, tokenizer, problems, keys, cache: Cache, a: Args, bench, bar
+    client: serving.CompletionClient,
+    tokenizer,
+    problems,
+    keys,
+    cache: samplecache.Cache,
+    a: Args,
+    bench,
+    bar,
 ) -> tuple[int, float, list[str]]:
     """The missing samples from an OpenAI-compatible server, `concurrency` requests in flight; each
     finished request is cached at once; a request that fails after its retries is reported
@@ -277,7 +286,7 @@ def draw_from_server(
             prompt = [{"role": "user", "content": p["prompt"]}]
         else:
             prompt = user_prompt(p["prompt"], tokenizer)
-        seed = int(_key(a.seed, bench, p["id"])[:7], 16)
+        seed = int(samplecache.key(a.seed, bench, p["id"])[:7], 16)
         # all k in one request while none is cached (n > 1 where the server honours it); else the
         # missing ones
         groups = [missing] if len(missing) == a.num_samples else [[j] for j in missing]
@@ -297,14 +306,20 @@ def draw_from_server(
             n_tok = len(tokenizer(choice.text, add_special_tokens=False)["input_ids"])
             tokens += n_tok
             finish = choice.finish_reason
-            cache.add(sample_row(keys[i][j], bench, problems[i], j, choice.text, n_tok, finish))
+            cache.add(
+                samplecache.sample_row(
+                    keys[i][j], bench, problems[i], j, choice.text, n_tok, finish
+                )
+            )
         bar.update(len(job["samples"]) / a.num_samples)
 
     client.map(jobs, done)
     return tokens, time.perf_counter() - t0, failures
 
 
-def check_samples(arm: str, bench: str, problems, keys, cache: Cache, verifier, out: Path):
+def check_samples(
+    arm: str, bench: str, problems, keys, cache: samplecache.Cache, verifier, out: Path
+):
     """{problem id: its drawn samples, each with "correct"}: multiple choice by the letter, math by
     answers.MathVerifier in its worker processes; every scored sample is appended to
     samples.jsonl."""
@@ -326,7 +341,9 @@ def check_samples(arm: str, bench: str, problems, keys, cache: Cache, verifier, 
     return per_problem
 
 
-def evaluate_arm(name: str, spec: str, benches: dict, a: Args, cache: Cache, run, verifier) -> dict:
+def evaluate_arm(
+    name: str, spec: str, benches: dict, a: Args, cache: samplecache.Cache, run, verifier
+) -> dict:
     """Draw what is missing for one arm, score every sample, and write the scored samples to
     samples.jsonl."""
     server = spec.startswith(("http://", "https://"))
@@ -344,13 +361,16 @@ def evaluate_arm(name: str, spec: str, benches: dict, a: Args, cache: Cache, run
         )
         identity = f"server:{spec}:{a.server_model or a.model}:{'chat' if a.chat else 'text'}"
     else:
-        identity = _identity(spec, a.model)
+        identity = samplecache.identity(spec, a.model)
     result = {"benchmarks": {}, "failures": []}
     gen_tokens, gen_seconds = 0, 0.0
     params = (a.num_samples, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     for bench, problems in benches.items():
         keys = [
-            [_key(identity, bench, p["id"], p["prompt"], params, j) for j in range(a.num_samples)]
+            [
+                samplecache.key(identity, bench, p["id"], p["prompt"], params, j)
+                for j in range(a.num_samples)
+            ]
             for p in problems
         ]
         todo = sum(k not in cache.rows for ks in keys for k in ks)
@@ -445,7 +465,7 @@ def main(a: Args):
     if a.num_samples < 1 or a.max_new_tokens < 1:
         raise errors.ConfigError("--num-samples and --max-new-tokens must be >= 1")
     run = lifecycle.start_run(a.out, a, a.seed, a.device)
-    arms = with_lineages(resolve_arms(a.arms, a.model), a.init_adapter)
+    arms = lora.with_lineages(lora.resolve_arms(a.arms, a.model), a.init_adapter)
     if a.suite == "likelihood":
         return run_likelihood(a, arms, run)
     if a.suite != "reasoning":
@@ -453,11 +473,11 @@ def main(a: Args):
     sources = benchmarks.data_sources(a.data)
     benches = {
         b: benchmarks.load_benchmark(b, sources.get(b, ""), a.limit, a.seed)
-        for b in chosen_benchmarks(a)
+        for b in benchmarks.chosen(a.benchmarks, a.model)
     }
-    pairs = resolve_compare(a.compare, list(arms))
+    pairs = lora.resolve_compare(a.compare, list(arms))
     print(f"arms: {', '.join(f'{n}={s or a.model}' for n, s in arms.items())}", flush=True)
-    cache = Cache(run.out / "generations.jsonl")
+    cache = samplecache.Cache(run.out / "generations.jsonl")
     results = {}
     with answers.MathVerifier(a.answer_workers, a.answer_timeout) as verifier:
         for name, spec in arms.items():
@@ -484,125 +504,12 @@ def main(a: Args):
     return summary
 
 
-# ---- plumbing: which benchmarks --------------------------------------------------
-
-
-def chosen_benchmarks(a: Args) -> list[str]:
-    """--benchmarks as a list; 'auto' = the toy ones for the toy model, else the four real ones."""
-    if a.benchmarks != "auto":
-        return [b.strip() for b in a.benchmarks.split(",") if b.strip()]
-    return (
-        [n for n in benchmarks.BENCHMARKS if n.startswith("toy_")]
-        if a.model == "toy"
-        else list(benchmarks.NAMES)
-    )
-
-
-# ---- plumbing: the sample cache ------------------------------------------------------------------
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _identity(spec: str, base: str) -> str:
-    """What the samples come from: the spec, plus the size and head of each adapter's weights (a
-    retrained adapter in the same directory is another model)."""
-    parts = []
-    for p in spec.split("+"):
-        weights = Path(p) / "adapter_model.safetensors"
-        if p and weights.is_file():
-            with open(weights, "rb") as f:
-                head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-            parts.append(f"{p}:{weights.stat().st_size}:{head}")
-        else:
-            parts.append(p)
-    return f"{base}|{'+'.join(parts)}"
+# ---- plumbing: the prompt -----------------------------------------------------------------------
 
 
 def user_prompt(prompt: str, tokenizer) -> str:
     """One user turn rendered with the model's chat template."""
     return sampling.render_prompt([{"role": "user", "content": prompt}], tokenizer)
-
-
-def sample_row(key: str, bench: str, problem: dict, j: int, text: str, tokens, finish) -> dict:
-    """One line of generations.jsonl."""
-    row = {"key": key, "benchmark": bench, "problem": problem["id"], "sample": j, "text": text}
-    return {**row, "tokens": int(tokens), "finish_reason": finish}
-
-
-class Cache:
-    """generations.jsonl: one sample a line, appended (and flushed) as it is drawn; read back on a
-    rerun."""
-
-    def __init__(self, path: Path):
-        self.path, self.rows = path, {}
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # the torn last line of a killed run: drawn again
-                        continue
-                    self.rows[row["key"]] = row
-        self.file = open(path, "a", encoding="utf-8")
-
-    def add(self, row: dict) -> None:
-        self.rows[row["key"]] = row
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-
-# ---- plumbing: arms ------------------------------------------------------------------------------
-
-
-def resolve_arms(spec: str, model: str) -> dict[str, str]:
-    if spec != "auto":
-        arms = {}
-        for item in spec.split(","):
-            name, eq, value = item.partition("=")
-            if not eq or not name.strip():
-                raise errors.ConfigError(f"--arms {spec!r}: each arm is name=spec, got {item!r}")
-            arms[name.strip()] = value.strip()
-        return arms
-    if model != "toy":
-        return {"base": ""}
-    arms = {"base": "", "think": str(toy.sft_adapter_dir())}
-    # the same SFT over all three answer formats
-    if (toy.SFT_FORMATS_DIR / "adapter_model.safetensors").is_file():
-        arms["think_formats"] = str(toy.SFT_FORMATS_DIR)
-    for name in ("sft_think", "grpo", "rlmt"):
-        d, meta = Path("runs") / name, Path("runs") / name / "args.json"
-        trained = (d / lora.WEIGHTS_NAME).is_file() and meta.is_file()
-        if trained and json.loads(meta.read_text()).get("model") == "toy":
-            arms[f"runs_{name}"] = str(d)
-    return arms
-
-
-def with_lineages(arms: dict[str, str], init_adapter: str) -> dict[str, str]:
-    """In-process arms with --init-adapter first and every adapter's lineage written out (tables,
-    cache keys)."""
-    servers = [s for s in arms.values() if s.startswith(("http://", "https://"))]
-    if init_adapter and servers:
-        raise errors.ConfigError("--init-adapter applies to in-process arms; --arms has a server")
-    try:
-        return {n: s if s in servers else lora.expand_arm(s, init_adapter) for n, s in arms.items()}
-    except FileNotFoundError as e:
-        raise errors.MissingError(f"--arms: {e}") from None
-
-
-def resolve_compare(spec: str, arms: list[str]) -> list[tuple[str, str]]:
-    if spec == "auto":
-        return [(a, arms[0]) for a in arms[1:]]
-    pairs = []
-    for item in filter(None, spec.split(",")):
-        a, _, b = item.partition("-")
-        if a not in arms or b not in arms:
-            raise errors.ConfigError(
-                f"--compare {item!r}: arms are {', '.join(arms)} (write a-b, a minus b)"
-            )
-        pairs.append((a, b))
-    return pairs
 
 
 # ---- plumbing: reports ---------------------------------------------------------------------------
@@ -615,98 +522,16 @@ def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> di
     for res in results.values():
         res["macro"] = macro_average(res["benchmarks"], k)
     compared = [(f"{a} vs {b}", compare_arms(results[a], results[b], k)) for a, b in pairs]
-    tables = (arm_table(results, k), macro_table(results, k), delta_table(compared, k))
+    tables = (
+        benchmarks.arm_table(results, k),
+        benchmarks.macro_table(results, k),
+        benchmarks.delta_table(compared, k),
+    )
     text = "\n\n".join(dataio.markdown_table(t) for t in tables if t)
     dataio.atomic_write_text(out / "tables.md", text + "\n")
     print("\n" + text, flush=True)
-    plot_arms(results, k, out)
+    benchmarks.plot_arms(results, k, out)
     return dict(compared)
-
-
-def format_ci(lo_hi: list[float]) -> str:
-    if all(map(math.isfinite, lo_hi)):
-        return f"[{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]"
-    return "n/a"
-
-
-def arm_table(results: dict, k: int) -> list[dict]:
-    rows = []
-    for arm, res in results.items():
-        for bench, r in res["benchmarks"].items():
-            rows.append(
-                {
-                    "Arm": arm,
-                    "Benchmark": benchmarks.NAMES.get(bench, bench),
-                    f"Mean@{k}": r["mean_at_k"],
-                    "95% CI": format_ci(r["mean_at_k_ci"]),
-                    "Correct / Samples": f"{r['correct']} / {r['samples']}",
-                    f"Pass@{k}": r.get(f"pass_at_{k}"),
-                    "Any Pass / Problems": f"{r['any_pass']} / {r['problems']}",
-                    "Avg Completion Tokens": round(r["avg_completion_tokens"], 1),
-                    "Truncated": round(r["truncation_rate"], 3),
-                }
-            )
-    return rows
-
-
-def macro_table(results: dict, k: int) -> list[dict]:
-    rows = []
-    for arm, res in results.items():
-        macro, tps = res["macro"], res["generated_tokens_per_second"]
-        row = {"Arm": arm, f"Macro Mean@{k}": macro["mean_at_k"]}
-        row[f"Macro Pass@{k}"] = macro[f"pass_at_{k}"]
-        row["Macro Avg Completion Tokens"] = round(macro["avg_completion_tokens"], 1)
-        row["generated tok/s"] = round(tps, 1) if tps else "cached"
-        rows.append(row)
-    return rows
-
-
-def delta_table(compared: list[tuple[str, dict]], k: int) -> list[dict]:
-    pk, out = f"pass_at_{k}", []
-    for label, rows in compared:
-        for bench, r in rows.items():
-            out.append(
-                {
-                    "Comparison": label,
-                    "Benchmark": "Macro"
-                    if bench == "macro"
-                    else benchmarks.NAMES.get(bench, bench),
-                    f"Mean@{k} Delta": f"{r['mean_at_k_delta']:+.4f}",
-                    "95% CI": format_ci(r["mean_at_k_ci"]),
-                    f"Pass@{k} Delta": f"{r[f'{pk}_delta']:+.4f}",
-                    f"Pass@{k} 95% CI": format_ci(r[f"{pk}_ci"]),
-                    "Avg Token Delta": f"{r['token_delta']:+.1f}",
-                }
-            )
-    return out
-
-
-def plot_arms(results: dict, k: int, out: Path) -> None:
-    """arms.png: Mean@k with its interval per arm and benchmark (only with matplotlib)."""
-    try:
-        import matplotlib  # optional
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    benches = list(next(iter(results.values()))["benchmarks"])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(benches), 3.2))
-    width = 0.8 / len(results)
-    for n, (arm, res) in enumerate(results.items()):
-        rows = [res["benchmarks"][b] for b in benches]
-        ys = [r["mean_at_k"] for r in rows]
-        err = [[y - r["mean_at_k_ci"][0] for y, r in zip(ys, rows)]]
-        err.append([r["mean_at_k_ci"][1] - y for y, r in zip(ys, rows)])
-        xs = [i + n * width for i in range(len(benches))]
-        ax.bar(xs, ys, width, yerr=err, capsize=2, label=arm)
-    ticks = [i + 0.4 - width / 2 for i in range(len(benches))]
-    ax.set_xticks(ticks, [benchmarks.NAMES.get(b, b) for b in benches])
-    ax.set_ylabel(f"Mean@{k} (95% CI)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "arms.png", dpi=120)
-    plt.close(fig)
 
 
 def print_throughput(name: str, result: dict) -> None:
@@ -729,26 +554,10 @@ def drop_per_problem(results: dict) -> None:
 def run_likelihood(a: Args, arms: dict[str, str], run) -> dict:
     """lambada_openai, arc_easy, piqa (or their toy counterparts) per arm, as
     lm-evaluation-harness scores them (likelihood.run_suite)."""
-    if a.likelihood_tasks != "auto":
-        tasks = a.likelihood_tasks.split(",")
-    elif a.model == "toy":
-        tasks = ["toy_lambada", "toy_arc", "toy_piqa"]
-    else:
-        tasks = list(likelihood.TASKS)
-    sources, results, rows = benchmarks.data_sources(a.data), {}, []
-    for name, spec in arms.items():
-        if spec.startswith("http"):
-            raise errors.ConfigError(
-                f"--arms {name}={spec}: the likelihood suite needs the model in process"
-            )
-        model, tok_dir = lora.load_arm(spec, a.model, run.device, a.load_in_4bit)
-        tokenizer = loading.load_tokenizer(tok_dir)
-        results[name] = likelihood.run_suite(model.eval(), tokenizer, tasks, sources, a.limit)
-        for t, r in results[name].items():
-            row = {"Arm": name, "Task": t, "n": r["n"], "acc": r["acc"]}
-            row.update(acc_norm=r.get("acc_norm"), perplexity=r.get("perplexity"))
-            rows.append(row)
-        del model
+    tasks = likelihood.suite_tasks(a.likelihood_tasks, a.model)
+    sources = benchmarks.data_sources(a.data)
+    where = (run.device, a.load_in_4bit)
+    results, rows = likelihood.run_suite_arms(arms, a.model, tasks, sources, a.limit, *where)
     print("\n" + dataio.markdown_table(rows), flush=True)
     dataio.atomic_write_text(run.out / "tables.md", dataio.markdown_table(rows) + "\n")
     summary = {"method": "eval_likelihood", "likelihood": results, "args": asdict(a)}

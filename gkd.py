@@ -54,8 +54,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
+import chat
 import cli
 import dataio
 import distributed
@@ -330,73 +330,22 @@ def evaluate(model, tokenizer, heldout: list[dict], args, teacher=None, vocab=No
 # ---------------------------------------------------------------------------------------------
 
 
-def split_conversation(row: dict, tokenizer, where: str) -> tuple[list | str, str | None]:
-    """(prompt, target text) of a row: {'messages'} = the turns before the last (an assistant turn)
-    and that turn as the chat template renders it after the generation prompt (thought included);
-    {'prompt', 'completion'?}."""
-    if "messages" in row:
-        msgs = row["messages"]
-        if (
-            not isinstance(msgs, list)
-            or len(msgs) < 2
-            or not isinstance(msgs[-1], dict)
-            or msgs[-1].get("role") != "assistant"
-        ):
-            raise errors.DataError(
-                f"{where}: field 'messages': expected a list ending with an assistant turn"
-            )
-        prompt_text = sampling.render_prompt(msgs[:-1], tokenizer)
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        if not full.startswith(prompt_text):
-            raise errors.DataError(
-                f"{where}: field 'messages': the chat template renders the conversation with a "
-                f"different start than its prompt; pass {{'prompt', 'completion'}} rows instead"
-            )
-        eos = tokenizer.eos_token or ""
-        target = full[len(prompt_text) :]
-        target = (
-            target[: target.rindex(eos) + len(eos)] if eos and eos in target else target.rstrip()
-        )
-        return msgs[:-1], target
-    if "prompt" not in row:
-        raise errors.DataError(
-            f"{where}: expected 'messages' or 'prompt' (present: "
-            f"{', '.join(sorted(row)) or 'none'})"
-        )
-    completion = row.get("completion")
-    if completion is not None and not isinstance(completion, str):
-        raise errors.DataError(
-            f"{where}: field 'completion': expected str, got {type(completion).__name__}"
-        )
-    if (
-        completion is not None
-        and tokenizer.eos_token
-        and not completion.endswith(tokenizer.eos_token)
-    ):
-        completion += tokenizer.eos_token  # the student learns to stop where the target stops
-    return row["prompt"], completion
-
-
 def encode_examples(
     rows: list[dict], tokenizer, source: str, max_prompt_length: int, max_length: int
 ) -> list[dict]:
+    """Each row as {"ids": prompt ids, "target": target ids or None, "prompt": text, + its
+    columns}: chat.split_conversation, the prompt through sampling.encode_prompts."""
     out = []
     for i, row in enumerate(rows):
         where = f"{source}:{row.get('_line', i + 1)}"
-        prompt, target = split_conversation(row, tokenizer, where)
+        prompt, target = chat.split_conversation(row, tokenizer, where)
         enc = sampling.encode_prompts(
             [{**row, "prompt": prompt, "_line": row.get("_line", i + 1)}],
             tokenizer,
             source,
             max_prompt_length,
         )[0]
-        ids = (
-            tokenizer(target, add_special_tokens=False)["input_ids"] if target is not None else None
-        )
-        if ids is not None and not 1 <= len(ids) <= max_length:
-            raise errors.DataError(
-                f"{where}: target: {len(ids)} tokens (allowed 1..{max_length}, --max-length)"
-            )
+        ids = chat.target_ids(target, tokenizer, where, max_length)
         enc.pop("messages", None)
         out.append({**enc, "target": ids})
     return out
@@ -407,15 +356,10 @@ def load_examples(tokenizer, args) -> tuple[list[dict], list[dict]]:
     of dataio.train_and_heldout. Every training row needs a target unless the student writes all
     of them (--lmbda 1, or --loss reverse-kl-pg) or the teacher does (--seq-kd)."""
     if args.data == "toy":
-        levels = toy.parse_levels(args.toy_difficulty)
-        parts = []
-        for split, size in (("train", args.toy_train_size), ("test", args.eval_size)):
-            rows = toy.arithmetic(split, size, seed=args.seed, difficulty=levels)
-            keep = [
-                {"messages": r["messages"], "answer": r["answer"], "style": r["style"]}
-                for r in rows
-            ]
-            parts.append(("toy", keep))
+        rows = toy.distillation_rows(
+            args.toy_difficulty, args.toy_train_size, args.eval_size, args.seed
+        )
+        parts = [("toy", r) for r in rows]
     else:
         parts = dataio.train_and_heldout(args.data, args.eval_data, args.eval_size)
     train, heldout = [
@@ -482,6 +426,8 @@ def load_student(
     gradient_checkpointing: bool,
     init_adapter: str = "",
 ):
+    """(student, its trainable parameters): `name` ('toy' = the toy student) with --init-adapter
+    merged in, then LoRA on it, or every weight with `full`."""
     model = loading.load_model(
         toy.student_model_dir() if name == "toy" else name,
         device=device,
@@ -557,19 +503,6 @@ def step_batch(train: list[dict], args, run, step: int) -> list[dict]:
 def without_samples(metrics: dict) -> dict:
     """Held-out metrics without the completions they carry for samples.jsonl."""
     return {k: v for k, v in metrics.items() if k != "_samples"}
-
-
-def eval_due(args, step: int) -> bool:
-    """Whether step ends an --eval-every period (the last step is evaluated as "after" anyway)."""
-    return bool(args.eval_every) and step % args.eval_every == 0 and step < args.max_steps
-
-
-def progress(last: dict) -> dict:
-    """The progress bar's postfix: the loss, and the held-out accuracy when a step measured it."""
-    shown = {"loss": f"{last['loss']:.4f}"}
-    if "eval/accuracy" in last:
-        shown["acc"] = f"{last['eval/accuracy']:.3f}"
-    return shown
 
 
 def summarize(run, args, state: dict, after: dict, last: dict, t_train: float, opt, rank_diff):
@@ -774,10 +707,7 @@ def main(args: Args):
 
     student.train()
     t_train, last = 0.0, {}
-    steps = range(start, args.max_steps)
-    bar = tqdm(
-        steps, initial=start, total=args.max_steps, desc="gkd", disable=not distributed.is_main()
-    )
+    bar = lifecycle.progress_bar(start, args.max_steps, "gkd")
     for step in bar:
         t0 = time.perf_counter()
         batch = step_batch(train, args, run, step)
@@ -794,9 +724,10 @@ def main(args: Args):
         last["timing/sample"] = t_sample
         if n_on:
             last.update(policy_metrics(run, step + 1, batch[:n_on], parts[0][1], tokenizer, args))
-        if eval_due(args, step + 1) and distributed.is_main():
+        due = lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
+        if due and distributed.is_main():  # the last step is evaluated after training
             last.update({f"eval/{k}": v for k, v in without_samples(evaluate_student()).items()})
-        bar.set_postfix(progress(last))
+        lifecycle.show(bar, last, {"loss": ".4f", "eval/accuracy": ".3f"})
         lifecycle.end_step(
             run,
             step + 1,

@@ -56,7 +56,6 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 import cli
 import dataio
@@ -191,22 +190,6 @@ class Batch:
     samples: list[dict]
 
 
-def logprobs_no_grad(
-    model, roll: sampling.Rollout, micro_batch_size: int, temperature: float
-) -> torch.Tensor:
-    """[R, C'] log-probs of every completion token (C' = the rollout's width), in micro-batches,
-    without gradients."""
-    R, width = roll.completion_ids.shape
-    full = torch.zeros(R, width, device=roll.completion_ids.device)
-    with torch.no_grad():
-        for s in range(0, R, micro_batch_size):
-            ids, attn, K = sampling.micro_batch(roll, slice(s, s + micro_batch_size))
-            full[s : s + micro_batch_size, :K] = sampling.sequence_logprobs(
-                model, ids, attn, K, temperature=temperature
-            )
-    return full
-
-
 def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: Args) -> Batch:
     """G = --num-generations completions per prompt, their rewards under `spec` (with MARA's anchor
     when --mara-tau is set), group advantages, the loss mask, and the rows the update trains on."""
@@ -233,9 +216,9 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: A
     ref_logp = old_logp = None
     if args.beta > 0 or args.mara_tau is not None:
         with lora.disabled(model):
-            ref_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
+            ref_logp = sampling.rollout_logprobs(model, roll, micro_batch_size, temperature)
     if args.num_iterations > 1:
-        old_logp = logprobs_no_grad(model, roll, micro_batch_size, temperature)
+        old_logp = sampling.rollout_logprobs(model, roll, micro_batch_size, temperature)
     extra = {}
     if args.mara_tau is not None:
         seq_ref_logp = (ref_logp * roll.completion_mask).sum(-1).cpu()
@@ -545,35 +528,28 @@ def resolve_defaults(args: Args) -> Args:
 # ---------------------------------------------------------------------------------------------
 
 
-def cut_documents(
+def documents_as_prompts(
     rows: list[dict], tokenizer, source: str, prefix_tokens: int, continuation_tokens: int
 ) -> list[dict]:
-    """Plain documents ({'text'}) cut by tokens into a prefix (the prompt) and the true continuation
-    (the reference); rows that already have a prompt pass through."""
-    out = []
-    for i, row in enumerate(rows):
-        if "text" not in row or "prompt" in row:
-            out.append(row)
-            continue
-        if not isinstance(row["text"], str):
-            raise errors.DataError(
-                f"{source}:{row.get('_line', i + 1)}: field 'text': expected str, "
-                f"got {type(row['text']).__name__}"
-            )
-        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-        if len(ids) <= prefix_tokens:
-            raise errors.DataError(
-                f"{source}:{row.get('_line', i + 1)}: field 'text': {len(ids)} tokens; the "
-                f"continuation task needs more than --prefix-tokens {prefix_tokens}"
-            )
-        ref = ids[prefix_tokens : prefix_tokens + continuation_tokens]
-        out.append(
-            {
-                **{k: v for k, v in row.items() if k != "text"},
-                "prompt": tokenizer.decode(ids[:prefix_tokens]),
-                "reference": tokenizer.decode(ref),
-            }
-        )
+    """Plain documents ({'text'}) cut by tokens (sampling.cut_documents) into a prefix (the prompt)
+    and the true continuation (the reference); rows that already have a prompt pass through."""
+    docs = [i for i, row in enumerate(rows) if "text" in row and "prompt" not in row]
+    windows, _ = sampling.cut_documents(
+        [{"_line": i + 1, **rows[i]} for i in docs],
+        tokenizer,
+        source,
+        prefix_tokens,
+        continuation_tokens,
+        min_tokens=prefix_tokens + 1,
+        too_short=f"; the continuation task needs more than --prefix-tokens {prefix_tokens}",
+    )
+    out = list(rows)
+    for i, window in zip(docs, windows):
+        out[i] = {
+            **{k: v for k, v in rows[i].items() if k != "text"},
+            "prompt": window["prefix"],
+            "reference": window["continuation"],
+        }
     return out
 
 
@@ -606,7 +582,7 @@ def load_prompts(tokenizer, args: Args) -> tuple[list[dict], list[dict]]:
     encoded = []
     for source, rows in parts:
         if args.task == "continuation":
-            rows = cut_documents(
+            rows = documents_as_prompts(
                 rows, tokenizer, source, args.prefix_tokens, args.continuation_tokens
             )
             for i, r in enumerate(rows):
@@ -664,8 +640,7 @@ def generation_batch(
     indices = dataio.epoch_indices(
         len(train), args.batch_size * run.world, g, args.seed, run.rank, run.world
     )
-    seed = args.seed * 100003 + g * run.world + run.rank
-    generator = torch.Generator(device=run.device).manual_seed(seed)
+    generator = sampling.step_generator(args.seed, g, run.rank, run.world, run.device)
     batch = rollout(model, tokenizer, [train[i] for i in indices], spec, generator, args)
     if distributed.is_main():
         for s in batch.samples:
@@ -688,28 +663,6 @@ def step_metrics(
         "timing/rollout": t_rollout,
         "timing/update": time.perf_counter() - t1,
     }
-
-
-def eval_due(args: Args, step: int) -> bool:
-    """--eval-every: a held-out evaluation after `step` (rank 0; the last step has its own)."""
-    every = args.eval_every
-    return bool(every) and step % every == 0 and step < args.max_steps and distributed.is_main()
-
-
-def progress_bar(start: int, max_steps: int):
-    """tqdm over the steps left (rank 0 only)."""
-    steps = range(start, max_steps)
-    return tqdm(
-        steps, initial=start, total=max_steps, desc="grpo", disable=not distributed.is_main()
-    )
-
-
-def progress(last: dict) -> dict:
-    """The progress bar's reward, kl and (when measured) held-out accuracy."""
-    shown = {"reward": f"{last['reward']:.3f}", "kl": f"{last['kl']:.3g}"}
-    if "eval/accuracy" in last:
-        shown["acc"] = f"{last['eval/accuracy']:.3f}"
-    return shown
 
 
 def save_model(model, tokenizer, args: Args, out) -> None:
@@ -796,7 +749,7 @@ def main(args: Args):
     state.setdefault("tokens_seen", 0)
     model.train()
     batch, t_train, last = None, 0.0, {}
-    bar = progress_bar(start, args.max_steps)
+    bar = lifecycle.progress_bar(start, args.max_steps, "grpo")
     for step in bar:
         t0, t_rollout = time.perf_counter(), 0.0
         if step % args.num_iterations == 0 or batch is None:  # a batch lasts --num-iterations steps
@@ -809,9 +762,12 @@ def main(args: Args):
         t_train += time.perf_counter() - t0
         lr = opt.scheduler.get_last_lr()[0]
         last = step_metrics(batch, stats, lr, state["tokens_seen"], t0, t1, t_rollout)
-        if eval_due(args, step + 1):
+        if (
+            lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
+            and distributed.is_main()
+        ):
             last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        bar.set_postfix(progress(last))
+        lifecycle.show(bar, last, {"reward": ".3f", "kl": ".3g", "eval/accuracy": ".3f"})
         lifecycle.end_step(
             run,
             step + 1,

@@ -12,10 +12,13 @@ rate.
   asks only what it has not asked before;
 - `CountedJudge`: adds the counters to a judge that has none (the toy world's `toy.AnswerJudge` and
   `toy.ContinuationJudge`, which live in the toy package);
-- `make_judge`: one of the above from a `--judge` string ("toy", a URL, a model);
+- `make_judge`: one of the above from a `--judge` string ("toy", a URL, a model); `from_args`: from
+  a script's --judge* flags;
 - `judge_reward`: a pointwise judge as a reward function of rewards.py's convention, shown the
   visible answer only
   (RLMT, arXiv 2509.20357: the thought is not judged);
+- `both_orders` / `win_tie_loss`: pairs asked in both orders, and their vote (RLMT's pairwise
+  reward);
 - `full_pairwise`: every pair of K candidates judged in both orders, each candidate's mean win rate,
   and what the judge did (invalid pairs, position consistency, ties): Self-Improving Pretraining,
   arXiv 2601.21343.
@@ -361,10 +364,8 @@ def _judge_prefer(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[f
     """P(a better) with both orders asked in one batch: the mean of the valid votes (one order's
     vote when the other is unparseable), None when neither parses; generated votes that disagree
     give 0.5. Cancels position bias."""
-    n = len(prefixes)
-    votes = _judge_prefer_ordered(judge, list(prefixes) * 2, list(a) + list(b), list(b) + list(a))
     out: list[float | None] = []
-    for ab, ba in zip(votes[:n], votes[n:]):
+    for ab, ba in both_orders(judge, prefixes, a, b):
         valid = [v for v in (ab, None if ba is None else 1.0 - ba) if v is not None]
         out.append(sum(valid) / len(valid) if valid else None)
     return out
@@ -733,6 +734,25 @@ def make_judge(
     )
 
 
+def from_args(args, pairwise: bool = False, device=None):
+    """make_judge from a script's judge flags: --judge, --judge-model ('' = the server's default),
+    --judge-cache, --judge-max-tokens, --judge-concurrency, --judge-timeout, --judge-retries,
+    --judge-verdict, and --judge-temperature where the script has it (else greedy)."""
+    return make_judge(
+        args.judge,
+        pairwise=pairwise,
+        model=args.judge_model or None,
+        cache=args.judge_cache,
+        max_tokens=args.judge_max_tokens,
+        temperature=getattr(args, "judge_temperature", 0.0),
+        concurrency=args.judge_concurrency,
+        timeout=args.judge_timeout,
+        retries=args.judge_retries,
+        device=device,
+        verdict=args.judge_verdict,
+    )
+
+
 # ---- judges as rewards ---------------------------------------------------------------------------
 
 
@@ -751,6 +771,41 @@ def judge_reward(judge, prompt_column: str = "prompt") -> rewards.RewardFn:
 
     judge_fn.__name__ = "judge"
     return judge_fn
+
+
+def both_orders(
+    judge, prefixes: Sequence, a: Sequence, b: Sequence
+) -> list[tuple[float | None, float | None]]:
+    """Each pair (a_k, b_k) asked in both orders, all in one judge batch (an HTTP judge keeps
+    `concurrency` requests in flight): per pair (P(a_k wins) with a_k shown first, P(b_k wins) with
+    b_k shown first), None where a verdict did not parse. Uses judge.prefer_ordered when it exists,
+    else judge.prefer (a symmetric judge, like the toy one, then always agrees with itself). No
+    pairs, no judge call."""
+    if not (len(prefixes) == len(a) == len(b)):
+        raise ValueError(
+            f"both_orders(): lengths differ: {len(prefixes)} prefixes, {len(a)} a, {len(b)} b"
+        )
+    if not len(prefixes):
+        return []
+    ask = getattr(judge, "prefer_ordered", None) or judge.prefer
+    verdicts = ask(list(prefixes) * 2, list(a) + list(b), list(b) + list(a))
+    return list(zip(verdicts[: len(prefixes)], verdicts[len(prefixes) :]))
+
+
+def win_tie_loss(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[float | None]:
+    """a against b, asked in both orders (both_orders): 1 when both orders prefer a, 0 when both
+    prefer b, else 0.5, a tie (RLMT's pairwise reward against a reference, the model card
+    Jarrodbarnes/qwen3-0.6B-interleaved-thinking); None when either order has no verdict. Unlike
+    full_pairwise, each order is a vote: a probability counts only by its side of 0.5."""
+    out: list[float | None] = []
+    for first, second in both_orders(judge, prefixes, a, b):
+        if first is None or second is None:
+            out.append(None)
+        else:
+            # +1: a better; a judge that always picks one position votes both ways: a tie
+            votes = {(first > 0.5) - (first < 0.5), (second < 0.5) - (second > 0.5)}
+            out.append(1.0 if votes == {1} else 0.0 if votes == {-1} else 0.5)
+    return out
 
 
 @dataclass
@@ -778,7 +833,7 @@ def full_pairwise(
     (K candidates' scores sum to K/2). A pair with an unusable verdict in either order is left out
     and counted, never guessed. One judge batch for all prefixes (an HTTP judge keeps `concurrency`
     requests in flight). Uses judge.prefer_ordered when it exists, else asks judge.prefer in both
-    orders (a symmetric judge, like the toy one, then always agrees with itself).
+    orders (both_orders).
     """
     jobs = [
         (n, i, j)
@@ -786,16 +841,16 @@ def full_pairwise(
         for i in range(len(cands))
         for j in range(i + 1, len(cands))
     ]
-    ask = getattr(judge, "prefer_ordered", None) or judge.prefer
-    firsts = [candidates[n][i] for n, i, _ in jobs] + [candidates[n][j] for n, _, j in jobs]
-    seconds = [candidates[n][j] for n, _, j in jobs] + [candidates[n][i] for n, i, _ in jobs]
-    verdicts = ask([prefixes[n] for n, _, _ in jobs] * 2, firsts, seconds) if jobs else []
+    verdicts = both_orders(
+        judge,
+        [prefixes[n] for n, _, _ in jobs],
+        [candidates[n][i] for n, i, _ in jobs],
+        [candidates[n][j] for n, _, j in jobs],
+    )
     results = [PairwiseResult([None] * len(c), 0, 0, 0, 0) for c in candidates]
     wins = [[0.0] * len(c) for c in candidates]
     counts = [[0] * len(c) for c in candidates]
-    for (n, i, j), shown_first, shown_second in zip(
-        jobs, verdicts[: len(jobs)], verdicts[len(jobs) :]
-    ):
+    for (n, i, j), (shown_first, shown_second) in zip(jobs, verdicts):
         res = results[n]
         res.pairs += 1
         if shown_first is None or shown_second is None:

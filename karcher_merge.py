@@ -58,8 +58,6 @@ Run:
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +73,6 @@ import lifecycle
 import likelihood
 import loading
 import lora
-import rewards
-import sampling
 import toy
 
 # the per-module log columns that summary.json sums up (mean and worst case)
@@ -248,7 +244,9 @@ def merge_module(w0, deltas, weights, method, space, max_iter, tol):
     return float(w.sum()), c, None, stats
 
 
-def merge_adapters(base: Weights, adapters, weights, method, space, max_iter, tol, desc="merge"):
+def merge_adapters(
+    base: loading.Weights, adapters, weights, method, space, max_iter, tol, desc="merge"
+):
     """Every adapted module merged: {module: (c0, c, dense)} and the per-module log rows."""
     modules = sorted({m for ad in adapters for m in ad})
     results, log = {}, []
@@ -280,7 +278,7 @@ def merged_delta(w0, deltas, result) -> torch.Tensor:
     return out
 
 
-def weights_of(base: Weights, adapters, results):
+def weights_of(base: loading.Weights, adapters, results):
     """weight_of(key): a tensor of the merged model, built when asked for (in the base's dtype)."""
 
     def weight_of(key: str) -> torch.Tensor:
@@ -299,7 +297,7 @@ def as_is(adapter) -> dict:
     return {m: (1.0, torch.ones(1, dtype=torch.float64), None) for m in adapter}
 
 
-def adapter_factors(base: Weights, adapters, results, log, rank: int):
+def adapter_factors(base: loading.Weights, adapters, results, log, rank: int):
     """The output adapter {module: (A, B)} (scale 1), padded to one rank; fills the log's error
     columns."""
     factors = {}
@@ -323,10 +321,10 @@ def adapter_factors(base: Weights, adapters, results, log, rank: int):
                 a, b, row["svd_error"] = lora.low_rank(a, b, min(rank, a.shape[0]))
         factors[name] = (a, b)
     width = max(a.shape[0] for a, _ in factors.values())
-    return {k: pad_rank(a, b, width) for k, (a, b) in factors.items()}
+    return {k: lora.pad_rank(a, b, width) for k, (a, b) in factors.items()}
 
 
-def merge_models(models: list[Weights], weights, method, max_iter, tol):
+def merge_models(models: list[loading.Weights], weights, method, max_iter, tol):
     """Full models, tensor by tensor (dense): ({name: merged tensor in the input dtype}, log
     rows)."""
     keys = models[0].keys()
@@ -378,60 +376,19 @@ def log_summary(log: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def score_arm(
-    model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int
-) -> dict:
-    """Per domain: held-out NLL per token and perplexity; distinct-1 (whitespace words) within each
-    prompt's k samples and their pairwise embedding diversity, both averaged over prompts."""
-    row = {}
-    for d, (texts, prompts) in sets.items():
-        reqs = [("", t) for t in texts]
-        lls = likelihood.loglikelihood(model, tokenizer, reqs, batch_size=16)
-        n_tok = sum(len(likelihood.encode_pair(tokenizer, c, t)[1]) for c, t in reqs)
-        nll = -sum(ll for ll, _ in lls) / n_tok
-        row[f"{d}/nll"], row[f"{d}/ppl"] = nll, math.exp(nll)
-        if prompts and samples > 1:
-            gen = torch.Generator(device=model.device).manual_seed(seed)
-            roll = sampling.sample(
-                model,
-                tokenizer,
-                prompts,
-                n=samples,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                generator=gen,
-            )
-            texts_out = roll.texts(tokenizer)
-            groups = [texts_out[i : i + samples] for i in range(0, len(texts_out), samples)]
-            row[f"{d}/distinct1"] = sum(rewards.distinct_n(g, 1) for g in groups) / len(groups)
-            row[f"{d}/pairwise"] = sum(rewards.pairwise_diversity(g) for g in groups) / len(groups)
-            row.setdefault("_samples", {})[d] = groups[:2]
-    return row
-
-
-@torch.no_grad()
 def evaluate_arms(
     base_name: str, device, keys: list[str], arms: dict, sets, args: Args
 ) -> list[dict]:
-    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn (tensor by
-    tensor, built when needed: a large model never holds two arms at once), then scored."""
+    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn, then scored
+    (likelihood.score_arms)."""
     model = loading.load_model(base_name, device=str(device)).eval()
     if args.init_adapter and not args.models:
         # the modules no arm sets keep the starting model's weights
         lora.merge_adapters(model, args.init_adapter)
     tokenizer = loading.load_tokenizer(base_name)
-    params = dict(model.named_parameters())
-    keys = [k for k in keys if k in params]  # a tied head is one parameter
     samples = args.samples if args.prompts else 0
-    rows = []
-    for name, weight_of in arms.items():
-        for k in keys:
-            params[k].copy_(weight_of(k).to(params[k].dtype))
-        scores = score_arm(
-            model, tokenizer, sets, samples, args.max_new_tokens, args.temperature, args.seed
-        )
-        rows.append({"arm": name, **scores})
-    return rows
+    sampled = (samples, args.max_new_tokens, args.temperature, args.seed)
+    return likelihood.score_arms(model, tokenizer, keys, arms, sets, *sampled)
 
 
 @dataclass
@@ -497,18 +454,18 @@ def main(args: Args):
     t0 = time.perf_counter()
     arms = {}
     if args.models:
-        models = [Weights(m) for m in args.models]
+        models = [loading.Weights(m) for m in args.models]
         tensors, log = merge_models(models, weights, args.method, *iterate)
         merge_seconds = time.perf_counter() - t0
-        write_model(models[0], tensors, run.out)
+        loading.write_model(models[0], tensors, run.out)
         base_name, keys = args.models[0], models[0].keys()
         if not args.no_eval and args.eval_data:
             arms = {Path(m).name or m: w.get for m, w in zip(args.models, models)}
             arms[args.method] = tensors.__getitem__
             arms[other] = merge_models(models, weights, other, *iterate)[0].__getitem__
     else:
-        base = Weights(args.base, args.init_adapter)
-        adapters = read_adapters(adapter_paths, base)
+        base = loading.Weights(args.base, lora.weight_updates(args.init_adapter))
+        adapters = lora.read_adapters(adapter_paths, base)
         merge = (base, adapters, weights)
         results, log = merge_adapters(*merge, args.method, args.space, *iterate)
         merge_seconds = time.perf_counter() - t0
@@ -517,7 +474,7 @@ def main(args: Args):
             lora.write_adapter(str(run.out), factors, base_model_name_or_path=args.base)
         merged = weights_of(base, adapters, results)
         if args.output == "model":
-            write_model(base, {k: merged(k) for k in base.keys()}, run.out)
+            loading.write_model(base, {k: merged(k) for k in base.keys()}, run.out)
         base_name, keys = args.base, [m + ".weight" for m in results]
         if not args.no_eval:
             arms["base"] = base.get
@@ -537,7 +494,9 @@ def main(args: Args):
     print(json.dumps(summary["modules"], indent=1), flush=True)
     sets = None
     if not args.no_eval:
-        sets = eval_sets(args.eval_data, base_name, args.eval_size, args.prompts, args.seed)
+        sets = likelihood.domain_sets(
+            args.eval_data, base_name, args.eval_size, args.prompts, args.seed
+        )
     if sets and arms:
         rows = evaluate_arms(base_name, run.device, keys, arms, sets, args)
         summary.update(report_eval(rows, sets, run.out))
@@ -547,7 +506,7 @@ def main(args: Args):
     return summary
 
 
-# ---- plumbing: flags, weights read tensor by tensor, adapters as factors, output files ----------
+# ---- plumbing: flags and weights, the evaluation's report -------------------------------------
 
 
 def checked_inputs(args: Args) -> list[str]:
@@ -588,165 +547,17 @@ def normalised(weights: list[float], n: int) -> list[float]:
     return [w / sum(weights) for w in weights]
 
 
-def model_dir(name_or_path: str) -> Path:
-    """A local directory with the model's safetensors: 'toy', a directory, or a hub id
-    (downloaded)."""
-    source = loading._resolve_source(name_or_path)
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]
-    try:
-        return Path(snapshot_download(source, allow_patterns=patterns))
-    except Exception as e:  # no network, unknown id, gated repo: one line with the cause
-        raise errors.MissingError(f"cannot fetch {name_or_path!r} from the hub: {e}") from e
-
-
-class Weights:
-    """The tensors of a model directory (one safetensors file or a sharded index), read one at a
-    time; with `init_adapter` each weight comes with those adapters' updates (s B A, oldest first)
-    added as it is read."""
-
-    def __init__(self, name_or_path: str, init_adapter: str = ""):
-        from safetensors import safe_open
-
-        self.name, self.dir = name_or_path, model_dir(name_or_path)
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not files:
-            raise errors.MissingError(
-                f"{self.dir}: no *.safetensors files (merging reads safetensors only)"
-            )
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
-        self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
-        # weight -> [(A, s B)], kept factored
-        self.init: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for cfg, factors in map(lora.read_adapter, lora.expand(init_adapter)):
-            for name, (a, b) in factors.items():
-                scaled = (a, lora.adapter_scaling(cfg) * b)
-                self.init.setdefault(name + ".weight", []).append(scaled)
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.where:
-            raise errors.ConfigError(f"{self.name}: no tensor {key!r}")
-        w = self._handles[self.where[key]].get_tensor(key)
-        for a, sb in self.init.get(key, []):
-            w = (w.double() + sb.double() @ a.double()).to(w.dtype)
-        return w
-
-
-def read_adapters(
-    paths: list[str], base: Weights
-) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Each adapter as {module: (A, s B)} in float64 (its scale s folded into B), checked against
-    the base."""
-    out = []
-    for p in paths:
-        lora.require_adapter(p, flag="--adapters")
-        try:
-            cfg, factors = lora.read_adapter(p)
-        except (ValueError, FileNotFoundError) as e:
-            raise errors.ConfigError(str(e)) from e
-        s = lora.adapter_scaling(cfg)
-        mods = {}
-        for name, (a, b) in factors.items():
-            w = base.get(name + ".weight") if name + ".weight" in base.where else None
-            if w is None or tuple(w.shape) != (b.shape[0], a.shape[1]):
-                why = "not in" if w is None else "another shape than"
-                raise errors.ConfigError(
-                    f"--adapters {p}: module {name!r} ({why} --base {base.name})"
-                )
-            mods[name] = (a.double(), s * b.double())
-        out.append(mods)
-    return out
-
-
-def pad_rank(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) padded with zero rows of A and zero columns of B to rank `width`, in float32."""
-    a_pad = torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])]).float()
-    return a_pad, torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float()
-
-
-def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Path:
-    """A full model directory: the merged tensors (one safetensors file) and the source's config and
-    tokenizer files; written beside and renamed into place, so a killed run leaves no half model."""
-    from safetensors.torch import save_file
-
-    final, tmp = out / "model", out / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.dir.iterdir():
-        config_like = f.suffix in (".json", ".txt", ".jinja", ".model")
-        if f.is_file() and config_like and not f.name.endswith(".index.json"):
-            shutil.copyfile(f, tmp / f.name)
-    contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def prompt_head(text: str) -> str:
-    """The first third of a text, cut after a space: a prompt to continue."""
-    return text[: max(1, text.rfind(" ", 0, len(text) // 3) + 1 or len(text) // 3)]
-
-
-def eval_sets(eval_data: str, base: str, eval_size: int, prompts: int, seed: int):
-    """{domain: (held-out texts, prompts for sampling)}: the toy documents, or --eval-data grouped
-    by 'domain' (its prompts: the first third of each text, cut at a space)."""
-    if not eval_data:
-        if base != "toy":
-            return None
-        sets = {}
-        for d in toy.DOMAINS:
-            docs = toy.documents("test", eval_size, seed=seed, domains=[d])
-            starts = toy.continuations("test", prompts, seed=seed, domains=[d])
-            sets[d] = ([r["text"] for r in docs], [r["prompt"] for r in starts])
-        return sets
-    sets: dict[str, list[str]] = {}
-    for r in dataio.load_rows(eval_data, split="test", required=("text",), types={"text": str}):
-        sets.setdefault(str(r.get("domain", "all")), []).append(r["text"])
-    return {
-        d: (texts, [prompt_head(t) for t in texts[:prompts]]) for d, texts in sorted(sets.items())
-    }
-
-
 def report_eval(rows: list[dict], sets: dict, out: Path) -> dict:
     """samples.jsonl and the printed table; returns summary.json's eval rows and, with a base arm,
     whether the Karcher merge's NLL beats the base's per domain."""
-    samples = [
-        {"arm": r["arm"], "domain": d, "samples": g}
-        for r in rows
-        for d, g in r.get("_samples", {}).items()
-    ]
-    dataio.write_jsonl(out / "samples.jsonl", samples)
-    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    rows = likelihood.report_domains(rows, list(sets), out)
     summary = {"eval": rows}
     if "base" in {r["arm"] for r in rows}:
         by = {r["arm"]: r for r in rows}
         summary["karcher_beats_base_nll"] = {
             d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets
         }
-    print("\n" + dataio.markdown_table(table_rows(rows, list(sets))), flush=True)
     return summary
-
-
-def table_rows(rows: list[dict], domains) -> list[dict]:
-    """The printed table: NLL and perplexity per domain, diversity averaged over domains."""
-    out = []
-    for r in rows:
-        t = {"arm": r["arm"]}
-        for d in domains:
-            t[f"{d} NLL"], t[f"{d} ppl"] = round(r[f"{d}/nll"], 4), round(r[f"{d}/ppl"], 3)
-        for col, label in (("distinct1", "distinct-1"), ("pairwise", "pairwise div")):
-            vals = [r[f"{d}/{col}"] for d in domains if f"{d}/{col}" in r]
-            if vals:
-                t[label] = round(sum(vals) / len(vals), 3)
-        out.append(t)
-    return out
 
 
 if __name__ == "__main__":

@@ -326,6 +326,14 @@ def start_run(
     )
 
 
+def log_samples(run: Run, step: int, samples: list[dict], split: str = "train") -> None:
+    """Rollouts one can read: each sample as a row of samples.jsonl, tagged with the split and the
+    step (rank 0 only)."""
+    if is_main():
+        for s in samples:
+            append_jsonl(run.out / "samples.jsonl", {"split": split, "step": step, **s})
+
+
 def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: dict) -> dict:
     """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to
     samples.jsonl."""

@@ -14,6 +14,8 @@ too):
   choice text itself, without the leading space);
 - toy counterparts (`toy_lambada`, `toy_arc`, `toy_piqa`), generated offline from the toy world: the
   shipped toy base scores clearly above chance on them, a random-init model does not.
+- per domain of held-out documents: NLL per token and perplexity, and the diversity of sampled
+  continuations (distinct-1, pairwise embedding diversity): how karcher_merge.py scores its merges.
 
 Standard errors as the harness reports them: sd(x) / sqrt(n) (Bessel-corrected) for acc and
 acc_norm, a bootstrap of 100,000 resamples for perplexity (the harness's own seeded resamples, see
@@ -37,6 +39,8 @@ import answers
 import dataio
 import errors
 import loading
+import lora
+import rewards
 import sampling
 
 TASKS = ("lambada_openai", "arc_easy", "piqa")
@@ -486,6 +490,146 @@ def run_suite(
         )
         for t in tasks
     }
+
+
+def suite_tasks(choice: str, model: str) -> list[str]:
+    """--likelihood-tasks as a list; 'auto' = the toy tasks for the toy model, else TASKS."""
+    if choice != "auto":
+        return choice.split(",")
+    return list(TOY_TASKS) if model == "toy" else list(TASKS)
+
+
+def run_suite_arms(
+    arms: dict[str, str], base: str, tasks, sources, limit, device, load_in_4bit: bool = False
+) -> tuple[dict, list[dict]]:
+    """run_suite for every arm {name: lora.load_arm spec on `base`}, one model in memory at a time:
+    ({arm: {task: scores}}, the table's rows)."""
+    results, rows = {}, []
+    for name, spec in arms.items():
+        if spec.startswith("http"):
+            raise errors.ConfigError(
+                f"--arms {name}={spec}: the likelihood suite needs the model in process"
+            )
+        model, tok_dir = lora.load_arm(spec, base, device, load_in_4bit)
+        tokenizer = loading.load_tokenizer(tok_dir)
+        results[name] = run_suite(model.eval(), tokenizer, tasks, sources, limit)
+        for t, r in results[name].items():
+            row = {"Arm": name, "Task": t, "n": r["n"], "acc": r["acc"]}
+            row.update(acc_norm=r.get("acc_norm"), perplexity=r.get("perplexity"))
+            rows.append(row)
+        del model
+    return results, rows
+
+
+# ---- Held-out NLL per domain and the diversity of sampled continuations --------------------------
+
+
+def prompt_head(text: str) -> str:
+    """The first third of a text, cut after a space: a prompt to continue."""
+    return text[: max(1, text.rfind(" ", 0, len(text) // 3) + 1 or len(text) // 3)]
+
+
+def domain_sets(eval_data: str, base: str, eval_size: int, prompts: int, seed: int):
+    """{domain: (held-out texts, prompts for sampling)}: the toy documents, or `eval_data` (JSONL
+    {'text', 'domain'?}) grouped by 'domain' (its prompts: the first third of each text, cut at a
+    space); None without `eval_data` for a model other than the toy base."""
+    if not eval_data:
+        if base != "toy":
+            return None
+        import toy
+
+        sets = {}
+        for d in toy.DOMAINS:
+            docs = toy.documents("test", eval_size, seed=seed, domains=[d])
+            starts = toy.continuations("test", prompts, seed=seed, domains=[d])
+            sets[d] = ([r["text"] for r in docs], [r["prompt"] for r in starts])
+        return sets
+    sets: dict[str, list[str]] = {}
+    for r in dataio.load_rows(eval_data, split="test", required=("text",), types={"text": str}):
+        sets.setdefault(str(r.get("domain", "all")), []).append(r["text"])
+    return {
+        d: (texts, [prompt_head(t) for t in texts[:prompts]]) for d, texts in sorted(sets.items())
+    }
+
+
+@torch.no_grad()
+def score_domains(
+    model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int
+) -> dict:
+    """Per domain of `sets` (domain_sets): held-out NLL per token and perplexity; with `samples` >
+    1, distinct-1 (whitespace words) within each prompt's k samples and their pairwise embedding
+    diversity, both averaged over prompts ("_samples": the first two prompts' samples)."""
+    row = {}
+    for d, (texts, prompts) in sets.items():
+        reqs = [("", t) for t in texts]
+        lls = loglikelihood(model, tokenizer, reqs, batch_size=16)
+        n_tok = sum(len(encode_pair(tokenizer, c, t)[1]) for c, t in reqs)
+        nll = -sum(ll for ll, _ in lls) / n_tok
+        row[f"{d}/nll"], row[f"{d}/ppl"] = nll, math.exp(nll)
+        if prompts and samples > 1:
+            gen = torch.Generator(device=model.device).manual_seed(seed)
+            roll = sampling.sample(
+                model,
+                tokenizer,
+                prompts,
+                n=samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                generator=gen,
+            )
+            texts_out = roll.texts(tokenizer)
+            groups = [texts_out[i : i + samples] for i in range(0, len(texts_out), samples)]
+            row[f"{d}/distinct1"] = sum(rewards.distinct_n(g, 1) for g in groups) / len(groups)
+            row[f"{d}/pairwise"] = sum(rewards.pairwise_diversity(g) for g in groups) / len(groups)
+            row.setdefault("_samples", {})[d] = groups[:2]
+    return row
+
+
+@torch.no_grad()
+def score_arms(
+    model, tokenizer, keys: list[str], arms: dict, sets, samples, max_new_tokens, temperature, seed
+) -> list[dict]:
+    """Every arm {name: weight_of(key) -> tensor} put into `model` in turn (tensor by tensor, built
+    when needed: a large model never holds two arms at once), then scored (score_domains): [{"arm",
+    **scores}]."""
+    params = dict(model.named_parameters())
+    keys = [k for k in keys if k in params]  # a tied head is one parameter
+    rows = []
+    for name, weight_of in arms.items():
+        for k in keys:
+            params[k].copy_(weight_of(k).to(params[k].dtype))
+        scores = score_domains(model, tokenizer, sets, samples, max_new_tokens, temperature, seed)
+        rows.append({"arm": name, **scores})
+    return rows
+
+
+def report_domains(rows: list[dict], domains: list[str], out: Path) -> list[dict]:
+    """Rows {"arm", **score_domains} reported: their samples to out/samples.jsonl, the table
+    printed; returns the rows without their samples."""
+    samples = [
+        {"arm": r["arm"], "domain": d, "samples": g}
+        for r in rows
+        for d, g in r.get("_samples", {}).items()
+    ]
+    dataio.write_jsonl(out / "samples.jsonl", samples)
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    print("\n" + dataio.markdown_table(domain_table(rows, domains)), flush=True)
+    return rows
+
+
+def domain_table(rows: list[dict], domains) -> list[dict]:
+    """The printed table: NLL and perplexity per domain, diversity averaged over domains."""
+    out = []
+    for r in rows:
+        t = {"arm": r["arm"]}
+        for d in domains:
+            t[f"{d} NLL"], t[f"{d} ppl"] = round(r[f"{d}/nll"], 4), round(r[f"{d}/ppl"], 3)
+        for col, label in (("distinct1", "distinct-1"), ("pairwise", "pairwise div")):
+            vals = [r[f"{d}/{col}"] for d in domains if f"{d}/{col}" in r]
+            if vals:
+                t[label] = round(sum(vals) / len(vals), 3)
+        out.append(t)
+    return out
 
 
 # ---- A style reward for GRPO: the likelihood of a completion under a proxy model -----------------

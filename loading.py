@@ -1,16 +1,18 @@
 """Devices, tokenizers and models: a hub id, a local directory, 'toy' (the embedded toy base) or
-'smollm2' (the offline real model, offline.py)."""
+'smollm2' (the offline real model, offline.py); a model's safetensors read tensor by tensor and
+written back as a model directory."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distributed import pick_device
-from errors import MissingError
+from errors import ConfigError, MissingError
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str:
@@ -118,3 +120,71 @@ def load_model(
         model.enable_input_require_grads()
         model.config.use_cache = False
     return model
+
+
+# ---- a model's tensors one at a time, and a model directory written from tensors ----------------
+
+
+def model_dir(name_or_path: str) -> Path:
+    """A local directory with the model's safetensors: 'toy', a directory, or a hub id
+    (downloaded)."""
+    source = _resolve_source(name_or_path)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except Exception as e:  # no network, unknown id, gated repo: one line with the cause
+        raise MissingError(f"cannot fetch {name_or_path!r} from the hub: {e}") from e
+
+
+class Weights:
+    """The tensors of a model directory (one safetensors file or a sharded index), read one at a
+    time; with `updates` ({weight name: [(A, s B)]}, lora.weight_updates of an --init-adapter) each
+    weight comes with those low-rank updates (s B A, in order) added as it is read."""
+
+    def __init__(self, name_or_path: str, updates: dict | None = None):
+        from safetensors import safe_open
+
+        self.name, self.dir = name_or_path, model_dir(name_or_path)
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise MissingError(
+                f"{self.dir}: no *.safetensors files (merging reads safetensors only)"
+            )
+        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
+        # weight -> [(A, s B)], kept factored
+        self.init: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = updates or {}
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.where:
+            raise ConfigError(f"{self.name}: no tensor {key!r}")
+        w = self._handles[self.where[key]].get_tensor(key)
+        for a, sb in self.init.get(key, []):
+            w = (w.double() + sb.double() @ a.double()).to(w.dtype)
+        return w
+
+
+def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Path:
+    """A full model directory: the merged tensors (one safetensors file) and the source's config and
+    tokenizer files; written beside and renamed into place, so a killed run leaves no half model."""
+    from safetensors.torch import save_file
+
+    final, tmp = out / "model", out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.dir.iterdir():
+        config_like = f.suffix in (".json", ".txt", ".jinja", ".model")
+        if f.is_file() and config_like and not f.name.endswith(".index.json"):
+            shutil.copyfile(f, tmp / f.name)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import loading
-from errors import MissingError
+from errors import ConfigError, MissingError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = (
@@ -203,6 +203,41 @@ def hub_defaults(model: str, device: torch.device | str, card: dict, given: dict
         ]
         print(f"defaults for {model} on {kind}: {', '.join(shown)}", flush=True)
     return out
+
+
+def load_policy(
+    name: str,
+    device,
+    init_adapter: str,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """The policy every trainer starts from: the model, with `init_adapter` (and the adapters it
+    was trained on, oldest first) merged into its weights, and a fresh LoRA on top. The reference
+    policy (LoRA off) is then the merged model."""
+    model = loading.load_model(
+        name,
+        device=device,
+        load_in_4bit=load_in_4bit,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    merge_adapters(model, init_adapter)
+    add_lora(model, r=r, alpha=alpha, dropout=dropout)
+    return model
+
+
+def save_trained(model, tokenizer, out, model_name: str, merged: bool = False) -> None:
+    """The trained adapter in PEFT format in `out` (its base recorded unless it is the toy);
+    `merged` also writes the merged full model and its tokenizer to out/model."""
+    save_adapter(
+        model, str(out), base_model_name_or_path=None if model_name == "toy" else model_name
+    )
+    if merged:
+        merge(model).save_pretrained(Path(out) / "model")
+        tokenizer.save_pretrained(Path(out) / "model")
 
 
 def fill_defaults(args, table: dict[str, tuple], device) -> None:
@@ -530,6 +565,47 @@ def read_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.T
     return cfg, {k: (a, b) for k, (a, b) in factors.items()}
 
 
+def weight_updates(spec: str) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The updates of adapters 'a+b' (each after its lineage) per weight: {'<module>.weight': [(A,
+    s B), ...]} in order, kept factored (loading.Weights adds them as it reads a weight)."""
+    updates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for cfg, factors in map(read_adapter, expand(spec)):
+        for name, (a, b) in factors.items():
+            scaled = (a, adapter_scaling(cfg) * b)
+            updates.setdefault(name + ".weight", []).append(scaled)
+    return updates
+
+
+def read_adapters(
+    paths: list[str], base: loading.Weights
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each adapter as {module: (A, s B)} in float64 (its scale s folded into B), checked against
+    the base."""
+    out = []
+    for p in paths:
+        require_adapter(p, flag="--adapters")
+        try:
+            cfg, factors = read_adapter(p)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from e
+        s = adapter_scaling(cfg)
+        mods = {}
+        for name, (a, b) in factors.items():
+            w = base.get(name + ".weight") if name + ".weight" in base.where else None
+            if w is None or tuple(w.shape) != (b.shape[0], a.shape[1]):
+                why = "not in" if w is None else "another shape than"
+                raise ConfigError(f"--adapters {p}: module {name!r} ({why} --base {base.name})")
+            mods[name] = (a.double(), s * b.double())
+        out.append(mods)
+    return out
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) padded with zero rows of A and zero columns of B to rank `width`, in float32."""
+    a_pad = torch.cat([a, a.new_zeros(width - a.shape[0], a.shape[1])]).float()
+    return a_pad, torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float()
+
+
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load a PEFT-format LoRA adapter, adding LoRA layers from its config when the model has none.
 
@@ -653,3 +729,58 @@ def load_arm(spec: str, base: str, device=None, load_in_4bit: bool = False, flag
         model, spec, flag=flag
     )  # each adapter after the ones it was trained on (its args.json)
     return model, base
+
+
+def resolve_arms(spec: str, model: str) -> dict[str, str]:
+    """--arms 'name=spec,...' as {name: spec}; 'auto' = the model alone, or with the toy model: the
+    base, the shipped thinking-SFT adapters and the toy runs/sft_think, runs/grpo, runs/rlmt found
+    (an adapter with the args.json of a toy run)."""
+    if spec != "auto":
+        arms = {}
+        for item in spec.split(","):
+            name, eq, value = item.partition("=")
+            if not eq or not name.strip():
+                raise ConfigError(f"--arms {spec!r}: each arm is name=spec, got {item!r}")
+            arms[name.strip()] = value.strip()
+        return arms
+    if model != "toy":
+        return {"base": ""}
+    import toy  # lazily: only the toy model's arms need the toy world
+
+    arms = {"base": "", "think": str(toy.sft_adapter_dir())}
+    # the same SFT over all three answer formats
+    if (toy.SFT_FORMATS_DIR / "adapter_model.safetensors").is_file():
+        arms["think_formats"] = str(toy.SFT_FORMATS_DIR)
+    for name in ("sft_think", "grpo", "rlmt"):
+        d, meta = Path("runs") / name, Path("runs") / name / "args.json"
+        trained = (d / WEIGHTS_NAME).is_file() and meta.is_file()
+        if trained and json.loads(meta.read_text()).get("model") == "toy":
+            arms[f"runs_{name}"] = str(d)
+    return arms
+
+
+def with_lineages(arms: dict[str, str], init_adapter: str) -> dict[str, str]:
+    """In-process arms with --init-adapter first and every adapter's lineage written out (tables,
+    cache keys)."""
+    servers = [s for s in arms.values() if s.startswith(("http://", "https://"))]
+    if init_adapter and servers:
+        raise ConfigError("--init-adapter applies to in-process arms; --arms has a server")
+    try:
+        return {n: s if s in servers else expand_arm(s, init_adapter) for n, s in arms.items()}
+    except FileNotFoundError as e:
+        raise MissingError(f"--arms: {e}") from None
+
+
+def resolve_compare(spec: str, arms: list[str]) -> list[tuple[str, str]]:
+    """--compare 'a-b,...' as [(a, b)] (a minus b); 'auto' = every arm minus the first."""
+    if spec == "auto":
+        return [(a, arms[0]) for a in arms[1:]]
+    pairs = []
+    for item in filter(None, spec.split(",")):
+        a, _, b = item.partition("-")
+        if a not in arms or b not in arms:
+            raise ConfigError(
+                f"--compare {item!r}: arms are {', '.join(arms)} (write a-b, a minus b)"
+            )
+        pairs.append((a, b))
+    return pairs

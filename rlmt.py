@@ -76,10 +76,9 @@ import loading
 import lora
 import rewards
 import sampling
-import stats
 import toy
+from answers import THINK_CLOSE, THINK_OPEN
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ARTIFACTS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -159,12 +158,7 @@ def toy_prompts(split: str, n: int, data: str, task: str, seed: int, styles: str
     if task == "continuation":
         return toy.continuations(split, n, seed=seed)
     if data == "toy-arithmetic":
-        kinds = styles.split(",")
-        per = [
-            toy.arithmetic(split, -(-n // len(kinds)), seed=seed, difficulty=[1, 2, 3], style=s)
-            for s in kinds
-        ]
-        rows = [r for group in zip(*per) for r in group][:n]
+        rows = toy.datasets.mixed_arithmetic(split, n, seed, [1, 2, 3], styles.split(","))
     else:
         rows = toy.instructions(split, n, seed=seed)
     return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
@@ -204,37 +198,18 @@ def sample_thought_then_answer(
     """G (thought, response) samples per prompt, rows grouped by prompt (row i*G+j is sample j of
     prompt i). `</think>` is found by its id where it is one token (Qwen3), else in the decoded text
     (SmolLM2: 3 pieces)."""
-    close = chat.marker_ids(tokenizer, THINK_CLOSE)
     eos = sampling.stop_token_ids(model, tokenizer)
     ends = [tokenizer.decode([i]) for i in eos]  # where a response ends, as text
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(G)]
     kw = dict(temperature=temperature, top_p=top_p, generator=generator, batch_size=batch_size)
     if boundary == "model":
-        # the response: the text after the first </think> (the RLMT code's training rule)
         roll = sampling.sample(
             model, tokenizer, prompts, n=G, max_new_tokens=thought_tokens + answer_tokens, **kw
         )
-        toks = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
-        cut = [chat.marker_span(tokenizer, t, THINK_CLOSE) for t in toks]
-        answers = [
-            _visible(tokenizer.decode(t, skip_special_tokens=False).split(THINK_CLOSE, 1)[1], ends)
-            if c is not None
-            else ""
-            for t, c in zip(toks, cut)
-        ]
-        return Samples(
-            roll,
-            roll.completion_mask.clone(),
-            answers,
-            [len(t) if c is None else c[0] for t, c in zip(toks, cut)],
-            [0 if c is None else len(t) - c[1] for t, c in zip(toks, cut)],
-            [c is not None for c in cut],
-            [c is not None for c in cut],
-        )
+        return split_at_model_boundary(tokenizer, roll, ends)
+
     # Stage 1: the thought, ended by the policy (</think> or an end-of-turn token, dropped) or by
     # the budget.
+    close = chat.marker_ids(tokenizer, THINK_CLOSE)
     single = len(close) == 1
     stage1 = sampling.sample(
         model,
@@ -251,16 +226,19 @@ def sample_thought_then_answer(
         stage1.completion_ids, stage1.completion_mask, stage1.finished.tolist()
     ):
         t = ids[m.bool()].tolist()
-        span = (
-            chat.marker_span(tokenizer, t, THINK_CLOSE)
-            if done and not single and t[-1] not in eos
-            else None
-        )
-        thoughts.append(t[: span[0]] if span else t[:-1] if done else t)
+        if not done:  # cut by the budget: all of it is thought
+            thoughts.append(t)
+        elif single or t[-1] in eos:  # its last token (</think> or end of turn) is dropped
+            thoughts.append(t[:-1])
+        else:  # stopped by the text "</think>" of several tokens: cut where it begins
+            span = chat.marker_span(tokenizer, t, THINK_CLOSE)
+            thoughts.append(t[: span[0]] if span else t[:-1])
         closed.append(bool(done))
-    bounds = [boundary_ids(tokenizer, t) for t in thoughts]
+
     # Stage 2: the response, from prompt + thought + boundary (one sample each: the group is
     # already there).
+    rows = [p for p in prompts for _ in range(G)]
+    bounds = [boundary_ids(tokenizer, t) for t in thoughts]
     stage2 = sampling.sample(
         model,
         tokenizer,
@@ -272,6 +250,10 @@ def sample_thought_then_answer(
     answer_ids = [
         ids[m.bool()].tolist() for ids, m in zip(stage2.completion_ids, stage2.completion_mask)
     ]
+
+    # One rollout of prompt | thought + boundary + response; the loss skips the boundary.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    device = next(model.parameters()).device
     roll = sampling.rollout_from_tokens(
         rows,
         [t + b + a for t, b, a in zip(thoughts, bounds, answer_ids)],
@@ -288,15 +270,38 @@ def sample_thought_then_answer(
         ],
         device=device,
     )
-    answers = [_visible(tokenizer.decode(a, skip_special_tokens=False), ends) for a in answer_ids]
     return Samples(
-        roll,
-        loss_mask,
-        answers,
-        [len(t) for t in thoughts],
-        [len(a) for a in answer_ids],
-        closed,
-        [True] * len(rows),
+        roll=roll,
+        loss_mask=loss_mask,
+        answers=[
+            _visible(tokenizer.decode(a, skip_special_tokens=False), ends) for a in answer_ids
+        ],
+        thought_len=[len(t) for t in thoughts],
+        answer_len=[len(a) for a in answer_ids],
+        closed=closed,
+        has_answer=[True] * len(rows),
+    )
+
+
+def split_at_model_boundary(tokenizer, roll: sampling.Rollout, ends: list[str]) -> Samples:
+    """--boundary model: the policy wrote thought and response in one go; the response is the text
+    after the first </think> (the RLMT code's training rule), and a sample without one has none."""
+    toks = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    cut = [chat.marker_span(tokenizer, t, THINK_CLOSE) for t in toks]
+    answers = [
+        _visible(tokenizer.decode(t, skip_special_tokens=False).split(THINK_CLOSE, 1)[1], ends)
+        if c is not None
+        else ""
+        for t, c in zip(toks, cut)
+    ]
+    return Samples(
+        roll=roll,
+        loss_mask=roll.completion_mask.clone(),
+        answers=answers,
+        thought_len=[len(t) if c is None else c[0] for t, c in zip(toks, cut)],
+        answer_len=[0 if c is None else len(t) - c[1] for t, c in zip(toks, cut)],
+        closed=[c is not None for c in cut],
+        has_answer=[c is not None for c in cut],
     )
 
 
@@ -346,17 +351,8 @@ def judge_responses(
             prompts, [answers[i] for i in ask], references=[rows[i]["reference"] for i in ask]
         )
     else:  # win 1 / tie 0.5 / loss 0 against the original continuation, asked in both orders
-        refs, mine = [rows[i]["reference"] for i in ask], [answers[i] for i in ask]
-        order = getattr(judge, "prefer_ordered", None) or judge.prefer
-        both = order(prompts * 2, mine + refs, refs + mine)
-        verdicts = []
-        for first, second in zip(both[: len(ask)], both[len(ask) :]):
-            if first is None or second is None:
-                verdicts.append(None)
-            else:
-                # +1: ours better; a judge that always picks one position votes both ways: a tie
-                votes = {(first > 0.5) - (first < 0.5), (second < 0.5) - (second > 0.5)}
-                verdicts.append(1.0 if votes == {1} else 0.0 if votes == {-1} else 0.5)
+        refs = [rows[i]["reference"] for i in ask]
+        verdicts = judges.win_tie_loss(judge, prompts, [answers[i] for i in ask], refs)
     out = [missing_reward] * len(answers)
     for i, v in zip(ask, verdicts):
         out[i] = 0.0 if v is None else float(v)
@@ -467,17 +463,6 @@ def group_advantages(r: torch.Tensor, G: int) -> torch.Tensor:
     return (adv / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
 
 
-def logprobs_no_grad(model, roll, micro_batch_size: int, temperature: float) -> torch.Tensor:
-    full = torch.zeros(roll.completion_ids.shape, device=roll.completion_ids.device)
-    with torch.no_grad():
-        for s in range(0, full.shape[0], micro_batch_size):
-            ids, attn, K = sampling.micro_batch(roll, slice(s, s + micro_batch_size))
-            full[s : s + micro_batch_size, :K] = sampling.sequence_logprobs(
-                model, ids, attn, K, temperature=temperature
-            )
-    return full
-
-
 def update(
     model,
     s: Samples,
@@ -529,7 +514,7 @@ def train_on(model, s: Samples, r: list[float], opt, a: Args, run, step: int) ->
     ref = None
     if a.beta > 0:
         with lora.disabled(model):
-            ref = logprobs_no_grad(model, s.roll, a.micro_batch_size, a.temperature)
+            ref = sampling.rollout_logprobs(model, s.roll, a.micro_batch_size, a.temperature)
     out = update(
         model,
         s,
@@ -587,57 +572,13 @@ def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
     return row
 
 
-def compare(left: dict, right: dict, span: float = 1.0) -> dict:
-    """right - left over the shared prefixes: mean reward delta with a paired 95% interval (normal,
-    over prefixes, within +-span, span the rewards' range) and the shares of prefixes where the
-    right arm is better, worse, even."""
-    mean, _, ci = stats.paired_interval(left["per_prefix"], right["per_prefix"], span)
-    d = [b - a for a, b in zip(left["per_prefix"], right["per_prefix"])]
-    n = len(d)
-    return {
-        "mean_reward_delta": mean,
-        # one prefix says nothing about the spread: the whole range
-        "delta_ci": ci if n > 1 else [-span, span],
-        "right_better": sum(x > 1e-9 for x in d) / n,
-        "left_better": sum(x < -1e-9 for x in d) / n,
-        "tie": sum(abs(x) <= 1e-9 for x in d) / n,
-        "shared_prefixes": n,
-    }
-
-
 def gate_report(arms: dict[str, dict], out: Path, missing_reward: float = 0.0) -> dict:
-    names = list(arms)
+    """The gate over arms (rewards.gate_report), to gate.json and printed as tables."""
     # judge rewards are in [0, 1], a missing response gets --missing-reward
     span = max(1.0, missing_reward) - min(0.0, missing_reward)
-    pairs = {
-        f"{right}_minus_{left}": compare(arms[left], arms[right], span)
-        for i, left in enumerate(names)
-        for right in names[i + 1 :]
-    }
-    report = {
-        "arms": {
-            k: {c: v for c, v in a.items() if c not in ("per_prefix", "_samples")}
-            for k, a in arms.items()
-        },
-        "per_prefix": {k: a["per_prefix"] for k, a in arms.items()},
-        "comparisons": pairs,
-        # go/no-go, as the card's fields: verdicts parse, groups carry a signal, some pair is told
-        # apart
-        "reward_validity_ok": all(a["invalid_rate"] <= 0.05 for a in arms.values()),
-        "variance_ok": all(a["mixed_groups"] >= 0.25 for a in arms.values()),
-        "separable": any(p["delta_ci"][0] > 0 or p["delta_ci"][1] < 0 for p in pairs.values()),
-    }
+    report = rewards.gate_report(arms, span)
     dataio.atomic_write_json(out / "gate.json", report)
-    print("\n" + dataio.markdown_table([{"arm": k, **v} for k, v in report["arms"].items()]))
-    comparisons = [
-        {
-            "comparison": k,
-            **{c: v for c, v in p.items() if c != "delta_ci"},
-            "95% interval": f"[{p['delta_ci'][0]:.4f}, {p['delta_ci'][1]:.4f}]",
-        }
-        for k, p in pairs.items()
-    ]
-    print("\n" + dataio.markdown_table(comparisons), flush=True)
+    print("\n" + rewards.gate_tables(report), flush=True)
     return report
 
 
@@ -648,7 +589,7 @@ def run_gate(a: Args, run) -> dict:
         if not eq or not name:
             raise errors.ConfigError(f"--gate {a.gate!r}: each arm is name=spec, got {item!r}")
         arms[name.strip()] = spec.strip()
-    judge = make_judge(a)
+    judge = judges.from_args(a, pairwise=a.task == "continuation")
     results = {}
     for name, spec in arms.items():
         model, tok_source = lora.load_arm(
@@ -675,22 +616,6 @@ def heldout_delta(run, a: Args, before: dict, row: dict | None, n_prompts: int) 
         "delta_ci": report["comparisons"]["rlmt_minus_start"]["delta_ci"],
         "note": f"{n_prompts} held-out prompts x {a.num_generations} samples, T={a.temperature}",
     }
-
-
-def make_judge(a: Args):
-    # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of
-    # continuation judging
-    return judges.make_judge(
-        a.judge,
-        pairwise=a.task == "continuation",
-        verdict=a.judge_verdict,
-        model=a.judge_model or None,
-        cache=a.judge_cache,
-        max_tokens=a.judge_max_tokens,
-        concurrency=a.judge_concurrency,
-        timeout=a.judge_timeout,
-        retries=a.judge_retries,
-    )
 
 
 def prompts_of(tokenizer, a: Args, toy_train_size: int):
@@ -845,7 +770,9 @@ def main(args: Args):
         return run_gate(args, run)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout = prompts_of(tokenizer, args, args.toy_train_size)
-    judge = make_judge(args)
+    # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of
+    # continuation judging
+    judge = judges.from_args(args, pairwise=args.task == "continuation")
     model = policy_model(args, run.device)
     opt = lifecycle.adamw(
         lora.lora_parameters(model),
@@ -861,8 +788,7 @@ def main(args: Args):
     model.train()
     t_train, last, alerts = 0.0, {}, []
     main_rank = distributed.is_main()
-    steps = range(start, args.max_steps)
-    bar = tqdm(steps, initial=start, total=args.max_steps, desc="rlmt", disable=not main_rank)
+    bar = lifecycle.progress_bar(start, args.max_steps, "rlmt")
     for step in bar:
         t0 = time.perf_counter()
         s, grouped, r, invalid = step_rollout(model, tokenizer, judge, train, args, run, step)
@@ -882,7 +808,7 @@ def main(args: Args):
             "timing/rollout": t_rollout,
         }
         log_samples(run, tokenizer, step + 1, grouped, s, r, args)
-        bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{out['kl']:.3g}")
+        lifecycle.show(bar, last, {"reward": ".3f", "kl": ".3g"})
         saving = {"save_every": args.save_every, "max_steps": args.max_steps}
         lifecycle.end_step(run, step + 1, last, model, opt, state, **saving)
     summary = {}
@@ -920,8 +846,7 @@ def step_rollout(model, tokenizer, judge, train: list[dict], a: Args, run, step:
     seeded by (seed, step, rank)."""
     batch = a.batch_size * run.world
     order = dataio.epoch_indices(len(train), batch, step, a.seed, run.rank, run.world)
-    seed = a.seed * 100003 + step * run.world + run.rank
-    gen = torch.Generator(device=run.device).manual_seed(seed)
+    gen = sampling.step_generator(a.seed, step, run.rank, run.world, run.device)
     return rollout(model, tokenizer, judge, [train[i] for i in order], a, gen)
 
 

@@ -3,6 +3,9 @@
 - `render_prompt` / `encode_prompts`: a prompt (text, or chat messages through the chat template) to
   token ids,
   with errors that name file:line and field;
+- `cut_documents`: documents cut by tokens into a prefix (a prompt) and the true continuation;
+- `step_generator`: the generator of one training batch on one rank, so a resumed run samples the
+  same;
 - `sample`: our own KV-cache decoding loop over left-padded prompts (n samples per prompt sharing
   one prefill, temperature, top-p, stop ids and stop strings; optionally a static KV cache and a
   compiled decode step) returning a `Rollout`, whose completion mask is 1 up to and including the
@@ -10,7 +13,8 @@
 - `sequence_logprobs`: log pi(token) of the completion tokens (and the entropy) through the fused
   LM-head kernel,
   so [B, T, V] logits are never held;
-- `micro_batch`: some rows of a rollout without the columns that are padding in all of them.
+- `micro_batch`: some rows of a rollout without the columns that are padding in all of them;
+- `rollout_logprobs`: sequence_logprobs of a whole rollout, in micro-batches, without gradients.
 """
 
 from __future__ import annotations
@@ -78,6 +82,53 @@ def encode_prompts(
             )
         out.append({**{k: v for k, v in row.items() if k != "_line"}, field: text, "ids": ids})
     return out
+
+
+def cut_documents(
+    rows: list[dict],
+    tokenizer,
+    source: str,
+    prefix_tokens: int,
+    continuation_tokens: int,
+    *,
+    min_tokens: int,
+    too_short: str | None = None,
+) -> tuple[list[dict], int]:
+    """Each row's 'text' cut by tokens into its first prefix_tokens tokens (a prompt) and the (at
+    most) continuation_tokens after them (the true continuation): [{**the row's other fields,
+    "prefix_ids", "continuation_ids", "prefix", "continuation"}] (the texts decoded from the ids),
+    and how many short documents were skipped.
+
+    A document of fewer than `min_tokens` tokens is skipped and counted, or, when `too_short` is
+    given, an error "source:line: field 'text': N tokens" followed by `too_short`. A missing or
+    non-string 'text' is an error naming source:line (rows carry "_line" when read from a file)."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source}:{row.get('_line', i + 1)}"
+        text = row.get("text")
+        if not isinstance(text, str):
+            got = "missing" if text is None else f"expected str, got {type(text).__name__}"
+            raise errors.DataError(f"{where}: field 'text': {got}")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < min_tokens:
+            if too_short is None:
+                skipped += 1
+                continue
+            raise errors.DataError(f"{where}: field 'text': {len(ids)} tokens{too_short}")
+        prefix, continuation = (
+            ids[:prefix_tokens],
+            ids[prefix_tokens : prefix_tokens + continuation_tokens],
+        )
+        out.append(
+            {
+                **{k: v for k, v in row.items() if k != "text"},
+                "prefix_ids": prefix,
+                "continuation_ids": continuation,
+                "prefix": tokenizer.decode(prefix),
+                "continuation": tokenizer.decode(continuation),
+            }
+        )
+    return out, skipped
 
 
 # ---- Sampling ------------------------------------------------------------------------------------
@@ -560,6 +611,12 @@ def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor
     return torch.cat([extra, x] if left else [x, extra], dim=1)
 
 
+def step_generator(seed: int, step: int, rank: int, world: int, device) -> torch.Generator:
+    """The generator that samples training batch `step` on rank `rank` of `world`: seeded by (seed,
+    step, rank), so a resumed run draws the same completions and no two ranks draw the same."""
+    return torch.Generator(device=device).manual_seed(seed * 100003 + step * world + rank)
+
+
 def sample(
     model,
     tokenizer,
@@ -745,3 +802,20 @@ def micro_batch(roll: Rollout, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
     width = max(1, int(cm.sum(1).max()))
     ids = torch.cat([roll.prompt_ids[rows, left:], roll.completion_ids[rows, :width]], 1)
     return ids, torch.cat([pm[:, left:], cm[:, :width]], 1), width
+
+
+def rollout_logprobs(
+    model, roll: Rollout, micro_batch_size: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """[R, C] log-probs of every completion token of a rollout (C = its width, 0 past each row's
+    micro-batch width) at `temperature`, `micro_batch_size` rows at a time, without gradients: the
+    reference or old-policy log-probs of a policy-gradient update."""
+    R, width = roll.completion_ids.shape
+    full = torch.zeros(R, width, device=roll.completion_ids.device)
+    with torch.no_grad():
+        for s in range(0, R, micro_batch_size):
+            ids, attn, K = micro_batch(roll, slice(s, s + micro_batch_size))
+            full[s : s + micro_batch_size, :K] = sequence_logprobs(
+                model, ids, attn, K, temperature=temperature
+            )
+    return full

@@ -38,12 +38,10 @@ Run:
 from __future__ import annotations
 
 import functools
-import re
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 import chat
 import cli
@@ -59,173 +57,8 @@ import toy
 from vocab_kernels import linear_token_logprobs
 
 # ---------------------------------------------------------------------------------------------
-# Data: every accepted row becomes (input_ids, loss_mask)
+# Data: every accepted row becomes (input_ids, loss_mask) (chat.encode_rows)
 # ---------------------------------------------------------------------------------------------
-
-THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
-
-ROW_FIELDS = {  # field: (accepted JSON types, what the error says is expected)
-    "messages": (list, "a list of {'role', 'content'} objects"),
-    "prompt": ((str, list), "a string or a list of messages"),
-    "completion": ((str, list), "a string or a list of messages"),
-    "text": (str, "a string"),
-}
-
-
-def strip_thoughts(messages: list[dict]) -> list[dict]:
-    """The same conversation without reasoning: the `raw` arm of
-    Jarrodbarnes/qwen3-0.6B-interleaved-thinking."""
-    out = []
-    for m in messages:
-        m = {k: v for k, v in m.items() if k != "reasoning_content"}
-        if m.get("role") == "assistant" and isinstance(m.get("content"), str):
-            m["content"] = THINK_RE.sub("", m["content"])
-        out.append(m)
-    return out
-
-
-def training_template(tokenizer) -> str | None:
-    """The chat template that renders the training conversations: the tokenizer's own when it has
-    {% generation %} tags; for Qwen3's stock template (which drops the thoughts of earlier turns)
-    the training variant that keeps them; else the tokenizer's own, masked turn by turn
-    (chat.assistant_mask). None when the tokenizer has no template (then only prompt/completion
-    strings and text rows can be encoded)."""
-    template = tokenizer.chat_template or None
-    if template is None or chat.has_generation_tags(template):
-        return template
-    # Qwen3's stock template (real or toy)
-    qwen3 = "<|im_start|>" in template and "<think>" in template and "reasoning_content" in template
-    return toy.TRAINING_CHAT_TEMPLATE if qwen3 else template
-
-
-def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
-    """A template that never reads `reasoning_content` (SmolLM2's, most non-Qwen3 ones) would drop
-    the thought: write it into the content as `<think>...</think>`, the form Qwen3's template
-    renders."""
-    if "reasoning_content" in template:
-        return messages
-    out = []
-    for m in messages:
-        if m.get("reasoning_content"):
-            thought = m["reasoning_content"].strip()
-            m = {k: v for k, v in m.items() if k != "reasoning_content"}
-            m["content"] = f"<think>\n{thought}\n</think>\n\n{m.get('content') or ''}"
-        out.append(m)
-    return out
-
-
-def check_fields(row: dict, where: str) -> None:
-    """Each field of ROW_FIELDS that the row has holds an accepted type (messages: objects)."""
-    for name, (types, expected) in ROW_FIELDS.items():
-        if name not in row:
-            continue
-        ok = isinstance(row[name], types)
-        if name == "messages":
-            ok = ok and all(isinstance(m, dict) for m in row[name])
-        if not ok:
-            raise errors.DataError(
-                f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}"
-            )
-
-
-def encode_row(
-    row: dict, where: str, tokenizer, template: str | None, no_think: bool
-) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask (1 = trained) for one JSONL row of any accepted schema."""
-    check_fields(row, where)
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    if "messages" in row:
-        messages = strip_thoughts(row["messages"]) if no_think else row["messages"]
-        if not any(m.get("role") == "assistant" for m in messages):
-            raise errors.DataError(f"{where}: field 'messages' has no assistant turn")
-        if not template:
-            raise errors.ConfigError(
-                f"{where}: chat messages need a chat template and the tokenizer has none; "
-                f"give it one, or write {{'prompt', 'completion'}} strings or {{'text'}} rows"
-            )
-        return chat.assistant_mask(tokenizer, fold_reasoning(messages, template), template)
-    if "prompt" in row and "completion" in row:
-        if isinstance(row["prompt"], list):  # conversational prompt/completion
-            return encode_row(
-                {"messages": row["prompt"] + row["completion"]},
-                where,
-                tokenizer,
-                template,
-                no_think,
-            )
-        completion = THINK_RE.sub("", row["completion"]) if no_think else row["completion"]
-        p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-        return p + c, [0] * len(p) + [1] * len(c)
-    if "text" in row:
-        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
-        return ids, [1] * len(ids)
-    raise errors.DataError(
-        f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' field, got {sorted(row)}"
-    )
-
-
-def encode_all(rows, tokenizer, template, no_think, max_length, source):
-    examples = []
-    for i, row in enumerate(rows):
-        where = f"{source}:{row.get('_line', i + 1)}"
-        ids, mask = encode_row(row, where, tokenizer, template, no_think)
-        if len(ids) > max_length:
-            raise errors.DataError(f"{where}: {len(ids)} tokens > --max-length {max_length}")
-        if sum(mask) == 0:
-            raise errors.DataError(f"{where}: nothing to train on (empty loss mask)")
-        examples.append((ids, mask))
-    return examples
-
-
-def pack(examples, max_length):
-    """Greedy packing into rows of at most max_length tokens: each row is a list of examples, and
-    `collate` gives each its own positions (restarting at 0) and a block-diagonal causal mask, so no
-    token attends across an example boundary and the loss is exactly the unpacked one."""
-    rows, cur, used = [], [], 0
-    for ids, mask in examples:
-        if cur and used + len(ids) > max_length:
-            rows.append(cur)
-            cur, used = [], 0
-        cur.append((ids, mask))
-        used += len(ids)
-    if cur:
-        rows.append(cur)
-    return rows
-
-
-def collate(batch, pad_id, device, mask_dtype=torch.float32):
-    """Right-padded tensors (input_ids, attention_mask, loss_mask, position_ids) of a list of
-    examples, or of packed rows (lists of examples): then attention_mask is a 4D additive mask [B,
-    1, T, T] that keeps each example to itself, and position_ids restart at every example."""
-    packed = bool(batch) and isinstance(batch[0], list)
-    rows = batch if packed else [[ex] for ex in batch]
-    width = max(sum(len(ids) for ids, _ in row) for row in rows)
-    B = len(rows)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((B, width), dtype=torch.long)
-    pos = torch.zeros((B, width), dtype=torch.long)
-    # which example a token belongs to; -1 = padding
-    seg = torch.full((B, width), -1, dtype=torch.long)
-    for b, row in enumerate(rows):
-        at = 0
-        for j, (x, m) in enumerate(row):
-            ids[b, at : at + len(x)] = torch.tensor(x)
-            loss_mask[b, at : at + len(m)] = torch.tensor(m)
-            pos[b, at : at + len(x)] = torch.arange(len(x))
-            seg[b, at : at + len(x)] = j
-            at += len(x)
-    attn = (seg >= 0).long()
-    if packed:
-        # query q sees key k when both are in the same example and k <= q; a padding query sees
-        # itself (no NaN rows)
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
-        attn = torch.zeros(B, 1, width, width, dtype=mask_dtype).masked_fill(
-            ~allowed[:, None], torch.finfo(mask_dtype).min
-        )
-    return ids.to(device), attn.to(device), loss_mask.to(device), pos.to(device)
 
 
 @dataclass
@@ -237,11 +70,6 @@ class SFTData:
     val_raw: list  # the same without their thoughts (raw_val_loss)
     problems: list | None  # toy problems graded for accuracy, None otherwise
     pad_id: int
-
-
-def text_only(rows: list[dict]) -> list[dict]:
-    """{"text"} rows: the loss covers every token (the domain adapters of karcher_merge.py)."""
-    return [{"text": r["text"]} for r in rows]
 
 
 def load_rows(
@@ -257,42 +85,9 @@ def load_rows(
     """Training rows, held-out rows, and (toy only) held-out problems for accuracy. A user's data is
     split by dataio.train_and_heldout (--eval-data, else the last tenth of --data); its rows carry
     their line number ("_line"), so errors name it."""
-    if data == "toy":
-        levels = toy.parse_levels(toy_difficulty)
-        styles = [x.strip() for x in toy_styles.split(",") if x.strip()]
-
-        def mixed(split, n):  # the styles in turn, n in all
-            per = [
-                toy.arithmetic(split, -(-n // len(styles)), seed=seed, difficulty=levels, style=st)
-                for st in styles
-            ]
-            return [r for group in zip(*per) for r in group][:n]
-
-        train, heldout = mixed("train", toy_train_size), mixed("test", eval_size)
-        return train, heldout, heldout
-    if data == "toy-continuations":
-        # document prefixes, a thought restating their facts, the true continuation
-        return (
-            toy.thinking_continuations("train", toy_train_size, seed=seed),
-            toy.thinking_continuations("test", eval_size, seed=seed),
-            None,
-        )
-    if data == "toy-documents":
-        domains = [x.strip() for x in toy_domains.split(",") if x.strip()]
-        if not domains or set(domains) - set(toy.DOMAINS):
-            raise errors.ConfigError(
-                f"--toy-domains: {toy_domains!r}; choose from {', '.join(toy.DOMAINS)}"
-            )
-        return (
-            text_only(toy.documents("train", toy_train_size, seed=seed, domains=domains)),
-            text_only(toy.documents("test", eval_size, seed=seed, domains=domains)),
-            None,
-        )
-    if data == "toy-instructions":
-        return (
-            toy.instructions("train", toy_train_size, seed=seed),
-            toy.instructions("test", eval_size, seed=seed),
-            toy.instructions("test", eval_size, seed=seed),
+    if data in toy.SFT_WORLDS:
+        return toy.sft_rows(
+            data, seed, toy_train_size, eval_size, toy_difficulty, toy_styles, toy_domains
         )
     (_, train), (_, heldout) = dataio.train_and_heldout(data, eval_data, eval_size)
     return train, heldout, None
@@ -329,7 +124,7 @@ def eval_loss(model, examples, batch_size, pad_id, device):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        nll, n = masked_nll_sum(model, *collate(examples[i : i + batch_size], pad_id, device))
+        nll, n = masked_nll_sum(model, *chat.collate(examples[i : i + batch_size], pad_id, device))
         total, count = total + float(nll), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -517,7 +312,7 @@ def sft_step(model, data: SFTData, step, args, run, opt, head_rows):
     ]
     # the packed 4D mask is added to the attention scores, so it takes their dtype
     mask_dtype = model.get_input_embeddings().weight.dtype
-    micro = [collate(c, data.pad_id, run.device, mask_dtype) for c in chunks]
+    micro = [chat.collate(c, data.pad_id, run.device, mask_dtype) for c in chunks]
     n_tokens = sum(batch_tokens(c, args.packing) for c in chunks) * run.world
     # Normalise by the token count of the whole global batch, so every target token weighs the
     # same whatever micro-batch or rank it lands on (the gradient all-reduce averages over ranks:
@@ -546,7 +341,7 @@ def prepare_data(args, tokenizer) -> SFTData:
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
-    template = training_template(tokenizer)
+    template = chat.training_template(tokenizer)
     train_rows, val_rows, problems = load_rows(
         args.data,
         args.eval_data,
@@ -558,11 +353,13 @@ def prepare_data(args, tokenizer) -> SFTData:
         args.toy_domains,
     )
     val_source = args.eval_data or args.data
-    train = encode_all(train_rows, tokenizer, template, args.no_think, args.max_length, args.data)
-    val = encode_all(val_rows, tokenizer, template, False, args.max_length, val_source)
-    val_raw = encode_all(val_rows, tokenizer, template, True, args.max_length, val_source)
+    train = chat.encode_rows(
+        train_rows, tokenizer, template, args.no_think, args.max_length, args.data
+    )
+    val = chat.encode_rows(val_rows, tokenizer, template, False, args.max_length, val_source)
+    val_raw = chat.encode_rows(val_rows, tokenizer, template, True, args.max_length, val_source)
     if args.packing:
-        train = pack(train, args.max_length)
+        train = chat.pack(train, args.max_length)
     return SFTData(train, val, val_raw, problems, pad_id)
 
 
@@ -575,9 +372,7 @@ def prepare_model(args, run, tokenizer, added):
         load_in_4bit=args.load_in_4bit,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    lora.merge_adapters(
-        model, args.init_adapter
-    )  # with the adapters it was trained on, oldest first
+    lora.merge_adapters(model, args.init_adapter)  # the adapters it was trained on, oldest first
     params, head_rows = setup_trainable(
         model,
         tokenizer,
@@ -600,34 +395,6 @@ def prepare_model(args, run, tokenizer, added):
         weight_decay=0.0 if args.train_tokens else args.weight_decay,
     )
     return model, opt, head_rows
-
-
-def interim_eval(args, step: int, heldout_eval) -> dict:
-    """eval/<name> metrics every --eval-every steps (rank 0), except at the last step, which is
-    evaluated after training."""
-    due = args.eval_every and step % args.eval_every == 0 and step < args.max_steps
-    if not (due and distributed.is_main()):
-        return {}
-    return {f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"}
-
-
-def progress_bar(start: int, max_steps: int) -> tqdm:
-    """The steps still to run, as a progress bar on rank 0."""
-    return tqdm(
-        range(start, max_steps),
-        initial=start,
-        total=max_steps,
-        desc="sft",
-        disable=not distributed.is_main(),
-    )
-
-
-def progress(metrics: dict) -> dict:
-    """The progress bar's postfix: the loss, and the accuracy when it was just measured."""
-    shown = {"loss": f"{metrics['loss']:.4f}"}
-    if "eval/accuracy" in metrics:
-        shown["acc"] = f"{metrics['eval/accuracy']:.2f}"
-    return shown
 
 
 def save_trained(run, args, model, tokenizer) -> None:
@@ -767,7 +534,7 @@ def main(args: Args):
     tokens_seen, tokens_run, t_train, last = state.get("tokens_seen", 0), 0, 0.0, {}
 
     model.train()
-    bar = progress_bar(start, args.max_steps)
+    bar = lifecycle.progress_bar(start, args.max_steps, "sft")
     for step in bar:
         t0 = time.perf_counter()
         loss, n_tokens, stats = sft_step(model, data, step, args, run, opt, head_rows)
@@ -780,8 +547,10 @@ def main(args: Args):
             "tokens_seen": tokens_seen,
             "tokens_per_s": tokens_run / max(t_train, 1e-9),
         }
-        last.update(interim_eval(args, step + 1, heldout_eval))
-        bar.set_postfix(**progress(last))
+        due = lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
+        if due and distributed.is_main():  # the last step is evaluated after training
+            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
+        lifecycle.show(bar, last, {"loss": ".4f", "eval/accuracy": ".2f"})
         state["tokens_seen"] = tokens_seen  # carried by the checkpoints, for --resume
         lifecycle.end_step(
             run,

@@ -31,6 +31,15 @@ SINGLE_TURNS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
 ]
 
+# thoughts in reasoning_content (first turn) and in the content (second turn)
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "reasoning_content": "2 plus 3 is 5.", "content": "5"},
+    {"role": "user", "content": "And 4+4?"},
+    {"role": "assistant", "content": "<think>\n4 plus 4 is 8.\n</think>\n\n8"},
+]
+
 
 @pytest.fixture(scope="module")
 def qwen3():
@@ -148,3 +157,109 @@ def test_markers_single_or_multi_token(qwen3, smollm2):
     ids = qwen3("a</think>b</think>c", add_special_tokens=False)["input_ids"]
     start, end = chat.marker_span(qwen3, ids, "</think>")
     assert qwen3.decode(ids[:start]) == "a" and qwen3.decode(ids[end:]) == "b</think>c"
+
+
+# ---- training rows -> token ids ----
+
+
+@pytest.mark.parametrize("no_think", [False, True])
+def test_real_qwen3_mask_is_exactly_each_assistant_turn(no_think, qwen3):
+    tok = qwen3
+    ids, mask = chat.encode_row(
+        {"messages": CONVERSATION}, "x:1", tok, chat.training_template(tok), no_think
+    )
+    got = spans(tok, ids, mask)
+    if no_think:
+        assert got == ["<think>\n\n</think>\n\n5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
+    else:  # interleaved: the first turn keeps its reasoning too (the stock template would drop it)
+        assert got == [
+            "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
+        ]
+    # the unmasked rest is the system, the users and the role headers
+    text = tok.decode(ids)
+    assert (
+        text.count("<|im_start|>assistant\n") == 2
+        and "<|im_start|>user\nAnd 4+4?<|im_end|>" in text
+    )
+
+
+def test_toy_and_real_tokenizers_mask_the_same_text(qwen3):
+    masks = []
+    for tok in (qwen3, toy.load_tokenizer()):
+        ids, mask = chat.encode_row(
+            {"messages": CONVERSATION}, "x:1", tok, chat.training_template(tok), False
+        )
+        masks.append(spans(tok, ids, mask))
+    assert masks[0] == masks[1]
+
+
+def test_template_that_cannot_be_masked_is_a_clear_error():
+    # a template that rewrites earlier turns (here: a running count in front) has no turn-by-turn
+    # mask
+    tok = toy.load_tokenizer(
+        chat_template="{{ messages|length }}{% for m in messages %}{{ m.content }}<|im_end|>{% "
+        "endfor %}"
+    )
+    template = chat.training_template(tok)
+    with pytest.raises(errors.ConfigError, match="generation"):
+        chat.encode_row({"messages": CONVERSATION}, "x:1", tok, template, False)
+
+
+def test_rows_without_messages_need_no_template_and_any_template_is_masked_turn_by_turn():
+    tok = toy.load_tokenizer()
+    tok.chat_template = None
+    assert chat.training_template(tok) is None
+    ids, mask = chat.encode_row({"text": "ab"}, "x:1", tok, None, False)
+    assert tok.decode(ids) == "ab<|im_end|>" and mask == [1, 1, 1]
+    ids, mask = chat.encode_row({"prompt": "Q", "completion": "A"}, "x:2", tok, None, False)
+    assert mask == [0, 1, 1] and tok.decode(ids) == "QA<|im_end|>"
+    with pytest.raises(errors.ConfigError, match="x:3: chat messages need a chat template"):
+        chat.encode_row({"messages": CONVERSATION}, "x:3", tok, None, False)
+    # a ChatML template that knows nothing of reasoning_content: the thought goes into the content,
+    # masked turn by turn
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    template = chat.training_template(tok)
+    assert template == tok.chat_template
+    ids, mask = chat.encode_row({"messages": CONVERSATION}, "x:4", tok, template, False)
+    assert spans(tok, ids, mask) == [
+        "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
+        "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
+    ]
+
+
+def test_bad_rows_name_file_and_line():
+    tok = toy.load_tokenizer()
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}]
+    with pytest.raises(errors.DataError, match=r"data.jsonl:2"):
+        chat.encode_rows(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "data.jsonl")
+    with pytest.raises(errors.DataError, match=r"data.jsonl:1: .*max-length"):
+        chat.encode_rows(
+            [{"text": "x" * 100}], tok, toy.TRAINING_CHAT_TEMPLATE, False, 50, "data.jsonl"
+        )
+
+
+def test_pack_fills_rows_greedily_up_to_max_length():
+    examples = [([1] * 3, [1] * 3), ([2] * 4, [1] * 4), ([3] * 2, [1] * 2)]
+    assert chat.pack(examples, 6) == [[examples[0]], [examples[1], examples[2]]]
+
+
+def test_split_conversation_and_target_ids():
+    tok = toy.load_tokenizer()
+    msgs = SINGLE_TURNS[0]
+    prompt, target = chat.split_conversation({"messages": msgs}, tok, "x:1")
+    rendered = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    # the last turn as the template renders it after the generation prompt, through <|im_end|>
+    assert prompt == msgs[:-1] and target.endswith("<|im_end|>")
+    assert tok.apply_chat_template(msgs, tokenize=False).startswith(rendered + target)
+    assert chat.split_conversation({"prompt": "Q", "completion": "A"}, tok, "x:2") == (
+        "Q",
+        "A<|im_end|>",
+    )
+    assert chat.target_ids(None, tok, "x:3", 4) is None
+    assert chat.target_ids("ab", tok, "x:3", 4) == tok("ab", add_special_tokens=False)["input_ids"]
+    with pytest.raises(errors.DataError, match=r"x:3: target: 5 tokens \(allowed 1..4"):
+        chat.target_ids("abcde", tok, "x:3", 4)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -101,24 +102,24 @@ def test_select_pairs():
     assert all(w == pytest.approx(1 / 5) for _, _, w in pairs)
 
 
-def test_cut_windows_checks_and_skips():
-    tok = toy.load_tokenizer()
-    rows = [{"text": "a" * 30, "_line": 3}, {"text": "b" * 10, "_line": 4}]
-    windows, skipped = dpo_online.cut_windows(rows, tok, "docs.jsonl", 20, 8, skip_short=True)
-    assert skipped == 1 and len(windows) == 1
-    w = windows[0]
-    assert (w["prefix"], w["suffix"], len(w["ids"]), len(w["suffix_ids"])) == (
-        "a" * 20,
-        "a" * 8,
-        20,
-        8,
-    )
+def test_load_windows_skips_short_documents_or_names_them(tmp_path):
+    data = tmp_path / "docs.jsonl"
+    docs = [{"text": "b" * 10}] + [{"text": "a" * 30, "domain": "story"}] * 12
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    args = dpo_online.Args(data=str(data), prefix_tokens=20, suffix_tokens=8, eval_size=2)
+    args.skip_short_documents = True
+    train, heldout, skipped = dpo_online.load_windows(toy.load_tokenizer(), args)
+    assert (len(train), len(heldout), skipped) == (11, 1, 1)
+    w = train[0]
+    assert (w["prefix"], w["continuation"], w["domain"]) == ("a" * 20, "a" * 8, "story")
+    assert (len(w["prefix_ids"]), len(w["continuation_ids"])) == (20, 8)
+    args.skip_short_documents = False
     with pytest.raises(
-        dpo_online.errors.DataError, match=r"^docs\.jsonl:4: field 'text': 10 tokens, shorter"
+        dpo_online.errors.DataError,
+        match=rf"^{re.escape(str(data))}:1: field 'text': 10 tokens, shorter than "
+        r"--prefix-tokens 20 \+ --suffix-tokens 8 \(or pass --skip-short-documents\)$",
     ):
-        dpo_online.cut_windows(rows, tok, "docs.jsonl", 20, 8, skip_short=False)
-    with pytest.raises(dpo_online.errors.DataError, match=r"^docs\.jsonl:1: field 'text': missing"):
-        dpo_online.cut_windows([{"body": "x"}], tok, "docs.jsonl", 20, 8, skip_short=False)
+        dpo_online.load_windows(toy.load_tokenizer(), args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def _judged(K: int, pairs: str) -> dpo_online.Judged:
             torch.randint(6, 100, (4 + (i * 3 + b) % 7,), generator=g).tolist()
             for i in range(K + 1)
         ]
-        windows.append({"ids": ids})
+        windows.append({"prefix_ids": ids})
         candidates.append(cands)
         scores = torch.rand(K + 1, generator=g).tolist()
         chosen.append(dpo_online.select_pairs(scores, pairs, random.Random(b)))
@@ -170,7 +171,7 @@ def _naive_loss(model, judged, beta, loss_type):
         for c, r, weight in pairs:
 
             def s(i):
-                roll = sampling.rollout_from_tokens([w["ids"]], [cands[i]], 0, "cpu")
+                roll = sampling.rollout_from_tokens([w["prefix_ids"]], [cands[i]], 0, "cpu")
                 return dpo_online.summed_logprobs(model, roll)[0]
 
             with torch.no_grad(), lora.disabled(model):
@@ -242,7 +243,7 @@ def test_evaluate_with_a_judge_that_never_parses_is_an_error():
     tok = toy.load_tokenizer()
     held = [
         {
-            "ids": tok("Milo the fox", add_special_tokens=False)["input_ids"],
+            "prefix_ids": tok("Milo the fox", add_special_tokens=False)["input_ids"],
             "prefix": "Milo the fox",
         }
     ]

@@ -19,6 +19,7 @@ import benchmarks
 import dataio
 import errors
 import eval_reasoning as ev
+import lora
 import stats
 import toy
 
@@ -436,15 +437,15 @@ def test_arms_are_written_out_with_their_lineage_and_the_init_adapter(tmp_path):
     shutil.copytree(toy.SFT_FORMATS_DIR, rl)
     (rl / "args.json").write_text(json.dumps({"init_adapter": str(toy.SFT_ADAPTER_DIR)}))
     sft, fmt = str(toy.SFT_ADAPTER_DIR), str(toy.SFT_FORMATS_DIR)
-    arms = ev.with_lineages({"base": "", "rl": str(rl), "both": f"{sft}+{rl}"}, "")
+    arms = lora.with_lineages({"base": "", "rl": str(rl), "both": f"{sft}+{rl}"}, "")
     assert arms == {"base": "", "rl": f"{sft}+{rl}", "both": f"{sft}+{rl}"}
-    arms = ev.with_lineages({"base": "", "rl": str(rl)}, fmt)
+    arms = lora.with_lineages({"base": "", "rl": str(rl)}, fmt)
     assert arms == {"base": fmt, "rl": f"{fmt}+{sft}+{rl}"}
     with pytest.raises(errors.ConfigError, match="server"):
-        ev.with_lineages({"srv": "http://127.0.0.1:1"}, fmt)
+        lora.with_lineages({"srv": "http://127.0.0.1:1"}, fmt)
     (rl / "args.json").write_text(json.dumps({"init_adapter": str(tmp_path / "gone")}))
     with pytest.raises(errors.MissingError, match="gone"):
-        ev.with_lineages({"rl": str(rl)}, "")
+        lora.with_lineages({"rl": str(rl)}, "")
 
 
 def test_auto_arms_take_toy_runs_that_have_their_args(tmp_path, monkeypatch):
@@ -456,6 +457,6 @@ def test_auto_arms_take_toy_runs_that_have_their_args(tmp_path, monkeypatch):
     )  # adapter weights, no args.json
     shutil.copytree(toy.SFT_FORMATS_DIR, tmp_path / "runs" / "grpo")
     (tmp_path / "runs" / "grpo" / "args.json").write_text(json.dumps({"model": "toy"}))
-    arms = ev.resolve_arms("auto", "toy")
+    arms = lora.resolve_arms("auto", "toy")
     assert arms["runs_grpo"] == str(Path("runs") / "grpo") and "runs_sft_think" not in arms
-    assert ev.resolve_arms("auto", "Qwen/Qwen3-0.6B-Base") == {"base": ""}
+    assert lora.resolve_arms("auto", "Qwen/Qwen3-0.6B-Base") == {"base": ""}

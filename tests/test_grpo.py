@@ -216,6 +216,25 @@ def test_evaluate_leaves_prompts_without_gold_out_of_accuracy(monkeypatch):
     assert row["pass_at_k"] == 1.0 and row["greedy_accuracy"] == 1.0 and row["graded_prompts"] == 2
 
 
+def test_documents_become_prompts_and_prompt_rows_pass_through():
+    tok = loading.load_tokenizer("toy")
+    rows = [
+        {"text": "a" * 30, "domain": "news", "_line": 7},
+        {"prompt": "q", "reference": "r"},
+        {"text": "b" * 12},
+    ]
+    out = grpo.documents_as_prompts(rows, tok, "docs.jsonl", 10, 8)
+    assert out[0] == {"domain": "news", "_line": 7, "prompt": "a" * 10, "reference": "a" * 8}
+    assert out[1] is rows[1]
+    assert out[2] == {"prompt": "b" * 10, "reference": "b" * 2}  # the continuation there is
+    with pytest.raises(
+        grpo.errors.DataError,
+        match=r"^docs\.jsonl:3: field 'text': 12 tokens; the continuation task needs more than "
+        r"--prefix-tokens 12$",
+    ):
+        grpo.documents_as_prompts(rows, tok, "docs.jsonl", 12, 8)
+
+
 def test_mara_anchors_high_reward_samples():
     # group of 4: rewards 1, 1, 0.2, 1 with reference log-probs -3, -1, -0.5, -6; tau 0.5, beta 0.1
     r = torch.tensor([1.0, 1.0, 0.2, 1.0])

@@ -176,3 +176,70 @@ def test_smollm2_in_process_judge_always_gives_a_verdict():
         ["What is the capital of France?", "Name a fruit."], ["Paris.", "An apple."]
     )
     assert all(s is not None and 0.0 <= s <= 1.0 for s in scores) and judge.invalid == 0
+
+
+def test_win_tie_loss_votes_each_order_and_asks_both_in_one_batch():
+    class Ordered:  # P(first wins) from the text; records every batch it was asked
+        def __init__(self, verdicts):
+            self.verdicts, self.batches = verdicts, []
+
+        def prefer_ordered(self, prefixes, first, second):
+            self.batches.append(list(zip(prefixes, first, second)))
+            return [self.verdicts.get((f, s)) for f, s in zip(first, second)]
+
+    judge = Ordered(
+        {
+            ("win", "ref"): 0.9,  # both orders prefer "win"
+            ("ref", "win"): 0.2,
+            ("lose", "ref"): 0.1,  # both orders prefer "ref"
+            ("ref", "lose"): 0.7,
+            ("even", "ref"): 0.8,  # the orders disagree: a tie
+            ("ref", "even"): 0.6,
+            ("half", "ref"): 0.5,  # one order undecided: a tie
+            ("ref", "half"): 0.0,
+            ("ref", "unparsed"): 0.3,  # ("unparsed", "ref") has no verdict
+        }
+    )
+    shown = ["win", "lose", "even", "half", "unparsed"]
+    prefixes = [f"p{i}" for i in range(5)]
+    out = judges.win_tie_loss(judge, prefixes, shown, ["ref"] * 5)
+    assert out == [1.0, 0.0, 0.5, 0.5, None]
+    (batch,) = judge.batches  # one batch: every pair a-first, then every pair b-first
+    assert batch == [(p, x, "ref") for p, x in zip(prefixes, shown)] + [
+        (p, "ref", x) for p, x in zip(prefixes, shown)
+    ]
+    assert judges.both_orders(judge, [], [], []) == [] and len(judge.batches) == 1  # no call
+    with pytest.raises(ValueError, match="lengths differ"):
+        judges.both_orders(judge, ["p"], ["a", "b"], ["c"])
+
+    class Symmetric:  # no prefer_ordered: prefer() is asked in both orders
+        def prefer(self, prefixes, a, b):
+            return [1.0 if x == "good" else 0.0 if y == "good" else 0.5 for x, y in zip(a, b)]
+
+    assert judges.both_orders(Symmetric(), ["p", "q"], ["good", "x"], ["bad", "y"]) == [
+        (1.0, 0.0),
+        (0.5, 0.5),
+    ]
+
+
+def test_from_args_reads_the_judge_flags():
+    from types import SimpleNamespace
+
+    flags = dict(
+        judge="http://127.0.0.1:9/v1",
+        judge_model="",
+        judge_cache="",
+        judge_max_tokens=64,
+        judge_concurrency=3,
+        judge_timeout=5.0,
+        judge_retries=1,
+        judge_verdict="auto",
+    )
+    judge = judges.from_args(SimpleNamespace(**flags))  # no --judge-temperature: greedy
+    assert isinstance(judge, judges.HTTPJudge) and judge.model == "default"
+    assert (judge.max_tokens, judge.temperature, judge.cache) == (64, 0.0, None)
+    assert (judge.concurrency, judge.timeout, judge.retries) == (3, 5.0, 1)
+    warm = judges.from_args(SimpleNamespace(**flags, judge_temperature=1.0))
+    assert warm.temperature == 1.0
+    toy_judge = judges.from_args(SimpleNamespace(**{**flags, "judge": "toy"}), pairwise=True)
+    assert isinstance(toy_judge.judge, toy.ContinuationJudge)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import dataio
 import errors
 import karcher_merge as km
+import loading
 import lora
 import toy
 
@@ -144,8 +145,8 @@ def adapters(tmp_path_factory):
 
 
 def merge(adapter_paths, method="karcher", space="factor", weights=None):
-    base = km.Weights("toy")
-    ads = km.read_adapters(adapter_paths, base)
+    base = loading.Weights("toy")
+    ads = lora.read_adapters(adapter_paths, base)
     w = km.normalised(weights or [], len(ads))
     results, log = km.merge_adapters(base, ads, w, method, space, 10, 1e-5)
     deltas = {}
@@ -220,7 +221,7 @@ def test_cli_adapter_out_is_exact_and_peft_loads_it(adapters, tmp_path):
     got, full, base = (
         adapter_deltas(tmp_path / "ad"),
         load_file(tmp_path / "m" / "model" / "model.safetensors"),
-        km.Weights("toy"),
+        loading.Weights("toy"),
     )
     for name, delta in got.items():
         w0 = base.get(name + ".weight").double()
@@ -268,7 +269,7 @@ def test_peft_made_adapter_is_read(tmp_path):
     model.save_pretrained(tmp_path / "peft")
     merged = model.merge_and_unload().state_dict()
     *_, deltas = merge([str(tmp_path / "peft")] * 2)
-    base = km.Weights("toy")
+    base = loading.Weights("toy")
     for name, d in deltas.items():
         assert (
             rel(base.get(name + ".weight").double() + d, merged[name + ".weight"].double()) < 1e-6
@@ -367,7 +368,7 @@ def test_equals_mergekit_karcher_on_dense_toy_models(tmp_path):
 
 
 def test_init_adapter_is_part_of_the_base_and_of_the_written_lineage(adapters, tmp_path):
-    plain, init = km.Weights("toy"), km.Weights("toy", adapters[0])
+    plain, init = loading.Weights("toy"), loading.Weights("toy", lora.weight_updates(adapters[0]))
     d0 = adapter_deltas(adapters[0])
     for key in plain.keys():
         want = plain.get(key).double() + d0.get(key.removesuffix(".weight"), 0)

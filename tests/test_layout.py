@@ -26,6 +26,8 @@ BUILDING_BLOCKS = {
     "serving",
     "likelihood",
     "offline",
+    "benchmarks",
+    "samplecache",
     "vocab_kernels",
     "toy",
 }

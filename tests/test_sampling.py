@@ -10,6 +10,7 @@ from test_common import char_tokenizer, model, qwen3_tokenizer, tiny_qwen3, tok 
 import errors
 import loading
 import sampling
+import toy
 from sampling import Rollout
 
 
@@ -702,3 +703,61 @@ def test_stop_ids_are_eos_generation_config_and_the_templates_end_of_turn():
         pytest.skip(str(e))
     model.generation_config.eos_token_id = None
     assert smol.convert_ids_to_tokens(sampling.stop_token_ids(model, smol)) == ["<|im_end|>"]
+
+
+# --------------------------------------------------------------------------------------------------
+# documents cut into windows, the step generator, no-grad log-probs of a rollout
+
+
+def test_cut_documents_windows_skips_and_names_file_line():
+    tok = toy.load_tokenizer()
+    rows = [{"text": "a" * 30, "_line": 3, "domain": "news"}, {"text": "b" * 10, "_line": 4}]
+    windows, skipped = sampling.cut_documents(rows, tok, "docs.jsonl", 20, 8, min_tokens=28)
+    assert skipped == 1 and len(windows) == 1
+    w = windows[0]
+    assert (w["prefix"], w["continuation"], w["domain"], w["_line"]) == (
+        "a" * 20,
+        "a" * 8,
+        "news",
+        3,
+    )
+    assert (len(w["prefix_ids"]), len(w["continuation_ids"]), "text" in w) == (20, 8, False)
+    # a shorter continuation is what there is, when min_tokens allows it
+    windows, _ = sampling.cut_documents(rows, tok, "docs.jsonl", 5, 8, min_tokens=6)
+    assert [len(w["continuation_ids"]) for w in windows] == [8, 5]
+    with pytest.raises(
+        errors.DataError, match=r"^docs\.jsonl:4: field 'text': 10 tokens; too short$"
+    ):
+        sampling.cut_documents(
+            rows, tok, "docs.jsonl", 20, 8, min_tokens=28, too_short="; too short"
+        )
+    with pytest.raises(errors.DataError, match=r"^docs\.jsonl:1: field 'text': missing$"):
+        sampling.cut_documents([{"body": "x"}], tok, "docs.jsonl", 20, 8, min_tokens=1)
+    with pytest.raises(
+        errors.DataError, match=r"^docs\.jsonl:2: field 'text': expected str, got int$"
+    ):
+        sampling.cut_documents([{"text": "x"}, {"text": 7}], tok, "docs.jsonl", 1, 8, min_tokens=1)
+
+
+def test_step_generator_is_seeded_by_seed_step_and_rank():
+    def draw(seed, step, rank, world):
+        return torch.rand(4, generator=sampling.step_generator(seed, step, rank, world, "cpu"))
+
+    assert torch.equal(draw(1, 5, 0, 2), draw(1, 5, 0, 2))
+    assert not torch.equal(draw(1, 5, 0, 2), draw(1, 5, 1, 2))
+    assert not torch.equal(draw(1, 5, 0, 2), draw(1, 6, 0, 2))
+    assert torch.equal(
+        draw(1, 5, 1, 2), torch.rand(4, generator=torch.Generator().manual_seed(100014))
+    )
+
+
+def test_rollout_logprobs_equal_one_pass_and_carry_no_gradient(model):
+    roll = sampling.rollout_from_tokens(
+        [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[14, 15], [16, 17, 18, 19], [20]], 0, "cpu"
+    )
+    whole = sampling.sequence_logprobs(model, roll.input_ids, roll.attention_mask, 4, 0.7)
+    got = sampling.rollout_logprobs(model, roll, micro_batch_size=2, temperature=0.7)
+    assert got.shape == (3, 4) and not got.requires_grad
+    mask = roll.completion_mask.bool()
+    torch.testing.assert_close(got[mask], whole.detach()[mask], atol=1e-5, rtol=1e-5)
+    assert got[2, 1:].eq(0).all()  # the third row's micro-batch is one column wide

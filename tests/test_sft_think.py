@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import qwen3_tokenizer_dir, run_script, save_tiny_qwen3
+from conftest import run_script, save_tiny_qwen3
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
+import chat
 import cli
 import dataio
 import errors
@@ -53,84 +53,13 @@ def masked_spans(tokenizer, ids, mask):
     return [tokenizer.decode(s) for s in spans]
 
 
-@pytest.mark.parametrize("no_think", [False, True])
-def test_real_qwen3_mask_is_exactly_each_assistant_turn(no_think):
-    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
-    ids, mask = sft_think.encode_row(
-        {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), no_think
-    )
-    spans = masked_spans(tok, ids, mask)
-    if no_think:
-        assert spans == ["<think>\n\n</think>\n\n5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
-    else:  # interleaved: the first turn keeps its reasoning too (the stock template would drop it)
-        assert spans == [
-            "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
-            "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
-        ]
-    # the unmasked rest is the system, the users and the role headers
-    text = tok.decode(ids)
-    assert (
-        text.count("<|im_start|>assistant\n") == 2
-        and "<|im_start|>user\nAnd 4+4?<|im_end|>" in text
-    )
-
-
-def test_toy_and_real_tokenizers_mask_the_same_text():
-    real = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
-    small = toy.load_tokenizer()
-    spans = []
-    for tok in (real, small):
-        ids, mask = sft_think.encode_row(
-            {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False
-        )
-        spans.append(masked_spans(tok, ids, mask))
-    assert spans[0] == spans[1]
-
-
-def test_template_that_cannot_be_masked_is_a_clear_error():
-    # a template that rewrites earlier turns (here: a running count in front) has no turn-by-turn
-    # mask
-    tok = toy.load_tokenizer(
-        chat_template="{{ messages|length }}{% for m in messages %}{{ m.content }}<|im_end|>{% "
-        "endfor %}"
-    )
-    template = sft_think.training_template(tok)
-    with pytest.raises(errors.ConfigError, match="generation"):
-        sft_think.encode_row({"messages": CONVERSATION}, "x:1", tok, template, False)
-
-
-def test_rows_without_messages_need_no_template_and_any_template_is_masked_turn_by_turn():
-    tok = toy.load_tokenizer()
-    tok.chat_template = None
-    assert sft_think.training_template(tok) is None
-    ids, mask = sft_think.encode_row({"text": "ab"}, "x:1", tok, None, False)
-    assert tok.decode(ids) == "ab<|im_end|>" and mask == [1, 1, 1]
-    ids, mask = sft_think.encode_row({"prompt": "Q", "completion": "A"}, "x:2", tok, None, False)
-    assert mask == [0, 1, 1] and tok.decode(ids) == "QA<|im_end|>"
-    with pytest.raises(errors.ConfigError, match="x:3: chat messages need a chat template"):
-        sft_think.encode_row({"messages": CONVERSATION}, "x:3", tok, None, False)
-    # a ChatML template that knows nothing of reasoning_content: the thought goes into the content,
-    # masked turn by turn
-    tok.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
-    template = sft_think.training_template(tok)
-    assert template == tok.chat_template
-    ids, mask = sft_think.encode_row({"messages": CONVERSATION}, "x:4", tok, template, False)
-    assert masked_spans(tok, ids, mask) == [
-        "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
-        "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
-    ]
-
-
 def test_smollm2_messages_mask_and_new_think_tokens():
     try:
         tok = loading.load_tokenizer("smollm2")
     except errors.MissingError as e:
         pytest.skip(str(e))
-    ids, mask = sft_think.encode_row(
-        {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False
+    ids, mask = chat.encode_row(
+        {"messages": CONVERSATION}, "x:1", tok, chat.training_template(tok), False
     )
     assert masked_spans(tok, ids, mask) == [
         "<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>",
@@ -156,26 +85,15 @@ def test_smollm2_messages_mask_and_new_think_tokens():
     assert rows.tolist() == new_ids and torch.equal(w[:49152], before)
     for i, pieces in zip(new_ids, added.values()):
         assert torch.allclose(w[i], before[pieces].mean(0))
-    ids, mask = sft_think.encode_row(
-        {"messages": CONVERSATION}, "x:1", tok, sft_think.training_template(tok), False
+    ids, mask = chat.encode_row(
+        {"messages": CONVERSATION}, "x:1", tok, chat.training_template(tok), False
     )
     assert ids.count(new_ids[0]) == 2 and ids.count(new_ids[1]) == 2
-    x, attn, loss_mask, _ = sft_think.collate([(ids, mask)], tok.pad_token_id, "cpu")
+    x, attn, loss_mask, _ = chat.collate([(ids, mask)], tok.pad_token_id, "cpu")
     nll, _ = sft_think.masked_nll_sum(model, x, attn, loss_mask, None, rows)
     nll.backward()
     grad_rows = w.grad.abs().sum(-1).nonzero().flatten().tolist()
     assert grad_rows == new_ids and torch.isfinite(nll)
-
-
-def test_bad_rows_name_file_and_line():
-    tok = toy.load_tokenizer()
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "only a prompt"}]
-    with pytest.raises(errors.DataError, match=r"data.jsonl:2"):
-        sft_think.encode_all(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "data.jsonl")
-    with pytest.raises(errors.DataError, match=r"data.jsonl:1: .*max-length"):
-        sft_think.encode_all(
-            [{"text": "x" * 100}], tok, toy.TRAINING_CHAT_TEMPLATE, False, 50, "data.jsonl"
-        )
 
 
 def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_path):
@@ -363,17 +281,15 @@ def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
 def test_packing_gives_the_unpacked_loss():
     tok, model = toy.load_tokenizer(), loading.load_model("toy")
     rows = toy.arithmetic("test", 6, seed=0, difficulty=[1, 2])
-    examples = sft_think.encode_all(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "toy")
-    packed_rows = sft_think.pack(examples, 512)
+    examples = chat.encode_rows(rows, tok, toy.TRAINING_CHAT_TEMPLATE, False, 512, "toy")
+    packed_rows = chat.pack(examples, 512)
     assert any(len(r) > 1 for r in packed_rows), "nothing was packed"
     with torch.no_grad():
         alone = sum(
-            float(
-                sft_think.masked_nll_sum(model, *sft_think.collate([e], tok.pad_token_id, "cpu"))[0]
-            )
+            float(sft_think.masked_nll_sum(model, *chat.collate([e], tok.pad_token_id, "cpu"))[0])
             for e in examples
         )
-        ids, attn, loss_mask, pos = sft_think.collate(packed_rows, tok.pad_token_id, "cpu")
+        ids, attn, loss_mask, pos = chat.collate(packed_rows, tok.pad_token_id, "cpu")
         packed = float(sft_think.masked_nll_sum(model, ids, attn, loss_mask, pos)[0])
         # what packing did before: one causal mask over the whole row, positions running on across
         # examples
@@ -456,7 +372,7 @@ def test_non_finite_loss_skips_steps_then_stops_with_the_last_checkpoint_intact(
 def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
     tok, model = toy.load_tokenizer(), loading.load_model("toy")
     rows = torch.tensor(tok.convert_tokens_to_ids(["<think>", "</think>"]))
-    examples = sft_think.encode_all(
+    examples = chat.encode_rows(
         toy.arithmetic("test", 4, seed=0, difficulty=[1]),
         tok,
         toy.TRAINING_CHAT_TEMPLATE,
@@ -464,7 +380,7 @@ def test_train_tokens_head_gradient_is_the_full_one_on_those_rows():
         512,
         "toy",
     )
-    batch = sft_think.collate(examples, tok.pad_token_id, "cpu")[:3]
+    batch = chat.collate(examples, tok.pad_token_id, "cpu")[:3]
     head = model.get_output_embeddings()
     grads = []
     for head_rows in (None, rows):
@@ -558,9 +474,7 @@ def test_shipped_domain_adapters_score_what_made_by_says():
     )
     assert problems is None and all(set(r) == {"text"} for r in train + val)
     tok, model = toy.load_tokenizer(), loading.load_model("toy")
-    examples = sft_think.encode_all(
-        val, tok, sft_think.training_template(tok), False, 1024, "toy-documents"
-    )
+    examples = chat.encode_rows(val, tok, chat.training_template(tok), False, 1024, "toy-documents")
     assert all(sum(m) >= len(ids) - 1 for ids, m in examples)  # the whole text is trained
     before = sft_think.eval_loss(model, examples, 16, tok.pad_token_id, "cpu")
     lora.load_adapter(model, str(path))

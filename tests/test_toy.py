@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import errors
 import rewards
 import toy
 import toy.tasks
@@ -664,3 +665,19 @@ def test_facts_thought_restates_the_prefix_state():
                 assert name + "(" in thought
     assert seen == {"story", "news", "code"}
     assert toy.facts_thought("not a toy document") is None
+
+
+def test_sft_and_distillation_rows():
+    train, heldout, problems = toy.sft_rows("toy", 0, 6, 4, "1", "gsm8k,mc")
+    assert len(train) == 6 and problems is heldout and len(heldout) == 4
+    assert [r["style"] for r in train] == ["gsm8k", "mc"] * 3  # the styles in turn
+    train, heldout, problems = toy.sft_rows("toy-documents", 0, 3, 2, domains="code")
+    assert problems is None and all(set(r) == {"text"} for r in train + heldout)
+    with pytest.raises(errors.ConfigError, match="--toy-domains"):
+        toy.sft_rows("toy-documents", 0, 3, 2, domains="story,poetry")
+    train, heldout = toy.distillation_rows("1,2", 5, 3, seed=0)
+    assert len(train) == 5 and len(heldout) == 3
+    assert all(set(r) == {"messages", "answer", "style"} for r in train + heldout)
+    assert (
+        train[0]["messages"] == toy.arithmetic("train", 5, seed=0, difficulty=[1, 2])[0]["messages"]
+    )

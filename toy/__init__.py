@@ -17,6 +17,8 @@ shows its metric move.
   with a digit-by-digit scratchpad, GSM8K / MATH / multiple-choice styles, levels 1..5),
   `documents` (story, news, code grammars with checkable facts), `continuations` (prefix / true
   continuation pairs), `instructions` (answers a program computes).
+- `toy.datasets`: the worlds as the training scripts read them (`sft_rows` for `sft_think.py
+  --data toy...`, `distillation_rows` for `gkd.py`): train rows, held-out rows, graded problems.
 - `toy.judges`: `AnswerJudge.score` grades an instruction's or a word problem's final answer;
   `ContinuationJudge.prefer`
   says which of two continuations of a document prefix is consistent with it.
@@ -46,6 +48,7 @@ Commands::
     python -m toy show
 """
 
+from toy.datasets import SFT_WORLDS, distillation_rows, sft_rows, text_only
 from toy.judges import (
     AnswerJudge,
     ContinuationJudge,
@@ -99,6 +102,10 @@ from toy.tasks import (
 )
 
 __all__ = [
+    "SFT_WORLDS",
+    "distillation_rows",
+    "sft_rows",
+    "text_only",
     "AnswerJudge",
     "ContinuationJudge",
     "check_document",
