@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from errors import TRACEBACK_ENV, UserError
+from errors import TRACEBACK_ENV, ConfigError, UserError
 
 
 def run_cli(main, args_cls, argv: list[str] | None = None):
@@ -78,6 +78,22 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
         help_text = docs.get(f.name, " ").replace("%", "%%")  # argparse %-formats help strings
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help_text, **kwargs)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def require_at_least_one(args, names: tuple[str, ...]) -> None:
+    """Counts (steps, batch sizes, tokens) of `args` must be >= 1; else a ConfigError naming the
+    flag and its value."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+
+
+def require_positive(args, names: tuple[str, ...]) -> None:
+    """Quantities of `args` (temperatures, coefficients) must be > 0; else a ConfigError naming
+    the flag and its value."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -598,6 +598,17 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     return out
 
 
+def check_spec(spec: str, flag: str = "--reward") -> str:
+    """`spec` if every reward it names exists, else a ConfigError naming the flag: checked before
+    any model loads."""
+    try:
+        for name, _ in parse_reward_spec(spec):
+            get_reward(name)
+    except ValueError as e:
+        raise errors.ConfigError(f"{flag} {spec}: {e}") from None
+    return spec
+
+
 def _required_columns(fn) -> list[str]:
     """Keyword columns a reward function cannot run without (parameters after `completions` with no
     default)."""

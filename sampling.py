@@ -159,10 +159,13 @@ class Rollout:
         completion)."""
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
+    def tokens(self) -> list[list[int]]:
+        """Each completion's token ids (masked part only: up to and including its end)."""
+        return [ids[m.bool()].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
+
     def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
         """Decoded completions (masked part only)."""
-        rows = [ids[m.bool()].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
-        return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+        return tokenizer.batch_decode(self.tokens(), skip_special_tokens=skip_special_tokens)
 
 
 def rollout_from_tokens(
