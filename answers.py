@@ -6,12 +6,12 @@ equivalence.
 - extraction: `extract_gsm8k` (lm-evaluation-harness's order: `####`, "The answer is", the last
   number), `extract_boxed` (the last \\boxed{}, as MATH solutions end), `extract_choice` (a letter
   A-J), `extract_answer` (picks one from the gold's form), `gold_answer` (a raw GSM8K / MATH
-  solution to its final answer);
+  solution to its final answer), `extract` (by a benchmark's answer rule);
 - equivalence: `answers_match` (exact numbers, then a LaTeX normal form, then Math-Verify when
-  installed).
+  installed); `is_correct` grades a completion by a benchmark's answer rule.
 
 Model output is untrusted input: nothing here calls eval or sympify on it. rewards.correct is the
-grader built from these pieces; scripts grade through it.
+reward built from these pieces; the training scripts grade through it.
 """
 
 from __future__ import annotations
@@ -403,3 +403,22 @@ def extract_answer(text: str, gold: str | None = None) -> str | None:
 # the `style` column of a data set -> its extraction rule (the toy arithmetic task and eval sets
 # label rows)
 EXTRACTORS = {"gsm8k": extract_gsm8k, "math": extract_boxed, "mc": extract_choice}
+
+
+def extract(rule: str, completion: str) -> str | None:
+    """The final answer a completion gives under an answer rule (a key of EXTRACTORS), from the text
+    after any think block."""
+    return EXTRACTORS[rule](strip_think(completion))
+
+
+def is_correct(rule: str, completion: str, gold: str) -> bool:
+    """Is `completion` right under answer rule `rule` (gsm8k, math, mc; benchmarks.RULE names each
+    benchmark's)? A letter must equal the gold's, "(b)" as "B"; a number or expression goes through
+    answers_match (Math-Verify in this process; eval_reasoning.py runs it in worker processes),
+    against the final answer of a raw GSM8K solution."""
+    if rule not in EXTRACTORS:
+        raise ValueError(f"unknown answer rule {rule!r} (known: {', '.join(EXTRACTORS)})")
+    pred = extract(rule, completion)
+    if rule == "mc":
+        return pred is not None and pred == str(gold).strip().strip("()").upper()
+    return answers_match(gold_answer(gold) if rule == "gsm8k" else gold, pred)

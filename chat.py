@@ -11,8 +11,8 @@ markers.
 - `end_of_turn_id`: the token a template writes right after assistant content (Qwen3's and SmolLM2's
   `<|im_end|>`, Llama 3's `<|eot_id|>`), found by rendering a one-turn conversation;
 - `marker_ids` / `find_ids` / `marker_span`: a text marker such as `</think>` in a list of token
-  ids, whether the
-  tokenizer has it as one token (Qwen3) or splits it into several (SmolLM2: `</`, `think`, `>`);
+  ids, whether the tokenizer has it as one token (Qwen3) or splits it into several (SmolLM2: `</`,
+  `think`, `>`); `add_marker_tokens` makes the split ones tokens of their own;
 - training rows to token ids: `encode_row` / `encode_rows` turn a JSONL row of any accepted schema
   ({'messages'}, {'prompt', 'completion'}, {'text'}) into (input_ids, loss mask) with the template
   of `training_template` (`strip_thoughts` for a run without thoughts); `pack` and `collate` make
@@ -163,6 +163,20 @@ def marker_ids(tokenizer, marker: str, warn: str = "") -> list[int]:
             flush=True,
         )
     return ids
+
+
+def add_marker_tokens(tokenizer, markers: str) -> dict[str, list[int]]:
+    """The markers of a comma list (e.g. '<think>,</think>') that this tokenizer splits into pieces
+    (SmolLM2 writes `</think>` as `</`, `think`, `>`) become new tokens, to be added before the data
+    is encoded so the training text holds them as one token each. They are added as ordinary, not
+    special, tokens, as Qwen3 has its own: decoded text keeps them. Returns each added token's
+    former pieces (loading.grow_embeddings starts its new embedding row at their mean)."""
+    names = [t.strip() for t in markers.split(",") if t.strip()]
+    pieces = {n: marker_ids(tokenizer, n) for n in names}
+    new = {n: ids for n, ids in pieces.items() if len(ids) != 1}
+    if new:
+        tokenizer.add_tokens(list(new))
+    return new
 
 
 def find_ids(ids: list[int], sub: list[int], last: bool = False) -> int | None:

@@ -211,7 +211,7 @@ def rollout_and_judge(
         eos_token_ids=None if args.stop_at_eos else [],
     )
     t_judge = time.perf_counter()
-    rows = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    rows = roll.tokens()
     texts = roll.texts(tokenizer)
     first = 1 if include_original else 0  # candidate 0 is the original suffix when it is included
     cands = [
@@ -225,18 +225,11 @@ def rollout_and_judge(
     calls, invalid = judge.calls, judge.invalid
     results = judges.full_pairwise(judge, [w["prefix"] for w in windows], cand_texts)
     chosen = [select_pairs(r.scores, args.pairs, rng) for r in results]
-    valid_pairs = sum(r.pairs - r.invalid_pairs for r in results)
     with_pairs = [(r, p) for r, p in zip(results, chosen) if p]
     best = [_best_candidate(r.scores) for r, _ in with_pairs]
     lengths = roll.completion_mask.sum(1).float()
     metrics = {
-        "judge/calls": judge.calls - calls,
-        "judge/invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
-        "judge/position_consistency": (
-            sum(r.consistent_pairs for r in results) / max(valid_pairs, 1)
-        ),
-        "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid_pairs, 1),
-        "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
+        **judges.pairwise_metrics(results, judge.calls - calls, judge.invalid - invalid),
         "pairs/prefixes_dropped": len(windows) - len(with_pairs),
         "pairs/count": sum(len(p) for p in chosen),
         "score/spread": sum(_spread(r.scores) for r, _ in with_pairs) / max(len(with_pairs), 1),
@@ -572,47 +565,21 @@ def resolve_defaults(args: Args) -> Args:
         raise errors.ConfigError(
             "--num-rollouts: at least two candidates per prefix are needed for a pair"
         )
-    if args.beta <= 0:
-        raise errors.ConfigError(f"--beta {args.beta}: must be > 0")
-    for name in (
-        "prefix_tokens",
-        "suffix_tokens",
-        "batch_size",
-        "micro_batch_size",
-        "max_steps",
-        "eval_size",
-    ):
-        if getattr(args, name) < 1:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
-            )
+    cli.require_positive(args, ("beta",))
+    cli.require_at_least_one(
+        args,
+        (
+            "prefix_tokens",
+            "suffix_tokens",
+            "batch_size",
+            "micro_batch_size",
+            "max_steps",
+            "eval_size",
+        ),
+    )
     if args.judge_cache == "auto":
         args.judge_cache = str(Path(args.out) / "judge_cache.jsonl")
     return args
-
-
-def load_start(
-    name: str, device, init_adapter: str, load_in_4bit: bool, gradient_checkpointing: bool
-):
-    """The starting model: `name` with `init_adapter` merged in (the reference and the evaluation's
-    base)."""
-    model = loading.load_model(
-        name,
-        device=device,
-        load_in_4bit=load_in_4bit,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
-    return model
-
-
-def load_policy(args: Args, device):
-    """The starting model with a fresh LoRA on top: with LoRA off it is the reference."""
-    model = load_start(
-        args.model, device, args.init_adapter, args.load_in_4bit, args.gradient_checkpointing
-    )
-    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    return model
 
 
 def pad_token_id(tokenizer) -> int:
@@ -654,11 +621,7 @@ def rollout_step(model, tokenizer, judge, train, args: Args, run, step: int) -> 
     judged = rollout_and_judge(
         model, tokenizer, [train[i] for i in indices], judge, generator, rng, args
     )
-    if distributed.is_main():
-        for s in judged.samples:
-            dataio.append_jsonl(
-                run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
-            )
+    lifecycle.log_samples(run, step + 1, judged.samples)
     return judged
 
 
@@ -691,7 +654,9 @@ def interval_text(after: dict) -> str:
 
 def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
     """--eval-only PATH: an adapter on top of the starting model, or a full model against it."""
-    model = load_start(args.model, run.device, args.init_adapter, args.load_in_4bit, False)
+    # the starting model: --model with --init-adapter (and the adapters it was trained on) merged
+    model = loading.load_model(args.model, device=run.device, load_in_4bit=args.load_in_4bit)
+    lora.merge_adapters(model, args.init_adapter)
     path, baseline = Path(args.eval_only), None
     if (path / lora.WEIGHTS_NAME).is_file():
         lora.load_adapter(model, str(path))
@@ -771,7 +736,17 @@ def main(args: Args):
         summary = eval_only(args, run, tokenizer, heldout, judge)
         lifecycle.end_run(run)
         return summary
-    model = load_policy(args, run.device)
+    # with LoRA off the policy is the starting model: the reference
+    model = lora.load_policy(
+        args.model,
+        run.device,
+        args.init_adapter,
+        args.lora_r,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.load_in_4bit,
+        args.gradient_checkpointing,
+    )
     opt = lifecycle.adamw(
         lora.lora_parameters(model),
         lr=args.lr,
@@ -832,8 +807,7 @@ def main(args: Args):
     summary = {}
     if distributed.is_main():
         # the adapter first: a final evaluation that fails (a judge error) then loses no training
-        base_name = None if args.model == "toy" else args.model
-        lora.save_adapter(model, str(run.out), base_model_name_or_path=base_name)
+        lora.save_trained(model, tokenizer, run.out, args.model)
         after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
         summary = lifecycle.finish_run(
             run, *results(args, state, after, last, t_train, skipped, opt, rank_diff)

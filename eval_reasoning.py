@@ -68,27 +68,7 @@ import sampling
 import serving
 import stats
 
-# ---- answers, Mean@k and Pass@k, intervals -------------------------------------------------------
-
-
-def extract(rule: str, completion: str) -> str | None:
-    """The final answer a completion gives under a benchmark's rule, from the text after any think
-    block."""
-    return answers.EXTRACTORS[rule](answers.strip_think(completion))
-
-
-def is_correct(benchmark: str, completion: str, gold: str) -> bool:
-    """Is `completion` right on `benchmark` (gsm8k, math500, gpqa, olympiadbench, or a toy name)?
-    Math answers go through answers.answers_match (Math-Verify in this process; the evaluation
-    itself uses worker processes)."""
-    if benchmark not in benchmarks.RULE:
-        raise ValueError(
-            f"unknown benchmark {benchmark!r} (known: {', '.join(benchmarks.BENCHMARKS)})"
-        )
-    rule, pred = benchmarks.RULE[benchmark], extract(benchmarks.RULE[benchmark], completion)
-    if rule == "mc":
-        return pred is not None and pred == str(gold).strip().strip("()").upper()
-    return answers.answers_match(answers.gold_answer(gold) if rule == "gsm8k" else gold, pred)
+# ---- Mean@k and Pass@k, intervals ----------------------------------------------------------------
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -101,22 +81,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def wilson(mean: float, n: int, z: float = stats.Z95) -> list[float]:
-    """Wilson's score interval of a rate from n 0/1 values: (mean + z^2/2n) / (1 + z^2/n) +- z
-    sqrt(mean (1 - mean) / n + z^2/4n^2) / (1 + z^2/n); inside [0, 1] and not of zero width at 0 or
-    1 (Wilson 1927; Brown, Cai & DasGupta 2001)."""
-    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
-
-
 def interval(values: list[float]) -> list[float]:
     """95% interval of a mean over questions (each value in [0, 1]): Wilson's when every value is 0
-    or 1 and there are 2 to 300 of them, else the normal one over the per-question values
-    (stats.mean_interval)."""
+    or 1 and there are 2 to 300 of them (stats.wilson), else the normal one over the per-question
+    values (stats.mean_interval)."""
     n = len(values)
     if 2 <= n <= 300 and all(v in (0.0, 1.0) for v in values):
-        return wilson(statistics.fmean(values), n)
+        return stats.wilson(statistics.fmean(values), n)
     return stats.mean_interval(values)[1]
 
 
@@ -324,7 +295,7 @@ def check_samples(
     answers.MathVerifier in its worker processes; every scored sample is appended to
     samples.jsonl."""
     drawn = [(p, cache.rows[k]) for p, ks in zip(problems, keys) for k in ks if k in cache.rows]
-    preds = [extract(p["rule"], row["text"]) for p, row in drawn]
+    preds = [answers.extract(p["rule"], row["text"]) for p, row in drawn]
     math_rows = [i for i, (p, _) in enumerate(drawn) if p["rule"] != "mc"]
     checked = verifier.check([(drawn[i][0]["gold"], preds[i]) for i in math_rows])
     verdicts = dict(zip(math_rows, checked))

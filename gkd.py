@@ -184,9 +184,7 @@ def rollout(student, teacher, tokenizer, batch: list[dict], args, run, step: int
     """(n_on, [(part name, Rollout)]): the targets of a step. The first n_on = lambda x batch rows
     the student writes (on-policy); the rest are the data's, or the teacher's with --seq-kd.
     Sampling runs without gradients (none flows through it)."""
-    gen = torch.Generator(device=run.device).manual_seed(
-        args.seed * 100003 + step * run.world + run.rank
-    )
+    gen = sampling.step_generator(args.seed, step, run.rank, run.world, run.device)
     n_on = on_policy_rows(len(batch), args.lmbda, step, args.seed + run.rank)
     parts = []
     if n_on:
@@ -246,10 +244,8 @@ def policy_metrics(run, step: int, batch: list[dict], roll, tokenizer, args) -> 
         out["policy/accuracy"] = sum(graded) / max(len(graded), 1)
     out["completions/mean_length"] = float(roll.completion_mask.sum(1).float().mean())
     out["completions/clipped_ratio"] = float((~roll.finished).float().mean())
-    if distributed.is_main():
-        for b, t in list(zip(batch, texts))[: args.log_completions]:
-            row = {"split": "train", "step": step, "prompt": b["prompt"], "completion": t}
-            dataio.append_jsonl(run.out / "samples.jsonl", row)
+    shown = list(zip(batch, texts))[: args.log_completions]
+    lifecycle.log_samples(run, step, [{"prompt": b["prompt"], "completion": t} for b, t in shown])
     return out
 
 
@@ -381,115 +377,32 @@ def load_examples(tokenizer, args) -> tuple[list[dict], list[dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tokenizers(args):
-    """The student's tokenizer, and the teacher's when the teacher is another model (else None)."""
-    tokenizer = loading.load_tokenizer(args.model)
-    teacher_tokenizer = loading.load_tokenizer(args.teacher) if args.teacher != args.model else None
-    return tokenizer, teacher_tokenizer
-
-
-def shared_vocab(tokenizer, teacher_tokenizer, student, teacher) -> int:
-    """How many LM-head rows are tokens: len(tokenizer), after checking that teacher and student
-    share it and both heads have that many rows. Rows past it (checkpoint padding) are cut from the
-    heads in the loss, which is the same as giving them a -inf logit."""
-    n = len(tokenizer)
-    if teacher_tokenizer is not None and len(teacher_tokenizer) != n:
-        raise errors.ConfigError(
-            f"--teacher: its tokenizer has {len(teacher_tokenizer)} tokens, the student's {n}: "
-            f"GKD compares next-token distributions, so both need one tokenizer"
-        )
-    if teacher_tokenizer is not None:
-        mine, theirs = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-        if mine != theirs:
-            tok = next(t for t in mine if theirs.get(t) != mine[t])
-            raise errors.ConfigError(
-                f"--teacher: the tokenizers differ (token {tok!r} is id {mine[tok]} for the "
-                f"student, {theirs.get(tok)} for the teacher): GKD needs one tokenizer"
-            )
-    for name, m in (("--model", student), ("--teacher", teacher)):
-        rows = m.get_output_embeddings().weight.shape[0]
-        if rows < n:
-            raise errors.ConfigError(
-                f"{name}: its LM head has {rows} rows but the tokenizer {n} tokens"
-            )
-    return n
-
-
-def load_student(
-    name: str,
-    device,
-    full: bool,
-    lora_r: int,
-    lora_alpha: float,
-    lora_dropout: float,
-    load_in_4bit: bool,
-    gradient_checkpointing: bool,
-    init_adapter: str = "",
-):
-    """(student, its trainable parameters): `name` ('toy' = the toy student) with --init-adapter
-    merged in, then LoRA on it, or every weight with `full`."""
-    model = loading.load_model(
-        toy.student_model_dir() if name == "toy" else name,
-        device=device,
-        load_in_4bit=load_in_4bit,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    lora.merge_adapters(model, init_adapter)  # with the adapters it was trained on, oldest first
-    if full:
-        if load_in_4bit:
-            raise errors.ConfigError(
-                "--full cannot train 4-bit weights; use LoRA (drop --full) with --load-in-4bit"
-            )
-        return model, [p for p in model.parameters() if p.requires_grad]
-    lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
-    return model, lora.lora_parameters(model)
-
-
-def load_teacher(name: str, adapters: str, device, load_in_4bit: bool):
-    """The frozen teacher: `name` with each adapter of `adapters` ('a+b') merged in, in eval mode,
-    no gradients."""
-    for adapter in adapters.split("+"):
-        if adapter:
-            lora.require_adapter(
-                adapter, "--teacher-adapter", "Pass the directory `sft_think.py --out` wrote."
-            )
-    model, _ = lora.load_arm(
-        adapters,
-        str(toy.base_model_dir()) if name == "toy" else name,
-        device=device,
-        load_in_4bit=load_in_4bit,
-        flag="--teacher-adapter",
-    )
-    return model.eval().requires_grad_(False)
-
-
 def load_models(args, device, tokenizer, teacher_tokenizer):
     """(teacher, student, the student's trainable parameters, vocab = the shared tokenizer's
     size)."""
-    teacher = load_teacher(args.teacher, args.teacher_adapter, device, args.teacher_load_in_4bit)
-    student, params = load_student(
-        args.model,
+    teacher = lora.load_frozen(
+        str(toy.base_model_dir()) if args.teacher == "toy" else args.teacher,
+        args.teacher_adapter,
         device,
+        args.teacher_load_in_4bit,
+        "--teacher-adapter",
+        "Pass the directory `sft_think.py --out` wrote.",
+    )
+    # the student ('toy' = the toy student) with --init-adapter merged in, then LoRA on it, or
+    # every weight with --full
+    student, params = lora.trainable_model(
+        toy.student_model_dir() if args.model == "toy" else args.model,
+        device,
+        args.init_adapter,
         args.full,
         args.lora_r,
         args.lora_alpha,
         args.lora_dropout,
         args.load_in_4bit,
         args.gradient_checkpointing,
-        args.init_adapter,
     )
-    vocab = shared_vocab(tokenizer, teacher_tokenizer, student, teacher)
+    vocab = loading.shared_vocab(tokenizer, teacher_tokenizer, student, teacher)
     return teacher, student, params, vocab
-
-
-def save_student(student, tokenizer, args, out) -> None:
-    """The full model and tokenizer in <out>/model (--full), else the LoRA adapter in <out>."""
-    if args.full:
-        student.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-    else:
-        base = None if args.model == "toy" else args.model
-        lora.save_adapter(student, str(out), base_model_name_or_path=base)
 
 
 def step_batch(train: list[dict], args, run, step: int) -> list[dict]:
@@ -653,16 +566,10 @@ def resolve_defaults(args: Args) -> Args:
                 "and --seq-kd"
             )
         args.lmbda = 1.0
-    for name in ("temperature", "loss_temperature"):
-        if getattr(args, name) <= 0:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0"
-            )
-    for name in ("batch_size", "micro_batch_size", "max_steps", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
-            )
+    cli.require_positive(args, ("temperature", "loss_temperature"))
+    cli.require_at_least_one(
+        args, ("batch_size", "micro_batch_size", "max_steps", "max_new_tokens")
+    )
     samples = args.lmbda > 0 or args.seq_kd
     if samples and args.temperature != args.loss_temperature:
         warnings.warn(
@@ -685,7 +592,7 @@ def main(args: Args):
     run = lifecycle.start_run(
         args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
     )
-    tokenizer, teacher_tokenizer = load_tokenizers(args)
+    tokenizer, teacher_tokenizer = loading.load_tokenizers(args.model, args.teacher)
     train, heldout = load_examples(tokenizer, args)
     teacher, student, params, vocab = load_models(args, run.device, tokenizer, teacher_tokenizer)
     opt = lifecycle.adamw(
@@ -743,7 +650,8 @@ def main(args: Args):
     summary = {}
     if distributed.is_main():
         after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", evaluate_student())
-        save_student(student, tokenizer, args, run.out)
+        # the full model and tokenizer in <out>/model (--full), else the LoRA adapter in <out>
+        lora.save_trained(student, tokenizer, run.out, args.model, full=args.full)
         summary = summarize(run, args, state, after, last, t_train, opt, rank_diff)
     lifecycle.end_run(run)
     return summary

@@ -240,7 +240,7 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: A
     skip_zero_advantage = not (args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo")
     R = len(texts)
     live = (adv != 0).nonzero().view(-1) if skip_zero_advantage else torch.arange(R)
-    tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    tokens = roll.tokens()
     lengths = roll.completion_mask.sum(1).float()
     names = [n for n, _ in rewards.parse_reward_spec(spec)]
     metrics = {
@@ -509,17 +509,10 @@ def resolve_defaults(args: Args) -> Args:
             "--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is "
             "0 without it"
         )
-    for name in (
-        "batch_size",
-        "micro_batch_size",
-        "max_steps",
-        "num_iterations",
-        "max_completion_length",
-    ):
-        if getattr(args, name) < 1:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
-            )
+    cli.require_at_least_one(
+        args,
+        ("batch_size", "micro_batch_size", "max_steps", "num_iterations", "max_completion_length"),
+    )
     return args
 
 
@@ -602,32 +595,12 @@ def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
         spec = "correct:1.0,format:0.1"
     elif not spec:
         spec = "similarity" if all(p.get("domain") is not None for p in prompts) else "creative"
-    try:
-        for name, _ in rewards.parse_reward_spec(spec):
-            rewards.get_reward(name)
-    except ValueError as e:
-        raise errors.ConfigError(f"--reward {spec}: {e}") from None
-    return spec
+    return rewards.check_spec(spec)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-
-
-def load_policy(args: Args, device):
-    """The model with --init-adapter merged into its weights (the reference policy is then the
-    merged model: LoRA off) and a fresh LoRA on top."""
-    model = loading.load_model(
-        args.model,
-        device=device,
-        load_in_4bit=args.load_in_4bit,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-    # with the adapters it was trained on, oldest first
-    lora.merge_adapters(model, args.init_adapter)
-    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    return model
 
 
 def generation_batch(
@@ -642,11 +615,7 @@ def generation_batch(
     )
     generator = sampling.step_generator(args.seed, g, run.rank, run.world, run.device)
     batch = rollout(model, tokenizer, [train[i] for i in indices], spec, generator, args)
-    if distributed.is_main():
-        for s in batch.samples:
-            dataio.append_jsonl(
-                run.out / "samples.jsonl", {"split": "train", "step": step + 1, **s}
-            )
+    lifecycle.log_samples(run, step + 1, batch.samples)
     return batch
 
 
@@ -663,16 +632,6 @@ def step_metrics(
         "timing/rollout": t_rollout,
         "timing/update": time.perf_counter() - t1,
     }
-
-
-def save_model(model, tokenizer, args: Args, out) -> None:
-    """The adapter (PEFT format) in <out>; --save-merged adds the merged model in <out>/model."""
-    lora.save_adapter(
-        model, str(out), base_model_name_or_path=None if args.model == "toy" else args.model
-    )
-    if args.save_merged:
-        lora.merge(model).save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
 
 
 def results(
@@ -732,7 +691,17 @@ def main(args: Args):
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout = load_prompts(tokenizer, args)
     spec = default_reward(args.task, args.reward, train)
-    model = load_policy(args, run.device)
+    # the reference policy (LoRA off) is the model with --init-adapter merged
+    model = lora.load_policy(
+        args.model,
+        run.device,
+        args.init_adapter,
+        args.lora_r,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.load_in_4bit,
+        args.gradient_checkpointing,
+    )
     opt = lifecycle.adamw(
         lora.lora_parameters(model),
         lr=args.lr,
@@ -785,7 +754,7 @@ def main(args: Args):
     summary = {}
     if distributed.is_main():
         after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
-        save_model(model, tokenizer, args, run.out)
+        lora.save_trained(model, tokenizer, run.out, args.model, merged=args.save_merged)
         summary = lifecycle.finish_run(
             run, *results(args, spec, state, after, last, t_train, opt, rank_diff)
         )

@@ -872,3 +872,18 @@ def full_pairwise(
     for res, w, c in zip(results, wins, counts):
         res.scores = [x / k if k else None for x, k in zip(w, c)]
     return results
+
+
+def pairwise_metrics(results: Sequence[PairwiseResult], calls: int, invalid: int) -> dict:
+    """The judge's columns of a step's metrics from full_pairwise's `results`: `calls` verdicts
+    asked for them, `invalid` of which did not parse (the growth of judge.calls and judge.invalid),
+    the share of valid pairs whose two orders agree (position consistency) or that are even, and
+    the pairs left out."""
+    valid = sum(r.pairs - r.invalid_pairs for r in results)
+    return {
+        "judge/calls": calls,
+        "judge/invalid_rate": invalid / max(calls, 1),
+        "judge/position_consistency": sum(r.consistent_pairs for r in results) / max(valid, 1),
+        "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid, 1),
+        "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
+    }

@@ -73,6 +73,7 @@ import lifecycle
 import likelihood
 import loading
 import lora
+import stats
 import toy
 
 # the per-module log columns that summary.json sums up (mean and worst case)
@@ -84,7 +85,7 @@ LOG_COLUMNS += ("unrepresented", "svd_error")
 
 
 def no_steps(theta: list[float], **extra) -> dict:
-    """The stats of a mean that needed no iteration (one input, all inputs ~0, or linear)."""
+    """The log entry of a mean that needed no iteration (one input, all inputs ~0, or linear)."""
     return {"iterations": 0, "tangent0": 0.0, "theta": theta, **extra}
 
 
@@ -97,7 +98,7 @@ def karcher_dense(
     tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5
 ):
     """The weighted Karcher mean of `tensors` (flattened) in float64, step for step as MergeKit's
-    `karcher`: (mean, stats). `weights` sum to 1."""
+    `karcher`: (mean, logged): logged = what merge_log.jsonl records. `weights` sum to 1."""
     if len(tensors) == 1:
         return tensors[0].double(), no_steps([0.0], spread=0.0)
     flat = [t.double().flatten() for t in tensors]
@@ -134,8 +135,8 @@ def karcher_dense(
     spread = max((angle(u, v) for i, u in enumerate(units) for v in units[:i]), default=0.0)
     # MergeKit: every input's norm, the dropped ones are ~0
     scale = sum(w * n for w, n in zip(weights, norms))
-    stats = {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta, "spread": spread}
-    return (scale * m).view_as(tensors[0]), stats
+    logged = {"iterations": it, "tangent0": tangent0 or 0.0, "theta": theta, "spread": spread}
+    return (scale * m).view_as(tensors[0]), logged
 
 
 def gram_norm(v: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ def gram_norm(v: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 def karcher_gram(inner: torch.Tensor, weights: list[float], max_iter: int = 10, tol: float = 1e-5):
     """The same iteration on coefficients: with K_ij = <W_i, W_j> (float64), every iterate is m =
     sum_i x_i u_i, so <m, u_i> = (G x)_i and ||v||^2 = v^T G v with G_ij = K_ij / (n_i n_j). Returns
-    (w, stats): the mean is sum_i w_i W_i."""
+    (w, logged): the mean is sum_i w_i W_i."""
     n = len(weights)
     norms = inner.diagonal().clamp_min(0).sqrt()
     keep = [i for i in range(n) if norms[i] > tol]
@@ -211,12 +212,12 @@ def module_inner(w0: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor
 
 
 def merge_module(w0, deltas, weights, method, space, max_iter, tol):
-    """Merge one adapted module. Returns (c0, c, delta, stats): the mean is c0 W0 + sum c_i D_i
+    """Merge one adapted module. Returns (c0, c, delta, logged): the mean is c0 W0 + sum c_i D_i
     (factor space; delta is None) or W0 + delta (dense space; delta in fp32, so a merge of a large
     model keeps one update per module)."""
     K, Q = module_inner(w0, deltas)
     a = torch.tensor(weights, dtype=torch.float64)
-    stats = {"spread": widest_angle(K)}
+    logged = {"spread": widest_angle(K)}
     # ||sum a_i D_i||: the size of the linear merge's update
     lin_norm = float((a @ Q @ a).clamp_min(0).sqrt())
     if space == "dense":
@@ -227,21 +228,21 @@ def merge_module(w0, deltas, weights, method, space, max_iter, tol):
             dense, it = karcher_dense(full, weights, max_iter, tol)
         lin = sum(wi * f for wi, f in zip(weights, full))
         dist = float(torch.linalg.vector_norm(dense - lin)) / max(lin_norm, 1e-30)
-        stats.update(it, dist_linear=dist)
-        return None, None, (dense - w0).float(), stats
+        logged.update(it, dist_linear=dist)
+        return None, None, (dense - w0).float(), logged
     if method == "linear":
         w, it = a.clone(), no_steps([])
     else:
         w, it = karcher_gram(K, weights, max_iter, tol)
     diff = w - a  # the mean minus the linear mean, as a combination of the W_i
-    stats.update(
+    logged.update(
         it, dist_linear=float((diff @ K @ diff).clamp_min(0).sqrt()) / max(lin_norm, 1e-30)
     )
     c = w.clone()
     for i, d in enumerate(deltas):
         if d is None:
             c[i] = 0.0  # this input is W0 alone here: its coefficient lives in c0 only
-    return float(w.sum()), c, None, stats
+    return float(w.sum()), c, None, logged
 
 
 def merge_adapters(
@@ -254,10 +255,10 @@ def merge_adapters(
         t0 = time.perf_counter()
         w0 = base.get(name + ".weight").double()
         deltas = [ad.get(name) for ad in adapters]
-        c0, c, dense, stats = merge_module(w0, deltas, weights, method, space, max_iter, tol)
+        c0, c, dense, logged = merge_module(w0, deltas, weights, method, space, max_iter, tol)
         results[name] = (c0, c, dense)
-        th = stats.pop("theta")
-        row = {"module": name, **stats, "theta_mean": sum(th) / len(th) if th else 0.0}
+        th = logged.pop("theta")
+        row = {"module": name, **logged, "theta_mean": sum(th) / len(th) if th else 0.0}
         row["theta_max"] = max(th, default=0.0)
         if c0 is not None:
             row["c0"] = c0
@@ -360,37 +361,6 @@ def merge_models(models: list[loading.Weights], weights, method, max_iter, tol):
     return merged, log
 
 
-def log_summary(log: list[dict]) -> dict:
-    """All modules in a few numbers: the means and the worst cases of the log's columns."""
-    out = {"modules": len(log)}
-    for col in LOG_COLUMNS:
-        vals = [r[col] for r in log if col in r]
-        if vals:
-            out[f"{col}_mean"], out[f"{col}_max"] = sum(vals) / len(vals), max(vals)
-    if any("c0" in r for r in log):
-        out["c0_min"] = min(r["c0"] for r in log)
-    return out
-
-
-# ---- evaluation: held-out NLL per domain, diversity of samples ----------------------------------
-
-
-@torch.no_grad()
-def evaluate_arms(
-    base_name: str, device, keys: list[str], arms: dict, sets, args: Args
-) -> list[dict]:
-    """Every arm {name: weight_of(key) -> tensor} put into one copy of --base in turn, then scored
-    (likelihood.score_arms)."""
-    model = loading.load_model(base_name, device=str(device)).eval()
-    if args.init_adapter and not args.models:
-        # the modules no arm sets keep the starting model's weights
-        lora.merge_adapters(model, args.init_adapter)
-    tokenizer = loading.load_tokenizer(base_name)
-    samples = args.samples if args.prompts else 0
-    sampled = (samples, args.max_new_tokens, args.temperature, args.seed)
-    return likelihood.score_arms(model, tokenizer, keys, arms, sets, *sampled)
-
-
 @dataclass
 class Args:
     base: str = "toy"
@@ -490,7 +460,8 @@ def main(args: Args):
     dataio.write_jsonl(run.out / "merge_log.jsonl", log)
     summary = {"inputs": names, "weights": weights, "method": args.method, "output": args.output}
     summary["space"] = "dense" if args.models else args.space
-    summary.update(merge_seconds=merge_seconds, modules=log_summary(log))
+    modules = {"modules": len(log), **stats.column_summary(log, LOG_COLUMNS, minima=("c0",))}
+    summary.update(merge_seconds=merge_seconds, modules=modules)
     print(json.dumps(summary["modules"], indent=1), flush=True)
     sets = None
     if not args.no_eval:
@@ -498,7 +469,12 @@ def main(args: Args):
             args.eval_data, base_name, args.eval_size, args.prompts, args.seed
         )
     if sets and arms:
-        rows = evaluate_arms(base_name, run.device, keys, arms, sets, args)
+        # every arm put into one copy of --base in turn (with --init-adapter merged: the modules no
+        # arm sets keep the starting model's weights), then scored
+        samples = args.samples if args.prompts else 0
+        sampled = (samples, args.max_new_tokens, args.temperature, args.seed)
+        on_base = (base_name, run.device, args.init_adapter)
+        rows = likelihood.score_arms(*on_base, keys, arms, sets, *sampled)
         summary.update(report_eval(rows, sets, run.out))
     lifecycle.finish_run(run, summary)
     where = f"{run.out}{'/model' if args.output == 'model' else ''}"

@@ -587,11 +587,24 @@ def score_domains(
 
 @torch.no_grad()
 def score_arms(
-    model, tokenizer, keys: list[str], arms: dict, sets, samples, max_new_tokens, temperature, seed
+    base: str,
+    device,
+    init_adapter: str,
+    keys: list[str],
+    arms: dict,
+    sets,
+    samples,
+    max_new_tokens,
+    temperature,
+    seed,
 ) -> list[dict]:
-    """Every arm {name: weight_of(key) -> tensor} put into `model` in turn (tensor by tensor, built
-    when needed: a large model never holds two arms at once), then scored (score_domains): [{"arm",
-    **scores}]."""
+    """Every arm {name: weight_of(key) -> tensor} put into one copy of `base` (with `init_adapter`
+    merged first, '' = none) in turn (tensor by tensor, built when needed: a large model never holds
+    two arms at once), then scored (score_domains): [{"arm", **scores}]."""
+    model = loading.load_model(base, device=str(device)).eval()
+    if init_adapter:
+        lora.merge_adapters(model, init_adapter)
+    tokenizer = loading.load_tokenizer(base)
     params = dict(model.named_parameters())
     keys = [k for k in keys if k in params]  # a tied head is one parameter
     rows = []

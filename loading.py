@@ -1,6 +1,7 @@
 """Devices, tokenizers and models: a hub id, a local directory, 'toy' (the embedded toy base) or
-'smollm2' (the offline real model, offline.py); a model's safetensors read tensor by tensor and
-written back as a model directory."""
+'smollm2' (the offline real model, offline.py); new tokens' embedding rows; a teacher's and a
+student's shared tokenizer; a model's safetensors read tensor by tensor and written back as a model
+directory."""
 
 from __future__ import annotations
 
@@ -120,6 +121,59 @@ def load_model(
         model.enable_input_require_grads()
         model.config.use_cache = False
     return model
+
+
+def embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input embedding and the LM head, once when the head is tied to the embedding (SmolLM2,
+    Qwen3), so a hook or an optimizer state on them is not doubled."""
+    heads = (model.get_input_embeddings(), model.get_output_embeddings())
+    return list({id(e.weight): e.weight for e in heads}.values())
+
+
+def grow_embeddings(model, tokenizer, added: dict[str, list[int]]) -> None:
+    """Rows for the tokens that chat.add_marker_tokens added to `tokenizer`, each starting at the
+    mean of its former pieces."""
+    new_ids = [tokenizer.convert_tokens_to_ids(n) for n in added]
+    if max(new_ids) >= model.get_input_embeddings().weight.shape[0]:
+        # resize keeps a tied head tied (SmolLM2, Qwen3); the new rows are set just below
+        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+    with torch.no_grad():
+        for w in embedding_weights(model):
+            for i, old in zip(new_ids, added.values()):
+                w[i] = w[old].mean(0)
+
+
+def load_tokenizers(student: str, teacher: str):
+    """The student's tokenizer, and the teacher's when the teacher is another model (else None)."""
+    tokenizer = load_tokenizer(student)
+    teacher_tokenizer = load_tokenizer(teacher) if teacher != student else None
+    return tokenizer, teacher_tokenizer
+
+
+def shared_vocab(tokenizer, teacher_tokenizer, student, teacher) -> int:
+    """How many LM-head rows are tokens: len(tokenizer), after checking that teacher and student
+    share it and both heads have that many rows (distillation compares their next-token
+    distributions). Rows past it (checkpoint padding) are to be cut from the heads, which is the
+    same as giving them a -inf logit."""
+    n = len(tokenizer)
+    if teacher_tokenizer is not None and len(teacher_tokenizer) != n:
+        raise ConfigError(
+            f"--teacher: its tokenizer has {len(teacher_tokenizer)} tokens, the student's {n}: "
+            f"distillation compares next-token distributions, so both need one tokenizer"
+        )
+    if teacher_tokenizer is not None:
+        mine, theirs = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if mine != theirs:
+            tok = next(t for t in mine if theirs.get(t) != mine[t])
+            raise ConfigError(
+                f"--teacher: the tokenizers differ (token {tok!r} is id {mine[tok]} for the "
+                f"student, {theirs.get(tok)} for the teacher): distillation needs one tokenizer"
+            )
+    for name, m in (("--model", student), ("--teacher", teacher)):
+        rows = m.get_output_embeddings().weight.shape[0]
+        if rows < n:
+            raise ConfigError(f"{name}: its LM head has {rows} rows but the tokenizer {n} tokens")
+    return n
 
 
 # ---- a model's tensors one at a time, and a model directory written from tensors ----------------

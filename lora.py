@@ -19,6 +19,9 @@ reentrant checkpointing call `model.enable_input_require_grads()` (loading.load_
 Adapters use PEFT's format (`adapter_model.safetensors`, keys
 `base_model.model.<module>.lora_A.weight`, and `adapter_config.json`): PEFT loads ours, and adapters
 saved by PEFT load here.
+
+Which parameters train: `trainable_model` loads a model (its --init-adapter lineage merged in) with
+a fresh LoRA, or every weight for full fine-tuning; `train_only_tokens` trains a few embedding rows.
 """
 
 import contextlib
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import chat
 import loading
 from errors import ConfigError, MissingError
 
@@ -205,6 +209,25 @@ def hub_defaults(model: str, device: torch.device | str, card: dict, given: dict
     return out
 
 
+def load_merged(
+    name: str,
+    device,
+    init_adapter: str,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """The model `name` with `init_adapter` (and the adapters it was trained on, oldest first)
+    merged into its weights."""
+    model = loading.load_model(
+        name,
+        device=device,
+        load_in_4bit=load_in_4bit,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    merge_adapters(model, init_adapter)
+    return model
+
+
 def load_policy(
     name: str,
     device,
@@ -218,20 +241,82 @@ def load_policy(
     """The policy every trainer starts from: the model, with `init_adapter` (and the adapters it
     was trained on, oldest first) merged into its weights, and a fresh LoRA on top. The reference
     policy (LoRA off) is then the merged model."""
-    model = loading.load_model(
-        name,
-        device=device,
-        load_in_4bit=load_in_4bit,
-        gradient_checkpointing=gradient_checkpointing,
+    model = load_merged(name, device, init_adapter, load_in_4bit, gradient_checkpointing)
+    return add_lora(model, r=r, alpha=alpha, dropout=dropout)
+
+
+def trainable_model(
+    name: str,
+    device,
+    init_adapter: str,
+    full: bool,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """(model, the parameters that train): load_policy's model and its LoRA parameters, or with
+    `full` the merged model and every weight of it (full fine-tuning; a 4-bit base cannot)."""
+    if full and load_in_4bit:
+        raise ConfigError(
+            "--full cannot train 4-bit weights; use LoRA (drop --full) with --load-in-4bit"
+        )
+    if full:
+        model = load_merged(name, device, init_adapter, load_in_4bit, gradient_checkpointing)
+        return model, [p for p in model.parameters() if p.requires_grad]
+    model = load_policy(
+        name, device, init_adapter, r, alpha, dropout, load_in_4bit, gradient_checkpointing
     )
-    merge_adapters(model, init_adapter)
-    add_lora(model, r=r, alpha=alpha, dropout=dropout)
-    return model
+    return model, lora_parameters(model)
 
 
-def save_trained(model, tokenizer, out, model_name: str, merged: bool = False) -> None:
+def keep_rows(keep: torch.Tensor):
+    """A gradient hook that zeroes every row where `keep` is 0: with no weight decay AdamW then
+    leaves those rows bit-identical."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * keep
+
+    return hook
+
+
+def train_only_tokens(model, tokenizer, tokens: str, added: dict[str, list[int]] | None = None):
+    """Think-token embedding tuning: only the embedding rows (and LM-head rows) of the comma list
+    `tokens` train, every other weight frozen. `added`: tokens chat.add_marker_tokens put in the
+    tokenizer; the embedding (and an untied head) grows to hold them. Returns (the parameters the
+    optimizer updates, the token ids whose rows train); the optimizer needs no weight decay."""
+    names = [t.strip() for t in tokens.split(",") if t.strip()]
+    ids = [chat.marker_ids(tokenizer, n) for n in names]
+    unknown = [n for n, i in zip(names, ids) if len(i) != 1]
+    if unknown:
+        raise ConfigError(f"--train-tokens: {unknown} are not single tokens of this tokenizer")
+    ids = [i[0] for i in ids]
+    if added:
+        loading.grow_embeddings(model, tokenizer, added)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = torch.tensor(ids)
+    params = []
+    for w in loading.embedding_weights(model):
+        w.requires_grad_(True)
+        keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        keep[rows] = 1
+        w.register_hook(keep_rows(keep))
+        params.append(w)
+    return params, rows.to(model.get_input_embeddings().weight.device)
+
+
+def save_trained(
+    model, tokenizer, out, model_name: str, merged: bool = False, full: bool = False
+) -> None:
     """The trained adapter in PEFT format in `out` (its base recorded unless it is the toy);
-    `merged` also writes the merged full model and its tokenizer to out/model."""
+    `merged` also writes the merged full model and its tokenizer to out/model. `full` (a model
+    trained without adapters): only the model and its tokenizer, in out/model."""
+    if full:
+        model.save_pretrained(Path(out) / "model")
+        tokenizer.save_pretrained(Path(out) / "model")
+        return
     save_adapter(
         model, str(out), base_model_name_or_path=None if model_name == "toy" else model_name
     )
@@ -729,6 +814,19 @@ def load_arm(spec: str, base: str, device=None, load_in_4bit: bool = False, flag
         model, spec, flag=flag
     )  # each adapter after the ones it was trained on (its args.json)
     return model, base
+
+
+def load_frozen(
+    base: str, adapters: str, device, load_in_4bit: bool, flag: str, hint: str = ""
+) -> nn.Module:
+    """A frozen model (a teacher): `base` with each adapter of `adapters` ('a+b') merged in, each
+    after the adapters it was trained on, in eval mode, no gradients. A missing adapter is an error
+    naming `flag`, with `hint`."""
+    for adapter in adapters.split("+"):
+        if adapter:
+            require_adapter(adapter, flag, hint)
+    model, _ = load_arm(adapters, base, device=device, load_in_4bit=load_in_4bit, flag=flag)
+    return model.eval().requires_grad_(False)
 
 
 def resolve_arms(spec: str, model: str) -> dict[str, str]:

@@ -20,9 +20,9 @@ What is here:
   multiple-choice letters; extraction and equivalence in answers.py), its strict variants gsm8k /
   boxed / choice / exact_match, and the <think> format
 - combining: parse_reward_spec, get_reward (the plain dict REWARDS), compute_rewards, reward_metrics
-- group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups; the card's
-  reward gate over arms (gate_comparison, gate_report, gate_tables); evaluation diversity:
-  distinct_n, pairwise_diversity
+- group statistics of group-sampling scripts: reward_gate, distinct_n_within_groups (the card's
+  reward gate over arms, which compares policies, is gate.py); evaluation diversity: distinct_n,
+  pairwise_diversity
 
 LLM judges (a judge as a reward: judges.judge_reward) are in judges.py. Every text reward reads the
 visible answer: the text after the last `</think>` when the completion has a think block (an
@@ -47,7 +47,6 @@ from typing import Callable, Iterable, Sequence
 
 import answers
 import errors
-import stats
 from answers import THINK_CLOSE, THINK_OPEN, completion_text, strip_think
 
 RewardFn = Callable[..., list]
@@ -773,11 +772,6 @@ def reward_metrics(total: Sequence[float], per_fn: dict[str, Sequence]) -> dict[
 
 
 # ==================================================================================================
-# Proxy-model reward
-# ==================================================================================================
-
-
-# ==================================================================================================
 # Group statistics and diversity
 # ==================================================================================================
 
@@ -810,69 +804,6 @@ def reward_gate(primary, G: int, success: float = 0.5, near_zero: float = 0.05) 
         "gate/near_zero_groups": (g.mean(1) < near_zero).float().mean().item(),
         "gate/any_success_groups": ok.any(1).float().mean().item(),
     }
-
-
-def gate_comparison(left: Sequence[float], right: Sequence[float], span: float = 1.0) -> dict:
-    """Two arms of the reward gate on the same prefixes (`left`, `right`: each prefix's mean
-    reward): right - left, the mean delta with a paired 95% interval (normal, over prefixes, within
-    +-span, span the rewards' range) and the shares of prefixes where the right arm is better,
-    worse, even."""
-    mean, _, ci = stats.paired_interval(left, right, span)
-    d = [b - a for a, b in zip(left, right)]
-    n = len(d)
-    return {
-        "mean_reward_delta": mean,
-        # one prefix says nothing about the spread: the whole range
-        "delta_ci": ci if n > 1 else [-span, span],
-        "right_better": sum(x > 1e-9 for x in d) / n,
-        "left_better": sum(x < -1e-9 for x in d) / n,
-        "tie": sum(abs(x) <= 1e-9 for x in d) / n,
-        "shared_prefixes": n,
-    }
-
-
-def gate_report(arms: dict[str, dict], span: float = 1.0) -> dict:
-    """The reward gate of the model card Jarrodbarnes/qwen3-0.6B-interleaved-thinking over arms
-    sampled on the same prefixes ({name: row}, a row with the arm's "per_prefix" mean rewards,
-    "invalid_rate" and "mixed_groups"): the rows (less "per_prefix" and "_samples"), every pair of
-    arms compared (gate_comparison, "<later>_minus_<earlier>") and the card's go/no-go fields."""
-    names = list(arms)
-    pairs = {
-        f"{right}_minus_{left}": gate_comparison(
-            arms[left]["per_prefix"], arms[right]["per_prefix"], span
-        )
-        for i, left in enumerate(names)
-        for right in names[i + 1 :]
-    }
-    return {
-        "arms": {
-            k: {c: v for c, v in a.items() if c not in ("per_prefix", "_samples")}
-            for k, a in arms.items()
-        },
-        "per_prefix": {k: a["per_prefix"] for k, a in arms.items()},
-        "comparisons": pairs,
-        # go/no-go, as the card's fields: verdicts parse, groups carry a signal, some pair is told
-        # apart
-        "reward_validity_ok": all(a["invalid_rate"] <= 0.05 for a in arms.values()),
-        "variance_ok": all(a["mixed_groups"] >= 0.25 for a in arms.values()),
-        "separable": any(p["delta_ci"][0] > 0 or p["delta_ci"][1] < 0 for p in pairs.values()),
-    }
-
-
-def gate_tables(report: dict) -> str:
-    """A gate_report as two Markdown tables: the arms, then the comparisons."""
-    import dataio  # numpy and torch: only where a table is printed
-
-    comparisons = [
-        {
-            "comparison": k,
-            **{c: v for c, v in p.items() if c != "delta_ci"},
-            "95% interval": f"[{p['delta_ci'][0]:.4f}, {p['delta_ci'][1]:.4f}]",
-        }
-        for k, p in report["comparisons"].items()
-    ]
-    arms = [{"arm": k, **v} for k, v in report["arms"].items()]
-    return dataio.markdown_table(arms) + "\n\n" + dataio.markdown_table(comparisons)
 
 
 def distinct_n(texts: Iterable[str], n: int = 2) -> float:

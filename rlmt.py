@@ -36,10 +36,10 @@ serve`; replies cached in <out>/judge_cache.jsonl), or a model run in this proce
 verdict read from the next-token probabilities (--judge-verdict: the expected score). The judge
 never sees the thought.
 
-The reward gate (the card's): every arm samples the same held-out prompts with the same seeded draws
-(--gate-prefixes x --num-generations), and per arm and per pair of arms the tables below are printed
-and written to gate.json. Training ends with the gate of the starting model against the trained one
-(summary.json "heldout").
+The reward gate (the card's, gate.py): every arm samples the same held-out prompts with the same
+seeded draws (--gate-prefixes x --num-generations), and per arm and per pair of arms its tables are
+printed and written to gate.json. Training ends with the gate of the starting model against the
+trained one (summary.json "heldout").
 
 Run:
     python rlmt.py                      # toy instructions, from the shipped toy thinking SFT
@@ -70,6 +70,7 @@ import cli
 import dataio
 import distributed
 import errors
+import gate
 import judges
 import lifecycle
 import loading
@@ -101,7 +102,8 @@ def load_prompts(
 ):
     """Training and held-out prompts. The policy's prompt ends in `<think>\\n`: the chat template's
     assistant header (chat) or the document prefix (continuation), then the opened thought. User
-    data holds out its last n_eval rows unless --eval-data is given."""
+    data is split by the held-out rule of every script (dataio.train_and_heldout), with at most
+    n_eval (--gate-prefixes) held-out rows."""
     if data in ("toy", "toy-arithmetic"):
         if task == "continuation" and data == "toy-arithmetic":
             raise errors.ConfigError(
@@ -112,17 +114,7 @@ def load_prompts(
             (data, toy_prompts("test", n_eval, data, task, seed, styles)),
         ]
     else:
-        rows = numbered(dataio.load_rows(data))
-        if eval_data:
-            held = numbered(dataio.load_rows(eval_data, split="test"))
-        elif len(rows) <= n_eval:
-            raise errors.DataError(
-                f"{data}: {len(rows)} rows; need more than --gate-prefixes {n_eval} to hold "
-                f"some out (or pass --eval-data)"
-            )
-        else:
-            rows, held = rows[:-n_eval], rows[-n_eval:]
-        parts = [(data, rows), (eval_data or data, held[:n_eval])]
+        parts = dataio.train_and_heldout(data, eval_data, n_eval)
     # one line on stderr when </think> is several tokens of this tokenizer
     chat.marker_ids(tokenizer, THINK_CLOSE, warn="rlmt.py")
     out = []
@@ -144,11 +136,6 @@ def load_prompts(
             ]
         )
     return out[0], out[1]
-
-
-def numbered(rows: list[dict]) -> list[dict]:
-    """Rows with their 1-based line number, for errors that name file:line."""
-    return [{**r, "_line": i + 1} for i, r in enumerate(rows)]
 
 
 def toy_prompts(split: str, n: int, data: str, task: str, seed: int, styles: str) -> list[dict]:
@@ -222,10 +209,7 @@ def sample_thought_then_answer(
         **kw,
     )
     thoughts, closed = [], []
-    for ids, m, done in zip(
-        stage1.completion_ids, stage1.completion_mask, stage1.finished.tolist()
-    ):
-        t = ids[m.bool()].tolist()
+    for t, done in zip(stage1.tokens(), stage1.finished.tolist()):
         if not done:  # cut by the budget: all of it is thought
             thoughts.append(t)
         elif single or t[-1] in eos:  # its last token (</think> or end of turn) is dropped
@@ -247,9 +231,7 @@ def sample_thought_then_answer(
         max_new_tokens=answer_tokens,
         **kw,
     )
-    answer_ids = [
-        ids[m.bool()].tolist() for ids, m in zip(stage2.completion_ids, stage2.completion_mask)
-    ]
+    answer_ids = stage2.tokens()
 
     # One rollout of prompt | thought + boundary + response; the loss skips the boundary.
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -286,7 +268,7 @@ def sample_thought_then_answer(
 def split_at_model_boundary(tokenizer, roll: sampling.Rollout, ends: list[str]) -> Samples:
     """--boundary model: the policy wrote thought and response in one go; the response is the text
     after the first </think> (the RLMT code's training rule), and a sample without one has none."""
-    toks = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    toks = roll.tokens()
     cut = [chat.marker_span(tokenizer, t, THINK_CLOSE) for t in toks]
     answers = [
         _visible(tokenizer.decode(t, skip_special_tokens=False).split(THINK_CLOSE, 1)[1], ends)
@@ -405,6 +387,17 @@ def rollout_metrics(s: Samples, r: list[float], G: int, invalid: int) -> dict:
     }
 
 
+def sample_row(tokenizer, rows: list[dict], s: Samples, r: list[float], i: int) -> dict:
+    """Sample i as samples.jsonl shows it: the judge's prompt, the response, the thought, the
+    reward."""
+    return {
+        "prompt": rows[i]["judge_prompt"],
+        "answer": s.answers[i],
+        "thought": tokenizer.decode(s.roll.completion_ids[i, : s.thought_len[i]]),
+        "reward": r[i],
+    }
+
+
 def length_drift(state: dict, answer_length: float) -> float:
     """Mean response length of the last 5 steps over that of the first 5, minus 1 (the card's drift
     watch); the two windows live in the checkpointed `state`."""
@@ -430,25 +423,6 @@ def step_alerts(m: dict, drift_alert: float, step: int) -> list[str]:
             f"{m['length_drift']:+.2f})"
         )
     return names
-
-
-def log_samples(run, tokenizer, step: int, rows, s: Samples, r, a: Args) -> None:
-    """The first --log-completions groups of the step (thoughts included) to samples.jsonl, rank
-    0."""
-    if not distributed.is_main():
-        return
-    for i in range(min(len(rows), a.log_completions * a.num_generations)):
-        dataio.append_jsonl(
-            run.out / "samples.jsonl",
-            {
-                "split": "train",
-                "step": step,
-                "prompt": rows[i]["judge_prompt"],
-                "answer": s.answers[i],
-                "thought": tokenizer.decode(s.roll.completion_ids[i, : s.thought_len[i]]),
-                "reward": r[i],
-            },
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,27 +514,20 @@ def gate_arm(model, tokenizer, judge, heldout, a: Args, **kw) -> dict:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(a.seed + 12345)
     calls, bad = judge.calls, judge.invalid
     s, rows, r, _ = rollout(model, tokenizer, judge, heldout, a, gen, batch_size=256)
-    G, rt = a.num_generations, torch.tensor(r)
-    gate = rewards.reward_gate(rt, G)
-    return {
-        "reward_mean": rt.mean().item(),
-        "reward_std": rt.std().item(),
-        "invalid_rate": (judge.invalid - bad) / max(judge.calls - calls, 1),
-        "mixed_groups": gate["gate/mixed_groups"],
-        "near_zero_groups": gate["gate/near_zero_groups"],
-        "any_success_groups": gate["gate/any_success_groups"],
-        "all_success_groups": gate["gate/all_one_groups"],
-        "avg_total_new_tokens": statistics.mean(t + n for t, n in zip(s.thought_len, s.answer_len)),
-        "avg_suffix_words": statistics.mean(len(x.split()) for x in s.answers),
-        "closed_think_rate": sum(s.closed) / len(s.closed),
-        "artifact_rate": artifact_rate(s.answers, s.has_answer),
-        "per_prefix": rt.view(-1, G).mean(1).tolist(),
-        "_samples": [
+    return gate.arm_row(
+        r,
+        a.num_generations,
+        (judge.invalid - bad) / max(judge.calls - calls, 1),
+        avg_total_new_tokens=statistics.mean(t + n for t, n in zip(s.thought_len, s.answer_len)),
+        avg_suffix_words=statistics.mean(len(x.split()) for x in s.answers),
+        closed_think_rate=sum(s.closed) / len(s.closed),
+        artifact_rate=artifact_rate(s.answers, s.has_answer),
+        _samples=[
             {"prompt": rows[i]["judge_prompt"], "answer": s.answers[i], "reward": r[i]}
-            for i in range(0, len(rows), G)
+            for i in range(0, len(rows), a.num_generations)
         ][:8],
         **kw,
-    }
+    )
 
 
 def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
@@ -572,17 +539,13 @@ def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
     return row
 
 
-def gate_report(arms: dict[str, dict], out: Path, missing_reward: float = 0.0) -> dict:
-    """The gate over arms (rewards.gate_report), to gate.json and printed as tables."""
-    # judge rewards are in [0, 1], a missing response gets --missing-reward
-    span = max(1.0, missing_reward) - min(0.0, missing_reward)
-    report = rewards.gate_report(arms, span)
-    dataio.atomic_write_json(out / "gate.json", report)
-    print("\n" + rewards.gate_tables(report), flush=True)
-    return report
+def reward_span(missing_reward: float) -> float:
+    """The range of a reward: a judge's is [0, 1], a missing response gets --missing-reward."""
+    return max(1.0, missing_reward) - min(0.0, missing_reward)
 
 
 def run_gate(a: Args, run) -> dict:
+    """--gate: each arm 'name=spec' loaded (lora.load_arm) and gated on the same prompts."""
     arms = {}
     for item in a.gate.split(","):
         name, eq, spec = item.partition("=")
@@ -599,7 +562,7 @@ def run_gate(a: Args, run) -> dict:
         _, heldout = prompts_of(tokenizer, a, toy_train_size=1)
         results[name] = gate_arm(model.eval(), tokenizer, judge, heldout, a, spec=spec)
         del model
-    return gate_report(results, run.out, a.missing_reward)
+    return gate.write(results, run.out, reward_span(a.missing_reward))
 
 
 def heldout_delta(run, a: Args, before: dict, row: dict | None, n_prompts: int) -> dict:
@@ -608,7 +571,7 @@ def heldout_delta(run, a: Args, before: dict, row: dict | None, n_prompts: int) 
     if row is None:
         return {}
     after = lifecycle.log_eval(run, run.logger, a.max_steps, "after", row)
-    report = gate_report({"start": before, "rlmt": after}, run.out, a.missing_reward)
+    report = gate.write({"start": before, "rlmt": after}, run.out, reward_span(a.missing_reward))
     return {
         "metric": "gate_mean_reward",
         "before": before["reward_mean"],
@@ -745,7 +708,7 @@ def resolve_defaults(args: Args) -> Args:
         raise errors.ConfigError(
             "--num-generations must be >= 2: a group of one has no relative advantage"
         )
-    positive = (
+    counts = (
         "batch_size",
         "micro_batch_size",
         "max_steps",
@@ -753,11 +716,7 @@ def resolve_defaults(args: Args) -> Args:
         "answer_tokens",
         "gate_prefixes",
     )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise errors.ConfigError(
-                f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
-            )
+    cli.require_at_least_one(args, counts)
     return args
 
 
@@ -773,7 +732,17 @@ def main(args: Args):
     # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of
     # continuation judging
     judge = judges.from_args(args, pairwise=args.task == "continuation")
-    model = policy_model(args, run.device)
+    # --init-adapter merged in (the reference and the gate's starting arm), a fresh LoRA on top
+    model = lora.load_policy(
+        args.model,
+        run.device,
+        args.init_adapter,
+        args.lora_r,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.load_in_4bit,
+        args.gradient_checkpointing,
+    )
     opt = lifecycle.adamw(
         lora.lora_parameters(model),
         lr=args.lr,
@@ -782,8 +751,8 @@ def main(args: Args):
         min_lr_ratio=args.min_lr_ratio,
         max_grad_norm=args.max_grad_norm,
     )
-    gate = functools.partial(gate_policy, model, tokenizer, judge, heldout, args)
-    evaluate = functools.partial(gate, start=True) if args.gate_after else dict
+    policy_gate = functools.partial(gate_policy, model, tokenizer, judge, heldout, args)
+    evaluate = functools.partial(policy_gate, start=True) if args.gate_after else dict
     start, state = lifecycle.begin_training(run, model, opt, evaluate, args.resume)
     model.train()
     t_train, last, alerts = 0.0, {}, []
@@ -807,15 +776,17 @@ def main(args: Args):
             "step_time": time.perf_counter() - t0,
             "timing/rollout": t_rollout,
         }
-        log_samples(run, tokenizer, step + 1, grouped, s, r, args)
+        shown = range(min(len(grouped), args.log_completions * args.num_generations))
+        lifecycle.log_samples(
+            run, step + 1, [sample_row(tokenizer, grouped, s, r, i) for i in shown]
+        )
         lifecycle.show(bar, last, {"reward": ".3f", "kl": ".3g"})
         saving = {"save_every": args.save_every, "max_steps": args.max_steps}
         lifecycle.end_step(run, step + 1, last, model, opt, state, **saving)
     summary = {}
     if main_rank:
-        base = None if args.model == "toy" else args.model
-        lora.save_adapter(model, str(run.out), base_model_name_or_path=base)
-        after = gate(start=False) if args.gate_after else None
+        lora.save_trained(model, tokenizer, run.out, args.model)
+        after = policy_gate(start=False) if args.gate_after else None
         results = {
             "heldout": heldout_delta(run, args, state.get("before"), after, len(heldout)),
             "final": last,
@@ -825,20 +796,6 @@ def main(args: Args):
         summary = finish(run, args, results, opt, judge)
     lifecycle.end_run(run)
     return summary
-
-
-def policy_model(a: Args, device):
-    """--model with the --init-adapter adapters merged in (oldest first: the reference and the
-    gate's starting arm) and a fresh LoRA on top, the only trained weights."""
-    model = loading.load_model(
-        a.model,
-        device=device,
-        load_in_4bit=a.load_in_4bit,
-        gradient_checkpointing=a.gradient_checkpointing,
-    )
-    lora.merge_adapters(model, a.init_adapter)
-    lora.add_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout)
-    return model
 
 
 def step_rollout(model, tokenizer, judge, train: list[dict], a: Args, run, step: int):

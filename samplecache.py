@@ -41,7 +41,7 @@ class Cache:
     rerun."""
 
     def __init__(self, path: Path):
-        self.path, self.rows = path, {}
+        self.path, self.rows, line = path, {}, "\n"
         if path.is_file():
             with open(path, encoding="utf-8") as f:
                 for line in f:
@@ -51,6 +51,8 @@ class Cache:
                         continue
                     self.rows[row["key"]] = row
         self.file = open(path, "a", encoding="utf-8")
+        if not line.endswith("\n"):  # end the torn line, or the next row would be appended to it
+            self.file.write("\n")
 
     def add(self, row: dict) -> None:
         self.rows[row["key"]] = row

@@ -47,7 +47,6 @@ import chat
 import cli
 import dataio
 import distributed
-import errors
 import lifecycle
 import loading
 import lora
@@ -150,7 +149,7 @@ def generate_eval(model, tokenizer, problems, max_new_tokens):
         model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=64
     )
     texts = roll.texts(tokenizer)
-    tokens = [ids[m.bool()].tolist() for ids, m in zip(roll.completion_ids, roll.completion_mask)]
+    tokens = roll.tokens()
     if "kind" in problems[0]:  # toy instructions: the answer after the thought, exactly
         correct = [
             float(rewards.strip_think(t).strip() == p["answer"]) for t, p in zip(texts, problems)
@@ -190,101 +189,6 @@ def evaluate(model, tokenizer, data: SFTData, batch_size, max_new_tokens, device
             for p, t in zip(problems[:20], texts[:20])
         ]
     return row
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainable parameters: LoRA, full, or the think-token rows of the embedding
-# ---------------------------------------------------------------------------------------------
-
-
-def add_train_tokens(tokenizer, train_tokens: str) -> dict[str, list[int]]:
-    """--train-tokens that this tokenizer splits into pieces (SmolLM2 writes `</think>` as `</`,
-    `think`, `>`) become new tokens, before the data is encoded so the training text holds them as
-    one token each. They are added as ordinary, not special, tokens, as Qwen3 has its own: decoded
-    text keeps them. Returns each added token's former pieces (its new embedding row starts at their
-    mean)."""
-    names = [t.strip() for t in train_tokens.split(",") if t.strip()]
-    pieces = {n: chat.marker_ids(tokenizer, n) for n in names}
-    new = {n: ids for n, ids in pieces.items() if len(ids) != 1}
-    if new:
-        tokenizer.add_tokens(list(new))
-    return new
-
-
-def embedding_weights(model) -> list[torch.nn.Parameter]:
-    """The input embedding and the LM head, once when the head is tied to the embedding (SmolLM2,
-    Qwen3), so its hook and AdamW state are not doubled."""
-    heads = (model.get_input_embeddings(), model.get_output_embeddings())
-    return list({id(e.weight): e.weight for e in heads}.values())
-
-
-def grow_embeddings(model, tokenizer, added: dict[str, list[int]]) -> None:
-    """Rows for the tokens that add_train_tokens added, each starting at the mean of its former
-    pieces."""
-    new_ids = [tokenizer.convert_tokens_to_ids(n) for n in added]
-    if max(new_ids) >= model.get_input_embeddings().weight.shape[0]:
-        # resize keeps a tied head tied (SmolLM2, Qwen3); the new rows are set just below
-        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
-    with torch.no_grad():
-        for w in embedding_weights(model):
-            for i, old in zip(new_ids, added.values()):
-                w[i] = w[old].mean(0)
-
-
-def keep_rows(keep: torch.Tensor):
-    """A gradient hook that zeroes every row where `keep` is 0: with no weight decay AdamW then
-    leaves those rows bit-identical."""
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * keep
-
-    return hook
-
-
-def setup_trainable(
-    model,
-    tokenizer,
-    train_tokens: str,
-    full: bool,
-    load_in_4bit: bool,
-    lora_r: int,
-    lora_alpha: float,
-    lora_dropout: float,
-    added: dict[str, list[int]] | None = None,
-):
-    """LoRA / full / think-token embedding rows; returns the parameters the optimizer updates and,
-    for --train-tokens, the token ids whose rows train (None otherwise). `added`: tokens
-    add_train_tokens put in the tokenizer; the embedding (and an untied head) grows to hold them."""
-    if train_tokens:
-        names = [t.strip() for t in train_tokens.split(",") if t.strip()]
-        ids = [chat.marker_ids(tokenizer, n) for n in names]
-        unknown = [n for n, i in zip(names, ids) if len(i) != 1]
-        if unknown:
-            raise errors.ConfigError(
-                f"--train-tokens: {unknown} are not single tokens of this tokenizer"
-            )
-        ids = [i[0] for i in ids]
-        if added:
-            grow_embeddings(model, tokenizer, added)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        rows = torch.tensor(ids)
-        params = []
-        for w in embedding_weights(model):
-            w.requires_grad_(True)
-            keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
-            keep[rows] = 1
-            w.register_hook(keep_rows(keep))
-            params.append(w)
-        return params, rows.to(model.get_input_embeddings().weight.device)
-    if full:
-        if load_in_4bit:
-            raise errors.ConfigError(
-                "--full cannot train 4-bit weights; use LoRA (the default) with --load-in-4bit"
-            )
-        return [p for p in model.parameters() if p.requires_grad], None
-    lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
-    return lora.lora_parameters(model), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,26 +268,32 @@ def prepare_data(args, tokenizer) -> SFTData:
 
 
 def prepare_model(args, run, tokenizer, added):
-    """The model with --init-adapter merged in, its trainable parameters, and their optimizer;
-    returns (model, optimizer step, the embedding rows that train with --train-tokens or None)."""
-    model = loading.load_model(
-        args.model,
-        device=run.device,
-        load_in_4bit=args.load_in_4bit,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-    lora.merge_adapters(model, args.init_adapter)  # the adapters it was trained on, oldest first
-    params, head_rows = setup_trainable(
-        model,
-        tokenizer,
-        args.train_tokens,
-        args.full,
-        args.load_in_4bit,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        added,
-    )
+    """The model with --init-adapter merged in, its trainable parameters (LoRA, every weight with
+    --full, or the think-token embedding rows with --train-tokens), and their optimizer; returns
+    (model, optimizer step, the embedding rows that train with --train-tokens or None). `added`:
+    the tokens chat.add_marker_tokens put in the tokenizer."""
+    if args.train_tokens:
+        model = lora.load_merged(
+            args.model,
+            run.device,
+            args.init_adapter,
+            args.load_in_4bit,
+            args.gradient_checkpointing,
+        )
+        params, head_rows = lora.train_only_tokens(model, tokenizer, args.train_tokens, added)
+    else:
+        model, params = lora.trainable_model(
+            args.model,
+            run.device,
+            args.init_adapter,
+            args.full,
+            args.lora_r,
+            args.lora_alpha,
+            args.lora_dropout,
+            args.load_in_4bit,
+            args.gradient_checkpointing,
+        )
+        head_rows = None
     opt = lifecycle.adamw(
         params,
         lr=args.lr,
@@ -395,16 +305,6 @@ def prepare_model(args, run, tokenizer, added):
         weight_decay=0.0 if args.train_tokens else args.weight_decay,
     )
     return model, opt, head_rows
-
-
-def save_trained(run, args, model, tokenizer) -> None:
-    """The LoRA adapter, or (--full, --train-tokens) the model with its tokenizer in <out>/model."""
-    if args.full or args.train_tokens:
-        model.save_pretrained(run.out / "model")
-        tokenizer.save_pretrained(run.out / "model")
-    else:
-        base = None if args.model == "toy" else args.model
-        lora.save_adapter(model, run.out, base_model_name_or_path=base)
 
 
 def summarize(run, args, problems, before, after, counters: dict):
@@ -511,8 +411,7 @@ DEFAULTS = {
 
 def resolve_defaults(args: Args) -> None:
     """Check the batch sizes, fill the fields left None from DEFAULTS, and LoRA alpha = 2 x rank."""
-    if args.batch_size < 1 or args.micro_batch_size < 1:
-        raise errors.ConfigError("--batch-size and --micro-batch-size must be >= 1")
+    cli.require_at_least_one(args, ("batch_size", "micro_batch_size"))
     lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
@@ -524,7 +423,8 @@ def main(args: Args):
         args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
     )
     tokenizer = loading.load_tokenizer(args.model)
-    added = add_train_tokens(tokenizer, args.train_tokens)  # saved with the model in <out>/model
+    # saved with the model in <out>/model
+    added = chat.add_marker_tokens(tokenizer, args.train_tokens)
     data = prepare_data(args, tokenizer)
     model, opt, head_rows = prepare_model(args, run, tokenizer, added)
     heldout_eval = functools.partial(
@@ -566,7 +466,9 @@ def main(args: Args):
     summary = {}
     if distributed.is_main():
         after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
-        save_trained(run, args, model, tokenizer)
+        # the LoRA adapter, or (--full, --train-tokens) the model with its tokenizer in <out>/model
+        full = args.full or bool(args.train_tokens)
+        lora.save_trained(model, tokenizer, run.out, args.model, full=full)
         counters = {
             "final_loss": last.get("loss"),
             "tokens_seen": tokens_seen,

@@ -1,6 +1,7 @@
 """Intervals for the held-out figures every script reports: a normal 95% interval of a mean over
-independent units (prompts, questions, prefixes), and of a paired difference between two arms
-scored on the same units, each kept inside the range the quantity can take."""
+independent units (prompts, questions, prefixes), of a paired difference between two arms scored on
+the same units, and Wilson's interval of a rate, each kept inside the range the quantity can take;
+and a log's columns in a few numbers (means and worst cases)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,28 @@ def paired_interval(
     mean = statistics.fmean(d) if n else math.nan
     se = statistics.stdev(d) / math.sqrt(n) if n > 1 else math.nan
     return mean, se, bounded_interval(mean, Z95 * se, -span, span)
+
+
+def wilson(mean: float, n: int, z: float = Z95) -> list[float]:
+    """Wilson's score interval of a rate from n 0/1 values: (mean + z^2/2n) / (1 + z^2/n) +- z
+    sqrt(mean (1 - mean) / n + z^2/4n^2) / (1 + z^2/n); inside [0, 1] and not of zero width at 0 or
+    1 (Wilson 1927; Brown, Cai & DasGupta 2001)."""
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [centre - half, centre + half]
+
+
+def column_summary(rows: list[dict], columns: Sequence[str], minima: Sequence[str] = ()) -> dict:
+    """A log of many rows in a few numbers: {col_mean, col_max} for each of `columns`, then
+    {col_min} for each of `minima`, over the rows that have the column (one no row has is left
+    out)."""
+    out = {}
+    for col in columns:
+        vals = [r[col] for r in rows if col in r]
+        if vals:
+            out[f"{col}_mean"], out[f"{col}_max"] = sum(vals) / len(vals), max(vals)
+    for col in minima:
+        vals = [r[col] for r in rows if col in r]
+        if vals:
+            out[f"{col}_min"] = min(vals)
+    return out

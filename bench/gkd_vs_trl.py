@@ -88,20 +88,14 @@ def side_ours(cfg: dict, setup_only: bool) -> dict:
     import distributed
     import gkd
     import loading
+    import lora
 
     if setup_only:
         device = distributed.pick_device("auto")
-        gkd.load_teacher(cfg["teacher"], "", device, load_in_4bit=False)
+        lora.load_frozen(cfg["teacher"], "", device, False, "--teacher-adapter")
         loading.load_tokenizer(cfg["student"])
-        _, params = gkd.load_student(
-            cfg["student"],
-            device,
-            full=True,
-            lora_r=0,
-            lora_alpha=0.0,
-            lora_dropout=0.0,
-            load_in_4bit=False,
-            gradient_checkpointing=False,
+        _, params = lora.trainable_model(
+            cfg["student"], device, "", full=True, r=0, alpha=0.0, load_in_4bit=False
         )
         torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
         return {"peak_mb": peak_mb()}

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
-from conftest import qwen3_tokenizer_dir, tiny_qwen3
+from conftest import qwen3_tokenizer_dir, save_tiny_qwen3, tiny_qwen3
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
@@ -131,6 +131,22 @@ def test_toy_resolves_to_the_toy_base():
 
 # --------------------------------------------------------------------------------------------------
 # JSONL, files
+
+
+def test_shared_vocab_mismatches_are_clear_errors(tmp_path):
+    s_dir = save_tiny_qwen3(tmp_path / "s", vocab_size=151_669)
+    tok = loading.load_tokenizer(s_dir)
+    student = loading.load_model(s_dir)
+    small = save_tiny_qwen3(tmp_path / "small", vocab_size=151_000)
+    with pytest.raises(
+        errors.ConfigError, match=r"--teacher: its LM head has 151000 rows but the tokenizer 151669"
+    ):
+        loading.shared_vocab(tok, None, student, loading.load_model(small))
+    other = loading.load_tokenizer("toy")
+    with pytest.raises(
+        errors.ConfigError, match=r"--teacher: its tokenizer has \d+ tokens, the student's 151669"
+    ):
+        loading.shared_vocab(tok, other, student, student)
 
 
 def test_read_jsonl_validates_with_file_line_field(tmp_path):

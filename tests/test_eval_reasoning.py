@@ -19,6 +19,7 @@ import benchmarks
 import dataio
 import errors
 import eval_reasoning as ev
+import likelihood
 import lora
 import stats
 import toy
@@ -109,21 +110,35 @@ DIFFERENT = [
 ]
 
 
+def is_correct(bench, completion, gold):
+    """Graded as the evaluation grades `bench`: by its answer rule."""
+    return answers.is_correct(benchmarks.RULE[bench], completion, gold)
+
+
 @pytest.mark.parametrize("bench,completion,gold", EQUIVALENT)
 def test_is_correct_on_equivalent_forms(bench, completion, gold):
-    assert ev.is_correct(bench, completion, gold)
+    assert is_correct(bench, completion, gold)
 
 
 @pytest.mark.parametrize("bench,completion,gold", DIFFERENT)
 def test_is_correct_rejects_different_answers(bench, completion, gold):
-    assert not ev.is_correct(bench, completion, gold)
+    assert not is_correct(bench, completion, gold)
+
+
+def test_extract_reads_the_visible_answer_by_rule_and_unknown_rules_are_refused():
+    assert answers.extract("gsm8k", "<think>#### 3</think>so 1,234 then #### 7") == "7"
+    assert answers.extract("math", "\\boxed{1} and \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert answers.extract("mc", "Answer: (c)") == "C"
+    assert answers.extract("mc", "<think>Answer: B") is None  # a thought never closed
+    with pytest.raises(ValueError, match="unknown answer rule 'boxed'"):
+        answers.is_correct("boxed", "\\boxed{1}", "1")
 
 
 def test_the_fallback_without_math_verify_still_decides_numbers_and_intervals(monkeypatch):
     monkeypatch.setattr(answers, "_math_verify_equal", lambda gold, pred: False)
     for bench, completion, gold in EQUIVALENT:
         symbolic = "sqrt" in gold or "x^2" in gold
-        assert ev.is_correct(bench, completion, gold) is (not symbolic), (completion, gold)
+        assert is_correct(bench, completion, gold) is (not symbolic), (completion, gold)
     v = answers.MathVerifier()
     v.available = False
     assert v.check([("1+x^2", "x^2+1"), ("3", "3.0")]) == [False, True] and v.undecided == 1
@@ -184,6 +199,32 @@ def test_intervals_wilson_for_small_binary_sets_and_paired_deltas():
     _, _, ci = stats.paired_interval([1.0, 1.0, 0.0], [0.0, 0.0, 1.0])
     assert ci[0] == -1.0
     assert all(math.isnan(x) for x in ev.interval([0.5]))
+
+
+def test_wilson_interval_by_hand():
+    z = 1.96
+    for mean, n in [(0.5, 10), (0.0, 7), (1.0, 198), (0.3, 40)]:
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert stats.wilson(mean, n) == pytest.approx([centre - half, centre + half], abs=1e-15)
+    lo, hi = stats.wilson(0.0, 7)  # no zero width at the edge, and inside [0, 1]
+    assert lo == pytest.approx(0.0, abs=1e-15) and 0.3 < hi < 0.4
+    lo, hi = stats.wilson(1.0, 198)
+    assert 0.97 < lo < 1.0 and hi == pytest.approx(1.0)
+
+
+def test_benchmarks_and_likelihood_tasks_chosen_by_flag_or_by_model():
+    assert benchmarks.chosen(" gsm8k, ,math500 ", "toy") == ["gsm8k", "math500"]
+    assert benchmarks.chosen("auto", "toy") == ["toy_gsm8k", "toy_math", "toy_gpqa", "toy_olympiad"]
+    assert benchmarks.chosen("auto", "Qwen/Qwen3-0.6B-Base") == [
+        "gsm8k",
+        "math500",
+        "gpqa",
+        "olympiadbench",
+    ]
+    assert likelihood.suite_tasks("piqa,toy_arc", "toy") == ["piqa", "toy_arc"]
+    assert likelihood.suite_tasks("auto", "toy") == ["toy_lambada", "toy_arc", "toy_piqa"]
+    assert likelihood.suite_tasks("auto", "org/m") == ["lambada_openai", "arc_easy", "piqa"]
 
 
 def test_score_benchmark_counts_per_question():
@@ -273,7 +314,7 @@ def test_gsm8k_math500_olympiadbench_local_files(tmp_path):
         "7",
     )
     assert "\\boxed{}" in m["prompt"] and "####" in g["prompt"]
-    assert ev.is_correct("olympiadbench", "\\boxed{3}", o["gold"])
+    assert is_correct("olympiadbench", "\\boxed{3}", o["gold"])
     with pytest.raises(errors.ConfigError, match="unknown benchmark 'aime'"):
         benchmarks.load_benchmark("aime")
 

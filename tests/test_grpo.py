@@ -15,6 +15,7 @@ import torch
 
 import grpo
 import loading
+import lora
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {
@@ -387,7 +388,9 @@ def test_mara_rollout_narrower_than_the_limit():
     )
     args = grpo.resolve_defaults(args)
     tokenizer = loading.load_tokenizer("toy")
-    model = grpo.load_policy(args, torch.device("cpu"))
+    model = lora.load_policy(
+        "toy", torch.device("cpu"), args.init_adapter, args.lora_r, args.lora_alpha
+    )
     train, _ = grpo.load_prompts(tokenizer, args)
     generator = torch.Generator().manual_seed(0)
     batch = grpo.rollout(model, tokenizer, train, "correct:1.0,format:0.1", generator, args)

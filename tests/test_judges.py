@@ -222,6 +222,26 @@ def test_win_tie_loss_votes_each_order_and_asks_both_in_one_batch():
     ]
 
 
+def test_pairwise_metrics_count_valid_pairs_only():
+    results = [
+        judges.PairwiseResult(
+            [1.0, 0.0], pairs=3, invalid_pairs=1, consistent_pairs=1, tied_pairs=1
+        ),
+        judges.PairwiseResult(
+            [None, None], pairs=1, invalid_pairs=1, consistent_pairs=0, tied_pairs=0
+        ),
+    ]
+    assert judges.pairwise_metrics(results, calls=8, invalid=2) == {
+        "judge/calls": 8,
+        "judge/invalid_rate": 0.25,
+        "judge/position_consistency": 0.5,  # 1 of the 2 valid pairs
+        "judge/tie_rate": 0.5,
+        "judge/invalid_pairs": 2,
+    }
+    # no call and no valid pair: rates of 0, not a division by zero
+    assert judges.pairwise_metrics([], calls=0, invalid=0)["judge/invalid_rate"] == 0.0
+
+
 def test_from_args_reads_the_judge_flags():
     from types import SimpleNamespace
 

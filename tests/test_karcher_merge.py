@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 import dataio
 import errors
 import karcher_merge as km
+import likelihood
 import loading
 import lora
+import stats
 import toy
 
 
@@ -406,3 +408,66 @@ def test_one_adapter_on_an_init_adapter_writes_the_lineage_as_one_model(adapters
     lora.merge_adapters(want, f"{adapters[0]}+{adapters[1]}")
     got, sd = load_file(tmp_path / "m" / "model" / "model.safetensors"), want.state_dict()
     assert max(float((sd[k] - got[k]).abs().max()) for k in got if k in sd) < 1e-6
+
+
+# ---- the summary and the evaluation's table ------------------------------------------------------
+
+
+def test_log_columns_summed_up_as_means_worst_cases_and_the_least_c0():
+    log = [
+        {"module": "a", "iterations": 2, "c0": 1.5, "svd_error": 0.25, "seconds": 9.0},
+        {"module": "b", "iterations": 4, "c0": 0.5},
+    ]
+    got = stats.column_summary(log, km.LOG_COLUMNS, minima=("c0",))
+    assert got == {
+        "iterations_mean": 3.0,
+        "iterations_max": 4,
+        "c0_mean": 1.0,
+        "c0_max": 1.5,
+        "svd_error_mean": 0.25,  # over the rows that have it
+        "svd_error_max": 0.25,
+        "c0_min": 0.5,
+    }
+    assert list(got)[-1] == "c0_min"  # the order summary.json shows
+    assert stats.column_summary([{"module": "a"}], km.LOG_COLUMNS, minima=("c0",)) == {}
+
+
+def test_prompt_head_cuts_the_first_third_after_a_space():
+    assert likelihood.prompt_head("aaaa bbbb cccc dddd eeee ffff") == "aaaa "
+    assert likelihood.prompt_head("abcdefghi") == "abc"  # no space: the first third
+    assert likelihood.prompt_head("ab") == "a"  # never empty
+    text = "one two three four five six seven eight nine"
+    head = likelihood.prompt_head(text)
+    assert text.startswith(head) and head.endswith(" ") and len(head) <= len(text) // 3 + 1
+
+
+def test_domain_table_rounds_per_domain_and_averages_diversity_over_domains():
+    rows = [
+        {
+            "arm": "base",
+            "news/nll": 1.23456,
+            "news/ppl": 3.43695,
+            "code/nll": 0.5,
+            "code/ppl": 1.6487,
+        },
+        {
+            "arm": "karcher",
+            "news/nll": 1.0,
+            "news/ppl": 2.71828,
+            "code/nll": 0.4,
+            "code/ppl": 1.49182,
+            "news/distinct1": 0.5,
+            "code/distinct1": 0.7,
+            "code/pairwise": 0.3,
+        },
+    ]
+    base, merged = likelihood.domain_table(rows, ["news", "code"])
+    assert base == {
+        "arm": "base",
+        "news NLL": 1.2346,
+        "news ppl": 3.437,
+        "code NLL": 0.5,
+        "code ppl": 1.649,
+    }
+    assert merged["distinct-1"] == 0.6 and merged["pairwise div"] == 0.3
+    assert list(merged)[:3] == ["arm", "news NLL", "news ppl"]

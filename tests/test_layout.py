@@ -28,6 +28,7 @@ BUILDING_BLOCKS = {
     "offline",
     "benchmarks",
     "samplecache",
+    "gate",
     "vocab_kernels",
     "toy",
 }

@@ -7,7 +7,10 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import loading
 import lora
+import toy
+from errors import ConfigError
 
 SUBSET = ["q_proj", "v_proj", "down_proj"]
 
@@ -377,3 +380,49 @@ def test_lineage_with_a_missing_start_is_an_error(tmp_path):
         lora.merge_adapters(tiny(), b)
     with pytest.raises(errors.MissingError, match="--arms"):
         lora.merge_adapters(tiny(), str(tmp_path / "nothing"), flag="--arms")
+
+
+def test_init_adapter_is_merged_into_the_student_before_its_lora(tmp_path):
+    torch.manual_seed(0)
+    student = lora.add_lora(loading.load_model(toy.student_model_dir()), 4, 8.0)
+    for _, m in lora.lora_layers(student):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    lora.save_adapter(student, str(tmp_path / "ad"))
+    by_hand = lora.merge(
+        lora.load_adapter(loading.load_model(toy.student_model_dir()), str(tmp_path / "ad"))
+    )
+    model, params = lora.trainable_model(
+        toy.student_model_dir(), "cpu", str(tmp_path / "ad"), False, 4, 8.0
+    )
+    x = torch.randint(5, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(
+            model(x).logits, by_hand(x).logits, atol=1e-5
+        )  # the fresh LoRA starts at zero
+    # the fresh LoRA trains, the merged base stays frozen
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_full_fine_tuning_trains_every_weight_and_refuses_4bit(tmp_path):
+    model, params = lora.trainable_model(toy.student_model_dir(), "cpu", "", True, 4, 8.0)
+    assert not lora.lora_layers(model) and len(params) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="--full cannot train 4-bit weights"):
+        lora.trainable_model("toy", "cpu", "", True, 4, 8.0, load_in_4bit=True)
+
+
+def test_train_only_tokens_updates_those_embedding_rows_only():
+    tok, model = toy.load_tokenizer(), loading.load_model("toy")
+    before = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(ConfigError, match=r"--train-tokens: \['think'\] are not single tokens"):
+        lora.train_only_tokens(model, tok, "<think>,think")
+    params, rows = lora.train_only_tokens(model, tok, "<think>, </think>")
+    assert rows.tolist() == tok.convert_tokens_to_ids(["<think>", "</think>"])
+    assert all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in model.parameters()) == len(params)
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)
+    model(torch.randint(5, 100, (2, 16)), labels=torch.randint(5, 100, (2, 16))).loss.backward()
+    opt.step()
+    w = model.get_input_embeddings().weight.detach()
+    changed = (w != before).any(-1).nonzero().flatten().tolist()
+    assert changed == sorted(rows.tolist())

@@ -6,7 +6,6 @@ the judges (toy, local model, HTTP); the chrF++ / ROUGE-L benchmark."""
 import importlib.util
 import math
 import random
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -963,50 +962,3 @@ def test_proxy_nll_reward_on_cuda_matches_cpu():
     cpu = likelihood.ProxyNLLReward(model=model, tokenizer=tok)(comps)
     gpu = likelihood.ProxyNLLReward(model=model.to("cuda"), tokenizer=tok)(comps)
     assert gpu == pytest.approx(cpu, abs=1e-3)
-
-
-def test_gate_comparison_report_and_tables():
-    left, right = [0.1, 0.2, 0.3, 0.4], [0.2, 0.2, 0.5, 0.3]
-    c = rewards.gate_comparison(left, right)
-    d = [0.1, 0.0, 0.2, -0.1]
-    half = 1.96 * statistics.stdev(d) / 2
-    assert c["mean_reward_delta"] == pytest.approx(0.05) and c["delta_ci"] == pytest.approx(
-        [0.05 - half, 0.05 + half]
-    )
-    assert (c["right_better"], c["left_better"], c["tie"], c["shared_prefixes"]) == (
-        0.5,
-        0.25,
-        0.25,
-        4,
-    )
-    # a difference of rewards in [0, 1] lies in [-1, 1], and so does its interval (width 2 with a -1
-    # missing reward); one prefix says nothing about the spread: the whole range
-    wide = rewards.gate_comparison([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])["delta_ci"]
-    assert wide[1] == 1.0 and -1.0 < wide[0] < 0.0
-    assert rewards.gate_comparison([0.5], [1.0], span=2.0)["delta_ci"] == [-2.0, 2.0]
-
-    def arm(per_prefix, invalid_rate=0.0, mixed_groups=0.5):
-        return {
-            "reward_mean": sum(per_prefix) / len(per_prefix),
-            "invalid_rate": invalid_rate,
-            "mixed_groups": mixed_groups,
-            "per_prefix": per_prefix,
-            "_samples": [{"answer": "x"}],
-        }
-
-    arms = {"base": arm([0.0, 0.1, 0.0]), "sft": arm([0.5, 0.6, 0.5]), "rl": arm([1.0, 0.9, 1.0])}
-    report = rewards.gate_report(arms)
-    assert list(report["comparisons"]) == ["sft_minus_base", "rl_minus_base", "rl_minus_sft"]
-    assert report["arms"]["rl"] == {
-        "reward_mean": pytest.approx(29 / 30),
-        "invalid_rate": 0.0,
-        "mixed_groups": 0.5,
-    }
-    assert report["per_prefix"]["sft"] == [0.5, 0.6, 0.5]
-    assert report["reward_validity_ok"] and report["variance_ok"] and report["separable"]
-    flat = rewards.gate_report({"a": arm([0.2, 0.3], 0.1, 0.1), "b": arm([0.3, 0.2])})
-    assert not (flat["reward_validity_ok"] or flat["variance_ok"] or flat["separable"])
-    arms_table, comparisons_table = rewards.gate_tables(report).split("\n\n")
-    assert arms_table.splitlines()[0] == "| arm | reward_mean | invalid_rate | mixed_groups |"
-    assert len(arms_table.splitlines()) == 5 and "| rl_minus_sft |" in comparisons_table
-    assert "95% interval" in comparisons_table and "delta_ci" not in comparisons_table

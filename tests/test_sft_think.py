@@ -66,7 +66,7 @@ def test_smollm2_messages_mask_and_new_think_tokens():
         "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>",
     ]
     old_pieces = {t: tok(t, add_special_tokens=False)["input_ids"] for t in ("<think>", "</think>")}
-    added = sft_think.add_train_tokens(tok, "<think>, </think>")
+    added = chat.add_marker_tokens(tok, "<think>, </think>")
     assert added == old_pieces and all(len(p) > 1 for p in added.values())
     new_ids = [tok.convert_tokens_to_ids(t) for t in added]
     assert new_ids == [49152, 49153] and all(
@@ -77,9 +77,7 @@ def test_smollm2_messages_mask_and_new_think_tokens():
     )  # ordinary tokens: text keeps them
     model = loading.load_model("smollm2", device="cpu")
     before = model.get_input_embeddings().weight.detach().clone()
-    params, rows = sft_think.setup_trainable(
-        model, tok, "<think>,</think>", False, False, 8, 16.0, 0.0, added
-    )
+    params, rows = lora.train_only_tokens(model, tok, "<think>,</think>", added)
     w = model.get_input_embeddings().weight
     assert w.shape[0] == 49154 and model.get_output_embeddings().weight is w and len(params) == 1
     assert rows.tolist() == new_ids and torch.equal(w[:49152], before)

@@ -1,0 +1,110 @@
+"""Does a judge separate two policies? The reward gate of the model card
+Jarrodbarnes/qwen3-0.6B-interleaved-thinking (its RLMT_RESULTS.md), run before trusting a judge as a
+reward.
+
+Every arm (a policy) samples the same held-out prefixes with the same seeded draws, G samples each,
+and the judge scores them. Per arm: the mean reward, the share of invalid verdicts and the group
+statistics of rewards.reward_gate; per pair of arms: the paired difference of the prefixes' mean
+rewards with its 95% interval. The card's go/no-go: the verdicts parse (invalid rate <= 5%), the
+groups carry a signal (>= 25% mixed groups) and some pair of arms is told apart (an interval that
+excludes 0). The per-group statistics every group-sampling script logs stay in rewards.reward_gate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import dataio
+import rewards
+import stats
+
+
+def arm_row(reward: Sequence[float], G: int, invalid_rate: float, **columns) -> dict:
+    """One arm's row from its rewards (groups of G consecutive samples, one group per prefix): mean
+    and std, `invalid_rate`, the card's group shares (rewards.reward_gate), the script's own
+    `columns` (lengths, samples, the arm's spec), and "per_prefix", each prefix's mean reward."""
+    rt = torch.tensor(reward)
+    shares = rewards.reward_gate(rt, G)
+    return {
+        "reward_mean": rt.mean().item(),
+        "reward_std": rt.std().item(),
+        "invalid_rate": invalid_rate,
+        "mixed_groups": shares["gate/mixed_groups"],
+        "near_zero_groups": shares["gate/near_zero_groups"],
+        "any_success_groups": shares["gate/any_success_groups"],
+        "all_success_groups": shares["gate/all_one_groups"],
+        **columns,
+        "per_prefix": rt.view(-1, G).mean(1).tolist(),
+    }
+
+
+def comparison(left: Sequence[float], right: Sequence[float], span: float = 1.0) -> dict:
+    """Two arms of the reward gate on the same prefixes (`left`, `right`: each prefix's mean
+    reward): right - left, the mean delta with a paired 95% interval (normal, over prefixes, within
+    +-span, span the rewards' range) and the shares of prefixes where the right arm is better,
+    worse, even."""
+    mean, _, ci = stats.paired_interval(left, right, span)
+    d = [b - a for a, b in zip(left, right)]
+    n = len(d)
+    return {
+        "mean_reward_delta": mean,
+        # one prefix says nothing about the spread: the whole range
+        "delta_ci": ci if n > 1 else [-span, span],
+        "right_better": sum(x > 1e-9 for x in d) / n,
+        "left_better": sum(x < -1e-9 for x in d) / n,
+        "tie": sum(abs(x) <= 1e-9 for x in d) / n,
+        "shared_prefixes": n,
+    }
+
+
+def report(arms: dict[str, dict], span: float = 1.0) -> dict:
+    """The reward gate over arms sampled on the same prefixes ({name: row}, a row with the arm's
+    "per_prefix" mean rewards, "invalid_rate" and "mixed_groups"): the rows (less "per_prefix" and
+    "_samples"), every pair of arms compared (comparison, "<later>_minus_<earlier>") and the card's
+    go/no-go fields."""
+    names = list(arms)
+    pairs = {
+        f"{right}_minus_{left}": comparison(
+            arms[left]["per_prefix"], arms[right]["per_prefix"], span
+        )
+        for i, left in enumerate(names)
+        for right in names[i + 1 :]
+    }
+    return {
+        "arms": {
+            k: {c: v for c, v in a.items() if c not in ("per_prefix", "_samples")}
+            for k, a in arms.items()
+        },
+        "per_prefix": {k: a["per_prefix"] for k, a in arms.items()},
+        "comparisons": pairs,
+        # go/no-go, as the card's fields: verdicts parse, groups carry a signal, some pair is told
+        # apart
+        "reward_validity_ok": all(a["invalid_rate"] <= 0.05 for a in arms.values()),
+        "variance_ok": all(a["mixed_groups"] >= 0.25 for a in arms.values()),
+        "separable": any(p["delta_ci"][0] > 0 or p["delta_ci"][1] < 0 for p in pairs.values()),
+    }
+
+
+def tables(gate_report: dict) -> str:
+    """A report as two Markdown tables: the arms, then the comparisons."""
+    comparisons = [
+        {
+            "comparison": k,
+            **{c: v for c, v in p.items() if c != "delta_ci"},
+            "95% interval": f"[{p['delta_ci'][0]:.4f}, {p['delta_ci'][1]:.4f}]",
+        }
+        for k, p in gate_report["comparisons"].items()
+    ]
+    arms = [{"arm": k, **v} for k, v in gate_report["arms"].items()]
+    return dataio.markdown_table(arms) + "\n\n" + dataio.markdown_table(comparisons)
+
+
+def write(arms: dict[str, dict], out: Path, span: float = 1.0) -> dict:
+    """The report over `arms`, written to out/gate.json and printed as its tables."""
+    gate_report = report(arms, span)
+    dataio.atomic_write_json(Path(out) / "gate.json", gate_report)
+    print("\n" + tables(gate_report), flush=True)
+    return gate_report
