@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from conftest import tiny_qwen3  # noqa: E402
 
 import distributed  # noqa: E402
 import lifecycle  # noqa: E402
@@ -21,18 +22,7 @@ HAVE_LORA = importlib.util.find_spec("lora") is not None
 
 
 def build(use_lora: bool):
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    model = Qwen3ForCausalLM(cfg)
+    model = tiny_qwen3(vocab_size=64, seed=0)  # train() switches it to training mode
     if not use_lora:
         return model, list(model.parameters())
     import lora

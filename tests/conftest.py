@@ -99,9 +99,11 @@ def script_env(env: dict | None = None) -> dict:
     }
 
 
-def run_script(*argv, env: dict | None = None, timeout: float = 900, check: bool = True):
-    """Run `python <argv...>` from the repo root (script_env(env)); with `check`, a failure shows
-    the tail of its output."""
+def run_script(
+    *argv, env: dict | None = None, timeout: float = 900, check: bool = True, expect: int = 0
+):
+    """Run `python <argv...>` from the repo root (script_env(env)); with `check`, an exit status
+    other than `expect` fails the test with the tail of its output."""
     proc = subprocess.run(
         [sys.executable, *map(str, argv)],
         cwd=ROOT,
@@ -110,7 +112,7 @@ def run_script(*argv, env: dict | None = None, timeout: float = 900, check: bool
         text=True,
         timeout=timeout,
     )
-    if check and proc.returncode != 0:
+    if check and proc.returncode != expect:
         raise AssertionError(
             f"{' '.join(map(str, argv))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
             f"{proc.stderr[-5000:]}"
@@ -120,8 +122,8 @@ def run_script(*argv, env: dict | None = None, timeout: float = 900, check: bool
 
 @pytest.fixture(scope="session")
 def sft_toy_run(tmp_path_factory):
-    """`python sft_think.py` with its defaults, run once per test session (the GRPO tests start from
-    it)."""
+    """`python sft_think.py` with its defaults (a 500-step training), run once per test session:
+    only slow tests may use it."""
     out = tmp_path_factory.mktemp("sft_toy")
     run_script("sft_think.py", "--out", out)
     return out
@@ -197,10 +199,13 @@ def echo_seed(path: str, body: dict, index: int) -> str:
 class FakeOpenAIServer:
     """/v1/completions and /v1/chat/completions on 127.0.0.1 (a free port), answered by
     `respond(path, body, index) -> text` for each of the n choices (one when `honour_n` is False,
-    as `transformers serve` does). `plan`: actions consumed one per request, "ok" once it runs out:
+    as `transformers serve` does). `plan`: actions consumed one per request (under the server's one
+    lock, in the order the requests arrive), `then` ("ok" by default) once it runs out: "ok",
     "400", "404", "503" (that HTTP error), "junk" (not JSON), "slow" (no answer for `slow` seconds,
-    then the connection closes). A prompt holding `fail_marker` always gets a 404. finish_reason is
-    "length" when max_tokens < 4, else "stop". Every request is kept in `requests`."""
+    then the connection closes), or a callable answering that request in place of `respond` (so
+    `plan = ["ok"] * n` with `then=other` answers with `other` after n requests). A prompt holding
+    `fail_marker` always gets a 404. finish_reason is "length" when max_tokens < 4, else "stop".
+    Every request is kept in `requests` (count them with `len(server.requests)`)."""
 
     ERRORS = {
         "400": (400, b'{"error": "bad request"}'),
@@ -215,10 +220,12 @@ class FakeOpenAIServer:
         delay: float = 0.0,
         slow: float = 1.0,
         fail_marker: str | None = None,
+        then="ok",
     ):
         self.respond, self.honour_n, self.delay, self.slow = respond, honour_n, delay, slow
-        self.fail_marker = fail_marker
-        self.plan: list[str] = []
+        self.fail_marker, self.then = fail_marker, then
+        self.plan: list = []
+        self.closed = False
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = 0
@@ -233,15 +240,16 @@ class FakeOpenAIServer:
         with self.lock:
             return [(r.path, r.body) for r in self.requests]
 
-    def _answer(self, path: str, body: dict, action: str) -> tuple[int, bytes] | None:
+    def _answer(self, path: str, body: dict, action) -> tuple[int, bytes] | None:
         time.sleep(self.delay)
+        respond = action if callable(action) else self.respond
         prompt = json.dumps(body.get("prompt", body.get("messages")))
         if action == "slow":
             time.sleep(self.slow)
             return None
         if self.fail_marker is not None and self.fail_marker in prompt:
             action = "404"
-        if action in self.ERRORS:
+        if isinstance(action, str) and action in self.ERRORS:
             return self.ERRORS[action]
         if action == "junk":
             return 200, b"<html>not json</html>"
@@ -249,7 +257,7 @@ class FakeOpenAIServer:
         finish = "length" if body.get("max_tokens", 16) < 4 else "stop"
         choices = []
         for i in range(body.get("n", 1) if self.honour_n else 1):
-            text = self.respond(path, body, i)
+            text = respond(path, body, i)
             choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             choices.append({"index": i, "finish_reason": finish, **choice})
         return 200, json.dumps({"choices": choices}).encode()
@@ -264,7 +272,7 @@ class FakeOpenAIServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    action = server.plan.pop(0) if server.plan else "ok"
+                    action = server.plan.pop(0) if server.plan else server.then
                     server.requests.append(Request(self.path, dict(self.headers), body, action))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -285,6 +293,10 @@ class FakeOpenAIServer:
         return Handler
 
     def close(self):
+        """Stop serving and free the port (a later request is refused); closing twice is a no-op."""
+        if self.closed:
+            return
+        self.closed = True
         self.httpd.shutdown()
         self.httpd.server_close()
 

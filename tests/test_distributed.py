@@ -2,22 +2,11 @@
 one process."""
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from conftest import ROOT, free_port, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_dist_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_module():
@@ -28,9 +17,7 @@ def _worker_module():
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
+    run_script(
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
@@ -38,12 +25,12 @@ def test_two_ranks_match_one_process(tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
-        str(WORKER),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        free_port(),
+        WORKER,
+        tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["sum_of_ranks"] == r1["sum_of_ranks"] == 1

@@ -4,18 +4,13 @@ end (cache, a killed server)."""
 
 import json
 import math
-import os
 import random
 import re
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, start_transformers_serve, stop_server
+from conftest import free_port, run_script, save_tiny_qwen3, start_transformers_serve, stop_server
 
 import dpo_online
 import judges
@@ -23,13 +18,7 @@ import lora
 import sampling
 import toy
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = {"OMP_NUM_THREADS": "1"}
 TINY = [
     "--max-steps",
     "2",
@@ -51,13 +40,11 @@ TINY = [
 ]
 
 
-def run_dpo(
-    out: Path, *flags: str, expect: int = 0, timeout: int = 600
-) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "dpo_online.py"), "--out", str(out), *TINY, *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run_dpo(out: Path, *flags: str, expect: int = 0, timeout: int = 600):
+    """dpo_online.py at test size (TINY) into `out`."""
+    return run_script(
+        "dpo_online.py", "--out", out, *TINY, *flags, env=ENV, timeout=timeout, expect=expect
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -128,6 +115,8 @@ def test_load_windows_skips_short_documents_or_names_them(tmp_path):
 
 
 def _tiny_policy(seed=0):
+    """A random policy at the toy base's architecture (not conftest's tiny Qwen3): its ids are the
+    toy tokenizer's, and evaluate() samples from it with that tokenizer."""
     import transformers
 
     torch.manual_seed(seed)
@@ -312,18 +301,19 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     flags = ["--max-steps", "3", "--save-every", "2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_dpo(full, *flags)
-    cmd = [
-        sys.executable,
-        str(ROOT / "tests" / "_kill_after_checkpoint.py"),
+    run_script(
+        "tests/_kill_after_checkpoint.py",
         "2",
         "dpo_online.py",
         "--out",
-        str(cut),
+        cut,
         *TINY,
         *flags,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 137 and not (cut / "summary.json").exists()
+        env=ENV,
+        timeout=600,
+        expect=137,
+    )
+    assert not (cut / "summary.json").exists()
     run_dpo(cut, *flags, "--resume")
     from safetensors.torch import load_file
 
@@ -352,62 +342,33 @@ def test_bad_input_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class ToyJudgeServer:
-    """/v1/chat/completions answering the paper's quality prompt with the toy continuation judge's
-    verdict, in words ending "Conclusion: Option N", as an LLM judge would; counts the requests it
-    answered. After `answers_before_garbage` requests (if given) it answers no verdict at all."""
+def toy_judge_reply():
+    """A `respond` for conftest's FakeOpenAIServer: the paper's quality prompt answered with the toy
+    continuation judge's verdict, in words ending "Conclusion: Option N", as an LLM judge would."""
+    judge = toy.ContinuationJudge()
 
-    def __init__(self, answers_before_garbage: int | None = None):
-        self.requests, self.lock = 0, threading.Lock()  # one lock: the handlers run in threads
-        judge, outer = toy.ContinuationJudge(), self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][-1]["content"]
-                prefix, _, rest = user.partition("Original text fragment:\n")[2].partition(
-                    "\n\nOption 1:\n"
-                )
-                first, _, rest = rest.partition("\n\nOption 2:\n")
-                second = rest.rpartition("\n\nJudge which continuation")[0]
-                p = judge.prefer([prefix], [first], [second])[0]
-                text = "I compared the two.\n\nConclusion: Option " + (
-                    "1" if p is not None and p >= 0.5 else "2"
-                )
-                with outer.lock:
-                    if (
-                        answers_before_garbage is not None
-                        and outer.requests >= answers_before_garbage
-                    ):
-                        text = "Both are fine, I think."
-                    outer.requests += 1
-                payload = json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": text}}]}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    def respond(path: str, body: dict, index: int) -> str:
+        user = body["messages"][-1]["content"]
+        prefix, _, rest = user.partition("Original text fragment:\n")[2].partition(
+            "\n\nOption 1:\n"
         )
-        self.thread.start()
+        first, _, rest = rest.partition("\n\nOption 2:\n")
+        second = rest.rpartition("\n\nJudge which continuation")[0]
+        p = judge.prefer([prefix], [first], [second])[0]
+        return "I compared the two.\n\nConclusion: Option " + (
+            "1" if p is not None and p >= 0.5 else "2"
+        )
 
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return respond
+
+
+def no_verdict(path: str, body: dict, index: int) -> str:
+    return "Both are fine, I think."
 
 
 @pytest.mark.slow
-def test_http_judge_run_cache_and_dead_server(tmp_path):
-    server = ToyJudgeServer()
+def test_http_judge_run_cache_and_dead_server(tmp_path, openai_server):
+    server = openai_server(respond=toy_judge_reply())
     out = tmp_path / "run"
     flags = [
         "--judge",
@@ -421,7 +382,7 @@ def test_http_judge_run_cache_and_dead_server(tmp_path):
     ]
     try:
         run_dpo(out, *flags)
-        first = server.requests
+        first = len(server.requests)
         row = [r for r in metrics(out) if "loss" in r][0]
         assert (
             row["judge/calls"] == 2 * 6 * 2 and row["judge/invalid_rate"] == 0.0
@@ -433,7 +394,7 @@ def test_http_judge_run_cache_and_dead_server(tmp_path):
         run_dpo(
             out, *flags
         )  # the same run again: same rollouts (fixed seed), every verdict from the cache
-        assert server.requests == first
+        assert len(server.requests) == first
     finally:
         server.close()
     proc = run_dpo(
@@ -446,10 +407,10 @@ def test_http_judge_run_cache_and_dead_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_final_evaluation_keeps_the_trained_adapter(tmp_path):
-    server = ToyJudgeServer(
-        answers_before_garbage=2 * 6 * 2
-    )  # the training step's verdicts, then none
+def test_a_failed_final_evaluation_keeps_the_trained_adapter(tmp_path, openai_server):
+    # the training step's verdicts, then none: the plan is counted under the server's one lock
+    server = openai_server(respond=toy_judge_reply(), then=no_verdict)
+    server.plan = ["ok"] * (2 * 6 * 2)
     out = tmp_path / "run"
     try:
         proc = run_dpo(
@@ -468,10 +429,8 @@ def test_a_failed_final_evaluation_keeps_the_trained_adapter(tmp_path):
         server.close()
     assert "no held-out comparison got a valid verdict" in proc.stderr.strip().splitlines()[-1]
     assert (out / lora.WEIGHTS_NAME).is_file() and (out / "adapter_config.json").is_file()
-    assert [r for r in metrics(out) if "loss" in r]  # the step it trained is logged
-
-
-_free_port = free_port
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1]  # the step it trained is logged
+    assert len(server.requests) > 2 * 6 * 2  # the held-out comparisons were asked, and not parsed
 
 
 @pytest.mark.slow
@@ -514,9 +473,7 @@ def test_http_judge_against_transformers_serve(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_tiny_qwen3_real_vocab_one_step(tmp_path):
-    from conftest import save_tiny_qwen3
-
+def test_tiny_qwen3_real_vocab_one_step(tmp_path, openai_server):
     model = save_tiny_qwen3(tmp_path / "qwen")
     docs = tmp_path / "docs.jsonl"
     docs.write_text(
@@ -525,9 +482,8 @@ def test_tiny_qwen3_real_vocab_one_step(tmp_path):
             for i in range(12)
         )
     )
-    server = (
-        ToyJudgeServer()
-    )  # not a toy document: every verdict is Option 2, so every pair is a tie
+    # not a toy document: every verdict is Option 2, so every pair is a tie
+    server = openai_server(respond=toy_judge_reply())
     try:
         out = tmp_path / "run"
         run_dpo(
@@ -559,8 +515,7 @@ def test_tiny_qwen3_real_vocab_one_step(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_stay_in_sync(tmp_path):
-    cmd = [
-        sys.executable,
+    run_script(
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
@@ -568,16 +523,16 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
-        str(ROOT / "dpo_online.py"),
+        free_port(),
+        "dpo_online.py",
         "--out",
-        str(tmp_path),
+        tmp_path,
         *TINY,
         "--pairs",
         "all",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        env=ENV,
+        timeout=600,
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rank_param_max_diff"] == 0.0
     rows = [r for r in metrics(tmp_path) if "loss" in r]
@@ -595,9 +550,7 @@ def test_learning_beats_the_base(tmp_path):
     and the 95% interval excludes a coin flip. It measured 0.657, interval [0.601, 0.714] (README);
     the margin below allows for another CPU's roundings."""
     out = tmp_path / "learn"
-    cmd = [sys.executable, str(ROOT / "dpo_online.py"), "--out", str(out), "--save-every", "0"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("dpo_online.py", "--out", out, "--save-every", "0", env=ENV, timeout=1800)
     held = json.loads((out / "summary.json").read_text())["heldout"]
     assert held["after"] >= 0.57 and held["interval"][0] > 0.5, held
     rows = [r for r in metrics(out) if "loss" in r]

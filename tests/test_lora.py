@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from conftest import tiny_qwen3
 
 import loading
 import lora
@@ -16,17 +16,8 @@ SUBSET = ["q_proj", "v_proj", "down_proj"]
 
 
 def tiny(seed=0, dtype=torch.float32):
-    cfg = Qwen3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=300,
-    )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(cfg).to(dtype).eval()
+    """conftest's tiny Qwen3 at hidden 64 over 300 ids (the ids() below), in `dtype`."""
+    return tiny_qwen3(vocab_size=300, seed=seed, hidden=64).to(dtype)
 
 
 def ids(b=2, t=12, seed=1):
@@ -148,7 +139,7 @@ def test_merged_block_for_sampling():
     before = logits(m, x)
     with lora.merged(m):
         layer = m.model.layers[0].self_attn.q_proj
-        assert layer.merged_weight is not None
+        assert layer.merged_weight is not None and not torch.equal(layer.merged_weight, base_w)
         assert (
             logits(m, x) - before
         ).abs().max().item() <= 1e-5  # no-grad forward: the merged weight
@@ -257,7 +248,7 @@ def test_state_dict_round_trip():
 
 
 def _qwen3_4bit(tmp_path):
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig, Qwen3ForCausalLM
 
     tiny().save_pretrained(str(tmp_path / "base"))
     q = BitsAndBytesConfig(

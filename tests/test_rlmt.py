@@ -2,11 +2,10 @@
 a judge server."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import run_script
 
 import errors
 import judges
@@ -377,20 +376,7 @@ def test_update_trains_only_policy_tokens(policy):
 
 
 def run_rlmt(out, *flags, expect=0):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    proc = subprocess.run(
-        [sys.executable, "rlmt.py", "--out", str(out), *map(str, flags)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return run_script("rlmt.py", "--out", out, *flags, expect=expect)
 
 
 def metrics(out):
@@ -446,9 +432,7 @@ def test_continuation_external_runs_and_logs_the_card_columns(tmp_path):
     )
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     train = [x for x in samples if x["split"] == "train"]
-    assert train and all(
-        0.0 <= x["reward"] <= 1.0 and x["reward"] in (0.0, 0.5, 1.0) for x in train
-    )
+    assert train and all(x["reward"] in (0.0, 0.5, 1.0) for x in train)
 
 
 @pytest.mark.slow
@@ -551,7 +535,13 @@ def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
         # every sample is judged and an invalid verdict scores 0
         assert 0.0 <= a["reward_mean"] <= 1.0 - a["invalid_rate"] + 1e-9
         assert a["avg_total_new_tokens"] > 0
-    assert isinstance(gate["reward_validity_ok"], bool) and isinstance(gate["separable"], bool)
+    # the go/no-go fields are what the arms and comparisons it wrote say
+    assert gate["reward_validity_ok"] is all(
+        a["invalid_rate"] <= 0.05 for a in gate["arms"].values()
+    )
+    assert gate["separable"] is any(
+        c["delta_ci"][0] > 0 or c["delta_ci"][1] < 0 for c in gate["comparisons"].values()
+    )
     # the same draws for every arm: the same arm twice gives the same per-prefix means
     again = run_rlmt(
         tmp_path / "again",
@@ -588,54 +578,30 @@ def test_bad_gate_spec_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class AnswerJudgeServer:
-    def __init__(self):
-        self.requests = 0
-        self.lock = threading.Lock()  # the server answers each request on its own thread
-        judge, outer = toy.AnswerJudge(), self
+def answer_judge_reply():
+    """A `respond` for conftest's FakeOpenAIServer: the pointwise grading prompt answered with the
+    toy answer judge's score, in words ending "Score: N"; a response holding a thought fails the
+    request."""
+    judge = toy.AnswerJudge()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def respond(path: str, body: dict, index: int) -> str:
+        user = body["messages"][-1]["content"]
+        prompt, _, rest = user.partition("### Instruction\n")[2].partition("\n\n### Response\n")
+        response = rest.partition("\n\nGive a short justification")[0]
+        assert "<think>" not in response
+        v = judge.score([prompt], [response])[0]
+        return "Graded.\nScore: " + (str(1 + round(9 * v)) if v is not None else "none")
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][-1]["content"]
-                prompt, _, rest = user.partition("### Instruction\n")[2].partition(
-                    "\n\n### Response\n"
-                )
-                response = rest.partition("\n\nGive a short justification")[0]
-                assert "<think>" not in response
-                v = judge.score([prompt], [response])[0]
-                text = "Graded.\nScore: " + (str(1 + round(9 * v)) if v is not None else "none")
-                payload = json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": text}}]}
-                ).encode()
-                with outer.lock:
-                    outer.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        ).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return respond
 
 
-def test_http_judge_end_to_end_with_cache(tmp_path):
-    server = AnswerJudgeServer()
+@pytest.mark.slow
+def test_http_judge_end_to_end_with_cache(tmp_path, openai_server):
+    server = openai_server(respond=answer_judge_reply())
     flags = ["--judge", server.url, "--judge-model", "toy-judge", "--judge-retries", "1", *SMALL]
     try:
         run_rlmt(tmp_path, *flags)
-        first = server.requests
+        first = len(server.requests)
         rows = [r for r in metrics(tmp_path) if "reward" in r]
         # training samples + the gate before and after; the same (prompt, response) asked twice is
         # asked once
@@ -645,7 +611,7 @@ def test_http_judge_end_to_end_with_cache(tmp_path):
         run_rlmt(
             tmp_path, *flags
         )  # the same run again: the same samples, every verdict from the cache
-        assert server.requests == first
+        assert len(server.requests) == first
     finally:
         server.close()
     proc = run_rlmt(tmp_path / "dead", *flags, expect=2)
@@ -656,6 +622,7 @@ def test_http_judge_end_to_end_with_cache(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_interrupted_step_exactly(tmp_path):
     flags = (*SMALL, "--save-every", "1")
     run_rlmt(tmp_path, *flags)  # two steps; the checkpoint holds step 1
