@@ -547,8 +547,8 @@ def test_learning_beats_the_base(tmp_path):
     """`python dpo_online.py` with its defaults (150 steps, 128 held-out prefixes; shorter runs did
     not separate from a coin flip: 100 steps of a 100-step schedule measured 0.557, interval [0.492,
     0.622]): on a fixed seed the trained policy beats the toy base in held-out pairwise comparisons
-    and the 95% interval excludes a coin flip. It measured 0.646, interval [0.588, 0.703] (docs/dpo_online.md);
-    the margin below allows for another CPU's roundings."""
+    and the 95% interval excludes a coin flip. It measured 0.646, interval [0.588, 0.703]
+    (docs/dpo_online.md); the margin below allows for another CPU's roundings."""
     out = tmp_path / "learn"
     run_script("dpo_online.py", "--out", out, "--save-every", "0", env=ENV, timeout=1800)
     held = json.loads((out / "summary.json").read_text())["heldout"]
