@@ -161,8 +161,6 @@ class TrainArgs:
     """recompute activations in backward (unset: the script's default for the model and device)"""
     toy_train_size: int = 4000
     """toy training rows"""
-    log_completions: int = 2
-    """groups or examples per step written to samples.jsonl"""
     save_every: int = 50
     """checkpoint every N steps (for --resume)"""
     resume: bool = False

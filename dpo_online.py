@@ -471,6 +471,7 @@ class Args(cli.TrainArgs):
     batch_size: int = 4
     load_in_4bit: bool = False
     log_completions: int = 1
+    """prefixes per step written to samples.jsonl (candidates, scores, the chosen pair)"""
     eval_data: str = ""
     """held-out documents (default: the toy test split, or the last tenth of --data, at most
     --eval-size documents)"""

@@ -480,6 +480,8 @@ class Args(cli.TrainArgs):
     out: str = "runs/gkd"
     warmup_ratio: float = 0.05
     max_steps: int = 1400
+    log_completions: int = 2
+    """examples per step written to samples.jsonl (prompt and the student's completion)"""
     batch_size: int = 16
     micro_batch_size: int = 16
     load_in_4bit: bool = False

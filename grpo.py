@@ -415,6 +415,8 @@ class Args(cli.TrainArgs):
     out: str = "runs/grpo"
     init_adapter: str = "auto"
     max_steps: int = 300
+    log_completions: int = 2
+    """groups per step written to samples.jsonl (prompt, completions, rewards, advantages)"""
     task: Literal["verifiable", "continuation"] = "verifiable"
     """verifiable: prompts with answers; continuation: document prefixes, similarity to the true
     continuation"""

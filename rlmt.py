@@ -610,6 +610,7 @@ class Args(cli.TrainArgs):
     batch_size: int | None = None
     max_grad_norm: float | None = None
     log_completions: int = 1
+    """groups per step written to samples.jsonl (thoughts and answers, rewards)"""
     save_every: int = 25
     task: Literal["chat", "continuation"] = "chat"
     """chat: requests, the judge scores the response; continuation: document prefixes, the response
