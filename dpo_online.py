@@ -6,7 +6,7 @@ cut into a prefix x and the suffix that follows it. For every prefix the policy 
 continuations at T = 1.0, top-p 1.0 (sec. 1.1.1); with the original suffix they are K + 1
 candidates. A judge compares every pair of candidates, each pair in both orders so position bias
 cancels, and a candidate's score is its mean win rate (sec. 1.1.2: all pairs did better than judging
-against one pivot; judges.full_pairwise). The update is DPO (Rafailov et al., arXiv 2305.18290) on
+against one pivot; full_pairwise below). The update is DPO (Rafailov et al., arXiv 2305.18290) on
 pairs of candidates, chosen y_c = the best scored and rejected y_r = the worst (the paper's choice;
 `--pairs all` trains on every score-ordered pair, each prefix weighted equally):
 
@@ -61,7 +61,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,7 @@ import judges
 import lifecycle
 import loading
 import lora
+import rewards
 import sampling
 import stats
 import toy
@@ -179,6 +180,86 @@ def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
 
 
 @dataclass
+class PairwiseResult:
+    """What full_pairwise found for one prefix."""
+
+    # each candidate's mean win rate over the pairs it was judged in (None: no pair)
+    scores: list[float | None]
+    pairs: int  # unordered pairs, each asked in both orders
+    invalid_pairs: int  # pairs left out: the verdict of at least one order did not parse
+    consistent_pairs: int  # valid pairs whose two orders named the same winner
+    tied_pairs: int  # valid pairs judged even (the two orders disagree, or the judge said 0.5)
+
+
+def full_pairwise(
+    judge, prefixes: Sequence[str], candidates: Sequence[Sequence[str]]
+) -> list[PairwiseResult]:
+    """Every pair (i, j) of each prefix's candidates judged in both orders (Self-Improving
+    Pretraining, arXiv 2601.21343, sec. 1.1.2: all pairs beat a single pivot; both orders cancel
+    position bias).
+
+    p_ij = the mean of P(i better) shown first and shown second: 1 or 0 when the orders agree, 0.5
+    (a tie) when they disagree. Candidate i's score = the mean of p_ij over its pairs, its win rate
+    (K candidates' scores sum to K/2). A pair with an unusable verdict in either order is left out
+    and counted, never guessed. One judge batch for all prefixes (an HTTP judge keeps `concurrency`
+    requests in flight). Uses judge.prefer_ordered when it exists, else asks judge.prefer in both
+    orders (judges.both_orders).
+    """
+    jobs = [
+        (n, i, j)
+        for n, cands in enumerate(candidates)
+        for i in range(len(cands))
+        for j in range(i + 1, len(cands))
+    ]
+    verdicts = judges.both_orders(
+        judge,
+        [prefixes[n] for n, _, _ in jobs],
+        [candidates[n][i] for n, i, _ in jobs],
+        [candidates[n][j] for n, _, j in jobs],
+    )
+    results = [PairwiseResult([None] * len(c), 0, 0, 0, 0) for c in candidates]
+    wins = [[0.0] * len(c) for c in candidates]
+    counts = [[0] * len(c) for c in candidates]
+    for (n, i, j), (shown_first, shown_second) in zip(jobs, verdicts):
+        res = results[n]
+        res.pairs += 1
+        if shown_first is None or shown_second is None:
+            res.invalid_pairs += 1
+            continue
+        v1, v2 = float(shown_first), 1.0 - float(shown_second)  # both: P(i better)
+        if not (0.0 <= v1 <= 1.0 and 0.0 <= v2 <= 1.0):
+            raise rewards.RewardError(
+                f"judge returned {shown_first}, {shown_second} for candidates ({i}, {j}); "
+                f"expected probabilities in [0, 1]"
+            )
+        p = (v1 + v2) / 2
+        res.consistent_pairs += (v1 - 0.5) * (v2 - 0.5) > 0 or v1 == v2 == 0.5
+        res.tied_pairs += p == 0.5
+        wins[n][i] += p
+        wins[n][j] += 1.0 - p
+        counts[n][i] += 1
+        counts[n][j] += 1
+    for res, w, c in zip(results, wins, counts):
+        res.scores = [x / k if k else None for x, k in zip(w, c)]
+    return results
+
+
+def pairwise_metrics(results: Sequence[PairwiseResult], calls: int, invalid: int) -> dict:
+    """The judge's columns of a step's metrics from full_pairwise's `results`: `calls` verdicts
+    asked for them, `invalid` of which did not parse (the growth of judge.calls and judge.invalid),
+    the share of valid pairs whose two orders agree (position consistency) or that are even, and
+    the pairs left out."""
+    valid = sum(r.pairs - r.invalid_pairs for r in results)
+    return {
+        "judge/calls": calls,
+        "judge/invalid_rate": invalid / max(calls, 1),
+        "judge/position_consistency": sum(r.consistent_pairs for r in results) / max(valid, 1),
+        "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid, 1),
+        "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
+    }
+
+
+@dataclass
 class Judged:
     """One step's prefixes, their candidates (token ids and texts), and the pairs it trains on."""
 
@@ -195,7 +276,7 @@ def rollout_and_judge(
     model, tokenizer, windows: list[dict], judge, generator, rng: random.Random, args: Args
 ) -> Judged:
     """K = --num-rollouts rollouts per prefix (plus the original suffix as candidate 0 with
-    --include-original), every pair of candidates judged in both orders (judges.full_pairwise:
+    --include-original), every pair of candidates judged in both orders (full_pairwise:
     score = mean win rate), and each prefix's training pairs (select_pairs, ties broken by `rng`);
     the first --log-completions prefixes as samples."""
     K, include_original = args.num_rollouts, args.include_original
@@ -223,13 +304,13 @@ def rollout_and_judge(
         for b, w in enumerate(windows)
     ]
     calls, invalid = judge.calls, judge.invalid
-    results = judges.full_pairwise(judge, [w["prefix"] for w in windows], cand_texts)
+    results = full_pairwise(judge, [w["prefix"] for w in windows], cand_texts)
     chosen = [select_pairs(r.scores, args.pairs, rng) for r in results]
     with_pairs = [(r, p) for r, p in zip(results, chosen) if p]
     best = [_best_candidate(r.scores) for r, _ in with_pairs]
     lengths = roll.completion_mask.sum(1).float()
     metrics = {
-        **judges.pairwise_metrics(results, judge.calls - calls, judge.invalid - invalid),
+        **pairwise_metrics(results, judge.calls - calls, judge.invalid - invalid),
         "pairs/prefixes_dropped": len(windows) - len(with_pairs),
         "pairs/count": sum(len(p) for p in chosen),
         "score/spread": sum(_spread(r.scores) for r, _ in with_pairs) / max(len(with_pairs), 1),
@@ -419,7 +500,7 @@ def evaluate(
         )
     p_texts, b_texts = policy.texts(tokenizer), base.texts(tokenizer)
     calls, invalid = judge.calls, judge.invalid
-    results = judges.full_pairwise(
+    results = full_pairwise(
         judge, [w["prefix"] for w in heldout], [[p, b] for p, b in zip(p_texts, b_texts)]
     )
     outcomes = [r.scores[0] for r in results if r.scores[0] is not None]
@@ -581,13 +662,6 @@ def resolve_defaults(args: Args) -> Args:
     if args.judge_cache == "auto":
         args.judge_cache = str(Path(args.out) / "judge_cache.jsonl")
     return args
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id that pads prompts and completions (EOS when the tokenizer names no pad token)."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id
 
 
 def build_judge(args: Args, device, train: list[dict]):
@@ -775,7 +849,7 @@ def main(args: Args):
             beta=args.beta,
             loss_type=args.loss,
             micro_batch_size=args.micro_batch_size,
-            pad_id=pad_token_id(tokenizer),
+            pad_id=tokenizer.pad_token_id,  # loading.load_tokenizer falls back to EOS
             world=run.world,
         )
         losses.update(opt(losses["loss"], step + 1))

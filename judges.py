@@ -19,9 +19,8 @@ rate.
   (RLMT, arXiv 2509.20357: the thought is not judged);
 - `both_orders` / `win_tie_loss`: pairs asked in both orders, and their vote (RLMT's pairwise
   reward);
-- `full_pairwise`: every pair of K candidates judged in both orders, each candidate's mean win rate,
-  and what the judge did (invalid pairs, position consistency, ties): Self-Improving Pretraining,
-  arXiv 2601.21343.
+- `both_orders`: every pair asked in both orders in one batch (online DPO's full-pairwise scoring,
+  dpo_online.full_pairwise, and RLMT's votes, win_tie_loss, are built on it).
 
 The pairwise prompt is that paper's quality prompt (fig. 2), answered by "Conclusion: Option 1" or
 "Option 2".
@@ -45,7 +44,6 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -796,7 +794,7 @@ def win_tie_loss(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[fl
     """a against b, asked in both orders (both_orders): 1 when both orders prefer a, 0 when both
     prefer b, else 0.5, a tie (RLMT's pairwise reward against a reference, the model card
     Jarrodbarnes/qwen3-0.6B-interleaved-thinking); None when either order has no verdict. Unlike
-    full_pairwise, each order is a vote: a probability counts only by its side of 0.5."""
+    dpo_online.full_pairwise, each order is a vote: a probability counts only by its side of 0.5."""
     out: list[float | None] = []
     for first, second in both_orders(judge, prefixes, a, b):
         if first is None or second is None:
@@ -806,84 +804,3 @@ def win_tie_loss(judge, prefixes: Sequence, a: Sequence, b: Sequence) -> list[fl
             votes = {(first > 0.5) - (first < 0.5), (second < 0.5) - (second > 0.5)}
             out.append(1.0 if votes == {1} else 0.0 if votes == {-1} else 0.5)
     return out
-
-
-@dataclass
-class PairwiseResult:
-    """What full_pairwise found for one prefix."""
-
-    scores: list[
-        float | None
-    ]  # each candidate's mean win rate over the pairs it was judged in (None: no pair)
-    pairs: int  # unordered pairs, each asked in both orders
-    invalid_pairs: int  # pairs left out: the verdict of at least one order did not parse
-    consistent_pairs: int  # valid pairs whose two orders named the same winner
-    tied_pairs: int  # valid pairs judged even (the two orders disagree, or the judge said 0.5)
-
-
-def full_pairwise(
-    judge, prefixes: Sequence[str], candidates: Sequence[Sequence[str]]
-) -> list[PairwiseResult]:
-    """Every pair (i, j) of each prefix's candidates judged in both orders (Self-Improving
-    Pretraining, arXiv 2601.21343, sec. 1.1.2: all pairs beat a single pivot; both orders cancel
-    position bias).
-
-    p_ij = the mean of P(i better) shown first and shown second: 1 or 0 when the orders agree, 0.5
-    (a tie) when they disagree. Candidate i's score = the mean of p_ij over its pairs, its win rate
-    (K candidates' scores sum to K/2). A pair with an unusable verdict in either order is left out
-    and counted, never guessed. One judge batch for all prefixes (an HTTP judge keeps `concurrency`
-    requests in flight). Uses judge.prefer_ordered when it exists, else asks judge.prefer in both
-    orders (both_orders).
-    """
-    jobs = [
-        (n, i, j)
-        for n, cands in enumerate(candidates)
-        for i in range(len(cands))
-        for j in range(i + 1, len(cands))
-    ]
-    verdicts = both_orders(
-        judge,
-        [prefixes[n] for n, _, _ in jobs],
-        [candidates[n][i] for n, i, _ in jobs],
-        [candidates[n][j] for n, _, j in jobs],
-    )
-    results = [PairwiseResult([None] * len(c), 0, 0, 0, 0) for c in candidates]
-    wins = [[0.0] * len(c) for c in candidates]
-    counts = [[0] * len(c) for c in candidates]
-    for (n, i, j), (shown_first, shown_second) in zip(jobs, verdicts):
-        res = results[n]
-        res.pairs += 1
-        if shown_first is None or shown_second is None:
-            res.invalid_pairs += 1
-            continue
-        v1, v2 = float(shown_first), 1.0 - float(shown_second)  # both: P(i better)
-        if not (0.0 <= v1 <= 1.0 and 0.0 <= v2 <= 1.0):
-            raise rewards.RewardError(
-                f"judge returned {shown_first}, {shown_second} for candidates ({i}, {j}); "
-                f"expected probabilities in [0, 1]"
-            )
-        p = (v1 + v2) / 2
-        res.consistent_pairs += (v1 - 0.5) * (v2 - 0.5) > 0 or v1 == v2 == 0.5
-        res.tied_pairs += p == 0.5
-        wins[n][i] += p
-        wins[n][j] += 1.0 - p
-        counts[n][i] += 1
-        counts[n][j] += 1
-    for res, w, c in zip(results, wins, counts):
-        res.scores = [x / k if k else None for x, k in zip(w, c)]
-    return results
-
-
-def pairwise_metrics(results: Sequence[PairwiseResult], calls: int, invalid: int) -> dict:
-    """The judge's columns of a step's metrics from full_pairwise's `results`: `calls` verdicts
-    asked for them, `invalid` of which did not parse (the growth of judge.calls and judge.invalid),
-    the share of valid pairs whose two orders agree (position consistency) or that are even, and
-    the pairs left out."""
-    valid = sum(r.pairs - r.invalid_pairs for r in results)
-    return {
-        "judge/calls": calls,
-        "judge/invalid_rate": invalid / max(calls, 1),
-        "judge/position_consistency": sum(r.consistent_pairs for r in results) / max(valid, 1),
-        "judge/tie_rate": sum(r.tied_pairs for r in results) / max(valid, 1),
-        "judge/invalid_pairs": sum(r.invalid_pairs for r in results),
-    }

@@ -8,6 +8,7 @@ import torch
 from conftest import qwen3_tokenizer_dir
 from transformers import AutoTokenizer
 
+import dpo_online
 import errors
 import judges
 import loading
@@ -175,7 +176,7 @@ def test_smollm2_in_process_judge_always_gives_a_verdict():
         [" Its wheel turns all day.", " She sold bread."],
         [" Purple sleeps loudly.", " zzz qqq"],
     )
-    res = judges.full_pairwise(judge, prefixes, [[x, y] for x, y in zip(firsts, seconds)])
+    res = dpo_online.full_pairwise(judge, prefixes, [[x, y] for x, y in zip(firsts, seconds)])
     assert (judge.calls, judge.invalid) == (4, 0)  # 2 pairs x both orders
     assert all(r.invalid_pairs == 0 and all(0.0 <= s <= 1.0 for s in r.scores) for r in res)
     scores = judge.score(
@@ -230,14 +231,14 @@ def test_win_tie_loss_votes_each_order_and_asks_both_in_one_batch():
 
 def test_pairwise_metrics_count_valid_pairs_only():
     results = [
-        judges.PairwiseResult(
+        dpo_online.PairwiseResult(
             [1.0, 0.0], pairs=3, invalid_pairs=1, consistent_pairs=1, tied_pairs=1
         ),
-        judges.PairwiseResult(
+        dpo_online.PairwiseResult(
             [None, None], pairs=1, invalid_pairs=1, consistent_pairs=0, tied_pairs=0
         ),
     ]
-    assert judges.pairwise_metrics(results, calls=8, invalid=2) == {
+    assert dpo_online.pairwise_metrics(results, calls=8, invalid=2) == {
         "judge/calls": 8,
         "judge/invalid_rate": 0.25,
         "judge/position_consistency": 0.5,  # 1 of the 2 valid pairs
@@ -245,7 +246,7 @@ def test_pairwise_metrics_count_valid_pairs_only():
         "judge/invalid_pairs": 2,
     }
     # no call and no valid pair: rates of 0, not a division by zero
-    assert judges.pairwise_metrics([], calls=0, invalid=0)["judge/invalid_rate"] == 0.0
+    assert dpo_online.pairwise_metrics([], calls=0, invalid=0)["judge/invalid_rate"] == 0.0
 
 
 def test_from_args_reads_the_judge_flags():

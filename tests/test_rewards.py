@@ -14,6 +14,7 @@ import pytest
 from conftest import free_port, run_script
 
 import answers
+import dpo_online
 import errors
 import judges
 import likelihood
@@ -670,7 +671,7 @@ def test_toy_judges_through_the_interface():
         cont["reference"][: len(cont["reference"]) // 2],
         "@@@ nonsense\nmore junk\n",
     ]
-    (res,) = judges.full_pairwise(pair, [cont["prompt"]], [cands])
+    (res,) = dpo_online.full_pairwise(pair, [cont["prompt"]], [cands])
     assert res.scores[0] >= res.scores[2] and all(0.0 <= s <= 1.0 for s in res.scores)
     assert sum(res.scores) == pytest.approx(
         len(cands) / 2
@@ -694,7 +695,7 @@ def test_full_pairwise_math():
             ]
 
     j = LongerWins()
-    r1, r2 = judges.full_pairwise(j, ["p", "q"], [["aaa", "a", "aa", "aa"], ["x"]])
+    r1, r2 = dpo_online.full_pairwise(j, ["p", "q"], [["aaa", "a", "aa", "aa"], ["x"]])
     assert r1.scores == [1.0, 0.0, 0.5, 0.5] and r2.scores == [None] and r2.pairs == 0
     assert len(j.pairs) == 12 and ("a", "aaa") in j.pairs  # C(4, 2) pairs x 2 orders, one batch
     assert (r1.pairs, r1.invalid_pairs, r1.consistent_pairs, r1.tied_pairs) == (6, 0, 6, 1)
@@ -706,14 +707,14 @@ def test_full_pairwise_math():
         def prefer(self, *a):
             raise AssertionError("prefer_ordered is used when the judge has it")
 
-    (res,) = judges.full_pairwise(FirstWins(), ["p"], [["a", "b", "c"]])
+    (res,) = dpo_online.full_pairwise(FirstWins(), ["p"], [["a", "b", "c"]])
     assert res.scores == [0.5, 0.5, 0.5] and (res.consistent_pairs, res.tied_pairs) == (0, 3)
 
     class Unparsable:  # "a" vs "b" shown b-first never parses: that pair is left out, not guessed
         def prefer_ordered(self, prefixes, first, second):
             return [None if (x, y) == ("b", "a") else float(x < y) for x, y in zip(first, second)]
 
-    (res,) = judges.full_pairwise(Unparsable(), ["p"], [["a", "b", "c"]])
+    (res,) = dpo_online.full_pairwise(Unparsable(), ["p"], [["a", "b", "c"]])
     assert (res.pairs, res.invalid_pairs) == (3, 1)
     assert res.scores == [1.0, 1.0, 0.0]  # a beat c; b beat c; (a, b) never counted
 
@@ -761,7 +762,7 @@ def test_http_judge_scores_and_prefers(server):
     assert judge.calls == 7
     # neither "meh" nor "bad" mentions good: the server then always says Option 2, the orders
     # disagree: a tie
-    (res,) = judges.full_pairwise(judge, ["p"], [["meh", "good", "bad"]])
+    (res,) = dpo_online.full_pairwise(judge, ["p"], [["meh", "good", "bad"]])
     assert res.scores == [0.25, 1.0, 0.25] and (res.consistent_pairs, res.tied_pairs) == (2, 1)
 
 
