@@ -347,19 +347,6 @@ def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: 
     return metrics
 
 
-def resume_or_evaluate(
-    run: Run, resume: bool, model, optimizer, scheduler, evaluate, logger
-) -> tuple[int, dict]:
-    """(first step, data_state). A resumed run continues from its checkpoint, whose data_state keeps
-    the held-out metrics measured before training under "before"; a fresh run measures them now
-    (rank 0), at step 0."""
-    state = load_checkpoint(run.out, model, optimizer, scheduler) if resume else None
-    if state is not None:
-        return state["step"], dict(state["data_state"] or {})
-    before = log_eval(run, logger, 0, "before", evaluate()) if is_main() else None
-    return 0, {"before": before}
-
-
 def adamw(
     params,
     *,
