@@ -812,24 +812,8 @@ def main(args: Args):
         lifecycle.end_run(run)
         return summary
     # with LoRA off the policy is the starting model: the reference
-    model = lora.load_policy(
-        args.model,
-        run.device,
-        args.init_adapter,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.load_in_4bit,
-        args.gradient_checkpointing,
-    )
-    opt = lifecycle.adamw(
-        lora.lora_parameters(model),
-        lr=args.lr,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm,
-    )
+    model = lora.load_policy(args, run.device)
+    opt = lifecycle.adamw(lora.lora_parameters(model), args)
     heldout_eval = functools.partial(
         evaluate, model, tokenizer, heldout, judge, **eval_settings(args)
     )
@@ -837,8 +821,7 @@ def main(args: Args):
     state.setdefault("tokens_seen", 0)
     model.train()
     t_train, last = 0.0, {}
-    bar = lifecycle.progress_bar(start, args.max_steps, "dpo_online")
-    for step in bar:
+    for step in lifecycle.training_steps(run, start, args, "dpo_online"):
         t0 = time.perf_counter()
         judged = rollout_step(model, tokenizer, judge, train, args, run, step)
         state["tokens_seen"] += judged.num_tokens * run.world
@@ -856,25 +839,13 @@ def main(args: Args):
         t_train += time.perf_counter() - t0
         lr = opt.scheduler.get_last_lr()[0]
         last = step_metrics(judged, losses, lr, state["tokens_seen"], t0, t1)
-        if (
-            lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
-            and distributed.is_main()
-        ):
-            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        lifecycle.show(
-            bar,
-            last,
-            {"rewards/margins": ".3f", "rewards/accuracies": ".2f", "chosen/rollout_share": ".2f"},
-        )
+        shown = {
+            "rewards/margins": ".3f",
+            "rewards/accuracies": ".2f",
+            "chosen/rollout_share": ".2f",
+        }
         lifecycle.end_step(
-            run,
-            step + 1,
-            last,
-            model,
-            opt,
-            state,
-            save_every=args.save_every,
-            max_steps=args.max_steps,
+            run, step + 1, last, model, opt, state, args, show=shown, evaluate=heldout_eval
         )
 
     # Ranks hold the same adapter (same start, same averaged gradients): rank_diff checks it.

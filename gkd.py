@@ -390,17 +390,8 @@ def load_models(args, device, tokenizer, teacher_tokenizer):
     )
     # the student ('toy' = the toy student) with --init-adapter merged in, then LoRA on it, or
     # every weight with --full
-    student, params = lora.trainable_model(
-        toy.student_model_dir() if args.model == "toy" else args.model,
-        device,
-        args.init_adapter,
-        args.full,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.load_in_4bit,
-        args.gradient_checkpointing,
-    )
+    name = toy.student_model_dir() if args.model == "toy" else args.model
+    student, params = lora.trainable_model(args, device, name, full=args.full)
     vocab = loading.shared_vocab(tokenizer, teacher_tokenizer, student, teacher)
     return teacher, student, params, vocab
 
@@ -597,14 +588,7 @@ def main(args: Args):
     tokenizer, teacher_tokenizer = loading.load_tokenizers(args.model, args.teacher)
     train, heldout = load_examples(tokenizer, args)
     teacher, student, params, vocab = load_models(args, run.device, tokenizer, teacher_tokenizer)
-    opt = lifecycle.adamw(
-        params,
-        lr=args.lr,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm,
-    )
+    opt = lifecycle.adamw(params, args)
 
     def evaluate_student():
         return evaluate(student, tokenizer, heldout, args, teacher, vocab)
@@ -616,8 +600,7 @@ def main(args: Args):
 
     student.train()
     t_train, last = 0.0, {}
-    bar = lifecycle.progress_bar(start, args.max_steps, "gkd")
-    for step in bar:
+    for step in lifecycle.training_steps(run, start, args, "gkd"):
         t0 = time.perf_counter()
         batch = step_batch(train, args, run, step)
         n_on, parts = rollout(student, teacher, tokenizer, batch, args, run, step)
@@ -633,19 +616,9 @@ def main(args: Args):
         last["timing/sample"] = t_sample
         if n_on:
             last.update(policy_metrics(run, step + 1, batch[:n_on], parts[0][1], tokenizer, args))
-        due = lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
-        if due and distributed.is_main():  # the last step is evaluated after training
-            last.update({f"eval/{k}": v for k, v in without_samples(evaluate_student()).items()})
-        lifecycle.show(bar, last, {"loss": ".4f", "eval/accuracy": ".3f"})
+        shown = {"loss": ".4f", "eval/accuracy": ".3f"}
         lifecycle.end_step(
-            run,
-            step + 1,
-            last,
-            student,
-            opt,
-            state,
-            save_every=args.save_every,
-            max_steps=args.max_steps,
+            run, step + 1, last, student, opt, state, args, show=shown, evaluate=evaluate_student
         )
 
     rank_diff = distributed.max_param_difference_across_ranks(params)

@@ -694,24 +694,8 @@ def main(args: Args):
     train, heldout = load_prompts(tokenizer, args)
     spec = default_reward(args.task, args.reward, train)
     # the reference policy (LoRA off) is the model with --init-adapter merged
-    model = lora.load_policy(
-        args.model,
-        run.device,
-        args.init_adapter,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.load_in_4bit,
-        args.gradient_checkpointing,
-    )
-    opt = lifecycle.adamw(
-        lora.lora_parameters(model),
-        lr=args.lr,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm,
-    )
+    model = lora.load_policy(args, run.device)
+    opt = lifecycle.adamw(lora.lora_parameters(model), args)
 
     def heldout_eval() -> dict:
         return evaluate(model, tokenizer, heldout, spec, args)
@@ -720,8 +704,7 @@ def main(args: Args):
     state.setdefault("tokens_seen", 0)
     model.train()
     batch, t_train, last = None, 0.0, {}
-    bar = lifecycle.progress_bar(start, args.max_steps, "grpo")
-    for step in bar:
+    for step in lifecycle.training_steps(run, start, args, "grpo"):
         t0, t_rollout = time.perf_counter(), 0.0
         if step % args.num_iterations == 0 or batch is None:  # a batch lasts --num-iterations steps
             batch = generation_batch(model, tokenizer, train, spec, args, run, step)
@@ -733,12 +716,6 @@ def main(args: Args):
         t_train += time.perf_counter() - t0
         lr = opt.scheduler.get_last_lr()[0]
         last = step_metrics(batch, stats, lr, state["tokens_seen"], t0, t1, t_rollout)
-        if (
-            lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
-            and distributed.is_main()
-        ):
-            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        lifecycle.show(bar, last, {"reward": ".3f", "kl": ".3g", "eval/accuracy": ".3f"})
         lifecycle.end_step(
             run,
             step + 1,
@@ -746,8 +723,9 @@ def main(args: Args):
             model,
             opt,
             state,
-            save_every=args.save_every,
-            max_steps=args.max_steps,
+            args,
+            show={"reward": ".3f", "kl": ".3g", "eval/accuracy": ".3f"},
+            evaluate=heldout_eval,
             can_save=(step + 1) % args.num_iterations == 0,  # never inside a generation batch
         )
 

@@ -295,6 +295,7 @@ class Run:
     out: Path
     t_start: float
     logger: MetricsLogger | None = None
+    bar: tqdm | None = None  # the progress bar of training_steps
 
     def log(self, step: int, metrics: dict) -> None:
         """One row of metrics.jsonl (rank 0), mirrored to the trackers of --report-to."""
@@ -347,25 +348,17 @@ def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: 
     return metrics
 
 
-def adamw(
-    params,
-    *,
-    lr: float,
-    max_steps: int,
-    warmup_ratio: float,
-    min_lr_ratio: float,
-    max_grad_norm: float,
-    weight_decay: float = 0.0,
-) -> "OptimizerStep":
-    """AdamW over `params`, linear warmup over warmup_ratio x max_steps then cosine decay to
-    min_lr_ratio x lr, clipping at max_grad_norm: the optimizer step of every trainer. Every rank
-    starts from rank 0's values of `params` (a fresh LoRA is random)."""
+def adamw(params, args, weight_decay: float = 0.0) -> "OptimizerStep":
+    """AdamW over `params` with the optimizer flags every trainer shares (cli.TrainArgs): peak
+    --lr, a linear warmup over --warmup-ratio x --max-steps, then cosine decay to --min-lr-ratio x
+    lr, clipping at --max-grad-norm. Every rank starts from rank 0's values of `params` (a fresh
+    LoRA is random)."""
     params = list(params)
     broadcast_parameters(params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = int(warmup_ratio * max_steps)
-    scheduler = cosine_schedule(optimizer, warmup, max_steps, min_ratio=min_lr_ratio)
-    return OptimizerStep(params, optimizer, scheduler, max_grad_norm)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=weight_decay)
+    warmup = int(args.warmup_ratio * args.max_steps)
+    scheduler = cosine_schedule(optimizer, warmup, args.max_steps, min_ratio=args.min_lr_ratio)
+    return OptimizerStep(params, optimizer, scheduler, args.max_grad_norm)
 
 
 def begin_training(run: Run, model, opt: "OptimizerStep", evaluate, resume: bool):
@@ -381,6 +374,19 @@ def begin_training(run: Run, model, opt: "OptimizerStep", evaluate, resume: bool
     return 0, {"before": before}
 
 
+def training_steps(run: Run, start: int, args, desc: str) -> tqdm:
+    """The steps still to run, from `start` (a resumed run's first step) to --max-steps, as a
+    progress bar shown on rank 0 only; end_step writes each step's metrics into it."""
+    run.bar = tqdm(
+        range(start, args.max_steps),
+        initial=start,
+        total=args.max_steps,
+        desc=desc,
+        disable=not is_main(),
+    )
+    return run.bar
+
+
 def end_step(
     run: Run,
     step: int,
@@ -388,38 +394,34 @@ def end_step(
     model,
     opt: "OptimizerStep",
     state: dict,
+    args,
     *,
-    save_every: int,
-    max_steps: int,
+    show: dict[str, str] | None = None,
+    evaluate=None,
     can_save: bool = True,
 ) -> None:
-    """The tail of every training step: log `metrics` at `step`, and every `save_every` steps (not
-    the last, which saves the adapter instead) write an atomic checkpoint carrying `state`. Never
-    inside a run of non-finite steps, so the last checkpoint is a good one; `can_save` False defers
-    it (e.g. in the middle of a generation batch)."""
+    """The tail of every training step (`step` counts from 1):
+
+    - every --eval-every steps but the last (which the finish evaluates), `evaluate()`'s held-out
+      metrics join `metrics` as eval/<name> (rank 0);
+    - the metrics named in `show` ({name: format spec}) go to the progress bar;
+    - `metrics` become a row of metrics.jsonl;
+    - every --save-every steps but the last (which saves the adapter instead), an atomic checkpoint
+      carrying `state`. Never inside a run of non-finite steps, so the last checkpoint is a good
+      one; `can_save` False defers it (e.g. in the middle of a generation batch)."""
+    if evaluate is not None and is_main() and evaluation_due(step, args.eval_every, args.max_steps):
+        metrics.update({f"eval/{k}": v for k, v in evaluate().items() if k != "_samples"})
+    if show and run.bar is not None:
+        shown = {
+            k.rsplit("/", 1)[-1]: format(metrics[k], f) for k, f in show.items() if k in metrics
+        }
+        run.bar.set_postfix(shown)
     run.log(step, metrics)
-    due = save_every and step % save_every == 0 and step < max_steps
+    due = args.save_every and step % args.save_every == 0 and step < args.max_steps
     if due and can_save and opt.streak == 0:
         save_checkpoint(
             run.out, step, model, opt.optimizer, opt.scheduler, {**state, **opt.state_dict()}
         )
-
-
-def progress_bar(start: int, max_steps: int, desc: str) -> tqdm:
-    """The steps still to run (from `start`, a resumed run's first step) as a progress bar, shown
-    on rank 0 only."""
-    return tqdm(
-        range(start, max_steps), initial=start, total=max_steps, desc=desc, disable=not is_main()
-    )
-
-
-def show(bar: tqdm, metrics: dict, formats: dict[str, str]) -> None:
-    """Put the metrics named in `formats` ({name: format spec}) that this step has in the bar's
-    postfix, each under the last part of its name ("eval/accuracy" shows as "accuracy")."""
-    shown = {
-        k.rsplit("/", 1)[-1]: format(metrics[k], f) for k, f in formats.items() if k in metrics
-    }
-    bar.set_postfix(shown)
 
 
 def evaluation_due(step: int, every: int, max_steps: int) -> bool:

@@ -228,46 +228,39 @@ def load_merged(
     return model
 
 
-def load_policy(
-    name: str,
-    device,
-    init_adapter: str,
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    load_in_4bit: bool = False,
-    gradient_checkpointing: bool = False,
-):
-    """The policy every trainer starts from: the model, with `init_adapter` (and the adapters it
-    was trained on, oldest first) merged into its weights, and a fresh LoRA on top. The reference
-    policy (LoRA off) is then the merged model."""
-    model = load_merged(name, device, init_adapter, load_in_4bit, gradient_checkpointing)
-    return add_lora(model, r=r, alpha=alpha, dropout=dropout)
+def load_policy(args, device, name: str | None = None):
+    """The policy every trainer starts from: the model (`name`, default --model), with
+    --init-adapter (and the adapters it was trained on, oldest first) merged into its weights, and
+    a fresh LoRA of --lora-r / --lora-alpha / --lora-dropout on top; --load-in-4bit and
+    --gradient-checkpointing as set (the flags of cli.TrainArgs). The reference policy (LoRA off)
+    is then the merged model."""
+    model = load_merged(
+        name or args.model,
+        device,
+        args.init_adapter,
+        args.load_in_4bit,
+        args.gradient_checkpointing,
+    )
+    return add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
 
 
-def trainable_model(
-    name: str,
-    device,
-    init_adapter: str,
-    full: bool,
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    load_in_4bit: bool = False,
-    gradient_checkpointing: bool = False,
-):
+def trainable_model(args, device, name: str | None = None, full: bool = False):
     """(model, the parameters that train): load_policy's model and its LoRA parameters, or with
     `full` the merged model and every weight of it (full fine-tuning; a 4-bit base cannot)."""
-    if full and load_in_4bit:
+    if full and args.load_in_4bit:
         raise ConfigError(
             "--full cannot train 4-bit weights; use LoRA (drop --full) with --load-in-4bit"
         )
     if full:
-        model = load_merged(name, device, init_adapter, load_in_4bit, gradient_checkpointing)
+        model = load_merged(
+            name or args.model,
+            device,
+            args.init_adapter,
+            args.load_in_4bit,
+            args.gradient_checkpointing,
+        )
         return model, [p for p in model.parameters() if p.requires_grad]
-    model = load_policy(
-        name, device, init_adapter, r, alpha, dropout, load_in_4bit, gradient_checkpointing
-    )
+    model = load_policy(args, device, name)
     return model, lora_parameters(model)
 
 

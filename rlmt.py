@@ -734,32 +734,15 @@ def main(args: Args):
     # continuation judging
     judge = judges.from_args(args, pairwise=args.task == "continuation")
     # --init-adapter merged in (the reference and the gate's starting arm), a fresh LoRA on top
-    model = lora.load_policy(
-        args.model,
-        run.device,
-        args.init_adapter,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.load_in_4bit,
-        args.gradient_checkpointing,
-    )
-    opt = lifecycle.adamw(
-        lora.lora_parameters(model),
-        lr=args.lr,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm,
-    )
+    model = lora.load_policy(args, run.device)
+    opt = lifecycle.adamw(lora.lora_parameters(model), args)
     policy_gate = functools.partial(gate_policy, model, tokenizer, judge, heldout, args)
     evaluate = functools.partial(policy_gate, start=True) if args.gate_after else dict
     start, state = lifecycle.begin_training(run, model, opt, evaluate, args.resume)
     model.train()
     t_train, last, alerts = 0.0, {}, []
     main_rank = distributed.is_main()
-    bar = lifecycle.progress_bar(start, args.max_steps, "rlmt")
-    for step in bar:
+    for step in lifecycle.training_steps(run, start, args, "rlmt"):
         t0 = time.perf_counter()
         s, grouped, r, invalid = step_rollout(model, tokenizer, judge, train, args, run, step)
         t_rollout = time.perf_counter() - t0
@@ -781,9 +764,8 @@ def main(args: Args):
         lifecycle.log_samples(
             run, step + 1, [sample_row(tokenizer, grouped, s, r, i) for i in shown]
         )
-        lifecycle.show(bar, last, {"reward": ".3f", "kl": ".3g"})
-        saving = {"save_every": args.save_every, "max_steps": args.max_steps}
-        lifecycle.end_step(run, step + 1, last, model, opt, state, **saving)
+        shown = {"reward": ".3f", "kl": ".3g"}
+        lifecycle.end_step(run, step + 1, last, model, opt, state, args, show=shown)
     summary = {}
     if main_rank:
         lora.save_trained(model, tokenizer, run.out, args.model)

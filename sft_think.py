@@ -282,27 +282,11 @@ def prepare_model(args, run, tokenizer, added):
         )
         params, head_rows = lora.train_only_tokens(model, tokenizer, args.train_tokens, added)
     else:
-        model, params = lora.trainable_model(
-            args.model,
-            run.device,
-            args.init_adapter,
-            args.full,
-            args.lora_r,
-            args.lora_alpha,
-            args.lora_dropout,
-            args.load_in_4bit,
-            args.gradient_checkpointing,
-        )
+        model, params = lora.trainable_model(args, run.device, full=args.full)
         head_rows = None
+    # think-token rows: no decay, so AdamW leaves the zero-gradient rows bit-identical
     opt = lifecycle.adamw(
-        params,
-        lr=args.lr,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm,
-        # think-token rows: no decay, so AdamW leaves the zero-gradient rows bit-identical
-        weight_decay=0.0 if args.train_tokens else args.weight_decay,
+        params, args, weight_decay=0.0 if args.train_tokens else args.weight_decay
     )
     return model, opt, head_rows
 
@@ -434,8 +418,7 @@ def main(args: Args):
     tokens_seen, tokens_run, t_train, last = state.get("tokens_seen", 0), 0, 0.0, {}
 
     model.train()
-    bar = lifecycle.progress_bar(start, args.max_steps, "sft")
-    for step in bar:
+    for step in lifecycle.training_steps(run, start, args, "sft"):
         t0 = time.perf_counter()
         loss, n_tokens, stats = sft_step(model, data, step, args, run, opt, head_rows)
         t_train += time.perf_counter() - t0
@@ -447,20 +430,10 @@ def main(args: Args):
             "tokens_seen": tokens_seen,
             "tokens_per_s": tokens_run / max(t_train, 1e-9),
         }
-        due = lifecycle.evaluation_due(step + 1, args.eval_every, args.max_steps)
-        if due and distributed.is_main():  # the last step is evaluated after training
-            last.update({f"eval/{k}": v for k, v in heldout_eval().items() if k != "_samples"})
-        lifecycle.show(bar, last, {"loss": ".4f", "eval/accuracy": ".2f"})
         state["tokens_seen"] = tokens_seen  # carried by the checkpoints, for --resume
+        shown = {"loss": ".4f", "eval/accuracy": ".2f"}
         lifecycle.end_step(
-            run,
-            step + 1,
-            last,
-            model,
-            opt,
-            state,
-            save_every=args.save_every,
-            max_steps=args.max_steps,
+            run, step + 1, last, model, opt, state, args, show=shown, evaluate=heldout_eval
         )
 
     summary = {}

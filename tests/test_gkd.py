@@ -6,6 +6,7 @@ import torch
 from conftest import qwen3_tokenizer_dir, run_script, save_tiny_qwen3
 from safetensors.torch import load_file
 
+import cli
 import dataio
 import errors
 import gkd
@@ -41,7 +42,7 @@ def toy_pair():
         str(toy.base_model_dir()), str(toy.SFT_ADAPTER_DIR), "cpu", False, "--teacher-adapter"
     )
     student, _ = lora.trainable_model(
-        toy.student_model_dir(), torch.device("cpu"), "", True, 8, 16.0
+        cli.TrainArgs(), torch.device("cpu"), toy.student_model_dir(), full=True
     )
     args = gkd.Args(
         eval_size=4, toy_difficulty="1,2", toy_train_size=6, max_prompt_length=512, max_length=512

@@ -377,9 +377,7 @@ def test_mara_rollout_narrower_than_the_limit():
     )
     args = grpo.resolve_defaults(args)
     tokenizer = loading.load_tokenizer("toy")
-    model = lora.load_policy(
-        "toy", torch.device("cpu"), args.init_adapter, args.lora_r, args.lora_alpha
-    )
+    model = lora.load_policy(args, torch.device("cpu"))
     train, _ = grpo.load_prompts(tokenizer, args)
     generator = torch.Generator().manual_seed(0)
     batch = grpo.rollout(model, tokenizer, train, "correct:1.0,format:0.1", generator, args)

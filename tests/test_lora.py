@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_qwen3
 
+import cli
 import loading
 import lora
 import toy
@@ -382,9 +383,8 @@ def test_init_adapter_is_merged_into_the_student_before_its_lora(tmp_path):
     by_hand = lora.merge(
         lora.load_adapter(loading.load_model(toy.student_model_dir()), str(tmp_path / "ad"))
     )
-    model, params = lora.trainable_model(
-        toy.student_model_dir(), "cpu", str(tmp_path / "ad"), False, 4, 8.0
-    )
+    flags = cli.TrainArgs(init_adapter=str(tmp_path / "ad"), lora_r=4, lora_alpha=8.0)
+    model, params = lora.trainable_model(flags, "cpu", toy.student_model_dir())
     x = torch.randint(5, 100, (2, 16))
     with torch.no_grad():
         assert torch.allclose(
@@ -396,10 +396,10 @@ def test_init_adapter_is_merged_into_the_student_before_its_lora(tmp_path):
 
 
 def test_full_fine_tuning_trains_every_weight_and_refuses_4bit(tmp_path):
-    model, params = lora.trainable_model(toy.student_model_dir(), "cpu", "", True, 4, 8.0)
+    model, params = lora.trainable_model(cli.TrainArgs(), "cpu", toy.student_model_dir(), full=True)
     assert not lora.lora_layers(model) and len(params) == len(list(model.parameters()))
     with pytest.raises(ConfigError, match="--full cannot train 4-bit weights"):
-        lora.trainable_model("toy", "cpu", "", True, 4, 8.0, load_in_4bit=True)
+        lora.trainable_model(cli.TrainArgs(load_in_4bit=True), "cpu", full=True)
 
 
 def test_train_only_tokens_updates_those_embedding_rows_only():
