@@ -546,7 +546,7 @@ def starting_win_rate() -> dict:
 
 
 @dataclass
-class Args(cli.TrainArgs):
+class Args(judges.JudgeArgs, cli.TrainArgs):
     out: str = "runs/dpo_online"
     max_steps: int | None = None
     batch_size: int = 4
@@ -583,28 +583,6 @@ class Args(cli.TrainArgs):
     """DPO loss"""
     beta: float = 0.1
     """DPO beta (the paper does not state it; TRL's default 0.1)"""
-    judge: str = ""
-    """'toy', an OpenAI-compatible URL, or a model dir / hub id (default: toy for toy documents;
-    required otherwise)"""
-    judge_model: str = ""
-    """model name sent to the judge server"""
-    judge_concurrency: int = 16
-    """judge requests in flight"""
-    judge_timeout: float = 120.0
-    """seconds per judge request before a retry"""
-    judge_retries: int = 3
-    """retries of a failed judge request"""
-    judge_max_tokens: int = 512
-    """verdict length limit"""
-    judge_verdict: Literal["auto", "logprobs", "generate"] = "auto"
-    """how a model judge run in this process gives its verdict: logprobs (read from the next-token
-    probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or
-    generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate
-    for a server"""
-    judge_temperature: float = 0.0
-    """judge sampling temperature (the paper sampled at 1.0; 0 is reproducible)"""
-    judge_cache: str = "auto"
-    """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
     eval_size: int = 128
     """held-out prefixes for the win rate"""
     eval_every: int = 0
@@ -659,8 +637,6 @@ def resolve_defaults(args: Args) -> Args:
             "eval_size",
         ),
     )
-    if args.judge_cache == "auto":
-        args.judge_cache = str(Path(args.out) / "judge_cache.jsonl")
     return args
 
 

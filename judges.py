@@ -44,8 +44,9 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -732,17 +733,47 @@ def make_judge(
     )
 
 
-def from_args(args, pairwise: bool = False, device=None):
-    """make_judge from a script's judge flags: --judge, --judge-model ('' = the server's default),
-    --judge-cache, --judge-max-tokens, --judge-concurrency, --judge-timeout, --judge-retries,
-    --judge-verdict, and --judge-temperature where the script has it (else greedy)."""
+@dataclass
+class JudgeArgs:
+    """The judge flags of the scripts that train against a judge (dpo_online, rlmt): a script's
+    `Args` extends it and cli.TrainArgs."""
+
+    judge: str = ""
+    """'toy', an OpenAI-compatible URL, or a model dir / hub id (default: toy for the toy data;
+    required otherwise)"""
+    judge_model: str = ""
+    """model name sent to the judge server"""
+    judge_concurrency: int = 16
+    """judge requests in flight"""
+    judge_timeout: float = 120.0
+    """seconds per judge request before a retry"""
+    judge_retries: int = 3
+    """retries of a failed judge request (with backoff)"""
+    judge_max_tokens: int = 512
+    """verdict length limit"""
+    judge_verdict: Literal["auto", "logprobs", "generate"] = "auto"
+    """how a model judge run in this process gives its verdict: logprobs (read from the next-token
+    probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or
+    generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate
+    for a server"""
+    judge_temperature: float = 0.0
+    """judge sampling temperature (0 is reproducible)"""
+    judge_cache: str = "auto"
+    """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
+
+
+def from_args(args: JudgeArgs, pairwise: bool = False, device=None):
+    """make_judge from a script's judge flags; --judge-cache 'auto' = <--out>/judge_cache.jsonl."""
+    cache = args.judge_cache
+    if cache == "auto":
+        cache = str(Path(args.out) / "judge_cache.jsonl")
     return make_judge(
         args.judge,
         pairwise=pairwise,
         model=args.judge_model or None,
-        cache=args.judge_cache,
+        cache=cache,
         max_tokens=args.judge_max_tokens,
-        temperature=getattr(args, "judge_temperature", 0.0),
+        temperature=args.judge_temperature,
         concurrency=args.judge_concurrency,
         timeout=args.judge_timeout,
         retries=args.judge_retries,

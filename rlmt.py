@@ -59,7 +59,6 @@ import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -601,7 +600,7 @@ def prompts_of(tokenizer, a: Args, toy_train_size: int):
 
 
 @dataclass
-class Args(cli.TrainArgs):
+class Args(judges.JudgeArgs, cli.TrainArgs):
     init_adapter: str = "auto"
     out: str = "runs/rlmt"
     warmup_ratio: float = 0.0
@@ -623,25 +622,6 @@ class Args(cli.TrainArgs):
     eval_data: str = ""
     """held-out JSONL of the same schema, the gate's prompts (default: the toy test split, or the
     last rows of --data)"""
-    judge: str = "toy"
-    """'toy', an OpenAI-compatible URL, or a model dir / hub id"""
-    judge_model: str = ""
-    """model name sent to the judge server"""
-    judge_concurrency: int = 16
-    """judge requests in flight"""
-    judge_timeout: float = 120.0
-    """seconds per judge request before a retry"""
-    judge_retries: int = 3
-    """retries of a failed judge request (with backoff)"""
-    judge_max_tokens: int = 512
-    """verdict length limit"""
-    judge_verdict: Literal["auto", "logprobs", "generate"] = "auto"
-    """how a model judge run in this process gives its verdict: logprobs (read from the next-token
-    probabilities after 'Conclusion: Option ' or 'Score: ', one forward pass, no explanation) or
-    generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate
-    for a server"""
-    judge_cache: str = "auto"
-    """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
     judging: Literal["pairwise", "pointwise"] = "pairwise"
     """continuation: against the original continuation in both orders, or the response rated alone
     with the original as the judge's reference"""
@@ -698,9 +678,7 @@ def resolve_defaults(args: Args) -> Args:
         toy_chat = args.model == "toy" and args.task == "chat"
         sft = toy.SFT_FORMATS_DIR if args.data == "toy-arithmetic" else toy.SFT_INSTRUCT_DIR
         args.init_adapter = str(sft) if toy_chat else ""
-    if args.judge_cache == "auto":
-        http = args.judge.startswith("http")
-        args.judge_cache = str(Path(args.out) / "judge_cache.jsonl") if http else ""
+    args.judge = args.judge or "toy"
     if not set(args.toy_styles.split(",")) <= set(toy.STYLES):
         raise errors.ConfigError(
             f"--toy-styles {args.toy_styles}: each must be one of {', '.join(toy.STYLES)}"

@@ -250,23 +250,21 @@ def test_pairwise_metrics_count_valid_pairs_only():
 
 
 def test_from_args_reads_the_judge_flags():
-    from types import SimpleNamespace
+    from dataclasses import replace
 
-    flags = dict(
+    flags = judges.JudgeArgs(
         judge="http://127.0.0.1:9/v1",
-        judge_model="",
         judge_cache="",
         judge_max_tokens=64,
         judge_concurrency=3,
         judge_timeout=5.0,
         judge_retries=1,
-        judge_verdict="auto",
     )
-    judge = judges.from_args(SimpleNamespace(**flags))  # no --judge-temperature: greedy
+    judge = judges.from_args(flags)  # --judge-temperature 0 by default: greedy
     assert isinstance(judge, judges.HTTPJudge) and judge.model == "default"
     assert (judge.max_tokens, judge.temperature, judge.cache) == (64, 0.0, None)
     assert (judge.concurrency, judge.timeout, judge.retries) == (3, 5.0, 1)
-    warm = judges.from_args(SimpleNamespace(**flags, judge_temperature=1.0))
+    warm = judges.from_args(replace(flags, judge_temperature=1.0))
     assert warm.temperature == 1.0
-    toy_judge = judges.from_args(SimpleNamespace(**{**flags, "judge": "toy"}), pairwise=True)
+    toy_judge = judges.from_args(replace(flags, judge="toy"), pairwise=True)
     assert isinstance(toy_judge.judge, toy.ContinuationJudge)
