@@ -77,6 +77,7 @@ import lora
 import rewards
 import sampling
 import stats
+import tasks
 import toy
 
 # ---------------------------------------------------------------------------------------------
@@ -132,46 +133,6 @@ def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The stream: documents cut by tokens into prefix / suffix windows
 # ---------------------------------------------------------------------------------------------
-
-
-def load_windows(tokenizer, args: Args) -> tuple[list[dict], list[dict], int]:
-    """Training and held-out windows (toy documents by default), and the number of short documents
-    skipped."""
-    if args.data == "toy":
-        # twice the documents asked for: the ones shorter than prefix + suffix are skipped, then the
-        # rest is cut to size
-        parts = [
-            ("toy train", toy.documents("train", 2 * args.toy_train_size, seed=args.seed)),
-            ("toy test", toy.documents("test", 2 * args.eval_size, seed=args.seed)),
-        ]
-    else:
-        parts = dataio.train_and_heldout(
-            args.data, args.eval_data, args.eval_size, required=("text",)
-        )
-    P, S = args.prefix_tokens, args.suffix_tokens
-    too_short = f", shorter than --prefix-tokens {P} + --suffix-tokens {S} (or pass "
-    too_short += "--skip-short-documents)"
-    cut = [
-        sampling.cut_documents(
-            rows,
-            tokenizer,
-            source,
-            P,
-            S,
-            min_tokens=P + S,
-            too_short=None if args.skip_short_documents else too_short,
-        )
-        for source, rows in parts
-    ]
-    for (source, _), (windows, _) in zip(parts, cut):
-        if not windows:
-            raise errors.DataError(
-                f"{source}: no document has --prefix-tokens + --suffix-tokens "
-                f"{args.prefix_tokens + args.suffix_tokens} tokens"
-            )
-    if args.data == "toy":
-        return cut[0][0][: args.toy_train_size], cut[1][0][: args.eval_size], 0
-    return cut[0][0], cut[1][0], cut[0][1] + cut[1][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,7 +742,7 @@ def main(args: Args):
         args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
     )
     tokenizer = loading.load_tokenizer(args.model)
-    train, heldout, skipped = load_windows(tokenizer, args)
+    train, heldout, skipped = tasks.document_windows(tokenizer, args)
     judge = build_judge(args, run.device, train)
     if args.eval_only:
         summary = eval_only(args, run, tokenizer, heldout, judge)

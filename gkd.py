@@ -55,7 +55,6 @@ from typing import Literal
 
 import torch
 
-import chat
 import cli
 import dataio
 import distributed
@@ -65,6 +64,7 @@ import loading
 import lora
 import rewards
 import sampling
+import tasks
 import toy
 from vocab_kernels import linear_generalized_jsd, linear_token_logprobs
 
@@ -326,52 +326,6 @@ def evaluate(model, tokenizer, heldout: list[dict], args, teacher=None, vocab=No
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_examples(
-    rows: list[dict], tokenizer, source: str, max_prompt_length: int, max_length: int
-) -> list[dict]:
-    """Each row as {"ids": prompt ids, "target": target ids or None, "prompt": text, + its
-    columns}: chat.split_conversation, the prompt through sampling.encode_prompts."""
-    out = []
-    for i, row in enumerate(rows):
-        where = f"{source}:{row.get('_line', i + 1)}"
-        prompt, target = chat.split_conversation(row, tokenizer, where)
-        enc = sampling.encode_prompts(
-            [{**row, "prompt": prompt, "_line": row.get("_line", i + 1)}],
-            tokenizer,
-            source,
-            max_prompt_length,
-        )[0]
-        ids = chat.target_ids(target, tokenizer, where, max_length)
-        enc.pop("messages", None)
-        out.append({**enc, "target": ids})
-    return out
-
-
-def load_examples(tokenizer, args) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows: toy arithmetic with its scratchpads, or --data and the held-out rule
-    of dataio.train_and_heldout. Every training row needs a target unless the student writes all
-    of them (--lmbda 1, or --loss reverse-kl-pg) or the teacher does (--seq-kd)."""
-    if args.data == "toy":
-        rows = toy.distillation_rows(
-            args.toy_difficulty, args.toy_train_size, args.eval_size, args.seed
-        )
-        parts = [("toy", r) for r in rows]
-    else:
-        parts = dataio.train_and_heldout(args.data, args.eval_data, args.eval_size)
-    train, heldout = [
-        encode_examples(rows, tokenizer, source, args.max_prompt_length, args.max_length)
-        for source, rows in parts
-    ]
-    if args.lmbda < 1 and not args.seq_kd and args.loss != "reverse-kl-pg":
-        missing = next((i for i, r in enumerate(train) if r["target"] is None), None)
-        if missing is not None:
-            raise errors.DataError(
-                f"{args.data}:{missing + 1}: no target (field 'completion' or an assistant turn), "
-                f"which --lmbda {args.lmbda} < 1 trains on; pass --lmbda 1 or --seq-kd"
-            )
-    return train, heldout
-
-
 # ---------------------------------------------------------------------------------------------
 # Models: a frozen teacher and a trainable student with one tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +540,7 @@ def main(args: Args):
         args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
     )
     tokenizer, teacher_tokenizer = loading.load_tokenizers(args.model, args.teacher)
-    train, heldout = load_examples(tokenizer, args)
+    train, heldout = tasks.distillation_examples(tokenizer, args)
     teacher, student, params, vocab = load_models(args, run.device, tokenizer, teacher_tokenizer)
     opt = lifecycle.adamw(params, args)
 

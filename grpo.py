@@ -66,6 +66,7 @@ import loading
 import lora
 import rewards
 import sampling
+import tasks
 import toy
 
 # ---------------------------------------------------------------------------------------------
@@ -523,73 +524,6 @@ def resolve_defaults(args: Args) -> Args:
 # ---------------------------------------------------------------------------------------------
 
 
-def documents_as_prompts(
-    rows: list[dict], tokenizer, source: str, prefix_tokens: int, continuation_tokens: int
-) -> list[dict]:
-    """Plain documents ({'text'}) cut by tokens (sampling.cut_documents) into a prefix (the prompt)
-    and the true continuation (the reference); rows that already have a prompt pass through."""
-    docs = [i for i, row in enumerate(rows) if "text" in row and "prompt" not in row]
-    windows, _ = sampling.cut_documents(
-        [{"_line": i + 1, **rows[i]} for i in docs],
-        tokenizer,
-        source,
-        prefix_tokens,
-        continuation_tokens,
-        min_tokens=prefix_tokens + 1,
-        too_short=f"; the continuation task needs more than --prefix-tokens {prefix_tokens}",
-    )
-    out = list(rows)
-    for i, window in zip(docs, windows):
-        out[i] = {
-            **{k: v for k, v in rows[i].items() if k != "text"},
-            "prompt": window["prefix"],
-            "reference": window["continuation"],
-        }
-    return out
-
-
-def toy_rows(task: str, split: str, n: int, seed: int, levels: list[int]) -> list[dict]:
-    """The toy world: arithmetic problems as a chat prompt with the gold answer (verifiable), or
-    documents (continuation)."""
-    if task != "verifiable":
-        return toy.documents(split, n, seed=seed)
-    return [
-        {
-            "prompt": [{"role": "user", "content": r["prompt"]}],
-            "answer": r["answer"],
-            "style": r["style"],
-        }
-        for r in toy.arithmetic(split, n, seed=seed, difficulty=levels)
-    ]
-
-
-def load_prompts(tokenizer, args: Args) -> tuple[list[dict], list[dict]]:
-    """Training and held-out prompts, encoded (toy world by default; user data split by
-    dataio.train_and_heldout)."""
-    if args.data == "toy":
-        levels = toy.parse_levels(args.toy_difficulty)
-        parts = [
-            ("toy", toy_rows(args.task, "train", args.toy_train_size, args.seed, levels)),
-            ("toy", toy_rows(args.task, "test", args.eval_size, args.seed, levels)),
-        ]
-    else:
-        parts = dataio.train_and_heldout(args.data, args.eval_data, args.eval_size)
-    encoded = []
-    for source, rows in parts:
-        if args.task == "continuation":
-            rows = documents_as_prompts(
-                rows, tokenizer, source, args.prefix_tokens, args.continuation_tokens
-            )
-            for i, r in enumerate(rows):
-                if r.get("reference") is None:
-                    raise errors.DataError(
-                        f"{source}:{r.get('_line', i + 1)}: field 'reference': missing; the "
-                        f"continuation task scores similarity to it"
-                    )
-        encoded.append(sampling.encode_prompts(rows, tokenizer, source, args.max_prompt_length))
-    return encoded[0], encoded[1]
-
-
 def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
     """--reward, else the task's default; every name is checked here, before any model runs."""
     spec = reward
@@ -691,7 +625,7 @@ def main(args: Args):
         args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
     )
     tokenizer = loading.load_tokenizer(args.model)
-    train, heldout = load_prompts(tokenizer, args)
+    train, heldout = tasks.rl_prompts(tokenizer, args)
     spec = default_reward(args.task, args.reward, train)
     # the reference policy (LoRA off) is the model with --init-adapter merged
     model = lora.load_policy(args, run.device)

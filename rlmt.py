@@ -76,6 +76,7 @@ import loading
 import lora
 import rewards
 import sampling
+import tasks
 import toy
 from answers import THINK_CLOSE, THINK_OPEN
 
@@ -85,69 +86,6 @@ ARTIFACTS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext
 # ---------------------------------------------------------------------------------------------
 # Prompts: each row becomes {"ids", "prompt" (text the judge sees), + "reference" for continuation}
 # ---------------------------------------------------------------------------------------------
-
-
-def load_prompts(
-    tokenizer,
-    *,
-    data: str,
-    eval_data: str,
-    task: str,
-    seed: int,
-    n_eval: int,
-    toy_train_size: int,
-    max_prompt_length: int,
-    styles: str = "gsm8k,math,mc",
-):
-    """Training and held-out prompts. The policy's prompt ends in `<think>\\n`: the chat template's
-    assistant header (chat) or the document prefix (continuation), then the opened thought. User
-    data is split by the held-out rule of every script (dataio.train_and_heldout), with at most
-    n_eval (--gate-prefixes) held-out rows."""
-    if data in ("toy", "toy-arithmetic"):
-        if task == "continuation" and data == "toy-arithmetic":
-            raise errors.ConfigError(
-                "--data toy-arithmetic is a chat task: drop --task continuation"
-            )
-        parts = [
-            (data, toy_prompts("train", toy_train_size, data, task, seed, styles)),
-            (data, toy_prompts("test", n_eval, data, task, seed, styles)),
-        ]
-    else:
-        parts = dataio.train_and_heldout(data, eval_data, n_eval)
-    # one line on stderr when </think> is several tokens of this tokenizer
-    chat.marker_ids(tokenizer, THINK_CLOSE, warn="rlmt.py")
-    out = []
-    for source, rows in parts:
-        for i, r in enumerate(rows):
-            if task == "continuation" and not isinstance(r.get("reference"), str):
-                raise errors.DataError(
-                    f"{source}:{r.get('_line', i + 1)}: field 'reference': missing or not a "
-                    f"string; the continuation task judges against it"
-                )
-        enc = sampling.encode_prompts(rows, tokenizer, source, max_prompt_length)
-        opened = tokenizer(THINK_OPEN + "\n", add_special_tokens=False)["input_ids"]
-        # the judge sees the request (chat) or the document prefix (continuation), never the
-        # opened thought
-        out.append(
-            [
-                {**e, "judge_prompt": r["prompt"], "ids": e["ids"] + opened}
-                for e, r in zip(enc, rows)
-            ]
-        )
-    return out[0], out[1]
-
-
-def toy_prompts(split: str, n: int, data: str, task: str, seed: int, styles: str) -> list[dict]:
-    """n toy rows: document prefixes (continuation), word problems of levels 1-3 in the answer
-    formats of `styles` taken in turn (toy-arithmetic, eval_reasoning's toy benchmarks) or toy
-    instructions, the last two as one-message chats."""
-    if task == "continuation":
-        return toy.continuations(split, n, seed=seed)
-    if data == "toy-arithmetic":
-        rows = toy.datasets.mixed_arithmetic(split, n, seed, [1, 2, 3], styles.split(","))
-    else:
-        rows = toy.instructions(split, n, seed=seed)
-    return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +496,7 @@ def run_gate(a: Args, run) -> dict:
             spec, a.model, run.device, a.load_in_4bit, flag="--gate arm"
         )
         tokenizer = loading.load_tokenizer(tok_source)
-        _, heldout = prompts_of(tokenizer, a, toy_train_size=1)
+        _, heldout = tasks.thinking_prompts(tokenizer, a, toy_train_size=1)
         results[name] = gate_arm(model.eval(), tokenizer, judge, heldout, a, spec=spec)
         del model
     return gate.write(results, run.out, reward_span(a.missing_reward))
@@ -578,20 +516,6 @@ def heldout_delta(run, a: Args, before: dict, row: dict | None, n_prompts: int) 
         "delta_ci": report["comparisons"]["rlmt_minus_start"]["delta_ci"],
         "note": f"{n_prompts} held-out prompts x {a.num_generations} samples, T={a.temperature}",
     }
-
-
-def prompts_of(tokenizer, a: Args, toy_train_size: int):
-    return load_prompts(
-        tokenizer,
-        data=a.data,
-        eval_data=a.eval_data,
-        task=a.task,
-        seed=a.seed,
-        n_eval=a.gate_prefixes,
-        toy_train_size=toy_train_size,
-        max_prompt_length=a.max_prompt_length,
-        styles=a.toy_styles,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,7 +631,7 @@ def main(args: Args):
     if args.gate:
         return run_gate(args, run)
     tokenizer = loading.load_tokenizer(args.model)
-    train, heldout = prompts_of(tokenizer, args, args.toy_train_size)
+    train, heldout = tasks.thinking_prompts(tokenizer, args)
     # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of
     # continuation judging
     judge = judges.from_args(args, pairwise=args.task == "continuation")

@@ -16,6 +16,7 @@ import dpo_online
 import judges
 import lora
 import sampling
+import tasks
 import toy
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -95,7 +96,7 @@ def test_load_windows_skips_short_documents_or_names_them(tmp_path):
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     args = dpo_online.Args(data=str(data), prefix_tokens=20, suffix_tokens=8, eval_size=2)
     args.skip_short_documents = True
-    train, heldout, skipped = dpo_online.load_windows(toy.load_tokenizer(), args)
+    train, heldout, skipped = tasks.document_windows(toy.load_tokenizer(), args)
     assert (len(train), len(heldout), skipped) == (11, 1, 1)
     w = train[0]
     assert (w["prefix"], w["continuation"], w["domain"]) == ("a" * 20, "a" * 8, "story")
@@ -106,7 +107,7 @@ def test_load_windows_skips_short_documents_or_names_them(tmp_path):
         match=rf"^{re.escape(str(data))}:1: field 'text': 10 tokens, shorter than "
         r"--prefix-tokens 20 \+ --suffix-tokens 8 \(or pass --skip-short-documents\)$",
     ):
-        dpo_online.load_windows(toy.load_tokenizer(), args)
+        tasks.document_windows(toy.load_tokenizer(), args)
 
 
 # ---------------------------------------------------------------------------------------------

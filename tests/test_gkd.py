@@ -13,6 +13,7 @@ import gkd
 import loading
 import lora
 import sampling
+import tasks
 import toy
 
 SMALL = [
@@ -47,7 +48,7 @@ def toy_pair():
     args = gkd.Args(
         eval_size=4, toy_difficulty="1,2", toy_train_size=6, max_prompt_length=512, max_length=512
     )
-    train, _ = gkd.load_examples(tok, args)
+    train, _ = tasks.distillation_examples(tok, args)
     return tok, teacher, student, train
 
 
@@ -223,13 +224,13 @@ def test_bad_rows_name_file_and_line(tmp_path):
     tok = toy.load_tokenizer()
     bad = [{"prompt": "What is 1+1?", "completion": "2"}, {"prompt": "x", "completion": 3}]
     with pytest.raises(errors.DataError, match=r"data.jsonl:2: field 'completion'"):
-        gkd.encode_examples(bad, tok, "data.jsonl", 512, 512)
+        tasks.encode_examples(bad, tok, "data.jsonl", 512, 512)
     with pytest.raises(errors.DataError, match=r"data.jsonl:1: field 'messages'"):
-        gkd.encode_examples(
+        tasks.encode_examples(
             [{"messages": [{"role": "user", "content": "hi"}]}], tok, "data.jsonl", 512, 512
         )
     with pytest.raises(errors.DataError, match=r"data.jsonl:1: .*'messages' or 'prompt'"):
-        gkd.encode_examples([{"text": "hi"}], tok, "data.jsonl", 512, 512)
+        tasks.encode_examples([{"text": "hi"}], tok, "data.jsonl", 512, 512)
     data = tmp_path / "data.jsonl"
     dataio.write_jsonl(
         data,

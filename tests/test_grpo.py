@@ -12,6 +12,7 @@ from conftest import free_port, run_script, save_tiny_qwen3
 import grpo
 import loading
 import lora
+import tasks
 
 ENV = {"OMP_NUM_THREADS": "1"}
 # The learning test: the script's defaults (from the shipped SFT adapter) with fewer steps and
@@ -213,7 +214,7 @@ def test_documents_become_prompts_and_prompt_rows_pass_through():
         {"prompt": "q", "reference": "r"},
         {"text": "b" * 12},
     ]
-    out = grpo.documents_as_prompts(rows, tok, "docs.jsonl", 10, 8)
+    out = tasks.documents_as_prompts(rows, tok, "docs.jsonl", 10, 8)
     assert out[0] == {"domain": "news", "_line": 7, "prompt": "a" * 10, "reference": "a" * 8}
     assert out[1] is rows[1]
     assert out[2] == {"prompt": "b" * 10, "reference": "b" * 2}  # the continuation there is
@@ -222,7 +223,7 @@ def test_documents_become_prompts_and_prompt_rows_pass_through():
         match=r"^docs\.jsonl:3: field 'text': 12 tokens; the continuation task needs more than "
         r"--prefix-tokens 12$",
     ):
-        grpo.documents_as_prompts(rows, tok, "docs.jsonl", 12, 8)
+        tasks.documents_as_prompts(rows, tok, "docs.jsonl", 12, 8)
 
 
 def test_mara_anchors_high_reward_samples():
@@ -378,7 +379,7 @@ def test_mara_rollout_narrower_than_the_limit():
     args = grpo.resolve_defaults(args)
     tokenizer = loading.load_tokenizer("toy")
     model = lora.load_policy(args, torch.device("cpu"))
-    train, _ = grpo.load_prompts(tokenizer, args)
+    train, _ = tasks.rl_prompts(tokenizer, args)
     generator = torch.Generator().manual_seed(0)
     batch = grpo.rollout(model, tokenizer, train, "correct:1.0,format:0.1", generator, args)
     width = batch.roll.completion_ids.shape[1]

@@ -17,6 +17,7 @@ BUILDING_BLOCKS = {
     "distributed",
     "lifecycle",
     "stats",
+    "tasks",
     "chat",
     "sampling",
     "lora",

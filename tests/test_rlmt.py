@@ -12,6 +12,7 @@ import judges
 import loading
 import lora
 import rlmt
+import tasks
 import toy
 
 
@@ -23,15 +24,8 @@ def policy():
 
 
 def _prompts(tokenizer, task="chat", n=3):
-    _, held = rlmt.load_prompts(
-        tokenizer,
-        data="toy",
-        eval_data="",
-        task=task,
-        seed=0,
-        n_eval=n,
-        toy_train_size=1,
-        max_prompt_length=1024,
+    _, held = tasks.thinking_prompts(
+        tokenizer, rlmt.Args(task=task, gate_prefixes=n), toy_train_size=1
     )
     return held
 
@@ -179,16 +173,7 @@ def test_multi_token_close_on_smollm2(boundary, capsys):
         assert s.answers == ["The sum is 4"] * 2 and s.answer_len[0] == len(
             enc("\n\nThe sum is 4<|im_end|>")
         )
-    rlmt.load_prompts(
-        tok,
-        data="toy",
-        eval_data="",
-        task="chat",
-        seed=0,
-        n_eval=2,
-        toy_train_size=2,
-        max_prompt_length=1024,
-    )
+    tasks.thinking_prompts(tok, rlmt.Args(gate_prefixes=2), toy_train_size=2)
     err = capsys.readouterr().err
     assert (
         err.count("rlmt.py: </think> is 3 tokens of this tokenizer") == 1
@@ -448,15 +433,8 @@ def test_learning_the_default_chat_run_shortened_raises_the_gate_reward(tmp_path
 
 def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
     tok = loading.load_tokenizer("toy")
-    train, held = rlmt.load_prompts(
-        tok,
-        data="toy-arithmetic",
-        eval_data="",
-        task="chat",
-        seed=0,
-        n_eval=6,
-        toy_train_size=6,
-        max_prompt_length=1024,
+    train, held = tasks.thinking_prompts(
+        tok, rlmt.Args(data="toy-arithmetic", gate_prefixes=6), toy_train_size=6
     )
     styles = [toy.parse_arithmetic(h["judge_prompt"])[1] for h in held]
     assert styles == ["gsm8k", "math", "mc"] * 2 and all(
@@ -473,26 +451,15 @@ def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
     train_samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert all(x["reward"] in (0.0, 1.0) for x in train_samples if x["split"] == "train")
     with pytest.raises(errors.ConfigError, match="toy-arithmetic"):
-        rlmt.load_prompts(
+        tasks.thinking_prompts(
             tok,
-            data="toy-arithmetic",
-            eval_data="",
-            task="continuation",
-            seed=0,
-            n_eval=2,
+            rlmt.Args(data="toy-arithmetic", task="continuation", gate_prefixes=2),
             toy_train_size=2,
-            max_prompt_length=1024,
         )
-    _, held = rlmt.load_prompts(
+    _, held = tasks.thinking_prompts(
         tok,
-        data="toy-arithmetic",
-        eval_data="",
-        task="chat",
-        seed=0,
-        n_eval=4,
+        rlmt.Args(data="toy-arithmetic", gate_prefixes=4, toy_styles="gsm8k,math"),
         toy_train_size=4,
-        max_prompt_length=1024,
-        styles="gsm8k,math",
     )
     assert [toy.parse_arithmetic(h["judge_prompt"])[1] for h in held] == ["gsm8k", "math"] * 2
     with pytest.raises(errors.ConfigError, match="--toy-styles gsm8k,essay"):

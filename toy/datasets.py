@@ -3,14 +3,15 @@ problems graded for accuracy, from one flag value (`--data toy`, `--data toy-ins
 
 - `sft_rows`: the worlds of thinking SFT (`SFT_WORLDS`): arithmetic with a scratchpad in one or
   more answer styles, instructions, document continuations with thoughts, plain documents;
-- `distillation_rows`: toy arithmetic conversations with their answers, the data of distillation.
+- `distillation_rows`: toy arithmetic conversations with their answers, the data of distillation;
+- `prompt_rows`, `thinking_prompt_rows`: the prompts of GRPO and of RLMT.
 """
 
 from __future__ import annotations
 
 import errors
 from toy.judges import thinking_continuations
-from toy.tasks import DOMAINS, arithmetic, documents, instructions, parse_levels
+from toy.tasks import DOMAINS, arithmetic, continuations, documents, instructions, parse_levels
 
 SFT_WORLDS = ("toy", "toy-continuations", "toy-documents", "toy-instructions")
 
@@ -90,3 +91,33 @@ def distillation_rows(difficulty: str, train_size: int, eval_size: int, seed: in
             [{"messages": r["messages"], "answer": r["answer"], "style": r["style"]} for r in rows]
         )
     return parts[0], parts[1]
+
+
+def prompt_rows(task: str, split: str, n: int, seed: int, levels: list[int]) -> list[dict]:
+    """The prompts of GRPO: arithmetic problems of `levels` as a one-message chat with the gold
+    answer and its style (--task verifiable), or documents (continuation)."""
+    if task != "verifiable":
+        return documents(split, n, seed=seed)
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "answer": r["answer"],
+            "style": r["style"],
+        }
+        for r in arithmetic(split, n, seed=seed, difficulty=levels)
+    ]
+
+
+def thinking_prompt_rows(
+    split: str, n: int, data: str, task: str, seed: int, styles: str
+) -> list[dict]:
+    """The prompts of RLMT: document prefixes (--task continuation), word problems of levels 1-3
+    in the answer formats of `styles` taken in turn (--data toy-arithmetic, eval_reasoning's toy
+    benchmarks) or instructions, the last two as one-message chats."""
+    if task == "continuation":
+        return continuations(split, n, seed=seed)
+    if data == "toy-arithmetic":
+        rows = mixed_arithmetic(split, n, seed, [1, 2, 3], styles.split(","))
+    else:
+        rows = instructions(split, n, seed=seed)
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
