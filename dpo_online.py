@@ -39,9 +39,9 @@ out, never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl,
 --resume asks the judge only what it has not asked before.
 
 On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts of 128 tokens,
-rollout-vs-rollout pairs) the trained policy beat the toy base on 0.657 of 128 held-out prefixes,
-95% interval [0.601, 0.714] (README: the variants tried, and the ways the policy learned to game the
-toy judge before they were closed).
+rollout-vs-rollout pairs) the trained policy beat the toy base on 0.646 of 128 held-out prefixes,
+95% interval [0.588, 0.703] (docs/dpo_online.md: the variants tried, and the ways the policy learned
+to game the toy judge before they were closed).
 
 Run:
     python dpo_online.py                              # toy documents, toy judge, from the toy base
@@ -67,7 +67,6 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import dataio
 import distributed
 import errors
 import judges
@@ -345,18 +344,9 @@ def _micro_batches(pairs: list[list[tuple[int, int, float]]], size: int) -> list
     return groups
 
 
-def update(
-    model,
-    judged: Judged,
-    *,
-    beta: float,
-    loss_type: str,
-    micro_batch_size: int,
-    pad_id: int,
-    world: int,
-    counter: dict | None = None,
-) -> dict:
-    """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L. Only
+def update(model, judged: Judged, args: Args, pad_id: int, world: int, counter=None) -> dict:
+    """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L (--loss,
+    --beta), over micro-batches of at most --micro-batch-size candidates. Only
     candidates in a pair are scored: one reference pass (LoRA off, no gradient) and one policy pass
     each, whatever the number of pairs they are in. A prefix's candidates share a micro-batch, so
     its loss is complete there and backward runs at once; `counter` (if given) counts the sequence
@@ -365,7 +355,8 @@ def update(
     jobs = sum(1 for p in judged.pairs if p)
     n_global = float(distributed.all_reduce_sum(torch.tensor(float(jobs), dtype=torch.float64)))
     sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logp_c", "logp_r", "n"), 0.0)
-    for group in _micro_batches(judged.pairs, micro_batch_size):
+    beta = args.beta
+    for group in _micro_batches(judged.pairs, args.micro_batch_size):
         index, prompts, comps = {}, [], []
         for b in group:
             for i in sorted({i for c, r, _ in judged.pairs[b] for i in (c, r)}):
@@ -382,7 +373,7 @@ def update(
         flat = [(index[(b, c)], index[(b, r)], w) for b in group for c, r, w in judged.pairs[b]]
         ci, ri = (torch.tensor([f[k] for f in flat], device=device) for k in (0, 1))
         w = torch.tensor([f[2] for f in flat], device=device)
-        per_pair = dpo_loss(pol[ci], pol[ri], ref[ci], ref[ri], beta, loss_type)
+        per_pair = dpo_loss(pol[ci], pol[ri], ref[ci], ref[ri], beta, args.loss)
         # the gradient all-reduce averages over ranks: x world makes it the mean over every rank's
         # prefixes
         loss = (w * per_pair).sum() * world / max(n_global, 1.0)
@@ -420,34 +411,23 @@ def update(
 
 
 @torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    heldout: list[dict],
-    judge,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    stop_at_eos: bool = False,
-    baseline=None,
-) -> dict:
+def evaluate(model, tokenizer, heldout: list[dict], judge, args: Args, baseline=None) -> dict:
     """The policy and the starting model (`baseline`, or the policy with LoRA off) each continue
-    every held-out prefix once (fixed generators, T = --temperature); the judge compares each pair
-    in both orders. Win rate = mean over prefixes of 1 (win), 1/2 (tie, or orders that disagree), 0
-    (loss); a pair with an invalid verdict is left out and counted. 95% interval: mean +- 1.96 sd /
-    sqrt(n) over the prefixes."""
+    every held-out prefix once as the rollouts do (--suffix-tokens, --temperature, --top-p,
+    --stop-at-eos; fixed generators); the judge compares each pair in both orders. Win rate = mean
+    over prefixes of 1 (win), 1/2 (tie, or orders that disagree), 0 (loss); a pair with an invalid
+    verdict is left out and counted. 95% interval: mean +- 1.96 sd / sqrt(n) over the prefixes."""
     device = next(model.parameters()).device
     ids = [w["prefix_ids"] for w in heldout]
     kw = dict(
         n=1,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
+        max_new_tokens=args.suffix_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
         batch_size=64,
-        eos_token_ids=None if stop_at_eos else [],
+        eos_token_ids=None if args.stop_at_eos else [],
     )
+    seed = args.seed
     policy = sampling.sample(
         model, tokenizer, ids, generator=torch.Generator(device=device).manual_seed(seed + 1), **kw
     )
@@ -536,7 +516,8 @@ class Args(judges.JudgeArgs, cli.TrainArgs):
     include_original: bool | None = None
     """the original suffix is a candidate (default: on for a hub model, as in the paper; off for the
     toy, whose original suffix is consistent by construction and so is always the chosen one: every
-    pair is then original-vs-rollout, which moved the toy's win rate far less (README))"""
+    pair is then original-vs-rollout, which moved the toy's win rate far less; docs/dpo_online.md)
+    """
     pairs: Literal["best-worst", "all"] = "best-worst"
     """best-worst: one pair per prefix, highest vs lowest score (the paper); all: every pair with
     different scores, weighted 1 / pairs per prefix"""
@@ -610,60 +591,6 @@ def build_judge(args: Args, device, train: list[dict]):
     return judges.from_args(args, pairwise=True, device=device)
 
 
-def eval_settings(args: Args) -> dict:
-    """evaluate's sampling, the rollouts' (length, temperature, top-p, stopping), and the seed."""
-    return dict(
-        max_new_tokens=args.suffix_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_at_eos=args.stop_at_eos,
-    )
-
-
-def rollout_step(model, tokenizer, judge, train, args: Args, run, step: int) -> Judged:
-    """Step `step` on this rank: its share of the epoch's shuffled prefixes, rolled out with a
-    generator seeded by (seed, step, rank) and paired with one seeded by (seed, step), so that a
-    resumed run draws the same; its first prefixes go to samples.jsonl."""
-    indices = dataio.epoch_indices(
-        len(train), args.batch_size * run.world, step, args.seed, run.rank, run.world
-    )
-    generator = sampling.step_generator(args.seed, step, run.rank, run.world, run.device)
-    rng = random.Random(args.seed * 7919 + step)
-    judged = rollout_and_judge(
-        model, tokenizer, [train[i] for i in indices], judge, generator, rng, args
-    )
-    lifecycle.log_samples(run, step + 1, judged.samples)
-    return judged
-
-
-def step_metrics(judged: Judged, losses: dict, lr: float, tokens_seen: int, t0, t1) -> dict:
-    """A row of metrics.jsonl; t0 / t1: when the step / the update began."""
-    return {
-        **judged.metrics,
-        **losses,
-        "learning_rate": lr,
-        "num_tokens": tokens_seen,
-        "step_time": time.perf_counter() - t0,
-        "timing/rollout_and_judge": t1 - t0,
-        "timing/update": time.perf_counter() - t1,
-    }
-
-
-def heldout_summary(after: dict) -> dict:
-    """summary.json's "heldout": the win rate against the starting model, 1/2 before training."""
-    return {
-        "metric": "win_rate_vs_base",
-        "before": 0.5,
-        "after": after["win_rate_vs_base"],
-        "interval": [after["interval_low"], after["interval_high"]],
-    }
-
-
-def interval_text(after: dict) -> str:
-    return f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]"
-
-
 def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
     """--eval-only PATH: an adapter on top of the starting model, or a full model against it."""
     # the starting model: --model with --init-adapter (and the adapters it was trained on) merged
@@ -680,102 +607,76 @@ def eval_only(args: Args, run, tokenizer, heldout, judge) -> dict:
             f"--eval-only {path}: neither an adapter ({lora.WEIGHTS_NAME}) nor a model "
             f"(config.json) there"
         )
-    after = evaluate(model, tokenizer, heldout, judge, baseline=baseline, **eval_settings(args))
+    after = evaluate(model, tokenizer, heldout, judge, args, baseline=baseline)
     after.pop("_samples")
-    summary = {
-        "method": "dpo_online",
-        "eval_only": str(path),
-        "after": after,
-        "heldout": heldout_summary(after),
-        "args": asdict(args),
-    }
-    table = {
-        "evaluated": str(path),
-        "win rate vs base": after["win_rate_vs_base"],
-        "95% interval": interval_text(after),
-        "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
-    }
-    return lifecycle.finish_run(run, summary, table)
+    fields, table = report(args, 0, {}, 0.0, after)
+    summary = {**fields, "eval_only": str(path), "after": after, "args": asdict(args)}
+    summary = lifecycle.finish_run(run, summary, {"evaluated": str(path), **table})
+    lifecycle.end_run(run)
+    return summary
 
 
-def results(
-    args: Args,
-    state: dict,
-    after: dict,
-    last: dict,
-    t_train: float,
-    skipped: int,
-    opt,
-    rank_diff: float,
-):
-    """(summary.json, results table): the held-out win rate against the starting model, the last
-    step's metrics, the run's totals."""
-    heldout = heldout_summary(after)
-    heldout["note"] = f"{after['compared']} held-out prefixes, one continuation each, both orders"
-    summary = {
-        "method": "dpo_online",
-        "judge": args.judge,
-        "init_adapter": args.init_adapter or None,
-        "heldout": heldout,
-        "after": after,
-        "final": last,
-        "train_seconds": t_train,
-        "num_tokens": state["tokens_seen"],
-        "short_documents_skipped": skipped,
-        "skipped_steps": opt.skipped,
-        "rank_param_max_diff": rank_diff,
-        "args": asdict(args),
+def report(args: Args, skipped: int, last: dict, train_seconds: float, after: dict):
+    """(online DPO's fields of summary.json, the results table): the held-out win rate against
+    the starting model (1/2 before training, by construction)."""
+    heldout = {
+        "metric": "win_rate_vs_base",
+        "before": 0.5,
+        "after": after["win_rate_vs_base"],
+        "interval": [after["interval_low"], after["interval_high"]],
+        "note": f"{after['compared']} held-out prefixes, one continuation each, both orders",
     }
+    fields = {"method": "dpo_online", "judge": args.judge, "heldout": heldout}
     table = {
         "win rate vs base": round(after["win_rate_vs_base"], 3),
-        "95% interval": interval_text(after),
+        "95% interval": f"[{after['interval_low']:.3f}, {after['interval_high']:.3f}]",
         "W/T/L": f"{after['wins']}/{after['ties']}/{after['losses']}",
-        "rollout share of chosen (last step)": last.get("chosen/rollout_share"),
-        "train s": round(t_train),
     }
-    return summary, table
+    if args.eval_only:
+        return fields, table
+    table["rollout share of chosen (last step)"] = last.get("chosen/rollout_share")
+    table["train s"] = round(train_seconds)
+    return {**fields, "short_documents_skipped": skipped}, table
 
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(
-        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
-    )
+    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, args.report_to)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout, skipped = tasks.document_windows(tokenizer, args)
     judge = build_judge(args, run.device, train)
     if args.eval_only:
-        summary = eval_only(args, run, tokenizer, heldout, judge)
-        lifecycle.end_run(run)
-        return summary
+        return eval_only(args, run, tokenizer, heldout, judge)
     # with LoRA off the policy is the starting model: the reference
     model = lora.load_policy(args, run.device)
     opt = lifecycle.adamw(lora.lora_parameters(model), args)
-    heldout_eval = functools.partial(
-        evaluate, model, tokenizer, heldout, judge, **eval_settings(args)
-    )
+    heldout_eval = functools.partial(evaluate, model, tokenizer, heldout, judge, args)
     start, state = lifecycle.begin_training(run, model, opt, starting_win_rate, args.resume)
     state.setdefault("tokens_seen", 0)
     model.train()
     t_train, last = 0.0, {}
     for step in lifecycle.training_steps(run, start, args, "dpo_online"):
         t0 = time.perf_counter()
-        judged = rollout_step(model, tokenizer, judge, train, args, run, step)
+        # the step's prefixes and rollout generator; the pairs' ties broken by a seeded rng
+        windows, generator = lifecycle.step_batch(run, train, args, step)
+        rng = random.Random(args.seed * 7919 + step)
+        judged = rollout_and_judge(model, tokenizer, windows, judge, generator, rng, args)
+        lifecycle.log_samples(run, step + 1, judged.samples)
         state["tokens_seen"] += judged.num_tokens * run.world
         t1 = time.perf_counter()
-        losses = update(
-            model,
-            judged,
-            beta=args.beta,
-            loss_type=args.loss,
-            micro_batch_size=args.micro_batch_size,
-            pad_id=tokenizer.pad_token_id,  # loading.load_tokenizer falls back to EOS
-            world=run.world,
-        )
+        # loading.load_tokenizer gives every tokenizer a pad id (EOS where it has none)
+        losses = update(model, judged, args, tokenizer.pad_token_id, run.world)
         losses.update(opt(losses["loss"], step + 1))
         t_train += time.perf_counter() - t0
-        lr = opt.scheduler.get_last_lr()[0]
-        last = step_metrics(judged, losses, lr, state["tokens_seen"], t0, t1)
+        last = {
+            **judged.metrics,
+            **losses,
+            "learning_rate": opt.scheduler.get_last_lr()[0],
+            "num_tokens": state["tokens_seen"],
+            "step_time": time.perf_counter() - t0,
+            "timing/rollout_and_judge": t1 - t0,
+            "timing/update": time.perf_counter() - t1,
+        }
         shown = {
             "rewards/margins": ".3f",
             "rewards/accuracies": ".2f",
@@ -784,19 +685,18 @@ def main(args: Args):
         lifecycle.end_step(
             run, step + 1, last, model, opt, state, args, show=shown, evaluate=heldout_eval
         )
-
-    # Ranks hold the same adapter (same start, same averaged gradients): rank_diff checks it.
-    rank_diff = distributed.max_param_difference_across_ranks(opt.params)
-    summary = {}
-    if distributed.is_main():
-        # the adapter first: a final evaluation that fails (a judge error) then loses no training
-        lora.save_trained(model, tokenizer, run.out, args.model)
-        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
-        summary = lifecycle.finish_run(
-            run, *results(args, state, after, last, t_train, skipped, opt, rank_diff)
-        )
-    lifecycle.end_run(run)
-    return summary
+    return lifecycle.finish_training(
+        run,
+        args,
+        model,
+        tokenizer,
+        opt,
+        state,
+        last,
+        t_train,
+        evaluate=heldout_eval,
+        report=functools.partial(report, args, skipped, last, t_train),
+    )
 
 
 if __name__ == "__main__":

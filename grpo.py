@@ -51,14 +51,14 @@ Run:
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 import cli
-import dataio
 import distributed
 import errors
 import lifecycle
@@ -539,91 +539,27 @@ def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def generation_batch(
-    model, tokenizer, train: list[dict], spec: str, args: Args, run: lifecycle.Run, step: int
-) -> Batch:
-    """The rollout for generation batch g = step // --num-iterations: this rank's share of the
-    epoch's shuffled prompts, sampled with a generator seeded by (seed, g, rank) so that a resumed
-    run draws the same completions; its first groups go to samples.jsonl."""
-    g = step // args.num_iterations
-    indices = dataio.epoch_indices(
-        len(train), args.batch_size * run.world, g, args.seed, run.rank, run.world
-    )
-    generator = sampling.step_generator(args.seed, g, run.rank, run.world, run.device)
-    batch = rollout(model, tokenizer, [train[i] for i in indices], spec, generator, args)
-    lifecycle.log_samples(run, step + 1, batch.samples)
-    return batch
-
-
-def step_metrics(
-    batch: Batch, stats: dict, lr: float, tokens_seen: int, t0: float, t1: float, t_rollout: float
-) -> dict:
-    """A row of metrics.jsonl, with TRL's names; t0 / t1: when the step / the update began."""
-    return {
-        **batch.metrics,
-        **stats,
-        "learning_rate": lr,
-        "num_tokens": tokens_seen,
-        "step_time": time.perf_counter() - t0,
-        "timing/rollout": t_rollout,
-        "timing/update": time.perf_counter() - t1,
-    }
-
-
-def results(
-    args: Args,
-    spec: str,
-    state: dict,
-    after: dict,
-    last: dict,
-    t_train: float,
-    opt: lifecycle.OptimizerStep,
-    rank_diff: float,
-):
-    """(summary.json, results table): the held-out metric before and after training (accuracy when
-    the prompts have gold answers, else the mean reward), the last step's metrics, the run's
-    totals."""
-    before = state["before"]
+def report(args: Args, spec: str, before: dict, last: dict, train_seconds: float, after: dict):
+    """(GRPO's fields of summary.json, the results table): the held-out metric (accuracy when the
+    prompts have gold answers, else the mean reward) before and after training."""
     metric = "accuracy" if "accuracy" in after else "mean_reward"
     note = f"Mean@{args.eval_samples} at T={args.temperature}"
     if args.data == "toy" and args.task == "verifiable":
         note += f", toy level(s) {args.toy_difficulty}"
-    summary = {
-        "method": "grpo",
-        "task": args.task,
-        "reward": spec,
-        "init_adapter": args.init_adapter or None,
-        "heldout": {
-            "metric": metric,
-            "before": before.get(metric),
-            "after": after.get(metric),
-            "note": note,
-        },
-        "before": before,
-        "after": after,
-        "final": last,
-        "train_seconds": t_train,
-        "num_tokens": state["tokens_seen"],
-        "skipped_steps": opt.skipped,
-        "rank_param_max_diff": rank_diff,
-        "args": asdict(args),
-    }
+    heldout = {"metric": metric, "before": before.get(metric), "after": after.get(metric)}
     table = {
         "task": args.task,
-        "metric": metric,
-        "before": before.get(metric),
-        "after": after.get(metric),
+        **heldout,
         "reward (last step)": last.get("reward"),
-        "train s": round(t_train),
+        "train s": round(train_seconds),
     }
-    return summary, table
+    fields = {"method": "grpo", "task": args.task, "reward": spec}
+    return {**fields, "heldout": {**heldout, "note": note}}, table
 
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(
-        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
-    )
+    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, args.report_to)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout = tasks.rl_prompts(tokenizer, args)
     spec = default_reward(args.task, args.reward, train)
@@ -641,15 +577,24 @@ def main(args: Args):
     for step in lifecycle.training_steps(run, start, args, "grpo"):
         t0, t_rollout = time.perf_counter(), 0.0
         if step % args.num_iterations == 0 or batch is None:  # a batch lasts --num-iterations steps
-            batch = generation_batch(model, tokenizer, train, spec, args, run, step)
+            prompts, generator = lifecycle.step_batch(run, train, args, step // args.num_iterations)
+            batch = rollout(model, tokenizer, prompts, spec, generator, args)
+            lifecycle.log_samples(run, step + 1, batch.samples)
             state["tokens_seen"] += batch.num_tokens * run.world
             t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
         stats = update(model, batch, args, run.world)
         stats.update(opt(stats["loss"], step + 1))
         t_train += time.perf_counter() - t0
-        lr = opt.scheduler.get_last_lr()[0]
-        last = step_metrics(batch, stats, lr, state["tokens_seen"], t0, t1, t_rollout)
+        last = {
+            **batch.metrics,
+            **stats,
+            "learning_rate": opt.scheduler.get_last_lr()[0],
+            "num_tokens": state["tokens_seen"],
+            "step_time": time.perf_counter() - t0,
+            "timing/rollout": t_rollout,
+            "timing/update": time.perf_counter() - t1,
+        }
         lifecycle.end_step(
             run,
             step + 1,
@@ -662,18 +607,19 @@ def main(args: Args):
             evaluate=heldout_eval,
             can_save=(step + 1) % args.num_iterations == 0,  # never inside a generation batch
         )
-
-    # Ranks hold the same adapter (same start, same averaged gradients): rank_diff checks it.
-    rank_diff = distributed.max_param_difference_across_ranks(opt.params)
-    summary = {}
-    if distributed.is_main():
-        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
-        lora.save_trained(model, tokenizer, run.out, args.model, merged=args.save_merged)
-        summary = lifecycle.finish_run(
-            run, *results(args, spec, state, after, last, t_train, opt, rank_diff)
-        )
-    lifecycle.end_run(run)
-    return summary
+    return lifecycle.finish_training(
+        run,
+        args,
+        model,
+        tokenizer,
+        opt,
+        state,
+        last,
+        t_train,
+        evaluate=heldout_eval,
+        report=functools.partial(report, args, spec, state["before"], last, t_train),
+        merged=args.save_merged,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ checkpoints, and the finish (summary.json and the results table)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dataio import append_jsonl, atomic_write_json, markdown_table, write_jsonl
+import lora
+import sampling
+from dataio import append_jsonl, atomic_write_json, epoch_indices, markdown_table, write_jsonl
 from distributed import (
     all_reduce_gradients,
     all_reduce_sum,
@@ -31,6 +34,7 @@ from distributed import (
     init_distributed,
     is_distributed,
     is_main,
+    max_param_difference_across_ranks,
     pick_device,
 )
 from errors import ConfigError, NonFiniteError
@@ -374,6 +378,16 @@ def begin_training(run: Run, model, opt: "OptimizerStep", evaluate, resume: bool
     return 0, {"before": before}
 
 
+def step_batch(run: Run, rows: list, args, index: int) -> tuple[list, torch.Generator]:
+    """Batch `index` on this rank: its share of the --batch-size x world rows of the seeded epoch
+    (dataio.epoch_indices; the ranks' rows disjoint), and the generator that samples it, seeded by
+    (--seed, index, rank) so that a resumed run draws the same."""
+    world_batch = args.batch_size * run.world
+    indices = epoch_indices(len(rows), world_batch, index, args.seed, run.rank, run.world)
+    generator = sampling.step_generator(args.seed, index, run.rank, run.world, run.device)
+    return [rows[i] for i in indices], generator
+
+
 def training_steps(run: Run, start: int, args, desc: str) -> tqdm:
     """The steps still to run, from `start` (a resumed run's first step) to --max-steps, as a
     progress bar shown on rank 0 only; end_step writes each step's metrics into it."""
@@ -428,6 +442,57 @@ def evaluation_due(step: int, every: int, max_steps: int) -> bool:
     """Whether step `step` (1-based) ends with a held-out evaluation: every `every` steps (0 =
     never), except the last, which the finish evaluates anyway."""
     return bool(every) and step % every == 0 and step < max_steps
+
+
+def finish_training(
+    run: Run,
+    args,
+    model,
+    tokenizer,
+    opt: "OptimizerStep",
+    state: dict,
+    last: dict,
+    train_seconds: float,
+    *,
+    evaluate,
+    report,
+    full: bool = False,
+    merged: bool = False,
+) -> dict:
+    """The end of a trainer, on every rank. The ranks' trained parameters are compared (they must
+    match: the same start, the same averaged gradients). Then on rank 0:
+
+    1. the trained weights are saved (lora.save_trained's `full` and `merged`), first, so a
+       final evaluation that fails (a judge that went away) loses no training;
+    2. `evaluate()` (None: none) is logged as the held-out metrics after training;
+    3. `report(after)` gives the method's fields of summary.json and its results table; every run's
+       fields are added (the held-out metrics before and after, the last step's metrics, the train
+       time, tokens, skipped steps, the flags) and summary.json written.
+
+    Returns the summary on rank 0, {} elsewhere; the last call of a trainer."""
+    rank_diff = max_param_difference_across_ranks(opt.params)
+    summary = {}
+    if is_main():
+        lora.save_trained(model, tokenizer, run.out, args.model, merged=merged, full=full)
+        after = None if evaluate is None else evaluate()
+        if after is not None:
+            after = log_eval(run, run.logger, args.max_steps, "after", after)
+        fields, table = report(after)
+        summary = {
+            **fields,
+            "init_adapter": args.init_adapter or None,
+            "before": state.get("before"),
+            "after": after,
+            "final": last,
+            "train_seconds": train_seconds,
+            "num_tokens": state.get("tokens_seen"),
+            "skipped_steps": opt.skipped,
+            "rank_param_max_diff": rank_diff,
+            "args": dataclasses.asdict(args),
+        }
+        summary = finish_run(run, summary, table)
+    end_run(run)
+    return summary
 
 
 def end_run(run: Run) -> None:

@@ -181,16 +181,8 @@ def test_update_one_pass_per_candidate_and_the_naive_gradient(pairs, loss_type):
     judged = _judged(K, pairs)
     params = lora.lora_parameters(model)
     counter = {}
-    stats = dpo_online.update(
-        model,
-        judged,
-        beta=0.2,
-        loss_type=loss_type,
-        micro_batch_size=6,
-        pad_id=0,
-        world=1,
-        counter=counter,
-    )
+    args = dpo_online.Args(beta=0.2, loss=loss_type, micro_batch_size=6)
+    stats = dpo_online.update(model, judged, args, pad_id=0, world=1, counter=counter)
     ours = [p.grad.clone() for p in params]
     in_pairs = sum(len({i for c, r, _ in p for i in (c, r)}) for p in judged.pairs)
     assert counter == {"reference": in_pairs, "policy": in_pairs}
@@ -241,9 +233,7 @@ def test_evaluate_with_a_judge_that_never_parses_is_an_error():
         judges.JudgeError,
         match=r"no held-out comparison got a valid verdict .*2 of 2 verdicts invalid",
     ):
-        dpo_online.evaluate(
-            model, tok, held, Mute(), max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0
-        )
+        dpo_online.evaluate(model, tok, held, Mute(), dpo_online.Args(suffix_tokens=4))
 
 
 # ---------------------------------------------------------------------------------------------
