@@ -8,18 +8,27 @@ statistics of rewards.reward_gate; per pair of arms: the paired difference of th
 rewards with its 95% interval. The card's go/no-go: the verdicts parse (invalid rate <= 5%), the
 groups carry a signal (>= 25% mixed groups) and some pair of arms is told apart (an interval that
 excludes 0). The per-group statistics every group-sampling script logs stay in rewards.reward_gate.
+
+The card also watches a run as it trains, and so does rlmt.py: template debris in the responses
+(`artifact_rate`), the response length drifting (`length_drift`), and alerts that are logged and
+never stop the run (`step_alerts`).
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 import dataio
 import rewards
 import stats
+from answers import THINK_CLOSE, THINK_OPEN
+
+ARTIFACTS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 def arm_row(reward: Sequence[float], G: int, invalid_rate: float, **columns) -> dict:
@@ -108,3 +117,45 @@ def write(arms: dict[str, dict], out: Path, span: float = 1.0) -> dict:
     dataio.atomic_write_json(Path(out) / "gate.json", gate_report)
     print("\n" + tables(gate_report), flush=True)
     return gate_report
+
+
+def artifact_rate(answers: list[str], has_answer: list[bool]) -> float:
+    """Share of responses with template debris: a `<think>` / `</think>` or a role token inside the
+    response, or an empty response (missing ones of --boundary model included)."""
+    bad = [
+        not h or not a.strip() or any(x in a for x in ARTIFACTS)
+        for a, h in zip(answers, has_answer)
+    ]
+    return sum(bad) / max(len(bad), 1)
+
+
+def length_drift(state: dict, answer_length: float) -> float:
+    """Mean response length of the last 5 steps over that of the first 5, minus 1 (the card's drift
+    watch); the two windows live in the checkpointed `state`."""
+    early = state.setdefault("early_lengths", [])
+    if len(early) < 5:
+        early.append(answer_length)
+    state["recent_lengths"] = (state.get("recent_lengths", []) + [answer_length])[-5:]
+    return statistics.mean(state["recent_lengths"]) / max(statistics.mean(early), 1e-9) - 1.0
+
+
+def step_alerts(m: dict, drift_alert: float, step: int) -> list[str]:
+    """The card's alerts, logged and never stopping the run: every group at 0, half the groups all
+    at 1 (nothing left to learn there), the response length drifting by more than --drift-alert."""
+    hits = {
+        "reward_collapse": m["gate/all_zero_groups"] == 1.0,
+        "all_one_groups": m["gate/all_one_groups"] >= 0.5,
+        "length_drift": abs(m["length_drift"]) > drift_alert,
+    }
+    names = [name for name, hit in hits.items() if hit]
+    for name in names:
+        tqdm.write(
+            f"alert at step {step}: {name} ({m['reward']:.3f} reward, drift "
+            f"{m['length_drift']:+.2f})"
+        )
+    return names
+
+
+def reward_span(missing_reward: float) -> float:
+    """The range of a reward: a judge's is [0, 1], a missing response gets --missing-reward."""
+    return max(1.0, missing_reward) - min(0.0, missing_reward)

@@ -58,15 +58,13 @@ import contextlib
 import functools
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 import chat
 import cli
-import dataio
 import distributed
 import errors
 import gate
@@ -78,15 +76,7 @@ import rewards
 import sampling
 import tasks
 import toy
-from answers import THINK_CLOSE, THINK_OPEN
-
-ARTIFACTS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts: each row becomes {"ids", "prompt" (text the judge sees), + "reference" for continuation}
-# ---------------------------------------------------------------------------------------------
-
+from answers import THINK_CLOSE
 
 # ---------------------------------------------------------------------------------------------
 # 1. Rollout: thought, boundary, response; the loss mask is 0 on the inserted boundary
@@ -239,16 +229,6 @@ def _visible(text: str, ends: list[str]) -> str:
     return text.strip()
 
 
-def artifact_rate(answers: list[str], has_answer: list[bool]) -> float:
-    """Share of responses with template debris: a `<think>` / `</think>` or a role token inside the
-    response, or an empty response (missing ones of --boundary model included)."""
-    bad = [
-        not h or not a.strip() or any(x in a for x in ARTIFACTS)
-        for a, h in zip(answers, has_answer)
-    ]
-    return sum(bad) / max(len(bad), 1)
-
-
 def judge_responses(
     judge,
     task: str,
@@ -317,7 +297,7 @@ def rollout_metrics(s: Samples, r: list[float], G: int, invalid: int) -> dict:
         "judge/invalid_rate": invalid / max(len(r), 1),
         "closed_think_rate": sum(s.closed) / len(s.closed),
         "missing_think_close": s.has_answer.count(False),
-        "artifact_rate": artifact_rate(s.answers, s.has_answer),
+        "artifact_rate": gate.artifact_rate(s.answers, s.has_answer),
         "thought_length": statistics.mean(s.thought_len),
         "answer_length": ans.mean().item(),
         "reward_length_corr": corr,
@@ -335,33 +315,6 @@ def sample_row(tokenizer, rows: list[dict], s: Samples, r: list[float], i: int) 
     }
 
 
-def length_drift(state: dict, answer_length: float) -> float:
-    """Mean response length of the last 5 steps over that of the first 5, minus 1 (the card's drift
-    watch); the two windows live in the checkpointed `state`."""
-    early = state.setdefault("early_lengths", [])
-    if len(early) < 5:
-        early.append(answer_length)
-    state["recent_lengths"] = (state.get("recent_lengths", []) + [answer_length])[-5:]
-    return statistics.mean(state["recent_lengths"]) / max(statistics.mean(early), 1e-9) - 1.0
-
-
-def step_alerts(m: dict, drift_alert: float, step: int) -> list[str]:
-    """The card's alerts, logged and never stopping the run: every group at 0, half the groups all
-    at 1 (nothing left to learn there), the response length drifting by more than --drift-alert."""
-    hits = {
-        "reward_collapse": m["gate/all_zero_groups"] == 1.0,
-        "all_one_groups": m["gate/all_one_groups"] >= 0.5,
-        "length_drift": abs(m["length_drift"]) > drift_alert,
-    }
-    names = [name for name, hit in hits.items() if hit]
-    for name in names:
-        tqdm.write(
-            f"alert at step {step}: {name} ({m['reward']:.3f} reward, drift "
-            f"{m['length_drift']:+.2f})"
-        )
-    return names
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Update: group advantages, the clipped surrogate with k3 KL, token mean over the batch
 # ---------------------------------------------------------------------------------------------
@@ -374,21 +327,11 @@ def group_advantages(r: torch.Tensor, G: int) -> torch.Tensor:
     return (adv / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
 
 
-def update(
-    model,
-    s: Samples,
-    adv: torch.Tensor,
-    ref_logp,
-    *,
-    temperature: float,
-    eps: float,
-    beta: float,
-    micro_batch_size: int,
-    world: int,
-) -> dict:
-    """Backward of L over micro-batches (gradients accumulate; the optimizer step is the
-    caller's)."""
-    R = s.roll.completion_ids.shape[0]
+def update(model, s: Samples, adv: torch.Tensor, ref_logp, a: Args, world: int) -> dict:
+    """Backward of L (--temperature, clip --epsilon, --beta) over micro-batches of at most
+    --micro-batch-size rows (gradients accumulate; the optimizer step is the caller's)."""
+    R, micro_batch_size = s.roll.completion_ids.shape[0], a.micro_batch_size
+    temperature, eps, beta = a.temperature, a.epsilon, a.beta
     global_tokens = float(distributed.all_reduce_sum(s.loss_mask.sum().float().cpu()))
     sums = {"loss": 0.0, "kl": 0.0, "tokens": 0.0}
     for a in range(0, R, micro_batch_size):
@@ -426,17 +369,7 @@ def train_on(model, s: Samples, r: list[float], opt, a: Args, run, step: int) ->
     if a.beta > 0:
         with lora.disabled(model):
             ref = sampling.rollout_logprobs(model, s.roll, a.micro_batch_size, a.temperature)
-    out = update(
-        model,
-        s,
-        adv,
-        ref,
-        temperature=a.temperature,
-        eps=a.epsilon,
-        beta=a.beta,
-        micro_batch_size=a.micro_batch_size,
-        world=run.world,
-    )
+    out = update(model, s, adv, ref, a, run.world)
     out.update(opt(out["loss"], step))
     return out
 
@@ -458,7 +391,7 @@ def gate_arm(model, tokenizer, judge, heldout, a: Args, **kw) -> dict:
         avg_total_new_tokens=statistics.mean(t + n for t, n in zip(s.thought_len, s.answer_len)),
         avg_suffix_words=statistics.mean(len(x.split()) for x in s.answers),
         closed_think_rate=sum(s.closed) / len(s.closed),
-        artifact_rate=artifact_rate(s.answers, s.has_answer),
+        artifact_rate=gate.artifact_rate(s.answers, s.has_answer),
         _samples=[
             {"prompt": rows[i]["judge_prompt"], "answer": s.answers[i], "reward": r[i]}
             for i in range(0, len(rows), a.num_generations)
@@ -474,11 +407,6 @@ def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
         row = gate_arm(model, tokenizer, judge, heldout, a)
     model.train()
     return row
-
-
-def reward_span(missing_reward: float) -> float:
-    """The range of a reward: a judge's is [0, 1], a missing response gets --missing-reward."""
-    return max(1.0, missing_reward) - min(0.0, missing_reward)
 
 
 def run_gate(a: Args, run) -> dict:
@@ -499,23 +427,7 @@ def run_gate(a: Args, run) -> dict:
         _, heldout = tasks.thinking_prompts(tokenizer, a, toy_train_size=1)
         results[name] = gate_arm(model.eval(), tokenizer, judge, heldout, a, spec=spec)
         del model
-    return gate.write(results, run.out, reward_span(a.missing_reward))
-
-
-def heldout_delta(run, a: Args, before: dict, row: dict | None, n_prompts: int) -> dict:
-    """summary.json "heldout": the gate of the trained policy (`row`) against its start (`before`);
-    {} without --gate-after."""
-    if row is None:
-        return {}
-    after = lifecycle.log_eval(run, run.logger, a.max_steps, "after", row)
-    report = gate.write({"start": before, "rlmt": after}, run.out, reward_span(a.missing_reward))
-    return {
-        "metric": "gate_mean_reward",
-        "before": before["reward_mean"],
-        "after": after["reward_mean"],
-        "delta_ci": report["comparisons"]["rlmt_minus_start"]["delta_ci"],
-        "note": f"{n_prompts} held-out prompts x {a.num_generations} samples, T={a.temperature}",
-    }
+    return gate.write(results, run.out, gate.reward_span(a.missing_reward))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +535,41 @@ def resolve_defaults(args: Args) -> Args:
     return args
 
 
+def report(args: Args, judge, alerts: list, n_prompts: int, train_seconds: float, before, after):
+    """(RLMT's fields of summary.json, the results table). "heldout": the gate of the trained
+    policy (`after`) against its start (`before`), also written to gate.json; {} without
+    --gate-after."""
+    heldout = {}
+    if after is not None:
+        span = gate.reward_span(args.missing_reward)
+        report = gate.write({"start": before, "rlmt": after}, args.out, span)
+        heldout = {
+            "metric": "gate_mean_reward",
+            "before": before["reward_mean"],
+            "after": after["reward_mean"],
+            "delta_ci": report["comparisons"]["rlmt_minus_start"]["delta_ci"],
+            "note": f"{n_prompts} held-out prompts x {args.num_generations} samples, "
+            f"T={args.temperature}",
+        }
+    fields = {
+        "method": "rlmt",
+        "task": args.task,
+        "boundary": args.boundary,
+        "heldout": heldout,
+        "alerts": alerts,
+        "judge_calls": judge.calls,
+        "judge_invalid": judge.invalid,
+    }
+    table = {
+        "task": args.task,
+        "boundary": args.boundary,
+        "gate before": heldout.get("before"),
+        "gate after": heldout.get("after"),
+        "train s": round(train_seconds),
+    }
+    return fields, table
+
+
 def main(args: Args):
     args = resolve_defaults(args)
     # the gate alone logs no metrics: no tracker run for it
@@ -643,16 +590,16 @@ def main(args: Args):
     start, state = lifecycle.begin_training(run, model, opt, evaluate, args.resume)
     model.train()
     t_train, last, alerts = 0.0, {}, []
-    main_rank = distributed.is_main()
     for step in lifecycle.training_steps(run, start, args, "rlmt"):
         t0 = time.perf_counter()
-        s, grouped, r, invalid = step_rollout(model, tokenizer, judge, train, args, run, step)
+        prompts, generator = lifecycle.step_batch(run, train, args, step)
+        s, grouped, r, invalid = rollout(model, tokenizer, judge, prompts, args, generator)
         t_rollout = time.perf_counter() - t0
         out = train_on(model, s, r, opt, args, run, step + 1)
         t_train += time.perf_counter() - t0
         m = rollout_metrics(s, r, args.num_generations, invalid)
-        m["length_drift"] = length_drift(state, m["answer_length"])
-        names = step_alerts(m, args.drift_alert, step + 1)
+        m["length_drift"] = gate.length_drift(state, m["answer_length"])
+        names = gate.step_alerts(m, args.drift_alert, step + 1)
         alerts += [{"step": step + 1, "alert": name} for name in names]
         last = {
             **m,
@@ -666,54 +613,22 @@ def main(args: Args):
         lifecycle.log_samples(
             run, step + 1, [sample_row(tokenizer, grouped, s, r, i) for i in shown]
         )
-        shown = {"reward": ".3f", "kl": ".3g"}
-        lifecycle.end_step(run, step + 1, last, model, opt, state, args, show=shown)
-    summary = {}
-    if main_rank:
-        lora.save_trained(model, tokenizer, run.out, args.model)
-        after = policy_gate(start=False) if args.gate_after else None
-        results = {
-            "heldout": heldout_delta(run, args, state.get("before"), after, len(heldout)),
-            "final": last,
-            "alerts": alerts,
-            "train_seconds": t_train,
-        }
-        summary = finish(run, args, results, opt, judge)
-    lifecycle.end_run(run)
-    return summary
-
-
-def step_rollout(model, tokenizer, judge, train: list[dict], a: Args, run, step: int):
-    """The step's rollout: this rank's share of the epoch's prompts, sampled with the generator
-    seeded by (seed, step, rank)."""
-    batch = a.batch_size * run.world
-    order = dataio.epoch_indices(len(train), batch, step, a.seed, run.rank, run.world)
-    gen = sampling.step_generator(a.seed, step, run.rank, run.world, run.device)
-    return rollout(model, tokenizer, judge, [train[i] for i in order], a, gen)
-
-
-def finish(run, a: Args, results: dict, opt, judge) -> dict:
-    """summary.json and the results table (rank 0)."""
-    summary = {
-        "method": "rlmt",
-        "task": a.task,
-        "boundary": a.boundary,
-        "init_adapter": a.init_adapter or None,
-        **results,
-        "skipped_steps": opt.skipped,
-        "judge_calls": judge.calls,
-        "judge_invalid": judge.invalid,
-        "args": asdict(a),
-    }
-    heldout = results["heldout"]
-    table = {
-        "task": a.task,
-        "boundary": a.boundary,
-        "gate before": heldout.get("before"),
-        "gate after": heldout.get("after"),
-        "train s": round(results["train_seconds"]),
-    }
-    return lifecycle.finish_run(run, summary, table)
+        show = {"reward": ".3f", "kl": ".3g"}
+        lifecycle.end_step(run, step + 1, last, model, opt, state, args, show=show)
+    return lifecycle.finish_training(
+        run,
+        args,
+        model,
+        tokenizer,
+        opt,
+        state,
+        last,
+        t_train,
+        evaluate=functools.partial(policy_gate, start=False) if args.gate_after else None,
+        report=functools.partial(
+            report, args, judge, alerts, len(heldout), t_train, state.get("before")
+        ),
+    )
 
 
 if __name__ == "__main__":

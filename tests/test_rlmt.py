@@ -8,6 +8,7 @@ import torch
 from conftest import run_script
 
 import errors
+import gate
 import judges
 import loading
 import lora
@@ -312,7 +313,7 @@ def test_group_advantages():
 
 def test_artifact_rate():
     assert (
-        rlmt.artifact_rate(
+        gate.artifact_rate(
             ["ok", "a <think> b", "", "x<|im_start|>user", "fine"], [True] * 4 + [False]
         )
         == 0.8
@@ -342,9 +343,8 @@ def test_update_trains_only_policy_tokens(policy):
     for p in lora.lora_parameters(m):
         p.data.normal_(0, 0.05)
     adv = torch.tensor([1.0, -1.0])
-    stats = rlmt.update(
-        m, s, adv, None, temperature=1.0, eps=0.2, beta=0.0, micro_batch_size=8, world=1
-    )
+    flags = rlmt.Args(temperature=1.0, epsilon=0.2, beta=0.0, micro_batch_size=8)
+    stats = rlmt.update(m, s, adv, None, flags, world=1)
     g1 = [p.grad.clone() for p in lora.lora_parameters(m)]
     m.zero_grad()
     ones = rlmt.Samples(
@@ -352,7 +352,7 @@ def test_update_trains_only_policy_tokens(policy):
         s.roll.completion_mask.clone(),
         *[getattr(s, f) for f in ("answers", "thought_len", "answer_len", "closed", "has_answer")],
     )
-    rlmt.update(m, ones, adv, None, temperature=1.0, eps=0.2, beta=0.0, micro_batch_size=8, world=1)
+    rlmt.update(m, ones, adv, None, flags, world=1)
     g2 = [p.grad.clone() for p in lora.lora_parameters(m)]
     assert stats["kl"] == 0.0 and any(a.abs().sum() > 0 for a in g1)
     assert any(not torch.allclose(a, b) for a, b in zip(g1, g2)), (
