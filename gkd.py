@@ -47,16 +47,16 @@ Run:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 import cli
-import dataio
 import distributed
 import errors
 import lifecycle
@@ -180,11 +180,10 @@ def sample(model, tokenizer, batch: list[dict], args, generator) -> sampling.Rol
     )
 
 
-def rollout(student, teacher, tokenizer, batch: list[dict], args, run, step: int):
+def rollout(student, teacher, tokenizer, batch: list[dict], args, run, step: int, gen):
     """(n_on, [(part name, Rollout)]): the targets of a step. The first n_on = lambda x batch rows
-    the student writes (on-policy); the rest are the data's, or the teacher's with --seq-kd.
-    Sampling runs without gradients (none flows through it)."""
-    gen = sampling.step_generator(args.seed, step, run.rank, run.world, run.device)
+    the student writes (on-policy, sampled with `gen`); the rest are the data's, or the teacher's
+    with --seq-kd. Sampling runs without gradients (none flows through it)."""
     n_on = on_policy_rows(len(batch), args.lmbda, step, args.seed + run.rank)
     parts = []
     if n_on:
@@ -321,12 +320,6 @@ def evaluate(model, tokenizer, heldout: list[dict], args, teacher=None, vocab=No
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: each row becomes {"ids": prompt ids, "target": completion ids or None, "prompt": text,
-# + columns}
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # Models: a frozen teacher and a trainable student with one tokenizer
 # ---------------------------------------------------------------------------------------------
 
@@ -350,24 +343,16 @@ def load_models(args, device, tokenizer, teacher_tokenizer):
     return teacher, student, params, vocab
 
 
-def step_batch(train: list[dict], args, run, step: int) -> list[dict]:
-    """This rank's --batch-size rows of the step (dataio.epoch_indices: seeded epochs, the ranks'
-    rows disjoint)."""
-    world_batch = args.batch_size * run.world
-    indices = dataio.epoch_indices(len(train), world_batch, step, args.seed, run.rank, run.world)
-    return [train[i] for i in indices]
-
-
 def without_samples(metrics: dict) -> dict:
     """Held-out metrics without the completions they carry for samples.jsonl."""
     return {k: v for k, v in metrics.items() if k != "_samples"}
 
 
-def summarize(run, args, state: dict, after: dict, last: dict, t_train: float, opt, rank_diff):
-    """summary.json and the results table: the held-out metric (greedy accuracy, else the JSD on
-    the data targets, else the reverse KL on the student's own completions) of the student before
-    and after and of the teacher, and the share of the student-teacher gap closed (accuracy)."""
-    before, teach = state["before"], state["teacher"]
+def report(args, teach: dict, before: dict, train_seconds: float, after: dict):
+    """(GKD's fields of summary.json, the results table): the held-out metric (greedy accuracy,
+    else the JSD on the data targets, else the reverse KL on the student's own completions) of the
+    student before and after and of the teacher (`teach`), and the share of the student-teacher gap
+    closed (accuracy)."""
     metric = "accuracy" if "accuracy" in after else "data/jsd" if "data/jsd" in after else "own/rkl"
     gap = teach.get(metric, math.nan) - before.get(metric, math.nan)
     closed = (after[metric] - before[metric]) / gap if metric == "accuracy" and gap > 0 else None
@@ -383,7 +368,7 @@ def summarize(run, args, state: dict, after: dict, last: dict, t_train: float, o
         "gap_closed": closed,
         "note": note,
     }
-    summary = {
+    fields = {
         "method": "gkd",
         "variant": variant,
         "loss": args.loss,
@@ -391,15 +376,7 @@ def summarize(run, args, state: dict, after: dict, last: dict, t_train: float, o
         "beta": args.beta,
         "seq_kd": args.seq_kd,
         "heldout": heldout,
-        "before": before,
-        "after": after,
         "teacher": teach,
-        "final": last,
-        "train_seconds": t_train,
-        "num_tokens": state["tokens_seen"],
-        "skipped_steps": opt.skipped,
-        "rank_param_max_diff": rank_diff,
-        "args": asdict(args),
     }
     table = {
         "variant": variant,
@@ -410,9 +387,9 @@ def summarize(run, args, state: dict, after: dict, last: dict, t_train: float, o
         "gap closed": closed,
         "held-out JSD before": before.get("data/jsd"),
         "after": after.get("data/jsd"),
-        "train s": round(t_train),
+        "train s": round(train_seconds),
     }
-    return lifecycle.finish_run(run, summary, table)
+    return fields, table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,9 +513,7 @@ def resolve_defaults(args: Args) -> Args:
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(
-        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
-    )
+    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, args.report_to)
     tokenizer, teacher_tokenizer = loading.load_tokenizers(args.model, args.teacher)
     train, heldout = tasks.distillation_examples(tokenizer, args)
     teacher, student, params, vocab = load_models(args, run.device, tokenizer, teacher_tokenizer)
@@ -551,13 +526,12 @@ def main(args: Args):
     if distributed.is_main() and "teacher" not in state:  # measured once; a resumed run reads it
         state["teacher"] = without_samples(evaluate(teacher, tokenizer, heldout, args))
     state.setdefault("tokens_seen", 0)
-
     student.train()
     t_train, last = 0.0, {}
     for step in lifecycle.training_steps(run, start, args, "gkd"):
         t0 = time.perf_counter()
-        batch = step_batch(train, args, run, step)
-        n_on, parts = rollout(student, teacher, tokenizer, batch, args, run, step)
+        batch, gen = lifecycle.step_batch(run, train, args, step)
+        n_on, parts = rollout(student, teacher, tokenizer, batch, args, run, step, gen)
         t_sample = time.perf_counter() - t0
         loss, sums, n_tok = update(student, teacher, parts, vocab, len(batch), args, run.device)
         stats = opt(loss, step + 1)
@@ -574,16 +548,20 @@ def main(args: Args):
         lifecycle.end_step(
             run, step + 1, last, student, opt, state, args, show=shown, evaluate=evaluate_student
         )
-
-    rank_diff = distributed.max_param_difference_across_ranks(params)
-    summary = {}
-    if distributed.is_main():
-        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", evaluate_student())
-        # the full model and tokenizer in <out>/model (--full), else the LoRA adapter in <out>
-        lora.save_trained(student, tokenizer, run.out, args.model, full=args.full)
-        summary = summarize(run, args, state, after, last, t_train, opt, rank_diff)
-    lifecycle.end_run(run)
-    return summary
+    # --full: the model and tokenizer in <out>/model, else the LoRA adapter in <out>
+    return lifecycle.finish_training(
+        run,
+        args,
+        student,
+        tokenizer,
+        opt,
+        state,
+        last,
+        t_train,
+        evaluate=evaluate_student,
+        report=functools.partial(report, args, state.get("teacher"), state.get("before"), t_train),
+        full=args.full,
+    )
 
 
 if __name__ == "__main__":
