@@ -7,6 +7,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import sys
 import textwrap
@@ -80,20 +81,58 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     return cls(**vars(parser.parse_args(argv)))
 
 
-def require_at_least_one(args, names: tuple[str, ...]) -> None:
-    """Counts (steps, batch sizes, tokens) of `args` must be >= 1; else a ConfigError naming the
-    flag and its value."""
-    for name in names:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+# The ranges of the flags that mean the same in every script (one name, one meaning), checked by
+# check_flags in every script before anything loads: (low, high, whether low itself is allowed).
+COUNTS = (
+    "max_steps",
+    "batch_size",
+    "micro_batch_size",
+    "num_iterations",
+    "eval_size",
+    "eval_samples",
+    "num_samples",
+    "limit",
+    "toy_train_size",
+    "lora_r",
+    "max_length",
+    "max_prompt_length",
+    "max_new_tokens",
+    "max_completion_length",
+    "prefix_tokens",
+    "suffix_tokens",
+    "continuation_tokens",
+    "thought_tokens",
+    "answer_tokens",
+    "gate_prefixes",
+)
+RANGES = {
+    **{name: (1, math.inf, True) for name in COUNTS},
+    "lr": (0.0, math.inf, False),
+    "temperature": (0.0, math.inf, False),
+    "loss_temperature": (0.0, math.inf, False),
+    "top_p": (0.0, 1.0, False),
+    "warmup_ratio": (0.0, 1.0, True),
+    "min_lr_ratio": (0.0, 1.0, True),
+    "lora_dropout": (0.0, 1.0, True),
+    "max_grad_norm": (0.0, math.inf, True),
+    "save_every": (0, math.inf, True),
+    "eval_every": (0, math.inf, True),
+    "log_completions": (0, math.inf, True),
+}
 
 
-def require_positive(args, names: tuple[str, ...]) -> None:
-    """Quantities of `args` (temperatures, coefficients) must be > 0; else a ConfigError naming
-    the flag and its value."""
-    for name in names:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
+def check_flags(args) -> None:
+    """Every flag of `args` named in RANGES (and set: None is a default still to fill) is a finite
+    number in its range; else a ConfigError naming the flag, its value and the range."""
+    for name, (low, high, closed) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        inside = (value >= low if closed else value > low) and value <= high
+        if not (math.isfinite(value) and inside):
+            left = f">= {low}" if closed else f"> {low}"
+            bound = left if high == math.inf else f"{left} and <= {high}"
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be {bound}")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -562,18 +562,8 @@ def resolve_defaults(args: Args) -> Args:
         raise errors.ConfigError(
             "--num-rollouts: at least two candidates per prefix are needed for a pair"
         )
-    cli.require_positive(args, ("beta",))
-    cli.require_at_least_one(
-        args,
-        (
-            "prefix_tokens",
-            "suffix_tokens",
-            "batch_size",
-            "micro_batch_size",
-            "max_steps",
-            "eval_size",
-        ),
-    )
+    if args.beta <= 0:
+        raise errors.ConfigError(f"--beta {args.beta}: must be > 0")
     return args
 
 
@@ -636,7 +626,7 @@ def report(args: Args, skipped: int, last: dict, train_seconds: float, after: di
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, args.report_to)
+    run = lifecycle.start_run(args, args.resume, args.report_to)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout, skipped = tasks.document_windows(tokenizer, args)
     judge = build_judge(args, run.device, train)

@@ -433,9 +433,7 @@ def main(a: Args):
         a.max_new_tokens = 160 if a.model == "toy" else 512
     if a.limit is None and a.model == "toy" and a.suite == "reasoning":
         a.limit = 64
-    if a.num_samples < 1 or a.max_new_tokens < 1:
-        raise errors.ConfigError("--num-samples and --max-new-tokens must be >= 1")
-    run = lifecycle.start_run(a.out, a, a.seed, a.device)
+    run = lifecycle.start_run(a)
     arms = lora.with_lineages(lora.resolve_arms(a.arms, a.model), a.init_adapter)
     if a.suite == "likelihood":
         return run_likelihood(a, arms, run)

@@ -490,10 +490,6 @@ def resolve_defaults(args: Args) -> Args:
                 "and --seq-kd"
             )
         args.lmbda = 1.0
-    cli.require_positive(args, ("temperature", "loss_temperature"))
-    cli.require_at_least_one(
-        args, ("batch_size", "micro_batch_size", "max_steps", "max_new_tokens")
-    )
     samples = args.lmbda > 0 or args.seq_kd
     if samples and args.temperature != args.loss_temperature:
         warnings.warn(
@@ -513,7 +509,7 @@ def resolve_defaults(args: Args) -> Args:
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, args.report_to)
+    run = lifecycle.start_run(args, args.resume, args.report_to)
     tokenizer, teacher_tokenizer = loading.load_tokenizers(args.model, args.teacher)
     train, heldout = tasks.distillation_examples(tokenizer, args)
     teacher, student, params, vocab = load_models(args, run.device, tokenizer, teacher_tokenizer)

@@ -512,10 +512,6 @@ def resolve_defaults(args: Args) -> Args:
             "--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is "
             "0 without it"
         )
-    cli.require_at_least_one(
-        args,
-        ("batch_size", "micro_batch_size", "max_steps", "num_iterations", "max_completion_length"),
-    )
     return args
 
 
@@ -559,7 +555,7 @@ def report(args: Args, spec: str, before: dict, last: dict, train_seconds: float
 
 def main(args: Args):
     args = resolve_defaults(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, args.report_to)
+    run = lifecycle.start_run(args, args.resume, args.report_to)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout = tasks.rl_prompts(tokenizer, args)
     spec = default_reward(args.task, args.reward, train)

@@ -416,7 +416,7 @@ class Args:
 
 def main(args: Args):
     adapter_paths = checked_inputs(args)
-    run = lifecycle.start_run(args.out, args, args.seed, args.device)
+    run = lifecycle.start_run(args)
     names = args.models or adapter_paths
     weights = normalised(args.weights, len(names))
     other = "linear" if args.method == "karcher" else "karcher"

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import lora
 import sampling
+from cli import check_flags
 from dataio import append_jsonl, atomic_write_json, epoch_indices, markdown_table, write_jsonl
 from distributed import (
     all_reduce_gradients,
@@ -306,28 +307,22 @@ class Run:
         self.logger.log(step, metrics)
 
 
-def start_run(
-    out: str | os.PathLike,
-    args: Any,
-    seed: int,
-    device: str = "auto",
-    resume: bool = False,
-    report_to: str = "",
-) -> Run:
-    """Join torchrun's group (if launched by it), seed everything, pick this rank's device, prepare
-    the run directory (args.json; a fresh run clears the old logs and checkpoint)."""
-
+def start_run(args: Any, resume: bool = False, report_to: str = "") -> Run:
+    """The start of every script, before anything loads: check the flags (cli.check_flags), join
+    torchrun's group (if launched by it), seed everything from --seed, pick this rank's --device,
+    prepare the run directory --out (args.json; a fresh run clears the old logs and checkpoint)."""
     t_start = time.perf_counter()
+    check_flags(args)
     rank, world, local_rank = init_distributed()
-    set_seed(seed)
-    dev = pick_device(device, local_rank)
+    set_seed(args.seed)
+    dev = pick_device(args.device, local_rank)
     return Run(
         rank=rank,
         world=world,
         device=dev,
-        out=prepare_out_dir(out, args, resume=resume),
+        out=prepare_out_dir(args.out, args, resume=resume),
         t_start=t_start,
-        logger=MetricsLogger(out, report_to=report_to or None),
+        logger=MetricsLogger(args.out, report_to=report_to or None),
     )
 
 

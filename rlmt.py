@@ -523,15 +523,6 @@ def resolve_defaults(args: Args) -> Args:
         raise errors.ConfigError(
             "--num-generations must be >= 2: a group of one has no relative advantage"
         )
-    counts = (
-        "batch_size",
-        "micro_batch_size",
-        "max_steps",
-        "thought_tokens",
-        "answer_tokens",
-        "gate_prefixes",
-    )
-    cli.require_at_least_one(args, counts)
     return args
 
 
@@ -574,7 +565,7 @@ def main(args: Args):
     args = resolve_defaults(args)
     # the gate alone logs no metrics: no tracker run for it
     report_to = "" if args.gate else args.report_to
-    run = lifecycle.start_run(args.out, args, args.seed, args.device, args.resume, report_to)
+    run = lifecycle.start_run(args, args.resume, report_to)
     if args.gate:
         return run_gate(args, run)
     tokenizer = loading.load_tokenizer(args.model)

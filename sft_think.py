@@ -394,8 +394,7 @@ DEFAULTS = {
 
 
 def resolve_defaults(args: Args) -> None:
-    """Check the batch sizes, fill the fields left None from DEFAULTS, and LoRA alpha = 2 x rank."""
-    cli.require_at_least_one(args, ("batch_size", "micro_batch_size"))
+    """Fill the fields left None from DEFAULTS, and LoRA alpha = 2 x rank."""
     lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_r
@@ -403,9 +402,7 @@ def resolve_defaults(args: Args) -> None:
 
 def main(args: Args):
     resolve_defaults(args)
-    run = lifecycle.start_run(
-        args.out, args, args.seed, args.device, args.resume, report_to=args.report_to
-    )
+    run = lifecycle.start_run(args, args.resume, args.report_to)
     tokenizer = loading.load_tokenizer(args.model)
     # saved with the model in <out>/model
     added = chat.add_marker_tokens(tokenizer, args.train_tokens)

@@ -91,6 +91,43 @@ def test_bad_flag_value_is_one_line_and_traceback_on_request(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("lr", 0.0, "--lr 0.0: must be > 0.0"),
+        ("lr", float("nan"), "--lr nan: must be > 0.0"),
+        ("lr", float("inf"), "--lr inf: must be > 0.0"),
+        ("max_steps", 0, "--max-steps 0: must be >= 1"),
+        ("batch_size", -2, "--batch-size -2: must be >= 1"),
+        ("temperature", 0.0, "--temperature 0.0: must be > 0.0"),
+        ("top_p", 0.0, "--top-p 0.0: must be > 0.0 and <= 1.0"),
+        ("top_p", 1.5, "--top-p 1.5: must be > 0.0 and <= 1.0"),
+        ("warmup_ratio", 1.2, "--warmup-ratio 1.2: must be >= 0.0 and <= 1.0"),
+    ],
+)
+def test_check_flags_names_the_flag_its_value_and_range(flag, value, message):
+    from dataclasses import dataclass
+
+    import cli
+
+    @dataclass
+    class A(cli.TrainArgs):
+        temperature: float = 1.0
+        top_p: float = 1.0
+
+    cli.check_flags(A(lr=1e-4))  # the defaults pass; a None (unset) field is not checked
+    with pytest.raises(errors.ConfigError, match=f"^{message}$".replace("+", r"\+")):
+        cli.check_flags(A(**{"lr": 1e-4, flag: value}))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_out_of_range_flag_stops_every_script_before_anything_loads(script, tmp_path):
+    flag = "--max-new-tokens" if script in ("eval_reasoning.py", "karcher_merge.py") else "--lr"
+    line = one_line_error(run(script, flag, "0", "--out", tmp_path / "run"))
+    assert line.startswith(f"error: {flag} 0"), line
+    assert not (tmp_path / "run").exists()  # nothing written, no model loaded
+
+
 def test_unreachable_judge_is_one_line_naming_the_url():
     port = free_port()
     code = (
