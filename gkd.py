@@ -236,11 +236,9 @@ def policy_metrics(run, step: int, batch: list[dict], roll, tokenizer, args) -> 
     wrote for `batch`; the first --log-completions go to samples.jsonl."""
     texts = roll.texts(tokenizer)
     out = {}
-    cols = rewards.reward_columns(batch, 1)
-    if "answer" in cols:
-        graded = rewards.correct(texts, cols["answer"], cols.get("style"))
-        graded = [v for v in graded if v is not None]
-        out["policy/accuracy"] = sum(graded) / max(len(graded), 1)
+    graded = rewards.accuracy(texts, batch)
+    if graded:
+        out["policy/accuracy"] = graded["accuracy"]
     out["completions/mean_length"] = float(roll.completion_mask.sum(1).float().mean())
     out["completions/clipped_ratio"] = float((~roll.finished).float().mean())
     shown = list(zip(batch, texts))[: args.log_completions]
@@ -293,12 +291,9 @@ def evaluate(model, tokenizer, heldout: list[dict], args, teacher=None, vocab=No
         "mean_length": float(roll.completion_mask.sum(1).float().mean()),
         "clipped_ratio": float((~roll.finished).float().mean()),
     }
-    cols = rewards.reward_columns(heldout, 1)
-    if "answer" in cols:
-        graded = rewards.correct(texts, cols["answer"], cols.get("style"))
-        graded = [v for v in graded if v is not None]
-        if graded:
-            row["accuracy"] = sum(graded) / len(graded)
+    graded = rewards.accuracy(texts, heldout)
+    if graded:
+        row["accuracy"] = graded["accuracy"]
     if teacher is not None:
         with_target = [p for p in heldout if p["target"] is not None]
         if with_target:

@@ -382,23 +382,13 @@ def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args) -> di
         "mean_length": float(roll.completion_mask.sum(1).float().mean()),
         "distinct_2": rewards.distinct_n(texts, 2),
     }
-    if args.task == "verifiable" and "answer" in cols:
-        res = rewards.correct(texts, cols["answer"], cols.get("style"))
-        graded = [g for g in (res[i : i + k] for i in range(0, len(res), k)) if g[0] is not None]
+    graded = rewards.accuracy(texts, heldout, k) if args.task == "verifiable" else {}
+    if graded:  # Mean@k, pass@k, and greedy accuracy
         greedy = sampling.sample(
             model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128
         )
-        cols1 = rewards.reward_columns(heldout, 1)
-        res1 = [
-            v
-            for v in rewards.correct(greedy.texts(tokenizer), cols1["answer"], cols1.get("style"))
-            if v is not None
-        ]
-        if graded:
-            row["accuracy"] = sum(v for g in graded for v in g) / (len(graded) * k)  # Mean@k
-            row["pass_at_k"] = sum(any(v > 0 for v in g) for g in graded) / len(graded)
-            row["greedy_accuracy"] = sum(res1) / len(res1)
-            row["graded_prompts"] = len(graded)
+        greedy_accuracy = rewards.accuracy(greedy.texts(tokenizer), heldout)["accuracy"]
+        row.update(graded, greedy_accuracy=greedy_accuracy)
     row["_samples"] = [
         {"prompt": c, "completion": t, "reward": r}
         for c, t, r in zip(cols["prompt"][::k][:10], texts[::k][:10], total[::k][:10])

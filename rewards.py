@@ -686,6 +686,24 @@ def call_reward(name: str, fn: RewardFn, completions: list, columns: dict) -> li
     return out
 
 
+def accuracy(completions: list[str], rows: list[dict], k: int = 1) -> dict:
+    """Rule-graded accuracy (`correct`) of k consecutive completions per row of `rows`, over the
+    rows with a gold 'answer' (in their 'style'): {"accuracy": Mean@k, "pass_at_k": the share of
+    rows with a correct completion, "graded_prompts"}; {} when no row has an answer."""
+    cols = reward_columns(rows, k)
+    if "answer" not in cols:
+        return {}
+    res = correct(completions, cols["answer"], cols.get("style"))
+    groups = [res[i : i + k] for i in range(0, len(res), k) if res[i] is not None]
+    if not groups:
+        return {}
+    return {
+        "accuracy": sum(v for g in groups for v in g) / (len(groups) * k),
+        "pass_at_k": sum(any(v > 0 for v in g) for g in groups) / len(groups),
+        "graded_prompts": len(groups),
+    }
+
+
 def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:
     """The data columns of a batch of prompt rows, one entry per completion (each row repeated
     `repeat` times, as the G completions of a group follow each other), as TRL passes them to reward

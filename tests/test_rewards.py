@@ -963,3 +963,23 @@ def test_proxy_nll_reward_on_cuda_matches_cpu():
     cpu = likelihood.ProxyNLLReward(model=model, tokenizer=tok)(comps)
     gpu = likelihood.ProxyNLLReward(model=model.to("cuda"), tokenizer=tok)(comps)
     assert gpu == pytest.approx(cpu, abs=1e-3)
+
+
+def test_accuracy_is_mean_at_k_and_pass_at_k_over_rows_with_an_answer():
+    rows = [
+        {"prompt": "a", "answer": "4"},
+        {"prompt": "b"},  # no gold answer: left out
+        {"prompt": "c", "answer": "7"},
+    ]
+    texts = ["#### 4", "#### 5", "x", "y", "#### 6", "#### 6"]
+    assert rewards.accuracy(texts, rows, k=2) == {
+        "accuracy": 1 / 4,  # one correct of the 2 x 2 graded samples
+        "pass_at_k": 1 / 2,
+        "graded_prompts": 2,
+    }
+    assert rewards.accuracy(["#### 7"], [rows[2]]) == {
+        "accuracy": 1.0,
+        "pass_at_k": 1.0,
+        "graded_prompts": 1,
+    }
+    assert rewards.accuracy(["x"], [rows[1]]) == {}
