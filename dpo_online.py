@@ -543,10 +543,8 @@ DEFAULTS = {
 
 def resolve_defaults(args: Args) -> Args:
     """DEFAULTS for the fields left unset, then the settings derived from them, checked."""
-    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
+    lora.fill_defaults(args, DEFAULTS)
     hub = args.model != "toy"
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_r
     if args.include_original is None:
         args.include_original = hub
     if not args.judge:

@@ -469,9 +469,7 @@ def resolve_defaults(args: Args) -> Args:
         args.teacher_adapter = str(toy.SFT_ADAPTER_DIR) if args.teacher == "toy" else ""
     if args.full is None:
         args.full = toy_student
-    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_r
+    lora.fill_defaults(args, DEFAULTS)
     if not 0.0 <= args.beta <= 1.0:
         raise errors.ConfigError(
             f"--beta {args.beta}: must lie in [0, 1] (0 forward KL, 1 reverse KL)"

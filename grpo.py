@@ -483,9 +483,7 @@ DEFAULTS = {
 def resolve_defaults(args: Args) -> Args:
     """Fill the defaults left None: DEFAULTS for the model and device, then those derived from
     other flags; reject settings GRPO cannot train with."""
-    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_r
+    lora.fill_defaults(args, DEFAULTS)
     if args.max_completion_length is None:
         args.max_completion_length = 128 if args.task == "verifiable" else args.continuation_tokens
     if args.epsilon_high is None:

@@ -38,6 +38,7 @@ from torch import nn
 
 import chat
 import loading
+from distributed import pick_device
 from errors import ConfigError, MissingError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -318,19 +319,21 @@ def save_trained(
         tokenizer.save_pretrained(Path(out) / "model")
 
 
-def fill_defaults(args, table: dict[str, tuple], device) -> None:
+def fill_defaults(args, table: dict[str, tuple]) -> None:
     """Set each field of `args` that is None from a script's DEFAULTS table, {field: (toy value,
     real-model value on one CUDA GPU as in the method's model card)}: the toy value for --model toy;
-    for a real model the card's on CUDA, else SMALL_DEVICE_SETUP's (hub_defaults). A value the user
-    gave is kept."""
+    for a real model the card's on CUDA, else SMALL_DEVICE_SETUP's (hub_defaults, on the device
+    --device picks). A value the user gave is kept. Then --lora-alpha, if unset: 2 x rank."""
     if args.model == "toy":
         chosen = {name: toy for name, (toy, _) in table.items()}
     else:
         card = {name: real for name, (_, real) in table.items()}
-        chosen = hub_defaults(args.model, device, card, vars(args))
+        chosen = hub_defaults(args.model, pick_device(args.device), card, vars(args))
     for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_r
 
 
 @contextlib.contextmanager

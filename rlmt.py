@@ -508,8 +508,7 @@ DEFAULTS = {
 
 
 def resolve_defaults(args: Args) -> Args:
-    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
-    args.lora_alpha = args.lora_alpha or 2.0 * args.lora_r
+    lora.fill_defaults(args, DEFAULTS)
     if args.init_adapter == "auto":
         toy_chat = args.model == "toy" and args.task == "chat"
         sft = toy.SFT_FORMATS_DIR if args.data == "toy-arithmetic" else toy.SFT_INSTRUCT_DIR

@@ -395,9 +395,7 @@ DEFAULTS = {
 
 def resolve_defaults(args: Args) -> None:
     """Fill the fields left None from DEFAULTS, and LoRA alpha = 2 x rank."""
-    lora.fill_defaults(args, DEFAULTS, distributed.pick_device(args.device))
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_r
+    lora.fill_defaults(args, DEFAULTS)
 
 
 def main(args: Args):
