@@ -167,6 +167,10 @@ class TrainArgs:
     model"""
     data: str = "toy"
     """training data (JSONL or a hub dataset id); 'toy' = the method's toy task"""
+    eval_data: str = ""
+    """held-out data of the same schema, its first --eval-size rows (rlmt.py: --gate-prefixes);
+    '' = the toy's held-out split, or the last tenth of --data (the held-out rule of every script)
+    """
     init_adapter: str = ""
     """PEFT adapter(s) merged into the model before a fresh LoRA is added ('' = none)"""
     out: str = "runs/run"

@@ -489,9 +489,6 @@ class Args(judges.JudgeArgs, cli.TrainArgs):
     load_in_4bit: bool = False
     log_completions: int = 1
     """prefixes per step written to samples.jsonl (candidates, scores, the chosen pair)"""
-    eval_data: str = ""
-    """held-out documents (default: the toy test split, or the last tenth of --data, at most
-    --eval-size documents)"""
     prefix_tokens: int | None = None
     """tokens of a document shown as the prefix (default 192 toy, 384 hub model)"""
     suffix_tokens: int = 128

@@ -412,9 +412,6 @@ class Args(cli.TrainArgs):
     toy teacher, none otherwise"""
     teacher_load_in_4bit: bool = False
     """the frozen teacher in NF4 (else bf16 on CUDA, fp32 on CPU)"""
-    eval_data: str = ""
-    """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
-    --data)"""
     eval_size: int = 200
     """held-out prompts"""
     eval_every: int = 0

@@ -22,18 +22,16 @@ rho = 1 and the logged loss is about 0 while the gradient is not: watch `reward`
 Without a KL term (beta = 0, the default) a completion of a group with identical rewards has A = 0
 and adds exactly nothing, so the update skips it (`--update-all-rows` keeps it).
 
-Data (--data, --eval-data): JSONL rows {'prompt': str|messages, 'answer'?, 'reference'?,
-'domain'?} or documents {'text', 'domain'?}; 'toy' = toy arithmetic (verifiable) or toy documents
-(continuation). --init-adapter auto = the shipped toy thinking-SFT adapter (toy/sft_think) for the
-toy verifiable task, none otherwise; the adapter is merged, so the reference policy is the merged
-model.
+Data: JSONL rows {'prompt': str | messages, 'answer'?, 'reference'?, 'domain'?} or documents
+{'text', 'domain'?} (tasks.rl_prompts); 'toy' = toy arithmetic, or toy documents for continuation.
+--init-adapter (merged; the reference policy is the merged model): 'auto' = the shipped toy
+thinking-SFT adapter for toy arithmetic, none otherwise.
 
-Continued pretraining (`--task continuation`, as in the model card
-Lambent/Qwen3-4B-Base-Continued-GRPO): the prompt is a document prefix, the completion the policy's
-continuation, and the reward its similarity to the true continuation (semantic similarity, chrF++,
-ROUGE-L, Levenshtein, a length penalty, mixed by content type: `rewards.similarity`). That card
-trained Qwen3-4B-Base this way with QLoRA r=128, alpha=256, lr 1e-5, the defaults here for a real
-model on CUDA (on a CPU: no 4-bit, r=16, lr 1e-4; the toy: r=16, lr 3e-4, T=0.5).
+Continued pretraining (`--task continuation`, the model card Lambent/Qwen3-4B-Base-Continued-GRPO):
+the prompt is a document prefix, the completion the policy's continuation, and the reward its
+similarity to the true continuation (semantic similarity, chrF++, ROUGE-L, Levenshtein and a length
+penalty, mixed by content type: `rewards.similarity`). The card trained Qwen3-4B-Base with QLoRA
+r=128, alpha=256, lr 1e-5: the defaults for a real model on CUDA (DEFAULTS below).
 
 MARA (`--mara-tau`, arXiv 2510.20817): the KL-regularised optimum pi_ref(y) exp(r(y)/beta) puts
 its mass on one mode. Within a group, every sample with r >= tau gets the reward of the anchor z
@@ -42,9 +40,7 @@ makes the optimum give all high-reward samples the same mass, so several modes s
 
 Run:
     python grpo.py                                # toy arithmetic, from the toy SFT adapter
-    python grpo.py --init-adapter runs/sft_think  # ... or from your own `python sft_think.py` run
     python grpo.py --task continuation            # toy documents, similarity rewards, toy base
-    python grpo.py --model Qwen/Qwen3-4B-Base --task continuation --data docs.jsonl  # QLoRA r=128
     torchrun --nproc_per_node 4 grpo.py --model Qwen/Qwen3-1.7B-Base --data math.jsonl \\
         --reward correct:1.0,format:0.1 --init-adapter runs/sft_think_qwen
 """
@@ -411,9 +407,6 @@ class Args(cli.TrainArgs):
     task: Literal["verifiable", "continuation"] = "verifiable"
     """verifiable: prompts with answers; continuation: document prefixes, similarity to the true
     continuation"""
-    eval_data: str = ""
-    """held-out JSONL of the same schema (default: toy test split, or the last --eval-size rows of
-    --data)"""
     reward: str = ""
     """reward spec 'name:weight,...' from rewards.py (default: verifiable 'correct:1.0,format:0.1';
     continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"""
@@ -503,11 +496,6 @@ def resolve_defaults(args: Args) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompts: each row becomes {"ids": prompt token ids, "prompt": readable text, + reward columns}
-# ---------------------------------------------------------------------------------------------
-
-
 def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
     """--reward, else the task's default; every name is checked here, before any model runs."""
     spec = reward
@@ -551,9 +539,7 @@ def main(args: Args):
     model = lora.load_policy(args, run.device)
     opt = lifecycle.adamw(lora.lora_parameters(model), args)
 
-    def heldout_eval() -> dict:
-        return evaluate(model, tokenizer, heldout, spec, args)
-
+    heldout_eval = functools.partial(evaluate, model, tokenizer, heldout, spec, args)
     start, state = lifecycle.begin_training(run, model, opt, heldout_eval, args.resume)
     state.setdefault("tokens_seen", 0)
     model.train()

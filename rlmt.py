@@ -455,9 +455,6 @@ class Args(judges.JudgeArgs, cli.TrainArgs):
     policy writes </think> itself"""
     toy_styles: str = "gsm8k,math,mc"
     """toy-arithmetic: answer formats, comma-separated, of gsm8k, math, mc (taken in turn)"""
-    eval_data: str = ""
-    """held-out JSONL of the same schema, the gate's prompts (default: the toy test split, or the
-    last rows of --data)"""
     judging: Literal["pairwise", "pointwise"] = "pairwise"
     """continuation: against the original continuation in both orders, or the response rated alone
     with the original as the judge's reference"""

@@ -349,9 +349,6 @@ class Args(cli.TrainArgs):
     max_steps: int = 500
     batch_size: int = 16
     micro_batch_size: int = 16
-    eval_data: str = ""
-    """held-out JSONL, its first --eval-size rows ('' = the toy held-out split, or the last tenth
-    of --data, at most --eval-size rows)"""
     weight_decay: float = 0.0
     """AdamW weight decay (0 with --train-tokens, so the frozen rows stay bit-identical)"""
     max_length: int = 512
