@@ -56,7 +56,6 @@ Run:
 from __future__ import annotations
 
 import functools
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -440,26 +439,16 @@ def evaluate(model, tokenizer, heldout: list[dict], judge, args: Args, baseline=
         judge, [w["prefix"] for w in heldout], [[p, b] for p, b in zip(p_texts, b_texts)]
     )
     outcomes = [r.scores[0] for r in results if r.scores[0] is not None]
-    n = len(outcomes)
-    if n == 0:
+    if not outcomes:
         raise judges.JudgeError(
             f"judge {getattr(judge, 'url', '')}: no held-out comparison got a valid verdict in "
             f"both orders ({judge.invalid - invalid} of {judge.calls - calls} verdicts invalid)"
         )
-    mean = sum(outcomes) / n
-    # sd with n - 1 (Bessel), and 0 for a single prefix: an interval of width 0 where
-    # stats.mean_interval would give NaN
-    sd = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / max(n - 1, 1))
-    low, high = stats.bounded_interval(mean, stats.Z95 * sd / math.sqrt(n))
+    row = stats.win_rate(outcomes)
     return {
-        "win_rate_vs_base": mean,
-        "interval_low": low,
-        "interval_high": high,
-        "wins": sum(x > 0.5 for x in outcomes),
-        "ties": sum(x == 0.5 for x in outcomes),
-        "losses": sum(x < 0.5 for x in outcomes),
-        "compared": n,
-        "invalid_pairs": len(results) - n,
+        "win_rate_vs_base": row.pop("win_rate"),
+        **row,
+        "invalid_pairs": len(results) - len(outcomes),
         "judge_invalid_rate": (judge.invalid - invalid) / max(judge.calls - calls, 1),
         "policy_mean_length": float(policy.completion_mask.sum(1).float().mean()),
         "base_mean_length": float(base.completion_mask.sum(1).float().mean()),

@@ -32,6 +32,26 @@ def mean_interval(
     return mean, bounded_interval(mean, half, low, high)
 
 
+def win_rate(outcomes: Sequence[float]) -> dict:
+    """Pairwise comparisons, each 1 (win), 1/2 (tie) or 0 (loss), or a probability between: the
+    win rate (their mean) with its 95% interval, mean +- 1.96 sd / sqrt(n) within [0, 1], and the
+    wins, ties and losses. sd is Bessel-corrected, and 0 for a single comparison (an interval of
+    width 0 where mean_interval would give NaN)."""
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / max(n - 1, 1))
+    low, high = bounded_interval(mean, Z95 * sd / math.sqrt(n))
+    return {
+        "win_rate": mean,
+        "interval_low": low,
+        "interval_high": high,
+        "wins": sum(x > 0.5 for x in outcomes),
+        "ties": sum(x == 0.5 for x in outcomes),
+        "losses": sum(x < 0.5 for x in outcomes),
+        "compared": n,
+    }
+
+
 def paired_interval(
     a: Sequence[float], b: Sequence[float], span: float = 1.0
 ) -> tuple[float, float, list[float]]:

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -558,3 +559,16 @@ def test_help_spells_out_model_dependent_defaults(capsys):
         and "5% of them" in out
         and "%%" not in out
     )
+
+
+def test_win_rate_counts_and_interval_by_hand():
+    import stats
+
+    row = stats.win_rate([1.0, 0.5, 0.0, 1.0])
+    mean, sd = 0.625, math.sqrt((0.375**2 + 0.125**2 + 0.625**2 + 0.375**2) / 3)
+    half = 1.96 * sd / 2
+    assert (row["wins"], row["ties"], row["losses"], row["compared"]) == (2, 1, 1, 4)
+    assert row["win_rate"] == mean
+    assert [row["interval_low"], row["interval_high"]] == pytest.approx([mean - half, 1.0])
+    one = stats.win_rate([0.5])  # a single comparison: an interval of width 0, not NaN
+    assert [one["interval_low"], one["interval_high"]] == [0.5, 0.5]
