@@ -25,18 +25,13 @@ continuation, the judge compares the two in both orders (a tie counts 1/2), and 
 with a 95% interval.
 
 Documents (`--data`): JSONL rows {"text", "domain"?} or a dataset id; 'toy' = the toy story / news /
-code documents. Held out: --eval-data (its first --eval-size documents), else the last tenth of
---data capped at --eval-size.
+code documents (tasks.document_windows; held out by the rule of every script).
 
-Judges (`--judge`): "toy" (the toy world's continuation judge, which checks every continuation line
-against the facts of the prefix), an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`) or a
-model directory / hub id run in this process. LLM judges get the paper's quality prompt (fig. 2) and
-answer "Conclusion: Option 1" or "Option 2": a model in this process by default continues that
-prefix for one token, P(option 1) = p1 / (p1 + p2) (--judge-verdict logprobs); a server, or
---judge-verdict generate, writes an explanation ending in it. A verdict that does not parse (or
-whose "1" and "2" carry almost no probability) is invalid: counted and logged, and the pair is left
-out, never scored 1/2. Replies are cached by content in <out>/judge_cache.jsonl, so a rerun or
---resume asks the judge only what it has not asked before.
+Judges (`--judge`, judges.py): "toy" (checks every continuation line against the facts of the
+prefix), an OpenAI-compatible URL (vLLM, SGLang, `transformers serve`) or a model run in this
+process, asked the paper's quality prompt (fig. 2). A verdict that does not parse is invalid:
+counted, and its pair left out, never scored 1/2. Replies are cached in <out>/judge_cache.jsonl,
+so a rerun or --resume asks only what it has not asked before.
 
 On the toy (`python dpo_online.py`: 150 steps of 4 prefixes x 8 rollouts of 128 tokens,
 rollout-vs-rollout pairs) the trained policy beat the toy base on 0.646 of 128 held-out prefixes,
@@ -46,11 +41,8 @@ to game the toy judge before they were closed).
 Run:
     python dpo_online.py                              # toy documents, toy judge, from the toy base
     python dpo_online.py --eval-only runs/dpo_online  # win rate of an adapter against its base
-    vllm serve Qwen/Qwen3-8B --port 8001              # (or SGLang / `transformers serve`), then:
     python dpo_online.py --model Qwen/Qwen3-0.6B-Base --data docs.jsonl \\
-        --judge http://127.0.0.1:8001 --judge-model Qwen/Qwen3-8B
-    torchrun --nproc_per_node 4 dpo_online.py --model Qwen/Qwen3-1.7B-Base --data docs.jsonl \\
-        --judge http://127.0.0.1:8001 --judge-model Qwen/Qwen3-8B --pairs all
+        --judge http://127.0.0.1:8001 --judge-model Qwen/Qwen3-8B  # e.g. `vllm serve Qwen/Qwen3-8B`
 """
 
 from __future__ import annotations

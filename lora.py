@@ -825,16 +825,16 @@ def load_frozen(
     return model.eval().requires_grad_(False)
 
 
-def resolve_arms(spec: str, model: str) -> dict[str, str]:
-    """--arms 'name=spec,...' as {name: spec}; 'auto' = the model alone, or with the toy model: the
-    base, the shipped thinking-SFT adapters and the toy runs/sft_think, runs/grpo, runs/rlmt found
-    (an adapter with the args.json of a toy run)."""
+def resolve_arms(spec: str, model: str, flag: str = "--arms") -> dict[str, str]:
+    """--arms (`flag`) 'name=spec,...' as {name: spec}; 'auto' = the model alone, or with the toy
+    model: the base, the shipped thinking-SFT adapters and the toy runs/sft_think, runs/grpo,
+    runs/rlmt found (an adapter with the args.json of a toy run)."""
     if spec != "auto":
         arms = {}
         for item in spec.split(","):
             name, eq, value = item.partition("=")
             if not eq or not name.strip():
-                raise ConfigError(f"--arms {spec!r}: each arm is name=spec, got {item!r}")
+                raise ConfigError(f"{flag} {spec!r}: each arm is name=spec, got {item!r}")
             arms[name.strip()] = value.strip()
         return arms
     if model != "toy":

@@ -22,22 +22,17 @@ m_t is 1 on the tokens the policy sampled. Two ways to get (z, y) (`--boundary`)
   after the first `</think>`, the same rule in training and in the gate. A sample without it gets
   --missing-reward and is counted (`missing_think_close`).
 
-Tasks (`--task`): chat, the paper's (prompts are requests; the toy default: toy instructions such as
-"Reverse the letters of: paper", judged by the toy answer judge: 1 for the exact answer, partial
-credit for near misses) and continuation, the card's (a document prefix; the response is its
-continuation, judged against the original continuation in both orders: win 1, tie 0.5, loss 0;
-`--judging pointwise` rates it alone, the original shown to the judge as a reference). --data is a
-JSONL of {"prompt": str | messages} (chat) or {"prompt", "reference"} (continuation); "toy" = toy
-instructions / toy document prefixes, "toy-arithmetic" = toy word problems (chat) in the answer
-formats of --toy-styles, judged on the final answer. --init-adapter "auto" starts toy chat from the
-shipped toy thinking SFT (toy/sft_instruct; toy/sft_formats for toy-arithmetic), anything else from
-the model alone. Judges (`--judge`): "toy", an OpenAI-compatible URL (vLLM, SGLang, `transformers
-serve`; replies cached in <out>/judge_cache.jsonl), or a model run in this process, by default its
-verdict read from the next-token probabilities (--judge-verdict: the expected score). The judge
-never sees the thought.
+Tasks (`--task`): chat, the paper's (requests; the toy: instructions such as "Reverse the letters
+of: paper", judged by the toy answer judge, with partial credit for near misses), and continuation,
+the card's (a document prefix, the response judged against the original continuation in both
+orders: win 1, tie 0.5, loss 0; `--judging pointwise` rates it alone). --data: JSONL of {"prompt":
+str | messages} (chat) or {"prompt", "reference"} (continuation), read by tasks.thinking_prompts;
+"toy-arithmetic" = toy word problems in the answer formats of --toy-styles. --init-adapter "auto"
+starts the toy chat tasks from the shipped toy thinking SFT. Judges (`--judge`, judges.py): "toy",
+an OpenAI-compatible URL, or a model run in this process; the judge never sees the thought.
 
 The reward gate (the card's, gate.py): every arm samples the same held-out prompts with the same
-seeded draws (--gate-prefixes x --num-generations), and per arm and per pair of arms its tables are
+seeded draws (--gate-prefixes x --num-generations); per arm and per pair of arms its tables are
 printed and written to gate.json. Training ends with the gate of the starting model against the
 trained one (summary.json "heldout").
 
@@ -45,11 +40,8 @@ Run:
     python rlmt.py                      # toy instructions, from the shipped toy thinking SFT
     python rlmt.py --task continuation  # toy documents, pairwise against the original continuation
     python rlmt.py --gate base=,sft=toy/sft_instruct,rlmt=toy/sft_instruct+runs/rlmt  # gate only
-    vllm serve Qwen/Qwen3-8B --port 8001 &  # a judge server, then on one GPU:
     python rlmt.py --model Qwen/Qwen3-0.6B-Base --init-adapter runs/sft_think_qwen \\
         --data prompts.jsonl --judge http://127.0.0.1:8001 --judge-model Qwen/Qwen3-8B
-    torchrun --nproc_per_node 4 rlmt.py --model Qwen/Qwen3-1.7B-Base --data prompts.jsonl \\
-        --judge http://...
 """
 
 from __future__ import annotations
@@ -96,26 +88,17 @@ class Samples:
 
 
 def sample_thought_then_answer(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    *,
-    G: int,
-    boundary: str,
-    thought_tokens: int,
-    answer_tokens: int,
-    temperature: float,
-    top_p: float,
-    generator,
-    batch_size: int | None = None,
+    model, tokenizer, prompts: list[list[int]], a: Args, generator, batch_size=None
 ) -> Samples:
-    """G (thought, response) samples per prompt, rows grouped by prompt (row i*G+j is sample j of
-    prompt i). `</think>` is found by its id where it is one token (Qwen3), else in the decoded text
-    (SmolLM2: 3 pieces)."""
+    """G = --num-generations (thought, response) samples per prompt by --boundary, at most
+    --thought-tokens and --answer-tokens at --temperature / --top-p, rows grouped by prompt (row
+    i*G+j is sample j of prompt i). `</think>` is found by its id where it is one token (Qwen3),
+    else in the decoded text (SmolLM2: 3 pieces)."""
+    G, thought_tokens, answer_tokens = a.num_generations, a.thought_tokens, a.answer_tokens
     eos = sampling.stop_token_ids(model, tokenizer)
     ends = [tokenizer.decode([i]) for i in eos]  # where a response ends, as text
-    kw = dict(temperature=temperature, top_p=top_p, generator=generator, batch_size=batch_size)
-    if boundary == "model":
+    kw = dict(temperature=a.temperature, top_p=a.top_p, generator=generator, batch_size=batch_size)
+    if a.boundary == "model":
         roll = sampling.sample(
             model, tokenizer, prompts, n=G, max_new_tokens=thought_tokens + answer_tokens, **kw
         )
@@ -263,17 +246,7 @@ def rollout(model, tokenizer, judge, prompts: list[dict], a: Args, generator, ba
     response) samples of each prompt, the responses judged."""
     with torch.no_grad():
         s = sample_thought_then_answer(
-            model,
-            tokenizer,
-            [p["ids"] for p in prompts],
-            G=a.num_generations,
-            boundary=a.boundary,
-            thought_tokens=a.thought_tokens,
-            answer_tokens=a.answer_tokens,
-            temperature=a.temperature,
-            top_p=a.top_p,
-            generator=generator,
-            batch_size=batch_size,
+            model, tokenizer, [p["ids"] for p in prompts], a, generator, batch_size
         )
     rows = [p for p in prompts for _ in range(a.num_generations)]
     r, invalid = judge_responses(
@@ -411,12 +384,7 @@ def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
 
 def run_gate(a: Args, run) -> dict:
     """--gate: each arm 'name=spec' loaded (lora.load_arm) and gated on the same prompts."""
-    arms = {}
-    for item in a.gate.split(","):
-        name, eq, spec = item.partition("=")
-        if not eq or not name:
-            raise errors.ConfigError(f"--gate {a.gate!r}: each arm is name=spec, got {item!r}")
-        arms[name.strip()] = spec.strip()
+    arms = lora.resolve_arms(a.gate, a.model, flag="--gate")
     judge = judges.from_args(a, pairwise=a.task == "continuation")
     results = {}
     for name, spec in arms.items():

@@ -38,13 +38,14 @@ def test_external_boundary_is_masked_exactly_and_inserted_after_every_thought(po
         model,
         tok,
         [h["ids"] for h in held],
-        G=4,
-        boundary="external",
-        thought_tokens=12,
-        answer_tokens=16,
-        temperature=1.0,
-        top_p=1.0,
-        generator=torch.Generator().manual_seed(0),
+        rlmt.Args(
+            num_generations=4,
+            boundary="external",
+            thought_tokens=12,
+            answer_tokens=16,
+            temperature=1.0,
+        ),
+        torch.Generator().manual_seed(0),
     )
     close = tok.convert_tokens_to_ids(rlmt.THINK_CLOSE)
     assert (
@@ -108,13 +109,10 @@ def test_model_boundary_takes_the_text_after_the_first_close():
         model,
         tok,
         [[x], [y]],
-        G=1,
-        boundary="model",
-        thought_tokens=8,
-        answer_tokens=8,
-        temperature=1.0,
-        top_p=1.0,
-        generator=None,
+        rlmt.Args(
+            num_generations=1, boundary="model", thought_tokens=8, answer_tokens=8, temperature=1.0
+        ),
+        None,
     )
     assert s.answers == ["ok</think>z", ""] and s.has_answer == [True, False]
     assert s.thought_len == [2, 4] and s.answer_len == [len(enc("\n\nok</think>z<|im_end|>")), 0]
@@ -145,13 +143,14 @@ def test_multi_token_close_on_smollm2(boundary, capsys):
         model,
         tok,
         [prompt],
-        G=2,
-        boundary=boundary,
-        thought_tokens=30,
-        answer_tokens=10,
-        temperature=1.0,
-        top_p=1.0,
-        generator=None,
+        rlmt.Args(
+            num_generations=2,
+            boundary=boundary,
+            thought_tokens=30,
+            answer_tokens=10,
+            temperature=1.0,
+        ),
+        None,
     )
     ids = s.roll.completion_ids[0][s.roll.completion_mask[0].bool()].tolist()
     t = s.thought_len[0]
@@ -206,13 +205,14 @@ def test_the_judge_never_sees_the_thought(policy):
         model,
         tok,
         [h["ids"] for h in held],
-        G=2,
-        boundary="external",
-        thought_tokens=40,
-        answer_tokens=16,
-        temperature=1.0,
-        top_p=1.0,
-        generator=torch.Generator().manual_seed(1),
+        rlmt.Args(
+            num_generations=2,
+            boundary="external",
+            thought_tokens=40,
+            answer_tokens=16,
+            temperature=1.0,
+        ),
+        torch.Generator().manual_seed(1),
     )
     judge = Recorder()
     rows = [h for h in held for _ in range(2)]
@@ -329,13 +329,14 @@ def test_update_trains_only_policy_tokens(policy):
         model,
         tok,
         [held[0]["ids"]],
-        G=2,
-        boundary="external",
-        thought_tokens=10,
-        answer_tokens=6,
-        temperature=1.0,
-        top_p=1.0,
-        generator=torch.Generator().manual_seed(0),
+        rlmt.Args(
+            num_generations=2,
+            boundary="external",
+            thought_tokens=10,
+            answer_tokens=6,
+            temperature=1.0,
+        ),
+        torch.Generator().manual_seed(0),
     )
     m = toy.load_model()
     lora.add_lora(m, r=4, alpha=8)
