@@ -107,6 +107,7 @@ COUNTS = (
 )
 RANGES = {
     **{name: (1, math.inf, True) for name in COUNTS},
+    "num_generations": (2, math.inf, True),  # a group of one has no relative advantage
     "lr": (0.0, math.inf, False),
     "temperature": (0.0, math.inf, False),
     "loss_temperature": (0.0, math.inf, False),

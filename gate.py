@@ -24,8 +24,12 @@ import torch
 from tqdm import tqdm
 
 import dataio
+import judges
+import loading
+import lora
 import rewards
 import stats
+import tasks
 from answers import THINK_CLOSE, THINK_OPEN
 
 ARTIFACTS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -48,6 +52,48 @@ def arm_row(reward: Sequence[float], G: int, invalid_rate: float, **columns) -> 
         **columns,
         "per_prefix": rt.view(-1, G).mean(1).tolist(),
     }
+
+
+def sample_arm(rollout, model, tokenizer, judge, heldout: list[dict], a, **columns) -> dict:
+    """One arm's row: `rollout` (rlmt.rollout) samples --num-generations (thought, response) pairs
+    of every held-out prompt with a fixed generator (every arm draws the same random numbers), the
+    judge scores the responses, and arm_row makes them a row, with the lengths, the artifact rate
+    and a few samples."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(a.seed + 12345)
+    calls, bad = judge.calls, judge.invalid
+    s, rows, r, _ = rollout(model, tokenizer, judge, heldout, a, gen, batch_size=256)
+    return arm_row(
+        r,
+        a.num_generations,
+        (judge.invalid - bad) / max(judge.calls - calls, 1),
+        avg_total_new_tokens=statistics.mean(t + n for t, n in zip(s.thought_len, s.answer_len)),
+        avg_suffix_words=statistics.mean(len(x.split()) for x in s.answers),
+        closed_think_rate=sum(s.closed) / len(s.closed),
+        artifact_rate=artifact_rate(s.answers, s.has_answer),
+        _samples=[
+            {"prompt": rows[i]["judge_prompt"], "answer": s.answers[i], "reward": r[i]}
+            for i in range(0, len(rows), a.num_generations)
+        ][:8],
+        **columns,
+    )
+
+
+def run_arms(rollout, a, run) -> dict:
+    """rlmt.py --gate: each arm 'name=spec' (lora.resolve_arms) loaded (lora.load_arm) with its
+    own tokenizer and gated on the same held-out prompts (tasks.thinking_prompts); the report
+    written to gate.json and printed."""
+    arms = lora.resolve_arms(a.gate, a.model, flag="--gate")
+    judge = judges.from_args(a, pairwise=a.task == "continuation")
+    results = {}
+    for name, spec in arms.items():
+        model, tok_source = lora.load_arm(
+            spec, a.model, run.device, a.load_in_4bit, flag="--gate arm"
+        )
+        tokenizer = loading.load_tokenizer(tok_source)
+        _, heldout = tasks.thinking_prompts(tokenizer, a, toy_train_size=1)
+        results[name] = sample_arm(rollout, model.eval(), tokenizer, judge, heldout, a, spec=spec)
+        del model
+    return write(results, run.out, reward_span(a.missing_reward))
 
 
 def comparison(left: Sequence[float], right: Sequence[float], span: float = 1.0) -> dict:

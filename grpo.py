@@ -484,10 +484,6 @@ def resolve_defaults(args: Args) -> Args:
     if args.init_adapter == "auto":
         toy_verifiable = args.model == "toy" and args.task == "verifiable"
         args.init_adapter = str(toy.SFT_ADAPTER_DIR) if toy_verifiable else ""
-    if args.num_generations < 2:
-        raise errors.ConfigError(
-            "--num-generations must be >= 2: a group of one has no relative advantage"
-        )
     if args.mara_tau is not None and args.beta <= 0:
         raise errors.ConfigError(
             "--mara-tau needs --beta > 0: MARA's bonus beta (log pi_ref(z) - log pi_ref(y)) is "

@@ -352,50 +352,13 @@ def train_on(model, s: Samples, r: list[float], opt, a: Args, run, step: int) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def gate_arm(model, tokenizer, judge, heldout, a: Args, **kw) -> dict:
-    """One arm's gate samples (fixed generator: every arm draws the same random numbers)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(a.seed + 12345)
-    calls, bad = judge.calls, judge.invalid
-    s, rows, r, _ = rollout(model, tokenizer, judge, heldout, a, gen, batch_size=256)
-    return gate.arm_row(
-        r,
-        a.num_generations,
-        (judge.invalid - bad) / max(judge.calls - calls, 1),
-        avg_total_new_tokens=statistics.mean(t + n for t, n in zip(s.thought_len, s.answer_len)),
-        avg_suffix_words=statistics.mean(len(x.split()) for x in s.answers),
-        closed_think_rate=sum(s.closed) / len(s.closed),
-        artifact_rate=gate.artifact_rate(s.answers, s.has_answer),
-        _samples=[
-            {"prompt": rows[i]["judge_prompt"], "answer": s.answers[i], "reward": r[i]}
-            for i in range(0, len(rows), a.num_generations)
-        ][:8],
-        **kw,
-    )
-
-
 def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
     """The gate arm of the policy in training: its starting model (LoRA off) or as trained now."""
     model.eval()
     with lora.disabled(model) if start else contextlib.nullcontext():
-        row = gate_arm(model, tokenizer, judge, heldout, a)
+        row = gate.sample_arm(rollout, model, tokenizer, judge, heldout, a)
     model.train()
     return row
-
-
-def run_gate(a: Args, run) -> dict:
-    """--gate: each arm 'name=spec' loaded (lora.load_arm) and gated on the same prompts."""
-    arms = lora.resolve_arms(a.gate, a.model, flag="--gate")
-    judge = judges.from_args(a, pairwise=a.task == "continuation")
-    results = {}
-    for name, spec in arms.items():
-        model, tok_source = lora.load_arm(
-            spec, a.model, run.device, a.load_in_4bit, flag="--gate arm"
-        )
-        tokenizer = loading.load_tokenizer(tok_source)
-        _, heldout = tasks.thinking_prompts(tokenizer, a, toy_train_size=1)
-        results[name] = gate_arm(model.eval(), tokenizer, judge, heldout, a, spec=spec)
-        del model
-    return gate.write(results, run.out, gate.reward_span(a.missing_reward))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,10 +446,6 @@ def resolve_defaults(args: Args) -> Args:
         raise errors.ConfigError(
             f"--toy-styles {args.toy_styles}: each must be one of {', '.join(toy.STYLES)}"
         )
-    if args.num_generations < 2:
-        raise errors.ConfigError(
-            "--num-generations must be >= 2: a group of one has no relative advantage"
-        )
     return args
 
 
@@ -531,7 +490,7 @@ def main(args: Args):
     report_to = "" if args.gate else args.report_to
     run = lifecycle.start_run(args, args.resume, report_to)
     if args.gate:
-        return run_gate(args, run)
+        return gate.run_arms(rollout, args, run)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout = tasks.thinking_prompts(tokenizer, args)
     # the toy judge of documents (toy.ContinuationJudge: prefer and score) for either kind of
