@@ -115,6 +115,7 @@ RANGES = {
     "warmup_ratio": (0.0, 1.0, True),
     "min_lr_ratio": (0.0, 1.0, True),
     "lora_dropout": (0.0, 1.0, True),
+    "lmbda": (0.0, 1.0, True),  # GKD's on-policy share
     "max_grad_norm": (0.0, math.inf, True),
     "save_every": (0, math.inf, True),
     "eval_every": (0, math.inf, True),
