@@ -98,6 +98,12 @@ def _comm_device() -> torch.device:
     )
 
 
+def global_std(x: torch.Tensor) -> torch.Tensor:
+    """The standard deviation (Bessel-corrected) of the values of `x` on every rank together."""
+    s = all_reduce_sum(torch.tensor([x.sum(), (x * x).sum(), x.numel()], dtype=torch.float64))
+    return torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
+
+
 def all_reduce_sum(x):
     """Sum of a number or tensor over ranks (e.g. token counts for a global normaliser); identity
     alone."""

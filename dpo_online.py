@@ -254,15 +254,13 @@ def rollout_and_judge(
     chosen = [select_pairs(r.scores, args.pairs, rng) for r in results]
     with_pairs = [(r, p) for r, p in zip(results, chosen) if p]
     best = [_best_candidate(r.scores) for r, _ in with_pairs]
-    lengths = roll.completion_mask.sum(1).float()
     metrics = {
         **pairwise_metrics(results, judge.calls - calls, judge.invalid - invalid),
         "pairs/prefixes_dropped": len(windows) - len(with_pairs),
         "pairs/count": sum(len(p) for p in chosen),
         "score/spread": sum(_spread(r.scores) for r, _ in with_pairs) / max(len(with_pairs), 1),
         "score/rollouts": _mean([s for r in results for s in r.scores[first:] if s is not None]),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
+        **roll.length_metrics(),
         "timing/judge": time.perf_counter() - t_judge,
     }
     if include_original:

@@ -235,8 +235,7 @@ def policy_metrics(run, step: int, batch: list[dict], roll, tokenizer, args) -> 
     graded = rewards.accuracy(texts, batch)
     if graded:
         out["policy/accuracy"] = graded["accuracy"]
-    out["completions/mean_length"] = float(roll.completion_mask.sum(1).float().mean())
-    out["completions/clipped_ratio"] = float((~roll.finished).float().mean())
+    out.update(roll.length_metrics())
     shown = list(zip(batch, texts))[: args.log_completions]
     lifecycle.log_samples(run, step, [{"prompt": b["prompt"], "completion": t} for b, t in shown])
     return out

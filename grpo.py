@@ -224,12 +224,7 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: A
             "mara/anchored_frac": anchored.float().mean().item(),
             "mara/reward": r.mean().item(),
         }
-    batch_std = None
-    if args.scale_rewards == "batch":  # the std of the global batch: sums over ranks
-        s = distributed.all_reduce_sum(
-            torch.tensor([r.sum(), (r * r).sum(), r.numel()], dtype=torch.float64)
-        )
-        batch_std = torch.sqrt((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1).clamp(min=1)).float()
+    batch_std = distributed.global_std(r) if args.scale_rewards == "batch" else None
     adv, zero_std = group_advantages(r, G, args.scale_rewards, batch_std)
     # A completion whose advantage is 0 adds exactly 0 to the clipped objective, and the normalisers
     # of grpo, dr_grpo and dapo do not depend on which rows share a micro-batch: skipping it gives
@@ -237,19 +232,14 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: A
     skip_zero_advantage = not (args.update_all_rows or args.beta > 0 or args.loss_type == "bnpo")
     R = len(texts)
     live = (adv != 0).nonzero().view(-1) if skip_zero_advantage else torch.arange(R)
-    tokens = roll.tokens()
-    lengths = roll.completion_mask.sum(1).float()
     names = [n for n, _ in rewards.parse_reward_spec(spec)]
     metrics = {
         **rewards.reward_metrics(total, per_fn),
         **extra,
         "frac_reward_zero_std": zero_std.float().mean().item(),
         **rewards.reward_gate(per_fn[names[0]], G),
-        "diversity/distinct_2": rewards.distinct_n_within_groups(tokens, G, n=2),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": (~roll.finished).float().mean().item(),
+        "diversity/distinct_2": rewards.distinct_n_within_groups(roll.tokens(), G, n=2),
+        **roll.length_metrics(),
     }
     samples = [
         {

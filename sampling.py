@@ -167,6 +167,17 @@ class Rollout:
         """Decoded completions (masked part only)."""
         return tokenizer.batch_decode(self.tokens(), skip_special_tokens=skip_special_tokens)
 
+    def length_metrics(self) -> dict:
+        """The completions' mean, min and max length in tokens, and the share cut by the budget
+        (never ended), under TRL's names."""
+        lengths = self.completion_mask.sum(1).float()
+        return {
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": (~self.finished).float().mean().item(),
+        }
+
 
 def rollout_from_tokens(
     prompts: list[list[int]],
