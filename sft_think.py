@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -291,10 +291,9 @@ def prepare_model(args, run, tokenizer, added):
     return model, opt, head_rows
 
 
-def summarize(run, args, problems, before, after, counters: dict):
-    """summary.json and the results table: held-out accuracy on toy problems, else the held-out
-    loss, before and after training. `counters`: final_loss, tokens_seen, tokens_per_s,
-    train_seconds, skipped_steps."""
+def report(args, problems, before: dict | None, last: dict, device, after: dict):
+    """(thinking SFT's fields of summary.json, the results table): held-out accuracy on toy
+    problems, else the held-out loss, before and after training; the tokens trained on."""
     metric = "accuracy" if problems is not None else "val_loss"
     arm = "no_think" if args.no_think else "think"
     heldout = {
@@ -306,32 +305,27 @@ def summarize(run, args, problems, before, after, counters: dict):
         heldout["note"] = f"greedy, toy level(s) {args.toy_difficulty}"
     elif args.data == "toy-instructions":
         heldout["note"] = "greedy, exact answer after the thought"
-    summary = {
+    fields = {
         "method": "sft_think",
         "arm": arm,
         "heldout": heldout,
-        "final_loss": counters["final_loss"],
-        "before": before,
-        "after": after,
-        "tokens_seen": counters["tokens_seen"],
-        "tokens_per_s": counters["tokens_per_s"],
-        "train_seconds": counters["train_seconds"],
-        "skipped_steps": counters["skipped_steps"],
-        "args": asdict(args),
+        "final_loss": last.get("loss"),
+        "tokens_seen": last.get("tokens_seen", 0),
+        "tokens_per_s": last.get("tokens_per_s", 0.0),
     }
     table = {
         "arm": arm,
         "val loss": after["val_loss"],
         "raw val loss": after["raw_val_loss"],
         "rep 4-gram": after.get("repetition_4gram"),
-        "tokens seen": counters["tokens_seen"],
-        "tok/s": round(counters["tokens_per_s"]),
-        "memory MB": round(lifecycle.peak_memory_mb(run.device)),
+        "tokens seen": fields["tokens_seen"],
+        "tok/s": round(fields["tokens_per_s"]),
+        "memory MB": round(lifecycle.peak_memory_mb(device)),
     }
     if problems is not None and before:
         table["accuracy before"] = before["accuracy"]
         table["accuracy after"] = after["accuracy"]
-    return summary, table
+    return fields, table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,25 +422,22 @@ def main(args: Args):
             run, step + 1, last, model, opt, state, args, show=shown, evaluate=heldout_eval
         )
 
-    summary = {}
-    if distributed.is_main():
-        after = lifecycle.log_eval(run, run.logger, args.max_steps, "after", heldout_eval())
-        # the LoRA adapter, or (--full, --train-tokens) the model with its tokenizer in <out>/model
-        full = args.full or bool(args.train_tokens)
-        lora.save_trained(model, tokenizer, run.out, args.model, full=full)
-        counters = {
-            "final_loss": last.get("loss"),
-            "tokens_seen": tokens_seen,
-            "tokens_per_s": tokens_run / max(t_train, 1e-9),
-            "train_seconds": t_train,
-            "skipped_steps": opt.skipped,
-        }
-        before = state["before"]
-        summary = lifecycle.finish_run(
-            run, *summarize(run, args, data.problems, before, after, counters)
-        )
-    lifecycle.end_run(run)
-    return summary
+    # the LoRA adapter, or (--full, --train-tokens) the model with its tokenizer in <out>/model
+    return lifecycle.finish_training(
+        run,
+        args,
+        model,
+        tokenizer,
+        opt,
+        state,
+        last,
+        t_train,
+        evaluate=heldout_eval,
+        report=functools.partial(
+            report, args, data.problems, state.get("before"), last, run.device
+        ),
+        full=args.full or bool(args.train_tokens),
+    )
 
 
 if __name__ == "__main__":
