@@ -385,6 +385,7 @@ SMALL = (
 )
 
 
+@pytest.mark.slow
 def test_continuation_external_runs_and_logs_the_card_columns(tmp_path):
     run_rlmt(tmp_path, "--task", "continuation", *SMALL, "--save-every", "1")
     rows = [r for r in metrics(tmp_path) if "reward" in r]
@@ -432,6 +433,7 @@ def test_learning_the_default_chat_run_shortened_raises_the_gate_reward(tmp_path
     assert h["after"] - h["before"] >= 0.015, h
 
 
+@pytest.mark.slow
 def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
     tok = loading.load_tokenizer("toy")
     train, held = tasks.thinking_prompts(
@@ -467,6 +469,7 @@ def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
         rlmt.resolve_defaults(rlmt.Args(data="toy-arithmetic", toy_styles="gsm8k,essay"))
 
 
+@pytest.mark.slow
 def test_pointwise_continuation_run_uses_the_document_judge(tmp_path):
     run_rlmt(tmp_path, "--task", "continuation", "--judging", "pointwise", *SMALL)
     rows = [r for r in metrics(tmp_path) if "reward" in r]
@@ -475,6 +478,7 @@ def test_pointwise_continuation_run_uses_the_document_judge(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_gate_on_four_arms_prints_both_tables_and_writes_gate_json(tmp_path):
     sft, arith = toy.SFT_INSTRUCT_DIR, toy.SFT_ADAPTER_DIR
     arms = f"base=,sft={sft},arith={arith},both={sft}+{arith}"

@@ -94,6 +94,7 @@ def test_smollm2_messages_mask_and_new_think_tokens():
     assert grad_rows == new_ids and torch.isfinite(nll)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result_and_adapter_loads_in_peft(tmp_path):
     args = ["sft_think.py", *SMALL, "--max-steps", "6", "--save-every", "2"]
     run_script(*args, "--out", tmp_path / "full")
@@ -157,6 +158,7 @@ def test_train_tokens_lowers_loss_and_freezes_everything_else(tmp_path):
     assert all(sorted(r) and set(r) <= set(rows) for _, r in changed), changed
 
 
+@pytest.mark.slow
 def test_init_adapter_is_merged_first_and_recorded_for_the_lineage(tmp_path):
     import lora
 
