@@ -109,11 +109,12 @@ RANGES = {
     **{name: (1, math.inf, True) for name in COUNTS},
     "num_generations": (2, math.inf, True),  # a group of one has no relative advantage
     "lr": (0.0, math.inf, False),
-    "temperature": (0.0, math.inf, False),
+    "temperature": (0.0, math.inf, True),  # 0 = greedy (evaluation); a trainer needs > 0
     "loss_temperature": (0.0, math.inf, False),
     "top_p": (0.0, 1.0, False),
     "warmup_ratio": (0.0, 1.0, True),
     "min_lr_ratio": (0.0, 1.0, True),
+    "lora_alpha": (0.0, math.inf, False),
     "lora_dropout": (0.0, 1.0, True),
     "lmbda": (0.0, 1.0, True),  # GKD's on-policy share
     "max_grad_norm": (0.0, math.inf, True),
@@ -123,10 +124,16 @@ RANGES = {
 }
 
 
+# A trainer's log-probs divide by the sampling temperature: 0 (greedy) gives no gradient signal.
+TRAIN_RANGES = {**RANGES, "temperature": (0.0, math.inf, False)}
+
+
 def check_flags(args) -> None:
-    """Every flag of `args` named in RANGES (and set: None is a default still to fill) is a finite
-    number in its range; else a ConfigError naming the flag, its value and the range."""
-    for name, (low, high, closed) in RANGES.items():
+    """Every flag of `args` named in RANGES (TRAIN_RANGES for a trainer's TrainArgs; None is a
+    default still to fill) is a finite number in its range; else a ConfigError naming the flag,
+    its value and the range."""
+    ranges = TRAIN_RANGES if isinstance(args, TrainArgs) else RANGES
+    for name, (low, high, closed) in ranges.items():
         value = getattr(args, name, None)
         if value is None or isinstance(value, bool):
             continue

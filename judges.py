@@ -739,8 +739,8 @@ class JudgeArgs:
     `Args` extends it and cli.TrainArgs."""
 
     judge: str = ""
-    """'toy', an OpenAI-compatible URL, or a model dir / hub id (default: toy for the toy data;
-    required otherwise)"""
+    """'toy', an OpenAI-compatible URL, or a model dir / hub id (dpo_online: toy for the toy
+    documents, required otherwise)"""
     judge_model: str = ""
     """model name sent to the judge server"""
     judge_concurrency: int = 16
@@ -757,7 +757,7 @@ class JudgeArgs:
     generate (an explanation, then the verdict line, parsed); auto: logprobs in process, generate
     for a server"""
     judge_temperature: float = 0.0
-    """judge sampling temperature (0 is reproducible)"""
+    """judge sampling temperature (0 is reproducible; Self-Improving Pretraining sampled at 1.0)"""
     judge_cache: str = "auto"
     """JSONL cache of judge replies; 'auto' = <out>/judge_cache.jsonl, '' = off"""
 

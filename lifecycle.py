@@ -454,21 +454,23 @@ def finish_training(
     full: bool = False,
     merged: bool = False,
 ) -> dict:
-    """The end of a trainer, on every rank. The ranks' trained parameters are compared (they must
-    match: the same start, the same averaged gradients). Then on rank 0:
+    """The end of a trainer, on every rank:
 
-    1. the trained weights are saved (lora.save_trained's `full` and `merged`), first, so a
+    1. rank 0 saves the trained weights (lora.save_trained's `full` and `merged`), first, so a
        final evaluation that fails (a judge that went away) loses no training;
-    2. `evaluate()` (None: none) is logged as the held-out metrics after training;
-    3. `report(after)` gives the method's fields of summary.json and its results table; every run's
-       fields are added (the held-out metrics before and after, the last step's metrics, the train
-       time, tokens, skipped steps, the flags) and summary.json written.
+    2. the ranks' trained parameters are compared (they must match: the same start, the same
+       averaged gradients);
+    3. on rank 0, `evaluate()` (None: none) is logged as the held-out metrics after training, and
+       `report(after)` gives the method's fields of summary.json and its results table; every
+       run's fields are added (the held-out metrics before and after, the last step's metrics, the
+       train time, tokens, skipped steps, the flags) and summary.json written.
 
     Returns the summary on rank 0, {} elsewhere; the last call of a trainer."""
+    if is_main():
+        lora.save_trained(model, tokenizer, run.out, args.model, merged=merged, full=full)
     rank_diff = max_param_difference_across_ranks(opt.params)
     summary = {}
     if is_main():
-        lora.save_trained(model, tokenizer, run.out, args.model, merged=merged, full=full)
         after = None if evaluate is None else evaluate()
         if after is not None:
             after = log_eval(run, run.logger, args.max_steps, "after", after)

@@ -368,6 +368,8 @@ def gate_policy(model, tokenizer, judge, heldout, a: Args, start: bool) -> dict:
 
 @dataclass
 class Args(judges.JudgeArgs, cli.TrainArgs):
+    judge: str = "toy"
+    """'toy', an OpenAI-compatible URL, or a model dir / hub id"""
     init_adapter: str = "auto"
     out: str = "runs/rlmt"
     warmup_ratio: float = 0.0
@@ -410,7 +412,7 @@ class Args(judges.JudgeArgs, cli.TrainArgs):
     """longest prompt in tokens; longer is an error"""
     gate: str = ""
     """only run the reward gate over arms 'name=spec,...': spec '' = --model alone, a model dir /
-    hub id, or adapters merged onto --model in order ('a+b')"""
+    hub id, or adapters merged onto --model in order ('a+b'); 'auto' = eval_reasoning's arms"""
     gate_prefixes: int = 64
     """held-out prompts of the gate (the card's 64)"""
     gate_after: bool = True
@@ -441,7 +443,6 @@ def resolve_defaults(args: Args) -> Args:
         toy_chat = args.model == "toy" and args.task == "chat"
         sft = toy.SFT_FORMATS_DIR if args.data == "toy-arithmetic" else toy.SFT_INSTRUCT_DIR
         args.init_adapter = str(sft) if toy_chat else ""
-    args.judge = args.judge or "toy"
     if not set(args.toy_styles.split(",")) <= set(toy.STYLES):
         raise errors.ConfigError(
             f"--toy-styles {args.toy_styles}: each must be one of {', '.join(toy.STYLES)}"
@@ -502,6 +503,7 @@ def main(args: Args):
     policy_gate = functools.partial(gate_policy, model, tokenizer, judge, heldout, args)
     evaluate = functools.partial(policy_gate, start=True) if args.gate_after else dict
     start, state = lifecycle.begin_training(run, model, opt, evaluate, args.resume)
+    state.setdefault("tokens_seen", 0)
     model.train()
     t_train, last, alerts = 0.0, {}, []
     for step in lifecycle.training_steps(run, start, args, "rlmt"):
@@ -509,6 +511,7 @@ def main(args: Args):
         prompts, generator = lifecycle.step_batch(run, train, args, step)
         s, grouped, r, invalid = rollout(model, tokenizer, judge, prompts, args, generator)
         t_rollout = time.perf_counter() - t0
+        state["tokens_seen"] += int(s.roll.attention_mask.sum()) * run.world
         out = train_on(model, s, r, opt, args, run, step + 1)
         t_train += time.perf_counter() - t0
         m = rollout_metrics(s, r, args.num_generations, invalid)

@@ -291,9 +291,10 @@ def prepare_model(args, run, tokenizer, added):
     return model, opt, head_rows
 
 
-def report(args, problems, before: dict | None, last: dict, device, after: dict):
+def report(args, problems, before, tokens_seen: int, last: dict, device, after: dict):
     """(thinking SFT's fields of summary.json, the results table): held-out accuracy on toy
-    problems, else the held-out loss, before and after training; the tokens trained on."""
+    problems, else the held-out loss, before and after training; `tokens_seen`, the tokens trained
+    on."""
     metric = "accuracy" if problems is not None else "val_loss"
     arm = "no_think" if args.no_think else "think"
     heldout = {
@@ -310,7 +311,7 @@ def report(args, problems, before: dict | None, last: dict, device, after: dict)
         "arm": arm,
         "heldout": heldout,
         "final_loss": last.get("loss"),
-        "tokens_seen": last.get("tokens_seen", 0),
+        "tokens_seen": tokens_seen,
         "tokens_per_s": last.get("tokens_per_s", 0.0),
     }
     table = {
@@ -434,7 +435,7 @@ def main(args: Args):
         t_train,
         evaluate=heldout_eval,
         report=functools.partial(
-            report, args, data.problems, state.get("before"), last, run.device
+            report, args, data.problems, state.get("before"), tokens_seen, last, run.device
         ),
         full=args.full or bool(args.train_tokens),
     )

@@ -94,9 +94,7 @@ def side_ours(cfg: dict, setup_only: bool) -> dict:
         device = distributed.pick_device("auto")
         lora.load_frozen(cfg["teacher"], "", device, False, "--teacher-adapter")
         loading.load_tokenizer(cfg["student"])
-        _, params = lora.trainable_model(
-            cfg["student"], device, "", full=True, r=0, alpha=0.0, load_in_4bit=False
-        )
+        _, params = lora.trainable_model(gkd.Args(), device, cfg["student"], full=True)
         torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
         return {"peak_mb": peak_mb()}
     out = Path(cfg["work"]) / "ours"

@@ -120,6 +120,26 @@ def test_check_flags_names_the_flag_its_value_and_range(flag, value, message):
         cli.check_flags(A(**{"lr": 1e-4, flag: value}))
 
 
+def test_temperature_zero_is_greedy_for_an_evaluator_and_an_error_for_a_trainer():
+    from dataclasses import dataclass
+
+    import cli
+
+    @dataclass
+    class Evaluator:
+        temperature: float = 0.0
+
+    @dataclass
+    class Trainer(cli.TrainArgs):
+        temperature: float = 0.0
+
+    cli.check_flags(Evaluator())
+    with pytest.raises(errors.ConfigError, match=r"^--temperature 0.0: must be > 0.0$"):
+        cli.check_flags(Trainer(lr=1e-4))
+    with pytest.raises(errors.ConfigError, match=r"^--lora-alpha 0.0: must be > 0.0$"):
+        cli.check_flags(Trainer(lr=1e-4, temperature=1.0, lora_alpha=0.0))
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_out_of_range_flag_stops_every_script_before_anything_loads(script, tmp_path):
     flag = "--max-new-tokens" if script in ("eval_reasoning.py", "karcher_merge.py") else "--lr"
