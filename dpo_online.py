@@ -328,13 +328,12 @@ def _micro_batches(pairs: list[list[tuple[int, int, float]]], size: int) -> list
     return groups
 
 
-def update(model, judged: Judged, args: Args, pad_id: int, world: int, counter=None) -> dict:
+def update(model, judged: Judged, args: Args, pad_id: int, world: int) -> dict:
     """Accumulate the gradient of mean over prefixes (of all ranks) of sum_pairs weight x L (--loss,
-    --beta), over micro-batches of at most --micro-batch-size candidates. Only
-    candidates in a pair are scored: one reference pass (LoRA off, no gradient) and one policy pass
-    each, whatever the number of pairs they are in. A prefix's candidates share a micro-batch, so
-    its loss is complete there and backward runs at once; `counter` (if given) counts the sequence
-    passes."""
+    --beta), over micro-batches of at most --micro-batch-size candidates. Only candidates in a pair
+    are scored: one reference pass (LoRA off, no gradient) and one policy pass each, whatever the
+    number of pairs they are in. A prefix's candidates share a micro-batch, so its loss is complete
+    there and backward runs at once."""
     device = next(model.parameters()).device
     jobs = sum(1 for p in judged.pairs if p)
     n_global = float(distributed.all_reduce_sum(torch.tensor(float(jobs), dtype=torch.float64)))
@@ -351,9 +350,6 @@ def update(model, judged: Judged, args: Args, pad_id: int, world: int, counter=N
         with torch.no_grad(), lora.disabled(model):
             ref = summed_logprobs(model, roll)
         pol = summed_logprobs(model, roll)
-        if counter is not None:
-            counter["reference"] = counter.get("reference", 0) + len(prompts)
-            counter["policy"] = counter.get("policy", 0) + len(prompts)
         flat = [(index[(b, c)], index[(b, r)], w) for b in group for c, r, w in judged.pairs[b]]
         ci, ri = (torch.tensor([f[k] for f in flat], device=device) for k in (0, 1))
         w = torch.tensor([f[2] for f in flat], device=device)

@@ -180,9 +180,17 @@ def test_update_one_pass_per_candidate_and_the_naive_gradient(pairs, loss_type):
     model = _tiny_policy()
     judged = _judged(K, pairs)
     params = lora.lora_parameters(model)
-    counter = {}
+    # sequences through the decoder: the reference passes run without gradients
+    counter = {"reference": 0, "policy": 0}
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        counter["policy" if torch.is_grad_enabled() else "reference"] += ids.shape[0]
+
+    hook = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     args = dpo_online.Args(beta=0.2, loss=loss_type, micro_batch_size=6)
-    stats = dpo_online.update(model, judged, args, pad_id=0, world=1, counter=counter)
+    stats = dpo_online.update(model, judged, args, pad_id=0, world=1)
+    hook.remove()
     ours = [p.grad.clone() for p in params]
     in_pairs = sum(len({i for c, r, _ in p for i in (c, r)}) for p in judged.pairs)
     assert counter == {"reference": in_pairs, "policy": in_pairs}
