@@ -465,8 +465,9 @@ def test_toy_arithmetic_chat_run_judges_the_answer_of_word_problems(tmp_path):
         toy_train_size=4,
     )
     assert [toy.parse_arithmetic(h["judge_prompt"])[1] for h in held] == ["gsm8k", "math"] * 2
-    with pytest.raises(errors.ConfigError, match="--toy-styles gsm8k,essay"):
-        rlmt.resolve_defaults(rlmt.Args(data="toy-arithmetic", toy_styles="gsm8k,essay"))
+    with pytest.raises(errors.ConfigError, match="--toy-styles gsm8k,essay: each must be one of"):
+        bad = rlmt.Args(data="toy-arithmetic", toy_styles="gsm8k,essay")
+        tasks.thinking_prompts(tok, bad, toy_train_size=2)
 
 
 @pytest.mark.slow

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import errors
 from toy.judges import thinking_continuations
-from toy.tasks import DOMAINS, arithmetic, continuations, documents, instructions, parse_levels
+from toy.tasks import (
+    DOMAINS,
+    STYLES,
+    arithmetic,
+    continuations,
+    documents,
+    instructions,
+    parse_levels,
+)
 
 SFT_WORLDS = ("toy", "toy-continuations", "toy-documents", "toy-instructions")
 
@@ -22,7 +30,11 @@ def text_only(rows: list[dict]) -> list[dict]:
 
 
 def mixed_arithmetic(split: str, n: int, seed: int, levels: list[int], styles: list[str]):
-    """n arithmetic rows of `split`, the answer styles in turn."""
+    """n arithmetic rows of `split`, the answer styles (--toy-styles) in turn."""
+    if not set(styles) <= set(STYLES):
+        raise errors.ConfigError(
+            f"--toy-styles {','.join(styles)}: each must be one of {', '.join(STYLES)}"
+        )
     per = [
         arithmetic(split, -(-n // len(styles)), seed=seed, difficulty=levels, style=st)
         for st in styles
