@@ -25,6 +25,11 @@ def run_cli(main, args_cls, argv: list[str] | None = None):
     args = parse_args(args_cls, argv)
     try:
         return main(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", "")
+        resume = " (--resume continues from the last checkpoint)" if hasattr(args, "resume") else ""
+        print(f"\ninterrupted: {out} keeps what was written{resume}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except UserError as e:
         if os.environ.get(TRACEBACK_ENV, "0") not in ("0", ""):
             raise

@@ -48,15 +48,26 @@ def _check_row(row, where: str, required: Iterable[str], types: dict | None) -> 
 
 
 def iter_jsonl(
-    path: str | os.PathLike, required: Iterable[str] = (), types: dict | None = None
+    path: str | os.PathLike,
+    required: Iterable[str] = (),
+    types: dict | None = None,
+    line_numbers: bool = False,
 ) -> Iterator[dict]:
     """Yield one dict per non-blank line, validating required fields and their types (field -> type
-    or tuple)."""
+    or tuple); with `line_numbers`, each with its line in the file as "_line" (blank lines
+    counted), for file:line errors later."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                    f"{e.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -65,15 +76,19 @@ def iter_jsonl(
                 raise DataError(
                     f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
                 ) from None
-            yield _check_row(row, f"{path}:{lineno}", required, types)
+            row = _check_row(row, f"{path}:{lineno}", required, types)
+            yield {**row, "_line": lineno} if line_numbers else row
 
 
 def read_jsonl(
-    path: str | os.PathLike, required: Iterable[str] = (), types: dict | None = None
+    path: str | os.PathLike,
+    required: Iterable[str] = (),
+    types: dict | None = None,
+    line_numbers: bool = False,
 ) -> list[dict]:
     """All rows of a JSONL file (see iter_jsonl); an empty file is an error, not an empty
     dataset."""
-    rows = list(iter_jsonl(path, required, types))
+    rows = list(iter_jsonl(path, required, types, line_numbers))
     if not rows:
         raise DataError(f"{path}: empty file (no JSON lines)")
     return rows
@@ -84,9 +99,11 @@ def load_rows(
     split: str = "train",
     required: Iterable[str] = (),
     types: dict | None = None,
+    line_numbers: bool = False,
 ) -> list[dict]:
     """Rows of `--data`: a JSONL file, or a Hugging Face dataset id ("org/name") when `datasets` is
-    installed."""
+    installed; with `line_numbers`, each with "_line" (its line in the file, its index + 1 in a
+    dataset)."""
     name = str(source)
     is_hub_id = (
         not Path(name).exists()
@@ -95,7 +112,7 @@ def load_rows(
         and not name.endswith((".jsonl", ".json"))
     )
     if not is_hub_id:
-        return read_jsonl(source, required, types)
+        return read_jsonl(source, required, types, line_numbers)
     if importlib.util.find_spec("datasets") is None:
         raise DataError(
             f"{name}: no such file, and it cannot be loaded as a dataset id: `datasets` is not "
@@ -107,7 +124,8 @@ def load_rows(
         rows = [dict(r) for r in datasets.load_dataset(name, split=split)]
     except Exception as e:  # datasets raises many types; say both things that were tried
         raise DataError(f"{name}: no such file, and loading it as a dataset failed: {e}") from e
-    return [_check_row(r, f"{name}[{split}] row {i}", required, types) for i, r in enumerate(rows)]
+    rows = [_check_row(r, f"{name}[{split}] row {i}", required, types) for i, r in enumerate(rows)]
+    return [{**r, "_line": i + 1} for i, r in enumerate(rows)] if line_numbers else rows
 
 
 def train_and_heldout(
@@ -118,10 +136,9 @@ def train_and_heldout(
     last tenth of `data` (at most `eval_size` rows, at least one). The one held-out rule of every
     script: a lineage (SFT, then GRPO, then an evaluation) on one file never trains on the rows
     another stage held out. `required`: fields every row must have."""
-    rows = [{**r, "_line": i + 1} for i, r in enumerate(load_rows(data, required=required))]
+    rows = load_rows(data, required=required, line_numbers=True)
     if eval_data:
-        held = load_rows(eval_data, split="test", required=required)
-        held = [{**r, "_line": i + 1} for i, r in enumerate(held)]
+        held = load_rows(eval_data, split="test", required=required, line_numbers=True)
         return [(data, rows), (eval_data, held[:eval_size])]
     n_eval = max(1, min(eval_size, len(rows) // 10))
     if len(rows) <= n_eval:
@@ -163,9 +180,17 @@ def _dumps(obj, **kw) -> str:
 
 
 _UMASK = os.umask(0)
-
-
 os.umask(_UMASK)
+# A new file's usual mode: mkstemp and safetensors make 0600 files, which a server running as
+# another user cannot read.
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give the file `path` (or every file in the directory `path`) the usual mode of a new file."""
+    path = Path(path)
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, FILE_MODE)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -179,9 +204,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(
-            tmp, 0o666 & ~_UMASK
-        )  # mkstemp makes 0600 files; give the usual permissions of a new file
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

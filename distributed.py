@@ -9,6 +9,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from errors import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -133,7 +135,17 @@ def pick_device(
         rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
         dev = torch.device("cuda", rank)
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no CUDA device (use cpu)")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s)")
     if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
         torch.cuda.set_device(dev)
     return dev

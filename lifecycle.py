@@ -247,7 +247,15 @@ def prepare_out_dir(out: str | os.PathLike, args: Any = None, resume: bool = Fal
     """
     out = Path(out)
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: a file is there, not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write_test.{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot write there ({e.strerror})") from None
         if not resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
             (out / "samples.jsonl").unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+import dataio
 from distributed import pick_device
 from errors import ConfigError, MissingError
 
@@ -239,6 +240,7 @@ def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Pa
             shutil.copyfile(f, tmp / f.name)
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    dataio.make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import chat
+import dataio
 import loading
-from distributed import pick_device
 from errors import ConfigError, MissingError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -310,6 +310,7 @@ def save_trained(
     if full:
         model.save_pretrained(Path(out) / "model")
         tokenizer.save_pretrained(Path(out) / "model")
+        dataio.make_readable(Path(out) / "model")
         return
     save_adapter(
         model, str(out), base_model_name_or_path=None if model_name == "toy" else model_name
@@ -317,18 +318,24 @@ def save_trained(
     if merged:
         merge(model).save_pretrained(Path(out) / "model")
         tokenizer.save_pretrained(Path(out) / "model")
+        dataio.make_readable(Path(out) / "model")
 
 
 def fill_defaults(args, table: dict[str, tuple]) -> None:
     """Set each field of `args` that is None from a script's DEFAULTS table, {field: (toy value,
     real-model value on one CUDA GPU as in the method's model card)}: the toy value for --model toy;
-    for a real model the card's on CUDA, else SMALL_DEVICE_SETUP's (hub_defaults, on the device
-    --device picks). A value the user gave is kept. Then --lora-alpha, if unset: 2 x rank."""
+    for a real model the card's on CUDA, else SMALL_DEVICE_SETUP's (hub_defaults, by the kind of
+    device --device asks for). A value the user gave is kept. Then --lora-alpha, if unset: 2 x
+    rank."""
     if args.model == "toy":
         chosen = {name: toy for name, (toy, _) in table.items()}
     else:
         card = {name: real for name, (_, real) in table.items()}
-        chosen = hub_defaults(args.model, pick_device(args.device), card, vars(args))
+        # the kind of device asked for (lifecycle.start_run checks that it exists)
+        cuda = str(args.device).startswith("cuda") or (
+            args.device == "auto" and torch.cuda.is_available()
+        )
+        chosen = hub_defaults(args.model, "cuda" if cuda else "cpu", card, vars(args))
     for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -441,6 +448,7 @@ def _atomic_write(path: str, write) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         write(tmp)
+        dataio.make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -148,6 +148,20 @@ def test_out_of_range_flag_stops_every_script_before_anything_loads(script, tmp_
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
 
 
+def test_bad_device_out_dir_and_bytes_are_one_line_before_anything_loads(tmp_path):
+    line = one_line_error(run("sft_think.py", "--device", "tpu", "--out", tmp_path / "a"))
+    assert line == "error: --device tpu: expected auto, cpu, cuda or cuda:N", line
+    (tmp_path / "file").write_text("x")
+    line = one_line_error(run("gkd.py", "--out", tmp_path / "file"))
+    assert line == f"error: --out {tmp_path / 'file'}: a file is there, not a directory", line
+    line = one_line_error(run("dpo_online.py", "--out", tmp_path / "file" / "run"))
+    assert line.startswith(f"error: --out {tmp_path / 'file' / 'run'}: cannot write there"), line
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    line = one_line_error(run("grpo.py", "--data", data, "--out", tmp_path / "b"))
+    assert line.startswith(f"error: {data}:3: not UTF-8 text (byte 0xe9"), line
+
+
 def test_unreachable_judge_is_one_line_naming_the_url():
     port = free_port()
     code = (

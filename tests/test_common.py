@@ -572,3 +572,55 @@ def test_win_rate_counts_and_interval_by_hand():
     assert [row["interval_low"], row["interval_high"]] == pytest.approx([mean - half, 1.0])
     one = stats.win_rate([0.5])  # a single comparison: an interval of width 0, not NaN
     assert [one["interval_low"], one["interval_high"]] == [0.5, 0.5]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    @dataclasses.dataclass
+    class A:
+        out: str = "runs/x"
+        resume: bool = False
+
+    def main(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(main, A, [])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    resume = "(--resume continues from the last checkpoint)"
+    assert err == f"interrupted: runs/x keeps what was written {resume}"
+
+
+def test_jsonl_not_utf8_and_line_numbers_that_count_blank_lines(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"text": "a"}\n\n{"text": "b"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(errors.DataError, match=r"d.jsonl:4: not UTF-8 text \(byte 0xe9 at byte 14"):
+        dataio.read_jsonl(data)
+    data.write_text('{"text": "a"}\n\n{"text": "b"}\n' * 10)
+    (train, rows), (_, held) = dataio.train_and_heldout(str(data), "", 2)
+    assert [r["_line"] for r in rows[:3]] == [1, 3, 4] and held[-1]["_line"] == 30
+    assert dataio.read_jsonl(data)[1] == {"text": "b"}  # no "_line" unless asked for
+
+
+def test_adapters_and_models_are_written_readable_like_every_other_file(tmp_path):
+    import stat
+
+    import lora
+    import toy
+
+    model = lora.add_lora(toy.load_model(), r=2, alpha=4.0)
+    lora.save_adapter(model, str(tmp_path / "ad"))
+    lora.save_trained(model, toy.load_tokenizer(), tmp_path / "run", "toy", merged=True)
+    files = [tmp_path / "ad" / lora.WEIGHTS_NAME, tmp_path / "run" / "model" / "model.safetensors"]
+    assert [stat.S_IMODE(f.stat().st_mode) for f in files] == [dataio.FILE_MODE] * 2
+
+
+def test_bad_device_is_a_config_error():
+
+    with pytest.raises(
+        errors.ConfigError, match=r"^--device tpu: expected auto, cpu, cuda or cuda:N$"
+    ):
+        distributed.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(errors.ConfigError, match=r"^--device cuda: this machine has no CUDA"):
+            distributed.pick_device("cuda")
