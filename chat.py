@@ -272,18 +272,44 @@ def fold_reasoning(messages: list[dict], template: str) -> list[dict]:
     return out
 
 
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render
+
+
+def check_messages(messages: list, where: str, field: str) -> None:
+    """Every turn of a conversation is an object whose role is one of ROLES and whose content is a
+    string (or null beside tool calls or a thought), checked before any template renders it (a
+    template drops an unknown role silently)."""
+    for k, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise errors.DataError(
+                f"{where}: field {field!r}: turn {k}: expected an object, got {type(m).__name__}"
+            )
+        if m.get("role") not in ROLES:
+            raise errors.DataError(
+                f"{where}: field {field!r}: turn {k}: role {m.get('role')!r} is not one of "
+                f"{', '.join(ROLES)}"
+            )
+        tool_or_thought = m.get("tool_calls") or m.get("reasoning_content")
+        if not isinstance(m.get("content"), str) and not (
+            m.get("content") is None and tool_or_thought
+        ):
+            raise errors.DataError(
+                f"{where}: field {field!r}: turn {k}: 'content' missing or not a string"
+            )
+
+
 def check_fields(row: dict, where: str) -> None:
-    """Each field of ROW_FIELDS that the row has holds an accepted type (messages: objects)."""
+    """Each field of ROW_FIELDS that the row has holds an accepted type, and every conversation
+    its turns (check_messages)."""
     for name, (types, expected) in ROW_FIELDS.items():
         if name not in row:
             continue
-        ok = isinstance(row[name], types)
-        if name == "messages":
-            ok = ok and all(isinstance(m, dict) for m in row[name])
-        if not ok:
+        if not isinstance(row[name], types):
             raise errors.DataError(
                 f"{where}: field {name!r}: expected {expected}, got {type(row[name]).__name__}"
             )
+        if isinstance(row[name], list):
+            check_messages(row[name], where, name)
 
 
 def encode_row(
@@ -392,14 +418,10 @@ def split_conversation(row: dict, tokenizer, where: str) -> tuple[list | str, st
     """(prompt, target text) of a row: {'messages'} = the turns before the last (an assistant turn)
     and that turn as the chat template renders it after the generation prompt (thought included);
     {'prompt', 'completion'?}."""
+    check_fields(row, where)
     if "messages" in row:
         msgs = row["messages"]
-        if (
-            not isinstance(msgs, list)
-            or len(msgs) < 2
-            or not isinstance(msgs[-1], dict)
-            or msgs[-1].get("role") != "assistant"
-        ):
+        if len(msgs) < 2 or msgs[-1].get("role") != "assistant":
             raise errors.DataError(
                 f"{where}: field 'messages': expected a list ending with an assistant turn"
             )

@@ -60,20 +60,13 @@ def encode_prompts(
                 f"{where}: field {field!r}: missing (present: {', '.join(sorted(row)) or 'none'})"
             )
         prompt = row[field]
-        ok = isinstance(prompt, str) or (
-            isinstance(prompt, list)
-            and all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in prompt
-            )
-        )
-        if not ok:
+        if not isinstance(prompt, (str, list)):
             raise errors.DataError(
                 f"{where}: field {field!r}: expected a string or a list of "
                 f"{{'role': str, 'content': str}} messages, got {type(prompt).__name__}"
             )
+        if isinstance(prompt, list):
+            chat.check_messages(prompt, where, field)
         text = render_prompt(prompt, tokenizer)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids or len(ids) > max_prompt_length:

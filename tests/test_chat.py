@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 import chat
 import errors
 import loading
+import sampling
 import toy
 
 THOUGHTS = [
@@ -263,3 +264,24 @@ def test_split_conversation_and_target_ids():
     assert chat.target_ids("ab", tok, "x:3", 4) == tok("ab", add_special_tokens=False)["input_ids"]
     with pytest.raises(errors.DataError, match=r"x:3: target: 5 tokens \(allowed 1..4"):
         chat.target_ids("abcde", tok, "x:3", 4)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "robot", "content": "hi"}], "turn 1: role 'robot' is not one of system, user"),
+        ([{"role": "user"}], "turn 1: 'content' missing or not a string"),
+        ([{"role": "user", "content": "a"}, "hi"], "turn 2: expected an object, got str"),
+    ],
+)
+def test_every_turn_is_checked_before_a_template_renders_it(messages, message):
+    row = {"messages": messages + [{"role": "assistant", "content": "ok"}]}
+    with pytest.raises(errors.DataError, match=f"^d.jsonl:7: field 'messages': {message}"):
+        chat.check_fields(row, "d.jsonl:7")
+    with pytest.raises(errors.DataError, match=f"^d.jsonl:7: field 'prompt': {message}"):
+        sampling.encode_prompts(
+            [{"prompt": messages, "_line": 7}], toy.load_tokenizer(), "d.jsonl", 64
+        )
+    chat.check_fields(
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{}]}]}, "x"
+    )
