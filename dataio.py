@@ -4,11 +4,14 @@ rows."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import importlib.util
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -16,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from errors import DataError
+from errors import DataError, DiskError
 
 
 def _type_ok(value, expected) -> bool:
@@ -193,22 +196,51 @@ def make_readable(path: str | os.PathLike) -> None:
         os.chmod(f, FILE_MODE)
 
 
+# what a user can fix about a write: a full disk or quota, a read-only file system, permissions
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike):
+    """Writes inside turn a full disk, a read-only file system or a missing permission into a
+    DiskError naming `path` (one line for the user); every writer here writes beside and renames,
+    so what `path` held before is intact. safetensors and torch.save report a full disk in their
+    own exception types (torch.save without the cause): there the free space decides."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            cause = e.strerror
+        elif "No space left on device" in str(e) or _free_bytes(Path(path)) < 1 << 20:
+            cause = "no space left on the device"
+        else:
+            raise
+        raise DiskError(f"{path}: cannot write ({cause}); what was there is intact") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a temp file beside `path`, fsync, then os.replace: readers see the old or the new file,
     never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -225,10 +257,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """One line per call, flushed, for logs that grow during a run (a kill can at worst tear the
     last line)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(_dumps(row) + "\n")
-        f.flush()
+    with disk_errors(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(_dumps(row) + "\n")
+            f.flush()
 
 
 def epoch_indices(

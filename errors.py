@@ -25,6 +25,11 @@ class MissingError(UserError, FileNotFoundError):
     make it."""
 
 
+class DiskError(UserError, OSError):
+    """An output that cannot be written (disk full, read-only, no permission); the message names
+    the path, and what was there before is intact."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradient stayed non-finite for several steps in a row; the last checkpoint is
     intact."""

@@ -25,7 +25,14 @@ from tqdm import tqdm
 import lora
 import sampling
 from cli import check_flags
-from dataio import append_jsonl, atomic_write_json, epoch_indices, markdown_table, write_jsonl
+from dataio import (
+    append_jsonl,
+    atomic_write_json,
+    disk_errors,
+    epoch_indices,
+    markdown_table,
+    write_jsonl,
+)
 from distributed import (
     all_reduce_gradients,
     all_reduce_sum,
@@ -133,35 +140,38 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
     rank = dist.get_rank() if is_distributed() else 0
-    if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save(
-        _rng_state(), tmp / f"rng_rank{rank}.pt"
-    )  # each rank has its own sampling / dropout streams
-    if is_main():
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save(trainable, tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    barrier()
-    if is_main():
-        # state.json last: its presence marks a complete checkpoint
-        atomic_write_json(
-            tmp / "state.json",
-            {
-                "step": step,
-                "data_state": data_state,
-                "world_size": dist.get_world_size() if is_distributed() else 1,
-            },
-        )
-        if final.exists():
+    with disk_errors(final):
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+            tmp.mkdir(parents=True)
+        barrier()
+        torch.save(
+            _rng_state(), tmp / f"rng_rank{rank}.pt"
+        )  # each rank has its own sampling / dropout streams
+        if is_main():
+            trainable = {
+                n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad
+            }
+            torch.save(trainable, tmp / "trainable.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        barrier()
+        if is_main():
+            # state.json last: its presence marks a complete checkpoint
+            atomic_write_json(
+                tmp / "state.json",
+                {
+                    "step": step,
+                    "data_state": data_state,
+                    "world_size": dist.get_world_size() if is_distributed() else 1,
+                },
+            )
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+            os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

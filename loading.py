@@ -239,7 +239,8 @@ def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Pa
         if f.is_file() and config_like and not f.name.endswith(".index.json"):
             shutil.copyfile(f, tmp / f.name)
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    with dataio.disk_errors(final):
+        save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     dataio.make_readable(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

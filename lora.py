@@ -308,17 +308,19 @@ def save_trained(
     `merged` also writes the merged full model and its tokenizer to out/model. `full` (a model
     trained without adapters): only the model and its tokenizer, in out/model."""
     if full:
-        model.save_pretrained(Path(out) / "model")
-        tokenizer.save_pretrained(Path(out) / "model")
-        dataio.make_readable(Path(out) / "model")
+        with dataio.disk_errors(Path(out) / "model"):
+            model.save_pretrained(Path(out) / "model")
+            tokenizer.save_pretrained(Path(out) / "model")
+            dataio.make_readable(Path(out) / "model")
         return
     save_adapter(
         model, str(out), base_model_name_or_path=None if model_name == "toy" else model_name
     )
     if merged:
-        merge(model).save_pretrained(Path(out) / "model")
-        tokenizer.save_pretrained(Path(out) / "model")
-        dataio.make_readable(Path(out) / "model")
+        with dataio.disk_errors(Path(out) / "model"):
+            merge(model).save_pretrained(Path(out) / "model")
+            tokenizer.save_pretrained(Path(out) / "model")
+            dataio.make_readable(Path(out) / "model")
 
 
 def fill_defaults(args, table: dict[str, tuple]) -> None:
@@ -447,9 +449,10 @@ def _atomic_write(path: str, write) -> None:
     """write(tmp), then rename over `path`: a killed run never leaves a torn file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        write(tmp)
-        dataio.make_readable(tmp)
-        os.replace(tmp, path)
+        with dataio.disk_errors(path):
+            write(tmp)
+            dataio.make_readable(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -624,3 +624,33 @@ def test_bad_device_is_a_config_error():
     if not torch.cuda.is_available():
         with pytest.raises(errors.ConfigError, match=r"^--device cuda: this machine has no CUDA"):
             distributed.pick_device("cuda")
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_old_file_stays(tmp_path, monkeypatch):
+    import errno
+
+    import lora
+    import toy
+
+    target = tmp_path / "summary.json"
+    dataio.atomic_write_json(target, {"old": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dataio.os, "fsync", full)
+    with pytest.raises(
+        errors.DiskError, match=r"summary.json: cannot write \(No space left on dev"
+    ):
+        dataio.atomic_write_json(target, {"new": 2})
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
+    monkeypatch.undo()
+
+    def safetensors_full(*args, **kwargs):  # safetensors' own exception type, with the cause
+        raise RuntimeError("Error while serializing: I/O error: No space left on device")
+
+    model = lora.add_lora(toy.load_model(), r=2, alpha=4.0)
+    monkeypatch.setattr("safetensors.torch.save_file", safetensors_full)
+    with pytest.raises(errors.DiskError, match=r"adapter_model.safetensors: cannot write \(no sp"):
+        lora.save_adapter(model, str(tmp_path / "ad"))
