@@ -62,6 +62,7 @@ def sample_arm(rollout, model, tokenizer, judge, heldout: list[dict], a, **colum
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(a.seed + 12345)
     calls, bad = judge.calls, judge.invalid
     s, rows, r, _ = rollout(model, tokenizer, judge, heldout, a, gen, batch_size=256)
+    r = [0.0 if x is None else x for x in r]  # the card's gate: an invalid verdict fails
     return arm_row(
         r,
         a.num_generations,

@@ -29,7 +29,8 @@ orders: win 1, tie 0.5, loss 0; `--judging pointwise` rates it alone). --data: J
 str | messages} (chat) or {"prompt", "reference"} (continuation), read by tasks.thinking_prompts;
 "toy-arithmetic" = toy word problems in the answer formats of --toy-styles. --init-adapter "auto"
 starts the toy chat tasks from the shipped toy thinking SFT. Judges (`--judge`, judges.py): "toy",
-an OpenAI-compatible URL, or a model run in this process; the judge never sees the thought.
+an OpenAI-compatible URL, or a model run in this process; the judge never sees the thought. An
+invalid verdict is no score: the sample is left out of its group's advantage and of the loss.
 
 The reward gate (the card's, gate.py): every arm samples the same held-out prompts with the same
 seeded draws (--gate-prefixes x --num-generations); per arm and per pair of arms its tables are
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -219,9 +221,9 @@ def judge_responses(
     answers: list[str],
     has_answer: list[bool],
     missing_reward: float,
-) -> tuple[list[float], int]:
-    """Rewards in [0, 1] (an invalid verdict scores 0 and is counted) and the number of invalid
-    verdicts. Only the response goes to the judge."""
+) -> tuple[list[float | None], int]:
+    """Rewards in [0, 1] (None where the verdict is invalid: never a score; counted) and the
+    number of invalid verdicts. Only the response goes to the judge."""
     ask = [i for i, h in enumerate(has_answer) if h]
     prompts = [rows[i]["judge_prompt"] for i in ask]
     if task == "chat":
@@ -236,7 +238,7 @@ def judge_responses(
         verdicts = judges.win_tie_loss(judge, prompts, [answers[i] for i in ask], refs)
     out = [missing_reward] * len(answers)
     for i, v in zip(ask, verdicts):
-        out[i] = 0.0 if v is None else float(v)
+        out[i] = None if v is None else float(v)
     return out, sum(v is None for v in verdicts)
 
 
@@ -254,17 +256,20 @@ def rollout(model, tokenizer, judge, prompts: list[dict], a: Args, generator, ba
     return s, rows, r, invalid
 
 
-def rollout_metrics(s: Samples, r: list[float], G: int, invalid: int) -> dict:
+def rollout_metrics(s: Samples, r: list[float | None], G: int, invalid: int) -> dict:
+    """The step's columns; "reward" is the mean of the scored samples, the group shares
+    (rewards.reward_gate) count an invalid verdict as 0, as the gate does."""
     ans = torch.tensor(s.answer_len, dtype=torch.float32)
-    rt = torch.tensor(r)
+    scored = torch.tensor([x for x in r if x is not None])
+    rt = torch.tensor([0.0 if x is None else x for x in r])
     corr = (
         float(torch.corrcoef(torch.stack([rt, ans]))[0, 1])
         if rt.std() > 0 and ans.std() > 0
         else 0.0
     )
     return {
-        "reward": rt.mean().item(),
-        "reward_std": rt.std().item() if len(r) > 1 else 0.0,
+        "reward": scored.mean().item(),
+        "reward_std": scored.std().item() if len(scored) > 1 else 0.0,
         **rewards.reward_gate(rt, G),
         "judge/invalid_rate": invalid / max(len(r), 1),
         "closed_think_rate": sum(s.closed) / len(s.closed),
@@ -293,8 +298,15 @@ def sample_row(tokenizer, rows: list[dict], s: Samples, r: list[float], i: int) 
 
 
 def group_advantages(r: torch.Tensor, G: int) -> torch.Tensor:
-    """A_i = (r_i - mean_group) / (std_group + 1e-4); exactly 0 in a group of equal rewards."""
+    """A_i = (r_i - mean_group) / (std_group + 1e-4); exactly 0 in a group of equal rewards. A
+    NaN reward (no valid verdict) is left out of its group's mean and std, and its A is 0."""
     g = r.view(-1, G)
+    if torch.isnan(g).any():
+        n = (~torch.isnan(g)).sum(1, keepdim=True)
+        dev = (g - g.nansum(1, keepdim=True) / n.clamp(min=1)).nan_to_num(0.0)
+        std = (dev.pow(2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        top, bottom = g.nan_to_num(-math.inf).amax(1, True), g.nan_to_num(math.inf).amin(1, True)
+        return (dev.masked_fill(top <= bottom, 0.0) / (std + 1e-4)).reshape(-1)
     adv = (g - g.mean(1, keepdim=True)).masked_fill((g == g[:, :1]).all(1, keepdim=True), 0.0)
     return (adv / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
 
@@ -333,10 +345,14 @@ def update(model, s: Samples, adv: torch.Tensor, ref_logp, a: Args, world: int) 
     return {"loss": total["loss"] / world, "kl": total["kl"] / max(total["tokens"], 1.0)}
 
 
-def train_on(model, s: Samples, r: list[float], opt, a: Args, run, step: int) -> dict:
+def train_on(model, s: Samples, r: list[float | None], opt, a: Args, run, step: int) -> dict:
     """One optimizer step on the samples: advantages, the reference log-probs (LoRA off; none with
-    beta = 0), the backward of L, the step (a non-finite loss skips it; 3 in a row stop the run)."""
-    adv = group_advantages(torch.tensor(r), a.num_generations).to(run.device)
+    beta = 0), the backward of L, the step (a non-finite loss skips it; 3 in a row stop the run).
+    A sample without a valid verdict is left out: out of its group's advantage and out of the
+    loss."""
+    rt = torch.tensor([math.nan if x is None else x for x in r])
+    adv = group_advantages(rt, a.num_generations).to(run.device)
+    s.loss_mask[torch.isnan(rt).to(s.loss_mask.device)] = 0
     ref = None
     if a.beta > 0:
         with lora.disabled(model):

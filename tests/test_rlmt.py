@@ -298,7 +298,7 @@ def test_continuation_judging_both_orders_win_tie_loss_and_missing():
     none = Recorder()
     none.prefer_ordered = unparsed
     assert rlmt.judge_responses(none, "continuation", "pairwise", rows[:1], ["x"], [True], 0.0) == (
-        [0.0],
+        [None],
         1,
     )
 
@@ -309,6 +309,11 @@ def test_group_advantages():
         adv[:2].tolist() == pytest.approx([0.7070, -0.7070], abs=1e-3)
         and adv[2:].tolist() == [0.0] * 4
     )
+    # a sample without a valid verdict (NaN) is out of its group's mean and std, its A is 0
+    nan = float("nan")
+    adv = rlmt.group_advantages(torch.tensor([1.0, nan, 0.0, 0.5, nan, 0.5, nan, nan, 0.3]), 3)
+    assert adv[:3].tolist() == pytest.approx([0.7070, 0.0, -0.7070], abs=1e-3)
+    assert adv[3:].tolist() == [0.0] * 6  # equal scored rewards, or a single scored sample
 
 
 def test_artifact_rate():
