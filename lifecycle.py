@@ -326,11 +326,14 @@ class Run:
 
 
 def start_run(args: Any, resume: bool = False, report_to: str = "") -> Run:
-    """The start of every script, before anything loads: check the flags (cli.check_flags), join
-    torchrun's group (if launched by it), seed everything from --seed, pick this rank's --device,
-    prepare the run directory --out (args.json; a fresh run clears the old logs and checkpoint)."""
+    """The start of every script, before anything loads: check the flags (cli.check_flags) and
+    that every --init-adapter is there, join torchrun's group (if launched by it), seed everything
+    from --seed, pick this rank's --device, prepare the run directory --out (args.json; a fresh
+    run clears the old logs and checkpoint)."""
     t_start = time.perf_counter()
     check_flags(args)
+    for adapter in filter(None, args.init_adapter.split("+")):
+        lora.require_adapter(adapter, "--init-adapter", "Pass directories a script wrote (--out).")
     rank, world, local_rank = init_distributed()
     set_seed(args.seed)
     dev = pick_device(args.device, local_rank)

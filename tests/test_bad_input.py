@@ -1,0 +1,122 @@
+"""The one-line error promise over a table of bad inputs: every script, in process, with bad flags,
+devices, output directories, data files and adapters. Each case must end in `error: <message>` and
+exit status 2, before a model loads (the toy tokenizer is the most a case may load), so a new flag
+or script cannot quietly regress the promise."""
+
+import dataclasses
+import importlib
+import json
+
+import pytest
+
+import cli
+import errors
+
+SCRIPTS = ["sft_think", "grpo", "dpo_online", "rlmt", "gkd", "karcher_merge", "eval_reasoning"]
+TRAINERS = SCRIPTS[:5]
+
+# flag -> (bad value, the start of the message after "error: ")
+BAD_FLAGS = {
+    "lr": [("0", "--lr 0.0: must be > 0.0"), ("nan", "--lr nan: must be"), ("inf", "--lr inf")],
+    "max_steps": [("0", "--max-steps 0: must be >= 1"), ("-1", "--max-steps -1: must be >= 1")],
+    "batch_size": [("0", "--batch-size 0: must be >= 1")],
+    "micro_batch_size": [("-4", "--micro-batch-size -4: must be >= 1")],
+    "top_p": [("0", "--top-p 0.0: must be > 0.0"), ("1.5", "--top-p 1.5: must be > 0.0 and")],
+    "warmup_ratio": [("2", "--warmup-ratio 2.0: must be >= 0.0 and <= 1.0")],
+    "max_new_tokens": [("0", "--max-new-tokens 0: must be >= 1")],
+    "num_generations": [("1", "--num-generations 1: must be >= 2")],
+    "eval_size": [("0", "--eval-size 0: must be >= 1")],
+    "num_samples": [("0", "--num-samples 0: must be >= 1")],
+    "lmbda": [("1.5", "--lmbda 1.5: must be >= 0.0 and <= 1.0")],
+    "device": [("tpu", "--device tpu: expected auto, cpu, cuda or cuda:N")],
+}
+
+
+def fields(script: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(importlib.import_module(script).Args)}
+
+
+def run(script: str, argv: list, capsys, monkeypatch) -> str:
+    """The script's main in this process; returns its one error line (after "error: ")."""
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(module.main, module.Args, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(lines) == 1, (e.value.code, err[-2000:])
+    return lines[0][len("error: ") :]
+
+
+def flag_cases():
+    for script in SCRIPTS:
+        for name, cases in BAD_FLAGS.items():
+            if name in fields(script):
+                for value, message in cases:
+                    yield pytest.param(script, name, value, message, id=f"{script}-{name}-{value}")
+        if "temperature" in fields(script) and script in TRAINERS:
+            message = "--temperature 0.0: must be > 0.0"
+            yield pytest.param(script, "temperature", "0", message, id=f"{script}-temperature-0")
+
+
+@pytest.mark.parametrize("script, name, value, message", list(flag_cases()))
+def test_bad_flag_value(script, name, value, message, tmp_path, capsys, monkeypatch):
+    flag = "--" + name.replace("_", "-")
+    line = run(script, [flag, value, "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert line.startswith(message), line
+    assert not (tmp_path / "run").exists()  # the flags are checked before anything is written
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_out_that_is_a_file_or_cannot_be_made(script, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    line = run(script, ["--out", tmp_path / "file"], capsys, monkeypatch)
+    assert line == f"--out {tmp_path / 'file'}: a file is there, not a directory", line
+    line = run(script, ["--out", tmp_path / "file" / "run"], capsys, monkeypatch)
+    assert line.startswith(f"--out {tmp_path / 'file' / 'run'}: cannot write there"), line
+
+
+# data rows that break the promise in a different way each: (file bytes, message after file:)
+PROMPT = {"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+def data_cases():
+    def lines(rows):
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    good = {"sft_think": CHAT, "grpo": PROMPT, "gkd": {**CHAT}, "rlmt": {"prompt": "Say hi."}}
+    for script, row in good.items():
+        body = lines([row] * 30)
+        yield script, b"\n" + body[:-1] + b'\xe9"\n', ":31: not UTF-8 text (byte 0xe9"
+        yield script, lines([row] * 2) + b"\n" + b'{"x": \n' + lines([row] * 30), ":4: malformed"
+        yield script, b"", ": empty file (no JSON lines)"
+        key = "messages" if "messages" in row else "prompt"
+        robot = {**row, key: [{"role": "robot", "content": "hi"}]}
+        if key == "messages":
+            robot[key].append({"role": "assistant", "content": "yo"})
+        yield script, lines([row] * 3 + [robot] + [row] * 30), ":4: field "
+    docs = lines([{"text": "A story. " * 80}] * 20)
+    yield "dpo_online", docs[: len(docs) // 2] + b"\xff\n", ": not UTF-8 text (byte 0xff"
+
+
+@pytest.mark.parametrize(
+    "script, content, message", list(data_cases()), ids=lambda x: x if isinstance(x, str) else None
+)
+def test_bad_data_file_names_file_and_line(script, content, message, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    argv = ["--data", data, "--out", tmp_path / "run", "--init-adapter", ""]
+    if script == "dpo_online":
+        argv += ["--judge", "toy"]
+    if script == "gkd":
+        argv += ["--teacher", "toy"]
+    line = run(script, argv, capsys, monkeypatch)
+    assert line.startswith(str(data)) and message in line, line
+
+
+@pytest.mark.parametrize("script", ["sft_think", "grpo", "dpo_online", "rlmt", "gkd"])
+def test_missing_init_adapter(script, tmp_path, capsys, monkeypatch):
+    argv = ["--init-adapter", tmp_path / "nothing", "--out", tmp_path / "run"]
+    line = run(script, argv, capsys, monkeypatch)
+    assert f"{tmp_path / 'nothing'}" in line, line
