@@ -45,7 +45,7 @@ from distributed import (
     max_param_difference_across_ranks,
     pick_device,
 )
-from errors import ConfigError, NonFiniteError
+from errors import ConfigError, DataError, NonFiniteError
 
 
 def _plain(v):
@@ -176,6 +176,17 @@ def save_checkpoint(
     return final
 
 
+def _load_part(ckpt: Path, name: str):
+    """One file of a checkpoint; a truncated or unreadable one is a DataError naming it."""
+    try:
+        return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a torn zip or pickle
+        raise DataError(
+            f"{ckpt / name}: truncated or not a checkpoint file ({type(e).__name__}); start again "
+            f"without --resume (or remove {ckpt.name} to resume from a checkpoint.old beside it)"
+        ) from None
+
+
 def load_checkpoint(
     out_dir: str | os.PathLike, model, optimizer=None, scheduler=None
 ) -> dict | None:
@@ -197,7 +208,7 @@ def load_checkpoint(
     if ckpt is None:
         return None
     state = json.loads((ckpt / "state.json").read_text())
-    saved = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
+    saved = _load_part(ckpt, "trainable.pt")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]
@@ -215,11 +226,9 @@ def load_checkpoint(
                 )
             params[name].copy_(value)
     if optimizer is not None:
-        optimizer.load_state_dict(
-            torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        )
+        optimizer.load_state_dict(_load_part(ckpt, "optimizer.pt"))
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(_load_part(ckpt, "scheduler.pt"))
     for log in (out_dir / "metrics.jsonl", out_dir / "samples.jsonl"):
         if is_main() and log.is_file():
             # rows logged after this checkpoint will be logged again; a torn last line (killed
@@ -241,10 +250,8 @@ def load_checkpoint(
                 ],
             )
     rank = dist.get_rank() if is_distributed() else 0
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    _set_rng_state(
-        torch.load(rng_file if rng_file.is_file() else ckpt / "rng_rank0.pt", weights_only=True)
-    )
+    rng_file = f"rng_rank{rank}.pt" if (ckpt / f"rng_rank{rank}.pt").is_file() else "rng_rank0.pt"
+    _set_rng_state(_load_part(ckpt, rng_file))
     return {"step": state["step"], "data_state": state["data_state"]}
 
 

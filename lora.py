@@ -39,7 +39,7 @@ from torch import nn
 import chat
 import dataio
 import loading
-from errors import ConfigError, MissingError
+from errors import ConfigError, DataError, MissingError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = (
@@ -432,13 +432,13 @@ def load_lora_state_dict(
     given = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in sd.items()}
     missing, unexpected = sorted(own.keys() - given.keys()), sorted(given.keys() - own.keys())
     if missing or unexpected:  # a few of each by name: enough to see which modules differ
-        raise ValueError(
+        raise DataError(
             f"{source}: LoRA keys do not match the model: {len(missing)} missing {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}"
         )
     for k, v in given.items():
         if v.shape != own[k].shape:
-            raise ValueError(
+            raise DataError(
                 f"{source}: key '{k}' has shape {tuple(v.shape)}, "
                 f"the model expects {tuple(own[k].shape)}"
             )
@@ -599,23 +599,25 @@ def svd_factors(delta: torch.Tensor, rank: int):
 
 def read_adapter_config(path: str) -> dict:
     """`path/adapter_config.json`, checked: a plain LoRA / rsLoRA adapter this file can read, or a
-    ValueError that names the file and the fields it cannot."""
+    DataError that names the file and the fields it cannot."""
     cfg_path = os.path.join(path, CONFIG_NAME)
     try:
         cfg = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingError(
             f"{cfg_path}: no adapter config (is {path!r} a PEFT adapter directory?)"
         ) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{cfg_path}: not a JSON adapter config ({e})") from None
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(
+        raise DataError(
             f"{cfg_path}: field 'peft_type' is {cfg.get('peft_type')!r}, expected 'LORA'"
         )
     bad = [k for k in _UNSUPPORTED if cfg.get(k) not in (None, False, {}, [])]
     bad += ["bias"] * (cfg.get("bias", "none") != "none")
     bad += ["target_modules"] * (not isinstance(cfg.get("target_modules"), list))  # a regex string
     if bad:
-        raise ValueError(
+        raise DataError(
             f"{cfg_path}: unsupported field(s) {bad}; this LoRA reads plain LoRA / rsLoRA "
             "adapters with target_modules given as a list"
         )
@@ -635,11 +637,10 @@ def read_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.T
     """A PEFT LoRA adapter without a model: (config, {module name: (A [r, in], B [out, r])}), fp32;
     the update of a module is adapter_scaling(config) * B A. Module names are the model's
     (`model.layers.0.self_attn.q_proj`)."""
-    from safetensors.torch import load_file
 
     cfg = read_adapter_config(path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    sd = load_file(weights_path)
+    sd = read_weights(weights_path)
     factors: dict[str, list] = {}
     for key, v in sd.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
@@ -698,13 +699,24 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor
     return a_pad, torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float()
 
 
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or foreign file is a DataError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise MissingError(f"{path}: no such file") from None
+    except Exception as e:  # safetensors' own error type: a torn or foreign file
+        raise DataError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load a PEFT-format LoRA adapter, adding LoRA layers from its config when the model has none.
 
     If the model has LoRA layers, keys and shapes must match the file; the file's alpha and rsLoRA
     win.
     """
-    from safetensors.torch import load_file
 
     cfg = read_adapter_config(path)
     rslora = bool(cfg.get("use_rslora", False))
@@ -721,7 +733,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         m.alpha, m.use_rslora = cfg["lora_alpha"], rslora
         m.scaling = m.alpha / math.sqrt(m.r) if rslora else m.alpha / m.r
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    load_lora_state_dict(model, load_file(weights_path), source=weights_path)
+    load_lora_state_dict(model, read_weights(weights_path), source=weights_path)
     return model
 
 

@@ -120,3 +120,49 @@ def test_missing_init_adapter(script, tmp_path, capsys, monkeypatch):
     argv = ["--init-adapter", tmp_path / "nothing", "--out", tmp_path / "run"]
     line = run(script, argv, capsys, monkeypatch)
     assert f"{tmp_path / 'nothing'}" in line, line
+
+
+def adapter_copy(tmp_path, name: str):
+    """A copy of the shipped toy thinking-SFT adapter in tmp_path/name."""
+    import shutil
+
+    import toy
+
+    shutil.copytree(toy.SFT_ADAPTER_DIR, tmp_path / name)
+    return tmp_path / name
+
+
+def test_truncated_or_foreign_adapter_names_the_file_and_the_mismatch(
+    tmp_path, capsys, monkeypatch
+):
+    from safetensors.torch import load_file, save_file
+
+    torn = adapter_copy(tmp_path, "torn")
+    weights = torn / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = run("grpo", ["--init-adapter", torn, "--out", tmp_path / "a"], capsys, monkeypatch)
+    assert line.startswith(f"{weights}: not a readable safetensors file"), line
+
+    foreign = adapter_copy(tmp_path, "foreign")
+    weights = foreign / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key][:, :-1].contiguous()  # as if trained on a narrower model
+    save_file(tensors, weights)
+    line = run("gkd", ["--teacher-adapter", foreign, "--out", tmp_path / "b"], capsys, monkeypatch)
+    assert line.startswith(f"{weights}: key '{key}' has shape"), line
+    assert "the model expects" in line
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_is_one_line_on_resume(tmp_path, capsys, monkeypatch):
+    import sft_think
+
+    out = tmp_path / "run"
+    flags = ["--max-steps", "3", "--save-every", "1", "--toy-train-size", "16", "--eval-size", "2"]
+    flags += ["--batch-size", "2", "--max-new-tokens", "4", "--out", out]
+    cli.run_cli(sft_think.main, sft_think.Args, [str(a) for a in flags])
+    part = out / "checkpoint" / "trainable.pt"
+    part.write_bytes(part.read_bytes()[:100])
+    line = run("sft_think", flags + ["--resume"], capsys, monkeypatch)
+    assert line.startswith(f"{part}: truncated or not a checkpoint file"), line
