@@ -99,6 +99,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
+def cut_to_tokens(tokenizer, text: str, limit: int) -> str:
+    """`text`, or its first `limit` tokens when it is longer (a document longer than the model's
+    context is scored on what fits)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= limit else tokenizer.decode(ids[:limit])
+
+
 def _max_length(model, tokenizer) -> int:
     # The harness's order: the (text) config's context length, then the tokenizer's, then 2048.
     cfg = getattr(model, "config", None)
@@ -556,12 +563,14 @@ def domain_sets(eval_data: str, base: str, eval_size: int, prompts: int, seed: i
 def score_domains(
     model, tokenizer, sets, samples: int, max_new_tokens: int, temperature: float, seed: int
 ) -> dict:
-    """Per domain of `sets` (domain_sets): held-out NLL per token and perplexity; with `samples` >
+    """Per domain of `sets` (domain_sets): held-out NLL per token and perplexity (a document longer
+    than the model's context cut to it: cut_to_tokens); with `samples` >
     1, distinct-1 (whitespace words) within each prompt's k samples and their pairwise embedding
     diversity, both averaged over prompts ("_samples": the first two prompts' samples)."""
     row = {}
+    limit = _max_length(model, tokenizer) - 8  # room for a BOS and for re-encoding
     for d, (texts, prompts) in sets.items():
-        reqs = [("", t) for t in texts]
+        reqs = [("", cut_to_tokens(tokenizer, t, limit)) for t in texts]
         lls = loglikelihood(model, tokenizer, reqs, batch_size=16)
         n_tok = sum(len(encode_pair(tokenizer, c, t)[1]) for c, t in reqs)
         nll = -sum(ll for ll, _ in lls) / n_tok

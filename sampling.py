@@ -675,6 +675,14 @@ def sample(
     for i, r in enumerate(rows_per_prompt):
         if not r:
             raise ValueError(f"prompt {i} is empty: sampling needs at least one prompt token")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(range(len(prompts)), key=lambda i: len(rows_per_prompt[i]))
+    if context and len(rows_per_prompt[longest]) + max_new_tokens > context:
+        start = tokenizer.decode(rows_per_prompt[longest][:12])
+        raise errors.DataError(
+            f"a prompt of {len(rows_per_prompt[longest])} tokens + {max_new_tokens} new tokens "
+            f"is longer than the model's context of {context} tokens: {start!r}..."
+        )
     stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     eos = (
         stop_token_ids(model, tokenizer)

@@ -166,3 +166,26 @@ def test_truncated_checkpoint_is_one_line_on_resume(tmp_path, capsys, monkeypatc
     part.write_bytes(part.read_bytes()[:100])
     line = run("sft_think", flags + ["--resume"], capsys, monkeypatch)
     assert line.startswith(f"{part}: truncated or not a checkpoint file"), line
+
+
+def test_a_prompt_longer_than_the_context_is_an_error_not_an_allocation():
+    import sampling
+    import toy
+
+    model, tokenizer = toy.load_model(), toy.load_tokenizer()
+    context = model.config.max_position_embeddings
+    with pytest.raises(
+        errors.DataError, match=f"tokens is longer than the model's context of {context}"
+    ):
+        sampling.sample(model, tokenizer, ["a" * (context - 4)], max_new_tokens=8)
+
+
+def test_a_document_longer_than_the_context_is_scored_on_what_fits():
+    import likelihood
+    import toy
+
+    tokenizer = toy.load_tokenizer()
+    short, long = "Milo the fox.", "Milo the fox went to the river. " * 100
+    assert likelihood.cut_to_tokens(tokenizer, short, 64) == short
+    cut = likelihood.cut_to_tokens(tokenizer, long, 64)
+    assert long.startswith(cut) and len(tokenizer(cut, add_special_tokens=False)["input_ids"]) == 64
