@@ -467,8 +467,9 @@ def main(a: Args):
     summary = lifecycle.finish_run(run, {**summary, "args": asdict(a)})
     if failures:
         raise errors.UserError(
-            f"{len(failures)} request(s) failed after their retries (listed above; the finished "
-            f"samples are cached in {run.out / 'generations.jsonl'}: rerun the same command)"
+            f"{len(failures)} request(s) failed after their retries, the first: {failures[0]} "
+            f"(all listed above; the finished samples are cached in "
+            f"{run.out / 'generations.jsonl'}: rerun the same command)"
         )
     return summary
 

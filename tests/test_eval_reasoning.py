@@ -412,9 +412,10 @@ def test_server_backend_against_transformers_serve_stopped_mid_run_and_rerun(tmp
         stop_server(proc)
     log = ev_proc.communicate(timeout=300)[0]
     assert ev_proc.returncode == 2, log[-3000:]
-    assert "request(s) failed after their retries" in log and "connection refused" in log, log[
-        -3000:
-    ]
+    # the error line itself names the server and the cause
+    error = [line for line in log.splitlines() if line.startswith("error: ")][-1]
+    assert "request(s) failed after their retries" in error, log[-3000:]
+    assert "connection refused" in error and "http://127.0.0.1:" in error, error
     kept = cache.read_text().splitlines()
     assert 4 <= len(kept) < 24
     rows = [json.loads(x) for x in kept]
