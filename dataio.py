@@ -243,6 +243,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             raise
 
 
+def atomic_write(path: str, write) -> None:
+    """write(tmp) (a writer that takes a path: safetensors, torch), then rename over `path` with the
+    usual file mode: a killed run never leaves a torn file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with disk_errors(path):
+            write(tmp)
+            make_readable(tmp)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Indented strict JSON (tensors, arrays, paths and dataclasses converted; NaN / Infinity as
     null), atomically."""

@@ -14,7 +14,7 @@ import torch
 
 import dataio
 from distributed import pick_device
-from errors import ConfigError, MissingError
+from errors import ConfigError, DataError, MissingError
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str:
@@ -245,3 +245,15 @@ def write_model(src: Weights, tensors: dict[str, torch.Tensor], out: Path) -> Pa
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or foreign file is a DataError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise MissingError(f"{path}: no such file") from None
+    except Exception as e:  # safetensors' own error type: a torn or foreign file
+        raise DataError(f"{path}: not a readable safetensors file ({e})") from None

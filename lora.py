@@ -445,19 +445,6 @@ def load_lora_state_dict(
         own[k].copy_(v)
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(tmp), then rename over `path`: a killed run never leaves a torn file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with dataio.disk_errors(path):
-            write(tmp)
-            dataio.make_readable(tmp)
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _peft_config(
     r: int,
     alpha: float,
@@ -500,11 +487,11 @@ def _write_peft(path: str, tensors: dict[str, torch.Tensor], config: dict) -> No
 
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(
+    dataio.atomic_write(
         os.path.join(path, WEIGHTS_NAME), lambda f: save_file(tensors, f, metadata={"format": "pt"})
     )
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(
+    dataio.atomic_write(
         os.path.join(path, CONFIG_NAME), lambda f: Path(f).write_text(text, encoding="utf-8")
     )
 
@@ -640,7 +627,7 @@ def read_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.T
 
     cfg = read_adapter_config(path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    sd = read_weights(weights_path)
+    sd = loading.read_weights(weights_path)
     factors: dict[str, list] = {}
     for key, v in sd.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
@@ -699,18 +686,6 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor
     return a_pad, torch.cat([b, b.new_zeros(b.shape[0], width - b.shape[1])], dim=1).float()
 
 
-def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a truncated or foreign file is a DataError naming it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise MissingError(f"{path}: no such file") from None
-    except Exception as e:  # safetensors' own error type: a torn or foreign file
-        raise DataError(f"{path}: not a readable safetensors file ({e})") from None
-
-
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load a PEFT-format LoRA adapter, adding LoRA layers from its config when the model has none.
 
@@ -733,7 +708,7 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
         m.alpha, m.use_rslora = cfg["lora_alpha"], rslora
         m.scaling = m.alpha / math.sqrt(m.r) if rslora else m.alpha / m.r
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    load_lora_state_dict(model, read_weights(weights_path), source=weights_path)
+    load_lora_state_dict(model, loading.read_weights(weights_path), source=weights_path)
     return model
 
 
