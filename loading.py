@@ -99,6 +99,11 @@ def load_model(
         )
         kwargs["device_map"] = {"": device}
     source = _resolve_source(name_or_path)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise MissingError(
+            f"{name_or_path}: a directory with neither a model (config.json) nor an adapter "
+            f"(adapter_model.safetensors)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:

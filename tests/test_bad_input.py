@@ -189,3 +189,13 @@ def test_a_document_longer_than_the_context_is_scored_on_what_fits():
     assert likelihood.cut_to_tokens(tokenizer, short, 64) == short
     cut = likelihood.cut_to_tokens(tokenizer, long, 64)
     assert long.startswith(cut) and len(tokenizer(cut, add_special_tokens=False)["input_ids"]) == 64
+
+
+def test_an_arm_that_is_neither_a_model_nor_an_adapter(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    argv = ["--arms", f"x={tmp_path / 'empty'}", "--out", tmp_path / "run"]
+    line = run("eval_reasoning", argv, capsys, monkeypatch)
+    assert (
+        line == f"{tmp_path / 'empty'}: a directory with neither a model (config.json) nor an "
+        "adapter (adapter_model.safetensors)"
+    ), line
