@@ -210,38 +210,25 @@ def hub_defaults(model: str, device: torch.device | str, card: dict, given: dict
     return out
 
 
-def load_merged(
-    name: str,
-    device,
-    init_adapter: str,
-    load_in_4bit: bool = False,
-    gradient_checkpointing: bool = False,
-):
-    """The model `name` with `init_adapter` (and the adapters it was trained on, oldest first)
-    merged into its weights."""
+def load_merged(args, device, name: str | None = None):
+    """The model (`name`, default --model) with --init-adapter (and the adapters it was trained
+    on, oldest first) merged into its weights; --load-in-4bit and --gradient-checkpointing as set
+    (the flags of cli.TrainArgs)."""
     model = loading.load_model(
-        name,
+        name or args.model,
         device=device,
-        load_in_4bit=load_in_4bit,
-        gradient_checkpointing=gradient_checkpointing,
+        load_in_4bit=args.load_in_4bit,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    merge_adapters(model, init_adapter)
+    merge_adapters(model, args.init_adapter)
     return model
 
 
 def load_policy(args, device, name: str | None = None):
-    """The policy every trainer starts from: the model (`name`, default --model), with
-    --init-adapter (and the adapters it was trained on, oldest first) merged into its weights, and
-    a fresh LoRA of --lora-r / --lora-alpha / --lora-dropout on top; --load-in-4bit and
-    --gradient-checkpointing as set (the flags of cli.TrainArgs). The reference policy (LoRA off)
-    is then the merged model."""
-    model = load_merged(
-        name or args.model,
-        device,
-        args.init_adapter,
-        args.load_in_4bit,
-        args.gradient_checkpointing,
-    )
+    """The policy every trainer starts from: load_merged's model with a fresh LoRA of --lora-r /
+    --lora-alpha / --lora-dropout on top. The reference policy (LoRA off) is then the merged
+    model."""
+    model = load_merged(args, device, name)
     return add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
 
 
@@ -253,13 +240,7 @@ def trainable_model(args, device, name: str | None = None, full: bool = False):
             "--full cannot train 4-bit weights; use LoRA (drop --full) with --load-in-4bit"
         )
     if full:
-        model = load_merged(
-            name or args.model,
-            device,
-            args.init_adapter,
-            args.load_in_4bit,
-            args.gradient_checkpointing,
-        )
+        model = load_merged(args, device, name)
         return model, [p for p in model.parameters() if p.requires_grad]
     model = load_policy(args, device, name)
     return model, lora_parameters(model)

@@ -273,13 +273,7 @@ def prepare_model(args, run, tokenizer, added):
     (model, optimizer step, the embedding rows that train with --train-tokens or None). `added`:
     the tokens chat.add_marker_tokens put in the tokenizer."""
     if args.train_tokens:
-        model = lora.load_merged(
-            args.model,
-            run.device,
-            args.init_adapter,
-            args.load_in_4bit,
-            args.gradient_checkpointing,
-        )
+        model = lora.load_merged(args, run.device)
         params, head_rows = lora.train_only_tokens(model, tokenizer, args.train_tokens, added)
     else:
         model, params = lora.trainable_model(args, run.device, full=args.full)
