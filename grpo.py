@@ -38,9 +38,16 @@ its mass on one mode. Within a group, every sample with r >= tau gets the reward
 (the high-reward sample most likely under pi_ref) plus beta (log pi_ref(z) - log pi_ref(y)), which
 makes the optimum give all high-reward samples the same mass, so several modes stay alive.
 
+Style (`--reward proxy_nll --proxy-model ...`, the model card
+Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher): the reward is the mean per-token
+log-likelihood of the completion under a small proxy model fitted to the domain
+(`likelihood.ProxyNLLReward`; the card used SmolLM2-360M), so the policy learns the domain's style;
+one adapter per domain, then `karcher_merge.py` (the pipeline: `scripts/style_karcher.py`).
+
 Run:
     python grpo.py                                # toy arithmetic, from the toy SFT adapter
     python grpo.py --task continuation            # toy documents, similarity rewards, toy base
+    python grpo.py --task continuation --reward proxy_nll --proxy-model toy/story   # style reward
     torchrun --nproc_per_node 4 grpo.py --model Qwen/Qwen3-1.7B-Base --data math.jsonl \\
         --reward correct:1.0,format:0.1 --init-adapter runs/sft_think_qwen
 """
@@ -58,6 +65,7 @@ import cli
 import distributed
 import errors
 import lifecycle
+import likelihood
 import loading
 import lora
 import rewards
@@ -187,9 +195,12 @@ class Batch:
     samples: list[dict]
 
 
-def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: Args) -> Batch:
-    """G = --num-generations completions per prompt, their rewards under `spec` (with MARA's anchor
-    when --mara-tau is set), group advantages, the loss mask, and the rows the update trains on."""
+def rollout(
+    model, tokenizer, prompts: list[dict], spec: str, generator, args: Args, functions=None
+) -> Batch:
+    """G = --num-generations completions per prompt, their rewards under `spec` (`functions`: the
+    reward objects, as the proxy model; with MARA's anchor when --mara-tau is set), group
+    advantages, the loss mask, and the rows the update trains on."""
     G, micro_batch_size, temperature = args.num_generations, args.micro_batch_size, args.temperature
     roll = sampling.sample(
         model,
@@ -202,7 +213,11 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: A
         generator=generator,
     )
     texts = roll.texts(tokenizer)
-    total, per_fn = rewards.compute_rewards(spec, texts, rewards.reward_columns(prompts, G))
+    t_reward = time.perf_counter()
+    # `finished`: which completions ended with EOS (the proxy reward scores only their EOS)
+    columns = {**rewards.reward_columns(prompts, G), "finished": roll.finished.tolist()}
+    total, per_fn = rewards.compute_rewards(spec, texts, columns, functions)
+    t_reward = time.perf_counter() - t_reward
     r = torch.tensor(total, dtype=torch.float32)
     # The loss mask: 1 up to and including the first EOS (from the sampler, never from the pad id);
     # --mask-truncated-completions also drops completions that never ended (DAPO's overlong
@@ -240,6 +255,7 @@ def rollout(model, tokenizer, prompts: list[dict], spec: str, generator, args: A
         **rewards.reward_gate(per_fn[names[0]], G),
         "diversity/distinct_2": rewards.distinct_n_within_groups(roll.tokens(), G, n=2),
         **roll.length_metrics(),
+        "timing/reward": t_reward,
     }
     samples = [
         {
@@ -341,7 +357,7 @@ def update(model, batch: Batch, args: Args, world: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args) -> dict:
+def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args, functions=None) -> dict:
     """Mean reward of k = --eval-samples samples per held-out prompt at the training temperature,
     with a fixed generator (the same draws before and after training). On the verifiable task
     (prompts with gold answers) also `accuracy` (Mean@k: the share of correct samples), `pass_at_k`
@@ -361,8 +377,8 @@ def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args) -> di
         batch_size=128,
     )
     texts = roll.texts(tokenizer)
-    cols = rewards.reward_columns(heldout, k)
-    total, _ = rewards.compute_rewards(spec, texts, cols)
+    cols = {**rewards.reward_columns(heldout, k), "finished": roll.finished.tolist()}
+    total, _ = rewards.compute_rewards(spec, texts, cols, functions)
     row = {
         "mean_reward": sum(total) / len(total),
         "mean_length": float(roll.completion_mask.sum(1).float().mean()),
@@ -398,8 +414,9 @@ class Args(cli.TrainArgs):
     """verifiable: prompts with answers; continuation: document prefixes, similarity to the true
     continuation"""
     reward: str = ""
-    """reward spec 'name:weight,...' from rewards.py (default: verifiable 'correct:1.0,format:0.1';
-    continuation 'similarity' (mix by domain), or 'creative' when the data has no domain)"""
+    """reward spec 'name:weight,...' from rewards.py, or proxy_nll (with --proxy-model) (default:
+    verifiable 'correct:1.0,format:0.1'; continuation 'similarity' (mix by domain), or 'creative'
+    when the data has no domain)"""
     num_generations: int = 8
     """G: completions per prompt (a group); a step trains on --batch-size x G completions"""
     max_completion_length: int | None = None
@@ -434,6 +451,10 @@ class Args(cli.TrainArgs):
     like-for-like timings, or to log entropy over all completions)"""
     mara_tau: float | None = None
     """MARA reward threshold tau (needs --beta > 0); default: off"""
+    proxy_model: str = ""
+    """the proxy model of --reward proxy_nll: a hub id or model dir, or adapter dir(s) joined by '+'
+    onto --model (toy: toy/story = the toy base fitted to stories); its own tokenizer scores the
+    decoded text"""
     prefix_tokens: int = 96
     """continuation on documents ({'text'} rows, toy): prefix tokens"""
     continuation_tokens: int = 64
@@ -482,14 +503,32 @@ def resolve_defaults(args: Args) -> Args:
     return args
 
 
-def default_reward(task: str, reward: str, prompts: list[dict]) -> str:
+def default_reward(args: Args, prompts: list[dict]) -> str:
     """--reward, else the task's default; every name is checked here, before any model runs."""
-    spec = reward
-    if not spec and task == "verifiable":
+    spec = args.reward
+    if not spec and args.task == "verifiable":
         spec = "correct:1.0,format:0.1"
     elif not spec:
         spec = "similarity" if all(p.get("domain") is not None for p in prompts) else "creative"
-    return rewards.check_spec(spec)
+    rewards.check_spec(spec, objects=("proxy_nll",))
+    uses_proxy = "proxy_nll" in dict(rewards.parse_reward_spec(spec))
+    if uses_proxy != bool(args.proxy_model):
+        raise errors.ConfigError(
+            f"--reward {spec} with --proxy-model {args.proxy_model!r}: the proxy_nll reward and "
+            "--proxy-model go together (the proxy scores each completion's likelihood)"
+        )
+    return spec
+
+
+def reward_objects(args: Args, device) -> dict:
+    """The rewards that are objects: proxy_nll's model (--proxy-model, on the policy's device, no
+    gradients), or none."""
+    if not args.proxy_model:
+        return {}
+    proxy, tokenizer_dir = lora.load_arm(args.proxy_model, args.model, device, flag="--proxy-model")
+    proxy.requires_grad_(False)
+    tokenizer = loading.load_tokenizer(tokenizer_dir)
+    return {"proxy_nll": likelihood.ProxyNLLReward(model=proxy, tokenizer=tokenizer)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,12 +559,13 @@ def main(args: Args):
     run = lifecycle.start_run(args, args.resume, args.report_to)
     tokenizer = loading.load_tokenizer(args.model)
     train, heldout = tasks.rl_prompts(tokenizer, args)
-    spec = default_reward(args.task, args.reward, train)
+    spec = default_reward(args, train)
+    functions = reward_objects(args, run.device)
     # the reference policy (LoRA off) is the model with --init-adapter merged
     model = lora.load_policy(args, run.device)
     opt = lifecycle.adamw(lora.lora_parameters(model), args)
 
-    heldout_eval = functools.partial(evaluate, model, tokenizer, heldout, spec, args)
+    heldout_eval = functools.partial(evaluate, model, tokenizer, heldout, spec, args, functions)
     start, state = lifecycle.begin_training(run, model, opt, heldout_eval, args.resume)
     state.setdefault("tokens_seen", 0)
     model.train()
@@ -534,7 +574,7 @@ def main(args: Args):
         t0, t_rollout = time.perf_counter(), 0.0
         if step % args.num_iterations == 0 or batch is None:  # a batch lasts --num-iterations steps
             prompts, generator = lifecycle.step_batch(run, train, args, step // args.num_iterations)
-            batch = rollout(model, tokenizer, prompts, spec, generator, args)
+            batch = rollout(model, tokenizer, prompts, spec, generator, args, functions)
             lifecycle.log_samples(run, step + 1, batch.samples)
             state["tokens_seen"] += batch.num_tokens * run.world
             t_rollout = time.perf_counter() - t0

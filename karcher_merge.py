@@ -58,6 +58,7 @@ Run:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,14 +526,32 @@ def normalised(weights: list[float], n: int) -> list[float]:
 
 def report_eval(rows: list[dict], sets: dict, out: Path) -> dict:
     """samples.jsonl and the printed table; returns summary.json's eval rows and, with a base arm,
-    whether the Karcher merge's NLL beats the base's per domain."""
+    every other arm against it per domain: the mean paired difference arm - base of each unit's
+    figure (a document's NLL per token, a prefix's distinct-1 and pairwise diversity) with its 95%
+    interval (stats.paired_interval), and whether the Karcher merge's NLL beats the base's."""
+    units = {r["arm"]: r.get("_units", {}) for r in rows}
     rows = likelihood.report_domains(rows, list(sets), out)
     summary = {"eval": rows}
-    if "base" in {r["arm"] for r in rows}:
-        by = {r["arm"]: r for r in rows}
-        summary["karcher_beats_base_nll"] = {
-            d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets
+    if "base" not in units:
+        return summary
+    summary["vs_base"] = {
+        arm: {
+            d: {
+                metric: dict(
+                    zip(("diff", "se", "interval"), stats.paired_interval(base, values, math.inf))
+                )
+                for metric, base in units["base"][d].items()
+                for values in [by_domain[d][metric]]
+            }
+            for d in sets
         }
+        for arm, by_domain in units.items()
+        if arm != "base"
+    }
+    by = {r["arm"]: r for r in rows}
+    summary["karcher_beats_base_nll"] = {
+        d: by["karcher"][f"{d}/nll"] < by["base"][f"{d}/nll"] for d in sets
+    }
     return summary
 
 

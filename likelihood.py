@@ -566,15 +566,19 @@ def score_domains(
     """Per domain of `sets` (domain_sets): held-out NLL per token and perplexity (a document longer
     than the model's context cut to it: cut_to_tokens); with `samples` >
     1, distinct-1 (whitespace words) within each prompt's k samples and their pairwise embedding
-    diversity, both averaged over prompts ("_samples": the first two prompts' samples)."""
+    diversity, both averaged over prompts ("_samples": the first two prompts' samples; "_units":
+    per domain, each document's NLL per token and each prompt's distinct-1 and pairwise diversity,
+    for intervals)."""
     row = {}
     limit = _max_length(model, tokenizer) - 8  # room for a BOS and for re-encoding
     for d, (texts, prompts) in sets.items():
         reqs = [("", cut_to_tokens(tokenizer, t, limit)) for t in texts]
         lls = loglikelihood(model, tokenizer, reqs, batch_size=16)
-        n_tok = sum(len(encode_pair(tokenizer, c, t)[1]) for c, t in reqs)
-        nll = -sum(ll for ll, _ in lls) / n_tok
+        n_toks = [len(encode_pair(tokenizer, c, t)[1]) for c, t in reqs]
+        nll = -sum(ll for ll, _ in lls) / sum(n_toks)
         row[f"{d}/nll"], row[f"{d}/ppl"] = nll, math.exp(nll)
+        units = row.setdefault("_units", {}).setdefault(d, {})
+        units["nll"] = [-ll / n for (ll, _), n in zip(lls, n_toks)]
         if prompts and samples > 1:
             gen = torch.Generator(device=model.device).manual_seed(seed)
             roll = sampling.sample(
@@ -588,8 +592,10 @@ def score_domains(
             )
             texts_out = roll.texts(tokenizer)
             groups = [texts_out[i : i + samples] for i in range(0, len(texts_out), samples)]
-            row[f"{d}/distinct1"] = sum(rewards.distinct_n(g, 1) for g in groups) / len(groups)
-            row[f"{d}/pairwise"] = sum(rewards.pairwise_diversity(g) for g in groups) / len(groups)
+            units["distinct1"] = [rewards.distinct_n(g, 1) for g in groups]
+            units["pairwise"] = [rewards.pairwise_diversity(g) for g in groups]
+            row[f"{d}/distinct1"] = sum(units["distinct1"]) / len(groups)
+            row[f"{d}/pairwise"] = sum(units["pairwise"]) / len(groups)
             row.setdefault("_samples", {})[d] = groups[:2]
     return row
 
@@ -659,13 +665,18 @@ def domain_table(rows: list[dict], domains) -> list[dict]:
 
 class ProxyNLLReward:
     """Style reward: the mean per-token log-likelihood (= -mean NLL, <= 0) of each completion under
-    a small causal LM, batched. The model card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher
-    fitted style with SmolLM2-360M as the proxy; here the default is "toy".
+    a small causal LM fitted to the domain, batched, under no_grad on the proxy's device. The model
+    card Lambent/Qwen3-4B-Base-Continued-GRPO-Style-Karcher fitted style with SmolLM2-360M as the
+    proxy.
 
-    The sequence is [start] + completion + [eos], start = BOS or else EOS (a document boundary for
-    models without a BOS, as Qwen's); every completion token and the closing EOS are scored. Scoring
-    the EOS gives an empty completion a defined (and usually low) value, so "" is not a free 0. Only
-    the first max_length tokens of a completion are scored.
+    The proxy reads [start] + prompt + completion (start = BOS, or EOS for a tokenizer without a
+    BOS, as Qwen's: a document boundary) with its own tokenizer, and the completion's tokens are
+    scored: log p(completion | prompt), so a continuation is judged in its document. The prompt is
+    context only when it is text (a document prefix); a chat prompt is left out. The closing EOS is
+    scored too unless `finished` says the completion was cut at the token limit: the proxy then
+    judges where a completion ends, and an empty completion scores its EOS (never a free 0). At
+    most max_length completion tokens are scored; the prompt keeps its last tokens to fit the
+    proxy's context.
     """
 
     def __init__(
@@ -687,39 +698,50 @@ class ProxyNLLReward:
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = "proxy_nll"
 
-    def __call__(self, completions: list, **_) -> list[float | None]:
+    def encode(self, completion: str, prompt=None, finished=None) -> tuple[list[int], int]:
+        """(the proxy's input ids, how many of the last are scored)."""
         tok = self.tokenizer
         eos = tok.eos_token_id
-        start = tok.bos_token_id if tok.bos_token_id is not None else eos
         if eos is None:
             raise ValueError("ProxyNLLReward needs a tokenizer with an EOS token")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        ids = tok([answers.strip_think(c) for c in completions], add_special_tokens=False)[
-            "input_ids"
-        ]
-        seqs = [[start] + list(x[: self.max_length]) + [eos] for x in ids]
+        start = tok.bos_token_id if tok.bos_token_id is not None else eos
+        cont = tok(answers.strip_think(completion), add_special_tokens=False)["input_ids"]
+        cont = list(cont[: self.max_length])
+        if finished is not False or not cont:
+            cont.append(eos)
+        context = [start]
+        if isinstance(prompt, str) and prompt:
+            room = _max_length(self.model, tok) - len(cont) - 1
+            context += tok(prompt, add_special_tokens=False)["input_ids"][-max(room, 0) :]
+        return context + cont, len(cont)
+
+    def __call__(self, completions: list, prompt=None, finished=None, **_) -> list[float | None]:
+        n = len(completions)
+        prompts, ends = prompt or [None] * n, finished or [None] * n
+        seqs = [self.encode(c, p, f) for c, p, f in zip(completions, prompts, ends)]
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
         device = next(self.model.parameters()).device
-        out: list[float | None] = [None] * len(seqs)
-        order = sorted(
-            range(len(seqs)), key=lambda i: len(seqs[i])
-        )  # similar lengths together: less padding
+        out: list[float | None] = [None] * n
+        # similar lengths together: less padding
+        order = sorted(range(n), key=lambda i: len(seqs[i][0]))
         with torch.inference_mode():
-            for s in range(0, len(order), self.batch_size):
+            for s in range(0, n, self.batch_size):
                 rows = order[s : s + self.batch_size]
-                width = max(len(seqs[i]) for i in rows)
+                width = max(len(seqs[i][0]) for i in rows)
                 input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(
-                    rows
-                ):  # right padding: real positions are 0..L-1 as without padding
-                    input_ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-                    mask[r, : len(seqs[i])] = 1
-                input_ids, mask = input_ids.to(device), mask.to(device)
+                scored = torch.zeros((len(rows), width - 1))
+                # right padding: real positions are 0..L-1 as without padding
+                for r, i in enumerate(rows):
+                    ids, k = seqs[i]
+                    input_ids[r, : len(ids)] = torch.tensor(ids)
+                    mask[r, : len(ids)] = 1
+                    scored[r, len(ids) - 1 - k : len(ids) - 1] = 1.0
                 logp = sampling.sequence_logprobs(
-                    self.model, input_ids, mask, logits_to_keep=width - 1
-                )
-                target_mask = mask[:, 1:].to(logp.dtype)
-                mean = (logp * target_mask).sum(-1) / target_mask.sum(-1)
+                    self.model, input_ids.to(device), mask.to(device), logits_to_keep=width - 1
+                ).cpu()
+                mean = (logp * scored).sum(-1) / scored.sum(-1)
                 for r, i in enumerate(rows):
                     out[i] = float(mean[r])
         return out

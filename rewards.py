@@ -597,12 +597,13 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def check_spec(spec: str, flag: str = "--reward") -> str:
-    """`spec` if every reward it names exists, else a ConfigError naming the flag: checked before
-    any model loads."""
+def check_spec(spec: str, flag: str = "--reward", objects: Sequence[str] = ()) -> str:
+    """`spec` if every reward it names exists (in REWARDS, or among the names of reward `objects`
+    the script builds), else a ConfigError naming the flag: checked before any model loads."""
     try:
         for name, _ in parse_reward_spec(spec):
-            get_reward(name)
+            if name not in objects:
+                get_reward(name)
     except ValueError as e:
         raise errors.ConfigError(f"{flag} {spec}: {e}") from None
     return spec

@@ -338,14 +338,21 @@ def tables(r: Path, quick: bool, walls: dict[str, float]) -> str:
 
 
 def run_stages(
-    todo: list[tuple[str, list[str]]], r: Path, dry_run: bool = False, who: str = "study"
+    todo: list[tuple[str, list[str]]],
+    r: Path,
+    dry_run: bool = False,
+    who: str = "study",
+    done: int = 0,
+    total: int = 0,
 ) -> dict:
     """Run each stage's command (`python <argv> --out r/<name>`) in the repo root, printing it
-    first; a failed stage ends the run. Returns each stage's wall seconds."""
+    first (stage done + k of total, default len(todo)); a failed stage ends the run. Returns each
+    stage's wall seconds."""
     walls: dict[str, float] = {}
-    for k, (name, argv_) in enumerate(todo, 1):
+    for k, (name, argv_) in enumerate(todo, done + 1):
         cmd = [sys.executable, *argv_, "--out", str(r / name)]
-        print(f"\n==> stage {k} of {len(todo)}: {name}\n$ python {shlex.join(cmd[1:])}", flush=True)
+        of = total or len(todo)
+        print(f"\n==> stage {k} of {of}: {name}\n$ python {shlex.join(cmd[1:])}", flush=True)
         if dry_run:
             continue
         t0 = time.perf_counter()

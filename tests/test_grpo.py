@@ -189,6 +189,7 @@ def test_evaluate_leaves_prompts_without_gold_out_of_accuracy(monkeypatch):
     class FakeRollout:
         def __init__(self, n):
             self.n, self.completion_mask = n, torch.ones(3 * n, 4)
+            self.finished = torch.ones(3 * n, dtype=torch.bool)
 
         def texts(self, tokenizer):
             return texts[self.n]
@@ -530,3 +531,52 @@ def test_learning_toy_verifiable(tmp_path):
     # a level the SFT model has not mastered
     assert held["metric"] == "accuracy" and 0.2 <= held["before"] <= 0.9, held
     assert held["after"] >= held["before"] + LEARN_MARGIN, held
+
+
+def test_proxy_reward_and_proxy_model_go_together():
+    import errors
+
+    prompts = [{"prompt": "p", "reference": "r", "domain": "story"}]
+    for reward, proxy in (("proxy_nll", ""), ("similarity", "toy/story")):
+        args = grpo.Args(task="continuation", reward=reward, proxy_model=proxy)
+        with pytest.raises(errors.ConfigError, match="go together"):
+            grpo.default_reward(args, prompts)
+    args = grpo.Args(task="continuation", reward="proxy_nll:1,chrf_pp:0.5", proxy_model="toy/story")
+    assert grpo.default_reward(args, prompts) == "proxy_nll:1,chrf_pp:0.5"
+
+
+def _domain_documents(tmp_path, domain, train=300, heldout=32):
+    """One toy domain's documents as JSONL files {'text', 'domain'}: (training, held-out)."""
+    import toy
+
+    paths = []
+    for split, n in (("train", train), ("test", heldout)):
+        path = tmp_path / f"{domain}.{split}.jsonl"
+        docs = toy.documents(split, n, seed=0, domains=[domain])
+        path.write_text(
+            "".join(json.dumps({"text": d["text"], "domain": domain}) + "\n" for d in docs)
+        )
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.slow
+def test_learning_proxy_reward_lowers_the_proxy_nll_of_heldout_continuations(tmp_path):
+    """Continuation GRPO against the story proxy (the toy base with the shipped story adapter)
+    raises the proxy's mean log-likelihood of the policy's continuations of held-out story prefixes
+    (= lowers their proxy NLL), on a fixed seed: measured -0.305 -> -0.251 in this run."""
+    train, heldout = _domain_documents(tmp_path, "story")
+    out = tmp_path / "grpo"
+    run_script(
+        "grpo.py",
+        *("--task", "continuation", "--data", train, "--eval-data", heldout),
+        *("--reward", "proxy_nll", "--proxy-model", "toy/story", "--temperature", "1.0"),
+        *("--max-steps", "30", "--eval-size", "32", "--save-every", "0", "--out", out),
+        env=ENV,
+        timeout=1800,
+    )
+    held = json.loads((out / "summary.json").read_text())["heldout"]
+    assert held["metric"] == "mean_reward" and held["before"] < 0, held
+    assert held["after"] >= held["before"] + 0.025, held
+    steps = [r for r in metrics(out) if "reward" in r]
+    assert all(0 < r["timing/reward"] < r["step_time"] for r in steps)

@@ -956,6 +956,72 @@ def test_bench_runs_small(capsys):
     assert "chrF++  sacrebleu" in capsys.readouterr().out
 
 
+class _Bigram:
+    """A proxy whose next-token distribution depends on the last token only, P[prev][next], over
+    the vocabulary <eos>=0, 'a'=1, 'b'=2, with a character tokenizer without BOS: every expected
+    reward below is a mean of logs of the table's entries."""
+
+    P = [[0.1, 0.6, 0.3], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]]
+
+    class Tokenizer:
+        eos_token_id, bos_token_id, pad_token_id = 0, None, None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": ["_ab".index(c) for c in text]}
+
+    @classmethod
+    def model(cls):
+        import types
+
+        import torch
+
+        class Decoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(3, 3, _weight=torch.eye(3))
+
+            def forward(self, input_ids, **_):  # the hidden state is the last token, one-hot
+                return types.SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.decoder = Decoder()
+                self.head = torch.nn.Linear(3, 3, bias=False)
+                self.head.weight.data = torch.tensor(cls.P).log().T  # logits[next] = log P[prev]
+                self.config = types.SimpleNamespace(max_position_embeddings=64)
+
+            def get_decoder(self):
+                return self.decoder
+
+            def get_output_embeddings(self):
+                return self.head
+
+        return Model()
+
+
+def test_proxy_nll_reward_is_the_hand_computed_mean_log_likelihood():
+    P, ln = _Bigram.P, math.log
+    reward = likelihood.ProxyNLLReward(
+        model=_Bigram.model(), tokenizer=_Bigram.Tokenizer(), batch_size=2
+    )
+    cases = [  # (completion, prompt, finished, expected): the sequence starts with <eos> (no BOS)
+        ("ab", None, True, (ln(P[0][1]) + ln(P[1][2]) + ln(P[2][0])) / 3),  # <eos> a b <eos>
+        ("", None, True, ln(P[0][0])),  # the empty completion scores its EOS: not a free 0
+        ("", None, False, ln(P[0][0])),  # ... even when cut at the token limit
+        ("a", "ba", False, ln(P[1][1])),  # the prompt is context; a cut completion has no EOS
+        ("b", "b", True, (ln(P[2][2]) + ln(P[2][0])) / 2),
+        ("a", [{"role": "user", "content": "b"}], None, (ln(P[0][1]) + ln(P[1][0])) / 2),  # chat
+    ]
+    comps, prompts, ends, expected = map(list, zip(*cases))
+    got = reward(comps, prompt=prompts, finished=ends)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert ln(P[0][0]) < -2.3  # the empty completion is the worst of these
+    # one at a time (no padding) gives the same
+    for c, p, f, e in cases:
+        assert reward([c], prompt=[p], finished=[f]) == pytest.approx([e], abs=1e-5)
+
+
 @pytest.mark.gpu
 def test_proxy_nll_reward_on_cuda_matches_cpu():
     model, tok = _toy_model()
