@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import answers
 import dataio
@@ -221,31 +220,3 @@ def delta_table(compared: list[tuple[str, dict]], k: int) -> list[dict]:
                 }
             )
     return out
-
-
-def plot_arms(results: dict, k: int, out: Path) -> None:
-    """arms.png: Mean@k with its interval per arm and benchmark (only with matplotlib)."""
-    try:
-        import matplotlib  # optional
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    benches = list(next(iter(results.values()))["benchmarks"])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(benches), 3.2))
-    width = 0.8 / len(results)
-    for n, (arm, res) in enumerate(results.items()):
-        rows = [res["benchmarks"][b] for b in benches]
-        ys = [r["mean_at_k"] for r in rows]
-        err = [[y - r["mean_at_k_ci"][0] for y, r in zip(ys, rows)]]
-        err.append([r["mean_at_k_ci"][1] - y for y, r in zip(ys, rows)])
-        xs = [i + n * width for i in range(len(benches))]
-        ax.bar(xs, ys, width, yerr=err, capsize=2, label=arm)
-    ticks = [i + 0.4 - width / 2 for i in range(len(benches))]
-    ax.set_xticks(ticks, [NAMES.get(b, b) for b in benches])
-    ax.set_ylabel(f"Mean@{k} (95% CI)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "arms.png", dpi=120)
-    plt.close(fig)

@@ -63,6 +63,7 @@ import lifecycle
 import likelihood
 import loading
 import lora
+import plots
 import samplecache
 import sampling
 import serving
@@ -487,8 +488,7 @@ def user_prompt(prompt: str, tokenizer) -> str:
 
 def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> dict:
     """The card's three tables (per arm and benchmark; macro averages; deltas between arms), printed
-    and in tables.md; the comparisons as numbers for summary.json; a PNG of the arms when matplotlib
-    is installed."""
+    and in tables.md; the comparisons as numbers for summary.json; arms.png (plots.arm_chart)."""
     for res in results.values():
         res["macro"] = macro_average(res["benchmarks"], k)
     compared = [(f"{a} vs {b}", compare_arms(results[a], results[b], k)) for a, b in pairs]
@@ -500,7 +500,7 @@ def report(results: dict, pairs: list[tuple[str, str]], k: int, out: Path) -> di
     text = "\n\n".join(dataio.markdown_table(t) for t in tables if t)
     dataio.atomic_write_text(out / "tables.md", text + "\n")
     print("\n" + text, flush=True)
-    benchmarks.plot_arms(results, k, out)
+    plots.arm_chart(results, k, out, benchmarks.NAMES)
     return dict(compared)
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import lora
+import plots
 import sampling
 from cli import check_flags
 from dataio import (
@@ -491,7 +492,8 @@ def finish_training(
     3. on rank 0, `evaluate()` (None: none) is logged as the held-out metrics after training, and
        `report(after)` gives the method's fields of summary.json and its results table; every
        run's fields are added (the held-out metrics before and after, the last step's metrics, the
-       train time, tokens, skipped steps, the flags) and summary.json written.
+       train time, tokens, skipped steps, the flags) and summary.json written;
+    4. on rank 0, the run's curves are drawn to curves.png (plots.training_curves).
 
     Returns the summary on rank 0, {} elsewhere; the last call of a trainer."""
     if is_main():
@@ -516,6 +518,7 @@ def finish_training(
             "args": dataclasses.asdict(args),
         }
         summary = finish_run(run, summary, table)
+        plots.training_curves(run.out, summary)
     end_run(run)
     return summary
 

@@ -337,6 +337,7 @@ def test_toy_run_writes_tables_summary_and_samples(tmp_path):
         {"extracted", "correct", "finish_reason"} <= set(x) for x in samples
     )
     assert (tmp_path / "run" / "tables.md").is_file()
+    assert (tmp_path / "run" / "arms.png").stat().st_size > 0  # the arms side by side
 
 
 @pytest.mark.slow

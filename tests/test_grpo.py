@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port, run_script, save_tiny_qwen3
+from test_plots import png_size
 
 import grpo
 import loading
 import lora
+import plots
 import tasks
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -318,6 +320,11 @@ def test_script_verifiable_outputs(tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {s["split"] for s in samples} == {"train", "heldout"}
     assert all("completion" in s and "reward" in s for s in samples)
+    # the curves: the reward and the held-out accuracy, no KL panel without --beta (and the loss,
+    # about 0 with one update per batch, only where it is not exactly 0)
+    panels = [key for _, key in plots.curve_panels(rows, held)]
+    assert panels[-2:] == ["reward", "eval/accuracy"] and "kl" not in panels
+    assert png_size(tmp_path / "curves.png") == (400 * len(panels), 320)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ BUILDING_BLOCKS = {
     "benchmarks",
     "samplecache",
     "gate",
+    "plots",
     "vocab_kernels",
     "toy",
 }
