@@ -579,6 +579,9 @@ def report(args: Args, skipped: int, last: dict, train_seconds: float, after: di
         "before": 0.5,
         "after": after["win_rate_vs_base"],
         "interval": [after["interval_low"], after["interval_high"]],
+        # after - before: the win rate against the starting model, whose own is 1/2
+        "diff": after["win_rate_vs_base"] - 0.5,
+        "diff_interval": [after["interval_low"] - 0.5, after["interval_high"] - 0.5],
         "note": f"{after['compared']} held-out prefixes, one continuation each, both orders",
     }
     fields = {"method": "dpo_online", "judge": args.judge, "heldout": heldout}

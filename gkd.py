@@ -286,9 +286,9 @@ def evaluate(model, tokenizer, heldout: list[dict], args, teacher=None, vocab=No
         "mean_length": float(roll.completion_mask.sum(1).float().mean()),
         "clipped_ratio": float((~roll.finished).float().mean()),
     }
-    graded = rewards.accuracy(texts, heldout)
+    graded = rewards.accuracy(texts, heldout, units=True)
     if graded:
-        row["accuracy"] = graded["accuracy"]
+        row["accuracy"], row["_units"] = graded["accuracy"], graded["_units"]
     if teacher is not None:
         with_target = [p for p in heldout if p["target"] is not None]
         if with_target:
@@ -334,8 +334,8 @@ def load_models(args, device, tokenizer, teacher_tokenizer):
 
 
 def without_samples(metrics: dict) -> dict:
-    """Held-out metrics without the completions they carry for samples.jsonl."""
-    return {k: v for k, v in metrics.items() if k != "_samples"}
+    """Held-out metrics without the completions and per-prompt values they carry."""
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
 
 def report(args, teach: dict, before: dict, train_seconds: float, after: dict):

@@ -380,16 +380,18 @@ def evaluate(model, tokenizer, heldout: list[dict], spec: str, args: Args, funct
     cols = {**rewards.reward_columns(heldout, k), "finished": roll.finished.tolist()}
     total, _ = rewards.compute_rewards(spec, texts, cols, functions)
     row = {
+        "_units": {"mean_reward": [sum(total[i : i + k]) / k for i in range(0, len(total), k)]},
         "mean_reward": sum(total) / len(total),
         "mean_length": float(roll.completion_mask.sum(1).float().mean()),
         "distinct_2": rewards.distinct_n(texts, 2),
     }
-    graded = rewards.accuracy(texts, heldout, k) if args.task == "verifiable" else {}
+    graded = rewards.accuracy(texts, heldout, k, units=True) if args.task == "verifiable" else {}
     if graded:  # Mean@k, pass@k, and greedy accuracy
         greedy = sampling.sample(
             model, tokenizer, ids, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=128
         )
         greedy_accuracy = rewards.accuracy(greedy.texts(tokenizer), heldout)["accuracy"]
+        row["_units"].update(graded.pop("_units"))
         row.update(graded, greedy_accuracy=greedy_accuracy)
     row["_samples"] = [
         {"prompt": c, "completion": t, "reward": r}

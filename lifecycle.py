@@ -47,6 +47,7 @@ from distributed import (
     pick_device,
 )
 from errors import ConfigError, DataError, NonFiniteError
+from stats import paired_interval
 
 
 def _plain(v):
@@ -365,14 +366,14 @@ def log_samples(run: Run, step: int, samples: list[dict], split: str = "train") 
 
 def log_eval(run: Run, logger: "MetricsLogger", step: int, stage: str, metrics: dict) -> dict:
     """Log held-out metrics as eval/<name> at `step`; the `_samples` they carry go to
-    samples.jsonl."""
+    samples.jsonl; their `_units` (per prompt: {metric: values}) are returned, not logged."""
     samples = metrics.pop("_samples", [])
     if is_main():
         for s in samples:
             append_jsonl(
                 run.out / "samples.jsonl", {"split": "heldout", "stage": stage, "step": step, **s}
             )
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if not k.startswith("_")})
     return metrics
 
 
@@ -448,7 +449,7 @@ def end_step(
       carrying `state`. Never inside a run of non-finite steps, so the last checkpoint is a good
       one; `can_save` False defers it (e.g. in the middle of a generation batch)."""
     if evaluate is not None and is_main() and evaluation_due(step, args.eval_every, args.max_steps):
-        metrics.update({f"eval/{k}": v for k, v in evaluate().items() if k != "_samples"})
+        metrics.update({f"eval/{k}": v for k, v in evaluate().items() if not k.startswith("_")})
     if show and run.bar is not None:
         shown = {
             k.rsplit("/", 1)[-1]: format(metrics[k], f) for k, f in show.items() if k in metrics
@@ -492,7 +493,9 @@ def finish_training(
     3. on rank 0, `evaluate()` (None: none) is logged as the held-out metrics after training, and
        `report(after)` gives the method's fields of summary.json and its results table; every
        run's fields are added (the held-out metrics before and after, the last step's metrics, the
-       train time, tokens, skipped steps, the flags) and summary.json written;
+       train time, tokens, skipped steps, the flags) and summary.json written; when the
+       evaluation gives each prompt's value of the held-out metric ("_units"), "heldout" gets
+       after - before ("diff") with its paired 95% interval ("diff_interval");
     4. on rank 0, the run's curves are drawn to curves.png (plots.training_curves).
 
     Returns the summary on rank 0, {} elsewhere; the last call of a trainer."""
@@ -505,10 +508,17 @@ def finish_training(
         if after is not None:
             after = log_eval(run, run.logger, args.max_steps, "after", after)
         fields, table = report(after)
+        before = dict(state.get("before") or {})
+        units = (before.pop("_units", None), (after or {}).pop("_units", None))
+        heldout = fields.get("heldout") or {}
+        paired = [u.get(heldout.get("metric")) if u else None for u in units]
+        if paired[0] and paired[1] and len(paired[0]) == len(paired[1]):
+            diff, _, interval = paired_interval(*paired, span=math.inf)
+            heldout.update(diff=diff, diff_interval=interval, units=len(paired[0]))
         summary = {
             **fields,
             "init_adapter": args.init_adapter or None,
-            "before": state.get("before"),
+            "before": before,
             "after": after,
             "final": last,
             "train_seconds": train_seconds,

@@ -687,10 +687,11 @@ def call_reward(name: str, fn: RewardFn, completions: list, columns: dict) -> li
     return out
 
 
-def accuracy(completions: list[str], rows: list[dict], k: int = 1) -> dict:
+def accuracy(completions: list[str], rows: list[dict], k: int = 1, units: bool = False) -> dict:
     """Rule-graded accuracy (`correct`) of k consecutive completions per row of `rows`, over the
     rows with a gold 'answer' (in their 'style'): {"accuracy": Mean@k, "pass_at_k": the share of
-    rows with a correct completion, "graded_prompts"}; {} when no row has an answer."""
+    rows with a correct completion, "graded_prompts"} (with `units`, "_units": {"accuracy": each
+    graded row's Mean@k}, for a paired interval); {} when no row has an answer."""
     cols = reward_columns(rows, k)
     if "answer" not in cols:
         return {}
@@ -698,11 +699,14 @@ def accuracy(completions: list[str], rows: list[dict], k: int = 1) -> dict:
     groups = [res[i : i + k] for i in range(0, len(res), k) if res[i] is not None]
     if not groups:
         return {}
-    return {
+    out = {
         "accuracy": sum(v for g in groups for v in g) / (len(groups) * k),
         "pass_at_k": sum(any(v > 0 for v in g) for g in groups) / len(groups),
         "graded_prompts": len(groups),
     }
+    if units:
+        out["_units"] = {"accuracy": [sum(g) / k for g in groups]}
+    return out
 
 
 def reward_columns(rows: list[dict], repeat: int) -> dict[str, list]:

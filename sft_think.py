@@ -142,8 +142,8 @@ def repetition_rate(token_lists, n=4):
 
 @torch.no_grad()
 def generate_eval(model, tokenizer, problems, max_new_tokens):
-    """Greedy held-out accuracy (toy problems, graded by rewards.correct like every script) and the
-    4-gram repetition rate of the samples."""
+    """Greedy held-out correctness per problem (toy problems, graded by rewards.correct like every
+    script), the 4-gram repetition rate of the samples, the samples, and accuracy per level."""
     prompts = [sampling.render_prompt([p["messages"][0]], tokenizer) for p in problems]
     roll = sampling.sample(
         model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, batch_size=64
@@ -168,7 +168,7 @@ def generate_eval(model, tokenizer, problems, max_new_tokens):
         if len(by_level) > 1
         else {}
     )
-    return sum(correct) / len(correct), repetition_rate(tokens), texts, per_level
+    return correct, repetition_rate(tokens), texts, per_level
 
 
 def evaluate(model, tokenizer, data: SFTData, batch_size, max_new_tokens, device):
@@ -180,9 +180,11 @@ def evaluate(model, tokenizer, data: SFTData, batch_size, max_new_tokens, device
     }
     problems = data.problems
     if problems is not None:
-        row["accuracy"], row["repetition_4gram"], texts, per_level = generate_eval(
+        correct, row["repetition_4gram"], texts, per_level = generate_eval(
             model, tokenizer, problems, max_new_tokens
         )
+        row["accuracy"] = sum(correct) / len(correct)
+        row["_units"] = {"accuracy": correct}  # per problem, for the paired interval
         row.update(per_level)
         row["_samples"] = [
             {"prompt": p["messages"][0]["content"], "completion": t, "answer": p["answer"]}

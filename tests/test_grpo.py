@@ -317,6 +317,10 @@ def test_script_verifiable_outputs(tmp_path):
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert (held["before"], held["after"]) == (evals[0]["eval/accuracy"], evals[1]["eval/accuracy"])
+    # after - before with its interval, paired over the same held-out prompts
+    assert held["diff"] == pytest.approx(held["after"] - held["before"])
+    assert held["units"] == evals[0]["eval/graded_prompts"]
+    assert held["diff_interval"][0] <= held["diff"] <= held["diff_interval"][1]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {s["split"] for s in samples} == {"train", "heldout"}
     assert all("completion" in s and "reward" in s for s in samples)

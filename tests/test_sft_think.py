@@ -2,6 +2,7 @@
 learning."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -259,7 +260,9 @@ def test_shipped_sft_adapter_is_what_the_default_command_makes(sft_toy_run):
     )
     tok, model = toy.load_tokenizer(), loading.load_model("toy")
     lora.load_adapter(model, str(toy.SFT_ADAPTER_DIR))
-    accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
+    accuracy = statistics.fmean(
+        sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
+    )
     # (greedy decoding of a fixed model: another CPU's rounding may flip a near-tie, hence 3
     # problems of 200)
     assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (
@@ -414,11 +417,12 @@ def test_shipped_instruct_adapter_scores_what_made_by_says():
         "toy-instructions", "", args.seed, args.eval_size, "1", args.toy_train_size
     )
     tok, model = toy.load_tokenizer(), loading.load_model("toy")
-    base_accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
-    lora.load_adapter(model, str(toy.SFT_INSTRUCT_DIR))
-    accuracy, _, texts, per_kind = sft_think.generate_eval(
-        model, tok, problems, args.max_new_tokens
+    base_accuracy = statistics.fmean(
+        sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
     )
+    lora.load_adapter(model, str(toy.SFT_INSTRUCT_DIR))
+    correct, _, texts, per_kind = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)
+    accuracy = statistics.fmean(correct)
     assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (
         accuracy,
         made_by["heldout"],
@@ -450,7 +454,9 @@ def test_shipped_formats_adapter_scores_what_made_by_says():
     assert {p["style"] for p in problems} == {"gsm8k", "math", "mc"}
     tok, model = toy.load_tokenizer(), loading.load_model("toy")
     lora.load_adapter(model, str(toy.SFT_FORMATS_DIR))
-    accuracy = sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
+    accuracy = statistics.fmean(
+        sft_think.generate_eval(model, tok, problems, args.max_new_tokens)[0]
+    )
     assert accuracy == pytest.approx(made_by["heldout"]["after"], abs=0.015), (
         accuracy,
         made_by["heldout"],
