@@ -4,7 +4,8 @@
   logged: the loss, the reward (or DPO's reward margin), the KL to the reference, and the held-out
   metric of summary.json (its before and after, and every --eval-every evaluation);
 - `arm_chart`: eval_reasoning.py's arms.png, the arms side by side per benchmark, each with its
-  95% interval.
+  95% interval;
+- `effect_chart`: the study's study.png, every stage's after - before with its interval.
 
 A picture is a convenience: a run whose metrics cannot be drawn still ends with its summary (the
 failure is printed, never raised).
@@ -129,3 +130,39 @@ def _save(fig, plt, path: Path) -> Path:
     dataio.atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
+
+
+def effect_chart(effects: dict[str, dict], path: Path) -> Path | None:
+    """The study's figure: one row per stage, after - before of its held-out metric as a dot with
+    its 95% interval as a bar and the line of no change; each row on its own scale (accuracies,
+    rewards and NLLs differ by orders of magnitude), labelled with before -> after."""
+    try:
+        rows = [(n, e) for n, e in effects.items() if None not in (e["before"], e["after"])]
+        if not rows:
+            return None
+        plt = _pyplot()
+        fig, axes = plt.subplots(len(rows), 1, figsize=(7, 0.9 * len(rows) + 0.6), squeeze=False)
+        for ax, (name, e) in zip(axes[:, 0], rows):
+            diff = e["after"] - e["before"]
+            lo, hi = e["interval"] or (diff, diff)
+            better = (diff < 0) == e["lower_is_better"]
+            color = "tab:gray" if not e["moved"] else "tab:green" if better else "tab:red"
+            ax.errorbar([diff], [0], xerr=[[diff - lo], [hi - diff]], fmt="o", color=color)
+            ax.axvline(0, color="black", linewidth=0.8)
+            span = max(abs(lo), abs(hi), 1e-9) * 1.3
+            ax.set_xlim(-span, span)
+            ax.set_yticks([])
+            ax.set_title(
+                f"{name}: {e['metric']}  {e['before']:.3f} -> {e['after']:.3f}",
+                fontsize=8,
+                loc="left",
+            )
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(
+            "after - before, 95% interval (green: better, red: worse, gray: no change)", fontsize=9
+        )
+        fig.tight_layout()
+        return _save(fig, plt, path)
+    except Exception as e:  # noqa: BLE001  (a picture never costs a finished run)
+        print(f"could not draw {path}: {type(e).__name__}: {e}", flush=True)
+        return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import dataio  # noqa: E402
 import errors  # noqa: E402
+import plots  # noqa: E402
 
 SFT = ["--toy-styles", "gsm8k,math,mc", "--max-steps", "250", "--eval-every", "0"]
 # RLMT: 8 prompts x 8 samples at T 0.5 (grpo.py's toy setting); at lr 3e-4 it undid the SFT models'
@@ -65,6 +67,22 @@ RLMT = [
     "--no-gate-after",
 ]
 ARMS = ("think_base", "think_phase3", "think_base_rlmt", "think_phase3_rlmt")
+# each stage's wall time in the last measured run (2-core CPU): the estimate printed as it starts
+SECONDS = {
+    "phase3": 142,
+    "sft_raw_base": 83,
+    "sft_think_base": 115,
+    "sft_think_phase3": 122,
+    "rlmt_think_base": 108,
+    "rlmt_think_phase3": 108,
+    "gate": 80,
+    "eval": 50,
+    "grpo": 178,
+    "grpo_continuation": 86,
+    "gkd": 161,
+    "karcher_merge": 95,
+}
+QUICK_SECONDS = {"sft_think": 150, "grpo": 515}
 # the card's comparisons: (left, right) = right minus left
 COMPARE = [
     ("think_base", "think_phase3"),
@@ -337,6 +355,119 @@ def tables(r: Path, quick: bool, walls: dict[str, float]) -> str:
     return "\n".join(out)
 
 
+def effect(metric: str, before, after, interval, lower_is_better: bool = False) -> dict:
+    """One stage's held-out result: metric, before, after, and the 95% interval of after - before
+    (None where the stage measured none); `moved`: the interval excludes 0."""
+    lo, hi = interval if interval else (None, None)
+    moved = None if lo is None else bool(lo > 0 or hi < 0)
+    return {
+        "metric": metric,
+        "before": before,
+        "after": after,
+        "interval": None if lo is None else [lo, hi],
+        "moved": moved,
+        "lower_is_better": lower_is_better,
+    }
+
+
+def heldout_effect(s: dict) -> dict:
+    h = s["heldout"]
+    metric = h["metric"] + (f" ({h['note']})" if h.get("note") else "")
+    lower = h["metric"].endswith(("loss", "nll", "jsd", "rkl"))
+    return effect(metric, h.get("before"), h.get("after"), h.get("diff_interval"), lower)
+
+
+def effects(r: Path, quick: bool) -> dict[str, dict]:
+    """Every finished stage's held-out effect (study.json): the trainers' summary "heldout" (after -
+    before paired over held-out prompts), RLMT's from the reward gate (the SFT arm against its RLMT
+    arm on the same prompts and draws), the card's question (Phase-3 arm minus base arm) from the
+    gate and the reasoning evaluation, the merge's mean held-out NLL over domains."""
+    out = {}
+    for name, _ in stages(r, quick):
+        d = r / name
+        if name in ("gate", "eval") or name.startswith("rlmt_"):
+            continue  # below, from the gate and the evaluation
+        if (d / "summary.json").is_file() and name != "karcher_merge":
+            out[name] = heldout_effect(load(d))
+    if quick or not (r / "gate" / "gate.json").is_file():
+        return out
+    g = load(r / "gate", "gate.json")
+    for name, (left, right) in (
+        ("rlmt_think_base", ("think_base", "think_base_rlmt")),
+        ("rlmt_think_phase3", ("think_phase3", "think_phase3_rlmt")),
+        ("gate: phase3 arm - base arm", ("think_base", "think_phase3")),
+    ):
+        c = g["comparisons"][f"{right}_minus_{left}"]
+        arms = g["arms"]
+        out[name] = effect(
+            f"gate reward ({left} -> {right})",
+            arms[left]["reward_mean"],
+            arms[right]["reward_mean"],
+            c["delta_ci"],
+        )
+    if (r / "eval" / "summary.json").is_file():
+        e = load(r / "eval")
+        c = e["comparisons"]["think_phase3 vs think_base"]["macro"]
+        res = e["results"]
+        out["eval: phase3 arm - base arm"] = effect(
+            "macro Mean@k over the toy benchmarks",
+            res["think_base"]["macro"]["mean_at_k"],
+            res["think_phase3"]["macro"]["mean_at_k"],
+            c["mean_at_k_ci"],
+        )
+    if (r / "karcher_merge" / "summary.json").is_file():
+        out["karcher_merge"] = merge_effect(load(r / "karcher_merge"))
+    return out
+
+
+def merge_effect(s: dict) -> dict:
+    """The Karcher merge against the base: the mean held-out NLL over domains, its interval from
+    the domains' paired differences (independent documents: SE = sqrt(sum SE_d^2) / D)."""
+    ev = {e["arm"]: e for e in s["eval"]}
+    per = s["vs_base"]["karcher"]
+    domains = list(per)
+    nll = lambda arm: sum(ev[arm][f"{d}/nll"] for d in domains) / len(domains)  # noqa: E731
+    diff = sum(per[d]["nll"]["diff"] for d in domains) / len(domains)
+    se = math.sqrt(sum(per[d]["nll"]["se"] ** 2 for d in domains)) / len(domains)
+    interval = [diff - 1.96 * se, diff + 1.96 * se]
+    return effect(
+        f"mean NLL over {', '.join(domains)}", nll("base"), nll("karcher"), interval, True
+    )
+
+
+def story(found: dict[str, dict]) -> str:
+    """The plain-language end of the run: which stages moved their metric, and the card's answer."""
+    lines = []
+    for name, e in found.items():
+        b, a = e["before"], e["after"]
+        if b is None or a is None:
+            continue
+        if e["interval"] is None:
+            verdict = "no interval measured"
+        elif e["moved"]:
+            better = (a < b) == e["lower_is_better"]
+            verdict = "moved" + ("" if better else " the wrong way")
+        else:
+            verdict = "no measurable change"
+        where = (
+            ""
+            if e["interval"] is None
+            else " (after - before: [{:+.3f}, {:+.3f}])".format(*e["interval"])
+        )
+        lines.append(f"- {name}: {e['metric']} {b:.3f} -> {a:.3f}, {verdict}{where}")
+    card = ("gate: phase3 arm - base arm", "eval: phase3 arm - base arm")
+    card = [found[k] for k in card if k in found and found[k]["interval"]]
+    if card:
+        answer = (
+            "the Phase-3 arm differs from the base arm"
+            if any(e["moved"] for e in card)
+            else "no measurable difference between the Phase-3 arm and the base arm: at this "
+            "budget the toy does not answer it"
+        )
+        lines.append(f"\nThe card's question (is Phase 3 a better substrate?): {answer}.")
+    return "What moved:\n" + "\n".join(lines)
+
+
 def run_stages(
     todo: list[tuple[str, list[str]]],
     r: Path,
@@ -344,15 +475,18 @@ def run_stages(
     who: str = "study",
     done: int = 0,
     total: int = 0,
+    seconds: dict | None = None,
 ) -> dict:
     """Run each stage's command (`python <argv> --out r/<name>`) in the repo root, printing it
-    first (stage done + k of total, default len(todo)); a failed stage ends the run. Returns each
-    stage's wall seconds."""
+    first (stage done + k of total, default len(todo); `seconds`: a stage's usual wall time); a
+    failed stage ends the run. Returns each stage's wall seconds."""
     walls: dict[str, float] = {}
     for k, (name, argv_) in enumerate(todo, done + 1):
         cmd = [sys.executable, *argv_, "--out", str(r / name)]
         of = total or len(todo)
-        print(f"\n==> stage {k} of {of}: {name}\n$ python {shlex.join(cmd[1:])}", flush=True)
+        usual = (seconds or {}).get(name)
+        about = f" (about {max(1, round(usual / 60))} min)" if usual else ""
+        print(f"\n==> stage {k} of {of}: {name}{about}\n$ python {shlex.join(cmd[1:])}", flush=True)
         if dry_run:
             continue
         t0 = time.perf_counter()
@@ -385,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     r = Path(a.runs or ("runs" if a.quick else "runs/study"))
-    walls = run_stages([] if a.tables_only else stages(r, a.quick), r, a.dry_run)
+    todo = [] if a.tables_only else stages(r, a.quick)
+    walls = run_stages(todo, r, a.dry_run, seconds=QUICK_SECONDS if a.quick else SECONDS)
     if a.dry_run:
         return
     if a.tables_only:
@@ -397,6 +532,10 @@ def main(argv: list[str] | None = None) -> None:
     text = tables(r, a.quick, walls)
     dataio.atomic_write_text(r / ("tour.md" if a.quick else "study.md"), text + "\n")
     print("\n" + text, flush=True)
+    found = effects(r, a.quick)
+    dataio.atomic_write_json(r / "study.json", found)
+    plots.effect_chart(found, r / "study.png")
+    print("\n" + story(found), flush=True)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     proxy = proxies(a, list(files))
     total = 2 * len(files) + len(ARMS) + (a.likelihood_tasks != "none")
     first = [(f"no_mara/{d}", grpo_stage(a, d, files, proxy[d], [])) for d in files]
-    walls = run_stages(first, r, a.dry_run, "style_karcher", total=total)
+    # each stage's wall time on the toy, 2-core CPU: the estimate printed as it starts
+    usual = {f"{arm}/{d}": 70 for arm in ARMS for d in files} | {"lambada": 12}
+    usual |= {f"{arm}/merge": 72 for arm in ARMS}
+    walls = run_stages(first, r, a.dry_run, "style_karcher", total=total, seconds=usual)
     # MARA's threshold: the base's mean held-out proxy reward in the domain
     tau = {d: load(r / "no_mara" / d)["heldout"]["before"] if not a.dry_run else 0.0 for d in files}
     mara = [
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
         if a.likelihood_data:
             flags += ["--data", a.likelihood_data]
         lam = [("lambada", ["eval_reasoning.py", "--suite", "likelihood", *flags])]
-    walls.update(run_stages(mara + merges + lam, r, a.dry_run, "style_karcher", len(first), total))
+    rest = mara + merges + lam
+    walls.update(run_stages(rest, r, a.dry_run, "style_karcher", len(first), total, usual))
     if a.dry_run:
         return {}
     summary = results(r, list(files), tau, tasks, walls)
