@@ -149,7 +149,7 @@ def effect_chart(effects: dict[str, dict], path: Path) -> Path | None:
             color = "tab:gray" if not e["moved"] else "tab:green" if better else "tab:red"
             ax.errorbar([diff], [0], xerr=[[diff - lo], [hi - diff]], fmt="o", color=color)
             ax.axvline(0, color="black", linewidth=0.8)
-            span = max(abs(lo), abs(hi), 1e-9) * 1.3
+            span = max(abs(lo), abs(hi)) * 1.3 or 0.05  # an interval of width 0: a fixed scale
             ax.set_xlim(-span, span)
             ax.set_yticks([])
             ax.set_title(

@@ -25,7 +25,7 @@ base a better substrate for thinking SFT and RLMT? The stages:
 Adapters record what they were trained on (args.json's init_adapter), so `rlmt_think_phase3` is the
 base with the Phase-3, SFT and RLMT adapters merged in that order wherever it is loaded. Stages use
 shorter budgets than the scripts' standalone defaults. Every command is printed before it runs; the
-tables go to <runs>/study.md; every stage's held-out effect (after - before with its 95% interval) to
+tables go to <runs>/study.md; each stage's held-out effect (after - before with its 95% interval) to
 <runs>/study.json and <runs>/study.png, and the run ends with a plain summary of what moved.
 """
 
