@@ -45,7 +45,8 @@ METRICS = (("nll", "NLL"), ("distinct1", "distinct-1"), ("pairwise", "pairwise d
 
 
 def domain_files(a, r: Path) -> dict[str, tuple[Path, Path]]:
-    """{domain: (training JSONL, held-out JSONL)} written under r/data."""
+    """{domain: (training JSONL, held-out JSONL)} written under r/data, and every domain's held-out
+    documents together in r/data/heldout.jsonl (what the merges are scored on)."""
     if a.data == "toy":
         import toy
 
@@ -78,6 +79,8 @@ def domain_files(a, r: Path) -> dict[str, tuple[Path, Path]]:
         for path, docs in zip(paths, (tr, he)):
             dataio.write_jsonl(path, [{"text": x["text"], "domain": d} for x in docs])
         files[d] = paths
+    held = [{"text": x["text"], "domain": d} for d, (_, he) in rows.items() for x in he]
+    dataio.write_jsonl(r / "data" / "heldout.jsonl", held)
     return files
 
 
@@ -99,7 +102,10 @@ def proxies(a, domains) -> dict[str, str]:
         return {d: f"toy/{d}" for d in domains}
     if "=" not in a.proxy:
         return dict.fromkeys(domains, a.proxy)
-    given = dict(part.split("=", 1) for part in a.proxy.split(","))
+    parts = [part.partition("=") for part in a.proxy.split(",")]
+    if not all(eq and name for name, eq, _ in parts):
+        raise errors.ConfigError(f"--proxy {a.proxy}: expected one spec, or 'domain=spec,...'")
+    given = {name: spec for name, _, spec in parts}
     missing = [d for d in domains if d not in given]
     if missing:
         raise errors.ConfigError(f"--proxy {a.proxy}: no proxy for domain(s) {missing}")
@@ -120,12 +126,11 @@ def grpo_stage(a, d: str, files, proxy: str, extra: list[str]) -> list[str]:
 
 
 def merge_stage(a, r: Path, arm: str, files) -> list[str]:
-    heldout = r / "data" / "heldout.jsonl"
-    dataio.write_jsonl(heldout, [x for _, h in files.values() for x in dataio.load_rows(str(h))])
+    heldout = str(r / "data" / "heldout.jsonl")
     return [
         "karcher_merge.py",
         *("--base", a.model, "--adapters", *(str(r / arm / d) for d in files)),
-        *("--eval-data", str(heldout), "--prompts", str(a.prompts), "--samples", str(a.samples)),
+        *("--eval-data", heldout, "--prompts", str(a.prompts), "--samples", str(a.samples)),
         *("--max-new-tokens", str(a.max_new_tokens), "--seed", str(a.seed)),
     ]
 

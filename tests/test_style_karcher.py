@@ -49,6 +49,9 @@ def test_proxy_per_domain():
     assert style_karcher.proxies(args, ["story", "news"]) == {"story": "a", "news": "b"}
     with pytest.raises(style_karcher.errors.ConfigError, match="code"):
         style_karcher.proxies(args, ["story", "code"])
+    args.proxy = "story=a,b"
+    with pytest.raises(style_karcher.errors.ConfigError, match="domain=spec"):
+        style_karcher.proxies(args, ["story"])
     args.proxy = "auto"
     with pytest.raises(style_karcher.errors.ConfigError, match="--proxy"):
         style_karcher.proxies(args, ["story"])
