@@ -527,10 +527,7 @@ def reward_objects(args: Args, device) -> dict:
     gradients), or none."""
     if not args.proxy_model:
         return {}
-    proxy, tokenizer_dir = lora.load_arm(args.proxy_model, args.model, device, flag="--proxy-model")
-    proxy.requires_grad_(False)
-    tokenizer = loading.load_tokenizer(tokenizer_dir)
-    return {"proxy_nll": likelihood.ProxyNLLReward(model=proxy, tokenizer=tokenizer)}
+    return {"proxy_nll": likelihood.ProxyNLLReward(args.proxy_model, device, base=args.model)}
 
 
 # ---------------------------------------------------------------------------------------------

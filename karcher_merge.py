@@ -534,19 +534,14 @@ def report_eval(rows: list[dict], sets: dict, out: Path) -> dict:
     summary = {"eval": rows}
     if "base" not in units:
         return summary
+
+    def against_base(arm: str, d: str) -> dict:
+        pairs = ((m, units["base"][d][m], units[arm][d][m]) for m in units["base"][d])
+        keys = ("diff", "se", "interval")
+        return {m: dict(zip(keys, stats.paired_interval(b, a, math.inf))) for m, b, a in pairs}
+
     summary["vs_base"] = {
-        arm: {
-            d: {
-                metric: dict(
-                    zip(("diff", "se", "interval"), stats.paired_interval(base, values, math.inf))
-                )
-                for metric, base in units["base"][d].items()
-                for values in [by_domain[d][metric]]
-            }
-            for d in sets
-        }
-        for arm, by_domain in units.items()
-        if arm != "base"
+        arm: {d: against_base(arm, d) for d in sets} for arm in units if arm != "base"
     }
     by = {r["arm"]: r for r in rows}
     summary["karcher_beats_base_nll"] = {

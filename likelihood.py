@@ -687,14 +687,19 @@ class ProxyNLLReward:
         max_length: int = 512,
         model=None,
         tokenizer=None,
+        base: str = "toy",
     ):
+        """The proxy: `model` and `tokenizer`, or loaded from `model_name_or_path` (a hub id or
+        model dir, or adapter dir(s) joined by '+' onto `base`: lora.load_arm), frozen."""
+        tokenizer_dir = model_name_or_path
+        if model is None:
+            model, tokenizer_dir = lora.load_arm(
+                model_name_or_path, base, device, flag="--proxy-model"
+            )
         self.tokenizer = (
-            tokenizer if tokenizer is not None else loading.load_tokenizer(model_name_or_path)
+            tokenizer if tokenizer is not None else loading.load_tokenizer(tokenizer_dir)
         )
-        self.model = (
-            model if model is not None else loading.load_model(model_name_or_path, device=device)
-        )
-        self.model.eval()
+        self.model = model.eval().requires_grad_(False)
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = "proxy_nll"
 

@@ -31,7 +31,6 @@ held out (or --eval-data, the same format). The tables go to <out>/style_karcher
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -209,7 +208,7 @@ def results(r: Path, domains: list[str], tau: dict, tasks: str, walls: dict) -> 
         s = load(r / arm / "merge")
         table[arm] = {"eval": s["eval"], "vs_base": s["vs_base"]}
         for d in domains:
-            rows = [json.loads(x) for x in (r / arm / d / "metrics.jsonl").read_text().splitlines()]
+            rows = dataio.read_jsonl(r / arm / d / "metrics.jsonl")
             steps = [x for x in rows if "timing/reward" in x]
             step_share[f"{arm}/{d}"] = {
                 "reward_s": statistics.median(x["timing/reward"] for x in steps),

@@ -60,4 +60,5 @@ def test_arm_chart(tmp_path):
         "think": {"benchmarks": {"toy_gsm8k": bench(0.6), "toy_math": bench(0.5)}},
     }
     path = plots.arm_chart(results, 4, tmp_path, {"toy_gsm8k": "GSM8K (toy)"})
-    assert path == tmp_path / "arms.png" and png_size(path)[0] > 0
+    assert path == tmp_path / "arms.png"
+    assert png_size(path)[0] == round(100 * (1.6 + 1.4 * 2))  # sized by the benchmarks drawn
