@@ -116,7 +116,7 @@ def summed_logprobs(model, roll: sampling.Rollout) -> torch.Tensor:
     over the rows."""
     ids, attn, K = sampling.micro_batch(roll, slice(None))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-        logp = sampling.sequence_logprobs(model, ids, attn, K)
+        logp = sampling.sequence_logprobs(model, ids, attn, K, group=roll.group)
     return (logp * roll.completion_mask[:, :K]).sum(-1)
 
 

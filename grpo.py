@@ -301,7 +301,13 @@ def update(model, batch: Batch, args: Args, world: int) -> dict:
         m = batch.loss_mask[rows, :K]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
             logp, entropy = sampling.sequence_logprobs(
-                model, ids, attn, K, temperature=args.temperature, return_entropy=True
+                model,
+                ids,
+                attn,
+                K,
+                temperature=args.temperature,
+                return_entropy=True,
+                group=batch.roll.group[rows],
             )
         # one step per batch: logp_old = logp.detach(), so rho = 1
         old = batch.old_logp[rows, :K] if batch.old_logp is not None else logp.detach()

@@ -323,7 +323,9 @@ def update(model, s: Samples, adv: torch.Tensor, ref_logp, a: Args, world: int) 
         ids, attn, K = sampling.micro_batch(s.roll, rows)
         m = s.loss_mask[rows, :K].float()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-            logp = sampling.sequence_logprobs(model, ids, attn, K, temperature=temperature)
+            logp = sampling.sequence_logprobs(
+                model, ids, attn, K, temperature=temperature, group=s.roll.group[rows]
+            )
         logp = torch.where(m.bool(), logp.float(), 0.0)
         # one update per batch: old = current, so rho = 1 and d rho = d logp
         ratio = torch.exp(logp - logp.detach())

@@ -308,6 +308,12 @@ def _select_rows(cache, index: torch.Tensor):
     return None
 
 
+def _cache_kwarg(module) -> str:
+    """The name of module.forward's KV-cache argument: transformers 5 renamed past_key_values to
+    cache (the old name warns, then goes away)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _prefill(model, prompts: list[list[int]], counts: list[int], pad_id: int, device):
     """One forward per distinct prompt; its KV cache and next-token logits are then repeated for its
     `counts` rows. Returns the rows' prompt ids, mask, positions, the cache and the [R, V]
@@ -502,11 +508,7 @@ def _sample_rows(
             torch.zeros(R, dtype=torch.bool, device=device),
         )
     prompt_ids, prompt_mask, pos, cache, logits = _prefill(model, prompts, counts, pad_id, device)
-    # transformers 5 renamed the forward argument past_key_values to cache (the old name warns, then
-    # goes away)
-    cache_kwarg = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_kwarg = _cache_kwarg(model)
     forward, mask, next_pos = model, prompt_mask, pos[:, -1:] + 1
     if not static_cache:
         cache = _preallocate(cache, prompt_ids.shape[1] + max_new_tokens)
@@ -747,31 +749,89 @@ def sample(
 
 
 def completion_hidden(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    group: torch.Tensor | None = None,
 ):
     """The decoder's final hidden states that predict the last K tokens, [B, K, H], and the model's
     LM head.
 
     The hidden state at position t predicts token t+1, so these are positions -K-1 .. -2. Positions
     count real tokens only (left padding does not shift them), as in sample(). What
-    sequence_logprobs and a distillation
-    loss feed to the fused LM-head kernels instead of [B, K, V] logits."""
+    sequence_logprobs and a distillation loss feed to the fused LM-head kernels instead of [B, K, V]
+    logits.
+
+    group ([B], optional): rows with the same id share their first width - K columns (the prompt of
+    a rollout's group). Each distinct prompt then runs once and its KV cache is repeated for its
+    rows, with the gradient flowing back through the repeat: the same values and gradients as one
+    forward per row (up to float rounding), for the prompt tokens of one row per group instead of
+    G. Off under gradient checkpointing (no cache) and active dropout (the rows would share masks).
+    """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     if hasattr(head, "lora_A") or getattr(head, "bias", None) is not None:
         raise NotImplementedError(
             "the fused LM-head kernels need a plain bias-free LM head (no LoRA on lm_head)"
         )
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(
-        min=0
-    )  # same positions as in sample()
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
+    K = logits_to_keep
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as in sample()
+    first = (
+        _group_firsts(group) if _can_share_prompts(model, group, input_ids.shape[1] - K) else None
+    )
+    if first is None or len(first) == len(group):
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return hidden[:, -K - 1 : -1], head
+    P = input_ids.shape[1] - K
+    rows = torch.searchsorted(group[first], group)  # each row's index among the firsts
+    prompt = decoder(
+        input_ids=input_ids[first, :P],
+        attention_mask=attention_mask[first, :P],
+        position_ids=position_ids[first, :P],
+        use_cache=True,
+    )
+    last = prompt.last_hidden_state[rows, -1:]  # predicts each row's first completion token
+    if K == 1:
+        return last, head
+    cache = _select_rows(_cache_of(prompt), rows)
+    if cache is None:  # a cache type that cannot repeat rows: one forward per row after all
+        return completion_hidden(model, input_ids, attention_mask, K)
+    rest = decoder(
+        input_ids=input_ids[:, P : P + K - 1],
+        attention_mask=attention_mask[:, : P + K - 1],
+        position_ids=position_ids[:, P : P + K - 1],
+        use_cache=True,
+        **{_cache_kwarg(decoder): cache},
     ).last_hidden_state
-    return hidden[:, -logits_to_keep - 1 : -1], head
+    return torch.cat([last, rest], 1), head
+
+
+def _can_share_prompts(model, group: torch.Tensor | None, prompt_width: int) -> bool:
+    """Whether completion_hidden may run each group's prompt once (see there)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # its name before transformers 5
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if group is None or prompt_width < 1 or checkpointing:
+        return False
+    return not (
+        model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    )
+
+
+def _group_firsts(group: torch.Tensor) -> torch.Tensor | None:
+    """The index of each group's first row, in group order; None unless the rows come in runs
+    of equal, ascending ids (a rollout's rows, or a slice of them)."""
+    if len(group) > 1 and bool((group[1:] < group[:-1]).any()):
+        return None
+    change = torch.ones_like(group, dtype=torch.bool)
+    change[1:] = group[1:] != group[:-1]
+    return change.nonzero().squeeze(1)
 
 
 def sequence_logprobs(
@@ -782,9 +842,10 @@ def sequence_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    group: torch.Tensor | None = None,
 ):
     """log pi(x_t | x_<t) / T-softmax for the last K tokens: [B, K] fp32 (and the entropy [B, K] if
-    asked).
+    asked). group: rows sharing a prompt run it once (completion_hidden).
 
     The decoder's final hidden states go through the fused LM-head kernel in row chunks, so
     full-vocabulary logits are never held for the whole batch.
@@ -792,7 +853,7 @@ def sequence_logprobs(
     from vocab_kernels import linear_token_logprobs
 
     K = logits_to_keep
-    h, head = completion_hidden(model, input_ids, attention_mask, K)
+    h, head = completion_hidden(model, input_ids, attention_mask, K, group)
     B, _, H = h.shape
     out = linear_token_logprobs(
         h.reshape(B * K, H),
@@ -831,6 +892,11 @@ def rollout_logprobs(
         for s in range(0, R, micro_batch_size):
             ids, attn, K = micro_batch(roll, slice(s, s + micro_batch_size))
             full[s : s + micro_batch_size, :K] = sequence_logprobs(
-                model, ids, attn, K, temperature=temperature
+                model,
+                ids,
+                attn,
+                K,
+                temperature=temperature,
+                group=roll.group[s : s + micro_batch_size],
             )
     return full

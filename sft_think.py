@@ -404,7 +404,8 @@ def main(args: Args):
     for step in lifecycle.training_steps(run, start, args, "sft"):
         t0 = time.perf_counter()
         loss, n_tokens, stats = sft_step(model, data, step, args, run, opt, head_rows)
-        t_train += time.perf_counter() - t0
+        step_time = time.perf_counter() - t0
+        t_train += step_time
         tokens_seen, tokens_run = tokens_seen + n_tokens, tokens_run + n_tokens
         last = {
             "loss": loss,
@@ -412,6 +413,7 @@ def main(args: Args):
             "learning_rate": opt.scheduler.get_last_lr()[0],
             "tokens_seen": tokens_seen,
             "tokens_per_s": tokens_run / max(t_train, 1e-9),
+            "step_time": step_time,
         }
         state["tokens_seen"] = tokens_seen  # carried by the checkpoints, for --resume
         shown = {"loss": ".4f", "eval/accuracy": ".2f"}

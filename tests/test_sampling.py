@@ -599,6 +599,67 @@ def test_sequence_logprobs_gradients_match_naive():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
 
 
+def test_shared_prompts_give_the_per_row_logprobs_and_gradients(tok):
+    """group= runs each prompt once and repeats its KV cache: the log-probs and the LoRA gradients
+    of one forward per row, on a rollout with left padding, ragged completions, micro-batches that
+    cut a group, and a group of one row."""
+    lora = pytest.importorskip("lora")
+    m = lora.add_lora(tiny_qwen3(seed=5), r=4, alpha=8)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    r = sampling.sample(
+        m,
+        tok,
+        ["abcdef", "ab", "xyzw"],
+        n=3,
+        max_new_tokens=7,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert r.prompt_mask.sum(1).unique().numel() == 3 and not bool(r.completion_mask.all())
+    m.train()
+    batch_sizes = []  # of the decoder's forwards: the shared prompts run once per group
+    m.model.register_forward_pre_hook(
+        lambda mod, args, kw: batch_sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    for rows, prompt_rows in ((slice(None), 3), (slice(2, 6), 2), (torch.tensor([0, 1, 4, 8]), 3)):
+        out = []
+        for group in (None, r.group[rows]):
+            batch_sizes.clear()
+            m.zero_grad()
+            ids, attn, K = sampling.micro_batch(r, rows)
+            lp, ent = sampling.sequence_logprobs(
+                m, ids, attn, K, temperature=0.7, return_entropy=True, group=group
+            )
+            cm = r.completion_mask[rows, :K]
+            (lp * cm).sum().backward()
+            grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+            out.append((lp * cm, ent * cm, grads))
+            assert batch_sizes[0] == (ids.shape[0] if group is None else prompt_rows)
+        (lp0, ent0, g0), (lp1, ent1, g1) = out
+        torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-5)
+        assert g0.keys() == g1.keys() and any("lora_A" in n for n in g0)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompts_only_where_exact():
+    m = tiny_qwen3(seed=6)
+    ascending, shuffled = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    assert sampling._group_firsts(ascending).tolist() == [0, 2]
+    assert sampling._group_firsts(shuffled) is None  # rows of a group must be adjacent
+    assert sampling._can_share_prompts(m.eval(), ascending, prompt_width=3)
+    assert not sampling._can_share_prompts(m, None, prompt_width=3)
+    assert not sampling._can_share_prompts(m, ascending, prompt_width=0)
+    lora = pytest.importorskip("lora")
+    dropped = lora.add_lora(tiny_qwen3(seed=6), r=4, alpha=8, dropout=0.1)
+    assert sampling._can_share_prompts(dropped.eval(), ascending, 3)  # no dropout in eval mode
+    assert not sampling._can_share_prompts(dropped.train(), ascending, 3)  # rows would share masks
+    m.gradient_checkpointing_enable()
+    assert not sampling._can_share_prompts(m.train(), ascending, 3)  # no cache to share
+
+
 def test_sampling_and_gradients_with_lora(tok):
     lora = pytest.importorskip("lora")
     m = lora.add_lora(tiny_qwen3(seed=4), r=4, alpha=8)
