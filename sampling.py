@@ -11,8 +11,8 @@
   compiled decode step) returning a `Rollout`, whose completion mask is 1 up to and including the
   first stop token (never inferred from the pad id, which may equal EOS);
 - `sequence_logprobs`: log pi(token) of the completion tokens (and the entropy) through the fused
-  LM-head kernel,
-  so [B, T, V] logits are never held;
+  LM-head kernel, so [B, T, V] logits are never held; the rows of a group run their shared prompt
+  once (`completion_hidden`);
 - `micro_batch`: some rows of a rollout without the columns that are padding in all of them;
 - `rollout_logprobs`: sequence_logprobs of a whole rollout, in micro-batches, without gradients.
 """

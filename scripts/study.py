@@ -1,7 +1,7 @@
 """The toy study: every method of the repo on the toy world, chained as the model card
 Jarrodbarnes/qwen3-0.6B-interleaved-thinking chains its study, then the card's tables.
 
-    # the whole study (about 25 minutes on a 2-core CPU), runs in runs/study
+    # the whole study (about 20 minutes on a 2-core CPU), runs in runs/study
     python scripts/study.py
     # the short tour: thinking SFT, then GRPO from its adapter
     python scripts/study.py --quick
@@ -71,18 +71,18 @@ RLMT = [
 ARMS = ("think_base", "think_phase3", "think_base_rlmt", "think_phase3_rlmt")
 # each stage's wall time in the last measured run (2-core CPU): the estimate printed as it starts
 SECONDS = {
-    "phase3": 142,
-    "sft_raw_base": 83,
-    "sft_think_base": 115,
-    "sft_think_phase3": 122,
-    "rlmt_think_base": 108,
-    "rlmt_think_phase3": 108,
-    "gate": 80,
-    "eval": 50,
-    "grpo": 178,
-    "grpo_continuation": 86,
-    "gkd": 161,
-    "karcher_merge": 95,
+    "phase3": 74,
+    "sft_raw_base": 59,
+    "sft_think_base": 90,
+    "sft_think_phase3": 80,
+    "rlmt_think_base": 52,
+    "rlmt_think_phase3": 50,
+    "gate": 60,
+    "eval": 33,
+    "grpo": 193,
+    "grpo_continuation": 44,
+    "gkd": 235,
+    "karcher_merge": 55,
 }
 QUICK_SECONDS = {"sft_think": 150, "grpo": 515}
 # the card's comparisons: (left, right) = right minus left
