@@ -763,12 +763,10 @@ def completion_hidden(
     sequence_logprobs and a distillation loss feed to the fused LM-head kernels instead of [B, K, V]
     logits.
 
-    group ([B], optional): rows with the same id share their first width - K columns (the prompt of
-    a rollout's group). Each distinct prompt then runs once and its KV cache is repeated for its
-    rows, with the gradient flowing back through the repeat: the same values and gradients as one
-    forward per row (up to float rounding), for the prompt tokens of one row per group instead of
-    G. Off under gradient checkpointing (no cache) and active dropout (the rows would share masks).
-    """
+    group ([B], optional): rows with the same id share their first width - K columns (a rollout
+    group's prompt), which then run once, their KV cache repeated for the rows and the gradient
+    flowing back through the repeat: the values and gradients of one forward per row (up to float
+    rounding) for 1/G of the prompt tokens. Not under checkpointing or active dropout."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     if hasattr(head, "lora_A") or getattr(head, "bias", None) is not None:
@@ -777,9 +775,8 @@ def completion_hidden(
         )
     K = logits_to_keep
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as in sample()
-    first = (
-        _group_firsts(group) if _can_share_prompts(model, group, input_ids.shape[1] - K) else None
-    )
+    P = input_ids.shape[1] - K  # the prompt's columns
+    first = _group_firsts(group) if _can_share_prompts(model, group, P) else None
     if first is None or len(first) == len(group):
         hidden = decoder(
             input_ids=input_ids,
@@ -788,7 +785,6 @@ def completion_hidden(
             use_cache=False,
         ).last_hidden_state
         return hidden[:, -K - 1 : -1], head
-    P = input_ids.shape[1] - K
     rows = torch.searchsorted(group[first], group)  # each row's index among the firsts
     prompt = decoder(
         input_ids=input_ids[first, :P],
@@ -813,7 +809,8 @@ def completion_hidden(
 
 
 def _can_share_prompts(model, group: torch.Tensor | None, prompt_width: int) -> bool:
-    """Whether completion_hidden may run each group's prompt once (see there)."""
+    """Whether completion_hidden may run each group's prompt once: not when a checkpointed model
+    keeps no cache, nor under active dropout (the rows would share its masks)."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # its name before transformers 5
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
