@@ -81,9 +81,11 @@ def training_curves(out: Path, summary: dict, name: str = "curves.png") -> Path 
         for ax, (title, key) in zip(axes[0], panels):
             steps, values = _series(rows, key)
             if key.startswith("eval/"):
-                if not steps:  # only the summary's before and after
+                style = "o-"
+                if not steps:  # only the summary's before and after: not measured in between
                     steps, values = [0, last], [heldout.get("before"), heldout.get("after")]
-                ax.plot(steps, values, "o-", color="tab:green")
+                    style = "o:"
+                ax.plot(steps, values, style, color="tab:green")
             else:
                 smooth = len(values) > SMOOTH
                 ax.plot(steps, values, color="tab:blue", alpha=0.35 if smooth else 1, linewidth=1)

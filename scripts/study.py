@@ -59,6 +59,8 @@ WORD_PROBLEMS = [
     "--thought-tokens",
     "128",
 ]
+# the gate samples as the RLMT stages did (T 0.5; rlmt.py's default is the paper's 0.7)
+GATE = ["--temperature", "0.5", "--gate-prefixes", "128"]
 RLMT = [
     *WORD_PROBLEMS,
     "--max-steps",
@@ -120,7 +122,7 @@ def stages(r: Path, quick: bool) -> list[tuple[str, list[str]]]:
         ("sft_think_phase3", ["sft_think.py", "--init-adapter", str(r / "phase3"), *SFT]),
         ("rlmt_think_base", ["rlmt.py", "--init-adapter", str(r / "sft_think_base"), *RLMT]),
         ("rlmt_think_phase3", ["rlmt.py", "--init-adapter", str(r / "sft_think_phase3"), *RLMT]),
-        ("gate", ["rlmt.py", *WORD_PROBLEMS, "--gate-prefixes", "128", "--gate", arms]),
+        ("gate", ["rlmt.py", *WORD_PROBLEMS, *GATE, "--gate", arms]),
         (
             "eval",
             [
