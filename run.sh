@@ -3,7 +3,7 @@
 # card Jarrodbarnes/qwen3-0.6B-interleaved-thinking chains its study: online DPO on documents (Phase 3), raw and
 # thinking SFT on the base and on the Phase-3 model, RLMT from both thinking arms, the reward gate and the reasoning
 # evaluation over the four arms, then GRPO (verifiable, continuation), GKD and the Karcher merge; then the tables.
-# About 20 minutes on a 2-core CPU, after the install into ./.venv. Runs go to ./runs/study (RUNS=dir to move them).
+# About 23 minutes on a 2-core CPU, after the install into ./.venv. Runs go to ./runs/study (RUNS=dir to move them).
 #   bash run.sh          the whole study
 #   bash run.sh quick    thinking SFT on the toy world alone (about 3 minutes): the first command to try
 #   bash run.sh tour     the short tour: thinking SFT, then GRPO from its adapter (about 11 minutes)

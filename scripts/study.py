@@ -1,7 +1,7 @@
 """The toy study: every method of the repo on the toy world, chained as the model card
 Jarrodbarnes/qwen3-0.6B-interleaved-thinking chains its study, then the card's tables.
 
-    # the whole study (about 20 minutes on a 2-core CPU), runs in runs/study
+    # the whole study (about 23 minutes on a 2-core CPU), runs in runs/study
     python scripts/study.py
     # the short tour: thinking SFT, then GRPO from its adapter
     python scripts/study.py --quick
@@ -78,18 +78,18 @@ RLMT = [
 ARMS = ("think_base", "think_phase3", "think_base_rlmt", "think_phase3_rlmt")
 # each stage's wall time in the last measured run (2-core CPU): the estimate printed as it starts
 SECONDS = {
-    "phase3": 74,
-    "sft_raw_base": 59,
-    "sft_think_base": 90,
-    "sft_think_phase3": 80,
-    "rlmt_think_base": 175,
-    "rlmt_think_phase3": 175,
-    "gate": 115,
-    "eval": 33,
-    "grpo": 193,
-    "grpo_continuation": 44,
-    "gkd": 235,
-    "karcher_merge": 55,
+    "phase3": 87,
+    "sft_raw_base": 61,
+    "sft_think_base": 89,
+    "sft_think_phase3": 82,
+    "rlmt_think_base": 158,
+    "rlmt_think_phase3": 159,
+    "gate": 102,
+    "eval": 37,
+    "grpo": 217,
+    "grpo_continuation": 43,
+    "gkd": 247,
+    "karcher_merge": 51,
 }
 QUICK_SECONDS = {"sft_think": 150, "grpo": 515}
 # the card's comparisons: (left, right) = right minus left
